@@ -1,0 +1,5 @@
+"""``python -m podpatterns``."""
+
+from podpatterns.cli import main
+
+main()

@@ -1,0 +1,244 @@
+"""The ambassador: a local TCP proxy from a Pod to external services.
+
+Use from Python::
+
+    from podpatterns.ambassador import Ambassador, RouteConfig
+    from podpatterns.options import HostPort
+
+    amb = Ambassador([RouteConfig(listen=HostPort("127.0.0.1", 0),
+                                  upstream=(HostPort("db.example.com", 5432),))])
+    await amb.start()
+    print(amb.addresses)          # the bound listen addresses
+    ...
+    await amb.close()
+
+or run it under a :class:`~podpatterns.runtime.Runtime` for probes, metrics and a
+graceful drain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from prometheus_client import Histogram
+
+from podpatterns.ambassador.config import (
+    AMBASSADOR_OPTIONS,
+    ROUTE_OPTIONS,
+    AmbassadorConfig,
+    ListenAddress,
+    RouteConfig,
+    UnixAddress,
+)
+from podpatterns.ambassador.route import Route
+from podpatterns.ambassador.upstreams import Resolver, system_resolver
+from podpatterns.metrics import NAMESPACE, CallbackCollector, Sample
+
+__all__ = [
+    "AMBASSADOR_OPTIONS",
+    "ROUTE_OPTIONS",
+    "Ambassador",
+    "AmbassadorConfig",
+    "RouteConfig",
+    "UnixAddress",
+]
+
+CONNECT_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+
+
+class Ambassador:
+    """A :class:`~podpatterns.runtime.Component` relaying one or more routes."""
+
+    name = "ambassador"
+
+    def __init__(
+        self,
+        routes: Sequence[RouteConfig] | AmbassadorConfig,
+        *,
+        resolver: Resolver = system_resolver,
+    ) -> None:
+        if isinstance(routes, AmbassadorConfig):
+            routes = routes.routes
+        self._connect_seconds = Histogram(
+            f"{NAMESPACE}_ambassador_connect_seconds",
+            "time to connect to an upstream, retries included",
+            ["route"],
+            buckets=CONNECT_BUCKETS,
+            registry=None,
+        )
+        self.routes = [Route(cfg, self._connect_seconds, resolver) for cfg in routes]
+        self._started: list[Route] = []
+
+    @property
+    def addresses(self) -> list[ListenAddress]:
+        """The bound listen address of each route (real ports when 0 was asked)."""
+        return [r.listener.address for r in self.routes if r.listener is not None]
+
+    async def start(self) -> None:
+        """Bind every route. Raises BindError; routes already bound are closed."""
+        try:
+            for route in self.routes:
+                await route.start()
+                self._started.append(route)
+        except BaseException:
+            await self.close()
+            raise
+
+    def is_ready(self) -> bool:
+        return bool(self._started) and all(r.is_ready() for r in self.routes)
+
+    def stop_accepting(self) -> None:
+        for route in self.routes:
+            route.stop_accepting()
+
+    def in_flight(self) -> int:
+        return sum(r.in_flight() for r in self.routes)
+
+    async def wait_drained(self) -> None:
+        await asyncio.gather(*(r.wait_drained() for r in self.routes))
+
+    def cut(self) -> int:
+        return sum(r.cut() for r in self.routes)
+
+    async def close(self) -> None:
+        await asyncio.gather(*(r.close() for r in self._started))
+        self._started = []
+
+    def collectors(self) -> list[Any]:
+        return [self._connect_seconds, CallbackCollector(self._families())]
+
+    def _families(self) -> Iterable[tuple[str, str, str, tuple[str, ...], Any]]:
+        routes = self.routes
+
+        def per_route(fn: Any) -> Any:
+            return lambda: [((r.cfg.name,), float(fn(r))) for r in routes]
+
+        def counter_map(attr: str) -> Any:
+            def samples() -> list[Sample]:
+                return [
+                    ((r.cfg.name, *((k,) if isinstance(k, str) else k)), float(v))
+                    for r in routes
+                    for k, v in getattr(r.stats, attr).items()
+                ]
+
+            return samples
+
+        def bytes_samples() -> list[Sample]:
+            out: list[Sample] = []
+            for r in routes:
+                up, down = r.live_bytes()
+                out.append(((r.cfg.name, "upstream"), float(r.stats.bytes_up + up)))
+                out.append(((r.cfg.name, "downstream"), float(r.stats.bytes_down + down)))
+            return out
+
+        def endpoint(fn: Any) -> Any:
+            return lambda: [
+                ((r.cfg.name, str(e)), float(fn(e))) for r in routes for e in r.pool.endpoints
+            ]
+
+        import time
+
+        a = "ambassador_"
+        return [
+            (
+                "gauge",
+                a + "connections_active",
+                "open client connections",
+                ("route",),
+                per_route(lambda r: r.in_flight()),
+            ),
+            (
+                "counter",
+                a + "connections_total",
+                "client connections accepted",
+                ("route",),
+                per_route(lambda r: r.stats.accepted),
+            ),
+            (
+                "counter",
+                a + "connections_refused_total",
+                "connections refused before relaying",
+                ("route", "reason"),
+                counter_map("refused"),
+            ),
+            (
+                "counter",
+                a + "connections_failed_total",
+                "connections closed because no upstream could be reached",
+                ("route", "reason"),
+                counter_map("failed"),
+            ),
+            (
+                "counter",
+                a + "connections_closed_total",
+                "finished connections by reason",
+                ("route", "reason"),
+                counter_map("closed"),
+            ),
+            (
+                "counter",
+                a + "upstream_connect_failures_total",
+                "failed connect attempts per endpoint",
+                ("route", "endpoint", "reason"),
+                counter_map("connect_failures"),
+            ),
+            (
+                "counter",
+                a + "bytes_total",
+                "bytes relayed; upstream = client to upstream",
+                ("route", "direction"),
+                bytes_samples,
+            ),
+            (
+                "gauge",
+                a + "saturated",
+                "1 while the connection cap is reached",
+                ("route",),
+                per_route(lambda r: r.saturated()),
+            ),
+            (
+                "gauge",
+                a + "endpoint_up",
+                "1 when the endpoint is not in cool-down or failing health checks",
+                ("route", "endpoint"),
+                endpoint(lambda e: e.is_up(time.monotonic())),
+            ),
+            (
+                "gauge",
+                a + "endpoint_connections_active",
+                "open connections per endpoint",
+                ("route", "endpoint"),
+                endpoint(lambda e: e.active),
+            ),
+            (
+                "counter",
+                a + "tls_reloads_total",
+                "upstream TLS contexts rebuilt from disk",
+                ("route",),
+                per_route(lambda r: r.tls.reloads if r.tls else 0),
+            ),
+            (
+                "counter",
+                a + "tls_reload_failures_total",
+                "TLS file changes that could not be loaded",
+                ("route",),
+                per_route(lambda r: r.tls.reload_failures if r.tls else 0),
+            ),
+        ]

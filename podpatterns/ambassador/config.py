@@ -1,0 +1,361 @@
+"""Ambassador configuration: one declaration per option, one immutable config object.
+
+Flags and environment variables describe one route (``default``). A config file may
+instead list several ``routes:``; each entry takes the same keys as the flags, and keys
+set at the top level of the file (or by flags and environment) apply to every route
+unless the route sets its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from podpatterns.errors import ConfigError
+from podpatterns.options import (
+    HostPort,
+    Option,
+    check_unknown_keys,
+    parse_bind,
+    parse_bool,
+    parse_choice,
+    parse_duration,
+    parse_hostport,
+    parse_int,
+    parse_optional_duration,
+    parse_path,
+    parse_size,
+    parse_str,
+    resolve,
+)
+from podpatterns.runtime import RUNTIME_OPTIONS, RuntimeConfig
+
+
+@dataclass(frozen=True, order=True)
+class UnixAddress:
+    """A unix-domain socket path to listen on."""
+
+    path: Path
+
+    def __str__(self) -> str:
+        return f"unix:{self.path}"
+
+
+ListenAddress = HostPort | UnixAddress
+
+
+def parse_listen(text: str) -> ListenAddress:
+    """Parse ``HOST:PORT`` (port 0 picks a free port) or ``unix:/path``."""
+    text = text.strip()
+    if text.startswith("unix:"):
+        path = text[len("unix:") :]
+        if not path.startswith("/"):
+            raise ValueError("needs an absolute socket path (unix:/shared/db.sock)")
+        return UnixAddress(Path(path))
+    return parse_bind(text)
+
+
+def _r(name: str, parse: Any, default: Any, help: str, **kw: Any) -> Option[Any]:
+    return Option(name, parse, default, help, scope="route", **kw)
+
+
+ROUTE_OPTIONS: tuple[Option[Any], ...] = (
+    _r(
+        "listen",
+        parse_listen,
+        None,
+        "address to accept on: HOST:PORT or unix:/path",
+        metavar="ADDR",
+    ),
+    _r(
+        "upstream",
+        parse_hostport,
+        (),
+        "upstream endpoint HOST:PORT; repeat for several",
+        multiple=True,
+        metavar="HOST:PORT",
+    ),
+    _r(
+        "balance",
+        parse_choice("failover", "round_robin", "least_conn"),
+        "failover",
+        "how to pick an endpoint: failover (in order), round_robin or least_conn",
+        metavar="POLICY",
+    ),
+    _r(
+        "connect_timeout",
+        parse_duration,
+        5.0,
+        "timeout of one upstream connect attempt",
+        metavar="DURATION",
+    ),
+    _r(
+        "connect_retries",
+        parse_int(0, 100),
+        3,
+        "further connect attempts after the first, across endpoints",
+        metavar="N",
+    ),
+    _r(
+        "retry_backoff",
+        parse_duration,
+        0.1,
+        "first backoff between retry rounds (doubles, with full jitter)",
+        metavar="DURATION",
+    ),
+    _r("retry_backoff_max", parse_duration, 2.0, "cap of the retry backoff", metavar="DURATION"),
+    _r(
+        "dns_refresh",
+        parse_duration,
+        30.0,
+        "re-resolve upstream names this often (and after any connect failure)",
+        metavar="DURATION",
+    ),
+    _r(
+        "fail_cooldown",
+        parse_duration,
+        10.0,
+        "skip an endpoint this long after a failed connect (passive health)",
+        metavar="DURATION",
+    ),
+    _r(
+        "health_check_interval",
+        parse_optional_duration,
+        None,
+        "active TCP health checks of every endpoint at this interval (off by default)",
+        metavar="DURATION",
+    ),
+    _r(
+        "health_check_timeout",
+        parse_duration,
+        2.0,
+        "timeout of one active health check",
+        metavar="DURATION",
+    ),
+    _r(
+        "max_connections", parse_int(0), 0, "concurrent connection cap; 0 is unlimited", metavar="N"
+    ),
+    _r(
+        "on_limit",
+        parse_choice("wait", "reject"),
+        "wait",
+        "at the cap: wait (leave new connections in the kernel backlog) or reject them",
+        metavar="MODE",
+    ),
+    _r(
+        "idle_timeout",
+        parse_optional_duration,
+        None,
+        "close a connection with no bytes either way for this long (off by default)",
+        metavar="DURATION",
+    ),
+    _r(
+        "half_close_timeout",
+        parse_optional_duration,
+        None,
+        "close a half-closed connection idle for this long (off by default)",
+        metavar="DURATION",
+    ),
+    _r(
+        "max_lifetime",
+        parse_optional_duration,
+        None,
+        "close connections older than this (off by default)",
+        metavar="DURATION",
+    ),
+    _r(
+        "max_lifetime_jitter",
+        parse_duration,
+        0.0,
+        "random extra lifetime, up to this much, so connections do not expire together",
+        metavar="DURATION",
+    ),
+    _r("upstream_tls", parse_bool, False, "originate TLS to the upstream (verified)", flag=True),
+    _r(
+        "tls_ca",
+        parse_path,
+        None,
+        "CA bundle to verify the upstream (default: system CAs)",
+        metavar="FILE",
+    ),
+    _r("tls_cert", parse_path, None, "client certificate for mTLS (PEM)", metavar="FILE"),
+    _r("tls_key", parse_path, None, "client private key for mTLS (PEM)", metavar="FILE"),
+    _r(
+        "tls_server_name",
+        parse_str,
+        None,
+        "SNI and verified name (default: the upstream host)",
+        metavar="NAME",
+    ),
+    _r(
+        "tls_insecure_skip_verify",
+        parse_bool,
+        False,
+        "DANGEROUS: do not verify the upstream certificate",
+        flag=True,
+    ),
+    _r(
+        "proxy_protocol",
+        parse_choice("off", "v1", "v2"),
+        "off",
+        "send a PROXY protocol header to the upstream",
+        metavar="VERSION",
+    ),
+    _r(
+        "splice",
+        parse_choice("auto", "on", "off"),
+        "auto",
+        "zero-copy relay with os.splice on plaintext legs (Linux)",
+        metavar="MODE",
+    ),
+    _r(
+        "buffer_size",
+        parse_size,
+        256 * 1024,
+        "bytes buffered per direction before reading pauses",
+        metavar="SIZE",
+    ),
+    _r(
+        "ready_requires_upstream",
+        parse_bool,
+        False,
+        "ready only while at least one endpoint is healthy",
+        flag=True,
+    ),
+    _r("tcp_keepalive", parse_bool, True, "TCP keepalive on both legs", flag=True),
+    _r("tcp_nodelay", parse_bool, True, "TCP_NODELAY on both legs", flag=True),
+)
+
+AMBASSADOR_OPTIONS: tuple[Option[Any], ...] = RUNTIME_OPTIONS + ROUTE_OPTIONS
+
+
+@dataclass(frozen=True)
+class RouteConfig:
+    """One listener and the upstream endpoints it forwards to. Validated on construction.
+
+    Field meanings are the option help texts in :data:`ROUTE_OPTIONS`.
+    """
+
+    listen: ListenAddress
+    upstream: tuple[HostPort, ...]
+    name: str = "default"
+    balance: str = "failover"
+    connect_timeout: float = 5.0
+    connect_retries: int = 3
+    retry_backoff: float = 0.1
+    retry_backoff_max: float = 2.0
+    dns_refresh: float = 30.0
+    fail_cooldown: float = 10.0
+    health_check_interval: float | None = None
+    health_check_timeout: float = 2.0
+    max_connections: int = 0
+    on_limit: str = "wait"
+    idle_timeout: float | None = None
+    half_close_timeout: float | None = None
+    max_lifetime: float | None = None
+    max_lifetime_jitter: float = 0.0
+    upstream_tls: bool = False
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_server_name: str | None = None
+    tls_insecure_skip_verify: bool = False
+    proxy_protocol: str = "off"
+    splice: str = "auto"
+    buffer_size: int = 256 * 1024
+    ready_requires_upstream: bool = False
+    tcp_keepalive: bool = True
+    tcp_nodelay: bool = True
+
+    def __post_init__(self) -> None:
+        where = "" if self.name == "default" else f"route {self.name!r}: "
+        if not self.upstream:
+            raise ConfigError(f"{where}--upstream: missing (give at least one HOST:PORT)")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError(f"{where}--tls-cert and --tls-key: give both for mTLS, or neither")
+        tls_only = ("tls_ca", "tls_cert", "tls_server_name", "tls_insecure_skip_verify")
+        for name in tls_only:
+            if getattr(self, name) and not self.upstream_tls:
+                raise ConfigError(
+                    f"{where}--{name.replace('_', '-')}: only applies with --upstream-tls"
+                )
+        if self.upstream_tls and self.splice == "on":
+            raise ConfigError(
+                f"{where}--splice: 'on' cannot apply to a TLS upstream leg (use auto or off)"
+            )
+        if self.buffer_size < 4096:
+            raise ConfigError(f"{where}--buffer-size: {self.buffer_size} is too small (>= 4KiB)")
+        if self.retry_backoff_max < self.retry_backoff:
+            raise ConfigError(f"{where}--retry-backoff-max: must be >= --retry-backoff")
+
+
+@dataclass(frozen=True)
+class AmbassadorConfig:
+    """The whole ambassador: runtime settings and one or more routes."""
+
+    routes: tuple[RouteConfig, ...]
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    def __post_init__(self) -> None:
+        if not self.routes:
+            raise ConfigError(
+                "--listen: missing (give --listen and --upstream, or routes in --config)"
+            )
+        names: list[object] = [r.name for r in self.routes]
+        listens: list[object] = [r.listen for r in self.routes if not _is_any_port(r.listen)]
+        for seen, label in ((names, "name"), (listens, "listen")):
+            dupes = sorted({str(x) for x in seen if seen.count(x) > 1})
+            if dupes:
+                raise ConfigError(f"routes: duplicate {label} {dupes[0]!r}")
+
+
+def _is_any_port(addr: ListenAddress) -> bool:
+    return isinstance(addr, HostPort) and addr.port == 0
+
+
+def _route_from(values: Mapping[str, Any], name: str) -> RouteConfig:
+    if values.get("listen") is None:
+        where = "" if name == "default" else f"route {name!r}: "
+        raise ConfigError(f"{where}--listen: missing (HOST:PORT or unix:/path)")
+    return RouteConfig(name=name, **{o.name: values[o.name] for o in ROUTE_OPTIONS})
+
+
+def build(
+    flags: Mapping[str, Any],
+    env: Mapping[str, str],
+    file: Mapping[str, Any],
+    file_label: str = "config file",
+) -> AmbassadorConfig:
+    """Build the config from the three sources (flags > env > file > defaults).
+
+    Raises:
+        ConfigError: naming the flag, environment variable or file key at fault.
+    """
+    file = dict(file)
+    routes_raw = file.pop("routes", None)
+    check_unknown_keys(file, [o.name for o in AMBASSADOR_OPTIONS], file_label)
+    values = resolve(AMBASSADOR_OPTIONS, flags, env, file, file_label)
+    runtime = RuntimeConfig.from_values(values)
+    if routes_raw is None:
+        return AmbassadorConfig(routes=(_route_from(values, "default"),), runtime=runtime)
+    if not isinstance(routes_raw, list) or not routes_raw:
+        raise ConfigError(f"{file_label}: routes must be a non-empty list of mappings")
+    for key in ("listen", "upstream"):
+        if key in flags or f"PODPATTERNS_{key.upper()}" in env:
+            raise ConfigError(f"--{key}: cannot be combined with routes in the config file")
+    routes = []
+    for i, entry in enumerate(routes_raw):
+        label = f"{file_label}: routes[{i}]"
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{label}: must be a mapping")
+        entry = dict(entry)
+        name = str(entry.pop("name", f"route{i}"))
+        check_unknown_keys(entry, [o.name for o in ROUTE_OPTIONS], label)
+        merged = {
+            **values,
+            **resolve([o for o in ROUTE_OPTIONS if o.name in entry], {}, {}, entry, label),
+        }
+        routes.append(_route_from(merged, name))
+    return AmbassadorConfig(routes=tuple(routes), runtime=runtime)

@@ -1,0 +1,89 @@
+"""One proxied connection: identity, byte counts and how it ended.
+
+Both relays (:mod:`.relay` and :mod:`.splice`) fill the same record, and call
+:meth:`Connection.finish` exactly once when both sockets are closed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import socket
+import struct
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+_ids = itertools.count(1)
+_LINGER_RESET = struct.pack("ii", 1, 0)
+
+
+def reset_socket(sock: socket.socket | None) -> None:
+    """Make the next close of ``sock`` send a TCP RST instead of a FIN."""
+    if sock is None:
+        return
+    # already closed, or a unix socket: a plain close is all there is
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+
+
+class Relay(Protocol):
+    """What a route needs from a running relay."""
+
+    def counts(self) -> tuple[int, int]:
+        """Bytes moved so far: (client -> upstream, upstream -> client)."""
+
+    def half_closed(self) -> bool:
+        """True once one direction has finished and the other still runs."""
+
+    def abort(self) -> None:
+        """Cut both legs now with a reset; :meth:`Connection.finish` follows."""
+
+
+class Connection:
+    """Accounting for one client connection through the ambassador."""
+
+    __slots__ = (
+        "bytes_down",
+        "bytes_up",
+        "client",
+        "closed_by",
+        "endpoint",
+        "expires_at",
+        "id",
+        "idle_mark",
+        "idle_since",
+        "on_finish",
+        "reason",
+        "relay",
+        "started",
+        "upstream",
+    )
+
+    def __init__(self, client: str, on_finish: Callable[[Connection], None]) -> None:
+        self.id = next(_ids)
+        self.client = client
+        self.upstream = ""
+        self.endpoint: object = None
+        self.started = time.monotonic()
+        self.bytes_up = 0  # client -> upstream
+        self.bytes_down = 0  # upstream -> client
+        self.closed_by = ""  # "client", "upstream" or "proxy": who ended it first
+        self.reason = ""  # eof, reset, error, idle_timeout, lifetime, drain_cut, ...
+        self.relay: Relay | None = None
+        self.on_finish: Callable[[Connection], None] | None = on_finish
+        self.expires_at: float | None = None
+        self.idle_mark = -1  # activity() at the last sweep
+        self.idle_since = self.started
+
+    def note_end(self, closed_by: str, reason: str) -> None:
+        """Record who ended the connection first and why (first call wins)."""
+        if not self.closed_by:
+            self.closed_by = closed_by
+            self.reason = reason
+
+    def finish(self) -> None:
+        """Called once by the relay when both legs are closed."""
+        callback, self.on_finish = self.on_finish, None
+        if callback is not None:
+            callback(self)

@@ -1,0 +1,119 @@
+"""Connect to an upstream: endpoint order, per-attempt timeout, retries with backoff."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from podpatterns.ambassador.upstreams import Endpoint, UpstreamPool
+
+
+class DialError(Exception):
+    """No endpoint could be reached; ``reason`` is the last failure's kind."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class DialPolicy:
+    """How hard to try (the route's connect options)."""
+
+    connect_timeout: float
+    retries: int
+    backoff: float
+    backoff_max: float
+    keepalive: bool
+    nodelay: bool
+
+
+def tune(sock: socket.socket, keepalive: bool, nodelay: bool) -> None:
+    """Set TCP_NODELAY and SO_KEEPALIVE on a TCP socket (no-op for unix sockets)."""
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    if nodelay:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if keepalive:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+
+
+def classify(exc: BaseException) -> str:
+    """A short failure reason for metrics and logs."""
+    if isinstance(exc, TimeoutError):
+        return "timeout"
+    if isinstance(exc, ConnectionRefusedError):
+        return "refused"
+    if isinstance(exc, socket.gaierror):
+        return "dns"
+    if isinstance(exc, OSError):
+        return "unreachable"
+    return "error"
+
+
+FailureHook = Callable[[Endpoint, str], None]
+
+
+async def dial(
+    pool: UpstreamPool,
+    policy: DialPolicy,
+    on_failure: FailureHook | None = None,
+) -> tuple[socket.socket, Endpoint]:
+    """Return a connected non-blocking socket and the endpoint it reached.
+
+    Tries endpoints in the pool's order, every resolved address of each; after a full
+    round fails, sleeps an exponential backoff with full jitter. At most
+    ``1 + retries`` connect attempts in all.
+
+    Raises:
+        DialError: every attempt failed.
+    """
+    loop = asyncio.get_running_loop()
+    attempts = policy.retries + 1
+    last = ("unreachable", "no endpoint")
+    for round_no in range(attempts):
+        for ep in pool.candidates():
+            try:
+                addrs = await pool.addresses(ep)
+            except OSError as exc:
+                last = (classify(exc), f"{ep}: {exc}")
+                pool.mark_failure(ep, last[0])
+                _report(on_failure, ep, last[0])
+                attempts -= 1
+                if attempts <= 0:
+                    raise DialError(*last) from None
+                continue
+            for family, addr in addrs:
+                sock = socket.socket(family, socket.SOCK_STREAM)
+                sock.setblocking(False)
+                try:
+                    tune(sock, policy.keepalive, policy.nodelay)
+                    async with asyncio.timeout(policy.connect_timeout):
+                        await loop.sock_connect(sock, addr)
+                except (OSError, TimeoutError) as exc:
+                    sock.close()
+                    last = (classify(exc), f"{ep} ({addr[0]}): {exc or 'timed out'}")
+                    attempts -= 1
+                    if attempts <= 0:
+                        pool.mark_failure(ep, last[0])
+                        _report(on_failure, ep, last[0])
+                        raise DialError(*last) from None
+                    continue
+                except BaseException:
+                    sock.close()
+                    raise
+                pool.mark_success(ep)
+                return sock, ep
+            pool.mark_failure(ep, last[0])
+            _report(on_failure, ep, last[0])
+        cap = min(policy.backoff_max, policy.backoff * 2**round_no)
+        await asyncio.sleep(random.uniform(0, cap))
+    raise DialError(*last)
+
+
+def _report(hook: FailureHook | None, ep: Endpoint, reason: str) -> None:
+    if hook is not None:
+        hook(ep, reason)

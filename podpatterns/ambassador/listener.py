@@ -1,0 +1,137 @@
+"""A listening socket with its own accept loop.
+
+Accepting is a reader callback on the listening socket that takes up to a batch of
+connections per wake-up. Pausing removes the callback, so excess connections wait in the
+kernel backlog (the default behaviour at the connection cap) rather than being refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import os
+import socket
+import stat
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from podpatterns.ambassador.config import ListenAddress, UnixAddress
+from podpatterns.errors import BindError
+from podpatterns.options import HostPort
+
+BACKLOG = 4096
+_BATCH = 64
+
+
+def bind(address: ListenAddress, backlog: int = BACKLOG) -> socket.socket:
+    """Create, bind and listen a non-blocking socket.
+
+    Raises:
+        BindError: the address is in use, not permitted or not local.
+    """
+    if isinstance(address, UnixAddress):
+        return _bind_unix(address, backlog)
+    try:
+        infos = socket.getaddrinfo(
+            address.host, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except socket.gaierror as exc:
+        raise BindError(f"--listen: cannot resolve {str(address)!r}: {exc}") from None
+    family, _, _, _, addr = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+        sock.listen(backlog)
+    except OSError as exc:
+        sock.close()
+        raise BindError(f"--listen: cannot bind {address}: {exc.strerror}") from None
+    sock.setblocking(False)
+    return sock
+
+
+def _bind_unix(address: UnixAddress, backlog: int) -> socket.socket:
+    path = str(address.path)
+    with contextlib.suppress(FileNotFoundError):
+        if stat.S_ISSOCK(os.stat(path).st_mode):
+            # A socket file left by an earlier run: reuse it only if nobody listens.
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.connect(path)
+            except OSError:
+                os.unlink(path)
+            else:
+                raise BindError(f"--listen: {address} is in use by another process")
+            finally:
+                probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+        sock.listen(backlog)
+    except OSError as exc:
+        sock.close()
+        raise BindError(f"--listen: cannot bind {address}: {exc.strerror}") from None
+    sock.setblocking(False)
+    return sock
+
+
+class Listener:
+    """Accept connections on a bound socket and hand each to ``on_accept``."""
+
+    def __init__(
+        self, sock: socket.socket, on_accept: Callable[[socket.socket, Any], None]
+    ) -> None:
+        self.sock = sock
+        self._fd = sock.fileno()
+        self._on_accept = on_accept
+        self._loop = asyncio.get_running_loop()
+        self.accepting = False
+        self.accept_errors = 0
+        self.unix_path: str | None = None
+        if sock.family == socket.AF_UNIX:
+            self.unix_path = sock.getsockname()
+            self.address: ListenAddress = UnixAddress(Path(self.unix_path))
+        else:
+            host, port = sock.getsockname()[:2]
+            self.address = HostPort(host, port)
+
+    def resume(self) -> None:
+        """Start (or restart) accepting."""
+        if not self.accepting and self.sock.fileno() >= 0:
+            self.accepting = True
+            self._loop.add_reader(self._fd, self._accept)
+
+    def pause(self) -> None:
+        """Stop accepting; new connections queue in the kernel backlog."""
+        if self.accepting:
+            self.accepting = False
+            self._loop.remove_reader(self._fd)
+
+    def close(self) -> None:
+        """Stop accepting and close the socket (removes a unix socket file)."""
+        self.pause()
+        if self.sock.fileno() >= 0:
+            self.sock.close()
+            if self.unix_path:
+                with contextlib.suppress(OSError):
+                    os.unlink(self.unix_path)
+
+    def _accept(self) -> None:
+        for _ in range(_BATCH):
+            if not self.accepting:
+                return
+            try:
+                conn, peer = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                # EMFILE/ENFILE/ENOBUFS: back off briefly instead of spinning.
+                self.accept_errors += 1
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    self.pause()
+                    self._loop.call_later(0.1, self.resume)
+                return
+            conn.setblocking(False)
+            self._on_accept(conn, peer)

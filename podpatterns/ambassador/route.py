@@ -1,0 +1,378 @@
+"""One route: a listener, its upstream pool, and the connections between them.
+
+Data flows one way: listener (accept) -> dial (upstream socket) -> relay (bytes) ->
+finish (accounting, access event). The route owns every task it starts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import socket
+import ssl
+import time
+from collections import Counter
+from typing import Any
+
+from prometheus_client import Histogram
+
+from podpatterns import logs
+from podpatterns.ambassador import proxy_protocol, splice
+from podpatterns.ambassador.config import RouteConfig
+from podpatterns.ambassador.connection import Connection, reset_socket
+from podpatterns.ambassador.dial import DialError, DialPolicy, classify, dial, tune
+from podpatterns.ambassador.listener import Listener, bind
+from podpatterns.ambassador.relay import ProtocolRelay
+from podpatterns.ambassador.tls import TLSContextProvider
+from podpatterns.ambassador.upstreams import Endpoint, UpstreamPool, system_resolver
+
+# Which relay "--splice auto" picks for plaintext legs; set from bench/ambassador.py
+# measurements (docs/benchmarks.md).
+SPLICE_BY_DEFAULT = True
+
+
+def peer_label(peer: Any) -> str:
+    """``ip:port`` for TCP peers, ``unix`` for unix-socket peers."""
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        return f"[{peer[0]}]:{peer[1]}" if ":" in str(peer[0]) else f"{peer[0]}:{peer[1]}"
+    return "unix"
+
+
+class RouteStats:
+    """Plain counters, read by the metrics collector at scrape time."""
+
+    def __init__(self) -> None:
+        self.accepted = 0
+        self.refused: Counter[str] = Counter()  # reason
+        self.failed: Counter[str] = Counter()  # no upstream reached, by last reason
+        self.connect_failures: Counter[tuple[str, str]] = Counter()  # (endpoint, reason)
+        self.closed: Counter[str] = Counter()  # reason
+        self.bytes_up = 0  # closed connections; live ones are added at scrape time
+        self.bytes_down = 0
+        self.cut = 0
+
+
+class Route:
+    """Accept on one address and relay each connection to one of the upstreams."""
+
+    def __init__(
+        self, cfg: RouteConfig, connect_seconds: Histogram, resolver: Any = system_resolver
+    ) -> None:
+        self.cfg = cfg
+        self.stats = RouteStats()
+        self.pool = UpstreamPool(
+            cfg.upstream,
+            policy=cfg.balance,
+            dns_refresh=cfg.dns_refresh,
+            fail_cooldown=cfg.fail_cooldown,
+            resolver=resolver,
+            route=cfg.name,
+        )
+        self.tls: TLSContextProvider | None = None
+        if cfg.upstream_tls:
+            self.tls = TLSContextProvider(
+                ca=cfg.tls_ca,
+                cert=cfg.tls_cert,
+                key=cfg.tls_key,
+                verify=not cfg.tls_insecure_skip_verify,
+                route=cfg.name,
+            )
+        self.use_splice = (
+            not cfg.upstream_tls
+            and splice.available()
+            and (cfg.splice == "on" or (cfg.splice == "auto" and SPLICE_BY_DEFAULT))
+        )
+        if cfg.splice == "on" and not splice.available():
+            from podpatterns.errors import ConfigError
+
+            raise ConfigError("--splice: 'on' needs Linux os.splice (use auto or off)")
+        self.dial_policy = DialPolicy(
+            cfg.connect_timeout,
+            cfg.connect_retries,
+            cfg.retry_backoff,
+            cfg.retry_backoff_max,
+            cfg.tcp_keepalive,
+            cfg.tcp_nodelay,
+        )
+        self.listener: Listener | None = None
+        self.connections: dict[Connection, None] = {}  # insertion-ordered set
+        self._connecting: set[asyncio.Task[None]] = set()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._drained = asyncio.Event()
+        self._drained.set()
+        self._stopping = False
+        self._pipes = splice.PipePool(cfg.buffer_size) if self.use_splice else None
+        self._connect_seconds = connect_seconds.labels(route=cfg.name)
+        self._log = logs.get("ambassador", route=cfg.name)
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Bind the listener and start background tasks. Raises BindError."""
+        sock = bind(self.cfg.listen)
+        self.listener = Listener(sock, self._on_accept)
+        self.listener.resume()
+        addr = self.listener.address
+        if hasattr(addr, "is_loopback") and not addr.is_loopback:
+            self._log.warning(
+                "listen_not_loopback",
+                listen=str(addr),
+                note="other hosts can reach this port unless a NetworkPolicy blocks it",
+            )
+        self._log.info(
+            "route_listening",
+            listen=str(addr),
+            upstreams=[str(u) for u in self.cfg.upstream],
+            relay="splice" if self.use_splice else "protocol",
+            tls=self.cfg.upstream_tls,
+        )
+        self._spawn(self.pool.refresh_loop())
+        if self.cfg.health_check_interval:
+            self._spawn(
+                self.pool.health_loop(self.cfg.health_check_interval, self.cfg.health_check_timeout)
+            )
+        if self.tls is not None:
+            self._spawn(self.tls.watch())
+        timeouts = [
+            t
+            for t in (self.cfg.idle_timeout, self.cfg.half_close_timeout, self.cfg.max_lifetime)
+            if t
+        ]
+        if timeouts:
+            self._spawn(self._sweep(max(0.05, min(1.0, min(timeouts) / 4))))
+
+    def _spawn(self, coro: Any) -> None:
+        self._tasks.append(asyncio.create_task(coro))
+
+    def stop_accepting(self) -> None:
+        """Close the listener; open connections go on."""
+        self._stopping = True
+        if self.listener is not None:
+            self.listener.close()
+
+    def in_flight(self) -> int:
+        return len(self.connections)
+
+    async def wait_drained(self) -> None:
+        await self._drained.wait()
+
+    def cut(self) -> int:
+        """Reset every connection still open; return how many."""
+        n = len(self.connections)
+        for task in list(self._connecting):
+            task.cancel()
+        for conn in list(self.connections):
+            conn.reason = "drain_cut"
+            if conn.relay is not None:
+                conn.relay.abort()
+        self.stats.cut += n
+        return n
+
+    async def close(self) -> None:
+        """Stop everything this route started."""
+        self.stop_accepting()
+        self.cut()
+        tasks = [*self._tasks, *self._connecting]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self._pipes is not None:
+            self._pipes.close()
+
+    def saturated(self) -> bool:
+        cap = self.cfg.max_connections
+        return bool(cap) and len(self.connections) >= cap
+
+    def is_ready(self) -> bool:
+        if self.listener is None or self._stopping or self.saturated():
+            return False
+        return not self.cfg.ready_requires_upstream or self.pool.any_healthy()
+
+    # -- per connection ------------------------------------------------------------------
+
+    def _on_accept(self, csock: socket.socket, peer: Any) -> None:
+        cfg = self.cfg
+        if cfg.max_connections and len(self.connections) >= cfg.max_connections:
+            if cfg.on_limit == "reject":
+                self.stats.refused["limit"] += 1
+                reset_socket(csock)
+                csock.close()
+                return
+            assert self.listener is not None
+            self.listener.pause()  # the rest wait in the kernel backlog
+        self.stats.accepted += 1
+        conn = Connection(peer_label(peer), self._finished)
+        if cfg.max_lifetime:
+            conn.expires_at = (
+                conn.started + cfg.max_lifetime + random.uniform(0, cfg.max_lifetime_jitter)
+            )
+        self.connections[conn] = None
+        self._drained.clear()
+        if cfg.max_connections and len(self.connections) >= cfg.max_connections:
+            assert self.listener is not None
+            self.listener.pause()
+        task = asyncio.create_task(self._connect(conn, csock, peer))
+        self._connecting.add(task)
+        task.add_done_callback(self._connecting.discard)
+
+    async def _connect(self, conn: Connection, csock: socket.socket, peer: Any) -> None:
+        cfg = self.cfg
+        started = time.monotonic()
+        try:
+            tune(csock, cfg.tcp_keepalive, cfg.tcp_nodelay)
+            usock, ep = await dial(self.pool, self.dial_policy, self._connect_failed)
+        except DialError as exc:
+            self.stats.failed[exc.reason] += 1
+            self._log.warning(
+                "upstream_connect_failed",
+                conn=conn.id,
+                client=conn.client,
+                reason=exc.reason,
+                error=str(exc),
+            )
+            conn.note_end("proxy", f"upstream_{exc.reason}")
+            reset_socket(csock)
+            csock.close()
+            conn.finish()
+            return
+        except BaseException:
+            csock.close()
+            conn.note_end("proxy", "cancelled")
+            conn.finish()
+            raise
+        self._connect_seconds.observe(time.monotonic() - started)
+        conn.endpoint = ep
+        conn.upstream = str(ep)
+        ep.active += 1
+        try:
+            if cfg.proxy_protocol != "off":
+                local = csock.getsockname() if csock.family != socket.AF_UNIX else None
+                proxy_protocol.send_all(
+                    usock, proxy_protocol.header(cfg.proxy_protocol, peer, local)
+                )
+            if self.use_splice:
+                assert self._pipes is not None
+                splice.SpliceRelay(
+                    asyncio.get_running_loop(), conn, csock, usock, self._pipes
+                ).start()
+            else:
+                await self._attach(conn, csock, usock, ep)
+        except (OSError, ssl.SSLError, TimeoutError) as exc:
+            reason = "tls" if isinstance(exc, ssl.SSLError) else classify(exc)
+            self.stats.failed[reason] += 1
+            self._connect_failed(ep, reason)
+            self._log.warning(
+                "upstream_connect_failed",
+                conn=conn.id,
+                client=conn.client,
+                upstream=str(ep),
+                reason=reason,
+                error=str(exc),
+            )
+            conn.note_end("proxy", f"upstream_{reason}")
+            reset_socket(csock)
+            csock.close()
+            usock.close()
+            if conn.relay is None:
+                conn.finish()
+        except BaseException:
+            csock.close()
+            usock.close()
+            if conn.relay is None:
+                conn.note_end("proxy", "cancelled")
+                conn.finish()
+            raise
+
+    async def _attach(
+        self, conn: Connection, csock: socket.socket, usock: socket.socket, ep: Endpoint
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        relay = ProtocolRelay(conn, self.cfg.buffer_size)
+        if self.tls is not None:
+            await loop.create_connection(
+                lambda: relay.upstream,
+                sock=usock,
+                ssl=self.tls.context,
+                server_hostname=self.cfg.tls_server_name or ep.address.host,
+                ssl_handshake_timeout=self.cfg.connect_timeout,
+            )
+        else:
+            await loop.create_connection(lambda: relay.upstream, sock=usock)
+        await loop.connect_accepted_socket(lambda: relay.client, csock)
+
+    def _connect_failed(self, ep: Endpoint, reason: str) -> None:
+        self.stats.connect_failures[(str(ep), reason)] += 1
+
+    def _finished(self, conn: Connection) -> None:
+        self.connections.pop(conn, None)
+        ep = conn.endpoint
+        if isinstance(ep, Endpoint):
+            ep.active -= 1
+        stats = self.stats
+        stats.bytes_up += conn.bytes_up
+        stats.bytes_down += conn.bytes_down
+        stats.closed[conn.reason or "closed"] += 1
+        self._log.info(
+            "connection_closed",
+            conn=conn.id,
+            client=conn.client,
+            upstream=conn.upstream,
+            duration=round(time.monotonic() - conn.started, 6),
+            bytes_up=conn.bytes_up,
+            bytes_down=conn.bytes_down,
+            closed_by=conn.closed_by or "proxy",
+            reason=conn.reason or "closed",
+        )
+        if not self.connections:
+            self._drained.set()
+        listener = self.listener
+        if (
+            listener is not None
+            and not listener.accepting
+            and not self._stopping
+            and not self.saturated()
+        ):
+            listener.resume()
+
+    async def _sweep(self, period: float) -> None:
+        """Close connections past their idle, half-close or lifetime limits."""
+        cfg = self.cfg
+        while True:
+            await asyncio.sleep(period)
+            now = time.monotonic()
+            for conn in list(self.connections):
+                relay = conn.relay
+                if relay is None:
+                    continue
+                up, down = relay.counts()
+                mark = up + down
+                if mark != conn.idle_mark:
+                    conn.idle_mark = mark
+                    conn.idle_since = now
+                idle = now - conn.idle_since
+                reason = ""
+                if conn.expires_at is not None and now >= conn.expires_at:
+                    reason = "max_lifetime"
+                elif cfg.idle_timeout and idle >= cfg.idle_timeout:
+                    reason = "idle_timeout"
+                elif (
+                    cfg.half_close_timeout
+                    and relay.half_closed()
+                    and idle >= cfg.half_close_timeout
+                ):
+                    reason = "half_close_timeout"
+                if reason:
+                    conn.reason = reason
+                    with contextlib.suppress(OSError):
+                        relay.abort()
+
+    def live_bytes(self) -> tuple[int, int]:
+        """Bytes moved by connections still open: (up, down)."""
+        up = down = 0
+        for conn in self.connections:
+            if conn.relay is not None:
+                u, d = conn.relay.counts()
+                up += u
+                down += d
+        return up, down

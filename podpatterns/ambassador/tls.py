@@ -1,0 +1,112 @@
+"""TLS origination: a verified client context, rebuilt when its files change on disk.
+
+Kubernetes Secret volumes update by swapping a ``..data`` symlink, which inotify on the
+file itself never reports; we watch the directories and decide by content hash, with a
+periodic re-check because events can be lost. A rebuilt context is used by new
+connections; live connections keep the context they were made with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import ssl
+from pathlib import Path
+
+import watchfiles
+
+from podpatterns import logs
+from podpatterns.errors import ConfigError
+
+
+class TLSContextProvider:
+    """Build and hot-reload the upstream TLS context of one route."""
+
+    def __init__(
+        self,
+        *,
+        ca: Path | None,
+        cert: Path | None,
+        key: Path | None,
+        verify: bool,
+        route: str = "default",
+        recheck: float = 30.0,
+    ) -> None:
+        self.ca, self.cert, self.key, self.verify = ca, cert, key, verify
+        self.recheck = recheck
+        self.reloads = 0
+        self.reload_failures = 0
+        self._log = logs.get("ambassador", route=route)
+        self._digest = self._files_digest()
+        self.context = self._build(initial=True)
+
+    def _files(self) -> list[Path]:
+        return [p for p in (self.ca, self.cert, self.key) if p is not None]
+
+    def _files_digest(self) -> str:
+        h = hashlib.sha256()
+        for path in self._files():
+            try:
+                h.update(path.read_bytes())
+            except OSError:
+                h.update(b"\0missing\0")
+        return h.hexdigest()
+
+    def _build(self, initial: bool = False) -> ssl.SSLContext:
+        try:
+            ctx = ssl.create_default_context(cafile=str(self.ca) if self.ca is not None else None)
+            if self.cert is not None:
+                ctx.load_cert_chain(str(self.cert), str(self.key) if self.key else None)
+        except (OSError, ssl.SSLError) as exc:
+            if initial:
+                which = "--tls-cert/--tls-key" if self.cert is not None else "--tls-ca"
+                raise ConfigError(f"{which}: cannot load TLS files: {exc}") from None
+            raise
+        if not self.verify:
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+            if initial:
+                self._log.warning(
+                    "tls_verification_disabled",
+                    note="--tls-insecure-skip-verify: the upstream is not authenticated",
+                )
+        return ctx
+
+    def maybe_reload(self) -> bool:
+        """Rebuild the context if the files' content changed; True when it was swapped."""
+        digest = self._files_digest()
+        if digest == self._digest:
+            return False
+        try:
+            ctx = self._build()
+        except (OSError, ssl.SSLError) as exc:
+            # Half-written rotation, or a bad file: keep serving with the old context.
+            self.reload_failures += 1
+            self._log.error("tls_reload_failed", error=str(exc))
+            return False
+        self._digest = digest
+        self.context = ctx
+        self.reloads += 1
+        self._log.info("tls_reloaded", files=[str(p) for p in self._files()])
+        return True
+
+    async def watch(self) -> None:
+        """Reload on file events in the files' directories and every ``recheck`` s."""
+        dirs = sorted({str(p.parent) for p in self._files()})
+        if not dirs:
+            return
+        while True:
+            try:
+                async for _ in watchfiles.awatch(
+                    *dirs,
+                    rust_timeout=int(self.recheck * 1000),
+                    yield_on_timeout=True,
+                    debounce=200,
+                ):
+                    self.maybe_reload()
+            except (OSError, RuntimeError) as exc:
+                # No watcher (inotify limits, directory gone): poll instead.
+                self._log.warning("tls_watch_fallback_polling", error=str(exc))
+                while True:
+                    await asyncio.sleep(self.recheck)
+                    self.maybe_reload()

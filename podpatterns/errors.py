@@ -1,0 +1,44 @@
+"""Errors that map to documented exit codes.
+
+Library code raises these; only :mod:`podpatterns.cli` turns them into exit codes.
+
+| code | meaning |
+|------|---------|
+| 0    | clean exit, including a graceful SIGTERM drain (a Job must not fail) |
+| 1    | unexpected internal error (a bug: a traceback is logged) |
+| 2    | usage or configuration error (one line on stderr names the option) |
+| 3    | a listener or the admin server could not bind |
+| 130  | forced exit on a second SIGINT |
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    """Process exit codes of every podpatterns component (see the module table)."""
+
+    OK = 0
+    INTERNAL = 1
+    CONFIG = 2
+    BIND = 3
+    FORCED = 130
+
+
+class PodpatternsError(Exception):
+    """Base class of the errors that podpatterns reports to users."""
+
+    exit_code: ExitCode = ExitCode.INTERNAL
+
+
+class ConfigError(PodpatternsError, ValueError):
+    """An option has a bad value; the message names the option, the value and what is expected."""
+
+    exit_code = ExitCode.CONFIG
+
+
+class BindError(PodpatternsError, OSError):
+    """A listener or the admin server could not bind its address."""
+
+    exit_code = ExitCode.BIND
