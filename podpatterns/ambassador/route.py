@@ -209,7 +209,7 @@ class Route:
             )
         self.connections[conn] = None
         self._drained.clear()
-        if cfg.max_connections and len(self.connections) >= cfg.max_connections:
+        if cfg.on_limit == "wait" and self.saturated():
             assert self.listener is not None
             self.listener.pause()
         task = asyncio.create_task(self._connect(conn, csock, peer))
