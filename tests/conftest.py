@@ -36,7 +36,7 @@ async def serve(handler: Handler, host: str = LOOP) -> AsyncIterator[HostPort]:
         writers.add(w)
         task = asyncio.current_task()
         assert task is not None
-        tasks.add(task)  # type: ignore[arg-type]
+        tasks.add(task)
         try:
             await handler(r, w)
         finally:

@@ -83,7 +83,7 @@ async def test_half_close_reply_after_ten_seconds() -> None:
             writer.close()
             return data
 
-    assert await asyncio.gather(one("on"), one("off")) == [b"late", b"late"]
+    assert list(await asyncio.gather(one("on"), one("off"))) == [b"late", b"late"]
 
 
 async def test_upstream_half_close_then_client_keeps_sending(relay_mode: str) -> None:

@@ -5,13 +5,13 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections import Counter
-from collections.abc import Callable
 
 import pytest
 
 from podpatterns.ambassador import proxy_protocol
 from podpatterns.options import HostPort
 from tests.conftest import (
+    Handler,
     ambassador,
     echo,
     eventually,
@@ -25,7 +25,7 @@ from tests.conftest import (
 LOOP = "127.0.0.1"
 
 
-def named(name: bytes) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], object]:
+def named(name: bytes) -> Handler:
     """A server that answers every connection with its name and closes."""
 
     async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
