@@ -1,0 +1,333 @@
+"""The command line as a user runs it: exit codes, errors, signals, admin endpoints."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.proc import Proc, run
+
+LOOP = "127.0.0.1"
+
+
+@pytest.fixture
+def procs() -> Iterator[list[Proc]]:
+    """Processes started by a test; killed at teardown if still running."""
+    started: list[Proc] = []
+    yield started
+    for p in started:
+        p.stop()
+
+
+def ambassador(procs: list[Proc], upstream: str, *extra: str) -> Proc:
+    p = Proc(
+        "ambassador",
+        "--listen",
+        f"{LOOP}:0",
+        "--upstream",
+        upstream,
+        "--admin",
+        f"{LOOP}:0",
+        "--shutdown-delay",
+        "0",
+        *extra,
+    )
+    procs.append(p)
+    return p
+
+
+def http(url: str, method: str = "GET") -> tuple[int, dict[str, object]]:
+    req = urllib.request.Request(url, method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=5) as resp:
+            return resp.status, json.loads(resp.read() or b"{}")
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"{}")
+
+
+def test_version_and_help() -> None:
+    """--version prints the version; --help lists flags with their env vars and exit codes."""
+    out = run("--version")
+    assert out.returncode == 0 and out.stdout.startswith("podpatterns ")
+    helptext = run("ambassador", "--help").stdout
+    assert "--upstream HOST:PORT" in helptext
+    assert "PODPATTERNS_UPSTREAM" in helptext
+    assert "exit codes:" in helptext
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "message"),
+    [
+        (
+            ["--listen", "127.0.0.1:5432", "--upstream", "db:99999"],
+            {},
+            "--upstream: 'db:99999' is not a valid port (1-65535)",
+        ),
+        (
+            ["--listen", "127.0.0.1:5432", "--upstream", "db"],
+            {},
+            "--upstream: 'db' is not HOST:PORT",
+        ),
+        (
+            ["--listen", "127.0.0.1:5432"],
+            {"PODPATTERNS_UPSTREAM": "db:5432", "PODPATTERNS_CONNECT_TIMEOUT": "soon"},
+            "PODPATTERNS_CONNECT_TIMEOUT: 'soon' is not a duration",
+        ),
+        (["--upstream", "db:5432"], {}, "--listen: missing"),
+        (
+            ["--listen", "127.0.0.1:1", "--upstream", "db:1", "--balance", "random"],
+            {},
+            "--balance: 'random' is not one of failover, round_robin, least_conn",
+        ),
+        (
+            ["--listen", "127.0.0.1:1", "--upstream", "db:1", "--tls-ca", "/x"],
+            {},
+            "--tls-ca: only applies with --upstream-tls",
+        ),
+        (
+            ["--listen", "127.0.0.1:1", "--upstream", "db:1", "--max-connections", "-1"],
+            {},
+            "--max-connections: '-1' is out of range (>= 0)",
+        ),
+        (
+            ["--listen", "127.0.0.1:1", "--upstream", "db:1", "--bogus"],
+            {},
+            "unrecognized arguments: --bogus",
+        ),
+    ],
+)
+def test_invalid_input_exits_2_with_one_line(
+    args: list[str], env: dict[str, str], message: str
+) -> None:
+    """Each invalid value exits 2 with one line naming the option, the value and the fix."""
+    out = run("ambassador", *args, env=env)
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1, out.stderr
+    assert message in lines[0]
+
+
+def test_config_file_errors_name_the_key(tmp_path: Path) -> None:
+    """Config-file errors name the file and key; unknown keys suggest the right one."""
+    cfg = tmp_path / "amb.yaml"
+    cfg.write_text("listen: 127.0.0.1:0\nupstream: [db:5432]\nconect_timeout: 1s\n")
+    out = run("ambassador", "--config", str(cfg))
+    assert out.returncode == 2
+    assert "unknown key 'conect_timeout' (did you mean 'connect_timeout'?)" in out.stderr
+    cfg.write_text("routes:\n  - name: db\n    listen: 127.0.0.1:0\n    upstream: [db:0]\n")
+    out = run("ambassador", "--config", str(cfg))
+    assert out.returncode == 2
+    assert "routes[0]: upstream: '0'" not in out.stderr
+    assert "routes[0]: upstream: 'db:0' is not a valid port (1-65535)" in out.stderr
+
+
+def test_bind_failure_exits_3() -> None:
+    """A listen address already in use exits 3 with a clear message."""
+    taken = socket.socket()
+    taken.bind((LOOP, 0))
+    taken.listen()
+    try:
+        out = run(
+            "ambassador",
+            "--listen",
+            f"{LOOP}:{taken.getsockname()[1]}",
+            "--upstream",
+            "db:5432",
+            "--admin",
+            "off",
+        )
+    finally:
+        taken.close()
+    assert out.returncode == 3
+    assert "cannot bind" in out.stderr and "Address already in use" in out.stderr
+
+
+def _upstream_server() -> tuple[socket.socket, int]:
+    s = socket.socket()
+    s.bind((LOOP, 0))
+    s.listen(16)
+    return s, s.getsockname()[1]
+
+
+def test_sigterm_drains_open_connection_then_exits_0(procs: list[Proc]) -> None:
+    """After SIGTERM, an open connection finishes its exchange and the process exits 0
+    as soon as it closes, long before the drain deadline."""
+    up, port = _upstream_server()
+    p = ambassador(procs, f"{LOOP}:{port}", "--drain-timeout", "20s")
+    c = socket.create_connection((LOOP, p.listen_port()))
+    server_side, _ = up.accept()
+    p.signal(signal.SIGTERM)
+    p.wait_event("drain_started")
+    assert http(p.admin_url() + "/readyz")[0] == 503 or p.p.poll() is not None
+    # new connections are no longer accepted
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection((LOOP, p.listen_port()), timeout=2)
+    c.sendall(b"in flight")
+    assert server_side.recv(100) == b"in flight"
+    server_side.sendall(b"reply")
+    assert c.recv(100) == b"reply"
+    t0 = time.monotonic()
+    c.close()
+    server_side.close()
+    assert p.wait(10) == 0
+    assert time.monotonic() - t0 < 5
+    assert p.wait_event("drain_finished")
+    up.close()
+
+
+def test_drain_deadline_cuts_and_counts(procs: list[Proc]) -> None:
+    """A connection still open at --drain-timeout is reset and counted; exit is 0."""
+    up, port = _upstream_server()
+    p = ambassador(procs, f"{LOOP}:{port}", "--drain-timeout", "0.5s")
+    c = socket.create_connection((LOOP, p.listen_port()))
+    server_side, _ = up.accept()
+    p.signal(signal.SIGTERM)
+    assert p.wait(10) == 0
+    assert p.wait_event("drain_deadline_cut")["cut"] == 1
+    c.settimeout(5)
+    with pytest.raises(ConnectionResetError):
+        while c.recv(100):
+            pass
+    c.close()
+    server_side.close()
+    up.close()
+
+
+def test_accept_window_after_sigterm(procs: list[Proc]) -> None:
+    """During --shutdown-delay, readiness is 503 but new connections are still relayed."""
+    up, port = _upstream_server()
+    p = Proc(
+        "ambassador",
+        "--listen",
+        f"{LOOP}:0",
+        "--upstream",
+        f"{LOOP}:{port}",
+        "--admin",
+        f"{LOOP}:0",
+        "--shutdown-delay",
+        "3s",
+        "--drain-timeout",
+        "5s",
+    )
+    procs.append(p)
+    listen, admin = p.listen_port(), p.admin_url()
+    assert http(admin + "/readyz")[0] == 200
+    p.signal(signal.SIGTERM)
+    p.wait_event("shutdown_requested")
+    assert http(admin + "/readyz")[0] == 503
+    assert http(admin + "/livez")[0] == 200
+    c = socket.create_connection((LOOP, listen), timeout=5)
+    server_side, _ = up.accept()  # relayed although shutdown began
+    c.sendall(b"late client")
+    assert server_side.recv(100) == b"late client"
+    c.close()
+    server_side.close()
+    assert p.wait(15) == 0
+    up.close()
+
+
+def test_quitquitquit_loopback_post_only(procs: list[Proc]) -> None:
+    """/quitquitquit answers 405 to GET and shuts down gracefully on POST from loopback."""
+    p = ambassador(procs, f"{LOOP}:9")
+    admin = p.admin_url()
+    assert http(admin + "/quitquitquit")[0] == 405
+    assert http(admin + "/startupz")[0] == 200
+    status, body = http(admin + "/quitquitquit", "POST")
+    assert status == 200 and body["status"] == "shutting down"
+    assert p.wait(10) == 0
+    assert p.wait_event("shutdown_requested")["reason"] == "quitquitquit"
+
+
+def test_metrics_endpoint_is_prometheus_text(procs: list[Proc]) -> None:
+    """/metrics serves Prometheus text with the ambassador and process families."""
+    p = ambassador(procs, f"{LOOP}:9")
+    with urllib.request.urlopen(p.admin_url() + "/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+        assert resp.headers["Content-Type"].startswith("text/plain")
+    assert "# TYPE podpatterns_ambassador_connections_total counter" in text
+    assert "process_resident_memory_bytes" in text
+    assert 'podpatterns_runtime_phase{phase="ready"} 1.0' in text
+
+
+def test_second_sigint_forces_exit(procs: list[Proc]) -> None:
+    """A second SIGINT exits at once with 130 while a drain is still waiting."""
+    up, port = _upstream_server()
+    p = ambassador(procs, f"{LOOP}:{port}", "--drain-timeout", "60s")
+    c = socket.create_connection((LOOP, p.listen_port()))
+    up.accept()[0].close()
+    p.signal(signal.SIGINT)
+    p.wait_event("drain_started")
+    p.signal(signal.SIGINT)
+    assert p.wait(10) == 130
+    c.close()
+    up.close()
+
+
+def test_exit_with_tombstone_written_before_start(procs: list[Proc], tmp_path: Path) -> None:
+    """--exit-with drains and exits 0 on a tombstone that existed before the process."""
+    (tmp_path / "app.json").write_text(json.dumps({"phase": "exited", "exit_code": 0}))
+    p = ambassador(procs, f"{LOOP}:9", "--health-dir", str(tmp_path), "--exit-with", "app")
+    assert p.wait(10) == 0
+    assert p.wait_event("shutdown_requested")["reason"] == "exit-with:app"
+
+
+def test_exit_with_tombstone_appearing_later(procs: list[Proc], tmp_path: Path) -> None:
+    """--exit-with reacts to a tombstone written while running; partial files do not count."""
+    p = ambassador(procs, f"{LOOP}:9", "--health-dir", str(tmp_path), "--exit-with", "app")
+    p.wait_event("exit_with_watching")
+    record = tmp_path / "app.json"
+    record.write_text('{"phase": "exi')  # torn write: not a tombstone
+    record.write_text(json.dumps({"phase": "ready"}))
+    time.sleep(0.3)
+    assert p.p.poll() is None
+    tmp = tmp_path / ".app.json.tmp"
+    tmp.write_text(json.dumps({"phase": "exited", "exit_code": 3}))
+    tmp.replace(record)
+    assert p.wait(10) == 0
+
+
+def test_python_dash_m_runs_the_demo() -> None:
+    """`python -m podpatterns demo` runs the whole demo and succeeds."""
+    out = run("demo", "--connections", "20", "--megabytes", "4", timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "checksum OK" in out.stdout
+    assert "503 while draining" in out.stdout
+
+
+async def test_admin_refuses_quit_from_non_loopback_peer() -> None:
+    """POST /quitquitquit from a non-loopback peer gets 403 and no shutdown."""
+    from aiohttp.test_utils import make_mocked_request
+
+    from podpatterns.admin import AdminServer, is_loopback_peer
+    from podpatterns.options import HostPort
+    from podpatterns.runtime import Runtime, RuntimeConfig
+
+    assert is_loopback_peer("127.0.0.5") and is_loopback_peer("::1")
+    assert is_loopback_peer("::ffff:127.0.0.1")
+    assert not is_loopback_peer("10.1.2.3") and not is_loopback_peer(None)
+    runtime = Runtime(RuntimeConfig(), [])
+    admin = AdminServer(runtime, HostPort(LOOP, 0))
+    transport = _FakeTransport(("10.1.2.3", 40000))
+    req = make_mocked_request("POST", "/quitquitquit", transport=transport)
+    resp = await admin._quit(req)
+    assert resp.status == 403
+    assert runtime.shutdown_reason is None
+
+
+class _FakeTransport:
+    """The only state a peer address check can read; a real non-loopback peer needs a
+    second host, which this machine does not have outside a network namespace."""
+
+    def __init__(self, peer: tuple[str, int]) -> None:
+        self._peer = peer
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return self._peer if name == "peername" else default
