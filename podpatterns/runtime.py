@@ -213,6 +213,7 @@ class Runtime:
         self._triggers = list(triggers)
         self._trigger_tasks: list[asyncio.Task[None]] = []
         self._stop = asyncio.Event()
+        self._ready = asyncio.Event()
         self._stopped = asyncio.Event()
         self._admin: Any = None
         self._started_at = time.monotonic()
@@ -273,10 +274,16 @@ class Runtime:
                 await comp.close()
             self._set_phase(Phase.STOPPED)
             self._stopped.set()
+            self._ready.set()  # wake waiters: start is over, even though it failed
             raise
         for trigger in self._triggers:
             self._trigger_tasks.append(asyncio.create_task(self._watch_trigger(trigger)))
         self._set_phase(Phase.READY)
+        self._ready.set()
+
+    async def wait_started(self) -> None:
+        """Return once :meth:`start` has bound everything (for ``run()`` in a task)."""
+        await self._ready.wait()
 
     async def _watch_trigger(self, trigger: Trigger) -> None:
         reason = await trigger()
