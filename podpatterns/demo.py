@@ -26,7 +26,7 @@ from podpatterns.runtime import Runtime, RuntimeConfig
 LOOPBACK = "127.0.0.1"
 
 
-async def _upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     """Echo every byte back (requests are lines; bulk is arbitrary), then half-close."""
     try:
         while data := await reader.read(256 * 1024):
@@ -80,7 +80,7 @@ async def _get(session: aiohttp.ClientSession, base: str, path: str) -> tuple[in
 
 async def demo(connections: int = 200, megabytes: int = 64) -> dict[str, Any]:
     """Run the demo and return its figures (the CLI prints them)."""
-    server = await asyncio.start_server(_upstream, LOOPBACK, 0)
+    server = await asyncio.start_server(echo, LOOPBACK, 0)
     up_port = server.sockets[0].getsockname()[1]
     amb = Ambassador(
         [RouteConfig(listen=HostPort(LOOPBACK, 0), upstream=(HostPort(LOOPBACK, up_port),))]

@@ -15,6 +15,7 @@ import pytest
 
 from podpatterns.ambassador import Ambassador, RouteConfig
 from podpatterns.ambassador.config import UnixAddress
+from podpatterns.demo import echo
 from podpatterns.options import HostPort
 
 LOOP = "127.0.0.1"
@@ -83,26 +84,15 @@ def unix_path_of(amb: Ambassador) -> str:
     return str(addr.path)
 
 
-async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    """Echo until EOF, then half-close."""
-    try:
-        while data := await reader.read(1 << 16):
-            writer.write(data)
-            await writer.drain()
-        writer.write_eof()
-        await writer.drain()
-    except ConnectionError:
-        pass
-    finally:
-        writer.close()
-
-
 async def eventually(cond: Callable[[], bool], within: float = 5.0) -> None:
     """Wait until ``cond()`` holds, polling, for at most ``within`` seconds."""
     async with asyncio.timeout(within):
         # Polling a plain condition: the code under test exposes no event for it.
         while not cond():  # noqa: ASYNC110
             await asyncio.sleep(0.01)
+
+
+__all__ = ["echo"]
 
 
 def sha(data: bytes) -> str:

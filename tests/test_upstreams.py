@@ -36,6 +36,17 @@ def named(name: bytes) -> Handler:
     return handler
 
 
+def greet_and_hold(greeting: bytes) -> Handler:
+    """A server that greets and keeps the connection open until the client closes."""
+
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        w.write(greeting)
+        await w.drain()
+        await read_all(r)
+
+    return handler
+
+
 async def ask(port: int) -> bytes:
     """Connect through the ambassador and read the answer to EOF."""
     reader, writer = await asyncio.open_connection(LOOP, port)
@@ -123,14 +134,8 @@ async def test_round_robin_spreads_connections() -> None:
 async def test_least_conn_prefers_idle_endpoint() -> None:
     """least_conn picks the endpoint with fewer open connections."""
 
-    async def hold(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        w.write(b"A")
-        await w.drain()
-        await read_all(r)
-        w.close()
-
     async with (
-        serve(hold) as a,
+        serve(greet_and_hold(b"A")) as a,
         serve(named(b"B")) as b,
         ambassador([a, b], balance="least_conn") as amb,
     ):
@@ -171,13 +176,7 @@ async def test_ready_requires_upstream() -> None:
 async def test_connection_limit_waits_in_backlog() -> None:
     """At the cap, new connections wait in the kernel backlog and proceed later."""
 
-    async def hold(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        w.write(b"hi")
-        await w.drain()
-        await read_all(r)
-        w.close()
-
-    async with serve(hold) as a, ambassador([a], max_connections=2) as amb:
+    async with serve(greet_and_hold(b"hi")) as a, ambassador([a], max_connections=2) as amb:
         port = port_of(amb)
         held = [await asyncio.open_connection(LOOP, port) for _ in range(2)]
         for r, _ in held:
@@ -199,13 +198,10 @@ async def test_connection_limit_waits_in_backlog() -> None:
 async def test_connection_limit_reject_mode() -> None:
     """With --on-limit reject, excess connections are reset at once and counted."""
 
-    async def hold(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        w.write(b"hi")
-        await w.drain()
-        await read_all(r)
-        w.close()
-
-    async with serve(hold) as a, ambassador([a], max_connections=1, on_limit="reject") as amb:
+    async with (
+        serve(greet_and_hold(b"hi")) as a,
+        ambassador([a], max_connections=1, on_limit="reject") as amb,
+    ):
         r1, w1 = await asyncio.open_connection(LOOP, port_of(amb))
         assert await r1.readexactly(2) == b"hi"
         with pytest.raises(ConnectionResetError):
