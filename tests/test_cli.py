@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.proc import Proc, run
+from tests.proc import Proc, run, sigterm_and_wait
 
 LOOP = "127.0.0.1"
 
@@ -331,3 +331,33 @@ class _FakeTransport:
 
     def get_extra_info(self, name: str, default: object = None) -> object:
         return self._peer if name == "peername" else default
+
+
+def test_two_routes_from_config_file(procs: list[Proc], tmp_path: Path) -> None:
+    """A config file with two routes (TCP and unix socket) relays both in one process."""
+    up_a, port_a = _upstream_server()
+    up_b, port_b = _upstream_server()
+    sock_path = tmp_path / "cache.sock"
+    cfg = tmp_path / "ambassador.yaml"
+    cfg.write_text(
+        f"admin: {LOOP}:0\nshutdown_delay: 0s\nroutes:\n"
+        f"  - name: db\n    listen: {LOOP}:0\n    upstream: [{LOOP}:{port_a}]\n"
+        f"  - name: cache\n    listen: unix:{sock_path}\n    upstream: [{LOOP}:{port_b}]\n"
+    )
+    p = Proc("ambassador", "--config", str(cfg))
+    procs.append(p)
+    c1 = socket.create_connection((LOOP, p.listen_port()))
+    p.wait_event("admin_listening")
+    c2 = socket.socket(socket.AF_UNIX)
+    c2.connect(str(sock_path))
+    for client, up, word in ((c1, up_a, b"db"), (c2, up_b, b"cache")):
+        server_side, _ = up.accept()
+        client.sendall(word)
+        assert server_side.recv(10) == word
+        server_side.close()
+        client.close()
+    routes = {e["route"] for e in p.events if e.get("event") == "route_listening"}
+    assert routes == {"db", "cache"}
+    assert sigterm_and_wait(p) == 0
+    up_a.close()
+    up_b.close()
