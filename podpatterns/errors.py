@@ -26,6 +26,16 @@ class ExitCode(IntEnum):
     FORCED = 130
 
 
+EXIT_MEANINGS: dict[ExitCode, str] = {
+    ExitCode.OK: "clean exit, including a graceful SIGTERM drain (a Job must not fail)",
+    ExitCode.INTERNAL: "unexpected internal error (a bug: a traceback is printed on stderr)",
+    ExitCode.CONFIG: "usage or configuration error (one line on stderr names the option)",
+    ExitCode.BIND: "a listener or the admin server could not bind",
+    ExitCode.FORCED: "forced exit on a second SIGINT",
+}
+"""One line per exit code; docs/reference.md is generated from it."""
+
+
 class PodpatternsError(Exception):
     """Base class of the errors that podpatterns reports to users."""
 
