@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -102,13 +103,14 @@ Starter = Callable[[int, Path], subprocess.Popen[bytes]]
 def serve_on_free_port(
     name: str,
     start: Starter,
-    ready: Callable[[int], bool],
+    ready: Callable[[int, subprocess.Popen[bytes]], bool],
     stop: Callable[[subprocess.Popen[bytes]], None],
     logdir: Path,
 ) -> Iterator[int]:
     """Run a server that must be told its port; yield the port once ``ready`` says so.
 
-    ``start(port, log)`` launches it logging to ``log``. A server that exits saying
+    ``start(port, log)`` launches it logging to ``log``; ``ready(port, proc)`` checks
+    that a real connection reaches that very process. A server that exits saying
     "Address already in use" is retried on the next candidate port; any other early
     exit raises with its log. ``stop(proc)`` runs on every exit path.
     """
@@ -127,13 +129,18 @@ def serve_on_free_port(
     raise RuntimeError(f"{name}: no free port in {_PORT_ATTEMPTS} tries")
 
 
-def _up(proc: subprocess.Popen[bytes], ready: Callable[[int], bool], port: int, what: str) -> bool:
-    """True once ``ready(port)``, False when ``proc`` exited first (bounded)."""
+def _up(
+    proc: subprocess.Popen[bytes],
+    ready: Callable[[int, subprocess.Popen[bytes]], bool],
+    port: int,
+    what: str,
+) -> bool:
+    """True once ``ready(port, proc)``, False when ``proc`` exited first (bounded)."""
 
     def check() -> bool | None:
         if proc.poll() is not None:
             return False
-        return True if ready(port) else None
+        return True if ready(port, proc) else None
 
     return wait_until(check, START_TIMEOUT, what)
 
@@ -168,16 +175,16 @@ class PostgresServer:
         )
         return env
 
-    def accepts(self, port: int | None = None) -> bool:
-        """True when a real session can run ``select 1``."""
+    def query(self, sql: str, connect_timeout: int = 5) -> str | None:
+        """The unaligned result of ``sql`` in a new session, or None when it fails."""
         done = subprocess.run(
-            [self.tool("psql"), "-X", "-A", "-t", "-c", "select 1"],
-            env=self.env(port),
+            [self.tool("psql"), "-X", "-A", "-t", "-c", sql],
+            env={**self.env(), "PGCONNECT_TIMEOUT": str(connect_timeout)},
             capture_output=True,
             timeout=10,
             check=False,
         )
-        return done.returncode == 0 and done.stdout.strip() == b"1"
+        return done.stdout.decode().strip() if done.returncode == 0 else None
 
 
 def _as_postgres() -> list[str]:
@@ -264,8 +271,10 @@ def run_postgres() -> Iterator[PostgresServer]:
                     start_new_session=True,
                 )
 
-        def ready(port: int) -> bool:
-            return PostgresServer(port, PG_BIN).accepts()
+        def ready(port: int, proc: subprocess.Popen[bytes]) -> bool:
+            # ours, not another server that holds the port while ours fails to bind
+            found = PostgresServer(port, PG_BIN).query("show data_directory", connect_timeout=1)
+            return found == str(data)
 
         def stop(proc: subprocess.Popen[bytes]) -> None:
             # SIGINT is the fast shutdown: roll back open sessions, then exit.
@@ -287,14 +296,21 @@ class RedisServer:
     port: int
     host: str = LOOPBACK
 
-    def pings(self, port: int | None = None) -> bool:
-        """True when a real connection answers ``PING`` with ``+PONG``."""
+    def process_id(self) -> int | None:
+        """The ``process_id`` that ``INFO server`` reports on a new connection, or None."""
         try:
-            with socket.create_connection((self.host, port or self.port), timeout=2) as sock:
-                sock.sendall(b"PING\r\n")
-                return sock.recv(64).startswith(b"+PONG")
-        except OSError:
-            return False
+            with socket.create_connection((self.host, self.port), timeout=2) as sock:
+                sock.sendall(b"INFO server\r\n")
+                reply = b""
+                while b"\r\n" not in reply or len(reply) < int(reply[1:].split(b"\r\n")[0]):
+                    chunk = sock.recv(65536)
+                    if not chunk:
+                        return None
+                    reply += chunk
+        except (OSError, ValueError):
+            return None
+        found = re.search(rb"^process_id:(\d+)", reply, re.M)
+        return int(found.group(1)) if found else None
 
 
 @contextlib.contextmanager
@@ -324,8 +340,9 @@ def run_redis(workdir: Path) -> Iterator[RedisServer]:
             start_new_session=True,
         )
 
-    def ready(port: int) -> bool:
-        return RedisServer(port).pings()
+    def ready(port: int, proc: subprocess.Popen[bytes]) -> bool:
+        # ours, not another redis that holds the port while ours fails to bind
+        return RedisServer(port).process_id() == proc.pid
 
     with serve_on_free_port("redis-server", start, ready, _stop, workdir) as port:
         yield RedisServer(port)
