@@ -1,0 +1,348 @@
+"""Real peer servers for tests: PostgreSQL 15 and Redis from the Debian packages, on loopback.
+
+Each peer is started by the test session (session-scoped fixtures, so the suite pays for
+``initdb`` once), waited for through a real client connection within a deadline, and
+stopped by the PID it was started with, also when a test fails.
+
+A missing binary skips the tests that need it on a developer's machine, but fails them
+when ``CI=true``: CI must not go green by skipping (``./dev test`` installs the packages).
+
+Neither server can take port 0 or an inherited socket, so each gets a random port below
+the kernel's ephemeral range (no outgoing connection holds those); when it is taken the
+server exits with "Address already in use" and the next candidate is tried. Nothing is
+bound, closed and handed on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NoReturn, TypeVar
+
+import pytest
+
+LOOPBACK = "127.0.0.1"
+PG_BIN = Path("/usr/lib/postgresql/15/bin")
+START_TIMEOUT = 30.0  # seconds for a peer to accept its first real connection
+STOP_TIMEOUT = 15.0
+_PORT_ATTEMPTS = 8
+
+T = TypeVar("T")
+
+
+def missing(what: str) -> NoReturn:
+    """Skip the test for want of ``what``; fail instead under ``CI=true``."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{what} (CI=true: CI must not skip; ./dev test installs it)")
+    pytest.skip(what)
+
+
+def need(binary: str | Path) -> str:
+    """The path of an executable, or :func:`missing` when it is not installed."""
+    found = shutil.which(str(binary))
+    if found is None:
+        missing(f"{binary} is not installed")
+    return found
+
+
+def wait_until(check: Callable[[], T | None], timeout: float, what: str) -> T:
+    """Poll ``check`` until it returns a value, for readiness only a new attempt can show.
+
+    Raises:
+        TimeoutError: naming ``what``, after ``timeout`` seconds.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value is not None:
+            return value
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"{what}: not within {timeout}s")
+        time.sleep(0.05)
+
+
+def candidate_ports(count: int = _PORT_ATTEMPTS) -> list[int]:
+    """Random ports below the ephemeral range, for servers that must be told a port."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    return random.sample(range(20000, max(low, 21000)), count)
+
+
+def _stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, pid: int | None = None) -> None:
+    """Signal ``pid`` (default: ``proc``) and reap ``proc``; SIGKILL after the deadline."""
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid or proc.pid, sig)
+    try:
+        proc.wait(timeout=STOP_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        for target in {pid or proc.pid, proc.pid}:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(target, signal.SIGKILL)
+        proc.wait(timeout=STOP_TIMEOUT)
+
+
+Starter = Callable[[int, Path], subprocess.Popen[bytes]]
+
+
+@contextlib.contextmanager
+def serve_on_free_port(
+    name: str,
+    start: Starter,
+    ready: Callable[[int, subprocess.Popen[bytes]], bool],
+    stop: Callable[[subprocess.Popen[bytes]], None],
+    logdir: Path,
+) -> Iterator[int]:
+    """Run a server that must be told its port; yield the port once ``ready`` says so.
+
+    ``start(port, log)`` launches it logging to ``log``; ``ready(port, proc)`` checks
+    that a real connection reaches that very process. A server that exits saying
+    "Address already in use" is retried on the next candidate port; any other early
+    exit raises with its log. ``stop(proc)`` runs on every exit path.
+    """
+    for port in candidate_ports():
+        log = logdir / f"{name}-{port}.log"
+        proc = start(port, log)
+        try:
+            if _up(proc, ready, port, f"{name} on port {port}"):
+                yield port
+                return
+            text = log.read_text(errors="replace") if log.exists() else ""
+            if "Address already in use" not in text:
+                raise RuntimeError(f"{name} exited {proc.returncode}:\n{text}")
+        finally:
+            stop(proc)
+    raise RuntimeError(f"{name}: no free port in {_PORT_ATTEMPTS} tries")
+
+
+def _up(
+    proc: subprocess.Popen[bytes],
+    ready: Callable[[int, subprocess.Popen[bytes]], bool],
+    port: int,
+    what: str,
+) -> bool:
+    """True once ``ready(port, proc)``, False when ``proc`` exited first (bounded)."""
+
+    def check() -> bool | None:
+        if proc.poll() is not None:
+            return False
+        return True if ready(port, proc) else None
+
+    return wait_until(check, START_TIMEOUT, what)
+
+
+# -- PostgreSQL -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PostgresServer:
+    """A running PostgreSQL: trust authentication for ``postgres`` on 127.0.0.1."""
+
+    port: int
+    bindir: Path
+    host: str = LOOPBACK
+    user: str = "postgres"
+    database: str = "postgres"
+
+    def tool(self, name: str) -> str:
+        """The path of a client tool of the same version (``psql``, ``pgbench``)."""
+        return str(self.bindir / name)
+
+    def env(self, port: int | None = None) -> dict[str, str]:
+        """libpq environment for the client tools: this server, or ``port`` on loopback."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+        env.update(
+            PGHOST=self.host,
+            PGPORT=str(port or self.port),
+            PGUSER=self.user,
+            PGDATABASE=self.database,
+            PGCONNECT_TIMEOUT="5",
+            PGAPPNAME="podpatterns-tests",
+        )
+        return env
+
+    def query(self, sql: str, connect_timeout: int = 5) -> str | None:
+        """The unaligned result of ``sql`` in a new session, or None when it fails."""
+        done = subprocess.run(
+            [self.tool("psql"), "-X", "-A", "-t", "-c", sql],
+            env={**self.env(), "PGCONNECT_TIMEOUT": str(connect_timeout)},
+            capture_output=True,
+            timeout=10,
+            check=False,
+        )
+        return done.stdout.decode().strip() if done.returncode == 0 else None
+
+
+def _as_postgres() -> list[str]:
+    """The command prefix that drops root: postgres refuses to run as root."""
+    if os.geteuid() != 0:
+        return []
+    return [need("runuser"), "-u", "postgres", "--"]
+
+
+def _postmaster_pid(data: Path, proc: subprocess.Popen[bytes]) -> int | None:
+    """The PID of the postmaster we started, or None.
+
+    That is ``proc`` itself, or runuser's child as named in postmaster.pid; the parent
+    is checked, so no other process is ever signalled.
+    """
+    try:
+        pid = int((data / "postmaster.pid").read_text().split()[0])
+        ppid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return pid if pid == proc.pid or ppid == proc.pid else None
+
+
+@contextlib.contextmanager
+def run_postgres() -> Iterator[PostgresServer]:
+    """Start a throw-away PostgreSQL 15 cluster; stop it and delete it on exit."""
+    postgres = need(PG_BIN / "postgres")
+    initdb = need(PG_BIN / "initdb")
+    need(PG_BIN / "psql")
+    prefix = _as_postgres()
+    # Not pytest's tmp_path: that lives under a 0700 root directory the postgres user
+    # cannot traverse.
+    tmp = Path(tempfile.mkdtemp(prefix="podpatterns-pg-"))
+    try:
+        if prefix:
+            shutil.chown(tmp, "postgres", "postgres")
+        data = tmp / "data"
+        done = subprocess.run(
+            [
+                *prefix,
+                initdb,
+                "-D",
+                str(data),
+                "-A",
+                "trust",
+                "-U",
+                "postgres",
+                "-E",
+                "UTF8",
+                "--locale=C",
+                "--no-sync",
+                "--no-instructions",
+            ],
+            capture_output=True,
+            timeout=120,
+            check=False,
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"initdb exited {done.returncode}:\n{done.stderr.decode()}")
+
+        def start(port: int, log: Path) -> subprocess.Popen[bytes]:
+            with log.open("wb") as out:
+                return subprocess.Popen(
+                    [
+                        *prefix,
+                        postgres,
+                        "-D",
+                        str(data),
+                        "-c",
+                        "listen_addresses=127.0.0.1",
+                        "-c",
+                        f"port={port}",
+                        "-c",
+                        f"unix_socket_directories={tmp}",
+                        "-c",
+                        "fsync=off",
+                        "-c",
+                        "synchronous_commit=off",
+                        "-c",
+                        "full_page_writes=off",
+                    ],
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+
+        def ready(port: int, proc: subprocess.Popen[bytes]) -> bool:
+            # ours, not another server that holds the port while ours fails to bind
+            found = PostgresServer(port, PG_BIN).query("show data_directory", connect_timeout=1)
+            return found == str(data)
+
+        def stop(proc: subprocess.Popen[bytes]) -> None:
+            # SIGINT is the fast shutdown: roll back open sessions, then exit.
+            _stop(proc, signal.SIGINT, _postmaster_pid(data, proc))
+
+        with serve_on_free_port("postgres", start, ready, stop, tmp) as port:
+            yield PostgresServer(port, PG_BIN)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# -- Redis ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RedisServer:
+    """A running redis-server without persistence on 127.0.0.1."""
+
+    port: int
+    host: str = LOOPBACK
+
+    def process_id(self) -> int | None:
+        """The ``process_id`` that ``INFO server`` reports on a new connection, or None."""
+        try:
+            with socket.create_connection((self.host, self.port), timeout=2) as sock:
+                sock.sendall(b"INFO server\r\n")
+                reply = b""
+                while b"\r\n" not in reply or len(reply) < int(reply[1:].split(b"\r\n")[0]):
+                    chunk = sock.recv(65536)
+                    if not chunk:
+                        return None
+                    reply += chunk
+        except (OSError, ValueError):
+            return None
+        found = re.search(rb"^process_id:(\d+)", reply, re.M)
+        return int(found.group(1)) if found else None
+
+
+@contextlib.contextmanager
+def run_redis(workdir: Path) -> Iterator[RedisServer]:
+    """Start redis-server (no RDB, no AOF) with its files in ``workdir``; stop it on exit."""
+    binary = need("redis-server")
+
+    def start(port: int, log: Path) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            [
+                binary,
+                "--port",
+                str(port),
+                "--bind",
+                LOOPBACK,
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(workdir),
+                "--logfile",
+                str(log),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+
+    def ready(port: int, proc: subprocess.Popen[bytes]) -> bool:
+        # ours, not another redis that holds the port while ours fails to bind
+        return RedisServer(port).process_id() == proc.pid
+
+    with serve_on_free_port("redis-server", start, ready, _stop, workdir) as port:
+        yield RedisServer(port)
