@@ -14,16 +14,13 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from podpatterns import __version__, logs
-from podpatterns.errors import ExitCode, PodpatternsError
+from podpatterns.errors import EXIT_MEANINGS, ExitCode, PodpatternsError
 from podpatterns.options import Option, add_arguments, environ, load_yaml
 from podpatterns.runtime import Component, Runtime, RuntimeConfig, Trigger
 
-EXIT_TABLE = """exit codes:
-  0    clean exit, including a graceful drain after SIGTERM
-  1    internal error (a bug)
-  2    usage or configuration error
-  3    a listener or the admin server could not bind
-  130  forced exit on a second SIGINT"""
+EXIT_TABLE = "exit codes:\n" + "\n".join(
+    f"  {int(code):<4} {meaning}" for code, meaning in EXIT_MEANINGS.items()
+)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -151,7 +148,7 @@ async def _serve(config: RuntimeConfig, make: Callable[[], list[Component]]) -> 
     if config.exit_with and config.health_dir is not None:
         from podpatterns.tombstone import exit_with_trigger
 
-        triggers.append(exit_with_trigger(Path(config.health_dir), config.exit_with))  # type: ignore[arg-type]
+        triggers.append(exit_with_trigger(Path(config.health_dir), config.exit_with))
     runtime = Runtime(config, make(), triggers=triggers)
     loop = asyncio.get_running_loop()
     interrupts = 0

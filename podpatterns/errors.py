@@ -1,14 +1,6 @@
-"""Errors that map to documented exit codes.
+"""Errors that map to documented exit codes (:data:`EXIT_MEANINGS`).
 
 Library code raises these; only :mod:`podpatterns.cli` turns them into exit codes.
-
-| code | meaning |
-|------|---------|
-| 0    | clean exit, including a graceful SIGTERM drain (a Job must not fail) |
-| 1    | unexpected internal error (a bug: a traceback is logged) |
-| 2    | usage or configuration error (one line on stderr names the option) |
-| 3    | a listener or the admin server could not bind |
-| 130  | forced exit on a second SIGINT |
 """
 
 from __future__ import annotations

@@ -48,11 +48,13 @@ RUNTIME_OPTIONS: tuple[Option[Any], ...] = (
     Option(
         "config", parse_path, None, "YAML config file (keys are the option names)", metavar="FILE"
     ),
+    # The kubelet probes the Pod IP, so the probes cannot be loopback-only by default;
+    # /quitquitquit checks its peer and stays loopback-only whatever the bind address.
     Option(
         "admin",
         parse_admin,
-        HostPort("127.0.0.1", 9901),
-        "admin HTTP server (probes, /metrics, /quitquitquit); 'off' disables it",
+        HostPort("0.0.0.0", 9901),
+        "admin HTTP server (probes, /metrics, loopback-only /quitquitquit); 'off' disables it",
         metavar="HOST:PORT",
     ),
     Option(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import watchfiles
@@ -29,7 +30,7 @@ def read_phase(path: Path) -> str | None:
     return phase if isinstance(phase, str) else None
 
 
-def exit_with_trigger(health_dir: Path, name: str) -> object:
+def exit_with_trigger(health_dir: Path, name: str) -> Callable[[], Awaitable[str]]:
     """Build a runtime trigger that completes when ``name`` has exited."""
     record = health_dir / f"{name}.json"
     log = logs.get("runtime")

@@ -285,6 +285,9 @@ class RouteConfig:
             raise ConfigError(
                 f"{where}--splice: 'on' cannot apply to a TLS upstream leg (use auto or off)"
             )
+        for name in ("connect_timeout", "dns_refresh", "health_check_timeout"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{where}--{name.replace('_', '-')}: must be > 0")
         if self.buffer_size < 4096:
             raise ConfigError(f"{where}--buffer-size: {self.buffer_size} is too small (>= 4KiB)")
         if self.retry_backoff_max < self.retry_backoff:
@@ -335,6 +338,8 @@ def build(
     """
     file = dict(file)
     routes_raw = file.pop("routes", None)
+    if "config" in file:
+        raise ConfigError(f"{file_label}: config: a config file cannot name another one")
     check_unknown_keys(file, [o.name for o in AMBASSADOR_OPTIONS], file_label)
     values = resolve(AMBASSADOR_OPTIONS, flags, env, file, file_label)
     runtime = RuntimeConfig.from_values(values)
@@ -343,8 +348,10 @@ def build(
     if not isinstance(routes_raw, list) or not routes_raw:
         raise ConfigError(f"{file_label}: routes must be a non-empty list of mappings")
     for key in ("listen", "upstream"):
-        if key in flags or f"PODPATTERNS_{key.upper()}" in env:
-            raise ConfigError(f"--{key}: cannot be combined with routes in the config file")
+        if key in flags or f"PODPATTERNS_{key.upper()}" in env or key in file:
+            raise ConfigError(
+                f"--{key}: cannot be combined with routes in the config file (set it on each route)"
+            )
     routes = []
     for i, entry in enumerate(routes_raw):
         label = f"{file_label}: routes[{i}]"

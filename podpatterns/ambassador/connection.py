@@ -82,6 +82,11 @@ class Connection:
             self.closed_by = closed_by
             self.reason = reason
 
+    def end_by_proxy(self, reason: str) -> None:
+        """The proxy ends the connection (timeout, drain cut): overrides earlier notes."""
+        self.closed_by = "proxy"
+        self.reason = reason
+
     def finish(self) -> None:
         """Called once by the relay when both legs are closed."""
         callback, self.on_finish = self.on_finish, None

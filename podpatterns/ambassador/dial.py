@@ -64,29 +64,30 @@ async def dial(
 ) -> tuple[socket.socket, Endpoint]:
     """Return a connected non-blocking socket and the endpoint it reached.
 
-    Tries endpoints in the pool's order, every resolved address of each; after a full
-    round fails, sleeps an exponential backoff with full jitter. At most
-    ``1 + retries`` connect attempts in all.
+    Tries endpoints in the pool's order and every resolved address of each; an endpoint
+    none of whose addresses answered is marked down (passive health). After a full round
+    fails, sleeps an exponential backoff with full jitter. At most ``1 + retries``
+    connect attempts in all; ``on_failure`` is called once per failed attempt.
 
     Raises:
         DialError: every attempt failed.
     """
     loop = asyncio.get_running_loop()
-    attempts = policy.retries + 1
+    left = policy.retries + 1
     last = ("unreachable", "no endpoint")
-    for round_no in range(attempts):
+    round_no = 0
+    while True:
         for ep in pool.candidates():
             try:
                 addrs = await pool.addresses(ep)
             except OSError as exc:
+                addrs = []
                 last = (classify(exc), f"{ep}: {exc}")
-                pool.mark_failure(ep, last[0])
+                left -= 1
                 _report(on_failure, ep, last[0])
-                attempts -= 1
-                if attempts <= 0:
-                    raise DialError(*last) from None
-                continue
             for family, addr in addrs:
+                if left <= 0:
+                    break
                 sock = socket.socket(family, socket.SOCK_STREAM)
                 sock.setblocking(False)
                 try:
@@ -96,11 +97,8 @@ async def dial(
                 except (OSError, TimeoutError) as exc:
                     sock.close()
                     last = (classify(exc), f"{ep} ({addr[0]}): {exc or 'timed out'}")
-                    attempts -= 1
-                    if attempts <= 0:
-                        pool.mark_failure(ep, last[0])
-                        _report(on_failure, ep, last[0])
-                        raise DialError(*last) from None
+                    left -= 1
+                    _report(on_failure, ep, last[0])
                     continue
                 except BaseException:
                     sock.close()
@@ -108,10 +106,11 @@ async def dial(
                 pool.mark_success(ep)
                 return sock, ep
             pool.mark_failure(ep, last[0])
-            _report(on_failure, ep, last[0])
+            if left <= 0:
+                raise DialError(*last)
         cap = min(policy.backoff_max, policy.backoff * 2**round_no)
+        round_no += 1
         await asyncio.sleep(random.uniform(0, cap))
-    raise DialError(*last)
 
 
 def _report(hook: FailureHook | None, ep: Endpoint, reason: str) -> None:

@@ -81,11 +81,15 @@ class Listener:
     """Accept connections on a bound socket and hand each to ``on_accept``."""
 
     def __init__(
-        self, sock: socket.socket, on_accept: Callable[[socket.socket, Any], None]
+        self,
+        sock: socket.socket,
+        on_accept: Callable[[socket.socket, Any], None],
+        can_resume: Callable[[], bool] = lambda: True,
     ) -> None:
         self.sock = sock
         self._fd = sock.fileno()
         self._on_accept = on_accept
+        self._can_resume = can_resume
         self._loop = asyncio.get_running_loop()
         self.accepting = False
         self.accept_errors = 0
@@ -118,6 +122,10 @@ class Listener:
                 with contextlib.suppress(OSError):
                     os.unlink(self.unix_path)
 
+    def _retry(self) -> None:
+        if self._can_resume():  # not at the connection cap, not shutting down
+            self.resume()
+
     def _accept(self) -> None:
         for _ in range(_BATCH):
             if not self.accepting:
@@ -131,7 +139,7 @@ class Listener:
                 self.accept_errors += 1
                 if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
                     self.pause()
-                    self._loop.call_later(0.1, self.resume)
+                    self._loop.call_later(0.1, self._retry)
                 return
             conn.setblocking(False)
             self._on_accept(conn, peer)

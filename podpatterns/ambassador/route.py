@@ -111,7 +111,7 @@ class Route:
     async def start(self) -> None:
         """Bind the listener and start background tasks. Raises BindError."""
         sock = bind(self.cfg.listen)
-        self.listener = Listener(sock, self._on_accept)
+        self.listener = Listener(sock, self._on_accept, can_resume=self._can_accept)
         self.listener.resume()
         addr = self.listener.address
         if hasattr(addr, "is_loopback") and not addr.is_loopback:
@@ -158,27 +158,34 @@ class Route:
         await self._drained.wait()
 
     def cut(self) -> int:
-        """Reset every connection still open; return how many."""
+        """Reset every connection still open (the drain deadline); return how many."""
+        n = self._abort_all("drain_cut")
+        self.stats.cut += n
+        return n
+
+    def _abort_all(self, reason: str) -> int:
         n = len(self.connections)
         for task in list(self._connecting):
             task.cancel()
         for conn in list(self.connections):
-            conn.reason = "drain_cut"
+            conn.end_by_proxy(reason)
             if conn.relay is not None:
                 conn.relay.abort()
-        self.stats.cut += n
         return n
 
     async def close(self) -> None:
         """Stop everything this route started."""
         self.stop_accepting()
-        self.cut()
+        self._abort_all("closed")
         tasks = [*self._tasks, *self._connecting]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         if self._pipes is not None:
             self._pipes.close()
+
+    def _can_accept(self) -> bool:
+        return not self._stopping and not self.saturated()
 
     def saturated(self) -> bool:
         cap = self.cfg.max_connections
@@ -274,8 +281,9 @@ class Route:
             reset_socket(csock)
             csock.close()
             usock.close()
-            if conn.relay is None:
-                conn.finish()
+            # A failed TLS handshake leaves a relay with no transports: finish() is
+            # idempotent, so call it whatever state the relay reached.
+            conn.finish()
         except BaseException:
             csock.close()
             usock.close()
@@ -327,12 +335,7 @@ class Route:
         if not self.connections:
             self._drained.set()
         listener = self.listener
-        if (
-            listener is not None
-            and not listener.accepting
-            and not self._stopping
-            and not self.saturated()
-        ):
+        if listener is not None and not listener.accepting and self._can_accept():
             listener.resume()
 
     async def _sweep(self, period: float) -> None:
@@ -363,7 +366,7 @@ class Route:
                 ):
                     reason = "half_close_timeout"
                 if reason:
-                    conn.reason = reason
+                    conn.end_by_proxy(reason)
                     with contextlib.suppress(OSError):
                         relay.abort()
 

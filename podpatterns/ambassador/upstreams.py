@@ -98,7 +98,7 @@ class UpstreamPool:
         self.dns_refresh = dns_refresh
         self.fail_cooldown = fail_cooldown
         self.resolver = resolver
-        self._rr = 0
+        self._rr = -1  # the first connection goes to the first endpoint
         self._log = logs.get("ambassador", route=route)
         self._resolving: dict[Endpoint, asyncio.Future[None]] = {}
 
