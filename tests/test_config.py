@@ -214,6 +214,15 @@ def test_routes_in_file_inherit_top_level_settings() -> None:
             {"listen": "127.0.0.1:1", "upstream": "x:1", "upstream_tls": "maybe"},
             "'maybe' is not a boolean",
         ),
+        (
+            {"listen": "127.0.0.1:1", "upstream": "x:1", "dns_refresh": "0s"},
+            "--dns-refresh: must be > 0",
+        ),
+        (
+            {"listen": "127.0.0.1:1", "routes": [{"listen": "127.0.0.1:2", "upstream": "x:1"}]},
+            "--listen: cannot be combined with routes",
+        ),
+        ({"config": "/other.yaml"}, "a config file cannot name another one"),
     ],
 )
 def test_invalid_files_name_the_field(file: dict[str, Any], message: str) -> None:
