@@ -18,8 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
-import yaml
-
 from podpatterns.errors import ConfigError
 
 T = TypeVar("T")
@@ -318,6 +316,8 @@ def load_yaml(path: Path) -> dict[str, Any]:
         text = path.read_text()
     except OSError as exc:
         raise ConfigError(f"--config: cannot read {str(path)!r}: {exc.strerror}") from None
+    import yaml  # only when a config file is given: keeps idle memory down
+
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

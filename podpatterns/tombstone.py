@@ -13,8 +13,6 @@ import json
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-import watchfiles
-
 from podpatterns import logs
 
 RECHECK_SECONDS = 1.0
@@ -39,6 +37,8 @@ def exit_with_trigger(health_dir: Path, name: str) -> Callable[[], Awaitable[str
         log.info("exit_with_watching", record=str(record))
         while read_phase(record) != "exited":
             try:
+                import watchfiles  # lazily: most processes never watch files
+
                 async for _ in watchfiles.awatch(
                     health_dir,
                     rust_timeout=int(RECHECK_SECONDS * 1000),

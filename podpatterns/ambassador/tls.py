@@ -13,8 +13,6 @@ import hashlib
 import ssl
 from pathlib import Path
 
-import watchfiles
-
 from podpatterns import logs
 from podpatterns.errors import ConfigError
 
@@ -97,6 +95,8 @@ class TLSContextProvider:
             return
         while True:
             try:
+                import watchfiles  # lazily: most processes never watch files
+
                 async for _ in watchfiles.awatch(
                     *dirs,
                     rust_timeout=int(self.recheck * 1000),
