@@ -8,8 +8,9 @@ bounded by ``buffer_size`` plus one read.
 
 Half-close: a FIN from one side becomes ``write_eof()`` on the other after the buffered
 bytes; the connection ends when both directions have finished. A reset or error on one
-leg is passed on as a reset on the other. Legs whose transport cannot half-close (TLS)
-are given a close instead, see docs/ambassador.md "TLS and half-close".
+leg is passed on as a reset on the other. The upstream TLS leg half-closes with a
+close_notify (:mod:`.tlsleg`, docs/ambassador-tls.md); a transport that cannot half-close
+at all is given a close instead.
 """
 
 from __future__ import annotations
@@ -121,8 +122,8 @@ class ProtocolRelay:
         if out.transport.can_write_eof():
             out.transport.write_eof()
         else:
-            # A TLS transport cannot half-close: close it after the buffered bytes
-            # (sends close_notify). See docs/ambassador.md, "TLS and half-close".
+            # This transport cannot half-close (asyncio's own SSL transport, say; the
+            # ambassador's TLS leg can): close it after the buffered bytes.
             out.transport.close()
         if out.eof:  # both directions finished
             self._close_both()

@@ -18,7 +18,7 @@ from typing import Any
 from prometheus_client import Histogram
 
 from podpatterns import logs
-from podpatterns.ambassador import proxy_protocol, splice
+from podpatterns.ambassador import proxy_protocol, splice, tlsleg
 from podpatterns.ambassador.config import RouteConfig
 from podpatterns.ambassador.connection import Connection, reset_socket
 from podpatterns.ambassador.dial import DialError, DialPolicy, classify, dial, tune
@@ -296,16 +296,20 @@ class Route:
         self, conn: Connection, csock: socket.socket, usock: socket.socket, ep: Endpoint
     ) -> None:
         loop = asyncio.get_running_loop()
-        relay = ProtocolRelay(conn, self.cfg.buffer_size)
         if self.tls is not None:
-            await loop.create_connection(
-                lambda: relay.upstream,
-                sock=usock,
-                ssl=self.tls.context,
+            # tlsleg, not create_connection(ssl=...): asyncio's SSL transport cannot
+            # half-close (docs/ambassador-tls.md). The relay is made after the handshake
+            # so that a failed handshake leaves conn.relay None for _connect to finish.
+            leg = await tlsleg.connect(
+                usock,
+                self.tls.context,
                 server_hostname=self.cfg.tls_server_name or ep.address.host,
-                ssl_handshake_timeout=self.cfg.connect_timeout,
+                handshake_timeout=self.cfg.connect_timeout,
             )
+            relay = ProtocolRelay(conn, self.cfg.buffer_size)
+            leg.attach(relay.upstream)
         else:
+            relay = ProtocolRelay(conn, self.cfg.buffer_size)
             await loop.create_connection(lambda: relay.upstream, sock=usock)
         await loop.connect_accepted_socket(lambda: relay.client, csock)
 

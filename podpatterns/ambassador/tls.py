@@ -36,6 +36,7 @@ class TLSContextProvider:
         self.reload_failures = 0
         self._log = logs.get("ambassador", route=route)
         self._digest = self._files_digest()
+        self._failed_digest = ""
         self.context = self._build(initial=True)
 
     def _files(self) -> list[Path]:
@@ -53,6 +54,9 @@ class TLSContextProvider:
     def _build(self, initial: bool = False) -> ssl.SSLContext:
         try:
             ctx = ssl.create_default_context(cafile=str(self.ca) if self.ca is not None else None)
+            # The TLS leg (tlsleg.py) does not hold writes across a TLS 1.2
+            # renegotiation; refuse it rather than reset mid-stream (TLS 1.3 has none).
+            ctx.options |= ssl.OP_NO_RENEGOTIATION
             if self.cert is not None:
                 ctx.load_cert_chain(str(self.cert), str(self.key) if self.key else None)
         except (OSError, ssl.SSLError) as exc:
@@ -73,12 +77,15 @@ class TLSContextProvider:
     def maybe_reload(self) -> bool:
         """Rebuild the context if the files' content changed; True when it was swapped."""
         digest = self._files_digest()
-        if digest == self._digest:
+        if digest in (self._digest, self._failed_digest):
+            # Same content as the context in use, or as the last change that failed:
+            # count and log each bad change once, not on every event and re-check.
             return False
         try:
             ctx = self._build()
         except (OSError, ssl.SSLError) as exc:
             # Half-written rotation, or a bad file: keep serving with the old context.
+            self._failed_digest = digest
             self.reload_failures += 1
             self._log.error("tls_reload_failed", error=str(exc))
             return False
