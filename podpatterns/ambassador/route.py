@@ -248,7 +248,6 @@ class Route:
             conn.note_end("proxy", "cancelled")
             conn.finish()
             raise
-        self._connect_seconds.observe(time.monotonic() - started)
         conn.endpoint = ep
         conn.upstream = str(ep)
         ep.active += 1
@@ -265,10 +264,14 @@ class Route:
                 ).start()
             else:
                 await self._attach(conn, csock, usock, ep)
+            # connect time includes the TLS handshake: it is what the client waited for
+            self._connect_seconds.observe(time.monotonic() - started)
         except (OSError, ssl.SSLError, TimeoutError) as exc:
             reason = "tls" if isinstance(exc, ssl.SSLError) else classify(exc)
             self.stats.failed[reason] += 1
             self._connect_failed(ep, reason)
+            # a TLS-broken endpoint is skipped for the cool-down like an unreachable one
+            self.pool.mark_failure(ep, reason)
             self._log.warning(
                 "upstream_connect_failed",
                 conn=conn.id,
@@ -278,19 +281,23 @@ class Route:
                 error=str(exc),
             )
             conn.note_end("proxy", f"upstream_{reason}")
-            reset_socket(csock)
-            csock.close()
-            usock.close()
-            # A failed TLS handshake leaves a relay with no transports: finish() is
-            # idempotent, so call it whatever state the relay reached.
-            conn.finish()
+            self._abandon(conn, csock, usock)
         except BaseException:
-            csock.close()
-            usock.close()
-            if conn.relay is None:
-                conn.note_end("proxy", "cancelled")
-                conn.finish()
+            conn.note_end("proxy", "cancelled")
+            self._abandon(conn, csock, usock)
             raise
+
+    @staticmethod
+    def _abandon(conn: Connection, csock: socket.socket, usock: socket.socket) -> None:
+        """Tear down a connection whose relay never fully started; finish it once."""
+        if conn.relay is not None:
+            conn.relay.abort()  # resets the legs that have transports
+        reset_socket(csock)
+        if csock.fileno() >= 0:  # still ours: no transport took it
+            csock.close()
+        if conn.relay is None and usock.fileno() >= 0:
+            usock.close()
+        conn.finish()  # idempotent: a no-op when the relay already finished it
 
     async def _attach(
         self, conn: Connection, csock: socket.socket, usock: socket.socket, ep: Endpoint
