@@ -238,6 +238,8 @@ def events_table() -> str:
 def render() -> str:
     """The whole of docs/reference.md."""
     from podpatterns.ambassador.config import ROUTE_OPTIONS
+    from podpatterns.health.supervisor import RUN_OPTIONS
+    from podpatterns.health.wait import WAIT_OPTIONS
     from podpatterns.runtime import RUNTIME_OPTIONS
 
     parts = [
@@ -261,6 +263,14 @@ def render() -> str:
         "(default `route0`, `route1`, ...; the single route of flags and environment is "
         "named `default`). See [ambassador.md](ambassador.md#several-routes).\n",
         option_table(ROUTE_OPTIONS),
+        "## `podpatterns run` options\n",
+        "Also `--health-dir`, `--log-level` and `--log-format` from the runtime options; "
+        "the command follows `--`. See [health.md](health.md#run).\n",
+        option_table(RUN_OPTIONS),
+        "## `podpatterns wait` options\n",
+        "Also `--health-dir`, `--log-level` and `--log-format` from the runtime options; "
+        "the command follows `--`. See [health.md](health.md#wait).\n",
+        option_table(WAIT_OPTIONS),
         "## Value syntax\n",
         value_syntax_table(),
         "A repeatable option takes several values: repeat the flag, separate them with "
