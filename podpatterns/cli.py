@@ -151,11 +151,17 @@ def _loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None
 
 async def _serve(config: RuntimeConfig, make: Callable[[], list[Component]]) -> int:
     triggers: list[Trigger] = []
+    exit_with = None
     if config.exit_with and config.health_dir is not None:
-        from podpatterns.tombstone import exit_with_trigger
+        from podpatterns.health.exitwith import ExitWith
 
-        triggers.append(exit_with_trigger(Path(config.health_dir), config.exit_with))
+        exit_with = ExitWith(
+            Path(config.health_dir), config.exit_with, quit_urls=config.exit_with_quit
+        )
+        triggers.append(exit_with)
     runtime = Runtime(config, make(), triggers=triggers)
+    if exit_with is not None:
+        runtime.registry.register(exit_with.collector())
     loop = asyncio.get_running_loop()
     interrupts = 0
 
@@ -175,6 +181,8 @@ async def _serve(config: RuntimeConfig, make: Callable[[], list[Component]]) -> 
     finally:
         loop.remove_signal_handler(signal.SIGTERM)
         loop.remove_signal_handler(signal.SIGINT)
+    if exit_with is not None and runtime.shutdown_reason == f"exit-with:{config.exit_with}":
+        return config.exit_with_code
     return ExitCode.OK
 
 

@@ -145,17 +145,19 @@ class MetricInfo:
 
 
 def metric_infos() -> list[MetricInfo]:
-    """The metric families of a runtime that runs an ambassador, in exposition order.
+    """The metric families of a runtime that runs an ambassador with ``--exit-with``.
 
     The runtime and the ambassador are only constructed (nothing is bound or started),
     so this runs without an event loop.
     """
     from podpatterns.ambassador import Ambassador, RouteConfig
+    from podpatterns.health.exitwith import ExitWith
     from podpatterns.options import HostPort
     from podpatterns.runtime import Runtime, RuntimeConfig
 
     route = RouteConfig(listen=HostPort("127.0.0.1", 0), upstream=(HostPort("127.0.0.1", 1),))
     runtime = Runtime(RuntimeConfig(), [Ambassador([route])])
+    runtime.registry.register(ExitWith(Path("."), "app").collector())  # with --exit-with
     out: list[MetricInfo] = []
     for family in runtime.registry.collect():
         labels: Sequence[str] | None = getattr(family, "_labelnames", None)
