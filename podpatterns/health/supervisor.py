@@ -26,7 +26,13 @@ from typing import Any
 from podpatterns import logs
 from podpatterns.errors import ConfigError
 from podpatterns.health.records import Check, Writer, check_name
-from podpatterns.health.targets import ReadyTarget, Target, parse_target
+from podpatterns.health.targets import (
+    ATTEMPT_TIMEOUT,
+    ReadyTarget,
+    Target,
+    check_within,
+    parse_target,
+)
 from podpatterns.options import Option, parse_choice, parse_duration, parse_str
 
 # Synchronous faults concern the supervisor itself; SIGKILL/SIGSTOP cannot be caught;
@@ -250,7 +256,7 @@ class Supervisor:
         async def probe() -> None:
             delay = 0.05
             while True:
-                outcome = await target.check()
+                outcome = await check_within(target, ATTEMPT_TIMEOUT)
                 self.writer.set_check(Check(target.label, outcome.ok, outcome.reason))
                 if outcome.ok:
                     self._probe_ok.set()

@@ -17,7 +17,13 @@ from typing import Any
 
 from podpatterns import logs
 from podpatterns.errors import ConfigError, PeerExitedError, WaitTimeoutError
-from podpatterns.health.targets import ReadyTarget, Target, parse_target
+from podpatterns.health.targets import (
+    ATTEMPT_TIMEOUT,
+    ReadyTarget,
+    Target,
+    check_within,
+    parse_target,
+)
 from podpatterns.options import Option, parse_duration
 
 WAIT_OPTIONS: tuple[Option[Any], ...] = (
@@ -107,7 +113,7 @@ async def wait_all(config: WaitConfig) -> None:
     async def one(target: Target) -> None:
         delay = BACKOFF_FIRST
         while True:
-            outcome = await target.check()
+            outcome = await check_within(target, ATTEMPT_TIMEOUT)
             if outcome.ok:
                 blocking.pop(target.label, None)
                 log.info(
