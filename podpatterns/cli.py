@@ -72,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_run_parser(sub)
     _add_wait_parser(sub)
+    _add_health_parser(sub)
     return parser
 
 
@@ -95,6 +96,8 @@ def run(argv: Sequence[str] | None = None) -> int:
             return _run_run(flags)
         if args.command == "wait":
             return _run_wait(flags)
+        if args.command == "health":
+            return _run_health(flags)
     except PodpatternsError as exc:
         sys.stderr.write(f"podpatterns {args.command}: error: {exc}\n")
         return int(exc.exit_code)
@@ -326,3 +329,37 @@ def _run_wait(flags: dict[str, Any]) -> int:
         sys.stderr.write(f"podpatterns wait: cannot execute {command[0]!r}: {exc.strerror}\n")
         return 127 if isinstance(exc, FileNotFoundError) else 126
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _health_options() -> list[Option[Any]]:
+    from podpatterns.health.prober import PROBE_OPTIONS
+    from podpatterns.runtime import RUNTIME_OPTIONS
+
+    return [*RUNTIME_OPTIONS, *PROBE_OPTIONS]
+
+
+def _add_health_parser(sub: Any) -> None:
+    options = _health_options()
+    parser = sub.add_parser(
+        "health",
+        help="probe the main container, write its record, serve the Pod's probes",
+        description="Probe a container (HTTP, TCP, exec, file freshness) with kubelet-like "
+        "thresholds, write HEALTH_DIR/NAME.json, and answer /livez, /readyz, /startupz "
+        "for the whole Pod and /readyz/NAME etc. per container on the admin server.",
+        epilog=env_epilog(options),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_arguments(parser, options)
+
+
+def _run_health(flags: dict[str, Any]) -> int:
+    from podpatterns.health.prober import Prober, ProberConfig
+    from podpatterns.options import check_unknown_keys, resolve
+
+    file, label = _file_values(flags)
+    options = _health_options()
+    check_unknown_keys(file, [o.name for o in options if o.name != "config"], label)
+    values = resolve(options, flags, environ(), file, label)
+    runtime = RuntimeConfig.from_values(values)
+    config = ProberConfig.from_values(values)
+    return serve(runtime, lambda: [Prober(config)])

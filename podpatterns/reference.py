@@ -145,18 +145,22 @@ class MetricInfo:
 
 
 def metric_infos() -> list[MetricInfo]:
-    """The metric families of a runtime that runs an ambassador with ``--exit-with``.
+    """The metric families of a runtime with an ambassador, a prober and ``--exit-with``.
 
     The runtime and the ambassador are only constructed (nothing is bound or started),
     so this runs without an event loop.
     """
     from podpatterns.ambassador import Ambassador, RouteConfig
     from podpatterns.health.exitwith import ExitWith
+    from podpatterns.health.prober import Prober, ProberConfig
+    from podpatterns.health.targets import TcpTarget
     from podpatterns.options import HostPort
     from podpatterns.runtime import Runtime, RuntimeConfig
 
     route = RouteConfig(listen=HostPort("127.0.0.1", 0), upstream=(HostPort("127.0.0.1", 1),))
-    runtime = Runtime(RuntimeConfig(), [Ambassador([route])])
+    probe = TcpTarget("127.0.0.1", 1, "tcp://127.0.0.1:1")
+    prober = Prober(ProberConfig(Path("."), "app", (probe,)))  # podpatterns health
+    runtime = Runtime(RuntimeConfig(), [Ambassador([route]), prober])
     runtime.registry.register(ExitWith(Path("."), "app").collector())  # with --exit-with
     out: list[MetricInfo] = []
     for family in runtime.registry.collect():
@@ -240,6 +244,7 @@ def events_table() -> str:
 def render() -> str:
     """The whole of docs/reference.md."""
     from podpatterns.ambassador.config import ROUTE_OPTIONS
+    from podpatterns.health.prober import PROBE_OPTIONS
     from podpatterns.health.supervisor import RUN_OPTIONS
     from podpatterns.health.wait import WAIT_OPTIONS
     from podpatterns.runtime import RUNTIME_OPTIONS
@@ -250,8 +255,9 @@ def render() -> str:
         "Generated from the declarations in the code: the options from "
         "`podpatterns/runtime.py` and `podpatterns/ambassador/config.py`, the exit codes "
         "from `podpatterns/errors.py`, the metrics from the collectors a running "
-        "ambassador registers, and the log events from the package source. How the "
-        "sources combine is explained in [runtime.md](runtime.md#configuration).\n",
+        "ambassador, `podpatterns health` and `--exit-with` register, and the log "
+        "events from the package source. How the sources combine is explained in "
+        "[runtime.md](runtime.md#configuration).\n",
         "Every option is a flag, an environment variable and a key of the YAML file "
         "given with `--config`. Precedence: flags > environment > file > defaults.\n",
         "## Runtime options\n",
@@ -269,6 +275,10 @@ def render() -> str:
         "Also `--health-dir`, `--log-level` and `--log-format` from the runtime options; "
         "the command follows `--`. See [health.md](health.md#run).\n",
         option_table(RUN_OPTIONS),
+        "## `podpatterns health` options\n",
+        "Also every runtime option (it runs under the runtime: admin server, shutdown, "
+        "`--exit-with`). See [health.md](health.md#health).\n",
+        option_table(PROBE_OPTIONS),
         "## `podpatterns wait` options\n",
         "Also `--health-dir`, `--log-level` and `--log-format` from the runtime options; "
         "the command follows `--`. See [health.md](health.md#wait).\n",

@@ -25,7 +25,8 @@ from typing import Any
 
 from podpatterns import logs
 from podpatterns.errors import ConfigError
-from podpatterns.health.records import Check, Writer, check_name
+from podpatterns.health.options import NAME_OPTION
+from podpatterns.health.records import Check, Writer
 from podpatterns.health.targets import (
     ATTEMPT_TIMEOUT,
     ReadyTarget,
@@ -33,7 +34,7 @@ from podpatterns.health.targets import (
     check_within,
     parse_target,
 )
-from podpatterns.options import Option, parse_choice, parse_duration, parse_str
+from podpatterns.options import Option, parse_choice, parse_duration
 
 # Synchronous faults concern the supervisor itself; SIGKILL/SIGSTOP cannot be caught;
 # SIGCHLD is how the supervisor learns about children. Everything else is forwarded.
@@ -61,23 +62,12 @@ and one pending before the command started ends the supervisor with a tombstone.
 _PR_SET_CHILD_SUBREAPER = 36
 
 
-def _name(value: str) -> str:
-    return check_name(parse_str(value))
-
-
 def _probe(value: str) -> Target:
     return parse_target(value)
 
 
 RUN_OPTIONS: tuple[Option[Any], ...] = (
-    Option(
-        "name",
-        _name,
-        None,
-        "this container's name: the record is HEALTH_DIR/NAME.json",
-        metavar="NAME",
-        scope="run",
-    ),
+    NAME_OPTION,
     Option(
         "ready_probe",
         _probe,
