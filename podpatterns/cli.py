@@ -73,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_parser(sub)
     _add_wait_parser(sub)
     _add_health_parser(sub)
+    _add_reload_parser(sub)
     return parser
 
 
@@ -98,6 +99,8 @@ def run(argv: Sequence[str] | None = None) -> int:
             return _run_wait(flags)
         if args.command == "health":
             return _run_health(flags)
+        if args.command == "reload":
+            return _run_reload(flags)
     except PodpatternsError as exc:
         sys.stderr.write(f"podpatterns {args.command}: error: {exc}\n")
         return int(exc.exit_code)
@@ -363,3 +366,37 @@ def _run_health(flags: dict[str, Any]) -> int:
     runtime = RuntimeConfig.from_values(values)
     config = ProberConfig.from_values(values)
     return serve(runtime, lambda: [Prober(config)])
+
+
+def _reload_options() -> list[Option[Any]]:
+    from podpatterns.reload import RELOAD_OPTIONS
+    from podpatterns.runtime import RUNTIME_OPTIONS
+
+    return [*RUNTIME_OPTIONS, *RELOAD_OPTIONS]
+
+
+def _add_reload_parser(sub: Any) -> None:
+    options = _reload_options()
+    parser = sub.add_parser(
+        "reload",
+        help="watch mounted configuration and notify the app when its content changes",
+        description="Watch directories (ConfigMap and Secret volumes, git-sync roots); when "
+        "their content changes, optionally validate it, then notify the app by HTTP POST, "
+        "signal or command, with retries.",
+        epilog=env_epilog(options),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_arguments(parser, options)
+
+
+def _run_reload(flags: dict[str, Any]) -> int:
+    from podpatterns.options import check_unknown_keys, resolve
+    from podpatterns.reload import ReloadConfig, Reloader
+
+    file, label = _file_values(flags)
+    options = _reload_options()
+    check_unknown_keys(file, [o.name for o in options if o.name != "config"], label)
+    values = resolve(options, flags, environ(), file, label)
+    runtime = RuntimeConfig.from_values(values)
+    config = ReloadConfig.from_values(values)
+    return serve(runtime, lambda: [Reloader(config)])

@@ -155,12 +155,15 @@ def metric_infos() -> list[MetricInfo]:
     from podpatterns.health.prober import Prober, ProberConfig
     from podpatterns.health.targets import TcpTarget
     from podpatterns.options import HostPort
+    from podpatterns.reload import ReloadConfig, Reloader
+    from podpatterns.reload.notify import HttpPost
     from podpatterns.runtime import Runtime, RuntimeConfig
 
     route = RouteConfig(listen=HostPort("127.0.0.1", 0), upstream=(HostPort("127.0.0.1", 1),))
     probe = TcpTarget("127.0.0.1", 1, "tcp://127.0.0.1:1")
     prober = Prober(ProberConfig(Path("."), "app", (probe,)))  # podpatterns health
-    runtime = Runtime(RuntimeConfig(), [Ambassador([route]), prober])
+    reloader = Reloader(ReloadConfig((Path("."),), HttpPost("http://127.0.0.1:1/")))
+    runtime = Runtime(RuntimeConfig(), [Ambassador([route]), prober, reloader])
     runtime.registry.register(ExitWith(Path("."), "app").collector())  # with --exit-with
     out: list[MetricInfo] = []
     for family in runtime.registry.collect():
@@ -247,6 +250,7 @@ def render() -> str:
     from podpatterns.health.prober import PROBE_OPTIONS
     from podpatterns.health.supervisor import RUN_OPTIONS
     from podpatterns.health.wait import WAIT_OPTIONS
+    from podpatterns.reload import RELOAD_OPTIONS
     from podpatterns.runtime import RUNTIME_OPTIONS
 
     parts = [
@@ -255,7 +259,7 @@ def render() -> str:
         "Generated from the declarations in the code: the options from "
         "`podpatterns/runtime.py` and `podpatterns/ambassador/config.py`, the exit codes "
         "from `podpatterns/errors.py`, the metrics from the collectors a running "
-        "ambassador, `podpatterns health` and `--exit-with` register, and the log "
+        "ambassador, `health`, `reload` and `--exit-with` register, and the log "
         "events from the package source. How the sources combine is explained in "
         "[runtime.md](runtime.md#configuration).\n",
         "Every option is a flag, an environment variable and a key of the YAML file "
@@ -279,6 +283,9 @@ def render() -> str:
         "Also every runtime option (it runs under the runtime: admin server, shutdown, "
         "`--exit-with`). See [health.md](health.md#health).\n",
         option_table(PROBE_OPTIONS),
+        "## `podpatterns reload` options\n",
+        "Also every runtime option. See [reload.md](reload.md).\n",
+        option_table(RELOAD_OPTIONS),
         "## `podpatterns wait` options\n",
         "Also `--health-dir`, `--log-level` and `--log-format` from the runtime options; "
         "the command follows `--`. See [health.md](health.md#wait).\n",

@@ -15,7 +15,6 @@ import contextlib
 import os
 import re
 import shlex
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import aiohttp
 
+from podpatterns.commands import run_command
 from podpatterns.health.records import State, Tracker, check_name, exit_summary
 from podpatterns.options import parse_duration, parse_hostport
 
@@ -172,27 +172,10 @@ class ExecTarget:
     label: str
 
     async def check(self) -> Outcome:
-        try:
-            proc = await asyncio.create_subprocess_exec(
-                *self.argv,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.DEVNULL,
-                stderr=asyncio.subprocess.PIPE,
-                start_new_session=True,
-            )
-        except OSError as exc:
-            return Outcome(False, f"cannot execute {self.argv[0]!r}: {exc.strerror or exc}")
-        try:
-            _, err = await proc.communicate()
-        finally:
-            if proc.returncode is None:  # cancelled, e.g. by the caller's timeout
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                await asyncio.shield(proc.wait())
-        if proc.returncode == 0:
+        code, err = await run_command(self.argv)
+        if code == 0:
             return Outcome(True, "exit 0")
-        tail = err.decode(errors="replace").strip().splitlines()[-1:] if err else []
-        return Outcome(False, f"exit {proc.returncode}" + (f": {tail[0][:200]}" if tail else ""))
+        return Outcome(False, f"exit {code}" + (f": {err}" if err else ""))
 
 
 def parse_target(text: str) -> Target:
