@@ -73,7 +73,7 @@ class ExitWith:
     ) -> None:
         self.name = name
         self.quit_urls = tuple(quit_urls)
-        kw: dict[str, Any] = {"resync": resync}
+        kw: dict[str, Any] = {"resync": resync, "component": "runtime"}
         if watch is not None:
             kw["watch"] = watch
         self.watcher = DirWatcher(health_dir, **kw)

@@ -21,12 +21,14 @@ from podpatterns import logs
 from podpatterns.health.records import Status, Tracker, is_record_file
 
 RESYNC_SECONDS = 1.0
+TICK_SECONDS = 0.2
+"""How often a watch wakes up without events (see :meth:`DirWatcher.wakeups`)."""
 
 
-def _default_watch(path: Path, resync: float) -> AsyncGenerator[Any, None]:
+def _default_watch(path: Path, tick: float) -> AsyncGenerator[Any, None]:
     return watchfiles.awatch(
         path,
-        rust_timeout=max(1, int(resync * 1000)),
+        rust_timeout=max(1, int(tick * 1000)),
         yield_on_timeout=True,
         debounce=20,
         step=5,
@@ -40,10 +42,13 @@ class DirWatcher:
     Args:
         path: the directory to watch (it may not exist yet: then it is polled).
         resync: the longest time between two wake-ups.
-        watch: factory of the event iterator (default: watchfiles on ``path``); raising
-            ``OSError`` or ``RuntimeError`` from it or its iteration means "cannot
-            watch", and the watcher polls instead.
+        watch: factory of the event iterator, called with ``path`` and the tick in
+            seconds (default: watchfiles on ``path``); it yields a non-empty batch per
+            event batch and an empty one per tick without events. Raising ``OSError``
+            or ``RuntimeError`` from it or its iteration means "cannot watch", and the
+            watcher polls instead.
         retry_watch: seconds between attempts to go back from polling to watching.
+        component: the ``component`` of its log events (the user's name).
     """
 
     def __init__(
@@ -53,6 +58,7 @@ class DirWatcher:
         resync: float = RESYNC_SECONDS,
         watch: Callable[[Path, float], AsyncGenerator[Any, None]] = _default_watch,
         retry_watch: float = 30.0,
+        component: str = "health",
     ) -> None:
         self.path = path
         self.resync = resync
@@ -60,20 +66,33 @@ class DirWatcher:
         self.fallbacks = 0
         self._watch = watch
         self._retry_watch = retry_watch
-        self._log = logs.get("health")
+        self._log = logs.get(component)
 
     async def wakeups(self) -> AsyncGenerator[None, None]:
-        """The wake-ups; the caller re-reads the state on disk at each one."""
+        """The wake-ups; the caller re-reads the state on disk at each one.
+
+        Events that happen between the first read and the moment the watch is in place
+        would be lost, so the first tick of a new watch is a wake-up too: the watcher
+        ticks every :data:`TICK_SECONDS` (at most) and only every ``resync`` seconds is
+        a tick passed on, besides event batches and that first tick.
+        """
         yield None
         loop = asyncio.get_running_loop()
+        tick = min(self.resync, TICK_SECONDS)
         while True:
             try:
-                async with aclosing(self._watch(self.path, self.resync)) as events:
-                    async for _ in events:
+                async with aclosing(self._watch(self.path, tick)) as events:
+                    established = False
+                    last = loop.time()
+                    async for changes in events:
                         if self.mode != "inotify":
                             self.mode = "inotify"
                             self._log.info("watch_mode", path=str(self.path), mode="inotify")
-                        yield None
+                        now = loop.time()
+                        if changes or not established or now - last >= self.resync:
+                            established = True
+                            last = now
+                            yield None
                 # The iterator ended (the directory went away): poll until it is back.
                 raise OSError(f"watch of {self.path} ended")
             except (OSError, RuntimeError) as exc:

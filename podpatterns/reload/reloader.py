@@ -204,10 +204,10 @@ class ReloadConfig:
 
 
 def _watch_dirs(dirs: Sequence[Path]) -> Callable[[Path, float], AsyncGenerator[Any, None]]:
-    def factory(_path: Path, resync: float) -> AsyncGenerator[Any, None]:
+    def factory(_path: Path, tick: float) -> AsyncGenerator[Any, None]:
         # No filter: a ..data swap shows up on hidden names; the hash decides.
         return watchfiles.awatch(
-            *dirs, rust_timeout=max(1, int(resync * 1000)), yield_on_timeout=True, debounce=50
+            *dirs, rust_timeout=max(1, int(tick * 1000)), yield_on_timeout=True, debounce=50
         )
 
     return factory
@@ -231,7 +231,10 @@ class Reloader:
     ) -> None:
         self.config = config
         self.watcher = DirWatcher(
-            config.watch[0], resync=config.resync, watch=watch or _watch_dirs(config.watch)
+            config.watch[0],
+            resync=config.resync,
+            watch=watch or _watch_dirs(config.watch),
+            component="reload",
         )
         self.current: Snapshot | None = None  # last version acted on (or the start)
         self.wanted: Snapshot | None = None  # newest version not yet delivered
