@@ -161,7 +161,12 @@ def _health_containers(manifest: dict[str, Any]) -> list[dict[str, Any]]:
         c
         for c in [*spec.get("initContainers", []), *spec.get("containers", [])]
         if c.get("command")
-        in (["podpatterns", "run"], ["podpatterns", "wait"], ["podpatterns", "health"])
+        in (
+            ["podpatterns", "run"],
+            ["podpatterns", "wait"],
+            ["podpatterns", "health"],
+            ["podpatterns", "reload"],
+        )
     ]
 
 
@@ -175,6 +180,12 @@ def _check_health_flags(tool: str, flags: dict[str, Any], where: str) -> None:
 
     if tool == "health":
         ProberConfig.from_values(resolve(_health_options(), flags, {}, {}))
+        return
+    if tool == "reload":
+        from podpatterns.cli import _reload_options
+        from podpatterns.reload import ReloadConfig
+
+        ReloadConfig.from_values(resolve(_reload_options(), flags, {}, {}))
         return
     own = RUN_OPTIONS if tool == "run" else WAIT_OPTIONS
     options = [*_shared_options("health_dir", "log_level", "log_format"), *own]
@@ -197,7 +208,7 @@ def test_yaml_example_is_accepted(block: Block) -> None:
         tool = container["command"][1]
         args = build_parser().parse_args([tool, *container.get("args", [])])
         flags = {k: v for k, v in vars(args).items() if k not in ("command", "argv")}
-        if tool != "health":
+        if tool in ("run", "wait"):
             assert args.argv and args.argv[0] == "--", (block.id, "the command follows --")
         _check_health_flags(tool, flags, block.id)
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
