@@ -300,11 +300,12 @@ def test_exit_with_tombstone_appearing_later(procs: list[Proc], tmp_path: Path) 
 
 
 def test_python_dash_m_runs_the_demo() -> None:
-    """`python -m podpatterns demo` runs the whole demo and succeeds."""
+    """`python -m podpatterns demo` runs the whole demo, health records and tombstone too."""
     out = run("demo", "--connections", "20", "--megabytes", "4", timeout=60)
     assert out.returncode == 0, out.stderr
     assert "checksum OK" in out.stdout
     assert "503 while draining" in out.stdout
+    assert "200 once its record says ready" in out.stdout and "exit-with:app" in out.stdout
 
 
 async def test_admin_refuses_quit_from_non_loopback_peer() -> None:

@@ -199,6 +199,17 @@ def test_usage_errors_exit_2(tmp_path: Path) -> None:
         ["run", "--health-dir", str(tmp_path), "--name", "app"],
         ["run", "--health-dir", str(tmp_path / "nope"), "--name", "app", "--", "true"],
         ["run", "--health-dir", str(tmp_path), "--name", "Bad_Name", "--", "true"],
+        [
+            "run",
+            "--health-dir",
+            str(tmp_path),
+            "--name",
+            "app",
+            "--ready-probe",
+            "exec:true",
+            "--",
+            "true",
+        ],
     ]
     for args in cases:
         out = run(*args)

@@ -29,6 +29,7 @@ from podpatterns.health.options import NAME_OPTION
 from podpatterns.health.records import Check, Writer
 from podpatterns.health.targets import (
     ATTEMPT_TIMEOUT,
+    ExecTarget,
     ReadyTarget,
     Target,
     check_within,
@@ -63,7 +64,12 @@ _PR_SET_CHILD_SUBREAPER = 36
 
 
 def _probe(value: str) -> Target:
-    return parse_target(value)
+    target = parse_target(value)
+    if isinstance(target, ExecTarget):
+        # run reaps every child with waitpid(-1) (it may be PID 1), which would steal
+        # the exit status of an exec probe from its own waiter.
+        raise ValueError("exec: is not supported as a --ready-probe (use tcp://, http:// or file:)")
+    return target
 
 
 RUN_OPTIONS: tuple[Option[Any], ...] = (
