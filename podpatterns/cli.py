@@ -212,18 +212,16 @@ def _command_of(flags: dict[str, Any]) -> tuple[str, ...]:
 def _add_run_parser(sub: Any) -> None:
     from podpatterns.health.supervisor import RUN_OPTIONS
 
-    options = [*_shared_options("health_dir", "log_level", "log_format"), *RUN_OPTIONS]
-    parser = sub.add_parser(
+    _add_tool_parser(
+        sub,
         "run",
+        [*_shared_options("health_dir", "log_level", "log_format"), *RUN_OPTIONS],
         help="supervise the main process and write its health record and tombstone",
         description="Run CMD, write HEALTH_DIR/NAME.json (starting, ready, exited), forward "
         "every catchable signal to it and exit with its exit code (128+N when killed by "
         "signal N).",
-        epilog=env_epilog(options),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        command=True,
     )
-    add_arguments(parser, options)
-    parser.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD ARGS...")
 
 
 def _run_run(flags: dict[str, Any]) -> int:
@@ -285,17 +283,15 @@ def _run_run(flags: dict[str, Any]) -> int:
 def _add_wait_parser(sub: Any) -> None:
     from podpatterns.health.wait import WAIT_OPTIONS
 
-    options = [*_shared_options("health_dir", "log_level", "log_format"), *WAIT_OPTIONS]
-    parser = sub.add_parser(
+    _add_tool_parser(
+        sub,
         "wait",
+        [*_shared_options("health_dir", "log_level", "log_format"), *WAIT_OPTIONS],
         help="wait for peers and endpoints, then exec a command",
         description="Wait until every --for target is there (in parallel, one deadline), "
         "then exec CMD (or exit 0 without one).",
-        epilog=env_epilog(options),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        command=True,
     )
-    add_arguments(parser, options)
-    parser.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD ARGS...")
 
 
 def _run_wait(flags: dict[str, Any]) -> int:
@@ -342,28 +338,21 @@ def _health_options() -> list[Option[Any]]:
 
 
 def _add_health_parser(sub: Any) -> None:
-    options = _health_options()
-    parser = sub.add_parser(
+    _add_tool_parser(
+        sub,
         "health",
+        _health_options(),
         help="probe the main container, write its record, serve the Pod's probes",
         description="Probe a container (HTTP, TCP, exec, file freshness) with kubelet-like "
         "thresholds, write HEALTH_DIR/NAME.json, and answer /livez, /readyz, /startupz "
         "for the whole Pod and /readyz/NAME etc. per container on the admin server.",
-        epilog=env_epilog(options),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    add_arguments(parser, options)
 
 
 def _run_health(flags: dict[str, Any]) -> int:
     from podpatterns.health.prober import Prober, ProberConfig
-    from podpatterns.options import check_unknown_keys, resolve
 
-    file, label = _file_values(flags)
-    options = _health_options()
-    check_unknown_keys(file, [o.name for o in options if o.name != "config"], label)
-    values = resolve(options, flags, environ(), file, label)
-    runtime = RuntimeConfig.from_values(values)
+    runtime, values = _runtime_tool_values(flags, _health_options())
     config = ProberConfig.from_values(values)
     return serve(runtime, lambda: [Prober(config)])
 
@@ -376,27 +365,54 @@ def _reload_options() -> list[Option[Any]]:
 
 
 def _add_reload_parser(sub: Any) -> None:
-    options = _reload_options()
-    parser = sub.add_parser(
+    _add_tool_parser(
+        sub,
         "reload",
+        _reload_options(),
         help="watch mounted configuration and notify the app when its content changes",
         description="Watch directories (ConfigMap and Secret volumes, git-sync roots); when "
         "their content changes, optionally validate it, then notify the app by HTTP POST, "
         "signal or command, with retries.",
+    )
+
+
+def _run_reload(flags: dict[str, Any]) -> int:
+    from podpatterns.reload import ReloadConfig, Reloader
+
+    runtime, values = _runtime_tool_values(flags, _reload_options())
+    config = ReloadConfig.from_values(values)
+    return serve(runtime, lambda: [Reloader(config)])
+
+
+def _add_tool_parser(
+    sub: Any,
+    name: str,
+    options: Sequence[Option[Any]],
+    *,
+    help: str,
+    description: str,
+    command: bool = False,
+) -> None:
+    """One sub-command's parser from its option declarations (``-- CMD`` if ``command``)."""
+    parser = sub.add_parser(
+        name,
+        help=help,
+        description=description,
         epilog=env_epilog(options),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_arguments(parser, options)
+    if command:
+        parser.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD ARGS...")
 
 
-def _run_reload(flags: dict[str, Any]) -> int:
+def _runtime_tool_values(
+    flags: dict[str, Any], options: Sequence[Option[Any]]
+) -> tuple[RuntimeConfig, dict[str, Any]]:
+    """Resolve a runtime-based tool's options from flags, environment and --config file."""
     from podpatterns.options import check_unknown_keys, resolve
-    from podpatterns.reload import ReloadConfig, Reloader
 
     file, label = _file_values(flags)
-    options = _reload_options()
     check_unknown_keys(file, [o.name for o in options if o.name != "config"], label)
     values = resolve(options, flags, environ(), file, label)
-    runtime = RuntimeConfig.from_values(values)
-    config = ReloadConfig.from_values(values)
-    return serve(runtime, lambda: [Reloader(config)])
+    return RuntimeConfig.from_values(values), values

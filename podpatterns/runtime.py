@@ -200,6 +200,22 @@ class Component(Protocol):
         """Prometheus collectors to register in the runtime's registry."""
 
 
+class NothingToDrain:
+    """Part of :class:`Component` for components that hold no work a drain must wait
+    for (probers, watchers): nothing in flight, nothing to cut."""
+
+    def in_flight(self) -> int:
+        """Nothing is ever in flight."""
+        return 0
+
+    async def wait_drained(self) -> None:
+        """Drained at once."""
+
+    def cut(self) -> int:
+        """Nothing to cut."""
+        return 0
+
+
 class Phase(enum.Enum):
     """Where a runtime is in its lifecycle."""
 

@@ -8,7 +8,6 @@ import socket
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,15 +16,6 @@ from podpatterns.health.records import Writer
 from tests.proc import Proc, run, sigterm_and_wait
 
 LOOP = "127.0.0.1"
-
-
-@pytest.fixture
-def procs() -> Iterator[list[Proc]]:
-    """Processes started by a test; killed at teardown if still running."""
-    started: list[Proc] = []
-    yield started
-    for p in started:
-        p.stop()
 
 
 def ambassador(procs: list[Proc], upstream: str, *extra: str) -> Proc:

@@ -6,7 +6,6 @@ import asyncio
 import json
 import signal
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,15 +18,6 @@ from podpatterns.runtime import Runtime, RuntimeConfig
 from tests.proc import Proc, run
 
 LOOP = "127.0.0.1"
-
-
-@pytest.fixture
-def procs() -> Iterator[list[Proc]]:
-    """Processes started by a test; killed at teardown if still running."""
-    started: list[Proc] = []
-    yield started
-    for p in started:
-        p.stop()
 
 
 def ambassador(procs: list[Proc], health: Path, *extra: str) -> Proc:

@@ -10,11 +10,9 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
-import pytest
 from aiohttp import web
 
 from podpatterns.health.aggregate import Aggregate
@@ -26,15 +24,6 @@ from podpatterns.runtime import Runtime, RuntimeConfig
 from tests.proc import Proc, run
 
 LOOP = "127.0.0.1"
-
-
-@pytest.fixture
-def procs() -> Iterator[list[Proc]]:
-    """Processes started by a test; killed at teardown if still running."""
-    started: list[Proc] = []
-    yield started
-    for p in started:
-        p.stop()
 
 
 async def test_thresholds_like_the_kubelet(tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -212,15 +212,6 @@ async def test_newer_version_replaces_one_being_retried(tmp_path: Path) -> None:
     notified = log.read_text()
     assert notified.startswith("22") and notified.endswith("3") and r.is_ready()
     assert r.delivered is not None and r.delivered.digest == take([tmp_path]).digest
-
-
-@pytest.fixture
-def procs() -> Iterator[list[Proc]]:
-    """Processes started by a test; killed at teardown if still running."""
-    started: list[Proc] = []
-    yield started
-    for p in started:
-        p.stop()
 
 
 def test_signal_to_pid_file_end_to_end(procs: list[Proc], tmp_path: Path) -> None:

@@ -8,7 +8,7 @@ import shutil
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -16,15 +16,6 @@ import pytest
 from podpatterns.health.records import Phase, Tracker, read_record
 from podpatterns.health.supervisor import FORWARDED
 from tests.proc import Proc, run
-
-
-@pytest.fixture
-def procs() -> Iterator[list[Proc]]:
-    """Processes started by a test; killed at teardown if still running."""
-    started: list[Proc] = []
-    yield started
-    for p in started:
-        p.stop()
 
 
 def supervise(

@@ -7,7 +7,6 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,15 +15,6 @@ from podpatterns.health.records import Writer
 from tests.proc import Proc, run
 
 LOOP = "127.0.0.1"
-
-
-@pytest.fixture
-def procs() -> Iterator[list[Proc]]:
-    """Processes started by a test; killed at teardown if still running."""
-    started: list[Proc] = []
-    yield started
-    for p in started:
-        p.stop()
 
 
 def waiter(procs: list[Proc], *args: str) -> Proc:

@@ -29,6 +29,7 @@ from podpatterns.health.options import NAME_OPTION
 from podpatterns.health.records import Check, Phase, Writer
 from podpatterns.health.targets import ReadyTarget, Target, check_within, parse_target
 from podpatterns.options import Option, parse_duration, parse_int
+from podpatterns.runtime import NothingToDrain
 
 
 def _probe(text: str) -> Target:
@@ -155,7 +156,7 @@ class _ProbeState:
     results: dict[str, int] = field(default_factory=lambda: {"success": 0, "failure": 0})
 
 
-class Prober:
+class Prober(NothingToDrain):
     """The ``health`` component: probes, thresholds, the record. See the module doc."""
 
     name = "health"
@@ -268,17 +269,6 @@ class Prober:
                 self.writer.set_not_ready("prober stopped")
             except OSError as exc:
                 self._log.warning("record_write_failed", error=str(exc))
-
-    def in_flight(self) -> int:
-        """Probes hold no work that a drain should wait for."""
-        return 0
-
-    async def wait_drained(self) -> None:
-        """Nothing to drain."""
-
-    def cut(self) -> int:
-        """Nothing to cut."""
-        return 0
 
     async def close(self) -> None:
         """Stop the probe task."""

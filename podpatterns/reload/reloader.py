@@ -34,6 +34,7 @@ from podpatterns.health.watch import DirWatcher
 from podpatterns.options import Option, parse_choice, parse_duration, parse_path, parse_str
 from podpatterns.reload.notify import Exec, HttpPost, Notifier, NotifyError, SignalPid
 from podpatterns.reload.snapshot import Snapshot, SnapshotError, take
+from podpatterns.runtime import NothingToDrain
 
 
 def _argv(text: str) -> tuple[str, ...]:
@@ -213,7 +214,7 @@ def _watch_dirs(dirs: Sequence[Path]) -> Callable[[Path, float], AsyncGenerator[
     return factory
 
 
-class Reloader:
+class Reloader(NothingToDrain):
     """The ``reload`` component (see the module doc).
 
     Args:
@@ -387,17 +388,6 @@ class Reloader:
         """Stop watching and notifying."""
         for task in self._tasks:
             task.cancel()
-
-    def in_flight(self) -> int:
-        """Nothing to drain: an undelivered version is lost with the process anyway."""
-        return 0
-
-    async def wait_drained(self) -> None:
-        """Nothing to drain."""
-
-    def cut(self) -> int:
-        """Nothing to cut."""
-        return 0
 
     async def close(self) -> None:
         """Stop both tasks."""
