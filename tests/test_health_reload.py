@@ -284,3 +284,62 @@ def test_signal_notifier_refuses_pid_1(tmp_path: Path) -> None:
         (tmp_path / "pid").write_text(content)
         with pytest.raises(NotifyError):
             asyncio.run(SignalPid(signal.SIGHUP, tmp_path / "pid").notify())
+
+
+async def test_slow_target_never_blocks_watching(tmp_path: Path) -> None:
+    """While a notification hangs, new changes are still seen; the newest is delivered next."""
+    (tmp_path / "a").write_text("1")
+    release = asyncio.Event()
+    seen: list[str] = []
+
+    async def slow(request: web.Request) -> web.Response:
+        seen.append((tmp_path / "a").read_text())
+        if len(seen) == 1:
+            await release.wait()
+        return web.Response()
+
+    app = web.Application()
+    app.router.add_post("/-/reload", slow)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, LOOP, 0)
+    await site.start()
+    url = f"http://{LOOP}:{runner.addresses[0][1]}/-/reload"
+    try:
+        async with reloader(ReloadConfig((tmp_path,), HttpPost(url), debounce=0.05)) as r:
+            (tmp_path / "a").write_text("2")
+            async with asyncio.timeout(10):
+                while not seen:  # noqa: ASYNC110 - the first notification is hanging
+                    await asyncio.sleep(0.01)
+            (tmp_path / "a").write_text("3")
+            async with asyncio.timeout(10):
+                while r.counts["changes"] < 2:  # noqa: ASYNC110 - seen while blocked
+                    await asyncio.sleep(0.01)
+            assert r.counts["notify_ok"] == 0  # the first is still in flight
+            release.set()
+            async with asyncio.timeout(10):
+                while r.counts["notify_ok"] < 2:  # noqa: ASYNC110
+                    await asyncio.sleep(0.01)
+            assert seen[-1] == "3" and r.wanted is None
+    finally:
+        await runner.cleanup()
+
+
+async def test_reload_without_inotify_polls(tmp_path: Path) -> None:
+    """When no inotify watch can be created, reload polls and still notifies."""
+
+    def no_inotify(path: Path, tick: float) -> object:
+        raise OSError(24, "inotify_init1: too many open files")
+
+    (tmp_path / "a").write_text("1")
+    async with target() as t:
+        config = ReloadConfig((tmp_path,), HttpPost(t.url), debounce=0.05, resync=0.1)
+        r = Reloader(config, watch=no_inotify)  # type: ignore[arg-type]
+        await r.start()
+        try:
+            (tmp_path / "a").write_text("2")
+            async with asyncio.timeout(10):
+                await t.got.wait()
+            assert r.watcher.mode == "polling" and t.posts == 1
+        finally:
+            await r.close()
