@@ -17,6 +17,7 @@ Three states are derived by readers, never trusted from the writer alone:
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import enum
 import json
@@ -443,18 +444,14 @@ class Heartbeat:
     def __init__(self, writer: Writer, interval: float) -> None:
         self._writer = writer
         self._interval = interval
-        self._task: Any = None
+        self._task: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> Writer:
-        import asyncio
-
         self._writer.heartbeat()
         self._task = asyncio.create_task(self._beat())
         return self._writer
 
     async def _beat(self) -> None:
-        import asyncio
-
         while True:
             await asyncio.sleep(self._interval)
             # The write is small but fsyncs: keep it off the loop. The task itself is
@@ -462,10 +459,10 @@ class Heartbeat:
             await asyncio.to_thread(self._writer.heartbeat)
 
     async def __aexit__(self, *exc: object) -> None:
-        import asyncio
-
-        self._task.cancel()
-        await asyncio.gather(self._task, return_exceptions=True)
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
 
 
 # -- reading ------------------------------------------------------------------------------
