@@ -7,12 +7,22 @@
 | ``GET /readyz`` | 200 when ready to serve, 503 while starting, saturated or draining |
 | ``GET /metrics`` | Prometheus text format |
 | ``POST /quitquitquit`` | starts a graceful shutdown; loopback peers only (403), POST only (405) |
+
+With ``--health-dir``, the Pod's health (:mod:`podpatterns.health.aggregate`) too:
+
+| path | answer |
+|------|--------|
+| ``GET /livez/NAME``, ``/readyz/NAME``, ``/startupz/NAME`` | one container's record |
+| ``GET /pod/livez``, ``/pod/readyz``, ``/pod/startupz`` | every container's records |
+
+A component whose ``pod_probes`` attribute is true (``podpatterns health``) also answers
+``/livez``, ``/readyz`` and ``/startupz`` for the whole Pod (and itself).
 """
 
 from __future__ import annotations
 
 import ipaddress
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
@@ -21,6 +31,7 @@ from podpatterns.errors import BindError
 from podpatterns.options import HostPort
 
 if TYPE_CHECKING:
+    from podpatterns.health.aggregate import Aggregate
     from podpatterns.runtime import Runtime
 
 
@@ -45,6 +56,12 @@ class AdminServer:
         self._bind = bind
         self._runner: web.AppRunner | None = None
         self.address: HostPort | None = None
+        self.aggregate: Aggregate | None = None
+        if runtime.config.health_dir is not None:
+            from podpatterns.health.aggregate import Aggregate
+
+            self.aggregate = Aggregate(runtime.config.health_dir)
+        self._pod_probes = any(getattr(c, "pod_probes", False) for c in runtime.components)
         self._log = logs.get("admin")
         if not bind.is_loopback:
             self._log.info(
@@ -61,6 +78,10 @@ class AdminServer:
         app.router.add_get("/startupz", self._startupz)
         app.router.add_get("/metrics", self._metrics)
         app.router.add_route("*", "/quitquitquit", self._quit)
+        if self.aggregate is not None:
+            for check in ("livez", "readyz", "startupz"):
+                app.router.add_get(f"/pod/{check}", self._pod_check)
+                app.router.add_get(f"/{check}/{{name}}", self._container_check)
         return app
 
     async def start(self) -> None:
@@ -69,6 +90,8 @@ class AdminServer:
         Raises:
             BindError: the address is in use or not permitted.
         """
+        if self.aggregate is not None:
+            await self.aggregate.start()
         self._runner = web.AppRunner(self.app(), handle_signals=False, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self._bind.host, self._bind.port, backlog=128)
@@ -76,6 +99,8 @@ class AdminServer:
             await site.start()
         except OSError as exc:
             await self._runner.cleanup()
+            if self.aggregate is not None:
+                await self.aggregate.close()
             raise BindError(f"--admin: cannot bind {self._bind}: {exc.strerror or exc}") from None
         server = site._server
         assert server is not None
@@ -88,10 +113,17 @@ class AdminServer:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        if self.aggregate is not None:
+            await self.aggregate.close()
 
     def _probe(self, ok: bool, check: str) -> web.Response:
         rt = self._runtime
-        body = {
+        pod: dict[str, Any] | None = None
+        if self._pod_probes and self.aggregate is not None:
+            pod_ok = self.aggregate.pod_ok(check)
+            pod = self.aggregate.body(check, pod_ok)
+            ok = ok and pod_ok
+        body: dict[str, Any] = {
             "status": "ok" if ok else "unavailable",
             "check": check,
             "phase": rt.phase.value,
@@ -99,6 +131,22 @@ class AdminServer:
                 c.name: {"ready": c.is_ready(), "in_flight": c.in_flight()} for c in rt.components
             },
         }
+        if pod is not None:
+            body["containers"] = pod["containers"]
+        return web.json_response(body, status=200 if ok else 503)
+
+    async def _pod_check(self, request: web.Request) -> web.Response:
+        assert self.aggregate is not None
+        check = request.path.rsplit("/", 1)[1]
+        ok = self.aggregate.pod_ok(check)
+        return web.json_response(self.aggregate.body(check, ok), status=200 if ok else 503)
+
+    async def _container_check(self, request: web.Request) -> web.Response:
+        assert self.aggregate is not None
+        check = request.path.split("/")[1]
+        name = request.match_info["name"]
+        ok = self.aggregate.container_ok(check, name)
+        body = self.aggregate.body(check, ok, name)
         return web.json_response(body, status=200 if ok else 503)
 
     async def _livez(self, request: web.Request) -> web.Response:

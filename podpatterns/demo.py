@@ -2,8 +2,10 @@
 
 An embedded upstream service (a line-echo server standing in for a database), the
 ambassador in front of it on 127.0.0.1, a client opening many short connections and one
-bulk transfer each way, the admin endpoints queried while it runs, then a graceful
-shutdown that lets an in-flight connection finish.
+bulk transfer each way, the admin endpoints queried while it runs, an "app" that writes
+its health record to a shared directory (served on ``/readyz/app``), then the app's
+tombstone starting the ambassador's graceful shutdown (``--exit-with app``), which lets
+an in-flight connection finish.
 """
 
 from __future__ import annotations
@@ -11,15 +13,20 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import shutil
 import statistics
 import sys
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 
 from podpatterns import logs
 from podpatterns.ambassador import Ambassador, RouteConfig
+from podpatterns.health.exitwith import ExitWith
+from podpatterns.health.records import Writer
 from podpatterns.options import HostPort
 from podpatterns.runtime import Runtime, RuntimeConfig
 
@@ -85,8 +92,22 @@ async def demo(connections: int = 200, megabytes: int = 64) -> dict[str, Any]:
     amb = Ambassador(
         [RouteConfig(listen=HostPort(LOOPBACK, 0), upstream=(HostPort(LOOPBACK, up_port),))]
     )
+    # The Pod's shared volume: the "app" container writes its health record there, and
+    # the ambassador finishes when the app's tombstone appears (--exit-with app).
+    health_dir = Path(tempfile.mkdtemp(prefix="podpatterns-demo-"))
+    app = Writer(health_dir, "app")
+    app.set_starting()
+    exit_with = ExitWith(health_dir, "app")
     runtime = Runtime(
-        RuntimeConfig(admin=HostPort(LOOPBACK, 0), drain_timeout=5.0, shutdown_delay=0.2), [amb]
+        RuntimeConfig(
+            admin=HostPort(LOOPBACK, 0),
+            drain_timeout=5.0,
+            shutdown_delay=0.2,
+            health_dir=health_dir,
+            exit_with="app",
+        ),
+        [amb],
+        triggers=[exit_with],
     )
     await runtime.start()
     port = amb.addresses[0].port  # type: ignore[union-attr]
@@ -99,6 +120,9 @@ async def demo(connections: int = 200, megabytes: int = 64) -> dict[str, Any]:
     }
     async with aiohttp.ClientSession() as session:
         out["readyz_before"] = (await _get(session, base, "/readyz"))[0]
+        out["app_readyz_starting"] = (await _get(session, base, "/readyz/app"))[0]
+        app.set_ready()
+        out["app_readyz_ready"] = await _wait_status(session, base + "/readyz/app", 200)
         sem = asyncio.Semaphore(32)
 
         async def one() -> float:
@@ -124,8 +148,14 @@ async def demo(connections: int = 200, megabytes: int = 64) -> dict[str, Any]:
             if line.startswith("podpatterns_ambassador_")
             and ("bytes_total" in line or "connections_total" in line or "closed_total" in line)
         ]
-        # Graceful shutdown with a connection still open: it finishes inside the drain.
+        # The app finishes: its tombstone starts the ambassador's graceful shutdown, with a
+        # connection still open that finishes inside the drain.
         reader, writer = await asyncio.open_connection(LOOPBACK, port)
+        t_tomb = time.perf_counter()
+        app.mark_exited(0, reason="demo done")
+        await runtime.wait_stop_requested()
+        out["tombstone_ms"] = (time.perf_counter() - t_tomb) * 1000
+        out["shutdown_reason"] = runtime.shutdown_reason
         shutdown = asyncio.create_task(runtime.shutdown())
         await asyncio.sleep(0.05)
         out["readyz_draining"] = (await _get(session, base, "/readyz"))[0]
@@ -139,7 +169,20 @@ async def demo(connections: int = 200, megabytes: int = 64) -> dict[str, Any]:
         out["cut_at_deadline"] = runtime.cut_total
     server.close()
     await server.wait_closed()
+    shutil.rmtree(health_dir, ignore_errors=True)
     return out
+
+
+async def _wait_status(session: aiohttp.ClientSession, url: str, want: int) -> int:
+    """Poll ``url`` (bounded) until it answers ``want``; the view refreshes on its own."""
+    status = 0
+    for _ in range(200):
+        async with session.get(url) as resp:
+            status = resp.status
+        if status == want:
+            break
+        await asyncio.sleep(0.01)
+    return status
 
 
 def run_demo(connections: int = 200, megabytes: int = 64) -> int:
@@ -171,6 +214,14 @@ def run_demo(connections: int = 200, megabytes: int = 64) -> int:
         f"{'OK' if r['bulk_ok'] else 'MISMATCH'}, {r['bulk_gbit_s']:.1f} Gbit/s total\n"
     )
     p(
+        f"  /readyz/app        {r['app_readyz_starting']} while the app starts, "
+        f"{r['app_readyz_ready']} once its record says ready\n"
+    )
+    p(
+        f"  app tombstone      {r['shutdown_reason']} after {r['tombstone_ms']:.0f} ms "
+        "(the ambassador drains when the app exits)\n"
+    )
+    p(
         f"  graceful shutdown  in-flight reply {r['drain_reply']!r}, drained in "
         f"{r['drain_seconds'] * 1000:.0f} ms, {r['cut_at_deadline']} cut\n\n"
     )
@@ -178,4 +229,5 @@ def run_demo(connections: int = 200, megabytes: int = 64) -> int:
     for line in r["metrics"]:
         p(f"    {line}\n")
     ok = r["bulk_ok"] and r["readyz_before"] == 200 and r["readyz_draining"] == 503
+    ok = ok and r["app_readyz_ready"] == 200 and r["shutdown_reason"] == "exit-with:app"
     return 0 if ok else 1

@@ -15,7 +15,12 @@ class ExitCode(IntEnum):
     INTERNAL = 1
     CONFIG = 2
     BIND = 3
+    PEER_EXITED = 4
+    WAIT_TIMEOUT = 124
+    CANNOT_EXECUTE = 126
+    NOT_FOUND = 127
     FORCED = 130
+    TERMINATED = 143
 
 
 EXIT_MEANINGS: dict[ExitCode, str] = {
@@ -23,7 +28,12 @@ EXIT_MEANINGS: dict[ExitCode, str] = {
     ExitCode.INTERNAL: "unexpected internal error (a bug: a traceback is printed on stderr)",
     ExitCode.CONFIG: "usage or configuration error (one line on stderr names the option)",
     ExitCode.BIND: "a listener or the admin server could not bind",
+    ExitCode.PEER_EXITED: "wait: a waited-for peer wrote its tombstone (the error names it)",
+    ExitCode.WAIT_TIMEOUT: "wait: the deadline passed; the command was not run",
+    ExitCode.CANNOT_EXECUTE: "run, wait: the command exists but cannot be executed",
+    ExitCode.NOT_FOUND: "run, wait: the command was not found",
     ExitCode.FORCED: "forced exit on a second SIGINT",
+    ExitCode.TERMINATED: "wait: SIGTERM or SIGINT arrived while waiting; the command was not run",
 }
 """One line per exit code; docs/reference.md is generated from it."""
 
@@ -44,3 +54,15 @@ class BindError(PodpatternsError, OSError):
     """A listener or the admin server could not bind its address."""
 
     exit_code = ExitCode.BIND
+
+
+class PeerExitedError(PodpatternsError):
+    """A peer that was waited for has exited (its tombstone is on disk)."""
+
+    exit_code = ExitCode.PEER_EXITED
+
+
+class WaitTimeoutError(PodpatternsError):
+    """The wait deadline passed before every target was there."""
+
+    exit_code = ExitCode.WAIT_TIMEOUT

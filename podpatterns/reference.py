@@ -145,17 +145,26 @@ class MetricInfo:
 
 
 def metric_infos() -> list[MetricInfo]:
-    """The metric families of a runtime that runs an ambassador, in exposition order.
+    """The metric families of a runtime with an ambassador, a prober and ``--exit-with``.
 
     The runtime and the ambassador are only constructed (nothing is bound or started),
     so this runs without an event loop.
     """
     from podpatterns.ambassador import Ambassador, RouteConfig
+    from podpatterns.health.exitwith import ExitWith
+    from podpatterns.health.prober import Prober, ProberConfig
+    from podpatterns.health.targets import TcpTarget
     from podpatterns.options import HostPort
+    from podpatterns.reload import ReloadConfig, Reloader
+    from podpatterns.reload.notify import HttpPost
     from podpatterns.runtime import Runtime, RuntimeConfig
 
     route = RouteConfig(listen=HostPort("127.0.0.1", 0), upstream=(HostPort("127.0.0.1", 1),))
-    runtime = Runtime(RuntimeConfig(), [Ambassador([route])])
+    probe = TcpTarget("127.0.0.1", 1, "tcp://127.0.0.1:1")
+    prober = Prober(ProberConfig(Path("."), "app", (probe,)))  # podpatterns health
+    reloader = Reloader(ReloadConfig((Path("."),), HttpPost("http://127.0.0.1:1/")))
+    runtime = Runtime(RuntimeConfig(), [Ambassador([route]), prober, reloader])
+    runtime.registry.register(ExitWith(Path("."), "app").collector())  # with --exit-with
     out: list[MetricInfo] = []
     for family in runtime.registry.collect():
         labels: Sequence[str] | None = getattr(family, "_labelnames", None)
@@ -238,6 +247,10 @@ def events_table() -> str:
 def render() -> str:
     """The whole of docs/reference.md."""
     from podpatterns.ambassador.config import ROUTE_OPTIONS
+    from podpatterns.health.prober import PROBE_OPTIONS
+    from podpatterns.health.supervisor import RUN_OPTIONS
+    from podpatterns.health.wait import WAIT_OPTIONS
+    from podpatterns.reload import RELOAD_OPTIONS
     from podpatterns.runtime import RUNTIME_OPTIONS
 
     parts = [
@@ -246,8 +259,9 @@ def render() -> str:
         "Generated from the declarations in the code: the options from "
         "`podpatterns/runtime.py` and `podpatterns/ambassador/config.py`, the exit codes "
         "from `podpatterns/errors.py`, the metrics from the collectors a running "
-        "ambassador registers, and the log events from the package source. How the "
-        "sources combine is explained in [runtime.md](runtime.md#configuration).\n",
+        "ambassador, `health`, `reload` and `--exit-with` register, and the log "
+        "events from the package source. How the sources combine is explained in "
+        "[runtime.md](runtime.md#configuration).\n",
         "Every option is a flag, an environment variable and a key of the YAML file "
         "given with `--config`. Precedence: flags > environment > file > defaults.\n",
         "## Runtime options\n",
@@ -261,6 +275,21 @@ def render() -> str:
         "(default `route0`, `route1`, ...; the single route of flags and environment is "
         "named `default`). See [ambassador.md](ambassador.md#several-routes).\n",
         option_table(ROUTE_OPTIONS),
+        "## `podpatterns run` options\n",
+        "Also `--health-dir`, `--log-level` and `--log-format` from the runtime options; "
+        "the command follows `--`. See [health.md](health.md#run).\n",
+        option_table(RUN_OPTIONS),
+        "## `podpatterns health` options\n",
+        "Also every runtime option (it runs under the runtime: admin server, shutdown, "
+        "`--exit-with`). See [health.md](health.md#health).\n",
+        option_table(PROBE_OPTIONS),
+        "## `podpatterns reload` options\n",
+        "Also every runtime option. See [reload.md](reload.md).\n",
+        option_table(RELOAD_OPTIONS),
+        "## `podpatterns wait` options\n",
+        "Also `--health-dir`, `--log-level` and `--log-format` from the runtime options; "
+        "the command follows `--`. See [health.md](health.md#wait).\n",
+        option_table(WAIT_OPTIONS),
         "## Value syntax\n",
         value_syntax_table(),
         "A repeatable option takes several values: repeat the flag, separate them with "

@@ -34,9 +34,16 @@ from podpatterns.options import (
     parse_bind,
     parse_choice,
     parse_duration,
+    parse_int,
     parse_path,
     parse_str,
 )
+
+
+def _parse_quit_url(text: str) -> str:
+    from podpatterns.health.exitwith import parse_quit_url
+
+    return parse_quit_url(text)
 
 
 def parse_admin(text: str) -> HostPort | None:
@@ -100,6 +107,22 @@ RUNTIME_OPTIONS: tuple[Option[Any], ...] = (
         "drain and exit when this container's tombstone appears in --health-dir",
         metavar="NAME",
     ),
+    Option(
+        "exit_with_code",
+        parse_int(0, 255),
+        0,
+        "exit code after an --exit-with shutdown",
+        metavar="CODE",
+    ),
+    Option(
+        "exit_with_quit",
+        _parse_quit_url,
+        (),
+        "loopback URL of another sidecar to POST before an --exit-with shutdown "
+        "(e.g. http://127.0.0.1:9091/quitquitquit)",
+        multiple=True,
+        metavar="URL",
+    ),
 )
 
 
@@ -116,6 +139,8 @@ class RuntimeConfig:
         loop: ``auto``, ``uvloop`` or ``asyncio`` (CLI only).
         health_dir: the shared health-record directory.
         exit_with: name of the container whose tombstone ends this process.
+        exit_with_code: the exit code after an ``exit_with`` shutdown.
+        exit_with_quit: loopback URLs POSTed before an ``exit_with`` shutdown.
     """
 
     admin: HostPort | None = None
@@ -126,6 +151,8 @@ class RuntimeConfig:
     loop: str = "auto"
     health_dir: Path | None = None
     exit_with: str | None = None
+    exit_with_code: int = 0
+    exit_with_quit: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.drain_timeout < 0:
@@ -134,6 +161,8 @@ class RuntimeConfig:
             raise ConfigError(f"--shutdown-delay: {self.shutdown_delay!r} must be >= 0")
         if self.exit_with and self.health_dir is None:
             raise ConfigError(f"--exit-with: {self.exit_with!r} needs --health-dir DIR")
+        if self.exit_with_quit and not self.exit_with:
+            raise ConfigError("--exit-with-quit: needs --exit-with NAME")
 
     @classmethod
     def from_values(cls, values: dict[str, Any]) -> RuntimeConfig:
@@ -169,6 +198,22 @@ class Component(Protocol):
 
     def collectors(self) -> Sequence[Any]:
         """Prometheus collectors to register in the runtime's registry."""
+
+
+class NothingToDrain:
+    """Part of :class:`Component` for components that hold no work a drain must wait
+    for (probers, watchers): nothing in flight, nothing to cut."""
+
+    def in_flight(self) -> int:
+        """Nothing is ever in flight."""
+        return 0
+
+    async def wait_drained(self) -> None:
+        """Drained at once."""
+
+    def cut(self) -> int:
+        """Nothing to cut."""
+        return 0
 
 
 class Phase(enum.Enum):

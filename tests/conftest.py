@@ -7,7 +7,7 @@ import hashlib
 import os
 import socket
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -17,14 +17,19 @@ from podpatterns.ambassador import Ambassador, RouteConfig
 from podpatterns.ambassador.config import UnixAddress
 from podpatterns.demo import echo
 from podpatterns.options import HostPort
+from tests.proc import Proc
 
 LOOP = "127.0.0.1"
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """In CI, a test that needs root must not be skipped silently for want of it."""
-    del config, items
+@pytest.fixture
+def procs() -> Iterator[list[Proc]]:
+    """Processes started by a test; killed at teardown if still running."""
+    started: list[Proc] = []
+    yield started
+    for p in started:
+        p.stop()
 
 
 @asynccontextmanager

@@ -10,19 +10,30 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 
 class Proc:
     """A ``python -m podpatterns ...`` subprocess with its stderr events parsed."""
 
-    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
-        full_env = {**os.environ, **(env or {})}
+    def __init__(
+        self,
+        *args: str,
+        env: dict[str, str] | None = None,
+        tail: Sequence[str] = ("--log-format", "json"),
+        prefix: Sequence[str] = (),
+        preexec_fn: Callable[[], object] | None = None,
+    ) -> None:
+        # ``tail`` follows ARGS; commands that end in ``-- CMD`` pass () and set
+        # PODPATTERNS_LOG_FORMAT instead. ``prefix`` wraps the process (e.g. unshare).
+        full_env = {**os.environ, "PODPATTERNS_LOG_FORMAT": "json", **(env or {})}
         self.p = subprocess.Popen(
-            [sys.executable, "-m", "podpatterns", *args, "--log-format", "json"],
+            [*prefix, sys.executable, "-m", "podpatterns", *args, *tail],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             env=full_env,
+            preexec_fn=preexec_fn,
         )
         self.events: list[dict[str, Any]] = []
         self.lines: list[str] = []

@@ -8,23 +8,14 @@ import socket
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from podpatterns.health.records import Writer
 from tests.proc import Proc, run, sigterm_and_wait
 
 LOOP = "127.0.0.1"
-
-
-@pytest.fixture
-def procs() -> Iterator[list[Proc]]:
-    """Processes started by a test; killed at teardown if still running."""
-    started: list[Proc] = []
-    yield started
-    for p in started:
-        p.stop()
 
 
 def ambassador(procs: list[Proc], upstream: str, *extra: str) -> Proc:
@@ -273,7 +264,7 @@ def test_second_sigint_forces_exit(procs: list[Proc]) -> None:
 
 def test_exit_with_tombstone_written_before_start(procs: list[Proc], tmp_path: Path) -> None:
     """--exit-with drains and exits 0 on a tombstone that existed before the process."""
-    (tmp_path / "app.json").write_text(json.dumps({"phase": "exited", "exit_code": 0}))
+    Writer(tmp_path, "app").mark_exited(0)
     p = ambassador(procs, f"{LOOP}:9", "--health-dir", str(tmp_path), "--exit-with", "app")
     assert p.wait(10) == 0
     assert p.wait_event("shutdown_requested")["reason"] == "exit-with:app"
@@ -284,22 +275,27 @@ def test_exit_with_tombstone_appearing_later(procs: list[Proc], tmp_path: Path) 
     p = ambassador(procs, f"{LOOP}:9", "--health-dir", str(tmp_path), "--exit-with", "app")
     p.wait_event("exit_with_watching")
     record = tmp_path / "app.json"
-    record.write_text('{"phase": "exi')  # torn write: not a tombstone
-    record.write_text(json.dumps({"phase": "ready"}))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    stone = Writer(elsewhere, "app").mark_exited(3).to_json()  # the bytes, written below
+    record.write_bytes(stone[: len(stone) // 2])  # torn write: not a tombstone
+    record.write_text(json.dumps({"phase": "exited"}))  # not the schema: not a tombstone
+    Writer(tmp_path, "app").set_ready()
     time.sleep(0.3)
     assert p.p.poll() is None
     tmp = tmp_path / ".app.json.tmp"
-    tmp.write_text(json.dumps({"phase": "exited", "exit_code": 3}))
+    tmp.write_bytes(stone)
     tmp.replace(record)
     assert p.wait(10) == 0
 
 
 def test_python_dash_m_runs_the_demo() -> None:
-    """`python -m podpatterns demo` runs the whole demo and succeeds."""
+    """`python -m podpatterns demo` runs the whole demo, health records and tombstone too."""
     out = run("demo", "--connections", "20", "--megabytes", "4", timeout=60)
     assert out.returncode == 0, out.stderr
     assert "checksum OK" in out.stdout
     assert "503 while draining" in out.stdout
+    assert "200 once its record says ready" in out.stdout and "exit-with:app" in out.stdout
 
 
 async def test_admin_refuses_quit_from_non_loopback_peer() -> None:

@@ -31,6 +31,8 @@ SAMPLES: dict[str, str] = {
     "loop": "asyncio",
     "health_dir": "/shared/health",
     "exit_with": "app",
+    "exit_with_code": "7",
+    "exit_with_quit": "http://127.0.0.1:9091/quitquitquit",
     "listen": "127.0.0.1:6432",
     "upstream": "db1.example.com:5432,db2.example.com:5432",
     "balance": "round_robin",

@@ -151,6 +151,48 @@ def _ambassador_containers(manifest: dict[str, Any]) -> list[dict[str, Any]]:
     ]
 
 
+HEALTH_PROBE_PATH = re.compile(r"^/(pod/)?(livez|readyz|startupz)(/[-a-z0-9]{1,63})?$")
+
+
+def _health_containers(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    spec = manifest.get("spec", {})
+    spec = spec.get("template", {}).get("spec", spec)
+    return [
+        c
+        for c in [*spec.get("initContainers", []), *spec.get("containers", [])]
+        if c.get("command")
+        in (
+            ["podpatterns", "run"],
+            ["podpatterns", "wait"],
+            ["podpatterns", "health"],
+            ["podpatterns", "reload"],
+        )
+    ]
+
+
+def _check_health_flags(tool: str, flags: dict[str, Any], where: str) -> None:
+    """Resolve `run`/`wait` flags with the same declarations the command line uses."""
+    from podpatterns.cli import _health_options, _shared_options
+    from podpatterns.health.prober import ProberConfig
+    from podpatterns.health.supervisor import RUN_OPTIONS
+    from podpatterns.health.wait import WAIT_OPTIONS
+    from podpatterns.options import resolve
+
+    if tool == "health":
+        ProberConfig.from_values(resolve(_health_options(), flags, {}, {}))
+        return
+    if tool == "reload":
+        from podpatterns.cli import _reload_options
+        from podpatterns.reload import ReloadConfig
+
+        ReloadConfig.from_values(resolve(_reload_options(), flags, {}, {}))
+        return
+    own = RUN_OPTIONS if tool == "run" else WAIT_OPTIONS
+    options = [*_shared_options("health_dir", "log_level", "log_format"), *own]
+    values = resolve(options, flags, {}, {})
+    assert values["health_dir"] is not None or tool == "wait", where
+
+
 @pytest.mark.parametrize("block", YAML_BLOCKS, ids=lambda b: b.id)
 def test_yaml_example_is_accepted(block: Block) -> None:
     """A manifest's ambassador args and probes, or a config file, are valid as shown."""
@@ -160,7 +202,19 @@ def test_yaml_example_is_accepted(block: Block) -> None:
         amb_config.build({}, {}, data, block.id)
         return
     containers = _ambassador_containers(data)
-    assert containers, f"{block.id}: no `podpatterns ambassador` container"
+    health = _health_containers(data)
+    assert containers or health, f"{block.id}: no podpatterns container"
+    for container in health:
+        tool = container["command"][1]
+        args = build_parser().parse_args([tool, *container.get("args", [])])
+        flags = {k: v for k, v in vars(args).items() if k not in ("command", "argv")}
+        if tool in ("run", "wait"):
+            assert args.argv and args.argv[0] == "--", (block.id, "the command follows --")
+        _check_health_flags(tool, flags, block.id)
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            if probe in container:
+                path = container[probe]["httpGet"]["path"]
+                assert HEALTH_PROBE_PATH.match(path), (block.id, probe, path)
     for container in containers:
         args = build_parser().parse_args(["ambassador", *container.get("args", [])])
         flags = {k: v for k, v in vars(args).items() if k != "command"}

@@ -1,0 +1,138 @@
+"""The Pod's health in memory, for kubelet probes: ``/livez``, ``/readyz``, ``/startupz``.
+
+:class:`Aggregate` keeps every record of the health directory in memory, re-read after
+every file-event batch and on a short resync (staleness needs time to pass, not an
+event), so a probe is answered from memory, far inside the kubelet's 1 s timeout.
+
+- ``readyz``: one container (``/readyz/NAME``) is ready when its record is ``ready``
+  with a fresh heartbeat; the Pod when every container is (503 with no record at all).
+- ``startupz``: a container has started once it has been ready in its current instance;
+  the Pod once every container has.
+- ``livez``: a container is live when it has a record that is neither stale nor exited;
+  the Pod when no container is stale.
+
+The Pod's ``livez`` ignores exited containers: a Job's finished main container must not
+get its sidecar restarted by the kubelet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncGenerator, Callable
+from contextlib import aclosing
+from pathlib import Path
+from typing import Any
+
+from podpatterns import logs
+from podpatterns.health.records import State, Status, Tracker
+from podpatterns.health.watch import DirWatcher
+
+CHECKS = ("livez", "readyz", "startupz")
+RESYNC_SECONDS = 0.5
+
+
+class Aggregate:
+    """An in-memory view of every record in a directory, with probe verdicts.
+
+    Args:
+        health_dir: the shared directory.
+        resync: longest time between two re-reads.
+        watch: the watcher's event source (tests).
+    """
+
+    def __init__(
+        self,
+        health_dir: Path,
+        *,
+        resync: float = RESYNC_SECONDS,
+        watch: Callable[[Path, float], AsyncGenerator[Any, None]] | None = None,
+    ) -> None:
+        self.tracker = Tracker(health_dir)
+        kw: dict[str, Any] = {"resync": resync}
+        if watch is not None:
+            kw["watch"] = watch
+        self.watcher = DirWatcher(health_dir, **kw)
+        self.statuses: dict[str, Status] = {}
+        self.refreshed_at = 0.0
+        self._started: dict[str, str] = {}  # name -> instance seen ready
+        self._task: asyncio.Task[None] | None = None
+        self._log = logs.get("health")
+
+    def refresh(self) -> None:
+        """Re-read every record now."""
+        statuses = self.tracker.statuses()
+        for name, status in statuses.items():
+            before = self.statuses.get(name)
+            if before is None or before.state is not status.state:
+                self._log.info(
+                    "container_state", container=name, state=status.state.value,
+                    reason=status.describe(),
+                )  # fmt: skip
+            if status.ready and status.record is not None:
+                self._started[name] = status.record.instance
+        for gone in set(self.statuses) - set(statuses):
+            self._log.info("container_state", container=gone, state="missing", reason="removed")
+            self._started.pop(gone, None)
+        self.statuses = statuses
+        self.refreshed_at = time.monotonic()
+
+    async def start(self) -> None:
+        """Read once, then keep the view fresh in a task (stopped by :meth:`close`)."""
+        self.refresh()
+        self._task = asyncio.create_task(self._follow())
+
+    async def _follow(self) -> None:
+        async with aclosing(self.watcher.wakeups()) as wakeups:
+            async for _ in wakeups:
+                self.refresh()
+
+    async def close(self) -> None:
+        """Stop following the directory."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+
+    def started(self, status: Status) -> bool:
+        """True when the container has been ready in its current instance."""
+        rec = status.record
+        return rec is not None and self._started.get(status.name) == rec.instance
+
+    def container_ok(self, check: str, name: str) -> bool:
+        """The verdict of ``check`` for one container (False when it has no record)."""
+        status = self.statuses.get(name)
+        if status is None:
+            return False
+        if check == "readyz":
+            return status.ready
+        if check == "startupz":
+            return self.started(status)
+        return status.state not in (State.STALE, State.EXITED, State.MISSING)
+
+    def pod_ok(self, check: str) -> bool:
+        """The verdict of ``check`` for the whole Pod."""
+        if check == "livez":
+            return all(s.state is not State.STALE for s in self.statuses.values())
+        if not self.statuses:
+            return False
+        return all(self.container_ok(check, name) for name in self.statuses)
+
+    def body(self, check: str, ok: bool, name: str | None = None) -> dict[str, Any]:
+        """The JSON body of a probe answer: the verdict and every container's state."""
+        shown = self.statuses if name is None else {name: self.statuses.get(name)}
+        containers: dict[str, Any] = {}
+        for cname, status in shown.items():
+            if status is None:
+                containers[cname] = {"state": State.MISSING.value}
+                continue
+            entry = status.as_dict()
+            entry["age"] = entry.pop("quiet")
+            entry["started"] = self.started(status)
+            containers[cname] = entry
+        return {
+            "status": "ok" if ok else "unavailable",
+            "check": check if name is None else f"{check}/{name}",
+            "containers": containers,
+            "refreshed": round(time.monotonic() - self.refreshed_at, 3),
+        }

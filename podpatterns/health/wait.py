@@ -1,0 +1,163 @@
+"""``podpatterns wait``: block until every target is there, under one deadline.
+
+Every target is checked at once and then with its own backoff, all in parallel. While
+anything still blocks, a progress event names each blocking target and why. A
+``ready:NAME`` target whose peer has written its tombstone fails the whole wait at once
+(:class:`~podpatterns.errors.PeerExitedError`): it will not become ready. The CLI
+``exec``s the command after a successful wait (see :func:`podpatterns.cli._run_wait`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from podpatterns import logs
+from podpatterns.errors import ConfigError, PeerExitedError, WaitTimeoutError
+from podpatterns.health.targets import (
+    ATTEMPT_TIMEOUT,
+    ReadyTarget,
+    Target,
+    check_within,
+    parse_target,
+)
+from podpatterns.options import Option, parse_duration
+
+WAIT_OPTIONS: tuple[Option[Any], ...] = (
+    Option(
+        "for",
+        parse_target,
+        (),
+        "a target: ready:NAME (needs --health-dir), tcp://HOST:PORT, http://URL, "
+        "https://URL or file:PATH",
+        multiple=True,
+        metavar="TARGET",
+        scope="wait",
+    ),
+    Option(
+        "timeout",
+        parse_duration,
+        60.0,
+        "give up after this long (exit 124, the command is not run)",
+        metavar="DURATION",
+        scope="wait",
+    ),
+    Option(
+        "progress_interval",
+        parse_duration,
+        5.0,
+        "log what still blocks this often",
+        metavar="DURATION",
+        scope="wait",
+    ),
+)
+
+BACKOFF_FIRST = 0.05
+BACKOFF_MAX = 1.0
+
+
+@dataclass(frozen=True)
+class WaitConfig:
+    """Validated settings of ``podpatterns wait``.
+
+    Attributes:
+        targets: what to wait for (``ready:`` targets carry the health directory).
+        timeout: the one deadline for all of them, in seconds.
+        progress_interval: seconds between progress events.
+    """
+
+    targets: tuple[Target, ...]
+    timeout: float = 60.0
+    progress_interval: float = 5.0
+
+    def __post_init__(self) -> None:
+        if not self.targets:
+            raise ConfigError("--for: at least one target is needed (e.g. --for ready:app)")
+        if self.timeout <= 0:
+            raise ConfigError(f"--timeout: {self.timeout!r} must be > 0")
+        if self.progress_interval <= 0:
+            raise ConfigError(f"--progress-interval: {self.progress_interval!r} must be > 0")
+
+    @classmethod
+    def from_values(cls, values: dict[str, Any]) -> WaitConfig:
+        """Build from resolved options; ``ready:`` targets need ``--health-dir``."""
+        health_dir: Path | None = values.get("health_dir")
+        targets = []
+        for target in values.get("for", ()):
+            if isinstance(target, ReadyTarget):
+                if health_dir is None:
+                    raise ConfigError(f"--for: {target.label!r} needs --health-dir DIR")
+                target = replace(target, health_dir=health_dir)
+            targets.append(target)
+        return cls(
+            targets=tuple(targets),
+            timeout=values.get("timeout", 60.0),
+            progress_interval=values.get("progress_interval", 5.0),
+        )
+
+
+async def wait_all(config: WaitConfig) -> None:
+    """Return once every target is there.
+
+    Raises:
+        WaitTimeoutError: the deadline passed (the message lists what still blocks).
+        PeerExitedError: a ``ready:`` peer has exited (the message names it).
+    """
+    log = logs.get("wait")
+    blocking: dict[str, str] = {t.label: "not checked yet" for t in config.targets}
+    started = time.monotonic()
+
+    async def one(target: Target) -> None:
+        delay = BACKOFF_FIRST
+        while True:
+            outcome = await check_within(target, ATTEMPT_TIMEOUT)
+            if outcome.ok:
+                blocking.pop(target.label, None)
+                log.info(
+                    "wait_target_ready",
+                    target=target.label,
+                    after=round(time.monotonic() - started, 3),
+                )
+                return
+            if outcome.fatal:
+                log.error("wait_peer_exited", target=target.label, reason=outcome.reason)
+                raise PeerExitedError(f"{target.label}: peer {outcome.reason}")
+            blocking[target.label] = outcome.reason
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, BACKOFF_MAX)
+
+    async def progress() -> None:
+        while True:
+            await asyncio.sleep(config.progress_interval)
+            for label, reason in sorted(blocking.items()):
+                log.info(
+                    "wait_blocked",
+                    target=label,
+                    reason=reason,
+                    waited=round(time.monotonic() - started, 1),
+                )
+
+    log.info("wait_started", targets=[t.label for t in config.targets], timeout=config.timeout)
+    reporter = asyncio.create_task(progress())
+    try:
+        async with asyncio.timeout(config.timeout), asyncio.TaskGroup() as group:
+            for target in config.targets:
+                group.create_task(one(target))
+    except TimeoutError:
+        summary = "; ".join(f"{k}: {v}" for k, v in sorted(blocking.items()))
+        log.error("wait_timeout", timeout=config.timeout, blocking=dict(blocking))
+        raise WaitTimeoutError(
+            f"timed out after {config.timeout:g}s waiting for {summary}"
+        ) from None
+    except BaseExceptionGroup as group_error:
+        peer = group_error.subgroup(PeerExitedError)
+        if peer is None:
+            raise
+        raise peer.exceptions[0] from None
+    finally:
+        reporter.cancel()
+        await asyncio.gather(reporter, return_exceptions=True)
+    log.info("wait_done", after=round(time.monotonic() - started, 3))

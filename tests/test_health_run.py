@@ -1,0 +1,241 @@
+"""`podpatterns run`: records, exit-code fidelity, signal forwarding, reaping, early signals."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import pytest
+
+from podpatterns.health.records import Phase, Tracker, read_record
+from podpatterns.health.supervisor import FORWARDED
+from tests.proc import Proc, run
+
+
+def supervise(
+    procs: list[Proc],
+    health: Path,
+    *cmd: str,
+    extra: Sequence[str] = (),
+    prefix: Sequence[str] = (),
+    preexec_fn: Callable[[], object] | None = None,
+) -> Proc:
+    """Start `podpatterns run --health-dir HEALTH --name app EXTRA -- CMD`."""
+    args = ["run", "--health-dir", str(health), "--name", "app", *extra, "--", *cmd]
+    p = Proc(*args, tail=(), prefix=prefix, preexec_fn=preexec_fn)
+    procs.append(p)
+    return p
+
+
+def wait_for_file(path: Path, within: float = 10.0) -> str:
+    """Poll (bounded) until ``path`` exists with content; return it."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if path.exists() and (text := path.read_text()):
+            return text
+        time.sleep(0.01)
+    raise AssertionError(f"{path} never appeared")
+
+
+def tombstone(health: Path) -> dict[str, object]:
+    rec = read_record(health, "app").record
+    assert rec is not None and rec.phase is Phase.EXITED, rec
+    return {"exit_code": rec.exit_code, "signal": rec.signal, "reason": rec.reason}
+
+
+@pytest.mark.parametrize("code", [0, 1, 3, 137])
+def test_exit_code_is_the_childs(tmp_path: Path, code: int) -> None:
+    """run exits with the command's exit code and writes it in the tombstone."""
+    out = run(
+        "run", "--health-dir", str(tmp_path), "--name", "app", "--", "sh", "-c", f"exit {code}"
+    )
+    assert out.returncode == code, out.stderr
+    assert tombstone(tmp_path)["exit_code"] == code
+    assert tombstone(tmp_path)["signal"] is None
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGSEGV])
+def test_killed_child_gives_128_plus_signal(tmp_path: Path, sig: signal.Signals) -> None:
+    """A command killed by signal N makes run exit 128+N with the signal in the tombstone."""
+    out = run(
+        "run", "--health-dir", str(tmp_path), "--name", "app", "--",
+        "sh", "-c", f"kill -{sig.name[3:]} $$",
+    )  # fmt: skip
+    assert out.returncode == 128 + sig, out.stderr
+    assert tombstone(tmp_path)["signal"] == sig
+    assert tombstone(tmp_path)["exit_code"] is None
+
+
+_CATCHER = """
+import os, signal, sys, time
+log = open(sys.argv[1], "a", buffering=1)
+names = sys.argv[2].split(",")
+def on(sig, frame):
+    log.write(signal.Signals(sig).name + "\\n")
+    if sig == signal.SIGTERM:
+        sys.exit(42)
+for n in names:
+    signal.signal(getattr(signal, n), on)
+log.write("ready\\n")
+while True:
+    time.sleep(0.01)
+"""
+
+
+def test_every_catchable_signal_is_forwarded(procs: list[Proc], tmp_path: Path) -> None:
+    """Each catchable signal sent to run reaches the command; the exit code is the command's."""
+    sigs = sorted(s for s in FORWARDED if s not in (signal.SIGTERM,))
+    names = [s.name for s in [*sigs, signal.SIGTERM]]
+    log = tmp_path / "got.log"
+    p = supervise(procs, tmp_path, sys.executable, "-c", _CATCHER, str(log), ",".join(names))
+    wait_for_file(log)
+    for sig in sigs:
+        p.signal(sig)
+        deadline = time.monotonic() + 10
+        while sig.name not in log.read_text().split():
+            assert time.monotonic() < deadline, f"{sig.name} not forwarded: {log.read_text()}"
+            time.sleep(0.005)
+    p.signal(signal.SIGTERM)
+    assert p.wait(10) == 42
+    assert set(log.read_text().split()) == {"ready", *names}
+    assert tombstone(tmp_path)["exit_code"] == 42
+
+
+def test_sigterm_marks_draining_then_tombstone(procs: list[Proc], tmp_path: Path) -> None:
+    """A forwarded SIGTERM turns the record draining while the command shuts down."""
+    go = tmp_path / "go"
+    got = tmp_path / "got"
+    script = (
+        f"trap 'echo t > {got}; while [ ! -e {go} ]; do sleep 0.01; done; exit 0' TERM; "
+        f"echo r > {got}.r; while :; do sleep 0.01; done"
+    )
+    p = supervise(procs, tmp_path, "sh", "-c", script)
+    wait_for_file(Path(f"{got}.r"))
+    p.signal(signal.SIGTERM)
+    wait_for_file(got)
+    rec = read_record(tmp_path, "app").record
+    assert rec is not None and rec.phase is Phase.DRAINING and rec.reason == "SIGTERM forwarded"
+    go.touch()
+    assert p.wait(10) == 0
+    assert tombstone(tmp_path)["exit_code"] == 0
+
+
+def test_signal_before_the_child_started_writes_a_tombstone(
+    procs: list[Proc], tmp_path: Path
+) -> None:
+    """SIGTERM pending before the command starts: no command, tombstone, exit 143."""
+    marker = tmp_path / "ran"
+
+    def block_sigterm() -> None:  # the mask survives exec: the signal waits for run
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+
+    p = supervise(procs, tmp_path, "touch", str(marker), preexec_fn=block_sigterm)
+    p.signal(signal.SIGTERM)
+    assert p.wait(10) == 143
+    stone = tombstone(tmp_path)
+    assert stone["signal"] == 15 and "before the command started" in str(stone["reason"])
+    assert not marker.exists()
+
+
+def test_ready_immediately_with_heartbeat(procs: list[Proc], tmp_path: Path) -> None:
+    """Without a probe, the record is ready once the command runs, and heartbeats advance."""
+    p = supervise(procs, tmp_path, "sleep", "30", extra=["--heartbeat", "50ms"])
+    p.wait_event("run_ready")
+    tracker = Tracker(tmp_path)
+    first = tracker.status("app")
+    assert first.ready and first.record is not None
+    deadline = time.monotonic() + 10
+    while (rec := read_record(tmp_path, "app").record) is None or rec.seq < first.record.seq + 3:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    assert rec.instance == first.record.instance and rec.interval == 0.05
+    p.signal(signal.SIGTERM)
+    assert p.wait(10) == 143
+
+
+def test_ready_probe_gates_ready(procs: list[Proc], tmp_path: Path) -> None:
+    """With --ready-probe, the record stays starting until the probe passes."""
+    flag = tmp_path / "up"
+    p = supervise(procs, tmp_path, "sleep", "30", extra=["--ready-probe", f"file:{flag}"])
+    p.wait_event("run_spawned")
+    time.sleep(0.2)
+    rec = read_record(tmp_path, "app").record
+    assert rec is not None and rec.phase is Phase.STARTING
+    assert rec.checks and rec.checks[0].name == f"file:{flag}" and not rec.checks[0].ok
+    flag.touch()
+    p.wait_event("run_ready")
+    rec = read_record(tmp_path, "app").record
+    assert rec is not None and rec.phase is Phase.READY
+    p.signal(signal.SIGINT)
+    assert p.wait(10) == 130
+
+
+def test_command_not_found_is_127_with_tombstone(tmp_path: Path) -> None:
+    """A missing command exits 127 and still leaves a tombstone saying why."""
+    out = run("run", "--health-dir", str(tmp_path), "--name", "app", "--", "no-such-cmd-x")
+    assert out.returncode == 127
+    assert "no-such-cmd-x" in str(tombstone(tmp_path)["reason"])
+
+
+def test_usage_errors_exit_2(tmp_path: Path) -> None:
+    """No --name, no command or a missing directory: one line and exit 2, no record."""
+    cases = [
+        ["run", "--health-dir", str(tmp_path), "--", "true"],
+        ["run", "--health-dir", str(tmp_path), "--name", "app"],
+        ["run", "--health-dir", str(tmp_path / "nope"), "--name", "app", "--", "true"],
+        ["run", "--health-dir", str(tmp_path), "--name", "Bad_Name", "--", "true"],
+        [
+            "run",
+            "--health-dir",
+            str(tmp_path),
+            "--name",
+            "app",
+            "--ready-probe",
+            "exec:true",
+            "--",
+            "true",
+        ],
+    ]
+    for args in cases:
+        out = run(*args)
+        assert out.returncode == 2, (args, out.stderr)
+        assert out.stderr.count("\n") == 1 and "error" in out.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+_ORPHANS = (
+    "( sleep 0.05 & ) ; ( sleep 0.05 & ) ; sleep 0.4 ; "
+    "cat /proc/$PPID/task/$PPID/children > {out} ; exit 5"
+)
+
+
+def test_orphans_are_reaped_as_subreaper(procs: list[Proc], tmp_path: Path) -> None:
+    """Orphaned grandchildren are re-parented to run and reaped: no zombies linger."""
+    out = tmp_path / "children"
+    p = supervise(procs, tmp_path, "sh", "-c", _ORPHANS.format(out=out))
+    assert p.wait(10) == 5
+    children = out.read_text().split()
+    assert len(children) == 1  # only the sh itself; reaped orphans are gone
+    assert p.wait_event("run_exited")["orphans_reaped"] >= 2
+
+
+@pytest.mark.root
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"), reason="needs root")
+def test_reaps_zombies_as_pid_1(procs: list[Proc], tmp_path: Path) -> None:
+    """As PID 1 of a PID namespace, run reaps orphans and forwards the exit code."""
+    out = tmp_path / "children"
+    script = "echo $PPID > {ppid} ; ".format(ppid=tmp_path / "ppid") + _ORPHANS.format(out=out)
+    p = supervise(
+        procs, tmp_path, "sh", "-c", script, prefix=["unshare", "--pid", "--fork", "--mount-proc"]
+    )
+    assert p.wait(10) == 5
+    assert (tmp_path / "ppid").read_text().strip() == "1"
+    assert len(out.read_text().split()) == 1
+    assert p.wait_event("run_exited")["orphans_reaped"] >= 2
+    assert json.loads((tmp_path / "app.json").read_text())["exit_code"] == 5
