@@ -445,6 +445,10 @@ class Adapter:
                 self._log.warning("file_read_failed", path=f.path, error=str(exc))
                 self._close(t, "read_failed")
                 continue
+            if data is None:
+                self._truncated(t, now)
+                progressed = True
+                continue
             if not data:
                 continue
             progressed = True
@@ -579,14 +583,17 @@ class Adapter:
             self._prune(found)
 
     def _check_truncated(self, t: Tracked, now: float) -> None:
-        f = t.file
-        seen_size = f.size
         try:
-            truncated = f.truncated()
+            truncated = t.file.truncated()
         except OSError:
             return
-        if not truncated:
-            return
+        if truncated:
+            self._truncated(t, now)
+
+    def _truncated(self, t: Tracked, now: float) -> None:
+        """Continue a truncated file from 0; read what was missed from a copy if there is one."""
+        f = t.file
+        seen_size = f.size
         self.counters.truncations += 1
         lost = max(0, seen_size - f.offset)
         recovered = 0

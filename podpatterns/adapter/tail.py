@@ -183,9 +183,23 @@ class OpenFile:
             os.close(fd)
             raise
 
-    def read(self, n: int) -> bytes:
-        """Read up to ``n`` bytes at the read position and advance it."""
-        data = os.pread(self.fd, n, self.offset)
+    def read(self, n: int) -> bytes | None:
+        """Read up to ``n`` bytes at the read position and advance it.
+
+        The bytes just before the position are read again in the same call and compared
+        with those read last time, so a file truncated and rewritten between two looks is
+        never read from the middle of foreign data.
+
+        Returns:
+            The bytes (empty at the end of the file), or ``None`` when the file was
+            truncated or rewritten under us.
+        """
+        k = len(self.recent)
+        data = os.pread(self.fd, n + k, self.offset - k)
+        if k:
+            if data[:k] != self.recent:
+                return None
+            data = data[k:]
         if data:
             self.offset += len(data)
             self.recent = (self.recent + data)[-TAIL_BYTES:]
