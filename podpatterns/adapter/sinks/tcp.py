@@ -2,6 +2,9 @@
 
 A batch counts as accepted once written and drained to the kernel; on any error the
 connection is dropped and the whole batch is sent again on a new one (at least once).
+A connection the peer has closed is noticed before the next batch and replaced; what the
+kernel had accepted on it just before the peer closed cannot be known (TCP has no
+application-level acknowledgement): use the HTTP sink where that matters.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ class TcpSink:
         self.backoff = backoff
         self.backoff_max = backoff_max
         self._writer: asyncio.StreamWriter | None = None
+        self._reader: asyncio.StreamReader | None = None
         self._log = logs.get("adapter", sink="tcp")
         self.connects = 0
         self.retried = 0
@@ -54,8 +58,10 @@ class TcpSink:
         while True:
             try:
                 async with asyncio.timeout(self.timeout):
+                    if self.peer_closed():
+                        self._drop()
                     if self._writer is None:
-                        _, self._writer = await asyncio.open_connection(
+                        self._reader, self._writer = await asyncio.open_connection(
                             self.address.host, self.address.port
                         )
                         self.connects += 1
@@ -70,10 +76,17 @@ class TcpSink:
                     self._log.warning("sink_failing", address=str(self.address), error=str(exc))
                 await asyncio.sleep(backoff.next_delay())
 
+    def peer_closed(self) -> bool:
+        """True when the connection exists and the peer has closed its side."""
+        return self._reader is not None and (
+            self._reader.at_eof() or self._writer is None or self._writer.is_closing()
+        )
+
     def _drop(self) -> None:
         if self._writer is not None:
             self._writer.transport.abort()
             self._writer = None
+        self._reader = None
 
     async def close(self) -> None:
         """Close the connection."""
