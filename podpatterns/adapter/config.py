@@ -190,6 +190,48 @@ PROCESS_OPTIONS: tuple[Option[Any], ...] = (
     ),
     _a("regex", parse_regex, None, "pattern with named groups for --parse regex", metavar="REGEX"),
     _a(
+        "multiline",
+        parse_choice("off", "python", "java", "go"),
+        "off",
+        "join multiline records with a preset: python, java or go",
+        metavar="PRESET",
+    ),
+    _a(
+        "multiline_start",
+        parse_regex,
+        None,
+        "a line matching REGEX starts a record; other lines continue it",
+        metavar="REGEX",
+    ),
+    _a(
+        "multiline_continue",
+        parse_regex,
+        None,
+        "a line matching REGEX continues the previous record",
+        metavar="REGEX",
+    ),
+    _a(
+        "multiline_max_lines",
+        parse_int(2, 100_000),
+        500,
+        "most lines in one multiline record",
+        metavar="N",
+    ),
+    _a(
+        "multiline_max_bytes",
+        parse_size,
+        256 * 1024,
+        "most bytes in one multiline record",
+        metavar="SIZE",
+    ),
+    _a(
+        "multiline_timeout",
+        parse_duration,
+        1.0,
+        "close an open multiline record after the file was idle this long",
+        metavar="DURATION",
+    ),
+    _a(
         "on_parse_error",
         parse_choice("raw", "drop"),
         "raw",
@@ -372,6 +414,12 @@ class AdapterConfig:
     parse: str = "raw"
     regex: re.Pattern[str] | None = None
     on_parse_error: str = "raw"
+    multiline: str = "off"
+    multiline_start: re.Pattern[str] | None = None
+    multiline_continue: re.Pattern[str] | None = None
+    multiline_max_lines: int = 500
+    multiline_max_bytes: int = 256 * 1024
+    multiline_timeout: float = 1.0
     add_field: tuple[tuple[str, str], ...] = ()
     rename_field: tuple[tuple[str, str], ...] = ()
     drop_field: tuple[str, ...] = ()
@@ -409,6 +457,19 @@ class AdapterConfig:
             raise ConfigError("--regex: missing (--parse regex needs a pattern with named groups)")
         if self.regex is not None and not self.regex.groupindex:
             raise ConfigError(f"--regex: {self.regex.pattern!r} has no named group (?P<name>...)")
+        chosen = [
+            n
+            for n, v in (
+                ("--multiline", self.multiline != "off"),
+                ("--multiline-start", self.multiline_start is not None),
+                ("--multiline-continue", self.multiline_continue is not None),
+            )
+            if v
+        ]
+        if len(chosen) > 1:
+            raise ConfigError(f"{chosen[1]}: cannot be combined with {chosen[0]} (choose one)")
+        if chosen and self.parse == "cri":
+            raise ConfigError(f"{chosen[0]}: not with --parse cri (CRI partials are merged)")
         if self.sink == "file" and self.sink_path is None:
             raise ConfigError("--sink-path: missing (--sink file needs a file)")
         if self.sink == "http" and not (self.sink_url or "").startswith(("http://", "https://")):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import re
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -28,6 +29,7 @@ from podpatterns import logs
 from podpatterns.adapter.checkpoint import CheckpointStore, Entry
 from podpatterns.adapter.config import AdapterConfig
 from podpatterns.adapter.lines import Line, LineSplitter
+from podpatterns.adapter.multiline import PRESETS, Grouper
 from podpatterns.adapter.parse import Parser, get_parser
 from podpatterns.adapter.sinks import DeadLetter, Sink
 from podpatterns.adapter.tail import (
@@ -57,6 +59,7 @@ class Tracked:
     last_growth: float
     rotated_at: float = 0.0
     cri_held: list[tuple[Line, str]] = field(default_factory=list)
+    grouper: Grouper | None = None
 
 
 @dataclass(slots=True)
@@ -342,6 +345,7 @@ class Adapter:
             LineSplitter(self.config.delimiter, self.config.max_line_bytes, f.offset),
             epoch,
             now,
+            grouper=self._grouper(),
         )
         self.tracked[f.key] = t
         self.acked[f.key] = self._entry(f, f.offset)
@@ -349,6 +353,19 @@ class Adapter:
         self.counters.files_opened += 1
         self._log.info("file_opened", path=path, offset=f.offset)
         return t
+
+    def _grouper(self) -> Grouper | None:
+        cfg = self.config
+        if cfg.multiline != "off":
+            mode, pattern = PRESETS[cfg.multiline]
+            regex = re.compile(pattern)
+        elif cfg.multiline_start is not None:
+            mode, regex = "start", cfg.multiline_start
+        elif cfg.multiline_continue is not None:
+            mode, regex = "continue", cfg.multiline_continue
+        else:
+            return None
+        return Grouper(mode, regex, cfg.multiline_max_lines, cfg.multiline_max_bytes)
 
     def _entry(self, f: OpenFile, offset: int) -> Entry:
         return Entry(
@@ -423,6 +440,8 @@ class Adapter:
                 timeout = max(0.0, next_reconcile - now)
             if cfg.flush_partial_after is not None:
                 timeout = min(timeout, cfg.flush_partial_after / 2)
+            if cfg.multiline != "off" or cfg.multiline_start or cfg.multiline_continue:
+                timeout = min(timeout, cfg.multiline_timeout / 2)
             self._wake.clear()
             try:
                 async with asyncio.timeout(timeout):
@@ -466,6 +485,8 @@ class Adapter:
         f = t.file
         if cfg.parse == "cri":
             lines = self._join_cri(t, lines)
+        elif t.grouper is not None:
+            lines = t.grouper.feed(lines)
         path = f.path
         for line in lines:
             batch.lines.append((path, line))
@@ -474,7 +495,11 @@ class Adapter:
                 batch.marks[f.key] = (t.epoch, self._entry(f, line.end))
                 await self._queue.put(batch)
                 batch = Batch()
-        committed = t.cri_held[0][0].offset if t.cri_held else t.splitter.committed
+        committed = t.splitter.committed
+        if t.cri_held:
+            committed = t.cri_held[0][0].offset
+        elif t.grouper is not None and t.grouper.held:
+            committed = t.grouper.held[0].offset
         batch.marks[f.key] = (t.epoch, self._entry(f, committed))
         return batch
 
@@ -529,15 +554,32 @@ class Adapter:
                 and idle >= cfg.flush_partial_after
             ):
                 self._flush_partial(t)
+            if t.grouper is not None and t.grouper.held and idle >= cfg.multiline_timeout:
+                self._queue_line(t, t.grouper.flush_group())
             if t.file.rotated and idle >= cfg.rotate_wait and now - t.rotated_at >= cfg.rotate_wait:
                 self._flush_partial(t)
                 self._close(t, "rotated")
 
     def _flush_partial(self, t: Tracked) -> None:
+        """Emit what the file holds: an unterminated line, open groups (rotation, truncation)."""
         line = t.splitter.flush()
-        if line is None:
-            return
-        self.counters.partial_flushed += 1
+        if line is not None:
+            self.counters.partial_flushed += 1
+            if t.grouper is not None:
+                for group in t.grouper.feed([line]):
+                    self._queue_line(t, group)
+            elif self.config.parse == "cri":
+                for merged in self._join_cri(t, [line]):
+                    self._queue_line(t, merged)
+            else:
+                self._queue_line(t, line)
+        if t.grouper is not None and t.grouper.held:
+            self._queue_line(t, t.grouper.flush_group())
+        if t.cri_held:
+            self._queue_line(t, self._merged(t.cri_held))
+            t.cri_held = []
+
+    def _queue_line(self, t: Tracked, line: Line) -> None:
         batch = Batch(
             [(t.file.path, line)],
             {t.file.key: (t.epoch, self._entry(t.file, line.end))},
