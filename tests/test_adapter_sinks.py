@@ -203,6 +203,7 @@ async def test_stdout_sink_writes_json_lines(tmp_path: Path) -> None:
     path = tmp_path / "out"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT)
     sink = StdoutSink(1024, "split", fd=fd)
+    await sink.start()
     await sink.send([{"message": "a"}, {"message": "b" * 5000}])
     os.close(fd)
     lines = path.read_bytes().splitlines()

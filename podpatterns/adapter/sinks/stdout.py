@@ -79,12 +79,14 @@ class StdoutSink:
     def __init__(self, max_line: int = 16 * 1024, oversize: str = "split", fd: int | None = None):
         self.max_line = max_line
         self.oversize = oversize
-        self.fd = sys.stdout.fileno() if fd is None else fd
+        self.fd = fd  # stdout's, resolved by start(): constructing must not touch stdout
         self.lines = 0
         self.oversized = 0
 
     async def start(self) -> None:
-        """Nothing to open."""
+        """Resolve the descriptor (stdout unless one was given)."""
+        if self.fd is None:
+            self.fd = sys.stdout.fileno()
 
     async def send(self, records: list[Record]) -> None:
         """Encode and write the batch in one write (in a thread: a pipe may block)."""
@@ -99,6 +101,7 @@ class StdoutSink:
                 self.oversized += 1
                 out.extend(fit(rec, limit, self.oversize))
         self.lines += len(records)
+        assert self.fd is not None, "start() first"
         await asyncio.to_thread(write_all, self.fd, b"".join(out))
 
     async def close(self) -> None:
