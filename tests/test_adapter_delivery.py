@@ -406,3 +406,50 @@ async def test_sigterm_style_drain_reads_open_files_to_their_end(tmp_path: Path)
 
     [entry] = CheckpointStore(tmp_path / "cp").load().values()
     assert entry.offset == (tmp_path / "app.log").stat().st_size
+
+
+class FlakySink(ListSink):
+    """Fails its first sends with an OSError (a full disk)."""
+
+    def __init__(self, failures: int) -> None:
+        super().__init__()
+        self.failures = failures
+
+    async def send(self, records: list[dict[str, Any]]) -> None:
+        """Raise ENOSPC ``failures`` times, then keep the batch."""
+        if self.failures:
+            self.failures -= 1
+            raise OSError(28, "No space left on device")
+        await super().send(records)
+
+
+async def test_sink_os_errors_are_retried_not_fatal(tmp_path: Path) -> None:
+    """A sink failing with an OS error (disk full) is retried; nothing is lost, still ready."""
+    sink = FlakySink(3)
+    SeqWriter(tmp_path / "app.log").write(100)
+    async with running(config(tmp_path, "*.log"), sink) as adapter:
+        await until(lambda: len(sink.records) >= 100)
+        assert adapter.is_ready()
+        assert adapter.counters.sink_errors == 3
+    check_delivery(sink.seqs(), 100, 0)
+
+
+async def test_closed_rotated_file_entry_is_kept_until_acknowledged(tmp_path: Path) -> None:
+    """A rotated file closed while its last batch is unacknowledged stays in the checkpoint."""
+    sink = ListSink()
+    log = tmp_path / "app.log"
+    w = SeqWriter(log)
+    w.write(10)
+    async with running(config(tmp_path, "*.log"), sink) as adapter:
+        await until(lambda: len(sink.records) >= 10)
+        sink.set_down(True)
+        w.write(10)
+        os.rename(log, tmp_path / "app.log.1")
+        w.reopen()
+        await until(lambda: adapter.counters.files_closed == 1)
+        await asyncio.sleep(0.3)  # several reconciles (each would prune)
+        rotated = [e for e in adapter.acked.values() if e.offset < 20 * 50]
+        assert any(e.offset > 0 for e in rotated), adapter.acked
+        sink.set_down(False)
+        await until(lambda: len(sink.records) >= 20)
+    check_delivery(sink.seqs(), 20, 0)

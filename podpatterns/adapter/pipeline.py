@@ -32,6 +32,7 @@ from podpatterns.adapter.lines import Line, LineSplitter
 from podpatterns.adapter.multiline import PRESETS, Grouper
 from podpatterns.adapter.parse import Parser, get_parser
 from podpatterns.adapter.sinks import DeadLetter, Sink
+from podpatterns.adapter.sinks.retry import Backoff
 from podpatterns.adapter.tail import (
     FileKey,
     Fingerprint,
@@ -137,6 +138,7 @@ class Counters:
     files_closed: int = 0
     open_errors: int = 0
     cri_merged: int = 0
+    sink_errors: int = 0
 
 
 class Adapter:
@@ -192,6 +194,7 @@ class Adapter:
         self._reader_done = False
         self._drained = asyncio.Event()
         self._extra: list[Batch] = []
+        self._closed_at: dict[FileKey, int] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._started = False
         self._failed = False
@@ -406,8 +409,11 @@ class Adapter:
     async def _read_loop(self) -> None:
         try:
             await self._read_until_stopped()
-        except BaseException:
+        except Exception:
+            # A bug: readiness turns 503 and the traceback is logged; the task's owner
+            # (close) collects it.
             self._failed = True
+            self._log.exception("adapter_stage_failed", stage="read")
             raise
         finally:
             self._reader_done = True
@@ -594,6 +600,8 @@ class Adapter:
         except OSError:
             deleted = False
         t.file.close()
+        # Forget the entry only once everything read from it was acknowledged (_prune).
+        self._closed_at[t.file.key] = t.splitter.committed
         self.counters.files_closed += 1
         self._log.info("file_closed", path=t.file.path, reason=reason, offset=t.file.offset)
         if deleted:
@@ -670,6 +678,8 @@ class Adapter:
         for key, entry in list(self.acked.items()):
             if key in self.tracked or key in found:
                 continue
+            if entry.offset < self._closed_at.get(key, 0):
+                continue  # batches of this closed file are still being shipped
             try:
                 st = os.stat(entry.path)
             except OSError:
@@ -677,6 +687,7 @@ class Adapter:
             if st is None or (st.st_dev, st.st_ino) != key:
                 self.acked.pop(key, None)
                 self._epochs.pop(key, None)
+                self._closed_at.pop(key, None)
                 self._dirty = True
 
     # -- shipping ----------------------------------------------------------------------
@@ -689,9 +700,9 @@ class Adapter:
                     break
                 await self._ship(batch)
                 self._queue.release(batch.nbytes)
-        except BaseException:
-            if not self._stopping:
-                self._failed = True
+        except Exception:
+            self._failed = True
+            self._log.exception("adapter_stage_failed", stage="send")
             raise
         finally:
             if not self._failed:
@@ -704,7 +715,7 @@ class Adapter:
                 self.dead_letter.write, [(r, None, reason) for r, reason in failed]
             )
         if records:
-            await self.sink.send(records)
+            await self._send(records)
             self.counters.records_shipped += len(records)
         self.counters.batches += 1
         for key, (epoch, entry) in batch.marks.items():
@@ -712,6 +723,22 @@ class Adapter:
                 self.acked[key] = entry
                 self._dirty = True
         await self._save_checkpoint()
+
+    async def _send(self, records: list[Record]) -> None:
+        """Send until the sink accepts; an OSError (disk full, EPIPE) is retried, not fatal."""
+        backoff = Backoff(0.1, 5.0)
+        while True:
+            try:
+                await self.sink.send(records)
+            except OSError as exc:
+                if backoff.attempt == 0:
+                    self._log.warning("sink_failing", sink=self.sink.name, error=str(exc))
+                self.counters.sink_errors += 1
+                await asyncio.sleep(backoff.next_delay())
+                continue
+            if backoff.attempt:
+                self._log.info("sink_recovered", sink=self.sink.name, attempts=backoff.attempt)
+            return
 
     def _process(self, batch: Batch) -> tuple[list[Record], list[tuple[Record, str]]]:
         parser = self._parser
@@ -862,6 +889,11 @@ class Adapter:
                         "adapter_file_open_errors",
                         "files that could not be opened",
                         lambda: c.open_errors,
+                    ),
+                    counter(
+                        "adapter_sink_errors",
+                        "sink sends that failed with an OS error and were retried",
+                        lambda: c.sink_errors,
                     ),
                     (
                         "counter",
