@@ -386,10 +386,25 @@ class Adapter:
     async def _watch_loop(self) -> None:
         """File events wake the reader; if the watcher cannot run, fall back to polling."""
         roots = watch_roots(self.config.path)
+        if not roots:
+            self.mode = "poll"
+            self._log.warning("watch_fallback_polling", error="no directory to watch", roots=[])
+            return
+        # Our own writes (checkpoint, file sink, dead letters) may live in a watched
+        # directory: their events would only wake the reader for nothing.
+        own = [
+            os.path.abspath(p)
+            for p in (self.config.checkpoint_dir, self.config.sink_path, self.config.dead_letter)
+            if p is not None
+        ]
+
+        def wanted(change: watchfiles.Change, path: str) -> bool:
+            return not any(path == o or path.startswith(o + os.sep) for o in own)
+
         try:
             async for changes in self._watcher_factory(
                 *roots,
-                watch_filter=None,
+                watch_filter=wanted,
                 debounce=50,
                 step=20,
                 stop_event=self._watch_stop,

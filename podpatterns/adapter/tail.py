@@ -84,7 +84,12 @@ def expand(patterns: tuple[str, ...]) -> dict[FileKey, str]:
 
 
 def watch_roots(patterns: tuple[str, ...]) -> list[Path]:
-    """The deepest existing directories that hold every file the globs can match."""
+    """The deepest existing directories that hold every file the globs can match.
+
+    A directory that does not exist yet is replaced by its nearest existing parent (so
+    its creation is seen), but never by the filesystem root: watching ``/`` recursively
+    would cost more than it gives, so such a glob relies on the periodic reconcile.
+    """
     roots: set[Path] = set()
     for pattern in patterns:
         parts = Path(pattern).parts
@@ -96,7 +101,8 @@ def watch_roots(patterns: tuple[str, ...]) -> list[Path]:
         root = Path(*fixed) if fixed else Path(".")
         while not root.is_dir() and root != root.parent:
             root = root.parent
-        roots.add(root)
+        if root != root.parent:
+            roots.add(root)
     # A root inside another is covered by the outer (recursive) watch.
     return sorted(r for r in roots if not any(o != r and o in r.parents for o in roots))
 
