@@ -186,6 +186,13 @@ class Adapter:
             rate_limit=config.rate_limit,
         )
         self._watcher_factory = watcher
+        # Our own writes (checkpoint, file sink, dead letters) may live in a watched
+        # directory: their events would only wake the reader for nothing.
+        self._own_paths = [
+            os.path.abspath(p)
+            for p in (self.config.checkpoint_dir, self.config.sink_path, self.config.dead_letter)
+            if p is not None
+        ]
         self.mode = "poll" if config.watch == "poll" else "watch"
         self._wake = asyncio.Event()
         self._watch_stop = asyncio.Event()
@@ -390,13 +397,7 @@ class Adapter:
             self.mode = "poll"
             self._log.warning("watch_fallback_polling", error="no directory to watch", roots=[])
             return
-        # Our own writes (checkpoint, file sink, dead letters) may live in a watched
-        # directory: their events would only wake the reader for nothing.
-        own = [
-            os.path.abspath(p)
-            for p in (self.config.checkpoint_dir, self.config.sink_path, self.config.dead_letter)
-            if p is not None
-        ]
+        own = self._own_paths
 
         def wanted(change: watchfiles.Change, path: str) -> bool:
             return not any(path == o or path.startswith(o + os.sep) for o in own)
