@@ -453,3 +453,39 @@ async def test_closed_rotated_file_entry_is_kept_until_acknowledged(tmp_path: Pa
         sink.set_down(False)
         await until(lambda: len(sink.records) >= 20)
     check_delivery(sink.seqs(), 20, 0)
+
+
+async def test_truncated_while_stopped_is_read_from_zero(tmp_path: Path) -> None:
+    """A file truncated (and rewritten) while the adapter was stopped is read again from 0."""
+    sink = ListSink()
+    log = tmp_path / "app.log"
+    w = SeqWriter(log)
+    w.write(300)
+    cfg = config(tmp_path, "*.log")
+    async with running(cfg, sink):
+        await until(lambda: len(sink.records) >= 300)
+    os.truncate(log, 0)
+    w.write(100)  # shorter than the checkpointed offset
+    async with running(cfg, sink) as adapter:
+        await until(lambda: len(sink.records) >= 400)
+        assert adapter.counters.truncations + adapter.counters.replaced == 1
+    check_delivery(sink.seqs(), 400, 0)
+
+
+async def test_corrupt_checkpoint_falls_back_to_the_previous_generation(tmp_path: Path) -> None:
+    """A torn checkpoint at startup: the previous generation is used; at most a batch resent."""
+    sink = ListSink()
+    w = SeqWriter(tmp_path / "app.log")
+    cfg = config(tmp_path, "*.log")
+    async with running(cfg, sink):
+        for _ in range(5):
+            w.write(BATCH)
+            await until(lambda: len(sink.records) >= w.next)
+    from podpatterns.adapter.checkpoint import NAME
+
+    (tmp_path / "cp" / NAME).write_bytes(b'{"version": 1, "fil')
+    w.write(100)
+    async with running(cfg, sink) as adapter:
+        await until(lambda: len(set(sink.seqs())) >= w.next)
+        assert adapter._store is not None and adapter._store.fallbacks == 1
+    check_delivery(sink.seqs(), w.next, BATCH)
