@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from podpatterns.adapter.sinks import Record, encode, write_all
+from podpatterns.adapter.sinks import Record, ndjson, write_all
 
 
 class FileSink:
@@ -32,7 +32,7 @@ class FileSink:
 
     async def send(self, records: list[Record]) -> None:
         """Write the batch (and fsync it when asked)."""
-        data = b"".join(encode(r) + b"\n" for r in records)
+        data = ndjson(records)
         await asyncio.to_thread(self._write, data)
 
     def _write(self, data: bytes) -> None:

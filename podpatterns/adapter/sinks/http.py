@@ -15,7 +15,7 @@ from typing import Any
 import aiohttp
 
 from podpatterns import logs
-from podpatterns.adapter.sinks import DeadLetter, Record, encode
+from podpatterns.adapter.sinks import DeadLetter, Record, json_array, ndjson
 from podpatterns.adapter.sinks.retry import Backoff, parse_retry_after
 
 
@@ -74,10 +74,10 @@ class HttpSink:
 
     def _body(self, records: list[Record]) -> tuple[bytes, dict[str, str]]:
         if self.fmt == "json":
-            body = b"[" + b",".join(encode(r) for r in records) + b"]"
+            body = json_array(records)
             ctype = "application/json"
         else:
-            body = b"".join(encode(r) + b"\n" for r in records)
+            body = ndjson(records)
             ctype = "application/x-ndjson"
         headers = {"Content-Type": ctype, **self.headers}
         if self.gzip_body:

@@ -7,7 +7,7 @@ import json
 import sys
 from typing import Any
 
-from podpatterns.adapter.sinks import Record, encode, write_all
+from podpatterns.adapter.sinks import Record, encode, encode_text, write_all
 
 
 def fit(record: Record, max_line: int, mode: str) -> list[bytes]:
@@ -91,15 +91,23 @@ class StdoutSink:
     async def send(self, records: list[Record]) -> None:
         """Encode and write the batch in one write (in a thread: a pipe may block)."""
         out: list[bytes] = []
+        texts: list[str] = []
         limit = self.max_line
+        quick = limit // 4  # UTF-8 takes at most 4 bytes per character
         for rec in records:
-            line = encode(rec)
-            if len(line) < limit:
-                out.append(line)
-                out.append(b"\n")
+            text = encode_text(rec)
+            if len(text) < quick or len(text.encode("utf-8", "backslashreplace")) < limit:
+                texts.append(text)
             else:
                 self.oversized += 1
+                if texts:
+                    texts.append("")
+                    out.append("\n".join(texts).encode("utf-8", "backslashreplace"))
+                    texts = []
                 out.extend(fit(rec, limit, self.oversize))
+        if texts:
+            texts.append("")
+            out.append("\n".join(texts).encode("utf-8", "backslashreplace"))
         self.lines += len(records)
         assert self.fd is not None, "start() first"
         await asyncio.to_thread(write_all, self.fd, b"".join(out))

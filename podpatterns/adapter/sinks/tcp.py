@@ -14,7 +14,7 @@ import contextlib
 from typing import Any
 
 from podpatterns import logs
-from podpatterns.adapter.sinks import Record, encode
+from podpatterns.adapter.sinks import Record, ndjson
 from podpatterns.adapter.sinks.retry import Backoff
 from podpatterns.options import HostPort
 
@@ -53,7 +53,7 @@ class TcpSink:
 
     async def send(self, records: list[Record]) -> None:
         """Write the batch; reconnect and resend until it is written."""
-        data = b"".join(encode(r) + b"\n" for r in records)
+        data = ndjson(records)
         backoff = Backoff(self.backoff, self.backoff_max)
         while True:
             try:
