@@ -222,3 +222,4 @@ async def test_file_sink_appends_and_fsyncs(tmp_path: Path) -> None:
     assert read_ndjson(tmp_path / "out.ndjson") == [{"a": 1}, {"a": 2}]
     assert sink.fsyncs == 2
     assert encode({"k": "é"}) == '{"k":"é"}'.encode()
+    assert json.loads(encode({"k": "\ud800"})) == {"k": "\ud800"}  # a lone surrogate
