@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,9 @@ class CheckpointStore:
         self.previous = self.directory / (NAME + ".prev")
         self.writes = 0
         self.fallbacks = 0
+        # save() runs in worker threads: a save still running in a cancelled task's
+        # thread must not interleave with the final one on the same temporary file.
+        self._lock = threading.Lock()
         self._log = logs.get("adapter")
 
     def load(self) -> dict[tuple[int, int], Entry]:
@@ -83,6 +87,10 @@ class CheckpointStore:
 
     def save(self, entries: dict[tuple[int, int], Entry]) -> None:
         """Write a new generation crash-safely (blocking: call it in a thread)."""
+        with self._lock:
+            self._save(entries)
+
+    def _save(self, entries: dict[tuple[int, int], Entry]) -> None:
         data = json.dumps(
             {"version": VERSION, "files": [asdict(e) for e in entries.values()]},
             separators=(",", ":"),

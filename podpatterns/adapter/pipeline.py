@@ -643,7 +643,12 @@ class Adapter:
             if check:
                 self._check_truncated(t, now)
         for key, path in found.items():
-            if key not in self.tracked:
+            if key in self.tracked:
+                continue
+            entry = self.acked.get(key)
+            if entry is not None:  # a file we closed is matched again: resume, verified
+                self._resume(path, entry, now, rotated=False)
+            else:
                 self._open(path, 0, now)
         if check:
             self._prune(found)
