@@ -441,6 +441,9 @@ class Adapter:
         next_reconcile = time.monotonic() + cfg.reconcile_interval
         while True:
             now = time.monotonic()
+            # Cleared before reading: an event that arrives while we read keeps it set,
+            # so the wait below returns at once instead of at the next reconcile.
+            self._wake.clear()
             if not self._stopping and (now >= next_reconcile or self._discover_requested):
                 full = now >= next_reconcile
                 self._discover_requested = False
@@ -464,7 +467,6 @@ class Adapter:
                 timeout = min(timeout, cfg.flush_partial_after / 2)
             if cfg.multiline != "off" or cfg.multiline_start or cfg.multiline_continue:
                 timeout = min(timeout, cfg.multiline_timeout / 2)
-            self._wake.clear()
             try:
                 async with asyncio.timeout(timeout):
                     await self._wake.wait()
