@@ -275,3 +275,35 @@ def test_rate_limit_drops_the_excess() -> None:
     out, _ = chain.apply([{"offset": i} for i in range(1000)])
     assert 100 <= len(out) <= 101
     assert chain.counters.rate_limited == 1000 - len(out)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.binary(max_size=120), min_size=1, max_size=30),
+    st.sampled_from(PARSERS),
+)
+def test_no_line_crashes_the_processing_stage(raws: list[bytes], parser: str) -> None:
+    """Any bytes through any parser and the built-in transforms: one record each, no raise."""
+    from podpatterns.adapter import Adapter
+    from podpatterns.adapter.config import AdapterConfig
+    from podpatterns.adapter.pipeline import Batch
+
+    cfg = AdapterConfig(
+        path=("/nonexistent/*.log",),
+        parse=parser,
+        regex=re.compile(r"(?P<word>\w+)"),
+        redact=("bearer", "url_password", "email", "ipv4", "credit_card"),
+        rename_field=(("message", "msg"),),
+        timestamp_field="time",
+        add_field=(("k", "v"),),
+    )
+    adapter = Adapter(cfg)
+    batch = Batch()
+    offset = 0
+    for raw in raws:
+        data = raw.replace(b"\n", b" ")
+        batch.lines.append(("/f.log", Line(data, offset, offset + len(data) + 1)))
+        offset += len(data) + 1
+    records, failed = adapter._process(batch)
+    assert len(records) == len(raws) and not failed
+    assert [r["offset"] for r in records] == [ln.offset for _, ln in batch.lines]
