@@ -223,3 +223,38 @@ def test_real_logrotate(tmp_path: Path, mode: str) -> None:
     finally:
         p.stop()
     check_delivery(delivered(tmp_path), w.next, 0)
+
+
+def test_metrics_and_readiness_are_served(tmp_path: Path) -> None:
+    """/readyz is 200 once started and /metrics shows the adapter's counters and watch mode."""
+    import urllib.request
+
+    (tmp_path / "logs").mkdir()
+    SeqWriter(tmp_path / "logs" / "app.log").write(100)
+    p = Proc(
+        "adapter",
+        "--path",
+        str(tmp_path / "logs" / "*.log"),
+        "--sink",
+        "file",
+        "--sink-path",
+        str(tmp_path / "out.ndjson"),
+        "--admin",
+        "127.0.0.1:0",
+        "--shutdown-delay",
+        "0",
+    )
+    try:
+        url = p.admin_url()
+        wait_delivered(tmp_path, 100)
+        with urllib.request.urlopen(url + "/readyz", timeout=5) as resp:
+            assert resp.status == 200
+        with urllib.request.urlopen(url + "/metrics", timeout=5) as resp:
+            text = resp.read().decode()
+        assert "podpatterns_adapter_records_shipped_total 100.0" in text
+        assert 'podpatterns_adapter_watch_mode{mode="watch"} 1.0' in text
+        assert "podpatterns_adapter_files_open 1.0" in text
+        p.signal(signal.SIGTERM)
+        assert p.wait(15) == 0
+    finally:
+        p.stop()
