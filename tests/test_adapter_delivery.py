@@ -77,6 +77,8 @@ async def test_rename_create_rotation_under_load_loses_nothing(tmp_path: Path) -
         await until(lambda: len(set(sink.seqs())) >= written)
         assert adapter.counters.rotations >= 8
     check_delivery(sink.seqs(), written, 0)
+    keys = {(r["file_id"], r["offset"]) for r in sink.records}
+    assert len(keys) == len(sink.records), "(file_id, offset) is not a unique key"
 
 
 async def test_rotated_file_is_closed_after_its_end(tmp_path: Path) -> None:

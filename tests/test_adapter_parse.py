@@ -302,8 +302,8 @@ def test_no_line_crashes_the_processing_stage(raws: list[bytes], parser: str) ->
     offset = 0
     for raw in raws:
         data = raw.replace(b"\n", b" ")
-        batch.lines.append(("/f.log", Line(data, offset, offset + len(data) + 1)))
+        batch.lines.append(("/f.log", "1:2", Line(data, offset, offset + len(data) + 1)))
         offset += len(data) + 1
     records, failed = adapter._process(batch)
     assert len(records) == len(raws) and not failed
-    assert [r["offset"] for r in records] == [ln.offset for _, ln in batch.lines]
+    assert [r["offset"] for r in records] == [ln.offset for _, _, ln in batch.lines]

@@ -67,7 +67,7 @@ class Tracked:
 class Batch:
     """Lines read, with the checkpoint each file reaches once they are acknowledged."""
 
-    lines: list[tuple[str, Line]] = field(default_factory=list)
+    lines: list[tuple[str, str, Line]] = field(default_factory=list)  # (path, file_id, line)
     marks: dict[FileKey, tuple[int, Entry]] = field(default_factory=dict)
     nbytes: int = 0
 
@@ -512,8 +512,9 @@ class Adapter:
         elif t.grouper is not None:
             lines = t.grouper.feed(lines)
         path = f.path
+        file_id = f"{f.key[0]}:{f.key[1]}"
         for line in lines:
-            batch.lines.append((path, line))
+            batch.lines.append((path, file_id, line))
             batch.nbytes += len(line.data) + 64
             if len(batch.lines) >= cfg.batch_max_records or batch.nbytes >= cfg.batch_max_bytes:
                 batch.marks[f.key] = (t.epoch, self._entry(f, line.end))
@@ -605,7 +606,7 @@ class Adapter:
 
     def _queue_line(self, t: Tracked, line: Line) -> None:
         batch = Batch(
-            [(t.file.path, line)],
+            [(t.file.path, f"{t.file.key[0]}:{t.file.key[1]}", line)],
             {t.file.key: (t.epoch, self._entry(t.file, line.end))},
             len(line.data),
         )
@@ -641,7 +642,12 @@ class Adapter:
                 f.rotated = True
                 t.rotated_at = now
                 self.counters.rotations += 1
-                self._log.info("file_rotated", path=f.path)
+                # Records read from now on carry the rotated name: the new file at the
+                # old name starts again at offset 0, and (file, offset) must stay a key.
+                new_name = find_by_key(os.path.dirname(f.path) or ".", key)
+                self._log.info("file_rotated", path=f.path, now_at=new_name)
+                if new_name is not None:
+                    f.path = new_name
             if check:
                 self._check_truncated(t, now)
         for key, path in found.items():
@@ -770,7 +776,7 @@ class Adapter:
         c = self.counters
         out: list[Record] = []
         c.lines += len(batch.lines)
-        for path, line in batch.lines:
+        for path, file_id, line in batch.lines:
             try:
                 text = line.data.decode()
             except UnicodeDecodeError:
@@ -792,6 +798,7 @@ class Adapter:
                 else:
                     rec = fields
             rec["file"] = path
+            rec["file_id"] = file_id
             rec["offset"] = line.offset
             if line.truncated:
                 rec["truncated"] = True
