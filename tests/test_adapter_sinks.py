@@ -223,3 +223,38 @@ async def test_file_sink_appends_and_fsyncs(tmp_path: Path) -> None:
     assert sink.fsyncs == 2
     assert encode({"k": "é"}) == '{"k":"é"}'.encode()
     assert json.loads(encode({"k": "\ud800"})) == {"k": "\ud800"}  # a lone surrogate
+
+
+async def test_https_sink_verifies_the_server(tmp_path: Path) -> None:
+    """HTTPS: accepted with --sink-ca naming the server's CA; an unknown CA is retried, not sent."""
+    import ssl
+
+    import trustme
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    cert.configure_cert(server_ctx)
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    c = Collector()
+    app = web.Application()
+    app.router.add_post("/ingest", c.handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=server_ctx)
+    await site.start()
+    url = f"https://127.0.0.1:{runner.addresses[0][1]}/ingest"
+    good = HttpSink(url, ca_file=ca_file)
+    untrusted = HttpSink(url, retries=2, backoff=0.01, dead_letter=DeadLetter(None, 0))
+    await good.start()
+    await untrusted.start()
+    try:
+        await good.send([{"message": "secure"}])
+        await untrusted.send([{"message": "never"}])
+    finally:
+        await good.close()
+        await untrusted.close()
+        await runner.cleanup()
+    assert c.records == [{"message": "secure"}]
+    assert untrusted.rejected == 1 and untrusted.dead_letter.dropped == 1

@@ -359,6 +359,13 @@ SINK_OPTIONS: tuple[Option[Any], ...] = (
         "file holding a bearer token (re-read on every batch)",
         metavar="FILE",
     ),
+    _a(
+        "sink_ca",
+        parse_path,
+        None,
+        "CA bundle (PEM) to verify the HTTPS sink with, instead of the system's",
+        metavar="FILE",
+    ),
     _a("sink_address", parse_hostport, None, "HOST:PORT of the TCP sink", metavar="HOST:PORT"),
     _a("sink_timeout", parse_duration, 30.0, "timeout of one sink request", metavar="DURATION"),
     _a("sink_retries", parse_int(0), 0, "retries of one batch; 0 is unlimited", metavar="N"),
@@ -441,6 +448,7 @@ class AdapterConfig:
     sink_gzip: bool = False
     sink_header: tuple[tuple[str, str], ...] = ()
     sink_token_file: Path | None = None
+    sink_ca: Path | None = None
     sink_address: Any = None
     sink_timeout: float = 30.0
     sink_retries: int = 0

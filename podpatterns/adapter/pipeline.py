@@ -1019,6 +1019,7 @@ def build_sink(config: AdapterConfig, dead_letter: DeadLetter) -> Sink:
             backoff=config.sink_backoff,
             backoff_max=config.sink_backoff_max,
             dead_letter=dead_letter,
+            ca_file=config.sink_ca,
         )
     if config.sink == "tcp":
         from podpatterns.adapter.sinks.tcp import TcpSink

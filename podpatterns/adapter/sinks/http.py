@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import ssl
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ class HttpSink:
         backoff: first backoff bound.
         backoff_max: backoff cap.
         dead_letter: where rejected records go.
+        ca_file: CA bundle to verify the server with (the system's by default).
     """
 
     name = "http"
@@ -50,6 +52,7 @@ class HttpSink:
         backoff: float = 0.2,
         backoff_max: float = 30.0,
         dead_letter: DeadLetter | None = None,
+        ca_file: Path | None = None,
     ) -> None:
         self.url = url
         self.fmt = fmt
@@ -61,6 +64,7 @@ class HttpSink:
         self.backoff = backoff
         self.backoff_max = backoff_max
         self.dead_letter = dead_letter or DeadLetter(None, 0)
+        self.ca_file = ca_file
         self._session: aiohttp.ClientSession | None = None
         self._log = logs.get("adapter", sink="http")
         self.requests = 0
@@ -70,7 +74,14 @@ class HttpSink:
 
     async def start(self) -> None:
         """Create the client session."""
-        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout))
+        # TLS is always verified: against --sink-ca when given, else the system's CAs.
+        ssl_ctx = ssl.create_default_context(
+            cafile=str(self.ca_file) if self.ca_file is not None else None
+        )
+        self._session = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=self.timeout),
+            connector=aiohttp.TCPConnector(ssl=ssl_ctx),
+        )
 
     def _body(self, records: list[Record]) -> tuple[bytes, dict[str, str]]:
         if self.fmt == "json":
