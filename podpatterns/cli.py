@@ -58,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_arguments(amb, AMBASSADOR_OPTIONS)
+    _add_adapter_parser(sub)
     demo = sub.add_parser(
         "demo",
         help="run a small Pod on loopback and print what happened",
@@ -89,6 +90,8 @@ def run(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "ambassador":
             return _run_ambassador(flags)
+        if args.command == "adapter":
+            return _run_adapter(flags)
         if args.command == "demo":
             from podpatterns.demo import run_demo
 
@@ -124,6 +127,29 @@ def _run_ambassador(flags: dict[str, Any]) -> int:
     file, label = _file_values(flags)
     cfg = amb_config.build(flags, environ(), file, label)
     return serve(cfg.runtime, lambda: [Ambassador(cfg)])
+
+
+def _add_adapter_parser(sub: Any) -> None:
+    from podpatterns.adapter import ADAPTER_OPTIONS
+
+    adapter = sub.add_parser(
+        "adapter",
+        help="tail, parse, transform and ship logs from a shared volume",
+        description="Tail files (globs), parse and transform each line, ship the records to "
+        "a sink; at least once, checkpointed after the sink acknowledged.",
+        epilog=env_epilog(ADAPTER_OPTIONS),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_arguments(adapter, ADAPTER_OPTIONS)
+
+
+def _run_adapter(flags: dict[str, Any]) -> int:
+    from podpatterns.adapter import Adapter
+    from podpatterns.adapter import config as adapter_config
+
+    file, label = _file_values(flags)
+    cfg = adapter_config.build(flags, environ(), file, label)
+    return serve(cfg.runtime, lambda: [Adapter(cfg)])
 
 
 def serve(config: RuntimeConfig, make: Callable[[], list[Component]]) -> int:

@@ -194,8 +194,11 @@ def run_demo(connections: int = 200, megabytes: int = 64) -> int:
         factory: Any = uvloop.new_event_loop
     except ImportError:  # pragma: no cover
         factory = None
+    from podpatterns.adapter.demo import adapter_demo, summary
+
     with asyncio.Runner(loop_factory=factory) as runner:
         r = runner.run(demo(connections, megabytes))
+        a = runner.run(adapter_demo())
     p = sys.stdout.write
     p("podpatterns demo: a Pod on loopback\n")
     p(f"  upstream service   {r['upstream']}  (embedded echo server)\n")
@@ -228,6 +231,10 @@ def run_demo(connections: int = 200, megabytes: int = 64) -> int:
     p("  /metrics (excerpt)\n")
     for line in r["metrics"]:
         p(f"    {line}\n")
+    p("\n")
+    for line in summary(a):
+        p(line + "\n")
     ok = r["bulk_ok"] and r["readyz_before"] == 200 and r["readyz_draining"] == 503
     ok = ok and r["app_readyz_ready"] == 200 and r["shutdown_reason"] == "exit-with:app"
+    ok = ok and a["distinct"] == a["written"] and a["parse_errors"] == 0
     return 0 if ok else 1

@@ -257,6 +257,8 @@ def _show(value: Any) -> str:
         return ",".join(_show(v) for v in value)
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, bytes):  # a delimiter: shown with escapes, as it is written
+        return value.decode("latin-1").encode("unicode_escape").decode()
     if isinstance(value, float) and value.is_integer():
         return f"{int(value)}s"
     if isinstance(value, float):

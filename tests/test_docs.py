@@ -25,6 +25,7 @@ import pytest
 import yaml
 
 from podpatterns import reference
+from podpatterns.adapter import config as adapter_config
 from podpatterns.admin import AdminServer
 from podpatterns.ambassador import config as amb_config
 from podpatterns.cli import EXIT_TABLE, build_parser
@@ -141,13 +142,13 @@ def test_python_example_runs(block: Block, tmp_path: Path) -> None:
         assert sign not in proc.stderr, f"{block.id}: {sign!r} on stderr\n{output}"
 
 
-def _ambassador_containers(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+def _podpatterns_containers(manifest: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     spec = manifest.get("spec", {})
     spec = spec.get("template", {}).get("spec", spec)  # a Job or Deployment wraps a Pod
     return [
-        c
+        (c["command"][1], c)
         for c in [*spec.get("initContainers", []), *spec.get("containers", [])]
-        if c.get("command") == ["podpatterns", "ambassador"]
+        if c.get("command") in (["podpatterns", "ambassador"], ["podpatterns", "adapter"])
     ]
 
 
@@ -195,15 +196,17 @@ def _check_health_flags(tool: str, flags: dict[str, Any], where: str) -> None:
 
 @pytest.mark.parametrize("block", YAML_BLOCKS, ids=lambda b: b.id)
 def test_yaml_example_is_accepted(block: Block) -> None:
-    """A manifest's ambassador args and probes, or a config file, are valid as shown."""
+    """A manifest's podpatterns args and probes, or a config file, are valid as shown."""
     data = yaml.safe_load(block.code)
     assert isinstance(data, dict), block.id
+    builders = {"ambassador": amb_config.build, "adapter": adapter_config.build}
     if "apiVersion" not in data:
-        amb_config.build({}, {}, data, block.id)
+        builders["adapter" if block.path.name == "adapter.md" else "ambassador"](
+            {}, {}, data, block.id
+        )
         return
-    containers = _ambassador_containers(data)
+    containers = _podpatterns_containers(data)
     health = _health_containers(data)
-    assert containers or health, f"{block.id}: no podpatterns container"
     for container in health:
         tool = container["command"][1]
         args = build_parser().parse_args([tool, *container.get("args", [])])
@@ -215,10 +218,11 @@ def test_yaml_example_is_accepted(block: Block) -> None:
             if probe in container:
                 path = container[probe]["httpGet"]["path"]
                 assert HEALTH_PROBE_PATH.match(path), (block.id, probe, path)
-    for container in containers:
-        args = build_parser().parse_args(["ambassador", *container.get("args", [])])
+    assert containers or health, f"{block.id}: no podpatterns container"
+    for command, container in containers:
+        args = build_parser().parse_args([command, *container.get("args", [])])
         flags = {k: v for k, v in vars(args).items() if k != "command"}
-        amb_config.build(flags, {}, {}, block.id)
+        builders[command](flags, {}, {}, block.id)
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
             if probe in container:
                 assert container[probe]["httpGet"]["path"] in PROBE_PATHS, (block.id, probe)

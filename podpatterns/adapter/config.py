@@ -1,0 +1,514 @@
+"""Adapter configuration: one declaration per option, one immutable config object."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from podpatterns.errors import ConfigError
+from podpatterns.options import (
+    Option,
+    check_unknown_keys,
+    parse_bool,
+    parse_choice,
+    parse_duration,
+    parse_hostport,
+    parse_int,
+    parse_optional_duration,
+    parse_path,
+    parse_size,
+    parse_str,
+    resolve,
+)
+from podpatterns.runtime import RUNTIME_OPTIONS, RuntimeConfig
+
+PARSERS = ("raw", "json", "logfmt", "regex", "nginx", "apache", "apache_common", "cri", "syslog")
+REDACTIONS = ("bearer", "url_password", "email", "ipv4", "credit_card")
+
+
+def parse_delimiter(text: str) -> bytes:
+    r"""Parse a line delimiter: ``\n`` (default), ``\r\n``, ``\0`` or literal characters."""
+    raw = text.encode().decode("unicode_escape").encode("latin-1") if "\\" in text else text
+    data = raw if isinstance(raw, bytes) else raw.encode()
+    if not data:
+        raise ValueError("is empty (e.g. \\n, \\0, or ';;')")
+    return data
+
+
+def parse_regex(text: str) -> re.Pattern[str]:
+    """Compile a regular expression (Python syntax)."""
+    try:
+        return re.compile(text)
+    except re.error as exc:
+        raise ValueError(f"is not a valid regular expression ({exc})") from None
+
+
+def parse_pair(text: str) -> tuple[str, str]:
+    """Parse ``KEY=VALUE``."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ValueError("is not KEY=VALUE")
+    return key.strip(), value
+
+
+def parse_filter(text: str) -> tuple[str, re.Pattern[str]]:
+    """Parse ``FIELD=REGEX``: keep records whose FIELD matches REGEX."""
+    key, value = parse_pair(text)
+    return key, parse_regex(value)
+
+
+def parse_callable_ref(text: str) -> str:
+    """Parse ``package.module:function`` (imported when the adapter starts)."""
+    mod, sep, func = text.strip().partition(":")
+    if not sep or not mod or not func.isidentifier():
+        raise ValueError("is not package.module:function")
+    return text.strip()
+
+
+def parse_fraction(text: str) -> float:
+    """Parse a fraction in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError("is not a number in (0, 1]") from None
+    if not 0 < value <= 1:
+        raise ValueError("is out of range (0, 1]")
+    return value
+
+
+def parse_rate(text: str) -> float | None:
+    """Parse records per second; ``0`` or ``off`` disables."""
+    if text.strip().lower() in ("0", "off", "none"):
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError("is not a number of records per second") from None
+    if value <= 0:
+        raise ValueError("must be > 0")
+    return value
+
+
+def _a(name: str, parse: Any, default: Any, help: str, **kw: Any) -> Option[Any]:
+    return Option(name, parse, default, help, scope="adapter", **kw)
+
+
+INPUT_OPTIONS: tuple[Option[Any], ...] = (
+    _a(
+        "path",
+        parse_str,
+        (),
+        "glob of files to tail (** allowed); repeat for several",
+        multiple=True,
+        metavar="GLOB",
+    ),
+    _a(
+        "read_from",
+        parse_choice("beginning", "end"),
+        "beginning",
+        "where to start in a file seen for the first time at startup",
+        metavar="WHERE",
+    ),
+    _a(
+        "checkpoint_dir",
+        parse_path,
+        None,
+        "directory of the crash-safe checkpoint; without it a restart reads by --read-from",
+        metavar="DIR",
+    ),
+    _a(
+        "watch",
+        parse_choice("auto", "poll"),
+        "auto",
+        "auto: file events (watchfiles) with polling fallback; poll: polling only",
+        metavar="MODE",
+    ),
+    _a(
+        "poll_interval",
+        parse_duration,
+        0.25,
+        "how often files are checked in polling mode",
+        metavar="DURATION",
+    ),
+    _a(
+        "reconcile_interval",
+        parse_duration,
+        1.0,
+        "how often every open file is stat'ed and the globs re-expanded",
+        metavar="DURATION",
+    ),
+    _a(
+        "rotate_wait",
+        parse_duration,
+        5.0,
+        "a rotated file is closed once read to its end and unchanged this long",
+        metavar="DURATION",
+    ),
+    _a(
+        "delimiter",
+        parse_delimiter,
+        b"\n",
+        "line delimiter (escapes such as \\n or \\0 allowed)",
+        metavar="BYTES",
+    ),
+    _a(
+        "max_line_bytes",
+        parse_size,
+        256 * 1024,
+        "longer lines are truncated to this and marked truncated",
+        metavar="SIZE",
+    ),
+    _a(
+        "flush_partial_after",
+        parse_optional_duration,
+        None,
+        "emit an unterminated last line after the file was idle this long",
+        metavar="DURATION",
+    ),
+    _a("read_chunk", parse_size, 256 * 1024, "bytes read from one file per turn", metavar="SIZE"),
+    _a(
+        "queue_max_bytes",
+        parse_size,
+        8 * 1024 * 1024,
+        "bytes of lines read but not yet shipped; reading pauses above it",
+        metavar="SIZE",
+    ),
+    _a("batch_max_records", parse_int(1, 1_000_000), 2000, "records per sink batch", metavar="N"),
+    _a("batch_max_bytes", parse_size, 1024 * 1024, "bytes of lines per sink batch", metavar="SIZE"),
+)
+
+PROCESS_OPTIONS: tuple[Option[Any], ...] = (
+    _a(
+        "parse",
+        parse_choice(*PARSERS),
+        "raw",
+        f"line format: {', '.join(PARSERS)}",
+        metavar="FORMAT",
+    ),
+    _a("regex", parse_regex, None, "pattern with named groups for --parse regex", metavar="REGEX"),
+    _a(
+        "multiline",
+        parse_choice("off", "python", "java", "go"),
+        "off",
+        "join multiline records with a preset: python, java or go",
+        metavar="PRESET",
+    ),
+    _a(
+        "multiline_start",
+        parse_regex,
+        None,
+        "a line matching REGEX starts a record; other lines continue it",
+        metavar="REGEX",
+    ),
+    _a(
+        "multiline_continue",
+        parse_regex,
+        None,
+        "a line matching REGEX continues the previous record",
+        metavar="REGEX",
+    ),
+    _a(
+        "multiline_max_lines",
+        parse_int(2, 100_000),
+        500,
+        "most lines in one multiline record",
+        metavar="N",
+    ),
+    _a(
+        "multiline_max_bytes",
+        parse_size,
+        256 * 1024,
+        "most bytes in one multiline record",
+        metavar="SIZE",
+    ),
+    _a(
+        "multiline_timeout",
+        parse_duration,
+        1.0,
+        "close an open multiline record after the file was idle this long",
+        metavar="DURATION",
+    ),
+    _a(
+        "on_parse_error",
+        parse_choice("raw", "drop"),
+        "raw",
+        "a line that fails to parse: raw (pass on, marked parse_error) or drop",
+        metavar="ACTION",
+    ),
+    _a(
+        "add_field",
+        parse_pair,
+        (),
+        "set FIELD to VALUE on every record",
+        multiple=True,
+        metavar="FIELD=VALUE",
+    ),
+    _a("rename_field", parse_pair, (), "rename field OLD to NEW", multiple=True, metavar="OLD=NEW"),
+    _a("drop_field", parse_str, (), "remove FIELD", multiple=True, metavar="FIELD"),
+    _a(
+        "timestamp_field",
+        parse_str,
+        None,
+        "copy this parsed field to 'timestamp' (ISO 8601 when it parses)",
+        metavar="FIELD",
+    ),
+    _a(
+        "redact",
+        parse_choice(*REDACTIONS),
+        (),
+        f"built-in redaction of string fields: {', '.join(REDACTIONS)}",
+        multiple=True,
+        metavar="KIND",
+    ),
+    _a(
+        "redact_regex",
+        parse_regex,
+        (),
+        "replace matches of REGEX with [REDACTED]",
+        multiple=True,
+        metavar="REGEX",
+    ),
+    _a(
+        "filter",
+        parse_filter,
+        (),
+        "keep only records whose FIELD matches REGEX",
+        multiple=True,
+        metavar="FIELD=REGEX",
+    ),
+    _a(
+        "exclude",
+        parse_filter,
+        (),
+        "drop records whose FIELD matches REGEX",
+        multiple=True,
+        metavar="FIELD=REGEX",
+    ),
+    _a(
+        "sample",
+        parse_fraction,
+        1.0,
+        "keep this fraction of records (deterministic by offset)",
+        metavar="FRACTION",
+    ),
+    _a(
+        "rate_limit",
+        parse_rate,
+        None,
+        "records per second kept; the excess is dropped and counted",
+        metavar="N",
+    ),
+    _a(
+        "transform",
+        parse_callable_ref,
+        (),
+        "Python callable record -> record, list or None; repeat for several",
+        multiple=True,
+        metavar="MODULE:FUNC",
+    ),
+)
+
+SINK_OPTIONS: tuple[Option[Any], ...] = (
+    _a(
+        "sink",
+        parse_choice("stdout", "file", "http", "tcp"),
+        "stdout",
+        "where records go: stdout, file, http or tcp",
+        metavar="SINK",
+    ),
+    _a(
+        "stdout_max_line",
+        parse_size,
+        16 * 1024,
+        "longest JSON line on stdout (container runtimes split longer ones)",
+        metavar="SIZE",
+    ),
+    _a(
+        "stdout_oversize",
+        parse_choice("split", "truncate"),
+        "split",
+        "a longer record is split into parts or truncated (both marked)",
+        metavar="ACTION",
+    ),
+    _a("sink_path", parse_path, None, "file of the file sink (NDJSON, appended)", metavar="FILE"),
+    _a("sink_fsync", parse_bool, False, "fsync the file sink before acknowledging", flag=True),
+    _a("sink_url", parse_str, None, "URL of the HTTP sink", metavar="URL"),
+    _a(
+        "sink_format",
+        parse_choice("ndjson", "json"),
+        "ndjson",
+        "HTTP body: ndjson or a json array",
+        metavar="FORMAT",
+    ),
+    _a("sink_gzip", parse_bool, False, "gzip the HTTP body", flag=True),
+    _a(
+        "sink_header",
+        parse_pair,
+        (),
+        "extra HTTP header NAME=VALUE",
+        multiple=True,
+        metavar="NAME=VALUE",
+    ),
+    _a(
+        "sink_token_file",
+        parse_path,
+        None,
+        "file holding a bearer token (re-read on every batch)",
+        metavar="FILE",
+    ),
+    _a(
+        "sink_ca",
+        parse_path,
+        None,
+        "CA bundle (PEM) to verify the HTTPS sink with, instead of the system's",
+        metavar="FILE",
+    ),
+    _a("sink_address", parse_hostport, None, "HOST:PORT of the TCP sink", metavar="HOST:PORT"),
+    _a("sink_timeout", parse_duration, 30.0, "timeout of one sink request", metavar="DURATION"),
+    _a("sink_retries", parse_int(0), 0, "retries of one batch; 0 is unlimited", metavar="N"),
+    _a(
+        "sink_backoff",
+        parse_duration,
+        0.2,
+        "first retry backoff (doubles, jittered)",
+        metavar="DURATION",
+    ),
+    _a("sink_backoff_max", parse_duration, 30.0, "cap of the retry backoff", metavar="DURATION"),
+    _a(
+        "dead_letter",
+        parse_path,
+        None,
+        "NDJSON file of rejected records (4xx, failed transforms)",
+        metavar="FILE",
+    ),
+    _a(
+        "dead_letter_max_bytes",
+        parse_size,
+        64 * 1024 * 1024,
+        "size cap of the dead-letter file; beyond it records are counted only",
+        metavar="SIZE",
+    ),
+)
+
+ADAPTER_ONLY_OPTIONS = INPUT_OPTIONS + PROCESS_OPTIONS + SINK_OPTIONS
+ADAPTER_OPTIONS: tuple[Option[Any], ...] = RUNTIME_OPTIONS + ADAPTER_ONLY_OPTIONS
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """Everything the adapter needs, validated on construction.
+
+    Attributes mirror the options of the same names (see docs/reference.md).
+    """
+
+    path: tuple[str, ...]
+    read_from: str = "beginning"
+    checkpoint_dir: Path | None = None
+    watch: str = "auto"
+    poll_interval: float = 0.25
+    reconcile_interval: float = 1.0
+    rotate_wait: float = 5.0
+    delimiter: bytes = b"\n"
+    max_line_bytes: int = 256 * 1024
+    flush_partial_after: float | None = None
+    read_chunk: int = 256 * 1024
+    queue_max_bytes: int = 8 * 1024 * 1024
+    batch_max_records: int = 2000
+    batch_max_bytes: int = 1024 * 1024
+    parse: str = "raw"
+    regex: re.Pattern[str] | None = None
+    on_parse_error: str = "raw"
+    multiline: str = "off"
+    multiline_start: re.Pattern[str] | None = None
+    multiline_continue: re.Pattern[str] | None = None
+    multiline_max_lines: int = 500
+    multiline_max_bytes: int = 256 * 1024
+    multiline_timeout: float = 1.0
+    add_field: tuple[tuple[str, str], ...] = ()
+    rename_field: tuple[tuple[str, str], ...] = ()
+    drop_field: tuple[str, ...] = ()
+    timestamp_field: str | None = None
+    redact: tuple[str, ...] = ()
+    redact_regex: tuple[re.Pattern[str], ...] = ()
+    filter: tuple[tuple[str, re.Pattern[str]], ...] = ()
+    exclude: tuple[tuple[str, re.Pattern[str]], ...] = ()
+    sample: float = 1.0
+    rate_limit: float | None = None
+    transform: tuple[str, ...] = ()
+    sink: str = "stdout"
+    stdout_max_line: int = 16 * 1024
+    stdout_oversize: str = "split"
+    sink_path: Path | None = None
+    sink_fsync: bool = False
+    sink_url: str | None = None
+    sink_format: str = "ndjson"
+    sink_gzip: bool = False
+    sink_header: tuple[tuple[str, str], ...] = ()
+    sink_token_file: Path | None = None
+    sink_ca: Path | None = None
+    sink_address: Any = None
+    sink_timeout: float = 30.0
+    sink_retries: int = 0
+    sink_backoff: float = 0.2
+    sink_backoff_max: float = 30.0
+    dead_letter: Path | None = None
+    dead_letter_max_bytes: int = 64 * 1024 * 1024
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    def __post_init__(self) -> None:
+        if not self.path:
+            raise ConfigError("--path: missing (give a glob, e.g. --path '/var/log/app/*.log')")
+        if self.parse == "regex" and self.regex is None:
+            raise ConfigError("--regex: missing (--parse regex needs a pattern with named groups)")
+        if self.regex is not None and not self.regex.groupindex:
+            raise ConfigError(f"--regex: {self.regex.pattern!r} has no named group (?P<name>...)")
+        chosen = [
+            n
+            for n, v in (
+                ("--multiline", self.multiline != "off"),
+                ("--multiline-start", self.multiline_start is not None),
+                ("--multiline-continue", self.multiline_continue is not None),
+            )
+            if v
+        ]
+        if len(chosen) > 1:
+            raise ConfigError(f"{chosen[1]}: cannot be combined with {chosen[0]} (choose one)")
+        if chosen and self.parse == "cri":
+            raise ConfigError(f"{chosen[0]}: not with --parse cri (CRI partials are merged)")
+        if self.sink == "file" and self.sink_path is None:
+            raise ConfigError("--sink-path: missing (--sink file needs a file)")
+        if self.sink == "http" and not (self.sink_url or "").startswith(("http://", "https://")):
+            raise ConfigError(f"--sink-url: {self.sink_url!r} must be an http(s):// URL")
+        if self.sink == "tcp" and self.sink_address is None:
+            raise ConfigError("--sink-address: missing (--sink tcp needs HOST:PORT)")
+        if self.stdout_max_line < 1024:
+            raise ConfigError(f"--stdout-max-line: {self.stdout_max_line} must be >= 1024")
+        if self.max_line_bytes < 1:
+            raise ConfigError("--max-line-bytes: must be >= 1")
+        if self.batch_max_bytes > self.queue_max_bytes:
+            raise ConfigError(
+                f"--queue-max-bytes: {self.queue_max_bytes} must be >= --batch-max-bytes"
+            )
+
+
+def build(
+    flags: Mapping[str, Any],
+    env: Mapping[str, str],
+    file: Mapping[str, Any],
+    file_label: str = "config file",
+) -> AdapterConfig:
+    """Build the config from flags > env > file > defaults.
+
+    Raises:
+        ConfigError: naming the flag, environment variable or file key at fault.
+    """
+    file = dict(file)
+    if "config" in file:
+        raise ConfigError(f"{file_label}: config: a config file cannot name another one")
+    check_unknown_keys(file, [o.name for o in ADAPTER_OPTIONS], file_label)
+    values = resolve(ADAPTER_OPTIONS, flags, env, file, file_label)
+    runtime = RuntimeConfig.from_values(values)
+    return AdapterConfig(**{o.name: values[o.name] for o in ADAPTER_ONLY_OPTIONS}, runtime=runtime)

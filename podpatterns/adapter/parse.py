@@ -1,0 +1,165 @@
+"""Parsers: one line (text) in, a dict of fields out, or ``None`` when it does not parse.
+
+Every parser is a plain callable ``(str) -> dict | None`` and must not raise on any
+input (tests fuzz them). The pipeline turns ``None`` into a raw record marked
+``parse_error`` (or drops it, ``--on-parse-error drop``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from typing import Any
+
+Parser = Callable[[str], dict[str, Any] | None]
+
+
+def parse_raw(line: str) -> dict[str, Any] | None:
+    """The line as ``message``."""
+    return {"message": line}
+
+
+def parse_json(line: str) -> dict[str, Any] | None:
+    """A JSON object; its keys become fields."""
+    try:
+        value = json.loads(line)
+    except ValueError:
+        return None
+    except RecursionError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+_LOGFMT = re.compile(r'\s*([^\s=]+)(?:=("(?:[^"\\]|\\.)*"|[^\s"]*))?')
+
+
+def parse_logfmt(line: str) -> dict[str, Any] | None:
+    """``key=value key2="quoted value" flag`` pairs (a bare key is ``true``)."""
+    out: dict[str, Any] = {}
+    pos = 0
+    n = len(line)
+    while pos < n:
+        m = _LOGFMT.match(line, pos)
+        if m is None or m.end() == pos:
+            if line[pos:].strip():
+                return None
+            break
+        key, value = m.group(1), m.group(2)
+        if value is None:
+            out[key] = True
+        elif value.startswith('"'):
+            try:
+                out[key] = json.loads(value)
+            except ValueError:
+                out[key] = value[1:-1]
+        else:
+            out[key] = value
+        pos = m.end()
+    return out or None
+
+
+def regex_parser(pattern: re.Pattern[str]) -> Parser:
+    """A parser whose fields are the named groups of ``pattern`` (unmatched groups left out)."""
+
+    def parse(line: str) -> dict[str, Any] | None:
+        m = pattern.search(line)
+        if m is None:
+            return None
+        return {k: v for k, v in m.groupdict().items() if v is not None}
+
+    return parse
+
+
+_COMMON = (
+    r"^(?P<remote_addr>\S+) (?P<ident>\S+) (?P<remote_user>\S+) \[(?P<time>[^\]]*)\] "
+    r'"(?P<method>[A-Z]+) (?P<path>[^"]*?)(?: (?P<protocol>HTTP/[\d.]+))?" '
+    r"(?P<status>\d{3}) (?P<bytes>\d+|-)"
+)
+_COMBINED = _COMMON + r' "(?P<referer>[^"]*)" "(?P<user_agent>[^"]*)"'
+_COMMON_RE = re.compile(_COMMON + r"\s*$")
+_COMBINED_RE = re.compile(_COMBINED + r"(?: .*)?$")
+_INTS = ("status", "bytes")
+
+
+def _access(pattern: re.Pattern[str]) -> Parser:
+    def parse(line: str) -> dict[str, Any] | None:
+        m = pattern.match(line)
+        if m is None:
+            return None
+        out: dict[str, Any] = {k: v for k, v in m.groupdict().items() if v is not None}
+        for key in _INTS:
+            value = out.get(key)
+            out[key] = int(value) if value and value != "-" else 0
+        return out
+
+    return parse
+
+
+parse_nginx = _access(_COMBINED_RE)
+"""nginx's default ``combined`` log format (the same as apache combined)."""
+parse_apache = _access(_COMBINED_RE)
+"""Apache combined log format."""
+parse_apache_common = _access(_COMMON_RE)
+"""Apache common log format."""
+
+
+_CRI = re.compile(
+    r"^(?P<time>\S+) (?P<stream>stdout|stderr) (?P<tag>[PF])(?:\S*) ?(?P<message>.*)$", re.DOTALL
+)
+
+
+def parse_cri(line: str) -> dict[str, Any] | None:
+    """A CRI container log line ``TIME STREAM P|F MESSAGE`` (partials merged before)."""
+    m = _CRI.match(line)
+    if m is None:
+        return None
+    return m.groupdict()
+
+
+_RFC5424 = re.compile(
+    r"^<(?P<pri>\d{1,3})>(?P<version>\d{1,2}) (?P<timestamp>\S+) (?P<hostname>\S+) "
+    r"(?P<appname>\S+) (?P<procid>\S+) (?P<msgid>\S+) "
+    r"(?P<sd>-|(?:\[(?:[^\]\\]|\\.)*\])+)(?: (?P<message>.*))?$",
+    re.DOTALL,
+)
+_RFC3164 = re.compile(
+    r"^(?:<(?P<pri>\d{1,3})>)?(?P<timestamp>[A-Z][a-z]{2} [ \d]\d \d\d:\d\d:\d\d) "
+    r"(?P<hostname>\S+) (?P<tag>[^:\[\s]+)(?:\[(?P<procid>[^\]]*)\])?: ?(?P<message>.*)$",
+    re.DOTALL,
+)
+
+
+def parse_syslog(line: str) -> dict[str, Any] | None:
+    """Syslog: RFC 5424, else RFC 3164 (BSD); ``pri`` split into facility and severity."""
+    m = _RFC5424.match(line) or _RFC3164.match(line)
+    if m is None:
+        return None
+    out: dict[str, Any] = {k: v for k, v in m.groupdict().items() if v is not None and v != "-"}
+    pri = out.pop("pri", None)
+    if pri is not None:
+        value = int(pri)
+        if value > 191:
+            return None
+        out["facility"], out["severity"] = divmod(value, 8)
+    out.setdefault("message", "")
+    return out
+
+
+def get_parser(name: str, pattern: re.Pattern[str] | None = None) -> Parser:
+    """The parser called ``name`` (see :data:`podpatterns.adapter.config.PARSERS`)."""
+    if name == "regex":
+        if pattern is None:
+            raise ValueError("the regex parser needs a pattern")
+        return regex_parser(pattern)
+    table: dict[str, Parser] = {
+        "raw": parse_raw,
+        "json": parse_json,
+        "logfmt": parse_logfmt,
+        "nginx": parse_nginx,
+        "apache": parse_apache,
+        "apache_common": parse_apache_common,
+        "cri": parse_cri,
+        "syslog": parse_syslog,
+    }
+    return table[name]

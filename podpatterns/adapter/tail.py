@@ -1,0 +1,243 @@
+"""Files: discovery by glob, identity, reading, rotation and truncation checks.
+
+Identity of a file is its device and inode *plus* a fingerprint of its head (a hash of
+its first bytes, however few there are: it works from the first byte) and, at a
+checkpointed offset, a hash of the bytes just before that offset. Together they tell a
+file we know from a different file that got the same inode (deleted and recreated) or
+was truncated and rewritten while we were not looking.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+HEAD_BYTES = 256
+"""The head fingerprint covers up to this many first bytes of a file."""
+
+TAIL_BYTES = 64
+"""The tail check covers up to this many bytes before an offset."""
+
+FileKey = tuple[int, int]
+"""(st_dev, st_ino) of a file."""
+
+
+def digest(data: bytes) -> str:
+    """A short hex digest of ``data``."""
+    return hashlib.blake2b(data, digest_size=12).hexdigest()
+
+
+def pread_exact(fd: int, n: int, offset: int) -> bytes:
+    """Read up to ``n`` bytes at ``offset`` (fewer only at the end of the file)."""
+    chunks = []
+    while n > 0:
+        chunk = os.pread(fd, n, offset)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        n -= len(chunk)
+        offset += len(chunk)
+    return b"".join(chunks)
+
+
+@dataclass(frozen=True, slots=True)
+class Fingerprint:
+    """Hash of the first ``length`` bytes of a file (``length`` <= :data:`HEAD_BYTES`)."""
+
+    length: int
+    hash: str
+
+    @classmethod
+    def of(cls, fd: int) -> Fingerprint:
+        """The fingerprint of the open file ``fd`` as it is now."""
+        head = pread_exact(fd, HEAD_BYTES, 0)
+        return cls(len(head), digest(head))
+
+    def matches(self, fd: int) -> bool:
+        """True when the open file ``fd`` starts with the same bytes."""
+        head = pread_exact(fd, self.length, 0)
+        return len(head) == self.length and digest(head) == self.hash
+
+
+def tail_hash(fd: int, offset: int) -> str:
+    """Hash of the (up to :data:`TAIL_BYTES`) bytes just before ``offset``."""
+    start = max(0, offset - TAIL_BYTES)
+    return digest(pread_exact(fd, offset - start, start))
+
+
+def expand(patterns: tuple[str, ...]) -> dict[FileKey, str]:
+    """Regular files matched by the globs now, by identity (``**`` recurses)."""
+    found: dict[FileKey, str] = {}
+    for pattern in patterns:
+        for name in glob.iglob(pattern, recursive=True):
+            try:
+                st = os.stat(name)
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode):
+                found.setdefault((st.st_dev, st.st_ino), name)
+    return found
+
+
+def watch_roots(patterns: tuple[str, ...]) -> list[Path]:
+    """The deepest existing directories that hold every file the globs can match.
+
+    A directory that does not exist yet is replaced by its nearest existing parent (so
+    its creation is seen), but never by the filesystem root: watching ``/`` recursively
+    would cost more than it gives, so such a glob relies on the periodic reconcile.
+    """
+    roots: set[Path] = set()
+    for pattern in patterns:
+        parts = Path(pattern).parts
+        fixed: list[str] = []
+        for part in parts[:-1]:
+            if glob.has_magic(part):
+                break
+            fixed.append(part)
+        root = Path(*fixed) if fixed else Path(".")
+        while not root.is_dir() and root != root.parent:
+            root = root.parent
+        if root != root.parent:
+            roots.add(root)
+    # A root inside another is covered by the outer (recursive) watch.
+    return sorted(r for r in roots if not any(o != r and o in r.parents for o in roots))
+
+
+def find_by_key(directory: str, key: FileKey) -> str | None:
+    """The path of the file with identity ``key`` in ``directory`` (rotated names), if any."""
+    try:
+        with os.scandir(directory) as it:
+            for entry in it:
+                try:
+                    if entry.inode() == key[1] and entry.is_file(follow_symlinks=False):
+                        st = entry.stat(follow_symlinks=False)
+                        if st.st_dev == key[0]:
+                            return entry.path
+                except OSError:
+                    continue
+    except OSError:
+        return None
+    return None
+
+
+def find_copy(
+    directory: str, fingerprint: Fingerprint, min_size: int, not_key: FileKey
+) -> str | None:
+    """A file in ``directory`` that starts like ``fingerprint`` and holds >= ``min_size`` bytes.
+
+    Used after a copytruncate: the copy holds what was written before the truncation.
+    """
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return None
+    for entry in entries:
+        try:
+            st = entry.stat(follow_symlinks=False)
+            if (st.st_dev, st.st_ino) == not_key or not stat.S_ISREG(st.st_mode):
+                continue
+            if st.st_size < min_size:
+                continue
+            fd = os.open(entry.path, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            if fingerprint.matches(fd):
+                return entry.path
+        finally:
+            os.close(fd)
+    return None
+
+
+class OpenFile:
+    """One file being read: its descriptor, identity and read position.
+
+    Args:
+        path: the name it was opened by (updated when it is seen under another name).
+        fd: an open read-only descriptor (owned: closed by :meth:`close`).
+        offset: where reading starts.
+    """
+
+    def __init__(self, path: str, fd: int, offset: int) -> None:
+        st = os.fstat(fd)
+        self.key: FileKey = (st.st_dev, st.st_ino)
+        self.path = path
+        self.fd = fd
+        self.offset = offset
+        self.size = st.st_size
+        self.fingerprint = Fingerprint.of(fd)
+        self.recent = pread_exact(fd, min(offset, TAIL_BYTES), max(0, offset - TAIL_BYTES))
+        self.rotated = False  # no longer at a path the globs match
+        self.recovery = False  # a copy read only for what a copytruncate missed
+        self.idle_since = 0.0  # monotonic time of the last growth
+        self.epoch = 0  # bumped on truncation: acks of an older epoch are stale
+        self.closed = False
+
+    @classmethod
+    def open(cls, path: str, offset: int | None = None) -> OpenFile:
+        """Open ``path``; ``offset`` None means at its end."""
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            if offset is None:
+                offset = os.fstat(fd).st_size
+            return cls(path, fd, offset)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def read(self, n: int) -> bytes | None:
+        """Read up to ``n`` bytes at the read position and advance it.
+
+        The bytes just before the position are read again in the same call and compared
+        with those read last time, so a file truncated and rewritten between two looks is
+        never read from the middle of foreign data.
+
+        Returns:
+            The bytes (empty at the end of the file), or ``None`` when the file was
+            truncated or rewritten under us.
+        """
+        k = len(self.recent)
+        data = os.pread(self.fd, n + k, self.offset - k)
+        if k:
+            if data[:k] != self.recent:
+                return None
+            data = data[k:]
+        if data:
+            self.offset += len(data)
+            self.recent = (self.recent + data)[-TAIL_BYTES:]
+            if self.fingerprint.length < HEAD_BYTES:
+                self.fingerprint = Fingerprint.of(self.fd)
+        return data
+
+    def stat_size(self) -> int:
+        """The file's size now (also remembered in :attr:`size`)."""
+        self.size = os.fstat(self.fd).st_size
+        return self.size
+
+    def deleted(self) -> bool:
+        """True when no name links to the file any more."""
+        return os.fstat(self.fd).st_nlink == 0
+
+    def truncated(self) -> bool:
+        """True when the file is shorter than what was read, or was rewritten under us."""
+        if self.stat_size() < self.offset:
+            return True
+        before = pread_exact(self.fd, len(self.recent), self.offset - len(self.recent))
+        return before != self.recent
+
+    def restart(self) -> None:
+        """Continue from offset 0 (after a truncation)."""
+        self.offset = 0
+        self.recent = b""
+        self.epoch += 1
+        self.fingerprint = Fingerprint.of(self.fd)
+
+    def close(self) -> None:
+        """Close the descriptor (idempotent)."""
+        if not self.closed:
+            self.closed = True
+            os.close(self.fd)

@@ -1,0 +1,152 @@
+"""Helpers for the adapter tests: sequence-numbered writers, a recording sink, checks."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+from collections import Counter
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from podpatterns.adapter import Adapter, AdapterConfig
+
+SEQ = re.compile(r"seq=(\d+)")
+
+
+def line(seq: int, pad: int = 40) -> bytes:
+    """The test line for ``seq``: ``seq=N`` plus padding, newline-terminated."""
+    return f"seq={seq} {'x' * pad}\n".encode()
+
+
+class SeqWriter:
+    """Append numbered lines to a file the way an application does (O_APPEND)."""
+
+    def __init__(self, path: Path, start: int = 0) -> None:
+        self.path = path
+        self.next = start
+        self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+
+    def write(self, n: int) -> None:
+        """Write the next ``n`` lines in one write."""
+        data = b"".join(line(s) for s in range(self.next, self.next + n))
+        os.write(self.fd, data)
+        self.next += n
+
+    def reopen(self) -> None:
+        """Close and open the path again (what an app does after a rotation)."""
+        os.close(self.fd)
+        self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+
+    def close(self) -> None:
+        """Close the descriptor."""
+        os.close(self.fd)
+
+
+class ListSink:
+    """A sink that keeps what it was sent (acknowledges at once unless ``down``)."""
+
+    name = "list"
+
+    def __init__(self) -> None:
+        self.records: list[dict[str, Any]] = []
+        self.batches = 0
+        self.max_batch = 0
+        self.down = False
+        self._up = asyncio.Event()
+        self._up.set()
+
+    async def start(self) -> None:
+        """Nothing to open."""
+
+    async def send(self, records: list[dict[str, Any]]) -> None:
+        """Keep the batch (after waiting while ``down``)."""
+        await self._up.wait()
+        self.records.extend(records)
+        self.batches += 1
+        self.max_batch = max(self.max_batch, len(records))
+
+    def set_down(self, down: bool) -> None:
+        """Make :meth:`send` block (down) or pass (up)."""
+        if down:
+            self._up.clear()
+        else:
+            self._up.set()
+
+    async def close(self) -> None:
+        """Nothing to close."""
+
+    def collect(self) -> dict[str, Any]:
+        """No counters."""
+        return {}
+
+    def seqs(self) -> list[int]:
+        """The sequence numbers received, in order."""
+        return seqs_of(r.get("message", "") for r in self.records)
+
+
+def seqs_of(messages: Iterable[str]) -> list[int]:
+    """Sequence numbers found in ``messages``."""
+    out = []
+    for m in messages:
+        found = SEQ.search(m)
+        if found:
+            out.append(int(found.group(1)))
+    return out
+
+
+def read_ndjson(path: Path) -> list[dict[str, Any]]:
+    """Records of an NDJSON file (a torn last line is ignored)."""
+    out: list[dict[str, Any]] = []
+    if not path.exists():
+        return out
+    for raw in path.read_bytes().splitlines():
+        try:
+            out.append(json.loads(raw))
+        except ValueError:
+            continue
+    return out
+
+
+def check_delivery(got: list[int], expected: int, max_duplicates: int) -> None:
+    """Assert every seq in ``range(expected)`` arrived, with few duplicates."""
+    counts = Counter(got)
+    missing = [s for s in range(expected) if s not in counts]
+    dupes = sum(c - 1 for c in counts.values())
+    assert not missing, f"{len(missing)} missing, first {missing[:10]}"
+    assert dupes <= max_duplicates, f"{dupes} duplicates > {max_duplicates}"
+    extra = [s for s in counts if s >= expected]
+    assert not extra, f"unexpected seqs {extra[:10]}"
+
+
+def config(tmp: Path, *paths: str, **kw: Any) -> AdapterConfig:
+    """A config tailing ``paths`` (relative to ``tmp``) with fast test timings."""
+    kw.setdefault("checkpoint_dir", tmp / "cp")
+    kw.setdefault("reconcile_interval", 0.1)
+    kw.setdefault("rotate_wait", 0.3)
+    kw.setdefault("batch_max_records", 500)
+    return AdapterConfig(path=tuple(str(tmp / p) for p in paths), **kw)
+
+
+@asynccontextmanager
+async def running(cfg: AdapterConfig, sink: ListSink, **kw: Any) -> AsyncIterator[Adapter]:
+    """An in-process adapter; drained (as on SIGTERM) and closed on exit."""
+    adapter = Adapter(cfg, sink=sink, **kw)
+    await adapter.start()
+    try:
+        yield adapter
+    finally:
+        adapter.stop_accepting()
+        async with asyncio.timeout(20):
+            await adapter.wait_drained()
+        await adapter.close()
+
+
+async def until(cond: Any, within: float = 15.0) -> None:
+    """Poll ``cond()`` (bounded) until it holds."""
+    async with asyncio.timeout(within):
+        while not cond():  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
