@@ -9,13 +9,13 @@ checkpoint that does not parse falls back to the previous generation, loudly.
 from __future__ import annotations
 
 import json
-import os
 import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from podpatterns import logs
+from podpatterns.atomicfile import replace_atomically
 
 VERSION = 1
 NAME = "adapter-checkpoint.json"
@@ -95,23 +95,9 @@ class CheckpointStore:
             {"version": VERSION, "files": [asdict(e) for e in entries.values()]},
             separators=(",", ":"),
         ).encode()
-        tmp = self.directory / (NAME + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        if self.current.exists():
-            os.replace(self.current, self.previous)
-        os.replace(tmp, self.current)
-        dfd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        replace_atomically(
+            self.current, data, self.directory / (NAME + ".tmp"), keep_previous=self.previous
+        )
         self.writes += 1
 
 

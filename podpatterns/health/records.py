@@ -18,7 +18,6 @@ Three states are derived by readers, never trusted from the writer alone:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import enum
 import json
 import os
@@ -30,6 +29,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
+
+from podpatterns.atomicfile import replace_atomically
 
 SCHEMA_VERSION = 1
 """The version writers write. Readers accept any record whose major version they know."""
@@ -277,26 +278,7 @@ def write_atomic(health_dir: Path, record: Record) -> None:
     """
     target = record_path(health_dir, record.name)
     tmp = health_dir / f"{TEMP_PREFIX}{record.name}{SUFFIX}.{secrets.token_hex(4)}.tmp"
-    data = record.to_json()
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-    try:
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(health_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    replace_atomically(target, record.to_json(), tmp)
 
 
 def new_instance_id() -> str:
