@@ -308,6 +308,25 @@ def resolve(
     return out
 
 
+def resolve_with_file(
+    options: Sequence[Option[Any]],
+    flags: Mapping[str, Any],
+    env: Mapping[str, str],
+    file: Mapping[str, Any],
+    file_label: str = "config file",
+) -> dict[str, Any]:
+    """Check the file's keys against ``options``, then :func:`resolve` the three sources.
+
+    Raises:
+        ConfigError: the file names another config file, has an unknown key, or a value
+            from any source is invalid.
+    """
+    if "config" in file:
+        raise ConfigError(f"{file_label}: config: a config file cannot name another one")
+    check_unknown_keys(file, [o.name for o in options], file_label)
+    return resolve(options, flags, env, file, file_label)
+
+
 def load_yaml(path: Path) -> dict[str, Any]:
     """Read a YAML config file that must hold a mapping.
 

@@ -11,7 +11,6 @@ from typing import Any
 from podpatterns.errors import ConfigError
 from podpatterns.options import (
     Option,
-    check_unknown_keys,
     parse_bool,
     parse_choice,
     parse_duration,
@@ -21,7 +20,7 @@ from podpatterns.options import (
     parse_path,
     parse_size,
     parse_str,
-    resolve,
+    resolve_with_file,
 )
 from podpatterns.runtime import RUNTIME_OPTIONS, RuntimeConfig
 
@@ -506,9 +505,6 @@ def build(
         ConfigError: naming the flag, environment variable or file key at fault.
     """
     file = dict(file)
-    if "config" in file:
-        raise ConfigError(f"{file_label}: config: a config file cannot name another one")
-    check_unknown_keys(file, [o.name for o in ADAPTER_OPTIONS], file_label)
-    values = resolve(ADAPTER_OPTIONS, flags, env, file, file_label)
+    values = resolve_with_file(ADAPTER_OPTIONS, flags, env, file, file_label)
     runtime = RuntimeConfig.from_values(values)
     return AdapterConfig(**{o.name: values[o.name] for o in ADAPTER_ONLY_OPTIONS}, runtime=runtime)

@@ -29,6 +29,7 @@ from podpatterns.options import (
     parse_size,
     parse_str,
     resolve,
+    resolve_with_file,
 )
 from podpatterns.runtime import RUNTIME_OPTIONS, RuntimeConfig
 
@@ -338,10 +339,7 @@ def build(
     """
     file = dict(file)
     routes_raw = file.pop("routes", None)
-    if "config" in file:
-        raise ConfigError(f"{file_label}: config: a config file cannot name another one")
-    check_unknown_keys(file, [o.name for o in AMBASSADOR_OPTIONS], file_label)
-    values = resolve(AMBASSADOR_OPTIONS, flags, env, file, file_label)
+    values = resolve_with_file(AMBASSADOR_OPTIONS, flags, env, file, file_label)
     runtime = RuntimeConfig.from_values(values)
     if routes_raw is None:
         return AmbassadorConfig(routes=(_route_from(values, "default"),), runtime=runtime)
