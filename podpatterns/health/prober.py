@@ -46,7 +46,8 @@ PROBE_OPTIONS: tuple[Option[Any], ...] = (
         _probe,
         (),
         "a check of the container: http(s)://URL[#status=200-299&body=REGEX], "
-        "tcp://HOST:PORT, exec:CMD ARGS, file:PATH[?max-age=30s]",
+        "tcp://HOST:PORT, grpc://HOST:PORT[?service=NAME] (the grpc extra), exec:CMD ARGS, "
+        "file:PATH[?max-age=30s]",
         multiple=True,
         metavar="PROBE",
         scope="health",

@@ -68,7 +68,9 @@ def _probe(value: str) -> Target:
     if isinstance(target, ExecTarget):
         # run reaps every child with waitpid(-1) (it may be PID 1), which would steal
         # the exit status of an exec probe from its own waiter.
-        raise ValueError("exec: is not supported as a --ready-probe (use tcp://, http:// or file:)")
+        raise ValueError(
+            "exec: is not supported as a --ready-probe (use tcp://, http://, grpc:// or file:)"
+        )
     return target
 
 
@@ -78,7 +80,7 @@ RUN_OPTIONS: tuple[Option[Any], ...] = (
         "ready_probe",
         _probe,
         None,
-        "write ready only once this target answers (tcp://, http://, file:); "
+        "write ready only once this target answers (tcp://, http://, grpc://, file:); "
         "default: ready as soon as the command started",
         metavar="TARGET",
         scope="run",

@@ -32,7 +32,7 @@ WAIT_OPTIONS: tuple[Option[Any], ...] = (
         parse_target,
         (),
         "a target: ready:NAME (needs --health-dir), tcp://HOST:PORT, http://URL, "
-        "https://URL or file:PATH",
+        "https://URL, grpc://HOST:PORT[?service=NAME] (the grpc extra) or file:PATH",
         multiple=True,
         metavar="TARGET",
         scope="wait",
