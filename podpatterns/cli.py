@@ -156,6 +156,7 @@ def serve(config: RuntimeConfig, make: Callable[[], list[Component]]) -> int:
     """Run components under a runtime with signal handling; return the exit code."""
     logs.configure(config.log_level, config.log_format)
     log = logs.get("cli")
+    raise_fd_limit(log)
     factory = _loop_factory(config.loop)
     with asyncio.Runner(loop_factory=factory) as runner:
         try:
@@ -164,6 +165,24 @@ def serve(config: RuntimeConfig, make: Callable[[], list[Component]]) -> int:
             log.error("startup_failed", error=str(exc))
             sys.stderr.write(f"podpatterns: error: {exc}\n")
             return int(exc.exit_code)
+
+
+def raise_fd_limit(log: Any) -> None:
+    """Raise the soft open-files limit to the hard limit (as Go programs do at start).
+
+    Every relayed connection holds 2 descriptors (6 with splice pipes); the usual soft
+    limit of 1024 would cap a proxy at a few hundred connections for no reason.
+    """
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("fd_limit_unchanged", soft=soft, hard=hard, error=str(exc))
+        else:
+            log.debug("fd_limit_raised", soft=soft, now=hard)
 
 
 def _loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import socket
@@ -357,3 +358,85 @@ def test_two_routes_from_config_file(procs: list[Proc], tmp_path: Path) -> None:
     assert sigterm_and_wait(p) == 0
     up_a.close()
     up_b.close()
+
+
+def test_out_of_fds_fails_connections_not_the_process(procs: list[Proc]) -> None:
+    """With too few descriptors for splice pipes, the affected connections are reset and
+    counted; the process neither spins nor stops serving."""
+    import resource
+    import threading
+
+    up, port = _upstream_server()
+
+    def echo_all() -> None:
+        while True:
+            try:
+                conn, _ = up.accept()
+            except OSError:
+                return
+            threading.Thread(target=_echo_once, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=echo_all, daemon=True).start()
+
+    def few_fds() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+
+    p = Proc(
+        "ambassador",
+        "--listen",
+        f"{LOOP}:0",
+        "--upstream",
+        f"{LOOP}:{port}",
+        "--admin",
+        f"{LOOP}:0",
+        "--shutdown-delay",
+        "0",
+        "--splice",
+        "on",
+        preexec_fn=few_fds,
+    )
+    procs.append(p)
+    listen, admin = p.listen_port(), p.admin_url()
+    clients = []
+    for _ in range(16):  # 2 sockets + 4 pipe fds each: more than 64 descriptors hold
+        try:
+            clients.append(socket.create_connection((LOOP, listen), timeout=5))
+        except OSError:
+            break
+    time.sleep(0.5)  # let the ambassador accept and dial what it can
+    for c in clients:  # all at once: every connection wants its pipes at the same time
+        c.sendall(b"ping")
+    outcomes = []
+    for c in clients:
+        try:
+            outcomes.append(c.recv(10))
+        except OSError:
+            outcomes.append(b"reset")
+        c.close()
+    assert b"ping" in outcomes
+    assert any(o in (b"reset", b"") for o in outcomes), outcomes
+    cpu_before = _cpu_seconds(p.p.pid)
+    time.sleep(1.0)
+    assert _cpu_seconds(p.p.pid) - cpu_before < 0.3  # not spinning
+    with urllib.request.urlopen(admin + "/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    assert 'reason="no_pipe"' in text
+    c = socket.create_connection((LOOP, listen), timeout=5)  # still serving
+    c.sendall(b"again")
+    assert c.recv(10) == b"again"
+    c.close()
+    assert sigterm_and_wait(p) == 0
+    up.close()
+
+
+def _echo_once(conn: socket.socket) -> None:
+    with conn, contextlib.suppress(ConnectionError):  # the proxy resets the failed ones
+        while data := conn.recv(65536):
+            conn.sendall(data)
+
+
+def _cpu_seconds(pid: int) -> float:
+    import os
+
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

@@ -97,7 +97,14 @@ class _Direction:
     def on_readable(self) -> None:
         relay = self.relay
         if self.pipe is None:
-            self.pipe = relay.pool.take()
+            try:
+                self.pipe = relay.pool.take()
+            except OSError:
+                # EMFILE/ENFILE: no pipe for this direction. Fail this connection; left
+                # registered, the readable socket would spin the loop forever.
+                relay.conn.end_by_proxy("no_pipe")
+                relay.abort()
+                return
         try:
             n = os.splice(self.src_fd, self.pipe[1], relay.chunk, flags=SPLICE_FLAGS)
         except BlockingIOError:
