@@ -9,6 +9,7 @@ import socket
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,13 @@ from tests.proc import Proc, run, sigterm_and_wait
 LOOP = "127.0.0.1"
 
 
-def ambassador(procs: list[Proc], upstream: str, *extra: str) -> Proc:
+def ambassador(
+    procs: list[Proc],
+    upstream: str,
+    *extra: str,
+    preexec_fn: Callable[[], object] | None = None,
+) -> Proc:
+    """Start an ambassador on port 0 with an admin server; later flags win over earlier."""
     p = Proc(
         "ambassador",
         "--listen",
@@ -31,6 +38,7 @@ def ambassador(procs: list[Proc], upstream: str, *extra: str) -> Proc:
         "--shutdown-delay",
         "0",
         *extra,
+        preexec_fn=preexec_fn,
     )
     procs.append(p)
     return p
@@ -196,20 +204,7 @@ def test_drain_deadline_cuts_and_counts(procs: list[Proc]) -> None:
 def test_accept_window_after_sigterm(procs: list[Proc]) -> None:
     """During --shutdown-delay, readiness is 503 but new connections are still relayed."""
     up, port = _upstream_server()
-    p = Proc(
-        "ambassador",
-        "--listen",
-        f"{LOOP}:0",
-        "--upstream",
-        f"{LOOP}:{port}",
-        "--admin",
-        f"{LOOP}:0",
-        "--shutdown-delay",
-        "3s",
-        "--drain-timeout",
-        "5s",
-    )
-    procs.append(p)
+    p = ambassador(procs, f"{LOOP}:{port}", "--shutdown-delay", "3s", "--drain-timeout", "5s")
     listen, admin = p.listen_port(), p.admin_url()
     assert http(admin + "/readyz")[0] == 200
     p.signal(signal.SIGTERM)
@@ -381,21 +376,7 @@ def test_out_of_fds_fails_connections_not_the_process(procs: list[Proc]) -> None
     def few_fds() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
 
-    p = Proc(
-        "ambassador",
-        "--listen",
-        f"{LOOP}:0",
-        "--upstream",
-        f"{LOOP}:{port}",
-        "--admin",
-        f"{LOOP}:0",
-        "--shutdown-delay",
-        "0",
-        "--splice",
-        "on",
-        preexec_fn=few_fds,
-    )
-    procs.append(p)
+    p = ambassador(procs, f"{LOOP}:{port}", "--splice", "on", preexec_fn=few_fds)
     listen, admin = p.listen_port(), p.admin_url()
     clients = []
     for _ in range(16):  # 2 sockets + 4 pipe fds each: more than 64 descriptors hold
