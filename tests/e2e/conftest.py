@@ -1,0 +1,43 @@
+"""Session fixtures of the end-to-end tests: the engine, the base and the built images.
+
+Every test here is slow (a debootstrap and three image builds on a fresh machine, about
+two minutes) and needs root for rootful podman.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.e2e.engine import TARGETS, Engine, build, build_app, engine, ensure_base
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test of this folder slow and root."""
+    for item in items:
+        if item.path.is_relative_to(__file__.rsplit("/", 1)[0]):
+            item.add_marker(pytest.mark.slow)
+            item.add_marker(pytest.mark.root)
+
+
+@pytest.fixture(scope="session")
+def podman(tmp_path_factory: pytest.TempPathFactory) -> Engine:
+    """podman with the project's containers.conf."""
+    return engine(tmp_path_factory.mktemp("podman"))
+
+
+@pytest.fixture(scope="session")
+def base(podman: Engine) -> str:
+    """The local Debian 12 base image with python3."""
+    return ensure_base(podman)
+
+
+@pytest.fixture(scope="session")
+def images(podman: Engine, base: str) -> dict[str, str]:
+    """The three podpatterns images, built from this checkout: target -> local name."""
+    return {target: build(podman, target, base) for target in TARGETS}
+
+
+@pytest.fixture(scope="session")
+def app_image(podman: Engine, base: str) -> str:
+    """The stand-in application image (nginx, psql)."""
+    return build_app(podman, base)

@@ -1,0 +1,242 @@
+"""A real container engine for the end-to-end tests, set up by the tests themselves.
+
+What works on a Debian 12 machine without a registry (../shared/CONTAINERS.md):
+podman with runc, pointed at a containers.conf this module writes (crun fails in hybrid
+cgroups, and the default rlimits cannot be raised); a base image made with debootstrap
+from the machine's own apt mirror and imported; pip inside ``podman build`` reaching the
+index with the machine's CA bundle mounted into the build.
+
+Nothing is installed here: ``./dev test`` installs podman, runc, catatonit and
+debootstrap. A missing tool skips locally and fails under ``CI=true`` (tests.peers).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+import tomllib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tests.peers import need
+
+ROOT = Path(__file__).resolve().parents[2]
+CONTAINERFILE = ROOT / "images" / "Containerfile"
+APP_CONTAINERFILE = Path(__file__).with_name("app.Containerfile")
+VERSION: str = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+TARGETS = ("ambassador", "adapter", "tools")
+BASE = "localhost/podpatterns-base:test"
+APP = "localhost/podpatterns-testapp:test"
+# The CA bundle pip on this machine trusts (TLS to the index may be intercepted).
+HOST_CA = Path("/etc/ssl/certs/ca-certificates.crt")
+CONTAINERS_CONF = """\
+[containers]
+default_ulimits = ["nofile=16384:16384", "nproc=32768:32768"]
+[engine]
+runtime = "runc"
+"""
+BUILD_TIMEOUT = 600.0
+
+
+def image(target: str) -> str:
+    """The local name of the image of ``target`` (what the manifests call it)."""
+    return f"localhost/podpatterns-{target}:{VERSION}"
+
+
+@dataclass(frozen=True)
+class Engine:
+    """podman, run with the project's containers.conf."""
+
+    binary: str
+    conf: Path
+
+    def run(
+        self, *args: str | Path, timeout: float = 120.0, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
+        """``podman ARGS``; raises with podman's stderr when ``check`` and it fails."""
+        done = subprocess.run(
+            [self.binary, *map(str, args)],
+            env={**os.environ, "CONTAINERS_CONF": str(self.conf)},
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+        if check and done.returncode != 0:
+            command = " ".join(map(str, args))
+            raise RuntimeError(f"podman {command} exited {done.returncode}:\n{done.stderr}")
+        return done
+
+    def exists(self, tag: str) -> bool:
+        """True when the image ``tag`` is in local storage."""
+        return self.run("image", "exists", tag, check=False).returncode == 0
+
+    def inspect(self, kind: str, name: str) -> dict[str, Any]:
+        """``podman KIND inspect NAME`` as a dict."""
+        found: list[dict[str, Any]] = json.loads(self.run(kind, "inspect", name).stdout)
+        return found[0]
+
+    def size(self, tag: str) -> int:
+        """The size in bytes of image ``tag``, as ``podman images`` reports it."""
+        return int(self.inspect("image", tag)["Size"])
+
+    def logs(self, container: str) -> str:
+        """Everything ``container`` wrote to stdout and stderr so far."""
+        done = self.run("logs", container, check=False)
+        return done.stdout + done.stderr
+
+    def state(self, container: str) -> dict[str, Any]:
+        """The ``State`` of ``container`` (Status, ExitCode, ...)."""
+        state: dict[str, Any] = self.inspect("container", container)["State"]
+        return state
+
+    def wait_exited(self, container: str, timeout: float) -> int:
+        """The exit code of ``container`` once it has exited; TimeoutError after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            state = self.state(container)
+            if state["Status"] in ("exited", "stopped"):
+                return int(state["ExitCode"])
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"{container} still {state['Status']} after {timeout}s")
+            time.sleep(0.2)
+
+
+def engine(workdir: Path) -> Engine:
+    """podman with a containers.conf in ``workdir``; skip (fail under CI) if missing."""
+    binary = need("podman")
+    need("runc")
+    need("catatonit")  # podman builds the Pod's infra ("pause") image from it
+    conf = workdir / "containers.conf"
+    conf.write_text(CONTAINERS_CONF)
+    return Engine(binary, conf)
+
+
+def apt_mirror() -> str:
+    """The Debian mirror apt on this machine uses for bookworm (never a hard-coded host)."""
+    sources = Path("/etc/apt/sources.list.d")
+    for path in sorted(sources.glob("*.sources")):
+        for stanza in path.read_text().split("\n\n"):
+            fields: dict[str, str] = dict(re.findall(r"^([A-Za-z-]+):[ \t]*(.*)$", stanza, re.M))
+            if "bookworm" in fields.get("Suites", "").split() and "URIs" in fields:
+                return fields["URIs"].split()[0]
+    for path in [Path("/etc/apt/sources.list"), *sorted(sources.glob("*.list"))]:
+        if path.exists():
+            found = re.search(r"^deb\s+(?:\[[^]]*\]\s+)?(\S+)\s+bookworm\s", path.read_text(), re.M)
+            if found:
+                return found.group(1)
+    raise RuntimeError("no Debian bookworm mirror in /etc/apt/sources.list{,.d}")
+
+
+def ensure_base(podman: Engine) -> str:
+    """The local base image (python3 and venv on Debian 12), made once with debootstrap."""
+    if podman.exists(BASE):
+        return BASE
+    debootstrap = need("debootstrap")
+    with tempfile.TemporaryDirectory(prefix="podpatterns-rootfs-", dir="/var/tmp") as tmp:
+        rootfs = Path(tmp) / "rootfs"
+        done = subprocess.run(
+            [
+                debootstrap,
+                "--variant=minbase",
+                "--include=python3,python3-venv",
+                "bookworm",
+                str(rootfs),
+                apt_mirror(),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=BUILD_TIMEOUT,
+            check=False,
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"debootstrap exited {done.returncode}:\n{done.stdout[-4000:]}")
+        # What a slim image leaves out too: documentation, locales, apt's caches.
+        for junk in ("usr/share/doc", "usr/share/man", "usr/share/info", "var/lib/apt/lists"):
+            for child in (rootfs / junk).glob("*"):
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
+        tar = subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)
+        try:
+            imported = subprocess.run(
+                [podman.binary, "import", "-", BASE],
+                stdin=tar.stdout,
+                env={**os.environ, "CONTAINERS_CONF": str(podman.conf)},
+                capture_output=True,
+                timeout=BUILD_TIMEOUT,
+                check=False,
+            )
+        finally:
+            assert tar.stdout is not None
+            tar.stdout.close()
+            tar.wait(timeout=60)
+        if imported.returncode != 0:
+            raise RuntimeError(f"podman import failed:\n{imported.stderr.decode()}")
+    return BASE
+
+
+def build(podman: Engine, target: str, base: str) -> str:
+    """Build ``target`` of images/Containerfile on ``base``; return its local name."""
+    tag = image(target)
+    podman.run(
+        "build",
+        "--quiet",
+        "--network",
+        "host",
+        "--file",
+        CONTAINERFILE,
+        "--target",
+        target,
+        "--build-arg",
+        f"BASE={base}",
+        "--build-arg",
+        f"VERSION={VERSION}",
+        "--volume",
+        f"{HOST_CA}:/etc/ssl/certs/host-ca.crt:ro",
+        "--build-arg",
+        "PIP_CERT=/etc/ssl/certs/host-ca.crt",
+        "--tag",
+        tag,
+        ROOT,
+        timeout=BUILD_TIMEOUT,
+    )
+    return tag
+
+
+def build_app(podman: Engine, base: str) -> str:
+    """The stand-in application image: nginx and the PostgreSQL client on ``base``."""
+    if not podman.exists(APP):
+        podman.run(
+            "build",
+            "--quiet",
+            "--network",
+            "host",
+            "--file",
+            APP_CONTAINERFILE,
+            "--build-arg",
+            f"BASE={base}",
+            "--tag",
+            APP,
+            APP_CONTAINERFILE.parent,
+            timeout=BUILD_TIMEOUT,
+        )
+    return APP
+
+
+@contextlib.contextmanager
+def kube_play(podman: Engine, manifest: str, workdir: Path) -> Iterator[Path]:
+    """``podman kube play`` the manifest text; ``podman kube down`` it on every exit path."""
+    path = workdir / "pod.yaml"
+    path.write_text(manifest)
+    try:
+        podman.run("kube", "play", path, timeout=180)
+        yield path
+    finally:
+        podman.run("kube", "down", path, check=False, timeout=120)
