@@ -258,3 +258,42 @@ def test_metrics_and_readiness_are_served(tmp_path: Path) -> None:
         assert p.wait(15) == 0
     finally:
         p.stop()
+
+
+@pytest.mark.parametrize("unusable", ["a-file", "read-only"])
+def test_unusable_checkpoint_dir_is_a_one_line_config_error(tmp_path: Path, unusable: str) -> None:
+    """A checkpoint directory it cannot create or write: exit 2 and one line, no traceback.
+
+    Found at start, not at the first save (which would come after records shipped). The
+    read-only case runs the adapter as an unprivileged user: root may write anywhere.
+    """
+    (tmp_path / "logs").mkdir()
+    prefix: tuple[str, ...] = ()
+    if unusable == "a-file":
+        (tmp_path / "cp").write_text("not a directory\n")
+    else:
+        if os.geteuid() != 0 or not shutil.which("setpriv"):
+            pytest.skip("needs root and setpriv to run as another user")
+        (tmp_path / "cp").mkdir(mode=0o555)
+        tmp_path.chmod(0o755)
+        (tmp_path / "logs").chmod(0o755)
+        prefix = ("setpriv", "--reuid=65532", "--regid=65532", "--clear-groups")
+    p = Proc(
+        "adapter",
+        "--path",
+        str(tmp_path / "logs" / "*.log"),
+        "--checkpoint-dir",
+        str(tmp_path / "cp"),
+        "--admin",
+        "off",
+        prefix=prefix,
+    )
+    try:
+        assert p.wait(30) == 2
+    finally:
+        p.stop()
+    errors = [line for line in p.lines if line.strip() and not line.startswith("{")]
+    assert len(errors) == 1, p.lines
+    assert "--checkpoint-dir" in errors[0]
+    assert str(tmp_path / "cp") in errors[0]
+    assert ("not a directory" if unusable == "a-file" else "permission denied") in errors[0].lower()

@@ -8,7 +8,9 @@ checkpoint that does not parse falls back to the previous generation, loudly.
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -68,8 +70,17 @@ class CheckpointStore:
         self._log = logs.get("adapter")
 
     def load(self) -> dict[tuple[int, int], Entry]:
-        """The last good generation; empty when there is none."""
+        """The last good generation; empty when there is none.
+
+        Raises:
+            OSError: the directory cannot be created, or this user cannot write it (found
+                now rather than at the first save, which would fail after records shipped).
+        """
+        if self.directory.exists() and not self.directory.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(self.directory))
         self.directory.mkdir(parents=True, exist_ok=True)
+        if not os.access(self.directory, os.W_OK | os.X_OK):
+            raise PermissionError(errno.EACCES, "not writable by this user", str(self.directory))
         for path in (self.current, self.previous):
             if not path.exists():
                 continue

@@ -44,6 +44,7 @@ from podpatterns.adapter.tail import (
     watch_roots,
 )
 from podpatterns.adapter.transform import TransformChain, load_callable, redactor
+from podpatterns.errors import ConfigError
 from podpatterns.metrics import CallbackCollector, Sample
 
 Record = dict[str, Any]
@@ -214,11 +215,18 @@ class Adapter:
         """Load the checkpoint, open the files and the sink, start reading.
 
         Raises:
-            ConfigError: a ``--transform`` cannot be imported.
+            ConfigError: a ``--transform`` cannot be imported, or the checkpoint
+                directory cannot be created or written.
         """
         self._chain.user = tuple(load_callable(ref) for ref in self.config.transform)
         if self._store is not None:
-            self.acked = await asyncio.to_thread(self._store.load)
+            try:
+                self.acked = await asyncio.to_thread(self._store.load)
+            except OSError as exc:
+                raise ConfigError(
+                    f"--checkpoint-dir: cannot use {self._store.directory}: {exc.strerror}"
+                    " (it must be writable by this user; in a Pod, set fsGroup)"
+                ) from None
         self._restore()
         await self.sink.start()
         if self.mode == "watch":

@@ -1,0 +1,282 @@
+"""The Pod manifests of docs/examples/, run for real by ``podman kube play``.
+
+Each test takes a manifest as users copy it and changes only what a laptop-sized engine
+needs, in :func:`podify`:
+
+- the images become the ones built from this checkout (``postgres:15`` and ``nginx`` become
+  a local stand-in with the PostgreSQL client and nginx);
+- addresses and ports are replaced, each replacement asserted to match, so a manifest that
+  changes under the test fails it instead of silently testing something else. The Pod
+  shares the machine's network (``hostNetwork``) so traffic stays on loopback, and the
+  external database is a real PostgreSQL on 127.0.0.1;
+- podman 4.3 has no native sidecars and no Jobs: sidecars (``initContainers`` with
+  ``restartPolicy: Always``) become ordinary containers, and a Job becomes its Pod
+  template. Secrets are inlined as environment variables;
+- ``emptyDir`` volumes become host directories with the mode a kubelet gives an emptyDir
+  (0777): podman creates them owned by root and 0755, and ignores ``fsGroup``, so the
+  images' non-root user could not write them;
+- the kubelet's probes are dropped (podman would run them with curl inside the container);
+  the tests call the same endpoints from outside instead. ``ports`` go too: podman
+  refuses port mappings on the host network.
+
+Then each test checks behaviour from outside: what the app and the helpers logged, what
+the admin endpoints answer, and the exit codes after a SIGTERM to the whole Pod.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import secrets
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.e2e.engine import ROOT, VERSION, Engine, kube_play
+from tests.peers import PostgresServer, candidate_ports, wait_until
+
+pytest_plugins = ("tests.peer_fixtures",)
+
+EXAMPLES = ROOT / "docs" / "examples"
+PROBES = ("startupProbe", "readinessProbe", "livenessProbe")
+STOP_TIMEOUT = 40  # seconds podman gives the Pod's containers after SIGTERM
+
+
+def podify(
+    path: Path, images: dict[str, str], app: str, replace: dict[str, str], workdir: Path
+) -> str:
+    """The manifest at ``path`` made runnable by ``podman kube play`` (module docstring).
+
+    ``workdir`` holds the directories that stand in for the emptyDir volumes.
+    """
+    text = path.read_text()
+    for old, new in replace.items():
+        assert old in text, f"{path.name} no longer contains {old!r}: update this test"
+        text = text.replace(old, new)
+    docs = [d for d in yaml.safe_load_all(text) if d]
+    secret_env = {
+        d["metadata"]["name"]: d.get("stringData", {}) for d in docs if d["kind"] == "Secret"
+    }
+    out: list[dict[str, Any]] = []
+    for doc in docs:
+        if doc["kind"] == "Secret":
+            continue
+        if doc["kind"] == "Job":
+            template = copy.deepcopy(doc["spec"]["template"])
+            doc = {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": {**template.get("metadata", {}), "name": doc["metadata"]["name"]},
+                "spec": template["spec"],
+            }
+        if doc["kind"] == "Pod":
+            _podify_spec(doc["spec"], images, app, secret_env)
+            _podify_volumes(doc["spec"], workdir / "volumes")
+        out.append(doc)
+    return yaml.safe_dump_all(out, sort_keys=False)
+
+
+def _podify_spec(
+    spec: dict[str, Any], images: dict[str, str], app: str, secret_env: dict[str, dict[str, str]]
+) -> None:
+    init = spec.pop("initContainers", [])
+    sidecars = [c for c in init if c.get("restartPolicy") == "Always"]
+    if rest := [c for c in init if c not in sidecars]:
+        spec["initContainers"] = rest
+    spec["containers"] = [*sidecars, *spec["containers"]]
+    spec["hostNetwork"] = True
+    ours = {f"podpatterns-{target}:{VERSION}": tag for target, tag in images.items()}
+    for container in [*spec["containers"], *spec.get("initContainers", [])]:
+        container.pop("restartPolicy", None)
+        container["image"] = ours.get(container["image"], app)
+        for probe in PROBES:
+            container.pop(probe, None)
+        container.pop("ports", None)  # podman refuses port mappings on the host network
+        for source in container.pop("envFrom", []):
+            values = secret_env[source["secretRef"]["name"]]
+            container.setdefault("env", []).extend(
+                {"name": k, "value": str(v)} for k, v in values.items()
+            )
+
+
+def _podify_volumes(spec: dict[str, Any], root: Path) -> None:
+    for volume in spec.get("volumes", []):
+        if volume.pop("emptyDir", None) is not None:
+            path = root / volume["name"]
+            path.mkdir(parents=True)
+            path.chmod(0o777)
+            volume["hostPath"] = {"path": str(path), "type": "Directory"}
+
+
+def http_get(port: int, path: str) -> tuple[int, bytes] | None:
+    """Status and body of ``GET path`` on 127.0.0.1:port, or None when nothing answers."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=3) as sock:
+            sock.sendall(f"GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n".encode())
+            reply = b""
+            while chunk := sock.recv(65536):
+                reply += chunk
+        head, _, body = reply.partition(b"\r\n\r\n")
+        return int(head.split(b" ", 2)[1]), body
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def status(port: int, path: str) -> int | None:
+    """Just the status of ``GET path`` (None when nothing answers)."""
+    got = http_get(port, path)
+    return got[0] if got else None
+
+
+def json_lines(text: str) -> Iterator[dict[str, Any]]:
+    """The JSON objects among the lines of ``text`` (container logs mix streams)."""
+    for line in text.splitlines():
+        if line.startswith("{"):
+            try:
+                value = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(value, dict):
+                yield value
+
+
+def events(podman: Engine, container: str) -> list[str]:
+    """The ``event`` names a podpatterns container logged, in order."""
+    return [e["event"] for e in json_lines(podman.logs(container)) if "event" in e]
+
+
+def stop_pod(podman: Engine, pod: str) -> None:
+    """SIGTERM to every container of ``pod``, as a kubelet deleting it would send."""
+    podman.run("pod", "stop", "--time", str(STOP_TIMEOUT), pod, timeout=STOP_TIMEOUT + 30)
+
+
+def assert_drained(podman: Engine, container: str) -> None:
+    """``container`` (a podpatterns helper) drained on SIGTERM and exited 0."""
+    assert podman.wait_exited(container, 10) == 0, podman.logs(container)
+    names = events(podman, container)
+    assert "shutdown_requested" in names, names
+    assert names.index("shutdown_requested") < names.index("drain_finished"), names
+
+
+def test_ambassador_postgres(
+    podman: Engine,
+    images: dict[str, str],
+    app_image: str,
+    postgres: PostgresServer,
+    tmp_path: Path,
+) -> None:
+    """psql in the app container reaches the real PostgreSQL through the ambassador."""
+    listen, admin = candidate_ports(2)
+    manifest = podify(
+        EXAMPLES / "ambassador-postgres.yaml",
+        images,
+        app_image,
+        {
+            "db.example.internal:5432": f"{postgres.host}:{postgres.port}",
+            "--listen=127.0.0.1:5432": f"--listen=127.0.0.1:{listen}",
+            "--admin=0.0.0.0:9901": f"--admin=127.0.0.1:{admin}",
+            'value: "5432"': f'value: "{listen}"',
+            "PGUSER: app": f"PGUSER: {postgres.user}",
+            "PGDATABASE: app": f"PGDATABASE: {postgres.database}",
+        },
+        tmp_path,
+    )
+    with kube_play(podman, manifest, tmp_path):
+        # the app's first psql may race the ambassador's bind; it retries every 10 s
+        wait_until(
+            lambda: "| 127.0.0.1" in podman.logs("ambassador-postgres-app") or None,
+            40,
+            "a query answered through the ambassador",
+        )
+        assert status(admin, "/startupz") == 200
+        assert status(admin, "/readyz") == 200
+        metrics = http_get(admin, "/metrics")
+        assert metrics is not None
+        assert b"podpatterns_" in metrics[1]
+        assert "connection_closed" in events(podman, "ambassador-postgres-db-ambassador")
+        stop_pod(podman, "ambassador-postgres")
+        assert podman.wait_exited("ambassador-postgres-app", 10) == 0
+        assert_drained(podman, "ambassador-postgres-db-ambassador")
+
+
+def test_adapter_ships_nginx_access_logs(
+    podman: Engine, images: dict[str, str], app_image: str, tmp_path: Path
+) -> None:
+    """nginx writes to the emptyDir; the adapter parses each line and ships JSON."""
+    http, admin = candidate_ports(2)
+    manifest = podify(
+        EXAMPLES / "adapter-stdout.yaml",
+        images,
+        app_image,
+        {
+            "listen 8080;": f"listen 127.0.0.1:{http};",
+            "--admin=0.0.0.0:9901": f"--admin=127.0.0.1:{admin}",
+        },
+        tmp_path,
+    )
+    marker = f"/e2e-{secrets.token_hex(6)}"
+    adapter = "adapter-stdout-log-adapter"
+    with kube_play(podman, manifest, tmp_path):
+        wait_until(lambda: status(http, "/") or None, 30, "nginx answering")
+        wait_until(lambda: status(admin, "/readyz") == 200 or None, 30, "adapter ready")
+        for _ in range(3):
+            assert status(http, marker) == 404
+
+        def shipped() -> list[dict[str, Any]] | None:
+            found = [r for r in json_lines(podman.logs(adapter)) if r.get("path") == marker]
+            return found if len(found) == 3 else None
+
+        records = wait_until(shipped, 30, "three parsed access-log records on stdout")
+        for record in records:
+            assert (record["method"], record["status"], record["remote_addr"]) == (
+                "GET",
+                404,
+                "127.0.0.1",
+            )
+        stop_pod(podman, "adapter-stdout")
+        assert_drained(podman, adapter)
+
+
+@pytest.mark.parametrize("exit_code", [0, 3])
+def test_job_sidecars_exit_with_the_main_container(
+    podman: Engine,
+    images: dict[str, str],
+    app_image: str,
+    postgres: PostgresServer,
+    tmp_path: Path,
+    exit_code: int,
+) -> None:
+    """The Job's Pod completes: main's exit code stands, the helpers exit 0 on its tombstone."""
+    listen, admin_a, admin_b = candidate_ports(3)
+    upstream = f"{postgres.host}:{postgres.port}"
+    manifest = podify(
+        EXAMPLES / "job-with-sidecars.yaml",
+        images,
+        app_image,
+        {
+            "db.example.internal:5432": "DATABASE",  # before every other 5432 is replaced
+            "5432": str(listen),
+            "DATABASE": upstream,
+            "0.0.0.0:9901": f"127.0.0.1:{admin_a}",
+            "0.0.0.0:9902": f"127.0.0.1:{admin_b}",
+            'value: "0"': f'value: "{exit_code}"',
+        },
+        tmp_path,
+    )
+    pod = "job-with-sidecars"
+    with kube_play(podman, manifest, tmp_path):
+        assert podman.wait_exited(f"{pod}-main", 90) == exit_code, podman.logs(f"{pod}-main")
+        assert podman.wait_exited(f"{pod}-db-ambassador", 30) == 0
+        assert podman.wait_exited(f"{pod}-log-adapter", 30) == 0
+        records = [r for r in json_lines(podman.logs(f"{pod}-log-adapter")) if "file_id" in r]
+        shipped = [r.get("event") for r in records]
+        # the adapter read the report to its end before it exited
+        assert shipped == ["report_started", "database_answered", "report_finished"], shipped
+        assert records[-1]["exit_code"] == exit_code
+        for helper in ("db-ambassador", "log-adapter"):
+            names = events(podman, f"{pod}-{helper}")
+            assert names.index("exit_with_tombstone") < names.index("drain_finished"), names
