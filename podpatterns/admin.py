@@ -16,7 +16,8 @@ With ``--health-dir``, the Pod's health (:mod:`podpatterns.health.aggregate`) to
 | ``GET /pod/livez``, ``/pod/readyz``, ``/pod/startupz`` | every container's records |
 
 A component whose ``pod_probes`` attribute is true (``podpatterns health``) also answers
-``/livez``, ``/readyz`` and ``/startupz`` for the whole Pod (and itself).
+``/livez``, ``/readyz`` and ``/startupz`` for the whole Pod (and itself); the names in a
+component's ``expected_containers`` count in the Pod's verdicts before their first record.
 """
 
 from __future__ import annotations
@@ -60,7 +61,10 @@ class AdminServer:
         if runtime.config.health_dir is not None:
             from podpatterns.health.aggregate import Aggregate
 
-            self.aggregate = Aggregate(runtime.config.health_dir)
+            expected = {
+                name for c in runtime.components for name in getattr(c, "expected_containers", ())
+            }
+            self.aggregate = Aggregate(runtime.config.health_dir, expected=expected)
         self._pod_probes = any(getattr(c, "pod_probes", False) for c in runtime.components)
         self._log = logs.get("admin")
         if not bind.is_loopback:

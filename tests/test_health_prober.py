@@ -153,6 +153,22 @@ async def test_aggregate_verdicts(tmp_path: Path) -> None:
     assert body["containers"]["app"]["state"] == "exited"
 
 
+def test_expected_containers_count_before_their_first_record(tmp_path: Path) -> None:
+    """--expect: the Pod is not ready while an expected container has written nothing."""
+    Writer(tmp_path, "web").set_ready()
+    plain, expecting = Aggregate(tmp_path), Aggregate(tmp_path, expected=["web", "worker"])
+    for agg in (plain, expecting):
+        agg.refresh()
+    assert plain.pod_ok("readyz")  # worker is unknown to it: the Pod looks ready
+    assert not expecting.pod_ok("readyz") and not expecting.pod_ok("startupz")
+    assert expecting.pod_ok("livez")  # not started yet is not dead
+    body = expecting.body("readyz", False)
+    assert body["containers"]["worker"] == {"state": "missing"}
+    Writer(tmp_path, "worker").set_ready()
+    expecting.refresh()
+    assert expecting.pod_ok("readyz") and expecting.pod_ok("startupz")
+
+
 async def test_endpoint_under_concurrent_probing(tmp_path: Path) -> None:
     """Concurrent probes while a record flaps: each gets 200/503 with a consistent JSON body."""
     writers = [Writer(tmp_path, n) for n in ("app", "db", "cache")]

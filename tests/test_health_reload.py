@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -19,27 +18,10 @@ from aiohttp import web
 from podpatterns.reload import ReloadConfig, Reloader
 from podpatterns.reload.notify import Exec, HttpPost, SignalPid
 from podpatterns.reload.snapshot import take
+from tests.kubelet import configmap_write
 from tests.proc import Proc, run
 
 LOOP = "127.0.0.1"
-
-
-def configmap_write(d: Path, version: int, files: dict[str, str]) -> None:
-    """Update ``d`` the way the kubelet's AtomicWriter does: a new timestamped directory,
-    a ``..data_tmp`` symlink to it renamed over ``..data``, visible names linking into
-    ``..data``, the old directory removed."""
-    ts = d / f"..2026_11_24_{version:04d}"
-    ts.mkdir()
-    for name, content in files.items():
-        (ts / name).write_text(content)
-    os.symlink(ts.name, d / "..data_tmp")
-    os.replace(d / "..data_tmp", d / "..data")
-    for name in files:
-        if not (d / name).is_symlink():
-            os.symlink(f"..data/{name}", d / name)
-    for old in d.iterdir():
-        if old.name.startswith("..2026") and old.name != ts.name:
-            shutil.rmtree(old)
 
 
 class Target:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 from collections import Counter
 
 import pytest
 
 from podpatterns.ambassador import proxy_protocol
+from podpatterns.ambassador.upstreams import UpstreamPool
 from podpatterns.options import HostPort
 from tests.conftest import (
     Handler,
@@ -171,6 +173,22 @@ async def test_ready_requires_upstream() -> None:
         sock.listen(8)
         await eventually(amb.is_ready)
     sock.close()
+
+
+async def test_endpoints_are_down_until_their_first_check_passes() -> None:
+    """No readiness on a guess: before the first check answers, no endpoint counts as up."""
+    async with serve(named(b"A")) as a:
+        pool = UpstreamPool([a])
+        assert pool.any_healthy()  # without active checks, endpoints are up
+        checks = asyncio.create_task(pool.health_loop(60.0, 5.0))
+        try:
+            await asyncio.sleep(0)  # the loop has started; no check has answered yet
+            assert not pool.any_healthy()
+            await eventually(pool.any_healthy)
+        finally:
+            checks.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await checks
 
 
 async def test_connection_limit_waits_in_backlog() -> None:

@@ -193,7 +193,14 @@ class UpstreamPool:
                     self._log.warning("upstream_resolve_failed", upstream=str(ep), error=str(exc))
 
     async def health_loop(self, interval: float, check_timeout: float) -> None:
-        """Active TCP health checks of every endpoint (runs until cancelled)."""
+        """Active TCP health checks of every endpoint (runs until cancelled).
+
+        An endpoint counts as down until its first check passes, so readiness that
+        requires an upstream (``--ready-requires-upstream``) never passes on a guess;
+        connections still try every endpoint in policy order meanwhile.
+        """
+        for ep in self.endpoints:
+            ep.healthy = False
         while True:
             await asyncio.gather(*(self._check(ep, check_timeout) for ep in self.endpoints))
             await asyncio.sleep(interval)

@@ -6,6 +6,9 @@ event), so a probe is answered from memory, far inside the kubelet's 1 s timeout
 
 - ``readyz``: one container (``/readyz/NAME``) is ready when its record is ``ready``
   with a fresh heartbeat; the Pod when every container is (503 with no record at all).
+  Containers named in ``expected`` (``podpatterns health --expect NAME``) count as not
+  ready and not started until their first record appears: without them, a Pod whose
+  slow container has not written anything yet would look ready.
 - ``startupz``: a container has started once it has been ready in its current instance;
   the Pod once every container has.
 - ``livez``: a container is live when it has a record that is neither stale nor exited;
@@ -19,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Callable, Iterable
 from contextlib import aclosing
 from pathlib import Path
 from typing import Any
@@ -39,6 +42,8 @@ class Aggregate:
         health_dir: the shared directory.
         resync: longest time between two re-reads.
         watch: the watcher's event source (tests).
+        expected: containers the Pod's ``readyz`` and ``startupz`` wait for even before
+            they have written a record.
     """
 
     def __init__(
@@ -47,8 +52,10 @@ class Aggregate:
         *,
         resync: float = RESYNC_SECONDS,
         watch: Callable[[Path, float], AsyncGenerator[Any, None]] | None = None,
+        expected: Iterable[str] = (),
     ) -> None:
         self.tracker = Tracker(health_dir)
+        self.expected = frozenset(expected)
         kw: dict[str, Any] = {"resync": resync}
         if watch is not None:
             kw["watch"] = watch
@@ -112,15 +119,20 @@ class Aggregate:
 
     def pod_ok(self, check: str) -> bool:
         """The verdict of ``check`` for the whole Pod."""
-        if check == "livez":
+        if check == "livez":  # a container that has not started yet is not dead
             return all(s.state is not State.STALE for s in self.statuses.values())
-        if not self.statuses:
+        names = self.expected | self.statuses.keys()
+        if not names:
             return False
-        return all(self.container_ok(check, name) for name in self.statuses)
+        return all(self.container_ok(check, name) for name in names)
 
     def body(self, check: str, ok: bool, name: str | None = None) -> dict[str, Any]:
         """The JSON body of a probe answer: the verdict and every container's state."""
-        shown = self.statuses if name is None else {name: self.statuses.get(name)}
+        if name is None:
+            missing = dict.fromkeys(self.expected - self.statuses.keys())
+            shown: dict[str, Status | None] = {**self.statuses, **missing}
+        else:
+            shown = {name: self.statuses.get(name)}
         containers: dict[str, Any] = {}
         for cname, status in shown.items():
             if status is None:

@@ -25,7 +25,7 @@ from typing import Any
 
 from podpatterns import logs, metrics
 from podpatterns.errors import ConfigError
-from podpatterns.health.options import NAME_OPTION
+from podpatterns.health.options import NAME_OPTION, parse_name
 from podpatterns.health.records import Check, Phase, Writer
 from podpatterns.health.targets import ReadyTarget, Target, check_within, parse_target
 from podpatterns.options import Option, parse_duration, parse_int
@@ -50,6 +50,17 @@ PROBE_OPTIONS: tuple[Option[Any], ...] = (
         "file:PATH[?max-age=30s]",
         multiple=True,
         metavar="PROBE",
+        scope="health",
+    ),
+    Option(
+        "expect",
+        parse_name,
+        (),
+        "a container the Pod's /readyz and /startupz wait for even before its first record "
+        "(repeat for several); without it, a container that has written nothing yet is "
+        "not counted",
+        multiple=True,
+        metavar="NAME",
         scope="health",
     ),
     Option(
@@ -104,6 +115,7 @@ class ProberConfig:
         health_dir: the shared directory (must exist).
         name: the probed container's name.
         probes: the checks (at least one).
+        expect: containers the Pod's verdicts wait for before their first record.
         interval: seconds between rounds.
         timeout: seconds one probe may take.
         success_threshold: consecutive successes to pass.
@@ -114,6 +126,7 @@ class ProberConfig:
     health_dir: Path
     name: str
     probes: tuple[Target, ...]
+    expect: tuple[str, ...] = ()
     interval: float = 10.0
     timeout: float = 1.0
     success_threshold: int = 1
@@ -139,6 +152,7 @@ class ProberConfig:
             health_dir=Path(values["health_dir"]),
             name=values["name"],
             probes=tuple(values.get("probe", ())),
+            expect=tuple(values.get("expect", ())),
             interval=values.get("probe_interval", 10.0),
             timeout=values.get("probe_timeout", 1.0),
             success_threshold=values.get("success_threshold", 1),
@@ -165,6 +179,7 @@ class Prober(NothingToDrain):
 
     def __init__(self, config: ProberConfig) -> None:
         self.config = config
+        self.expected_containers = config.expect  # read by the admin server's Pod verdicts
         self.writer = Writer(config.health_dir, config.name, interval=config.interval)
         self.probes = [_ProbeState(t) for t in config.probes]
         self.rounds = 0

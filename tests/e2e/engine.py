@@ -81,8 +81,9 @@ class Engine:
 
     def inspect(self, kind: str, name: str) -> dict[str, Any]:
         """``podman KIND inspect NAME`` as a dict."""
-        found: list[dict[str, Any]] = json.loads(self.run(kind, "inspect", name).stdout)
-        return found[0]
+        found = json.loads(self.run(kind, "inspect", name).stdout)
+        # a list of one for containers and images; `pod inspect` of podman 4 gives the dict
+        return found[0] if isinstance(found, list) else found  # type: ignore[no-any-return]
 
     def size(self, tag: str) -> int:
         """The size in bytes of image ``tag``, as ``podman images`` reports it."""

@@ -15,6 +15,9 @@ needs, in :func:`podify`:
 - ``emptyDir`` volumes become host directories with the mode a kubelet gives an emptyDir
   (0777): podman creates them owned by root and 0755, and ignores ``fsGroup``, so the
   images' non-root user could not write them;
+- ``configMap`` volumes become host directories laid out the way the kubelet writes them
+  (a ``..data`` symlink swapped atomically on update), which a test can update the same
+  way (podman copies the files once);
 - the kubelet's probes are dropped (podman would run them with curl inside the container);
   the tests call the same endpoints from outside instead. ``ports`` go too: podman
   refuses port mappings on the host network.
@@ -25,11 +28,14 @@ the admin endpoints answer, and the exit codes after a SIGTERM to the whole Pod.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import secrets
 import socket
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +43,7 @@ import pytest
 import yaml
 
 from tests.e2e.engine import ROOT, VERSION, Engine, kube_play
+from tests.kubelet import configmap_write
 from tests.peers import PostgresServer, candidate_ports, wait_until
 
 pytest_plugins = ("tests.peer_fixtures",)
@@ -47,11 +54,17 @@ STOP_TIMEOUT = 40  # seconds podman gives the Pod's containers after SIGTERM
 
 
 def podify(
-    path: Path, images: dict[str, str], app: str, replace: dict[str, str], workdir: Path
+    path: Path,
+    images: dict[str, str],
+    app: str,
+    replace: dict[str, str],
+    workdir: Path,
+    pod: str | None = None,
 ) -> str:
     """The manifest at ``path`` made runnable by ``podman kube play`` (module docstring).
 
-    ``workdir`` holds the directories that stand in for the emptyDir volumes.
+    ``workdir`` holds the directories that stand in for the volumes (``workdir/volumes/
+    NAME``); ``pod`` picks one Pod of a file that has several.
     """
     text = path.read_text()
     for old, new in replace.items():
@@ -61,9 +74,12 @@ def podify(
     secret_env = {
         d["metadata"]["name"]: d.get("stringData", {}) for d in docs if d["kind"] == "Secret"
     }
+    configmaps = {
+        d["metadata"]["name"]: d.get("data", {}) for d in docs if d["kind"] == "ConfigMap"
+    }
     out: list[dict[str, Any]] = []
     for doc in docs:
-        if doc["kind"] == "Secret":
+        if doc["kind"] in ("Secret", "ConfigMap"):
             continue
         if doc["kind"] == "Job":
             template = copy.deepcopy(doc["spec"]["template"])
@@ -74,8 +90,10 @@ def podify(
                 "spec": template["spec"],
             }
         if doc["kind"] == "Pod":
+            if pod is not None and doc["metadata"]["name"] != pod:
+                continue
             _podify_spec(doc["spec"], images, app, secret_env)
-            _podify_volumes(doc["spec"], workdir / "volumes")
+            _podify_volumes(doc["spec"], workdir / "volumes", configmaps)
         out.append(doc)
     return yaml.safe_dump_all(out, sort_keys=False)
 
@@ -103,13 +121,20 @@ def _podify_spec(
             )
 
 
-def _podify_volumes(spec: dict[str, Any], root: Path) -> None:
+def _podify_volumes(
+    spec: dict[str, Any], root: Path, configmaps: dict[str, dict[str, str]]
+) -> None:
     for volume in spec.get("volumes", []):
+        path = root / volume["name"]
         if volume.pop("emptyDir", None) is not None:
-            path = root / volume["name"]
             path.mkdir(parents=True)
             path.chmod(0o777)
-            volume["hostPath"] = {"path": str(path), "type": "Directory"}
+        elif (source := volume.pop("configMap", None)) is not None:
+            path.mkdir(parents=True)
+            configmap_write(path, 1, configmaps[source["name"]])
+        else:
+            continue
+        volume["hostPath"] = {"path": str(path), "type": "Directory"}
 
 
 def http_get(port: int, path: str) -> tuple[int, bytes] | None:
@@ -149,9 +174,23 @@ def events(podman: Engine, container: str) -> list[str]:
     return [e["event"] for e in json_lines(podman.logs(container)) if "event" in e]
 
 
-def stop_pod(podman: Engine, pod: str) -> None:
-    """SIGTERM to every container of ``pod``, as a kubelet deleting it would send."""
-    podman.run("pod", "stop", "--time", str(STOP_TIMEOUT), pod, timeout=STOP_TIMEOUT + 30)
+def stop_pod(podman: Engine, pod: str, sidecars: Sequence[str] = ()) -> None:
+    """SIGTERM to the containers of ``pod`` in the kubelet's order when it deletes a Pod.
+
+    The ordinary containers all at once, then the native ``sidecars`` one by one in
+    reverse order. The infra container stays up meanwhile, as the kubelet's pause
+    container does: ``podman pod stop`` may stop it first, and with
+    ``shareProcessNamespace`` its exit (PID 1 of the shared namespace) SIGKILLs every
+    other process of the Pod.
+    """
+    info = podman.inspect("pod", pod)
+    infra = info.get("InfraContainerID")
+    names = [c["Name"] for c in info["Containers"] if c["Id"] != infra]
+    first = [n for n in names if n.removeprefix(f"{pod}-") not in sidecars]
+    waves = [first, *([f"{pod}-{s}"] for s in reversed(sidecars))]
+    for wave in waves:
+        if wave:
+            podman.run("stop", "--time", str(STOP_TIMEOUT), *wave, timeout=STOP_TIMEOUT + 30)
 
 
 def assert_drained(podman: Engine, container: str) -> None:
@@ -198,7 +237,7 @@ def test_ambassador_postgres(
         assert metrics is not None
         assert b"podpatterns_" in metrics[1]
         assert "connection_closed" in events(podman, "ambassador-postgres-db-ambassador")
-        stop_pod(podman, "ambassador-postgres")
+        stop_pod(podman, "ambassador-postgres", sidecars=["db-ambassador"])
         assert podman.wait_exited("ambassador-postgres-app", 10) == 0
         assert_drained(podman, "ambassador-postgres-db-ambassador")
 
@@ -237,7 +276,7 @@ def test_adapter_ships_nginx_access_logs(
                 404,
                 "127.0.0.1",
             )
-        stop_pod(podman, "adapter-stdout")
+        stop_pod(podman, "adapter-stdout", sidecars=["log-adapter"])
         assert_drained(podman, adapter)
 
 
@@ -280,3 +319,157 @@ def test_job_sidecars_exit_with_the_main_container(
         for helper in ("db-ambassador", "log-adapter"):
             names = events(podman, f"{pod}-{helper}")
             assert names.index("exit_with_tombstone") < names.index("drain_finished"), names
+
+
+def test_health_records_answer_503_then_200(
+    podman: Engine, images: dict[str, str], app_image: str, tmp_path: Path
+) -> None:
+    """The aggregate endpoint: the worker's record is 503 while it warms up, then 200."""
+    http, admin = candidate_ports(2)
+    manifest = podify(
+        EXAMPLES / "health-records.yaml",
+        images,
+        app_image,
+        {
+            "listen 8080;": f"listen 127.0.0.1:{http};",
+            "http://127.0.0.1:8080/healthz": f"http://127.0.0.1:{http}/healthz",
+            "--admin=0.0.0.0:9901": f"--admin=127.0.0.1:{admin}",
+        },
+        tmp_path,
+    )
+    with kube_play(podman, manifest, tmp_path):
+        first = wait_until(lambda: status(admin, "/readyz/worker"), 30, "health endpoint")
+        assert first == 503  # the worker warms up for 5 s before its ready file appears
+        assert status(admin, "/readyz") == 503  # so the Pod is not ready either
+        wait_until(lambda: status(admin, "/readyz/worker") == 200 or None, 30, "worker ready")
+        wait_until(lambda: status(admin, "/readyz/web") == 200 or None, 30, "web probed ready")
+        wait_until(lambda: status(admin, "/readyz") == 200 or None, 30, "Pod ready")
+        got = http_get(admin, "/readyz")
+        assert got is not None
+        body = json.loads(got[1])
+        assert {"web", "worker"} <= set(json.dumps(body).split('"'))
+        record = json.loads((tmp_path / "volumes" / "pod-health" / "worker.json").read_text())
+        assert record["phase"] == "ready"
+        stop_pod(podman, "health-records", sidecars=["pod-health"])
+        assert podman.wait_exited("health-records-worker", 10) == 0
+        assert_drained(podman, "health-records-pod-health")
+    tombstone = json.loads((tmp_path / "volumes" / "pod-health" / "worker.json").read_text())
+    assert (tombstone["phase"], tombstone["exit_code"]) == ("exited", 0)
+
+
+class FakeDatabase:
+    """Answers a PostgreSQL SSLRequest with ``N`` (no TLS), in a thread; starts on demand."""
+
+    def __init__(self) -> None:
+        self.port = candidate_ports(1)[0]
+        self._listener: socket.socket | None = None
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    def start(self) -> None:
+        self._listener = socket.create_server(("127.0.0.1", self.port))
+        self._listener.settimeout(0.2)
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        assert self._listener is not None
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                conn.settimeout(5)
+                with contextlib.suppress(OSError):
+                    if len(conn.recv(8)) == 8:
+                        conn.sendall(b"N")
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        if self._listener is not None:
+            self._listener.close()
+
+
+def test_startup_ordering_app_waits_for_the_database(
+    podman: Engine, images: dict[str, str], app_image: str, tmp_path: Path
+) -> None:
+    """The app starts only once the database is reachable through the ambassador.
+
+    The second Pod of startup-ordering.yaml (without native sidecars); podman 4.3 cannot
+    express the first, whose init container waits for a native sidecar.
+    """
+    listen, admin_a, admin_b = candidate_ports(3)
+    database = FakeDatabase()
+    manifest = podify(
+        EXAMPLES / "startup-ordering.yaml",
+        images,
+        app_image,
+        {
+            "db.example.internal:5432": f"127.0.0.1:{database.port}",
+            "--listen=127.0.0.1:5432": f"--listen=127.0.0.1:{listen}",
+            '("127.0.0.1", 5432)': f'("127.0.0.1", {listen})',
+            "0.0.0.0:9901": f"127.0.0.1:{admin_a}",
+            "http://127.0.0.1:9901/readyz": f"http://127.0.0.1:{admin_a}/readyz",
+            "0.0.0.0:9902": f"127.0.0.1:{admin_b}",
+        },
+        tmp_path,
+        pod="startup-ordering-records",
+    )
+    app = "startup-ordering-records-app"
+    try:
+        with kube_play(podman, manifest, tmp_path):
+            wait_until(lambda: status(admin_b, "/readyz/database"), 30, "health endpoint")
+            time.sleep(3)  # a few health checks find no database
+            assert status(admin_a, "/readyz") == 503, podman.logs(
+                "startup-ordering-records-db-ambassador"
+            )
+            assert status(admin_b, "/readyz/database") == 503
+            assert "database answered" not in podman.logs(app)  # still waiting: not started
+            database.start()
+            wait_until(
+                lambda: "database answered b'N'" in podman.logs(app) or None,
+                30,
+                "the app started and reached the database",
+            )
+            assert "unreachable" not in podman.logs(app)
+            stop_pod(podman, "startup-ordering-records")
+            assert podman.wait_exited(app, 10) == 0
+            assert_drained(podman, "startup-ordering-records-db-ambassador")
+    finally:
+        database.close()
+
+
+def test_config_reload_from_a_configmap_swap(
+    podman: Engine, images: dict[str, str], app_image: str, tmp_path: Path
+) -> None:
+    """A kubelet-style ConfigMap update reaches nginx through `podpatterns reload`."""
+    http, admin = candidate_ports(2)
+    manifest = podify(
+        EXAMPLES / "config-reload.yaml",
+        images,
+        app_image,
+        {
+            "listen 8080;": f"listen 127.0.0.1:{http};",
+            "--admin=0.0.0.0:9901": f"--admin=127.0.0.1:{admin}",
+        },
+        tmp_path,
+    )
+    conf_dir = tmp_path / "volumes" / "nginx-conf"
+    with kube_play(podman, manifest, tmp_path):
+        wait_until(lambda: http_get(http, "/version") or None, 30, "nginx answering")
+        assert http_get(http, "/version") == (200, b"v1\n")
+        wait_until(lambda: status(admin, "/readyz") == 200 or None, 30, "reload ready")
+        conf = (conf_dir / "nginx.conf").read_text()
+        assert 'return 200 "v1\\n";' in conf
+        configmap_write(conf_dir, 2, {"nginx.conf": conf.replace('"v1\\n"', '"v2\\n"')})
+        wait_until(
+            lambda: http_get(http, "/version") == (200, b"v2\n") or None,
+            30,
+            "nginx serving the new config",
+        )
+        assert "reload_notified" in events(podman, "config-reload-config-reload")
+        stop_pod(podman, "config-reload", sidecars=["config-reload"])
+        assert_drained(podman, "config-reload-config-reload")
