@@ -18,8 +18,6 @@ of the page, and a failing block is reported at its line in the included file.
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +34,7 @@ from podpatterns.cli import EXIT_TABLE, build_parser
 from podpatterns.errors import EXIT_MEANINGS, ExitCode
 from podpatterns.options import HostPort
 from podpatterns.runtime import Runtime, RuntimeConfig
+from tests.proc import outputs, run_python
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
@@ -222,15 +221,8 @@ def test_python_example_runs(block: Block, tmp_path: Path) -> None:
         pytest.skip(f"{SKIP_MARK} in {block.id}")
     script = tmp_path / f"{block.path.stem}_{block.line}.py"
     script.write_text(block.code)
-    proc = subprocess.run(
-        [sys.executable, "-X", "dev", "-W", "error", str(script)],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    output = f"--- stdout\n{proc.stdout}--- stderr\n{proc.stderr}"
+    proc = run_python("-X", "dev", "-W", "error", str(script), cwd=tmp_path, timeout=60)
+    output = outputs(proc)
     assert proc.returncode == 0, f"{block.id} exited {proc.returncode}\n{output}"
     for sign in ("Traceback", "Exception ignored", "was never awaited", "Unclosed"):
         assert sign not in proc.stderr, f"{block.id}: {sign!r} on stderr\n{output}"

@@ -8,12 +8,11 @@ does not resolve, a docstring griffe cannot parse. The build runs once per sessi
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.proc import outputs, run_python
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -22,16 +21,13 @@ ROOT = Path(__file__).resolve().parents[1]
 def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The built site; the test fails with mkdocs' output if the build warns."""
     out = tmp_path_factory.mktemp("site")
-    proc = subprocess.run(
-        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(out)],
+    proc = run_python(
+        *("-m", "mkdocs", "build", "--strict", "--site-dir", str(out)),
         cwd=ROOT,
-        env={**os.environ, "NO_MKDOCS_2_WARNING": "1"},
-        capture_output=True,
-        text=True,
+        env={"NO_MKDOCS_2_WARNING": "1"},  # Material's end-of-life banner
         timeout=120,
-        check=False,
     )
-    output = f"--- stdout\n{proc.stdout}--- stderr\n{proc.stderr}"
+    output = outputs(proc)
     assert proc.returncode == 0, f"mkdocs build --strict exited {proc.returncode}\n{output}"
     assert "WARNING" not in proc.stderr, output
     return out
