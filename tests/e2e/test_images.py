@@ -21,6 +21,7 @@ from tests.e2e.engine import BASE, ROOT, VERSION, Engine
 from tests.peers import candidate_ports, wait_until
 
 LOCKED_DOWN = ("--read-only", "--cap-drop", "ALL", "--security-opt", "no-new-privileges")
+NO_NETWORK = ("--network", "none")  # for the tests that need none
 ENTRYPOINTS = {
     "ambassador": ["podpatterns", "ambassador"],
     "adapter": ["podpatterns", "adapter"],
@@ -57,7 +58,15 @@ def test_image_has_no_installer_or_compiler(
         "print(found)\n"
     )
     done = podman.run(
-        "run", "--rm", *LOCKED_DOWN, "--entrypoint", "python3", images[target], "-c", probe
+        "run",
+        "--rm",
+        *LOCKED_DOWN,
+        *NO_NETWORK,
+        "--entrypoint",
+        "python3",
+        images[target],
+        "-c",
+        probe,
     )
     assert done.stdout.strip() == "[]"
 
@@ -181,7 +190,7 @@ def test_run_as_pid1_reaps_orphans(podman: Engine, images: dict[str, str], tmp_p
     health = tmp_path / "health"
     health.mkdir(mode=0o777)
     health.chmod(0o777)
-    common = ("--rm", *LOCKED_DOWN, "-v", f"{health}:/run/pod")
+    common = ("--rm", *LOCKED_DOWN, *NO_NETWORK, "-v", f"{health}:/run/pod")
     supervised = podman.run(
         "run",
         *common,
@@ -224,6 +233,7 @@ def test_run_as_pid1_forwards_signals_and_keeps_the_exit_code(
     with container(
         podman,
         *LOCKED_DOWN,
+        *NO_NETWORK,
         "-v",
         f"{health}:/run/pod",
         images["tools"],
@@ -277,6 +287,7 @@ def test_custom_adapter_image_from_the_docs(
         with container(
             podman,
             *LOCKED_DOWN,
+            *NO_NETWORK,
             "-v",
             f"{logs}:/var/log/app",
             tag,
