@@ -46,6 +46,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 import kubernetes_validate
+import yaml
 
 import podpatterns
 from podpatterns.adapter import config as adapter_config
@@ -130,8 +131,6 @@ class Container:
 
 def load_documents(text: str) -> list[dict[str, Any]]:
     """The YAML documents of a manifest (empty documents left out)."""
-    import yaml
-
     return [d for d in yaml.safe_load_all(text) if d is not None]
 
 
@@ -200,6 +199,8 @@ def _in_root(root: Path, value: Any) -> Any:
 
 def _configure(tool: str, flags: dict[str, Any], env: dict[str, str], root: Path) -> Invocation:
     """Build the configuration the sub-command builds; raise what it would raise."""
+    if tool not in (*RUNTIME_TOOLS, "run", "wait"):
+        raise ManifestError(f"`podpatterns {tool}` does not belong in a Pod")
     if flags.get("config"):
         raise ManifestError("--config: config files in manifests are not checked here")
     flags = {k: v for k, v in flags.items() if k != "command"}

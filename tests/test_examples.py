@@ -233,6 +233,10 @@ MUTATIONS: list[tuple[str, str, Mutation, str]] = [
     ("reload-watches-a-file", "config-reload.yaml",
      _arg("config-reload", "--watch", "--watch=/etc/nginx/podpatterns/nginx.conf"),
      "is a file"),
+    ("demo-in-a-pod", "job-with-sidecars.yaml",
+     _field("main", "args", ["demo"]), "does not belong in a Pod"),
+    ("unknown-podpatterns-image", "ambassador-postgres.yaml",
+     _field("db-ambassador", "image", "podpatterns-proxy:0.1.0"), "unknown entrypoint"),
     ("health-without-probe", "health-records.yaml",
      _arg("pod-health", "--probe", None), "at least one probe"),
     # probes
