@@ -26,11 +26,14 @@ What :func:`pod_problems` checks, for every podpatterns invocation of a Pod:
   volumes (written ones not read-only; a watched ConfigMap not mounted with ``subPath``,
   which never updates);
 - no two containers bind the same port, and a port named ``admin`` is the admin port;
+- a loopback URL a tool probes, waits for or posts to, on a podpatterns admin port,
+  asks for a path that server serves;
 - a run-to-completion init container does not run a server, and the long-running
   podpatterns containers of a Job exit with the main container (``--exit-with``).
 
 :func:`policy_problems` holds the stricter rules the published examples follow
-(security context, resources, probes, grace period, image names), and
+(security context, resources, probes, grace period, image names, and every loopback
+port a tool connects to bound by a container of the Pod), and
 :func:`schema_problems` validates against the Kubernetes JSON schemas.
 """
 
@@ -44,6 +47,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
+from urllib.parse import urlsplit
 
 import kubernetes_validate
 import yaml
@@ -62,7 +66,7 @@ from podpatterns.cli import (
 from podpatterns.errors import PodpatternsError
 from podpatterns.health.prober import ProberConfig
 from podpatterns.health.supervisor import RUN_OPTIONS, RunConfig
-from podpatterns.health.targets import ReadyTarget
+from podpatterns.health.targets import GrpcTarget, HttpTarget, ReadyTarget, TcpTarget
 from podpatterns.health.wait import WAIT_OPTIONS, WaitConfig
 from podpatterns.options import HostPort, resolve
 from podpatterns.reload import ReloadConfig
@@ -497,8 +501,17 @@ def pod_problems(
                     "never completes"
                 )
 
-    # Ports: a Pod has one network namespace.
+    bound, port_problems = bound_ports(found)
+    problems += port_problems
+    problems += [p for p in target_problems(found, bound) if "binds port" not in p]
+    return found, problems
+
+
+def bound_ports(found: list[Container]) -> tuple[dict[int, str], list[str]]:
+    """``{port: container}`` of what a Pod binds (declared ports, admin servers and
+    ambassador listeners), and the clashes: a Pod has one network namespace."""
     bound: dict[int, str] = {}
+    problems: list[str] = []
     for c in found:
         ports: set[int] = {int(p["containerPort"]) for p in c.spec.get("ports") or []}
         named = {p.get("name"): int(p["containerPort"]) for p in c.spec.get("ports") or []}
@@ -519,7 +532,59 @@ def pod_problems(
             if port in bound and bound[port] != c.name:
                 problems.append(f"{c.where}: port {port} is also bound by {bound[port]}")
             bound.setdefault(port, c.name)
-    return found, problems
+    return bound, problems
+
+
+def target_problems(found: list[Container], bound: dict[int, str]) -> list[str]:
+    """What the tools probe or notify on the Pod's loopback must be there: a bound port
+    (Kubernetes does not require an app to declare its ports, so :func:`pod_problems`
+    leaves that rule to the policy) and, on a podpatterns admin server, a served path."""
+    servers = {c.admin_port: c for c in found if c.admin_port}
+    problems = []
+    for c in found:
+        for inv in c.invocations:
+            for target in _targets(inv):
+                port, path = _local_endpoint(target)
+                if port is None:
+                    continue
+                at = f"{c.where}: {inv.tool} target {getattr(target, 'label', target)}"
+                server = servers[port].server if port in servers else None
+                if port not in bound:
+                    problems.append(f"{at}: no container of the Pod binds port {port}")
+                elif (
+                    path is not None
+                    and server is not None
+                    and server.runtime is not None
+                    and not any(p.match(path) for p in _routes(server.runtime))
+                ):
+                    problems.append(f"{at}: {servers[port].name} does not serve {path}")
+    return problems
+
+
+def _targets(inv: Invocation) -> list[Any]:
+    """What an invocation connects to: probes, wait targets, the ready probe, the reload URL."""
+    targets = [*inv.values.get("probe", ()), *inv.values.get("for", ())]
+    if inv.values.get("ready_probe") is not None:
+        targets.append(inv.values["ready_probe"])
+    if inv.values.get("http_post") is not None:
+        targets.append(HttpTarget(url=inv.values["http_post"], label=inv.values["http_post"]))
+    return targets
+
+
+def _local_endpoint(target: Any) -> tuple[int | None, str | None]:
+    """``(port, HTTP path)`` of a target on the Pod's loopback; ``(None, None)`` otherwise."""
+    path: str | None = None
+    if isinstance(target, TcpTarget | GrpcTarget):
+        host, port = target.host, target.port
+    elif isinstance(target, HttpTarget):
+        url = urlsplit(target.url)
+        host, port = url.hostname or "", url.port or (443 if url.scheme == "https" else 80)
+        path = url.path or "/"
+    else:
+        return None, None
+    if host == "localhost" or host.startswith("127.") or host == "::1":
+        return port, path
+    return None, None
 
 
 def config_maps(docs: list[dict[str, Any]]) -> dict[str, dict[str, str]]:
@@ -579,6 +644,8 @@ def policy_problems(pod: dict[str, Any], where: str, found: list[Container]) -> 
         if "hostPath" in v:
             problems.append(f"{where}: volume {v.get('name')} is a hostPath")
     grace = pod.get("terminationGracePeriodSeconds", DEFAULT_GRACE)
+    bound, _ = bound_ports(found)
+    problems += [p for p in target_problems(found, bound) if "binds port" in p]
     version = podpatterns.__version__
     for c in found:
         spec, at = c.spec, c.where

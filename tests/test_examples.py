@@ -135,6 +135,7 @@ def test_page_includes_every_example() -> None:
 
 
 def _pod(docs: Docs, name: str | None = None) -> dict[str, Any]:
+    """The (first, or named) Pod spec of a file, to change in place."""
     for doc in docs:
         for where, spec in pod_specs(doc):
             if name is None or where.endswith(f"/{name}"):
@@ -143,14 +144,18 @@ def _pod(docs: Docs, name: str | None = None) -> dict[str, Any]:
 
 
 def _spec(docs: Docs, container: str, pod: str | None = None) -> dict[str, Any]:
-    """The container's spec itself (mutable), by name."""
+    """A container's spec, by name (in the named Pod), to change in place."""
     for doc in docs:
         for where, spec in pod_specs(doc):
             if pod is not None and not where.endswith(f"/{pod}"):
                 continue
-            for c in [*(spec.get("initContainers") or []), *(spec.get("containers") or [])]:
+            found: list[dict[str, Any]] = [
+                *(spec.get("initContainers") or []),
+                *(spec.get("containers") or []),
+            ]
+            for c in found:
                 if c["name"] == container:
-                    return c  # type: ignore[no-any-return]
+                    return c
     raise AssertionError(f"no container {container}")
 
 
@@ -233,6 +238,17 @@ MUTATIONS: list[tuple[str, str, Mutation, str]] = [
     ("reload-watches-a-file", "config-reload.yaml",
      _arg("config-reload", "--watch", "--watch=/etc/nginx/podpatterns/nginx.conf"),
      "is a file"),
+    ("wait-for-a-path-not-served", "startup-ordering.yaml",
+     _arg("wait-for-database", "--for", "--for=http://127.0.0.1:9901/ready"),
+     "db-ambassador does not serve /ready"),
+    ("probe-a-port-nobody-binds", "health-records.yaml",
+     _arg("pod-health", "--probe", "--probe=http://127.0.0.1:8081/healthz"),
+     "no container of the Pod binds port 8081"),
+    ("reload-posts-nowhere", "config-reload.yaml",
+     _field("config-reload", "args", ["reload", "--watch=/etc/nginx/podpatterns",
+                                      "--http-post=http://127.0.0.1:9090/-/reload",
+                                      "--admin=0.0.0.0:9901"]),
+     "binds port 9090"),
     ("demo-in-a-pod", "job-with-sidecars.yaml",
      _field("main", "args", ["demo"]), "does not belong in a Pod"),
     ("unknown-podpatterns-image", "ambassador-postgres.yaml",
@@ -283,7 +299,9 @@ MUTATIONS: list[tuple[str, str, Mutation, str]] = [
      _both(_arg("log-adapter", "--admin", "--admin=0.0.0.0:9901"),
            _field("log-adapter", "ports", [{"name": "admin", "containerPort": 9901}])),
      "port 9901 is also bound by db-ambassador"),
-    ("listen-clash", "adapter-stdout.yaml",
+    ("listen-on-admin-port", "ambassador-postgres.yaml",
+     _arg("db-ambassador", "--listen", "--listen=127.0.0.1:9901"), "9901"),
+    ("admin-on-app-port", "adapter-stdout.yaml",
      _arg("log-adapter", "--admin", "--admin=0.0.0.0:8080"), "port 8080 is also bound"),
     ("watch-subpath", "config-reload.yaml",
      _field("config-reload", "volumeMounts", [{"name": "nginx-conf",
