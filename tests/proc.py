@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 
@@ -105,14 +106,27 @@ def run(
     *args: str, env: dict[str, str] | None = None, timeout: float = 20.0
 ) -> subprocess.CompletedProcess[str]:
     """Run ``python -m podpatterns ARGS`` to completion."""
+    return run_python("-m", "podpatterns", *args, env=env, timeout=timeout)
+
+
+def run_python(
+    *args: str, cwd: Path | None = None, env: dict[str, str] | None = None, timeout: float = 20.0
+) -> subprocess.CompletedProcess[str]:
+    """Run this interpreter with ARGS to completion, capturing its output as text."""
     return subprocess.run(
-        [sys.executable, "-m", "podpatterns", *args],
+        [sys.executable, *args],
+        cwd=cwd,
         capture_output=True,
         text=True,
         env={**os.environ, **(env or {})},
         timeout=timeout,
         check=False,
     )
+
+
+def outputs(proc: subprocess.CompletedProcess[str]) -> str:
+    """A finished process's stdout and stderr, labelled, for an assertion message."""
+    return f"--- stdout\n{proc.stdout}--- stderr\n{proc.stderr}"
 
 
 def sigterm_and_wait(proc: Proc, timeout: float = 10.0) -> int:

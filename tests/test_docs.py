@@ -8,18 +8,17 @@ under a second.
 
 Every ```` ```yaml ```` block is checked too: a Kubernetes manifest's podpatterns
 command lines, probes, records, volumes and ports (``tests/manifests.py``), or else a
-config file, must be accepted by the same code the command line uses.
+config file, must be accepted by the same code the command line uses. The manifests
+docs/examples.md includes from ``docs/examples/`` are checked that way as well.
 
-A line ``--8<-- "PATH"`` in a block (pymdownx.snippets, paths relative to the
-repository) is replaced by the file it names before the block is checked, so the
-manifests the docs include from ``docs/examples/`` are checked here like any other.
+Pages may include other files with a pymdownx.snippets line (``--8<-- "PATH"``, PATH
+relative to the repository root, as in mkdocs.yml); the included text is checked as part
+of the page, and a failing block is reported at its line in the included file.
 """
 
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,7 @@ from podpatterns.ambassador import config as amb_config
 from podpatterns.cli import EXIT_TABLE
 from podpatterns.errors import EXIT_MEANINGS, ExitCode
 from tests.manifests import document_problems, load_documents
+from tests.proc import outputs, run_python
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
@@ -54,44 +54,63 @@ class Block:
         return f"{self.path.relative_to(ROOT)}:{self.line}"
 
 
-_SNIPPET = re.compile(r"""^--8<-- (?P<q>["'])(?P<path>[^"']+)(?P=q)$""")
+# pymdownx.snippets' one-line include; its other forms (line ranges, sections, the
+# block form) are not used here, and a page that starts to use them fails loudly.
+_SNIPPET = re.compile(r"^(?P<indent>[ \t]*)--8<--[ \t]+\"(?P<file>[^\"]+)\"[ \t]*$")
+_SNIPPET_ANY = re.compile(r"^[ \t]*;?--8<--")
+
+# One line of a page after includes are expanded: (text, file it comes from, line there).
+Line = tuple[str, Path, int]
 
 
-def include_snippets(code: str, where: str) -> str:
-    """Replace each ``--8<-- "PATH"`` line with the file (relative to the repository)."""
-    lines = []
-    for line in code.splitlines(keepends=True):
-        if not line.startswith("--8<--"):
-            lines.append(line)
+def expanded_lines(path: Path, seen: tuple[Path, ...] = ()) -> list[Line]:
+    """The lines of ``path`` with every snippet include replaced by the included lines.
+
+    Included lines keep the indentation of the include line, as pymdownx.snippets does.
+    """
+    if path in seen:
+        raise ValueError(f"snippet include cycle: {' -> '.join(map(str, (*seen, path)))}")
+    out: list[Line] = []
+    for number, line in enumerate(path.read_text().splitlines(keepends=True), 1):
+        m = _SNIPPET.match(line.rstrip("\n"))
+        if m is None:
+            assert not _SNIPPET_ANY.match(line), f"{path}:{number}: unsupported snippet form"
+            out.append((line, path, number))
             continue
-        m = _SNIPPET.match(line.strip())
-        assert m, f'{where}: only `--8<-- "PATH"` lines are supported here: {line!r}'
-        included = ROOT / m.group("path")
-        assert included.is_file(), f"{where}: {m.group('path')} does not exist"
-        lines.append(included.read_text())
-    return "".join(lines)
+        included = ROOT / m["file"]
+        assert included.is_file(), f"{path}:{number}: included file {m['file']} not found"
+        for text, where, at in expanded_lines(included, (*seen, path)):
+            indented = m["indent"] + text if text.strip() else text
+            out.append((indented if indented.endswith("\n") else indented + "\n", where, at))
+    return out
 
 
 def fenced_blocks(path: Path, lang: str) -> list[Block]:
-    """The ```` ```lang ```` blocks of ``path`` with the line numbers of their fences."""
-    text = path.read_text()
+    """The ```` ```lang ```` blocks of ``path`` (includes expanded), each with the file and
+    line number of its fence."""
+    lines = expanded_lines(path)
+    text = "".join(line for line, _, _ in lines)
     blocks = []
     for m in re.finditer(_FENCE.format(lang=lang), text, re.MULTILINE | re.DOTALL):
         before = text[: m.start()].rstrip("\n").rsplit("\n", 1)[-1]
-        line = text.count("\n", 0, m.start()) + 1
-        where = f"{path.relative_to(ROOT)}:{line}"
-        code = include_snippets(textwrap.dedent(m.group("body")), where)
-        blocks.append(Block(path, line, code, before.strip() == SKIP_MARK))
+        _, where, line = lines[text.count("\n", 0, m.start())]
+        code = textwrap.dedent(m.group("body"))
+        blocks.append(Block(where, line, code, before.strip() == SKIP_MARK))
     return blocks
 
 
 def doc_files() -> list[Path]:
-    """README.md and every page in docs/."""
-    return [ROOT / "README.md", *sorted(DOCS.glob("*.md"))]
+    """README.md and every page in docs/ and its subfolders."""
+    return [ROOT / "README.md", *sorted(DOCS.rglob("*.md"))]
 
 
-BLOCKS = [b for path in doc_files() for b in fenced_blocks(path, "python")]
-YAML_BLOCKS = [b for path in doc_files() for b in fenced_blocks(path, "yaml")]
+def _unique(blocks: list[Block]) -> list[Block]:
+    """Blocks once each, also when a file is included by several pages."""
+    return list({b.id: b for b in blocks}.values())
+
+
+BLOCKS = _unique([b for path in doc_files() for b in fenced_blocks(path, "python")])
+YAML_BLOCKS = _unique([b for path in doc_files() for b in fenced_blocks(path, "yaml")])
 
 
 def test_reference_is_current() -> None:
@@ -100,6 +119,58 @@ def test_reference_is_current() -> None:
     assert committed == reference.render(), (
         "docs/reference.md is out of date: run `python -m podpatterns.reference --write`"
     )
+
+
+@pytest.mark.parametrize("page", doc_files(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_generated_option_sections_are_current(page: Path) -> None:
+    """Every `generated:options` section of a page is what its declarations render to."""
+    text = page.read_text()
+    assert reference.refresh_sections(text) == text, (
+        f"{page.relative_to(ROOT)}: option tables out of date: "
+        "run `python -m podpatterns.reference --write`"
+    )
+
+
+def test_every_option_section_is_on_a_page() -> None:
+    """Each component's option table appears on exactly one page of the docs."""
+    shown = [name for page in doc_files() for name in reference.section_names(page.read_text())]
+    assert sorted(shown) == sorted(reference.option_sections())
+
+
+def test_stale_option_section_is_refreshed() -> None:
+    """A hand-edited table between the markers is replaced by the rendering."""
+    stale = "<!-- generated:options wait -->\n| old |\n<!-- end generated:options -->\n"
+    fresh = reference.refresh_sections(stale)
+    assert "| old |" not in fresh
+    assert "`--timeout DURATION`" in fresh
+    assert reference.refresh_sections(fresh) == fresh
+
+
+def test_unknown_option_section_is_an_error() -> None:
+    """A marker naming no declared section fails instead of being left alone."""
+    with pytest.raises(ValueError, match="'nope'"):
+        reference.refresh_sections(
+            "<!-- generated:options nope -->\n<!-- end generated:options -->\n"
+        )
+
+
+def test_write_refreshes_pages_next_to_the_reference(tmp_path: Path) -> None:
+    """`--write PATH` also rewrites stale option sections of the Markdown files beside PATH."""
+    page = tmp_path / "page.md"
+    page.write_text("# P\n\n<!-- generated:options reload -->\n<!-- end generated:options -->\n")
+    assert reference.main(["--write", str(tmp_path / "reference.md")]) == 0
+    assert "`--watch DIR`" in page.read_text()
+    assert reference.refresh_sections(page.read_text()) == page.read_text()
+
+
+def test_snippet_includes_are_expanded(tmp_path: Path) -> None:
+    """A block in a file included with `--8<--` is found, with its own file and line."""
+    included = tmp_path / "included.md"
+    included.write_text("text\n\n```python\nprint(1)\n```\n")
+    page = tmp_path / "page.md"
+    page.write_text(f'# Page\n\n--8<-- "{included}"\n')
+    (block,) = fenced_blocks(page, "python")
+    assert (block.path, block.line, block.code) == (included, 3, "print(1)\n")
 
 
 def test_reference_main_prints_the_rendering(capsys: pytest.CaptureFixture[str]) -> None:
@@ -141,15 +212,8 @@ def test_python_example_runs(block: Block, tmp_path: Path) -> None:
         pytest.skip(f"{SKIP_MARK} in {block.id}")
     script = tmp_path / f"{block.path.stem}_{block.line}.py"
     script.write_text(block.code)
-    proc = subprocess.run(
-        [sys.executable, "-X", "dev", "-W", "error", str(script)],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    output = f"--- stdout\n{proc.stdout}--- stderr\n{proc.stderr}"
+    proc = run_python("-X", "dev", "-W", "error", str(script), cwd=tmp_path, timeout=60)
+    output = outputs(proc)
     assert proc.returncode == 0, f"{block.id} exited {proc.returncode}\n{output}"
     for sign in ("Traceback", "Exception ignored", "was never awaited", "Unclosed"):
         assert sign not in proc.stderr, f"{block.id}: {sign!r} on stderr\n{output}"
@@ -158,15 +222,9 @@ def test_python_example_runs(block: Block, tmp_path: Path) -> None:
 def test_included_manifests_are_checked() -> None:
     """The manifests docs/examples.md includes reach the yaml checks as their text."""
     included = [b for b in YAML_BLOCKS if b.path.name == "examples.md"]
-    assert included
     texts = {p.read_text() for p in (DOCS / "examples").glob("*.yaml")}
+    assert texts
     assert {b.code for b in included} == texts
-
-
-def test_snippet_line_must_name_a_file() -> None:
-    """A snippet line naming a missing file fails instead of being checked as text."""
-    with pytest.raises(AssertionError, match="does not exist"):
-        include_snippets('--8<-- "docs/examples/missing.yaml"\n', "here")
 
 
 @pytest.mark.parametrize("block", YAML_BLOCKS, ids=lambda b: b.id)

@@ -102,26 +102,34 @@ class Ambassador:
             raise
 
     def is_ready(self) -> bool:
+        """Every route is bound, accepting and below its connection cap (and, with
+        ``ready_requires_upstream``, has an endpoint up)."""
         return bool(self._started) and all(r.is_ready() for r in self.routes)
 
     def stop_accepting(self) -> None:
+        """Close every listener; open connections go on."""
         for route in self.routes:
             route.stop_accepting()
 
     def in_flight(self) -> int:
+        """Open client connections over all routes."""
         return sum(r.in_flight() for r in self.routes)
 
     async def wait_drained(self) -> None:
+        """Return once no connection is open on any route."""
         await asyncio.gather(*(r.wait_drained() for r in self.routes))
 
     def cut(self) -> int:
+        """Reset every open connection; return how many there were."""
         return sum(r.cut() for r in self.routes)
 
     async def close(self) -> None:
+        """Close the listeners and reset whatever connections are still open."""
         await asyncio.gather(*(r.close() for r in self._started))
         self._started = []
 
     def collectors(self) -> list[Any]:
+        """The connect-time histogram and the per-route and per-endpoint metrics."""
         return [self._connect_seconds, CallbackCollector(self._families())]
 
     def _families(self) -> Iterable[tuple[str, str, str, tuple[str, ...], Any]]:

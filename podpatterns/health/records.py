@@ -589,8 +589,8 @@ class Tracker:
     health_dir: Path
     monotonic: Callable[[], float] = time.monotonic
     wall: Callable[[], float] = time.time
-    _seen: dict[str, _Seen] = field(default_factory=dict)
-    _last: dict[str, Record] = field(default_factory=dict)
+    _seen: dict[str, _Seen] = field(default_factory=dict, init=False, repr=False)
+    _last: dict[str, Record] = field(default_factory=dict, init=False, repr=False)
 
     def status(self, name: str) -> Status:
         """Read ``name``'s record now and return the conclusion."""
