@@ -6,9 +6,10 @@ debug mode. A block that must not run (none today) is preceded by the line
 ``<!-- docs-test: skip -->``. Examples bind to port 0 on loopback and finish in well
 under a second.
 
-Every ```` ```yaml ```` block is checked too: a Kubernetes manifest's ``podpatterns
-ambassador`` arguments and probe paths, or else a config file, must be accepted by the
-same code the command line uses.
+Every ```` ```yaml ```` block is checked too: a Kubernetes manifest's podpatterns
+command lines, probes, records, volumes and ports (``tests/manifests.py``), or else a
+config file, must be accepted by the same code the command line uses. The manifests
+docs/examples.md includes from ``docs/examples/`` are checked that way as well.
 
 Pages may include other files with a pymdownx.snippets line (``--8<-- "PATH"``, PATH
 relative to the repository root, as in mkdocs.yml); the included text is checked as part
@@ -21,19 +22,15 @@ import re
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
-import yaml
 
 from podpatterns import reference
 from podpatterns.adapter import config as adapter_config
-from podpatterns.admin import AdminServer
 from podpatterns.ambassador import config as amb_config
-from podpatterns.cli import EXIT_TABLE, build_parser
+from podpatterns.cli import EXIT_TABLE
 from podpatterns.errors import EXIT_MEANINGS, ExitCode
-from podpatterns.options import HostPort
-from podpatterns.runtime import Runtime, RuntimeConfig
+from tests.manifests import document_problems, load_documents
 from tests.proc import outputs, run_python
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -114,12 +111,6 @@ def _unique(blocks: list[Block]) -> list[Block]:
 
 BLOCKS = _unique([b for path in doc_files() for b in fenced_blocks(path, "python")])
 YAML_BLOCKS = _unique([b for path in doc_files() for b in fenced_blocks(path, "yaml")])
-_ADMIN = AdminServer(Runtime(RuntimeConfig(), []), HostPort("127.0.0.1", 0)).app()
-PROBE_PATHS = {
-    r.resource.canonical
-    for r in _ADMIN.router.routes()
-    if r.method == "GET" and r.resource is not None
-}
 
 
 def test_reference_is_current() -> None:
@@ -228,87 +219,25 @@ def test_python_example_runs(block: Block, tmp_path: Path) -> None:
         assert sign not in proc.stderr, f"{block.id}: {sign!r} on stderr\n{output}"
 
 
-def _podpatterns_containers(manifest: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
-    spec = manifest.get("spec", {})
-    spec = spec.get("template", {}).get("spec", spec)  # a Job or Deployment wraps a Pod
-    return [
-        (c["command"][1], c)
-        for c in [*spec.get("initContainers", []), *spec.get("containers", [])]
-        if c.get("command") in (["podpatterns", "ambassador"], ["podpatterns", "adapter"])
-    ]
-
-
-HEALTH_PROBE_PATH = re.compile(r"^/(pod/)?(livez|readyz|startupz)(/[-a-z0-9]{1,63})?$")
-
-
-def _health_containers(manifest: dict[str, Any]) -> list[dict[str, Any]]:
-    spec = manifest.get("spec", {})
-    spec = spec.get("template", {}).get("spec", spec)
-    return [
-        c
-        for c in [*spec.get("initContainers", []), *spec.get("containers", [])]
-        if c.get("command")
-        in (
-            ["podpatterns", "run"],
-            ["podpatterns", "wait"],
-            ["podpatterns", "health"],
-            ["podpatterns", "reload"],
-        )
-    ]
-
-
-def _check_health_flags(tool: str, flags: dict[str, Any], where: str) -> None:
-    """Resolve `run`/`wait` flags with the same declarations the command line uses."""
-    from podpatterns.cli import _health_options, _shared_options
-    from podpatterns.health.prober import ProberConfig
-    from podpatterns.health.supervisor import RUN_OPTIONS
-    from podpatterns.health.wait import WAIT_OPTIONS
-    from podpatterns.options import resolve
-
-    if tool == "health":
-        ProberConfig.from_values(resolve(_health_options(), flags, {}, {}))
-        return
-    if tool == "reload":
-        from podpatterns.cli import _reload_options
-        from podpatterns.reload import ReloadConfig
-
-        ReloadConfig.from_values(resolve(_reload_options(), flags, {}, {}))
-        return
-    own = RUN_OPTIONS if tool == "run" else WAIT_OPTIONS
-    options = [*_shared_options("health_dir", "log_level", "log_format"), *own]
-    values = resolve(options, flags, {}, {})
-    assert values["health_dir"] is not None or tool == "wait", where
+def test_included_manifests_are_checked() -> None:
+    """The manifests docs/examples.md includes reach the yaml checks as their text."""
+    included = [b for b in YAML_BLOCKS if b.path.name == "examples.md"]
+    texts = {p.read_text() for p in (DOCS / "examples").glob("*.yaml")}
+    assert texts
+    assert {b.code for b in included} == texts
 
 
 @pytest.mark.parametrize("block", YAML_BLOCKS, ids=lambda b: b.id)
 def test_yaml_example_is_accepted(block: Block) -> None:
-    """A manifest's podpatterns args and probes, or a config file, are valid as shown."""
-    data = yaml.safe_load(block.code)
-    assert isinstance(data, dict), block.id
-    builders = {"ambassador": amb_config.build, "adapter": adapter_config.build}
-    if "apiVersion" not in data:
+    """A manifest's podpatterns command lines and probes, or a config file, are valid as shown."""
+    docs = load_documents(block.code)
+    assert docs and all(isinstance(d, dict) for d in docs), block.id
+    if "apiVersion" not in docs[0]:
+        builders = {"ambassador": amb_config.build, "adapter": adapter_config.build}
         builders["adapter" if block.path.name == "adapter.md" else "ambassador"](
-            {}, {}, data, block.id
+            {}, {}, docs[0], block.id
         )
         return
-    containers = _podpatterns_containers(data)
-    health = _health_containers(data)
-    for container in health:
-        tool = container["command"][1]
-        args = build_parser().parse_args([tool, *container.get("args", [])])
-        flags = {k: v for k, v in vars(args).items() if k not in ("command", "argv")}
-        if tool in ("run", "wait"):
-            assert args.argv and args.argv[0] == "--", (block.id, "the command follows --")
-        _check_health_flags(tool, flags, block.id)
-        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-            if probe in container:
-                path = container[probe]["httpGet"]["path"]
-                assert HEALTH_PROBE_PATH.match(path), (block.id, probe, path)
-    assert containers or health, f"{block.id}: no podpatterns container"
-    for command, container in containers:
-        args = build_parser().parse_args([command, *container.get("args", [])])
-        flags = {k: v for k, v in vars(args).items() if k != "command"}
-        builders[command](flags, {}, {}, block.id)
-        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-            if probe in container:
-                assert container[probe]["httpGet"]["path"] in PROBE_PATHS, (block.id, probe)
+    found, problems = document_problems(docs)
+    assert not problems, f"{block.id}:\n" + "\n".join(problems)
+    assert any(c.invocations for c in found), f"{block.id}: no podpatterns container"
