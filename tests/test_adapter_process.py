@@ -7,6 +7,7 @@ import random
 import shutil
 import signal
 import subprocess
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -267,17 +268,19 @@ def test_unusable_checkpoint_dir_is_a_one_line_config_error(tmp_path: Path, unus
     Found at start, not at the first save (which would come after records shipped). The
     read-only case runs the adapter as an unprivileged user: root may write anywhere.
     """
-    (tmp_path / "logs").mkdir()
     prefix: tuple[str, ...] = ()
     if unusable == "a-file":
         (tmp_path / "cp").write_text("not a directory\n")
     else:
         if os.geteuid() != 0 or not shutil.which("setpriv"):
             pytest.skip("needs root and setpriv to run as another user")
-        (tmp_path / "cp").mkdir(mode=0o555)
+        # Not pytest's tmp_path: its root (/tmp/pytest-of-root) is 0700, so another user
+        # would fail at the parent, not at the directory under test.
+        tmp_path = Path(tempfile.mkdtemp(prefix="podpatterns-cp-", dir="/var/tmp"))
         tmp_path.chmod(0o755)
-        (tmp_path / "logs").chmod(0o755)
+        (tmp_path / "cp").mkdir(mode=0o555)
         prefix = ("setpriv", "--reuid=65532", "--regid=65532", "--clear-groups")
+    (tmp_path / "logs").mkdir(mode=0o755)
     p = Proc(
         "adapter",
         "--path",
@@ -292,6 +295,8 @@ def test_unusable_checkpoint_dir_is_a_one_line_config_error(tmp_path: Path, unus
         assert p.wait(30) == 2
     finally:
         p.stop()
+        if unusable == "read-only":
+            shutil.rmtree(tmp_path)
     errors = [line for line in p.lines if line.strip() and not line.startswith("{")]
     assert len(errors) == 1, p.lines
     assert "--checkpoint-dir" in errors[0]

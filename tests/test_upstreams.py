@@ -155,11 +155,11 @@ async def test_active_health_check_marks_endpoint_down_and_up() -> None:
         ambassador([addr, b], health_check_interval=0.05, health_check_timeout=0.2) as amb,
     ):
         ep = amb.routes[0].pool.endpoints[0]
-        await eventually(lambda: not ep.healthy)
+        await eventually(lambda: ep.healthy is False)
         assert await ask(port_of(amb)) == b"B"
         assert amb.routes[0].stats.connect_failures[(str(addr), "refused")] == 0
         sock.listen(8)  # the endpoint comes back
-        await eventually(lambda: ep.healthy)
+        await eventually(lambda: ep.healthy is True)
     sock.close()
 
 
@@ -175,16 +175,17 @@ async def test_ready_requires_upstream() -> None:
     sock.close()
 
 
-async def test_endpoints_are_down_until_their_first_check_passes() -> None:
-    """No readiness on a guess: before the first check answers, no endpoint counts as up."""
-    async with serve(named(b"A")) as a:
-        pool = UpstreamPool([a])
-        assert pool.any_healthy()  # without active checks, endpoints are up
+async def test_readiness_waits_for_the_first_check_but_routing_does_not() -> None:
+    """No readiness on a guess; meanwhile connections still follow the policy's order."""
+    async with serve(named(b"A")) as a, serve(named(b"B")) as b:
+        pool = UpstreamPool([a, b], active_checks=True)
+        assert not pool.any_healthy()  # nothing has been checked yet
+        assert [ep.address for ep in pool.candidates()] == [a, b]  # failover order kept
+        assert UpstreamPool([a]).any_healthy()  # without active checks: up
         checks = asyncio.create_task(pool.health_loop(60.0, 5.0))
         try:
-            await asyncio.sleep(0)  # the loop has started; no check has answered yet
-            assert not pool.any_healthy()
             await eventually(pool.any_healthy)
+            assert [ep.healthy for ep in pool.endpoints] == [True, True]
         finally:
             checks.cancel()
             with contextlib.suppress(asyncio.CancelledError):

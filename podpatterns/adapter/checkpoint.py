@@ -80,7 +80,7 @@ class CheckpointStore:
             raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(self.directory))
         self.directory.mkdir(parents=True, exist_ok=True)
         if not os.access(self.directory, os.W_OK | os.X_OK):
-            raise PermissionError(errno.EACCES, "not writable by this user", str(self.directory))
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self.directory))
         for path in (self.current, self.previous):
             if not path.exists():
                 continue

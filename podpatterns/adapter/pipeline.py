@@ -14,6 +14,7 @@ again.
 from __future__ import annotations
 
 import asyncio
+import errno
 import itertools
 import os
 import re
@@ -223,9 +224,13 @@ class Adapter:
             try:
                 self.acked = await asyncio.to_thread(self._store.load)
             except OSError as exc:
+                hint = (
+                    "mount a writable volume (an emptyDir) there"
+                    if exc.errno == errno.EROFS
+                    else "it must be a directory this user can write; in a Pod, set fsGroup"
+                )
                 raise ConfigError(
-                    f"--checkpoint-dir: cannot use {self._store.directory}: {exc.strerror}"
-                    " (it must be writable by this user; in a Pod, set fsGroup)"
+                    f"--checkpoint-dir: cannot use {self._store.directory}: {exc.strerror} ({hint})"
                 ) from None
         self._restore()
         await self.sink.start()

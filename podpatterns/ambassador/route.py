@@ -68,6 +68,7 @@ class Route:
             fail_cooldown=cfg.fail_cooldown,
             resolver=resolver,
             route=cfg.name,
+            active_checks=bool(cfg.health_check_interval),
         )
         self.tls: TLSContextProvider | None = None
         if cfg.upstream_tls:

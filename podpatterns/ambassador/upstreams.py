@@ -59,12 +59,14 @@ class Endpoint:
         "resolved_at",
     )
 
-    def __init__(self, address: HostPort) -> None:
+    def __init__(self, address: HostPort, *, checked: bool = False) -> None:
         self.address = address
         self.addrs: list[tuple[int, SockAddr]] = _literal(address.host, address.port) or []
         self.resolved_at = time.monotonic() if self.addrs else 0.0
         self.down_until = 0.0  # passive: skipped until then
-        self.healthy = True  # active checks (always True when they are off)
+        # The last active check's verdict: True when checks are off; None while they are
+        # on but none has answered yet (routable, but not proof for readiness).
+        self.healthy: bool | None = None if checked else True
         self.active = 0  # open connections through it
         self.connects = 0
         self.failures = 0
@@ -74,7 +76,8 @@ class Endpoint:
         return _literal(self.address.host, self.address.port) is not None
 
     def is_up(self, now: float) -> bool:
-        return self.healthy and now >= self.down_until
+        """Routable now: not failed by an active check, not in a passive cooldown."""
+        return self.healthy is not False and now >= self.down_until
 
     def __str__(self) -> str:
         return str(self.address)
@@ -92,8 +95,9 @@ class UpstreamPool:
         fail_cooldown: float = 10.0,
         resolver: Resolver = system_resolver,
         route: str = "default",
+        active_checks: bool = False,
     ) -> None:
-        self.endpoints = [Endpoint(a) for a in addresses]
+        self.endpoints = [Endpoint(a, checked=active_checks) for a in addresses]
         self.policy = policy
         self.dns_refresh = dns_refresh
         self.fail_cooldown = fail_cooldown
@@ -115,9 +119,13 @@ class UpstreamPool:
         return up + [e for e in eps if not e.is_up(now)] if len(up) < len(eps) else up
 
     def any_healthy(self) -> bool:
-        """True when at least one endpoint is up (for ``--ready-requires-upstream``)."""
+        """True when at least one endpoint is up (for ``--ready-requires-upstream``).
+
+        With active checks, only an endpoint whose last check passed counts: readiness
+        is never granted on a guess between start and the first answer.
+        """
         now = time.monotonic()
-        return any(e.is_up(now) for e in self.endpoints)
+        return any(e.healthy is True and e.is_up(now) for e in self.endpoints)
 
     async def addresses(self, ep: Endpoint) -> list[tuple[int, SockAddr]]:
         """The endpoint's socket addresses, resolving when none are cached.
@@ -195,12 +203,9 @@ class UpstreamPool:
     async def health_loop(self, interval: float, check_timeout: float) -> None:
         """Active TCP health checks of every endpoint (runs until cancelled).
 
-        An endpoint counts as down until its first check passes, so readiness that
-        requires an upstream (``--ready-requires-upstream``) never passes on a guess;
-        connections still try every endpoint in policy order meanwhile.
+        Build the pool with ``active_checks=True`` when this runs: its endpoints then
+        start unchecked (see :meth:`any_healthy`), and the first verdict is always logged.
         """
-        for ep in self.endpoints:
-            ep.healthy = False
         while True:
             await asyncio.gather(*(self._check(ep, check_timeout) for ep in self.endpoints))
             await asyncio.sleep(interval)

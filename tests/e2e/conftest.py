@@ -6,9 +6,11 @@ two minutes) and needs root for rootful podman.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 
-from tests.e2e.engine import TARGETS, Engine, build, build_app, engine, ensure_base
+from tests.e2e.engine import TARGETS, Engine, build, build_app, engine, ensure_base, prune
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -32,9 +34,10 @@ def base(podman: Engine) -> str:
 
 
 @pytest.fixture(scope="session")
-def images(podman: Engine, base: str) -> dict[str, str]:
+def images(podman: Engine, base: str) -> Iterator[dict[str, str]]:
     """The three podpatterns images, built from this checkout: target -> local name."""
-    return {target: build(podman, target, base) for target in TARGETS}
+    yield {target: build(podman, target, base) for target in TARGETS}
+    prune(podman)
 
 
 @pytest.fixture(scope="session")

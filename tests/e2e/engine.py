@@ -7,17 +7,20 @@ from the machine's own apt mirror and imported; pip inside ``podman build`` reac
 index with the machine's CA bundle mounted into the build.
 
 Nothing is installed here: ``./dev test`` installs podman, runc, catatonit and
-debootstrap. A missing tool skips locally and fails under ``CI=true`` (tests.peers).
+debootstrap. A missing tool, or not being root, skips locally and fails under ``CI=true``
+(tests.peers).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 import tomllib
@@ -26,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tests.peers import need
+from tests.peers import missing, need
 
 ROOT = Path(__file__).resolve().parents[2]
 CONTAINERFILE = ROOT / "images" / "Containerfile"
@@ -35,8 +38,9 @@ VERSION: str = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["
 TARGETS = ("ambassador", "adapter", "tools")
 BASE = "localhost/podpatterns-base:test"
 APP = "localhost/podpatterns-testapp:test"
-# The CA bundle pip on this machine trusts (TLS to the index may be intercepted).
-HOST_CA = Path("/etc/ssl/certs/ca-certificates.crt")
+# pip on this machine may trust its own CA bundle (TLS to the index is intercepted here).
+DEFAULT_CA = Path("/etc/ssl/certs/ca-certificates.crt")
+LABEL = "podpatterns.test=e2e"  # on every image the tests build, to prune their leftovers
 CONTAINERS_CONF = """\
 [containers]
 default_ulimits = ["nofile=16384:16384", "nproc=32768:32768"]
@@ -113,6 +117,8 @@ class Engine:
 
 def engine(workdir: Path) -> Engine:
     """podman with a containers.conf in ``workdir``; skip (fail under CI) if missing."""
+    if os.geteuid() != 0:
+        missing("the end-to-end tests run rootful podman: root needed")
     binary = need("podman")
     need("runc")
     need("catatonit")  # podman builds the Pod's infra ("pause") image from it
@@ -183,24 +189,42 @@ def ensure_base(podman: Engine) -> str:
     return BASE
 
 
+def pip_ca() -> Path:
+    """The CA bundle pip on this machine is configured with (``pip config``), if any."""
+    done = subprocess.run(
+        [sys.executable, "-m", "pip", "config", "get", "global.cert"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    found = Path(done.stdout.strip()) if done.returncode == 0 else DEFAULT_CA
+    return found if found.is_file() else DEFAULT_CA
+
+
 def build(podman: Engine, target: str, base: str) -> str:
-    """Build ``target`` of images/Containerfile on ``base``; return its local name."""
+    """Build ``target`` of images/Containerfile on ``base``; return its local name.
+
+    VERSION is not passed: the Containerfile's default must be the package's version
+    (its builder stage checks), and the tests check the label.
+    """
     tag = image(target)
     podman.run(
         "build",
         "--quiet",
         "--network",
         "host",
+        "--label",
+        LABEL,
         "--file",
         CONTAINERFILE,
         "--target",
         target,
         "--build-arg",
         f"BASE={base}",
-        "--build-arg",
-        f"VERSION={VERSION}",
+        # pip reads PIP_CERT from the environment: the build argument becomes one
         "--volume",
-        f"{HOST_CA}:/etc/ssl/certs/host-ca.crt:ro",
+        f"{pip_ca()}:/etc/ssl/certs/host-ca.crt:ro",
         "--build-arg",
         "PIP_CERT=/etc/ssl/certs/host-ca.crt",
         "--tag",
@@ -212,23 +236,35 @@ def build(podman: Engine, target: str, base: str) -> str:
 
 
 def build_app(podman: Engine, base: str) -> str:
-    """The stand-in application image: nginx and the PostgreSQL client on ``base``."""
-    if not podman.exists(APP):
+    """The stand-in application image: nginx and the PostgreSQL client on ``base``.
+
+    Built once per content of app.Containerfile (its hash is the tag).
+    """
+    digest = hashlib.sha256(APP_CONTAINERFILE.read_bytes()).hexdigest()[:12]
+    app = f"{APP}-{digest}"
+    if not podman.exists(app):
         podman.run(
             "build",
             "--quiet",
             "--network",
             "host",
+            "--label",
+            LABEL,
             "--file",
             APP_CONTAINERFILE,
             "--build-arg",
             f"BASE={base}",
             "--tag",
-            APP,
+            app,
             APP_CONTAINERFILE.parent,
             timeout=BUILD_TIMEOUT,
         )
-    return APP
+    return app
+
+
+def prune(podman: Engine) -> None:
+    """Remove the untagged images earlier builds of the tests left behind."""
+    podman.run("image", "prune", "--force", "--filter", f"label={LABEL}", check=False)
 
 
 @contextlib.contextmanager

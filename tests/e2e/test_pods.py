@@ -422,7 +422,8 @@ def test_startup_ordering_app_waits_for_the_database(
     try:
         with kube_play(podman, manifest, tmp_path):
             wait_until(lambda: status(admin_b, "/readyz/database"), 30, "health endpoint")
-            time.sleep(3)  # a few health checks find no database
+            wait_until(lambda: status(admin_a, "/readyz"), 30, "ambassador admin")
+            time.sleep(3)  # a few health checks and probes find no database
             assert status(admin_a, "/readyz") == 503, podman.logs(
                 "startup-ordering-records-db-ambassador"
             )
