@@ -502,7 +502,7 @@ def measure_throughput(
                     wall, cpu, lines = run_adapter(files[c.kind], out, c.args)
                 assert lines == n, (c.name, lines)
                 results[c.name]["adapter"].append(
-                    {"wall": wall, "cpu": cpu, "lines": lines, **extra}
+                    {"wall": wall, "cpu": cpu, "lines": lines, "load1": os.getloadavg()[0], **extra}
                 )
                 if have[c.peer]:
                     extra = {}
