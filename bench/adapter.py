@@ -46,6 +46,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -240,6 +241,34 @@ def run_adapter_http(
     return wall, cpu, counts["lines"], extra
 
 
+def run_peer(
+    cmd: list[str],
+    work: Path,
+    progress: Callable[[], int],
+    want: int,
+    env: dict[str, str] | None = None,
+) -> tuple[float, float, int]:
+    """Run a peer until ``progress()`` reports ``want`` lines delivered; then stop it.
+
+    Returns:
+        Wall seconds from its start, its CPU seconds at that moment, and the lines.
+    """
+    t0 = time.monotonic()
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    try:
+        while (lines := progress()) < want:
+            if time.monotonic() - t0 > DEADLINE_S or p.poll() is not None:
+                break
+            time.sleep(0.005)
+        wall = time.monotonic() - t0
+        cpu = proc_cpu(p.pid)
+    finally:
+        p.terminate()
+        p.wait(timeout=30)
+        shutil.rmtree(work, ignore_errors=True)
+    return wall, cpu, lines
+
+
 RSYSLOG_TEMPLATES = {
     "raw": 'template(name="out" type="string" string="%msg%\\n")',
     # mmnormalize puts the fields under $!; all-json-plain renders them without spaces.
@@ -294,32 +323,21 @@ def run_rsyslog(path: Path, out: Path, mode: str, want: int) -> tuple[float, flo
     conf = work / "rsyslog.conf"
     conf.write_text(rsyslog_conf(work, path, out, mode))
     out.write_bytes(b"")
-    t0 = time.monotonic()
-    p = subprocess.Popen(
-        [*PIN_SUT, "rsyslogd", "-n", "-f", str(conf), "-i", str(work / "pid")],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    lines, pos = 0, 0
-    try:
-        with out.open("rb") as f:
-            while lines < want and time.monotonic() - t0 < DEADLINE_S and p.poll() is None:
-                chunk = f.read(1 << 22)
-                if chunk:
-                    lines += chunk.count(b"\n")
-                    pos += len(chunk)
-                else:
-                    time.sleep(0.005)
-        wall = time.monotonic() - t0
-        cpu = proc_cpu(p.pid)
-    finally:
-        p.terminate()
-        p.wait(timeout=30)
-        shutil.rmtree(work, ignore_errors=True)
+    with out.open("rb") as f:
+        seen = 0
+
+        def progress() -> int:
+            nonlocal seen
+            while chunk := f.read(1 << 22):
+                seen += chunk.count(b"\n")
+            return seen
+
+        cmd = [*PIN_SUT, "rsyslogd", "-n", "-f", str(conf), "-i", str(work / "pid")]
+        wall, cpu, lines = run_peer(cmd, work, progress, want)
     if mode == "nginx" and lines:
         with out.open("rb") as f:
             first = json.loads(f.readline())
-        # mmnormalize must really have parsed (a line it cannot parse comes out as {}).
+        # mmnormalize must really have parsed (a line it cannot parse has no such fields).
         assert first.get("status") in (200, 304, 404) and "user_agent" in first, first
     return wall, cpu, lines
 
@@ -355,38 +373,22 @@ def run_syslog_ng(
     rx.reset()
     rx_cpu0 = rx.cpu()
     env = {**os.environ, "LD_LIBRARY_PATH": str(root / "usr" / "lib" / "syslog-ng")}
-    t0 = time.monotonic()
-    p = subprocess.Popen(
-        [
-            *PIN_SUT,
-            str(root / "usr" / "sbin" / "syslog-ng"),
-            "-F",
-            "--no-caps",
-            f"--module-path={root / 'usr' / 'lib' / 'syslog-ng' / '3.38'}",
-            "-f",
-            str(conf),
-            "-R",
-            str(work / "persist"),
-            "-p",
-            str(work / "pid"),
-            "-c",
-            str(work / "ctl"),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env=env,
-    )
-    lines = 0
-    try:
-        while lines < want and time.monotonic() - t0 < DEADLINE_S and p.poll() is None:
-            time.sleep(0.005)
-            lines = rx.counts()["lines"]
-        wall = time.monotonic() - t0
-        cpu = proc_cpu(p.pid)
-    finally:
-        p.terminate()
-        p.wait(timeout=30)
-        shutil.rmtree(work, ignore_errors=True)
+    cmd = [
+        *PIN_SUT,
+        str(root / "usr" / "sbin" / "syslog-ng"),
+        "-F",
+        "--no-caps",
+        f"--module-path={root / 'usr' / 'lib' / 'syslog-ng' / '3.38'}",
+        "-f",
+        str(conf),
+        "-R",
+        str(work / "persist"),
+        "-p",
+        str(work / "pid"),
+        "-c",
+        str(work / "ctl"),
+    ]
+    wall, cpu, lines = run_peer(cmd, work, lambda: rx.counts()["lines"], want, env)
     extra = {**rx.counts(), "receiver_cpu": rx.cpu() - rx_cpu0, "sample": rx.sample()}
     return wall, cpu, lines, extra
 
