@@ -1,18 +1,26 @@
-"""Adapter benchmark: throughput, CPU, latency and idle cost, against ``cat`` and rsyslog.
+"""Adapter benchmark: throughput, CPU, latency and idle cost, against ``cat`` and a peer.
 
 One run, interleaved over ``--reps`` repetitions (each repetition runs every case with
 every program in turn), measures for each case:
 
-- ``podpatterns adapter`` with the stdout sink redirected to a file. It is started on the
-  complete input and sent SIGTERM as soon as it reports ``adapter_started`` (a graceful
-  stop reads every open file to its end, ships it and exits); wall time runs from then
-  until exit, CPU is the child's user + system time.
+- ``podpatterns adapter`` with the stdout sink redirected to a file, or the HTTP sink
+  POSTing to the receiver below. It is started on the complete input and sent SIGTERM as
+  soon as it reports ``adapter_started`` (a graceful stop reads every open file to its
+  end, ships it and exits); wall time runs from then until exit, CPU is the child's
+  user + system time.
 - ``cat`` of the same file to a file: the physical limit.
-- rsyslog, a real peer: a separate ``rsyslogd -n`` instance with its own configuration in
-  a temporary directory, ``imfile`` (inotify, ``freshStartTail="off"``) on the same file
-  and ``omfile`` to a temporary file. Wall time runs from start until the output holds
-  every line (the output is polled); CPU comes from ``/proc/PID/stat``.
+- a real peer doing the same work, timed from its start until every line arrived
+  (output polled); CPU from ``/proc/PID/stat``:
+  - rsyslog for the stdout cases: a separate ``rsyslogd -n`` with its own configuration
+    in a temporary directory, ``imfile`` (inotify, ``freshStartTail="off"``), then
+    ``mmjsonparse`` (JSON) or ``mmnormalize`` with a liblognorm rulebase (nginx), and
+    ``omfile`` to a temporary file;
+  - syslog-ng 3.38 for the HTTP cases (Debian 12 has no rsyslog ``omhttp``):
+    ``file()`` -> ``json-parser()`` -> ``http()``. ``syslog-ng-core`` conflicts with
+    rsyslog as a Debian package, so it runs from the unpacked .debs (``--syslog-ng-root``).
 
+HTTP cases ship to ``bench/http_receiver.py``, a process of its own on core 0 that
+decompresses and counts records; every line must arrive, and its CPU share is recorded.
 The program under test runs on core 1 and the benchmark itself (generators, pollers) on
 core 0 (``taskset``). It also measures write-to-emit latency (a writer appends
 timestamped lines at a fixed rate; inotify and forced polling) and the CPU an adapter
@@ -24,6 +32,7 @@ idling on 100 files uses. Usage::
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
 import platform
@@ -37,6 +46,8 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,28 +57,46 @@ PIN_SUT = ["taskset", "-c", "1"]
 DEADLINE_S = 300.0  # no single measurement may take longer
 
 
+LEVELS = ("info",) * 16 + ("debug", "debug", "warn", "error")
+
+
 def write_inputs(directory: Path, n: int) -> dict[str, Path]:
-    """raw (logfmt-ish), nginx combined and JSON inputs of ``n`` lines each."""
+    """raw (logfmt-ish), nginx combined and JSON inputs of ``n`` lines each.
+
+    Like real logs, every line carries its own timestamp (millisecond steps), and the
+    JSON lines a unique request id, varying paths, users and client addresses: a constant
+    field would make the per-batch redaction memo look better than it is.
+    """
     files = {name: directory / f"{name}.log" for name in ("raw", "nginx", "json")}
+
+    def stamp(i: int) -> str:
+        return f"2024-05-01T12:{i // 60_000 % 60:02d}:{i // 1000 % 60:02d}.{i % 1000:03d}Z"
+
     with files["raw"].open("wb") as f:
         for i in range(n):
             f.write(
-                f'ts=2024-05-01T12:00:00Z level=info seq={i} msg="handled" ms={i % 500}\n'.encode()
+                f"ts={stamp(i)} level={LEVELS[i % 20]} seq={i} "
+                f'msg="handled" ms={i % 500}\n'.encode()
             )
     with files["nginx"].open("wb") as f:
         for i in range(n):
             f.write(
-                f'10.0.{i % 256}.{i % 200} - - [17/May/2015:08:05:{i % 60:02d} +0000] "GET '
-                f'/p/{i % 7} HTTP/1.1" 200 {i % 5000} "-" "Mozilla/5.0 seq={i}"\n'.encode()
+                f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255} - - "
+                f'[17/May/2015:{i // 3600 % 24:02d}:{i // 60 % 60:02d}:{i % 60:02d} +0000] "GET '
+                f'/api/items/{i % 10007}?page={i % 13} HTTP/1.1" '
+                f"{(200, 200, 200, 304, 404)[i % 5]} {i % 5000} "
+                f'"-" "Mozilla/5.0 seq={i}"\n'.encode()
             )
     with files["json"].open("wb") as f:
         for i in range(n):
             rec = {
-                "ts": "2024-05-01T12:00:00Z",
-                "level": "info",
+                "ts": stamp(i),
+                "level": LEVELS[i % 20],
                 "seq": i,
-                "path": "/api",
-                "msg": "user bob@example.com logged in from 10.1.2.3",
+                "request_id": f"{i * 0x9E3779B97F4A7C15 % (1 << 64):016x}",
+                "path": f"/api/v1/users/{i % 9973}",
+                "msg": f"user u{i % 5003}@example.com logged in from "
+                f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}",
             }
             f.write(json.dumps(rec).encode() + b"\n")
     return files
@@ -135,7 +164,7 @@ def wait_started(p: subprocess.Popen[bytes]) -> None:
 
 
 def run_adapter(path: Path, out: Path, args: list[str]) -> tuple[float, float, int]:
-    """Wall seconds after start, CPU seconds, and lines shipped."""
+    """Wall seconds after start, CPU seconds, and lines shipped (to stdout, in ``out``)."""
     cpu0 = cpu_children()
     with out.open("wb") as sink:
         p = subprocess.Popen(adapter_cmd(str(path), args), stdout=sink, stderr=subprocess.PIPE)
@@ -150,24 +179,134 @@ def run_adapter(path: Path, out: Path, args: list[str]) -> tuple[float, float, i
     return wall, cpu_children() - cpu0, count_lines(out)
 
 
+class Receiver:
+    """The counting HTTP receiver (bench/http_receiver.py), a process of its own on core 0.
+
+    The benchmark's own work (pollers) shares core 0 with it, so its CPU share per
+    measurement is recorded: a receiver near 100% of a core would be the bottleneck.
+    """
+
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen(
+            ["taskset", "-c", "0", sys.executable, str(ROOT / "bench" / "http_receiver.py")],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
+        assert self.proc.stdout is not None
+        first = self.proc.stdout.readline().decode()
+        if not first.startswith("PORT "):
+            raise RuntimeError(f"http_receiver did not start: {first!r}")
+        self.port = int(first.split()[1])
+        self.url = f"http://127.0.0.1:{self.port}/ingest"
+        self.conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+
+    def _call(self, method: str, path: str) -> bytes:
+        self.conn.request(method, path)
+        resp = self.conn.getresponse()
+        return resp.read()
+
+    def reset(self) -> None:
+        """Zero the counts."""
+        self._call("POST", "/reset")
+
+    def counts(self) -> dict[str, int]:
+        """requests, gzip_requests, lines, wire_bytes, body_bytes so far."""
+        counts: dict[str, int] = json.loads(self._call("GET", "/count"))
+        return counts
+
+    def sample(self) -> str:
+        """The first record received since the last reset."""
+        return self._call("GET", "/sample").decode(errors="replace")
+
+    def cpu(self) -> float:
+        """CPU seconds the receiver used so far."""
+        return proc_cpu(self.proc.pid)
+
+    def close(self) -> None:
+        """Stop the receiver process."""
+        self.conn.close()
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+
+
+def run_adapter_http(
+    path: Path, rx: Receiver, args: list[str]
+) -> tuple[float, float, int, dict[str, Any]]:
+    """As :func:`run_adapter`, shipping to the receiver; lines are what it counted."""
+    rx.reset()
+    rx_cpu0 = rx.cpu()
+    wall, cpu, _ = run_adapter(path, Path(os.devnull), [*args, "--sink-url", rx.url])
+    counts = rx.counts()
+    extra = {**counts, "receiver_cpu": rx.cpu() - rx_cpu0, "sample": rx.sample()}
+    return wall, cpu, counts["lines"], extra
+
+
+def run_peer(
+    cmd: list[str],
+    work: Path,
+    progress: Callable[[], int],
+    want: int,
+    env: dict[str, str] | None = None,
+) -> tuple[float, float, int]:
+    """Run a peer until ``progress()`` reports ``want`` lines delivered; then stop it.
+
+    Returns:
+        Wall seconds from its start, its CPU seconds at that moment, and the lines.
+    """
+    t0 = time.monotonic()
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    try:
+        while (lines := progress()) < want:
+            if time.monotonic() - t0 > DEADLINE_S or p.poll() is not None:
+                break
+            time.sleep(0.005)
+        wall = time.monotonic() - t0
+        cpu = proc_cpu(p.pid)
+    finally:
+        p.terminate()
+        p.wait(timeout=30)
+        shutil.rmtree(work, ignore_errors=True)
+    return wall, cpu, lines
+
+
 RSYSLOG_TEMPLATES = {
     "raw": 'template(name="out" type="string" string="%msg%\\n")',
+    # mmnormalize puts the fields under $!; all-json-plain renders them without spaces.
+    "nginx": 'template(name="out" type="string" string="%$!all-json-plain%\\n")',
     "json": """template(name="out" type="list" option.jsonf="on") {
   property(outname="ts" name="$!ts" format="jsonf")
   property(outname="level" name="$!level" format="jsonf")
   property(outname="seq" name="$!seq" format="jsonf")
+  property(outname="request_id" name="$!request_id" format="jsonf")
   property(outname="message" name="$!msg" format="jsonf")
   constant(outname="env" value="prod" format="jsonf")
 }""",
 }
 
+# nginx "combined" for liblognorm v2 (rsyslog mmnormalize): the same fields as the
+# adapter's --parse nginx, status and bytes as JSON numbers. char-to needs at least one
+# character, so an empty referer or user agent ("") would not match (nginx logs "-").
+NGINX_RULEBASE = """version=2
+rule=:%remote_addr:word% %ident:word% %remote_user:word% [%time:char-to{"extradata":"]"}%] \
+"%method:word% %path:word% %protocol:char-to{"extradata":"\\""}%" \
+%status:number{"format":"number"}% %bytes:number{"format":"number"}% \
+"%referer:char-to{"extradata":"\\""}%" "%user_agent:char-to{"extradata":"\\""}%"
+"""
+
 
 def rsyslog_conf(work: Path, path: Path, out: Path, mode: str) -> str:
-    """An rsyslog configuration: imfile on ``path`` -> (mmjsonparse) -> omfile ``out``."""
-    parse = 'action(type="mmjsonparse" cookie="")' if mode == "json" else ""
+    """An rsyslog configuration: imfile on ``path`` -> (mmjsonparse|mmnormalize) -> omfile."""
+    modules, parse = "", ""
+    if mode == "json":
+        modules, parse = 'module(load="mmjsonparse")', 'action(type="mmjsonparse" cookie="")'
+    elif mode == "nginx":
+        rulebase = work / "nginx.rb"
+        rulebase.write_text(NGINX_RULEBASE)
+        modules = 'module(load="mmnormalize")'
+        parse = f'action(type="mmnormalize" ruleBase="{rulebase}")'
     return f"""global(workDirectory="{work}" maxMessageSize="64k")
 module(load="imfile" mode="inotify")
-{'module(load="mmjsonparse")' if mode == "json" else ""}
+{modules}
 {RSYSLOG_TEMPLATES[mode]}
 input(type="imfile" file="{path}" tag="bench" freshStartTail="off" readMode="0"
       ruleset="bench")
@@ -184,32 +323,77 @@ def run_rsyslog(path: Path, out: Path, mode: str, want: int) -> tuple[float, flo
     conf = work / "rsyslog.conf"
     conf.write_text(rsyslog_conf(work, path, out, mode))
     out.write_bytes(b"")
-    t0 = time.monotonic()
-    p = subprocess.Popen(
-        [*PIN_SUT, "rsyslogd", "-n", "-f", str(conf), "-i", str(work / "pid")],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    lines, pos = 0, 0
-    try:
+    with out.open("rb") as f:
+        seen = 0
+
+        def progress() -> int:
+            nonlocal seen
+            while chunk := f.read(1 << 22):
+                seen += chunk.count(b"\n")
+            return seen
+
+        cmd = [*PIN_SUT, "rsyslogd", "-n", "-f", str(conf), "-i", str(work / "pid")]
+        wall, cpu, lines = run_peer(cmd, work, progress, want)
+    if mode == "nginx" and lines:
         with out.open("rb") as f:
-            while lines < want and time.monotonic() - t0 < DEADLINE_S and p.poll() is None:
-                chunk = f.read(1 << 22)
-                if chunk:
-                    lines += chunk.count(b"\n")
-                    pos += len(chunk)
-                else:
-                    time.sleep(0.005)
-        wall = time.monotonic() - t0
-        cpu = proc_cpu(p.pid)
-    finally:
-        p.terminate()
-        p.wait(timeout=30)
-        shutil.rmtree(work, ignore_errors=True)
+            first = json.loads(f.readline())
+        # mmnormalize must really have parsed (a line it cannot parse has no such fields).
+        assert first.get("status") in (200, 304, 404) and "user_agent" in first, first
     return wall, cpu, lines
 
 
-REDACT_ARGS = [
+def syslog_ng_conf(work: Path, path: Path, url: str) -> str:
+    """A syslog-ng configuration: file() on ``path`` -> json-parser -> http(), batched.
+
+    The same reshape as the adapter's (rename msg, drop path, add env) via format-json;
+    batches of up to 2000 lines or 1 MiB like the adapter's defaults. syslog-ng 3.38's
+    http() cannot compress (content-compression() came in a later release).
+    """
+    return f"""@version: 3.38
+options {{ stats-freq(0); }};
+source s_in {{ file("{path}" follow-freq(0.1) flags(no-parse) log-msg-size(65536)
+                    log-fetch-limit(1000) log-iw-size(100000)); }};
+parser p_json {{ json-parser(prefix(".j.")); }};
+destination d_http {{ http(url("{url}") method("POST") workers(1)
+  batch-lines(2000) batch-bytes(1048576) batch-timeout(100)
+  headers("Content-Type: application/x-ndjson") delimiter("\\n") body-suffix("\\n")
+  body("$(format-json ts=${{.j.ts}} level=${{.j.level}} seq=int64(${{.j.seq}})
+        request_id=${{.j.request_id}} message=${{.j.msg}} env=prod)")); }};
+log {{ source(s_in); parser(p_json); destination(d_http); }};
+"""
+
+
+def run_syslog_ng(
+    root: Path, path: Path, rx: Receiver, want: int, tmp: Path
+) -> tuple[float, float, int, dict[str, Any]]:
+    """Wall seconds from start until the receiver counted ``want`` lines, CPU, lines."""
+    work = Path(tempfile.mkdtemp(prefix="syslog-ng-", dir=tmp))
+    conf = work / "syslog-ng.conf"
+    conf.write_text(syslog_ng_conf(work, path, rx.url))
+    rx.reset()
+    rx_cpu0 = rx.cpu()
+    env = {**os.environ, "LD_LIBRARY_PATH": str(root / "usr" / "lib" / "syslog-ng")}
+    cmd = [
+        *PIN_SUT,
+        str(root / "usr" / "sbin" / "syslog-ng"),
+        "-F",
+        "--no-caps",
+        f"--module-path={root / 'usr' / 'lib' / 'syslog-ng' / '3.38'}",
+        "-f",
+        str(conf),
+        "-R",
+        str(work / "persist"),
+        "-p",
+        str(work / "pid"),
+        "-c",
+        str(work / "ctl"),
+    ]
+    wall, cpu, lines = run_peer(cmd, work, lambda: rx.counts()["lines"], want, env)
+    extra = {**rx.counts(), "receiver_cpu": rx.cpu() - rx_cpu0, "sample": rx.sample()}
+    return wall, cpu, lines, extra
+
+
+RESHAPE_ARGS = [
     "--parse",
     "json",
     "--rename-field",
@@ -218,57 +402,129 @@ REDACT_ARGS = [
     "path",
     "--add-field",
     "env=prod",
-    "--redact",
-    "email",
-    "--redact",
-    "ipv4",
 ]
+REDACT_ARGS = [*RESHAPE_ARGS, "--redact", "email", "--redact", "ipv4"]
+HTTP_ARGS = ["--sink", "http"]
 
-# name, input, adapter arguments, rsyslog mode, what the rsyslog case does
-CASES: list[tuple[str, str, list[str], str, str]] = [
-    ("raw passthrough -> stdout", "raw", [], "raw", "imfile -> omfile %msg% (same work)"),
-    (
+
+@dataclass(frozen=True)
+class Case:
+    """One row: the input, the adapter's arguments, and the peer doing the same work."""
+
+    name: str
+    kind: str  # which input file
+    args: list[str]
+    peer: str  # "rsyslog" or "syslog-ng"
+    peer_mode: str  # rsyslog: raw, nginx or json; syslog-ng: http
+    peer_does: str
+    http: bool = False
+
+
+CASES: list[Case] = [
+    Case(
+        "raw passthrough -> stdout",
+        "raw",
+        [],
+        "rsyslog",
+        "raw",
+        "imfile -> omfile %msg% (same work)",
+    ),
+    Case(
         "nginx parse -> stdout",
         "nginx",
         ["--parse", "nginx"],
-        "raw",
-        "raw passthrough only (no parse: not equivalent)",
+        "rsyslog",
+        "nginx",
+        "mmnormalize (liblognorm rulebase, 11 fields) -> $!all-json-plain",
     ),
-    (
+    Case(
         "json parse only -> stdout",
         "json",
         ["--parse", "json"],
+        "rsyslog",
         "json",
         "mmjsonparse + JSON template (parse + reshape)",
     ),
-    (
+    Case(
+        "json parse + reshape -> stdout",
+        "json",
+        RESHAPE_ARGS,
+        "rsyslog",
+        "json",
+        "mmjsonparse + JSON template (parse + reshape)",
+    ),
+    Case(
         "json parse + reshape + redact -> stdout",
         "json",
         REDACT_ARGS,
+        "rsyslog",
         "json",
         "mmjsonparse + reshape template; no redaction (rsyslog has none for e-mail)",
+    ),
+    Case(
+        "json parse + reshape -> HTTP gzip",
+        "json",
+        [*RESHAPE_ARGS, *HTTP_ARGS, "--sink-gzip"],
+        "syslog-ng",
+        "http",
+        "json-parser + format-json -> http() batches of 2000, **uncompressed** (3.38 cannot gzip)",
+        http=True,
+    ),
+    Case(
+        "json parse + reshape -> HTTP",
+        "json",
+        [*RESHAPE_ARGS, *HTTP_ARGS],
+        "syslog-ng",
+        "http",
+        "json-parser + format-json -> http() batches of 2000 (same work)",
+        http=True,
     ),
 ]
 
 
-def measure_throughput(files: dict[str, Path], tmp: Path, reps: int, n: int) -> dict[str, Any]:
-    """Every case x {adapter, cat, rsyslog}, interleaved over ``reps`` rounds."""
-    results: dict[str, dict[str, list[dict[str, float]]]] = {
-        c[0]: {"adapter": [], "cat": [], "rsyslog": []} for c in CASES
+def measure_throughput(
+    files: dict[str, Path], tmp: Path, reps: int, n: int, syslog_ng: Path | None
+) -> dict[str, Any]:
+    """Every case x {cat, adapter, peer}, interleaved over ``reps`` rounds."""
+    results: dict[str, dict[str, list[dict[str, Any]]]] = {
+        c.name: {"adapter": [], "cat": [], "peer": []} for c in CASES
     }
-    have_rsyslog = shutil.which("rsyslogd") is not None
-    for rep in range(reps):
-        for name, kind, extra, mode, _ in CASES:
-            out = tmp / "out"
-            wall, _cpu = run_cat(files[kind], out)
-            results[name]["cat"].append({"wall": wall, "cpu": _cpu, "lines": n})
-            wall, cpu, lines = run_adapter(files[kind], out, extra)
-            assert lines == n, (name, lines)
-            results[name]["adapter"].append({"wall": wall, "cpu": cpu, "lines": lines})
-            if have_rsyslog:
-                wall, cpu, lines = run_rsyslog(files[kind], tmp / "rsys.out", mode, n)
-                results[name]["rsyslog"].append({"wall": wall, "cpu": cpu, "lines": lines})
-            print(f"rep {rep + 1}/{reps} {name}: done", file=sys.stderr)
+    have = {"rsyslog": shutil.which("rsyslogd") is not None, "syslog-ng": syslog_ng is not None}
+    rx = Receiver()
+    try:
+        for rep in range(reps):
+            for c in CASES:
+                out = tmp / "out"
+                wall, cpu = run_cat(files[c.kind], out)
+                results[c.name]["cat"].append({"wall": wall, "cpu": cpu, "lines": n})
+                extra: dict[str, Any] = {}
+                if c.http:
+                    wall, cpu, lines, extra = run_adapter_http(files[c.kind], rx, c.args)
+                else:
+                    wall, cpu, lines = run_adapter(files[c.kind], out, c.args)
+                assert lines == n, (c.name, lines)
+                results[c.name]["adapter"].append(
+                    {"wall": wall, "cpu": cpu, "lines": lines, "load1": os.getloadavg()[0], **extra}
+                )
+                if have[c.peer]:
+                    extra = {}
+                    if c.peer == "syslog-ng":
+                        assert syslog_ng is not None
+                        wall, cpu, lines, extra = run_syslog_ng(
+                            syslog_ng, files[c.kind], rx, n, tmp
+                        )
+                    else:
+                        wall, cpu, lines = run_rsyslog(
+                            files[c.kind], tmp / "rsys.out", c.peer_mode, n
+                        )
+                    assert lines == n, (c.name, c.peer, lines)
+                    results[c.name]["peer"].append(
+                        {"wall": wall, "cpu": cpu, "lines": lines, **extra}
+                    )
+                load = os.getloadavg()[0]
+                print(f"rep {rep + 1}/{reps} {c.name}: done (load {load:.2f})", file=sys.stderr)
+    finally:
+        rx.close()
     return results
 
 
@@ -352,21 +608,28 @@ def measure_idle(tmp: Path, files: int, seconds: float) -> dict[str, float]:
 def summarize(results: dict[str, Any]) -> list[dict[str, Any]]:
     """Median lines/s and CPU per 1M lines per case and program, with ratios."""
     rows: list[dict[str, Any]] = []
-    for name, _kind, _extra, _mode, peer_note in CASES:
-        r = results[name]
+    for c in CASES:
+        r = results[c.name]
 
-        def med(prog: str, key: str, r: dict[str, list[dict[str, float]]] = r) -> float:
+        def med(prog: str, key: str, r: dict[str, list[dict[str, Any]]] = r) -> float:
             vals = [t[key] / t["lines"] for t in r[prog] if t["lines"]]
             return statistics.median(vals) if vals else float("nan")
 
-        row: dict[str, Any] = {"case": name, "rsyslog_does": peer_note}
-        for prog in ("adapter", "cat", "rsyslog"):
+        row: dict[str, Any] = {"case": c.name, "peer": c.peer, "peer_does": c.peer_does}
+        for prog in ("adapter", "cat", "peer"):
             per_line = med(prog, "wall")
             row[f"{prog}_lps"] = 1 / per_line if per_line == per_line else float("nan")
             row[f"{prog}_cpu_per_m"] = med(prog, "cpu") * 1e6
         row["vs_cat"] = row["adapter_lps"] / row["cat_lps"]
-        row["vs_rsyslog"] = row["adapter_lps"] / row["rsyslog_lps"]
-        row["cpu_vs_rsyslog"] = row["adapter_cpu_per_m"] / row["rsyslog_cpu_per_m"]
+        row["vs_peer"] = row["adapter_lps"] / row["peer_lps"]
+        row["cpu_vs_peer"] = row["adapter_cpu_per_m"] / row["peer_cpu_per_m"]
+        if c.http:
+            # The receiver's CPU share while the program ran: far below 1 = not the bottleneck.
+            for prog in ("adapter", "peer"):
+                shares = [t["receiver_cpu"] / t["wall"] for t in r[prog] if "receiver_cpu" in t]
+                row[f"receiver_share_{prog}"] = statistics.median(shares) if shares else None
+                ratios = [t["body_bytes"] / t["wire_bytes"] for t in r[prog] if t.get("wire_bytes")]
+                row[f"compression_{prog}"] = statistics.median(ratios) if ratios else None
         rows.append(row)
     return rows
 
@@ -374,45 +637,49 @@ def summarize(results: dict[str, Any]) -> list[dict[str, Any]]:
 def table(rows: list[dict[str, Any]]) -> str:
     """The Markdown table of ``rows``."""
     out = [
-        "| case | adapter lines/s | adapter CPU s/1M | cat lines/s | rsyslog lines/s "
-        "| rsyslog CPU s/1M | adapter/cat | adapter/rsyslog (lines/s) "
-        "| adapter/rsyslog (CPU) | what rsyslog does |",
-        "|---|--:|--:|--:|--:|--:|--:|--:|--:|---|",
+        "| case | adapter lines/s | adapter CPU s/1M | cat lines/s | peer | peer lines/s "
+        "| peer CPU s/1M | adapter/cat | adapter/peer (lines/s) "
+        "| adapter/peer (CPU) | what the peer does |",
+        "|---|--:|--:|--:|---|--:|--:|--:|--:|--:|---|",
     ]
     for r in rows:
         out.append(
             f"| {r['case']} | {r['adapter_lps']:,.0f} | {r['adapter_cpu_per_m']:.2f} "
-            f"| {r['cat_lps']:,.0f} | {r['rsyslog_lps']:,.0f} | {r['rsyslog_cpu_per_m']:.2f} "
-            f"| {r['vs_cat']:.3f} | {r['vs_rsyslog']:.2f} | {r['cpu_vs_rsyslog']:.2f} "
-            f"| {r['rsyslog_does']} |"
+            f"| {r['cat_lps']:,.0f} | {r['peer']} | {r['peer_lps']:,.0f} "
+            f"| {r['peer_cpu_per_m']:.2f} | {r['vs_cat']:.3f} | {r['vs_peer']:.2f} "
+            f"| {r['cpu_vs_peer']:.2f} | {r['peer_does']} |"
         )
     return "\n".join(out)
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
-    """Grouped bars of lines/s per case (log scale) for adapter, rsyslog and cat."""
+    """Grouped bars of lines/s per case (log scale) for adapter, peer and cat."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(10, 5))
+    fig, ax = plt.subplots(figsize=(12, 5.5))
     width = 0.27
     xs = range(len(rows))
-    for i, prog in enumerate(("adapter", "rsyslog", "cat")):
+    for i, (prog, label) in enumerate(
+        (("adapter", "adapter"), ("peer", "peer (rsyslog / syslog-ng)"), ("cat", "cat"))
+    ):
         ax.bar(
             [x + (i - 1) * width for x in xs],
             [r[f"{prog}_lps"] for r in rows],
             width,
-            label=prog,
+            label=label,
         )
     ax.axhline(150_000, color="red", ls="--", lw=1, label="target JSON (150k)")
     ax.axhline(100_000, color="orange", ls=":", lw=1, label="target nginx (100k)")
     ax.set_yscale("log")
     ax.set_ylabel("lines/s (median, log scale)")
     ax.set_xticks(list(xs))
-    ax.set_xticklabels([r["case"].replace(" -> ", "\n-> ") for r in rows], fontsize=8)
-    ax.set_title("podpatterns adapter vs rsyslog vs cat (one core)")
+    ax.set_xticklabels(
+        [f"{r['case'].replace(' -> ', chr(10) + '-> ')}\n[{r['peer']}]" for r in rows], fontsize=7
+    )
+    ax.set_title("podpatterns adapter vs a peer vs cat (one core)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -438,6 +705,12 @@ def main() -> int:
     parser.add_argument("--latency-rate", type=int, default=1000, help="lines/s")
     parser.add_argument("--latency-seconds", type=float, default=5.0)
     parser.add_argument("--idle-seconds", type=float, default=10.0)
+    parser.add_argument(
+        "--syslog-ng-root",
+        type=Path,
+        default=Path("/opt/syslog-ng-3.38"),
+        help="unpacked syslog-ng-core + syslog-ng-mod-http 3.38 .debs (the HTTP peer)",
+    )
     parser.add_argument("--write-docs", action="store_true", help="update docs/ and results")
     parser.add_argument(
         "--from-json", type=Path, help="measure nothing: redraw the plot from a results file"
@@ -450,10 +723,15 @@ def main() -> int:
         return 0
     os.sched_setaffinity(0, {0})
     cmd = "bench/adapter.py " + " ".join(sys.argv[1:])
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmpname:
         tmp = Path(tmpname)
         files = write_inputs(tmp, args.lines)
-        results = measure_throughput(files, tmp, args.reps, args.lines)
+        syslog_ng = args.syslog_ng_root
+        if not (syslog_ng / "usr" / "sbin" / "syslog-ng").exists():
+            print(f"no syslog-ng under {syslog_ng}: HTTP rows without a peer", file=sys.stderr)
+            syslog_ng = None
+        results = measure_throughput(files, tmp, args.reps, args.lines, syslog_ng)
         latency = {
             w: measure_latency(tmp, w, args.latency_rate, args.latency_seconds)
             for w in ("auto", "poll")
@@ -464,12 +742,14 @@ def main() -> int:
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": machine(),
         "command": cmd,
+        "load_before": load_before,
         "lines": args.lines,
         "reps": args.reps,
         "raw": results,
         "summary": rows,
         "latency": latency,
         "idle_cpu_per_s": idle,
+        "load_after": os.getloadavg(),
     }
     print(table(rows))
     print(json.dumps({"latency": latency, "idle_cpu_per_s": idle}, indent=1))

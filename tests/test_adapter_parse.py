@@ -206,6 +206,28 @@ def test_redaction_catalogue() -> None:
     assert luhn_ok("4111111111111111") and not luhn_ok("4111111111111112")
 
 
+# The IPv4 pattern as first written: the fast path (three-dot pre-check, digit lookahead)
+# must redact exactly what it did.
+_IPV4_REFERENCE = re.compile(
+    r"\b(?:(?:25[0-5]|2[0-4]\d|1?\d?\d)\.){3}(?:25[0-5]|2[0-4]\d|1?\d?\d)\b"
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet="0123456789.. :-_/abZ@\u00e9\u0663", max_size=60))
+def test_ipv4_redaction_fast_path_matches_the_plain_regex(text: str) -> None:
+    """The ipv4 redactor changes exactly what a plain scan of the original pattern would."""
+    assert redactor(["ipv4"], [])(text) == _IPV4_REFERENCE.sub("[REDACTED]", text)
+
+
+def test_ipv4_redaction_skips_timestamps_but_not_addresses() -> None:
+    """A timestamp with fractional seconds is kept; addresses anywhere are redacted."""
+    r = redactor(["ipv4"], [])
+    assert r("2024-05-01T12:00:00.123Z") == "2024-05-01T12:00:00.123Z"
+    assert r("from 10.1.2.3, to 255.255.255.255.") == "from [REDACTED], to [REDACTED]."
+    assert r("v1.2.3.4567 1.2.3") == "v1.2.3.4567 1.2.3"
+
+
 def test_transform_chain_fields_filter_sample_and_timestamp() -> None:
     """add/rename/drop, timestamp, filter/exclude and sample are applied per record."""
     chain = TransformChain(
