@@ -78,6 +78,26 @@ def test_sigterm_reads_to_the_end_and_exits_0(tmp_path: Path) -> None:
     assert entry.offset == (tmp_path / "logs" / "app.log").stat().st_size
 
 
+def test_a_file_created_just_before_sigterm_is_read(tmp_path: Path) -> None:
+    """SIGTERM looks for new files once more: the main container's last file is shipped.
+
+    Discovery is made slow here (polling every 60 s, no reconcile), so only that last
+    look can find the file.
+    """
+    (tmp_path / "logs").mkdir()
+    p = adapter(
+        tmp_path, "--watch", "poll", "--poll-interval", "60s", "--reconcile-interval", "60s"
+    )
+    try:
+        p.wait_event("adapter_started")
+        SeqWriter(tmp_path / "logs" / "last.log").write(5000)
+        p.signal(signal.SIGTERM)
+        assert p.wait(30) == 0
+    finally:
+        p.stop()
+    check_delivery(delivered(tmp_path), 5000, 0)
+
+
 def test_sigterm_with_sink_down_exits_0_within_the_drain_deadline(tmp_path: Path) -> None:
     """A sink that never answers does not hold the process past --drain-timeout; exit is 0."""
     (tmp_path / "logs").mkdir()

@@ -252,7 +252,8 @@ class Adapter:
         return self._started and not self._failed
 
     def stop_accepting(self) -> None:
-        """Stop discovering files; read the open ones to their end, then finish."""
+        """Look for new files one last time, then stop discovering; read every open file
+        to its end, then finish."""
         if not self._stopping:
             self._stopping = True
             self._wake.set()
@@ -452,12 +453,19 @@ class Adapter:
     async def _read_until_stopped(self) -> None:
         cfg = self.config
         next_reconcile = time.monotonic() + cfg.reconcile_interval
+        looked_last = False
         while True:
             now = time.monotonic()
             # Cleared before reading: an event that arrives while we read keeps it set,
             # so the wait below returns at once instead of at the next reconcile.
             self._wake.clear()
-            if not self._stopping and (now >= next_reconcile or self._discover_requested):
+            if self._stopping and not looked_last:
+                # One last look before discovery stops: a file the main container wrote
+                # just before it exited (an --exit-with stop follows its tombstone at
+                # once, before any file event) is still read to its end and shipped.
+                looked_last = True
+                self._reconcile(now, discover=True, check=True)
+            elif not self._stopping and (now >= next_reconcile or self._discover_requested):
                 full = now >= next_reconcile
                 self._discover_requested = False
                 self._reconcile(now, discover=True, check=full)
