@@ -169,7 +169,10 @@ def ensure_base(podman: Engine) -> str:
         # What a slim image leaves out too: documentation, locales, apt's caches.
         for junk in ("usr/share/doc", "usr/share/man", "usr/share/info", "var/lib/apt/lists"):
             for child in (rootfs / junk).glob("*"):
-                shutil.rmtree(child) if child.is_dir() else child.unlink()
+                if child.is_dir() and not child.is_symlink():
+                    shutil.rmtree(child)
+                else:
+                    child.unlink()
         tar = subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)
         try:
             imported = subprocess.run(
