@@ -241,3 +241,22 @@ def test_yaml_example_is_accepted(block: Block) -> None:
     found, problems = document_problems(docs)
     assert not problems, f"{block.id}:\n" + "\n".join(problems)
     assert any(c.invocations for c in found), f"{block.id}: no podpatterns container"
+
+
+def test_image_build_commands_match_the_containerfile() -> None:
+    """The `podman build` lines shown to users name real targets and the package version."""
+    from tests.e2e.engine import TARGETS, VERSION
+
+    containerfile = (ROOT / "images" / "Containerfile").read_text()
+    stages = set(re.findall(r"^FROM \S+ AS (\S+)$", containerfile, re.MULTILINE))
+    assert set(TARGETS) <= stages
+    default = re.search(r"^ARG VERSION=(\S+)$", containerfile, re.MULTILINE)
+    assert default is not None and default.group(1) == VERSION
+    pattern = re.compile(
+        r"podman build -f images/Containerfile --target (\S+) +-t podpatterns-(\S+):(\S+) \."
+    )
+    for source in (containerfile, (DOCS / "images.md").read_text()):
+        shown = pattern.findall(source)
+        assert {target for target, _, _ in shown} == set(TARGETS)
+        for target, name, version in shown:
+            assert (name, version) == (target, VERSION)
