@@ -53,6 +53,15 @@ PROBES = ("startupProbe", "readinessProbe", "livenessProbe")
 STOP_TIMEOUT = 40  # seconds podman gives the Pod's containers after SIGTERM
 
 
+RUN = secrets.token_hex(3)
+
+
+def pod_name(name: str) -> str:
+    """The name a manifest's Pod ``name`` runs under: unique to this test session, so two
+    sessions on one machine (or a leftover of a killed one) never meet."""
+    return f"{name}-{RUN}"
+
+
 def podify(
     path: Path,
     images: dict[str, str],
@@ -92,6 +101,7 @@ def podify(
         if doc["kind"] == "Pod":
             if pod is not None and doc["metadata"]["name"] != pod:
                 continue
+            doc["metadata"]["name"] = pod_name(doc["metadata"]["name"])
             _podify_spec(doc["spec"], images, app, secret_env)
             _podify_volumes(doc["spec"], workdir / "volumes", configmaps)
         out.append(doc)
@@ -224,10 +234,11 @@ def test_ambassador_postgres(
         },
         tmp_path,
     )
+    pod = pod_name("ambassador-postgres")
     with kube_play(podman, manifest, tmp_path):
         # the app's first psql may race the ambassador's bind; it retries every 10 s
         wait_until(
-            lambda: "| 127.0.0.1" in podman.logs("ambassador-postgres-app") or None,
+            lambda: "| 127.0.0.1" in podman.logs(f"{pod}-app") or None,
             40,
             "a query answered through the ambassador",
         )
@@ -236,10 +247,10 @@ def test_ambassador_postgres(
         metrics = http_get(admin, "/metrics")
         assert metrics is not None
         assert b"podpatterns_" in metrics[1]
-        assert "connection_closed" in events(podman, "ambassador-postgres-db-ambassador")
-        stop_pod(podman, "ambassador-postgres", sidecars=["db-ambassador"])
-        assert podman.wait_exited("ambassador-postgres-app", 10) == 0
-        assert_drained(podman, "ambassador-postgres-db-ambassador")
+        assert "connection_closed" in events(podman, f"{pod}-db-ambassador")
+        stop_pod(podman, pod, sidecars=["db-ambassador"])
+        assert podman.wait_exited(f"{pod}-app", 10) == 0
+        assert_drained(podman, f"{pod}-db-ambassador")
 
 
 def test_adapter_ships_nginx_access_logs(
@@ -258,7 +269,8 @@ def test_adapter_ships_nginx_access_logs(
         tmp_path,
     )
     marker = f"/e2e-{secrets.token_hex(6)}"
-    adapter = "adapter-stdout-log-adapter"
+    pod = pod_name("adapter-stdout")
+    adapter = f"{pod}-log-adapter"
     with kube_play(podman, manifest, tmp_path):
         wait_until(lambda: status(http, "/") or None, 30, "nginx answering")
         wait_until(lambda: status(admin, "/readyz") == 200 or None, 30, "adapter ready")
@@ -276,7 +288,7 @@ def test_adapter_ships_nginx_access_logs(
                 404,
                 "127.0.0.1",
             )
-        stop_pod(podman, "adapter-stdout", sidecars=["log-adapter"])
+        stop_pod(podman, pod, sidecars=["log-adapter"])
         assert_drained(podman, adapter)
 
 
@@ -306,7 +318,7 @@ def test_job_sidecars_exit_with_the_main_container(
         },
         tmp_path,
     )
-    pod = "job-with-sidecars"
+    pod = pod_name("job-with-sidecars")
     with kube_play(podman, manifest, tmp_path):
         assert podman.wait_exited(f"{pod}-main", 90) == exit_code, podman.logs(f"{pod}-main")
         assert podman.wait_exited(f"{pod}-db-ambassador", 30) == 0
@@ -337,6 +349,7 @@ def test_health_records_answer_503_then_200(
         },
         tmp_path,
     )
+    pod = pod_name("health-records")
     with kube_play(podman, manifest, tmp_path):
         first = wait_until(lambda: status(admin, "/readyz/worker"), 30, "health endpoint")
         assert first == 503  # the worker warms up for 5 s before its ready file appears
@@ -350,9 +363,9 @@ def test_health_records_answer_503_then_200(
         assert {"web", "worker"} <= set(json.dumps(body).split('"'))
         record = json.loads((tmp_path / "volumes" / "pod-health" / "worker.json").read_text())
         assert record["phase"] == "ready"
-        stop_pod(podman, "health-records", sidecars=["pod-health"])
-        assert podman.wait_exited("health-records-worker", 10) == 0
-        assert_drained(podman, "health-records-pod-health")
+        stop_pod(podman, pod, sidecars=["pod-health"])
+        assert podman.wait_exited(f"{pod}-worker", 10) == 0
+        assert_drained(podman, f"{pod}-pod-health")
     tombstone = json.loads((tmp_path / "volumes" / "pod-health" / "worker.json").read_text())
     assert (tombstone["phase"], tombstone["exit_code"]) == ("exited", 0)
 
@@ -418,15 +431,14 @@ def test_startup_ordering_app_waits_for_the_database(
         tmp_path,
         pod="startup-ordering-records",
     )
-    app = "startup-ordering-records-app"
+    pod = pod_name("startup-ordering-records")
+    app = f"{pod}-app"
     try:
         with kube_play(podman, manifest, tmp_path):
             wait_until(lambda: status(admin_b, "/readyz/database"), 30, "health endpoint")
             wait_until(lambda: status(admin_a, "/readyz"), 30, "ambassador admin")
             time.sleep(3)  # a few health checks and probes find no database
-            assert status(admin_a, "/readyz") == 503, podman.logs(
-                "startup-ordering-records-db-ambassador"
-            )
+            assert status(admin_a, "/readyz") == 503, podman.logs(f"{pod}-db-ambassador")
             assert status(admin_b, "/readyz/database") == 503
             assert "database answered" not in podman.logs(app)  # still waiting: not started
             database.start()
@@ -436,9 +448,9 @@ def test_startup_ordering_app_waits_for_the_database(
                 "the app started and reached the database",
             )
             assert "unreachable" not in podman.logs(app)
-            stop_pod(podman, "startup-ordering-records")
+            stop_pod(podman, pod)
             assert podman.wait_exited(app, 10) == 0
-            assert_drained(podman, "startup-ordering-records-db-ambassador")
+            assert_drained(podman, f"{pod}-db-ambassador")
     finally:
         database.close()
 
@@ -459,6 +471,7 @@ def test_config_reload_from_a_configmap_swap(
         tmp_path,
     )
     conf_dir = tmp_path / "volumes" / "nginx-conf"
+    pod = pod_name("config-reload")
     with kube_play(podman, manifest, tmp_path):
         wait_until(lambda: http_get(http, "/version") or None, 30, "nginx answering")
         assert http_get(http, "/version") == (200, b"v1\n")
@@ -471,6 +484,6 @@ def test_config_reload_from_a_configmap_swap(
             30,
             "nginx serving the new config",
         )
-        assert "reload_notified" in events(podman, "config-reload-config-reload")
-        stop_pod(podman, "config-reload", sidecars=["config-reload"])
-        assert_drained(podman, "config-reload-config-reload")
+        assert "reload_notified" in events(podman, f"{pod}-config-reload")
+        stop_pod(podman, pod, sidecars=["config-reload"])
+        assert_drained(podman, f"{pod}-config-reload")
