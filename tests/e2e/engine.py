@@ -37,7 +37,6 @@ APP_CONTAINERFILE = Path(__file__).with_name("app.Containerfile")
 VERSION: str = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
 TARGETS = ("ambassador", "adapter", "tools")
 BASE = "localhost/podpatterns-base:test"
-APP = "localhost/podpatterns-testapp:test"
 # pip on this machine may trust its own CA bundle (TLS to the index is intercepted here).
 DEFAULT_CA = Path("/etc/ssl/certs/ca-certificates.crt")
 LABEL = "podpatterns.test=e2e"  # on every image the tests build, to prune their leftovers
@@ -205,13 +204,14 @@ def pip_ca() -> Path:
     return found if found.is_file() else DEFAULT_CA
 
 
-def build(podman: Engine, target: str, base: str) -> str:
-    """Build ``target`` of images/Containerfile on ``base``; return its local name.
+def build(podman: Engine, target: str, base: str, tag: str | None = None) -> str:
+    """Build ``target`` of images/Containerfile on ``base``; return its local name
+    (``tag``, by default the name the manifests use).
 
     VERSION is not passed: the Containerfile's default must be the package's version
     (its builder stage checks), and the tests check the label.
     """
-    tag = image(target)
+    tag = tag or image(target)
     podman.run(
         "build",
         "--quiet",
@@ -238,14 +238,15 @@ def build(podman: Engine, target: str, base: str) -> str:
     return tag
 
 
-def build_app(podman: Engine, base: str) -> str:
-    """The stand-in application image: nginx and the PostgreSQL client on ``base``.
+def build_local(podman: Engine, containerfile: Path, base: str) -> str:
+    """An image of the tests' own (``tests/e2e/NAME.Containerfile``) on ``base``.
 
-    Built once per content of app.Containerfile (its hash is the tag).
+    Built once per content of the file: its hash is the tag.
     """
-    digest = hashlib.sha256(APP_CONTAINERFILE.read_bytes()).hexdigest()[:12]
-    app = f"{APP}-{digest}"
-    if not podman.exists(app):
+    digest = hashlib.sha256(containerfile.read_bytes()).hexdigest()[:12]
+    name = containerfile.name.removesuffix(".Containerfile")
+    tag = f"localhost/podpatterns-test{name}:{digest}"
+    if not podman.exists(tag):
         podman.run(
             "build",
             "--quiet",
@@ -254,15 +255,20 @@ def build_app(podman: Engine, base: str) -> str:
             "--label",
             LABEL,
             "--file",
-            APP_CONTAINERFILE,
+            containerfile,
             "--build-arg",
             f"BASE={base}",
             "--tag",
-            app,
-            APP_CONTAINERFILE.parent,
+            tag,
+            containerfile.parent,
             timeout=BUILD_TIMEOUT,
         )
-    return app
+    return tag
+
+
+def build_app(podman: Engine, base: str) -> str:
+    """The stand-in application image: nginx and the PostgreSQL client on ``base``."""
+    return build_local(podman, APP_CONTAINERFILE, base)
 
 
 def prune(podman: Engine) -> None:

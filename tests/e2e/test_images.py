@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.engine import BASE, ROOT, VERSION, Engine
+from tests.e2e.engine import BASE, ROOT, VERSION, Engine, build, build_local
 from tests.peers import candidate_ports, wait_until
 
 # As readOnlyRootFilesystem: podman's --read-only alone would still mount writable tmpfs
@@ -346,5 +346,23 @@ def test_custom_adapter_image_from_the_docs(
             assert "/healthz" not in records  # dropped by the transform (it returned None)
             podman.run("stop", "-t", "20", cid)
             assert podman.state(cid)["ExitCode"] == 0
+    finally:
+        podman.run("rmi", "-f", tag, check=False)
+
+
+def test_pip_is_removed_from_a_base_that_has_it(podman: Engine, base: str) -> None:
+    """On a base whose interpreter has pip (the official images; Debian's python3-pip,
+    which refuses a plain uninstall), the final stage still carries none."""
+    pip_base = build_local(podman, Path(__file__).with_name("pipbase.Containerfile"), base)
+    tag = "localhost/podpatterns-tools-pipbase:test"
+    try:
+        build(podman, "tools", pip_base, tag)
+        done = podman.run(
+            "run", "--rm", *NO_NETWORK, "--entrypoint", "/usr/bin/python3", tag, "-c",
+            "import importlib.util as u;"
+            "print([m for m in ('pip', 'ensurepip') if u.find_spec(m)])",
+        )  # fmt: skip
+        assert done.stdout.strip() == "[]"
+        assert podman.run("run", "--rm", *NO_NETWORK, tag, "--version").returncode == 0
     finally:
         podman.run("rmi", "-f", tag, check=False)
