@@ -33,9 +33,17 @@ class DialPolicy:
     nodelay: bool
 
 
-def tune(sock: socket.socket, keepalive: bool, nodelay: bool) -> None:
-    """Set TCP_NODELAY and SO_KEEPALIVE on a TCP socket (no-op for unix sockets)."""
-    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+# Linux: the socket is made non-blocking by socket() itself, not by an ioctl after it
+_NONBLOCK = getattr(socket, "SOCK_NONBLOCK", 0)
+_TCP = (socket.AF_INET, socket.AF_INET6)
+
+
+def tune(sock: socket.socket, family: int, keepalive: bool, nodelay: bool) -> None:
+    """Set TCP_NODELAY and SO_KEEPALIVE on a TCP socket (no-op for unix sockets).
+
+    ``family`` is the socket's, passed in: ``sock.family`` builds an enum on every read.
+    """
+    if family not in _TCP:
         return
     if nodelay:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -205,13 +213,14 @@ class Dialer:
     def _attempt(self, ep: Endpoint, family: int, addr: SockAddr) -> bool:
         """Start one connect; False when it failed at once."""
         try:
-            sock = socket.socket(family, socket.SOCK_STREAM)
+            sock = socket.socket(family, socket.SOCK_STREAM | _NONBLOCK)
         except OSError as exc:  # EMFILE and the like: not the endpoint's fault
             self._done(None, None, exc)
             return True
-        sock.setblocking(False)
+        if not _NONBLOCK:
+            sock.setblocking(False)
         try:
-            tune(sock, self._policy.keepalive, self._policy.nodelay)
+            tune(sock, family, self._policy.keepalive, self._policy.nodelay)
             sock.connect(addr)
         except BlockingIOError:
             pass  # EINPROGRESS: wait until the socket is writable, then read SO_ERROR

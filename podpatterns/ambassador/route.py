@@ -119,6 +119,7 @@ class Route:
         # splice relays and their dials watch their sockets in an epoll set of their own
         self._poller = Poller(self._loop) if self.use_splice else None
         sock = bind(self.cfg.listen)
+        self._client_family = sock.family
         self.listener = Listener(sock, self._on_accept, can_resume=self._can_accept)
         self.listener.resume()
         addr = self.listener.address
@@ -236,7 +237,7 @@ class Route:
             assert self.listener is not None
             self.listener.pause()
         try:
-            tune(csock, cfg.tcp_keepalive, cfg.tcp_nodelay)
+            tune(csock, self._client_family, cfg.tcp_keepalive, cfg.tcp_nodelay)
         except OSError:  # the client is gone already
             csock.close()
             conn.note_end("client", "error")
