@@ -8,7 +8,6 @@ import random
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
 
 from podpatterns.ambassador.upstreams import Endpoint, SockAddr, UpstreamPool
 
@@ -64,14 +63,6 @@ def classify(exc: BaseException) -> str:
     return "error"
 
 
-class Watcher(Protocol):
-    """Where the dialer waits for writability: the event loop, or the splice poller."""
-
-    def add_writer(self, fd: int, callback: Callable[[], None]) -> None: ...
-
-    def remove_writer(self, fd: int) -> bool: ...
-
-
 FailureHook = Callable[[Endpoint, str], None]
 # (socket, endpoint) on success, or (None, None, error): DialError when every attempt
 # failed, anything else is a bug passed on.
@@ -94,20 +85,17 @@ class Dialer:
     either: uvloop's resolves the address again on a worker thread for every call, even
     an IP literal (10-14% CPU per new connection); addresses here are resolved already.
 
-    Writability is awaited on ``watcher`` (the loop by default). On success ``on_done``
-    runs while the socket is still registered there for writability (with a no-op
-    callback), and the registration is dropped when it returns: a relay that registers
-    its own callbacks on the socket inside ``on_done`` then changes the registration
-    instead of closing it and opening another (uvloop: 7 syscalls). A receiver that
-    closes the socket inside ``on_done`` must ``watcher.remove_writer`` it first.
+    On success ``on_done`` runs while the socket is still registered for writability
+    (with a no-op callback), and the registration is dropped when it returns: a relay
+    that registers its own callbacks on the socket inside ``on_done`` then reuses
+    uvloop's poll handle instead of closing it and opening another (7 syscalls). A
+    receiver that closes the socket inside ``on_done`` must ``remove_writer`` first.
     """
 
     __slots__ = (
-        "_addr",
         "_addrs",
         "_ai",
         "_ei",
-        "_ep",
         "_eps",
         "_fd",
         "_last",
@@ -121,7 +109,6 @@ class Dialer:
         "_round_no",
         "_sock",
         "_timer",
-        "_watcher",
     )
 
     def __init__(
@@ -131,10 +118,8 @@ class Dialer:
         policy: DialPolicy,
         on_done: DoneHook,
         on_failure: FailureHook | None = None,
-        watcher: Watcher | None = None,
     ) -> None:
         self._loop = loop
-        self._watcher: Watcher = watcher if watcher is not None else loop
         self._pool = pool
         self._policy = policy
         self._on_done: DoneHook | None = on_done
@@ -148,8 +133,6 @@ class Dialer:
         self._ai = 0  # index of the next address to try in _addrs
         self._sock: socket.socket | None = None  # the attempt in progress
         self._fd = -1
-        self._ep: Endpoint | None = None  # and where it goes
-        self._addr: SockAddr = ()
         self._timer: asyncio.TimerHandle | None = None  # connect timeout or backoff
         self._resolving: asyncio.Task[list[tuple[int, SockAddr]]] | None = None
 
@@ -235,15 +218,13 @@ class Dialer:
             return True
         self._sock = sock
         self._fd = sock.fileno()
-        self._ep = ep
-        self._addr = addr
-        self._watcher.add_writer(self._fd, self._writable)
-        self._timer = self._loop.call_later(self._policy.connect_timeout, self._timed_out)
+        self._loop.add_writer(self._fd, self._writable, ep, addr)
+        self._timer = self._loop.call_later(self._policy.connect_timeout, self._timed_out, ep, addr)
         return True
 
-    def _writable(self) -> None:
-        sock, ep, addr = self._sock, self._ep, self._addr
-        if sock is None or ep is None:  # level-triggered: a wake-up before the writer is gone
+    def _writable(self, ep: Endpoint, addr: SockAddr) -> None:
+        sock = self._sock
+        if sock is None:  # level-triggered: a second wake-up before the writer is gone
             return
         assert self._timer is not None
         self._timer.cancel()
@@ -260,20 +241,20 @@ class Dialer:
         self._pool.mark_success(ep)
         self._done(sock, ep, None)
         if sock.fileno() == self._fd:  # not closed by on_done (which removed the writer)
-            self._watcher.remove_writer(self._fd)
+            self._loop.remove_writer(self._fd)
 
-    def _timed_out(self) -> None:
+    def _timed_out(self, ep: Endpoint, addr: SockAddr) -> None:
         self._timer = None
         self._stop_attempt()
-        if self._sock is not None and self._ep is not None:
+        if self._sock is not None:
             self._sock.close()
             self._sock = None
-            self._failed(self._ep, self._addr, TimeoutError())
+        self._failed(ep, addr, TimeoutError())
         self._advance()
 
     def _stop_attempt(self) -> None:
         if self._sock is not None:
-            self._watcher.remove_writer(self._fd)
+            self._loop.remove_writer(self._fd)
 
     def _failed(self, ep: Endpoint, addr: SockAddr, exc: OSError) -> None:
         self._last = (classify(exc), f"{ep} ({addr[0]}): {exc or 'timed out'}")

@@ -24,7 +24,6 @@ from podpatterns.ambassador.config import RouteConfig
 from podpatterns.ambassador.connection import Connection, reset_socket
 from podpatterns.ambassador.dial import Dialer, DialError, DialPolicy, classify, tune
 from podpatterns.ambassador.listener import Listener, bind
-from podpatterns.ambassador.poller import Poller
 from podpatterns.ambassador.relay import ProtocolRelay
 from podpatterns.ambassador.tls import TLSContextProvider
 from podpatterns.ambassador.upstreams import Endpoint, UpstreamPool, system_resolver
@@ -107,7 +106,6 @@ class Route:
         self._drained.set()
         self._stopping = False
         self._pipes = splice.PipePool(cfg.buffer_size) if self.use_splice else None
-        self._poller: Poller | None = None  # made in start(): it needs the loop
         self._connect_seconds = connect_seconds.labels(route=cfg.name)
         self._log = logs.get("ambassador", route=cfg.name)
 
@@ -116,8 +114,6 @@ class Route:
     async def start(self) -> None:
         """Bind the listener and start background tasks. Raises BindError."""
         self._loop = asyncio.get_running_loop()
-        # splice relays and their dials watch their sockets in an epoll set of their own
-        self._poller = Poller(self._loop) if self.use_splice else None
         sock = bind(self.cfg.listen)
         self._client_family = sock.family
         self.listener = Listener(sock, self._on_accept, can_resume=self._can_accept)
@@ -198,8 +194,6 @@ class Route:
         await asyncio.gather(*tasks, return_exceptions=True)
         if self._pipes is not None:
             self._pipes.close()
-        if self._poller is not None:
-            self._poller.close()
 
     def _can_accept(self) -> bool:
         return not self._stopping and not self.saturated()
@@ -249,7 +243,6 @@ class Route:
             self.dial_policy,
             functools.partial(self._dialed, conn, csock, peer),
             self._connect_failed,
-            self._poller,
         )
         self._dialing[conn] = (dialer, csock)
         dialer.start()
@@ -294,13 +287,13 @@ class Route:
             task.add_done_callback(self._connecting.discard)
             return
         # No task: the splice relay starts here, inside the dialer's writability callback,
-        # so its reader on usock changes the dialer's registration (see Dialer).
-        assert self._pipes is not None and self._poller is not None
+        # so its reader on usock reuses the dialer's poll handle (see Dialer).
         try:
             self._send_proxy_header(csock, usock, peer)
-            splice.SpliceRelay(self._poller, conn, csock, usock, self._pipes).start()
+            assert self._pipes is not None
+            splice.SpliceRelay(self._loop, conn, csock, usock, self._pipes).start()
         except BaseException as exc:
-            self._poller.remove_writer(usock.fileno())  # before any close (Dialer)
+            self._loop.remove_writer(usock.fileno())  # before any close (Dialer)
             self._setup_failed(conn, csock, usock, ep, exc)
             return
         self._connect_seconds.observe(time.monotonic() - conn.started)

@@ -14,13 +14,12 @@ TCP/unix legs: TLS goes through :mod:`.relay`.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import fcntl
 import os
 import socket
-from collections.abc import Callable
-from typing import Protocol
 
 from podpatterns.ambassador.connection import Connection, reset_socket
 
@@ -61,18 +60,6 @@ class PipePool:
             r, w = self._free.pop()
             os.close(r)
             os.close(w)
-
-
-class Watcher(Protocol):
-    """What the relay registers its callbacks with: a :class:`.poller.Poller` or a loop."""
-
-    def add_reader(self, fd: int, callback: Callable[[], None]) -> None: ...
-
-    def remove_reader(self, fd: int) -> bool: ...
-
-    def add_writer(self, fd: int, callback: Callable[[], None]) -> None: ...
-
-    def remove_writer(self, fd: int) -> bool: ...
 
 
 class _Direction:
@@ -127,7 +114,7 @@ class _Direction:
             return
         if n == 0:
             self.eof = True
-            relay.io.remove_reader(self.src_fd)
+            relay.loop.remove_reader(self.src_fd)
             if self.inflight == 0:
                 self._finish()
             return
@@ -145,8 +132,8 @@ class _Direction:
                 if not self.writing:
                     self.writing = True
                     if not self.eof:
-                        relay.io.remove_reader(self.src_fd)
-                    relay.io.add_writer(self.dst_fd, self.flush)
+                        relay.loop.remove_reader(self.src_fd)
+                    relay.loop.add_writer(self.dst_fd, self.flush)
                 return
             except OSError as exc:
                 relay.failed("upstream" if self.src_side == "client" else "client", exc)
@@ -154,9 +141,9 @@ class _Direction:
             self.inflight -= m
         if self.writing:
             self.writing = False
-            relay.io.remove_writer(self.dst_fd)
+            relay.loop.remove_writer(self.dst_fd)
             if not self.eof:
-                relay.io.add_reader(self.src_fd, self.on_readable)
+                relay.loop.add_reader(self.src_fd, self.on_readable)
         if self.eof:
             self._finish()
 
@@ -176,17 +163,17 @@ class _Direction:
 class SpliceRelay:
     """Relay two connected, non-blocking sockets with ``os.splice`` (see module doc)."""
 
-    __slots__ = ("chunk", "closed", "conn", "csock", "down", "io", "pool", "up", "usock")
+    __slots__ = ("chunk", "closed", "conn", "csock", "down", "loop", "pool", "up", "usock")
 
     def __init__(
         self,
-        io: Watcher,
+        loop: asyncio.AbstractEventLoop,
         conn: Connection,
         csock: socket.socket,
         usock: socket.socket,
         pool: PipePool,
     ) -> None:
-        self.io = io
+        self.loop = loop
         self.conn = conn
         self.csock = csock
         self.usock = usock
@@ -199,8 +186,8 @@ class SpliceRelay:
 
     def start(self) -> None:
         """Begin relaying in both directions."""
-        self.io.add_reader(self.up.src_fd, self.up.on_readable)
-        self.io.add_reader(self.down.src_fd, self.down.on_readable)
+        self.loop.add_reader(self.up.src_fd, self.up.on_readable)
+        self.loop.add_reader(self.down.src_fd, self.down.on_readable)
 
     # -- Relay protocol ------------------------------------------------------------------
 
@@ -229,12 +216,12 @@ class SpliceRelay:
         if self.closed:
             return
         self.closed = True
-        io = self.io
+        loop = self.loop
         for d in (self.up, self.down):
             if not d.eof:
-                io.remove_reader(d.src_fd)
+                loop.remove_reader(d.src_fd)
             if d.writing:
-                io.remove_writer(d.dst_fd)
+                loop.remove_writer(d.dst_fd)
             if d.pipe is not None:
                 self.pool.give(d.pipe, empty=d.inflight == 0)
                 d.pipe = None
