@@ -80,7 +80,7 @@ class Dialer:
 
     Callbacks rather than a task and a coroutine per connection: this is the hot path
     of a new connection, and replacing the task, the coroutine and ``asyncio.timeout``
-    (whose ``get_running_loop()`` calls ``getpid()`` on Python 3.11) saved 12-18% of
+    (whose ``get_running_loop()`` calls ``getpid()`` on Python 3.11) saved 11-18% of
     the CPU per new connection (CHANGELOG). Not ``loop.sock_connect``
     either: uvloop's resolves the address again on a worker thread for every call, even
     an IP literal (10-14% CPU per new connection); addresses here are resolved already.
