@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import random
 import socket
 import ssl
@@ -21,7 +22,7 @@ from podpatterns import logs
 from podpatterns.ambassador import proxy_protocol, splice, tlsleg
 from podpatterns.ambassador.config import RouteConfig
 from podpatterns.ambassador.connection import Connection, reset_socket
-from podpatterns.ambassador.dial import DialError, DialPolicy, classify, dial, tune
+from podpatterns.ambassador.dial import Dialer, DialError, DialPolicy, classify, tune
 from podpatterns.ambassador.listener import Listener, bind
 from podpatterns.ambassador.relay import ProtocolRelay
 from podpatterns.ambassador.tls import TLSContextProvider
@@ -98,7 +99,8 @@ class Route:
         )
         self.listener: Listener | None = None
         self.connections: dict[Connection, None] = {}  # insertion-ordered set
-        self._connecting: set[asyncio.Task[None]] = set()
+        self._dialing: dict[Connection, tuple[Dialer, socket.socket]] = {}  # conn: dialer, csock
+        self._connecting: set[asyncio.Task[None]] = set()  # protocol relays being attached
         self._tasks: list[asyncio.Task[None]] = []
         self._drained = asyncio.Event()
         self._drained.set()
@@ -111,7 +113,9 @@ class Route:
 
     async def start(self) -> None:
         """Bind the listener and start background tasks. Raises BindError."""
+        self._loop = asyncio.get_running_loop()
         sock = bind(self.cfg.listen)
+        self._client_family = sock.family
         self.listener = Listener(sock, self._on_accept, can_resume=self._can_accept)
         self.listener.resume()
         addr = self.listener.address
@@ -172,6 +176,12 @@ class Route:
             conn.end_by_proxy(reason)
             if conn.relay is not None:
                 conn.relay.abort()
+        for conn, (dialer, csock) in list(self._dialing.items()):
+            del self._dialing[conn]
+            dialer.cancel()
+            csock.close()
+            conn.note_end("proxy", "cancelled")  # a no-op after end_by_proxy above
+            conn.finish()
         return n
 
     async def close(self) -> None:
@@ -220,17 +230,41 @@ class Route:
         if cfg.on_limit == "wait" and self.saturated():
             assert self.listener is not None
             self.listener.pause()
-        task = asyncio.create_task(self._connect(conn, csock, peer))
-        self._connecting.add(task)
-        task.add_done_callback(self._connecting.discard)
-
-    async def _connect(self, conn: Connection, csock: socket.socket, peer: Any) -> None:
-        cfg = self.cfg
-        started = time.monotonic()
         try:
-            tune(csock, cfg.tcp_keepalive, cfg.tcp_nodelay)
-            usock, ep = await dial(self.pool, self.dial_policy, self._connect_failed)
-        except DialError as exc:
+            tune(csock, self._client_family, cfg.tcp_keepalive, cfg.tcp_nodelay)
+        except OSError:  # the client is gone already
+            csock.close()
+            conn.note_end("client", "error")
+            conn.finish()
+            return
+        dialer = Dialer(
+            self._loop,
+            self.pool,
+            self.dial_policy,
+            functools.partial(self._dialed, conn, csock, peer),
+            self._connect_failed,
+        )
+        self._dialing[conn] = (dialer, csock)
+        dialer.start()
+
+    def _dialed(
+        self,
+        conn: Connection,
+        csock: socket.socket,
+        peer: Any,
+        usock: socket.socket | None,
+        ep: Endpoint | None,
+        exc: BaseException | None,
+    ) -> None:
+        """The dial is over: start the relay, or end the connection."""
+        del self._dialing[conn]
+        if usock is None or ep is None:
+            assert exc is not None
+            if not isinstance(exc, DialError):  # EMFILE on socket(), or a bug
+                csock.close()
+                conn.note_end("proxy", "cancelled")
+                conn.finish()
+                raise exc
             self.stats.failed[exc.reason] += 1
             self._log.warning(
                 "upstream_connect_failed",
@@ -244,49 +278,60 @@ class Route:
             csock.close()
             conn.finish()
             return
-        except BaseException:
-            csock.close()
-            conn.note_end("proxy", "cancelled")
-            conn.finish()
-            raise
         conn.endpoint = ep
         conn.upstream = str(ep)
         ep.active += 1
+        if not self.use_splice:
+            task = self._loop.create_task(self._attach(conn, csock, usock, ep, peer))
+            self._connecting.add(task)
+            task.add_done_callback(self._connecting.discard)
+            return
+        # No task: the splice relay starts here, inside the dialer's writability callback,
+        # so its reader on usock reuses the dialer's poll handle (see Dialer).
         try:
-            if cfg.proxy_protocol != "off":
-                local = csock.getsockname() if csock.family != socket.AF_UNIX else None
-                proxy_protocol.send_all(
-                    usock, proxy_protocol.header(cfg.proxy_protocol, peer, local)
-                )
-            if self.use_splice:
-                assert self._pipes is not None
-                splice.SpliceRelay(
-                    asyncio.get_running_loop(), conn, csock, usock, self._pipes
-                ).start()
-            else:
-                await self._attach(conn, csock, usock, ep)
-            # connect time includes the TLS handshake: it is what the client waited for
-            self._connect_seconds.observe(time.monotonic() - started)
-        except (OSError, ssl.SSLError, TimeoutError) as exc:
-            reason = "tls" if isinstance(exc, ssl.SSLError) else classify(exc)
-            self.stats.failed[reason] += 1
-            self._connect_failed(ep, reason)
-            # a TLS-broken endpoint is skipped for the cool-down like an unreachable one
-            self.pool.mark_failure(ep, reason)
-            self._log.warning(
-                "upstream_connect_failed",
-                conn=conn.id,
-                client=conn.client,
-                upstream=str(ep),
-                reason=reason,
-                error=str(exc),
-            )
-            conn.note_end("proxy", f"upstream_{reason}")
-            self._abandon(conn, csock, usock)
-        except BaseException:
+            self._send_proxy_header(csock, usock, peer)
+            assert self._pipes is not None
+            splice.SpliceRelay(self._loop, conn, csock, usock, self._pipes).start()
+        except BaseException as exc:
+            self._loop.remove_writer(usock.fileno())  # before any close (Dialer)
+            self._setup_failed(conn, csock, usock, ep, exc)
+            return
+        self._connect_seconds.observe(time.monotonic() - conn.started)
+
+    def _send_proxy_header(self, csock: socket.socket, usock: socket.socket, peer: Any) -> None:
+        mode = self.cfg.proxy_protocol
+        if mode != "off":
+            local = csock.getsockname() if csock.family != socket.AF_UNIX else None
+            proxy_protocol.send_all(usock, proxy_protocol.header(mode, peer, local))
+
+    def _setup_failed(
+        self,
+        conn: Connection,
+        csock: socket.socket,
+        usock: socket.socket,
+        ep: Endpoint,
+        exc: BaseException,
+    ) -> None:
+        """The upstream was reached but the relay could not start; re-raises bugs."""
+        if not isinstance(exc, (OSError, ssl.SSLError, TimeoutError)):
             conn.note_end("proxy", "cancelled")
             self._abandon(conn, csock, usock)
-            raise
+            raise exc
+        reason = "tls" if isinstance(exc, ssl.SSLError) else classify(exc)
+        self.stats.failed[reason] += 1
+        self._connect_failed(ep, reason)
+        # a TLS-broken endpoint is skipped for the cool-down like an unreachable one
+        self.pool.mark_failure(ep, reason)
+        self._log.warning(
+            "upstream_connect_failed",
+            conn=conn.id,
+            client=conn.client,
+            upstream=str(ep),
+            reason=reason,
+            error=str(exc),
+        )
+        conn.note_end("proxy", f"upstream_{reason}")
+        self._abandon(conn, csock, usock)
 
     @staticmethod
     def _abandon(conn: Connection, csock: socket.socket, usock: socket.socket) -> None:
@@ -301,25 +346,34 @@ class Route:
         conn.finish()  # idempotent: a no-op when the relay already finished it
 
     async def _attach(
-        self, conn: Connection, csock: socket.socket, usock: socket.socket, ep: Endpoint
+        self, conn: Connection, csock: socket.socket, usock: socket.socket, ep: Endpoint, peer: Any
     ) -> None:
-        loop = asyncio.get_running_loop()
-        if self.tls is not None:
-            # tlsleg, not create_connection(ssl=...): asyncio's SSL transport cannot
-            # half-close (docs/ambassador-tls.md). The relay is made after the handshake
-            # so that a failed handshake leaves conn.relay None for _connect to finish.
-            leg = await tlsleg.connect(
-                usock,
-                self.tls.context,
-                server_hostname=self.cfg.tls_server_name or ep.address.host,
-                handshake_timeout=self.cfg.connect_timeout,
-            )
-            relay = ProtocolRelay(conn, self.cfg.buffer_size)
-            leg.attach(relay.upstream)
-        else:
-            relay = ProtocolRelay(conn, self.cfg.buffer_size)
-            await loop.create_connection(lambda: relay.upstream, sock=usock)
-        await loop.connect_accepted_socket(lambda: relay.client, csock)
+        """Start the Protocol relay (and the TLS leg): these steps need awaiting."""
+        loop = self._loop
+        try:
+            self._send_proxy_header(csock, usock, peer)
+            if self.tls is not None:
+                # tlsleg, not create_connection(ssl=...): asyncio's SSL transport cannot
+                # half-close (docs/ambassador-tls.md). The relay is made after the
+                # handshake so that a failed handshake leaves conn.relay None for
+                # _abandon to close usock.
+                leg = await tlsleg.connect(
+                    usock,
+                    self.tls.context,
+                    server_hostname=self.cfg.tls_server_name or ep.address.host,
+                    handshake_timeout=self.cfg.connect_timeout,
+                )
+                relay = ProtocolRelay(conn, self.cfg.buffer_size)
+                leg.attach(relay.upstream)
+            else:
+                relay = ProtocolRelay(conn, self.cfg.buffer_size)
+                await loop.create_connection(lambda: relay.upstream, sock=usock)
+            await loop.connect_accepted_socket(lambda: relay.client, csock)
+        except BaseException as exc:
+            self._setup_failed(conn, csock, usock, ep, exc)
+            return
+        # connect time includes the TLS handshake: it is what the client waited for
+        self._connect_seconds.observe(time.monotonic() - conn.started)
 
     def _connect_failed(self, ep: Endpoint, reason: str) -> None:
         self.stats.connect_failures[(str(ep), reason)] += 1
