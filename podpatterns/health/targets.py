@@ -23,8 +23,6 @@ from pathlib import Path
 from typing import Protocol
 from urllib.parse import parse_qs, urlsplit
 
-import aiohttp
-
 from podpatterns.commands import run_command
 from podpatterns.health.records import State, Tracker, check_name, exit_summary
 from podpatterns.options import parse_duration, parse_hostport
@@ -121,6 +119,8 @@ class HttpTarget:
     body: re.Pattern[str] | None = None
 
     async def check(self) -> Outcome:
+        import aiohttp  # on first use: commands that never probe HTTP do not load it
+
         try:
             async with (
                 aiohttp.ClientSession() as session,

@@ -15,8 +15,6 @@ from contextlib import aclosing
 from pathlib import Path
 from typing import Any
 
-import watchfiles
-
 from podpatterns import logs
 from podpatterns.health.records import Status, Tracker, is_record_file
 
@@ -26,6 +24,8 @@ TICK_SECONDS = 0.2
 
 
 def _default_watch(path: Path, tick: float) -> AsyncGenerator[Any, None]:
+    import watchfiles  # on first use: only --exit-with, wait and health watch a directory
+
     return watchfiles.awatch(
         path,
         rust_timeout=max(1, int(tick * 1000)),

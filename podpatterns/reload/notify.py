@@ -13,8 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-import aiohttp
-
 from podpatterns.commands import run_command
 
 
@@ -44,6 +42,8 @@ class HttpPost:
         return f"http-post {self.url}"
 
     async def notify(self) -> None:
+        import aiohttp  # on first use: other notifiers, and other commands, do without it
+
         try:
             async with aiohttp.ClientSession() as session, session.post(self.url) as resp:
                 status = resp.status

@@ -25,8 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import watchfiles
-
 from podpatterns import logs, metrics
 from podpatterns.commands import run_command
 from podpatterns.errors import ConfigError
@@ -206,6 +204,8 @@ class ReloadConfig:
 
 def _watch_dirs(dirs: Sequence[Path]) -> Callable[[Path, float], AsyncGenerator[Any, None]]:
     def factory(_path: Path, tick: float) -> AsyncGenerator[Any, None]:
+        import watchfiles  # on first use, as in podpatterns.health.watch
+
         # No filter: a ..data swap shows up on hidden names; the hash decides.
         return watchfiles.awatch(
             *dirs, rust_timeout=max(1, int(tick * 1000)), yield_on_timeout=True, debounce=50
