@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import os
 import socket
 from collections import Counter
 
 import pytest
 
-from podpatterns.ambassador import proxy_protocol
+from podpatterns.ambassador import dial, proxy_protocol
 from podpatterns.ambassador.upstreams import UpstreamPool
 from podpatterns.options import HostPort
 from tests.conftest import (
@@ -190,6 +192,33 @@ async def test_readiness_waits_for_the_first_check_but_routing_does_not() -> Non
             checks.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await checks
+
+
+async def test_out_of_file_descriptors_is_a_counted_dial_failure(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """socket() failing (EMFILE) ends the dial as a DialError, not an uncaught exception,
+    and does not mark the endpoint down: it is not the endpoint's fault."""
+
+    class NoDescriptors:
+        def __getattr__(self, name: str) -> object:
+            return getattr(socket, name)
+
+        @staticmethod
+        def socket(*args: object) -> socket.socket:
+            raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+
+    monkeypatch.setattr(dial, "socket", NoDescriptors())
+    pool = UpstreamPool([HostPort(LOOP, 9)])
+    policy = dial.DialPolicy(1.0, 2, 0.01, 0.01, keepalive=True, nodelay=True)
+    ended: list[BaseException | None] = []
+    dial.Dialer(
+        asyncio.get_running_loop(), pool, policy, lambda s, e, exc: ended.append(exc)
+    ).start()
+    assert len(ended) == 1
+    assert isinstance(ended[0], dial.DialError) and ended[0].reason == "error"
+    assert "Too many open files" in str(ended[0])
+    assert pool.any_healthy()
 
 
 async def test_connection_limit_waits_in_backlog() -> None:

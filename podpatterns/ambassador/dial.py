@@ -198,8 +198,8 @@ class Dialer:
         """Start one connect; False when it failed at once."""
         try:
             sock = socket.socket(family, socket.SOCK_STREAM | _NONBLOCK)
-        except OSError as exc:  # EMFILE and the like: not the endpoint's fault
-            self._done(None, None, exc)
+        except OSError as exc:  # EMFILE and the like: not the endpoint's fault, no retry
+            self._done(None, None, DialError("error", f"socket(): {exc}"))
             return True
         if not _NONBLOCK:
             sock.setblocking(False)

@@ -260,7 +260,7 @@ class Route:
         del self._dialing[conn]
         if usock is None or ep is None:
             assert exc is not None
-            if not isinstance(exc, DialError):  # EMFILE on socket(), or a bug
+            if not isinstance(exc, DialError):  # a bug
                 csock.close()
                 conn.note_end("proxy", "cancelled")
                 conn.finish()
