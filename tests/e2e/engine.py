@@ -204,14 +204,11 @@ def pip_ca() -> Path:
     return found if found.is_file() else DEFAULT_CA
 
 
-def build(podman: Engine, target: str, base: str, tag: str | None = None) -> str:
-    """Build ``target`` of images/Containerfile on ``base``; return its local name
-    (``tag``, by default the name the manifests use).
-
-    VERSION is not passed: the Containerfile's default must be the package's version
-    (its builder stage checks), and the tests check the label.
-    """
-    tag = tag or image(target)
+def podman_build(
+    podman: Engine, containerfile: Path, context: Path, tag: str, *args: str | Path
+) -> str:
+    """``podman build`` with the host's network and the tests' label (see :func:`prune`);
+    ``args`` are more build options. Returns ``tag``."""
     podman.run(
         "build",
         "--quiet",
@@ -220,7 +217,28 @@ def build(podman: Engine, target: str, base: str, tag: str | None = None) -> str
         "--label",
         LABEL,
         "--file",
+        containerfile,
+        *args,
+        "--tag",
+        tag,
+        context,
+        timeout=BUILD_TIMEOUT,
+    )
+    return tag
+
+
+def build(podman: Engine, target: str, base: str, tag: str | None = None) -> str:
+    """Build ``target`` of images/Containerfile on ``base``; return its local name
+    (``tag``, by default the name the manifests use).
+
+    VERSION is not passed: the Containerfile's default must be the package's version
+    (its builder stage checks), and the tests check the label.
+    """
+    return podman_build(
+        podman,
         CONTAINERFILE,
+        ROOT,
+        tag or image(target),
         "--target",
         target,
         "--build-arg",
@@ -230,12 +248,7 @@ def build(podman: Engine, target: str, base: str, tag: str | None = None) -> str
         f"{pip_ca()}:/etc/ssl/certs/host-ca.crt:ro",
         "--build-arg",
         "PIP_CERT=/etc/ssl/certs/host-ca.crt",
-        "--tag",
-        tag,
-        ROOT,
-        timeout=BUILD_TIMEOUT,
     )
-    return tag
 
 
 def build_local(podman: Engine, containerfile: Path, base: str) -> str:
@@ -247,21 +260,8 @@ def build_local(podman: Engine, containerfile: Path, base: str) -> str:
     name = containerfile.name.removesuffix(".Containerfile")
     tag = f"localhost/podpatterns-test{name}:{digest}"
     if not podman.exists(tag):
-        podman.run(
-            "build",
-            "--quiet",
-            "--network",
-            "host",
-            "--label",
-            LABEL,
-            "--file",
-            containerfile,
-            "--build-arg",
-            f"BASE={base}",
-            "--tag",
-            tag,
-            containerfile.parent,
-            timeout=BUILD_TIMEOUT,
+        podman_build(
+            podman, containerfile, containerfile.parent, tag, "--build-arg", f"BASE={base}"
         )
     return tag
 

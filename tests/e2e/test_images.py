@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.engine import BASE, ROOT, VERSION, Engine, build, build_local
+from tests.e2e.engine import BASE, ROOT, VERSION, Engine, build, build_local, podman_build
 from tests.peers import candidate_ports, wait_until
 
 # As readOnlyRootFilesystem: podman's --read-only alone would still mount writable tmpfs
@@ -181,6 +181,19 @@ def test_ambassador_runs_locked_down_and_drains_on_sigterm(
         assert names.index("shutdown_requested") < names.index("drain_finished")
 
 
+def health_volume(tmp_path: Path) -> Path:
+    """A host directory the images' user can write, mounted as the health directory."""
+    health = tmp_path / "health"
+    health.mkdir()
+    health.chmod(0o777)
+    return health
+
+
+def run_as_main(script: str) -> tuple[str, ...]:
+    """The tools image's args: ``sh -c SCRIPT`` under `podpatterns run`, record ``main``."""
+    return ("run", "--health-dir", "/run/pod", "--name", "main", "--", "sh", "-c", script)
+
+
 # The orphan is a grandchild whose parent exits at once: it is re-parented to PID 1.
 # The checker (exec'd, so it never reaps) follows it: "reaped" once its /proc entry is
 # gone, "zombie" once it has exited unreaped; bounded by a deadline, not a fixed sleep.
@@ -213,24 +226,9 @@ else:
 
 def test_run_as_pid1_reaps_orphans(podman: Engine, images: dict[str, str], tmp_path: Path) -> None:
     """`podpatterns run` as PID 1 reaps orphaned grandchildren; a plain PID 1 does not."""
-    health = tmp_path / "health"
-    health.mkdir(mode=0o777)
-    health.chmod(0o777)
+    health = health_volume(tmp_path)
     common = ("--rm", *LOCKED_DOWN, *NO_NETWORK, "-v", f"{health}:/run/pod")
-    supervised = podman.run(
-        "run",
-        *common,
-        images["tools"],
-        "run",
-        "--health-dir",
-        "/run/pod",
-        "--name",
-        "main",
-        "--",
-        "sh",
-        "-c",
-        ZOMBIE_SCRIPT,
-    )
+    supervised = podman.run("run", *common, images["tools"], *run_as_main(ZOMBIE_SCRIPT))
     assert "orphan=reaped" in supervised.stdout
     # The control: the same script as PID 1 itself leaves the orphan a zombie, so the
     # assertion above can fail.
@@ -253,9 +251,7 @@ def test_run_as_pid1_forwards_signals_and_keeps_the_exit_code(
     podman: Engine, images: dict[str, str], tmp_path: Path
 ) -> None:
     """Signals sent to the container reach the command; its exit code is the container's."""
-    health = tmp_path / "health"
-    health.mkdir()
-    health.chmod(0o777)
+    health = health_volume(tmp_path)
     with container(
         podman,
         *LOCKED_DOWN,
@@ -263,15 +259,7 @@ def test_run_as_pid1_forwards_signals_and_keeps_the_exit_code(
         "-v",
         f"{health}:/run/pod",
         images["tools"],
-        "run",
-        "--health-dir",
-        "/run/pod",
-        "--name",
-        "main",
-        "--",
-        "sh",
-        "-c",
-        SIGNAL_SCRIPT,
+        *run_as_main(SIGNAL_SCRIPT),
     ) as cid:
         wait_until(lambda: "started" in podman.logs(cid) or None, 30, "command started")
         podman.run("kill", "--signal", "HUP", cid)
@@ -293,15 +281,8 @@ def test_custom_adapter_image_from_the_docs(
 ) -> None:
     """docs/examples/custom-adapter builds FROM the adapter image and its transform runs."""
     tag = "localhost/podpatterns-custom-adapter:test"
-    podman.run(
-        "build",
-        "--quiet",
-        # no ADAPTER_IMAGE: the documented default names the image the fixture built
-        "--tag",
-        tag,
-        CUSTOM,
-        timeout=300,
-    )
+    # no ADAPTER_IMAGE: the documented default names the image the fixture built
+    podman_build(podman, CUSTOM / "Containerfile", CUSTOM, tag)
     logs = tmp_path / "logs"
     logs.mkdir()
     logs.chmod(0o777)
