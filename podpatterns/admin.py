@@ -22,14 +22,13 @@ component's ``expected_containers`` count in the Pod's verdicts before their fir
 
 from __future__ import annotations
 
-import ipaddress
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
 from podpatterns import logs, metrics
 from podpatterns.errors import BindError
-from podpatterns.options import HostPort
+from podpatterns.options import HostPort, is_loopback_host
 
 if TYPE_CHECKING:
     from podpatterns.health.aggregate import Aggregate
@@ -38,15 +37,7 @@ if TYPE_CHECKING:
 
 def is_loopback_peer(remote: str | None) -> bool:
     """True when ``remote`` (an aiohttp ``request.remote``) is a loopback address."""
-    if not remote:
-        return False
-    try:
-        addr = ipaddress.ip_address(remote)
-    except ValueError:
-        return False  # a unix-socket peer reports no IP; it is not loopback TCP
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        return addr.ipv4_mapped.is_loopback
-    return addr.is_loopback
+    return is_loopback_host(remote)
 
 
 class AdminServer:

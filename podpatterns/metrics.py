@@ -7,6 +7,7 @@ reads at scrape time (see :class:`CallbackCollector`).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
+from typing import Literal, NamedTuple
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -30,23 +31,56 @@ def exposition(registry: CollectorRegistry) -> bytes:
 
 
 Sample = tuple[tuple[str, ...], float]
+"""One sample: its label values (in the family's label order) and its value."""
+
+
+class Family(NamedTuple):
+    """The declaration of one metric family whose samples a callback produces at scrape time.
+
+    Attributes:
+        kind: ``counter`` or ``gauge``.
+        name: the name without the ``podpatterns_`` namespace (counters without ``_total``:
+            the exposition adds it).
+        help: one line for ``# HELP`` and the generated reference.
+        labels: the label names.
+        samples: returns the samples; called once per scrape.
+    """
+
+    kind: Literal["counter", "gauge"]
+    name: str
+    help: str
+    labels: tuple[str, ...]
+    samples: Callable[[], Iterable[Sample]]
+
+    @property
+    def full_name(self) -> str:
+        """The exposed name, ``podpatterns_<name>`` (plus ``_total`` for a counter)."""
+        return f"{NAMESPACE}_{self.name}" + ("_total" if self.kind == "counter" else "")
+
+
+def counter(name: str, help: str, get: Callable[[], float]) -> Family:
+    """A counter without labels whose value ``get()`` returns."""
+    return Family("counter", name, help, (), lambda: [((), float(get()))])
+
+
+def gauge(name: str, help: str, get: Callable[[], float]) -> Family:
+    """A gauge without labels whose value ``get()`` returns."""
+    return Family("gauge", name, help, (), lambda: [((), float(get()))])
 
 
 class CallbackCollector(Collector):
-    """A collector whose families are produced by callbacks at scrape time.
+    """A collector whose families are declared up front and sampled at scrape time.
 
-    Each entry is ``(kind, name, help, label_names, callback)`` where ``callback``
-    returns ``(label_values, value)`` samples; ``kind`` is ``counter`` or ``gauge``.
+    Args:
+        families: the declarations; :attr:`families` keeps them for the generated
+            reference (docs/reference.md), so what is documented is what is exposed.
     """
 
-    def __init__(
-        self,
-        families: Iterable[tuple[str, str, str, tuple[str, ...], Callable[[], Iterable[Sample]]]],
-    ) -> None:
-        self._families = list(families)
+    def __init__(self, families: Iterable[Family]) -> None:
+        self.families: tuple[Family, ...] = tuple(families)
 
     def collect(self) -> Iterator[Metric]:
-        for kind, name, doc, labels, callback in self._families:
+        for kind, name, doc, labels, callback in self.families:
             family: CounterMetricFamily | GaugeMetricFamily
             full = f"{NAMESPACE}_{name}"
             if kind == "counter":

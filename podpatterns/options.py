@@ -181,6 +181,28 @@ def parse_path(text: str) -> Path:
     return Path(parse_str(text))
 
 
+def is_loopback_host(host: str | None) -> bool:
+    """True for ``localhost`` and loopback IP literals, IPv4-mapped IPv6 included
+    (``::ffff:127.0.0.1``, how a dual-stack socket reports an IPv4 loopback peer).
+
+    The one loopback rule of the package: bind defaults, quit URLs and the admin
+    server's loopback-only endpoints all ask it. A name other than ``localhost`` is not
+    loopback (it would need resolving, and may resolve elsewhere later); neither is a
+    unix-socket peer, which reports no address.
+    """
+    if not host:
+        return False
+    if host == "localhost":
+        return True
+    try:
+        addr = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return addr.ipv4_mapped.is_loopback
+    return addr.is_loopback
+
+
 @dataclass(frozen=True, order=True)
 class HostPort:
     """A TCP endpoint: a host name or IP literal and a port."""
@@ -193,13 +215,8 @@ class HostPort:
 
     @property
     def is_loopback(self) -> bool:
-        """True for ``localhost`` and loopback IP literals."""
-        if self.host == "localhost":
-            return True
-        try:
-            return ipaddress.ip_address(self.host).is_loopback
-        except ValueError:
-            return False
+        """True for ``localhost`` and loopback IP literals (see :func:`is_loopback_host`)."""
+        return is_loopback_host(self.host)
 
 
 def parse_hostport(text: str) -> HostPort:

@@ -269,14 +269,14 @@ class Runtime:
         self.registry.register(
             metrics.CallbackCollector(
                 [
-                    (
+                    metrics.Family(
                         "gauge",
                         "runtime_phase",
                         "1 for the current lifecycle phase",
                         ("phase",),
                         lambda: [((p.value,), float(p is self.phase)) for p in Phase],
                     ),
-                    (
+                    metrics.Family(
                         "counter",
                         "drain_cut_total",
                         "units of work cut at the drain deadline",

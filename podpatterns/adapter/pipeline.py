@@ -46,7 +46,7 @@ from podpatterns.adapter.tail import (
 )
 from podpatterns.adapter.transform import TransformChain, load_callable, redactor
 from podpatterns.errors import ConfigError
-from podpatterns.metrics import CallbackCollector, Sample
+from podpatterns.metrics import CallbackCollector, Family, Sample, counter, gauge
 
 Record = dict[str, Any]
 WatcherFactory = Callable[..., Any]
@@ -864,12 +864,6 @@ class Adapter:
         c = self.counters
         chain = self._chain.counters
 
-        def counter(name: str, doc: str, get: Callable[[], float]) -> tuple[Any, ...]:
-            return ("counter", name, doc, (), lambda: [((), get())])
-
-        def gauge(name: str, doc: str, get: Callable[[], float]) -> tuple[Any, ...]:
-            return ("gauge", name, doc, (), lambda: [((), get())])
-
         def sink_samples() -> list[Sample]:
             return [((self.sink.name, k), float(v)) for k, v in self.sink.collect().items()]
 
@@ -946,7 +940,7 @@ class Adapter:
                         "sink sends that failed with an OS error and were retried",
                         lambda: c.sink_errors,
                     ),
-                    (
+                    Family(
                         "counter",
                         "adapter_records_dropped",
                         "records dropped by transforms, by reason",
@@ -963,7 +957,7 @@ class Adapter:
                         "records a user transform raised on (dead-lettered)",
                         lambda: chain.failed,
                     ),
-                    (
+                    Family(
                         "counter",
                         "adapter_dead_letter_records",
                         "records sent to the dead-letter file",
@@ -976,7 +970,7 @@ class Adapter:
                     gauge(
                         "adapter_files_open", "files open for reading", lambda: len(self.tracked)
                     ),
-                    (
+                    Family(
                         "gauge",
                         "adapter_watch_mode",
                         "1 for the file-change detection in use",
@@ -1006,7 +1000,7 @@ class Adapter:
                         "corrupt checkpoint generations skipped",
                         lambda: self._store.fallbacks if self._store else 0,
                     ),
-                    (
+                    Family(
                         "counter",
                         "adapter_sink_events",
                         "sink counters (requests, retries, rejected, ...)",

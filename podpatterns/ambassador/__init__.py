@@ -19,7 +19,7 @@ graceful drain.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from prometheus_client import Histogram
@@ -34,7 +34,7 @@ from podpatterns.ambassador.config import (
 )
 from podpatterns.ambassador.route import Route
 from podpatterns.ambassador.upstreams import Resolver, system_resolver
-from podpatterns.metrics import NAMESPACE, CallbackCollector, Sample
+from podpatterns.metrics import NAMESPACE, CallbackCollector, Family, Sample
 
 __all__ = [
     "AMBASSADOR_OPTIONS",
@@ -132,7 +132,7 @@ class Ambassador:
         """The connect-time histogram and the per-route and per-endpoint metrics."""
         return [self._connect_seconds, CallbackCollector(self._families())]
 
-    def _families(self) -> Iterable[tuple[str, str, str, tuple[str, ...], Any]]:
+    def _families(self) -> list[Family]:
         routes = self.routes
 
         def per_route(fn: Any) -> Any:
@@ -165,84 +165,84 @@ class Ambassador:
 
         a = "ambassador_"
         return [
-            (
+            Family(
                 "gauge",
                 a + "connections_active",
                 "open client connections",
                 ("route",),
                 per_route(lambda r: r.in_flight()),
             ),
-            (
+            Family(
                 "counter",
                 a + "connections_total",
                 "client connections accepted",
                 ("route",),
                 per_route(lambda r: r.stats.accepted),
             ),
-            (
+            Family(
                 "counter",
                 a + "connections_refused_total",
                 "connections refused before relaying",
                 ("route", "reason"),
                 counter_map("refused"),
             ),
-            (
+            Family(
                 "counter",
                 a + "connections_failed_total",
                 "connections closed because no upstream could be reached",
                 ("route", "reason"),
                 counter_map("failed"),
             ),
-            (
+            Family(
                 "counter",
                 a + "connections_closed_total",
                 "finished connections by reason",
                 ("route", "reason"),
                 counter_map("closed"),
             ),
-            (
+            Family(
                 "counter",
                 a + "upstream_connect_failures_total",
                 "failed connect attempts per endpoint",
                 ("route", "endpoint", "reason"),
                 counter_map("connect_failures"),
             ),
-            (
+            Family(
                 "counter",
                 a + "bytes_total",
                 "bytes relayed; upstream = client to upstream",
                 ("route", "direction"),
                 bytes_samples,
             ),
-            (
+            Family(
                 "gauge",
                 a + "saturated",
                 "1 while the connection cap is reached",
                 ("route",),
                 per_route(lambda r: r.saturated()),
             ),
-            (
+            Family(
                 "gauge",
                 a + "endpoint_up",
                 "1 when the endpoint is not in cool-down or failing health checks",
                 ("route", "endpoint"),
                 endpoint(lambda e: e.is_up(time.monotonic())),
             ),
-            (
+            Family(
                 "gauge",
                 a + "endpoint_connections_active",
                 "open connections per endpoint",
                 ("route", "endpoint"),
                 endpoint(lambda e: e.active),
             ),
-            (
+            Family(
                 "counter",
                 a + "tls_reloads_total",
                 "upstream TLS contexts rebuilt from disk",
                 ("route",),
                 per_route(lambda r: r.tls.reloads if r.tls else 0),
             ),
-            (
+            Family(
                 "counter",
                 a + "tls_reload_failures_total",
                 "TLS file changes that could not be loaded",

@@ -8,12 +8,13 @@ connections; live connections keep the context they were made with.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import ssl
+from contextlib import aclosing
 from pathlib import Path
 
 from podpatterns import logs
+from podpatterns.dirwatch import DirWatcher
 from podpatterns.errors import ConfigError
 
 
@@ -97,23 +98,10 @@ class TLSContextProvider:
 
     async def watch(self) -> None:
         """Reload on file events in the files' directories and every ``recheck`` s."""
-        dirs = sorted({str(p.parent) for p in self._files()})
+        dirs = sorted({p.parent for p in self._files()})
         if not dirs:
             return
-        while True:
-            try:
-                import watchfiles  # lazily: most processes never watch files
-
-                async for _ in watchfiles.awatch(
-                    *dirs,
-                    rust_timeout=int(self.recheck * 1000),
-                    yield_on_timeout=True,
-                    debounce=200,
-                ):
-                    self.maybe_reload()
-            except (OSError, RuntimeError) as exc:
-                # No watcher (inotify limits, directory gone): poll instead.
-                self._log.warning("tls_watch_fallback_polling", error=str(exc))
-                while True:
-                    await asyncio.sleep(self.recheck)
-                    self.maybe_reload()
+        watcher = DirWatcher(dirs, resync=self.recheck, debounce_ms=200, component="ambassador")
+        async with aclosing(watcher.wakeups()) as wakeups:
+            async for _ in wakeups:
+                self.maybe_reload()

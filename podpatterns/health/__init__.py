@@ -7,6 +7,7 @@ containers; everything else here writes it (the supervisor, the app API) or read
 
 from __future__ import annotations
 
+from podpatterns.dirwatch import DirWatcher
 from podpatterns.health.records import (
     SCHEMA_VERSION,
     Check,
@@ -20,7 +21,7 @@ from podpatterns.health.records import (
     read_record,
     write_atomic,
 )
-from podpatterns.health.watch import DirWatcher, wait_exited, wait_ready, wait_status
+from podpatterns.health.watch import wait_exited, wait_ready, wait_status
 
 __all__ = [
     "SCHEMA_VERSION",

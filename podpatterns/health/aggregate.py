@@ -22,14 +22,15 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncGenerator, Callable, Iterable
+from collections.abc import Iterable
 from contextlib import aclosing
 from pathlib import Path
 from typing import Any
 
 from podpatterns import logs
+from podpatterns.dirwatch import WatchFactory
 from podpatterns.health.records import State, Status, Tracker
-from podpatterns.health.watch import DirWatcher
+from podpatterns.health.watch import record_watcher
 
 CHECKS = ("livez", "readyz", "startupz")
 RESYNC_SECONDS = 0.5
@@ -51,15 +52,12 @@ class Aggregate:
         health_dir: Path,
         *,
         resync: float = RESYNC_SECONDS,
-        watch: Callable[[Path, float], AsyncGenerator[Any, None]] | None = None,
+        watch: WatchFactory | None = None,
         expected: Iterable[str] = (),
     ) -> None:
         self.tracker = Tracker(health_dir)
         self.expected = frozenset(expected)
-        kw: dict[str, Any] = {"resync": resync}
-        if watch is not None:
-            kw["watch"] = watch
-        self.watcher = DirWatcher(health_dir, **kw)
+        self.watcher = record_watcher(health_dir, resync=resync, watch=watch)
         self.statuses: dict[str, Status] = {}
         self.refreshed_at = 0.0
         self._started: dict[str, str] = {}  # name -> instance seen ready

@@ -14,18 +14,18 @@ keeps this process from exiting.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import time
-from collections.abc import AsyncGenerator, Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
 
 from podpatterns import logs, metrics
+from podpatterns.dirwatch import RESYNC_SECONDS, WatchFactory
 from podpatterns.health.records import State, Status, Tracker, exit_summary
-from podpatterns.health.watch import RESYNC_SECONDS, DirWatcher, wait_status
+from podpatterns.health.watch import record_watcher, wait_status
+from podpatterns.options import is_loopback_host
 
 QUIT_TIMEOUT = 2.0
 """Longest time one quit POST may take."""
@@ -41,12 +41,7 @@ def parse_quit_url(text: str) -> str:
     parts = urlsplit(text)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError("is not an HTTP URL (e.g. http://127.0.0.1:9091/quitquitquit)")
-    host = parts.hostname
-    try:
-        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = False
-    if not loopback:
+    if not is_loopback_host(parts.hostname):
         raise ValueError("is not a loopback URL (quit URLs must stay inside the Pod)")
     return text
 
@@ -69,14 +64,11 @@ class ExitWith:
         *,
         quit_urls: Sequence[str] = (),
         resync: float = RESYNC_SECONDS,
-        watch: Callable[[Path, float], AsyncGenerator[Any, None]] | None = None,
+        watch: WatchFactory | None = None,
     ) -> None:
         self.name = name
         self.quit_urls = tuple(quit_urls)
-        kw: dict[str, Any] = {"resync": resync, "component": "runtime"}
-        if watch is not None:
-            kw["watch"] = watch
-        self.watcher = DirWatcher(health_dir, **kw)
+        self.watcher = record_watcher(health_dir, resync=resync, watch=watch, component="runtime")
         self.tracker = Tracker(health_dir)
         self.tombstone: Status | None = None
         self.quit_results: dict[str, int] = {"ok": 0, "failed": 0}
@@ -86,21 +78,21 @@ class ExitWith:
         """Metrics: how the directory is watched, and the quit POSTs."""
         return metrics.CallbackCollector(
             [
-                (
+                metrics.Family(
                     "gauge",
                     "exit_with_watch_mode",
                     "1 for how --exit-with watches the health directory (inotify or polling)",
                     ("mode",),
                     lambda: [((m,), float(self.watcher.mode == m)) for m in ("inotify", "polling")],
                 ),
-                (
+                metrics.Family(
                     "counter",
                     "exit_with_watch_fallbacks",
                     "times the --exit-with watcher fell back to polling",
                     (),
                     lambda: [((), float(self.watcher.fallbacks))],
                 ),
-                (
+                metrics.Family(
                     "counter",
                     "exit_with_quit_posts",
                     "quit POSTs sent to other sidecars, by result",

@@ -297,7 +297,7 @@ class Prober(NothingToDrain):
         return [
             metrics.CallbackCollector(
                 [
-                    (
+                    metrics.Family(
                         "counter",
                         "probe_results",
                         "probe attempts by probe and result",
@@ -308,14 +308,14 @@ class Prober(NothingToDrain):
                             for r, n in p.results.items()
                         ],
                     ),
-                    (
+                    metrics.Family(
                         "gauge",
                         "probe_passing",
                         "1 while the probe passes (after its thresholds)",
                         ("probe",),
                         lambda: [((p.target.label,), float(p.passing)) for p in self.probes],
                     ),
-                    (
+                    metrics.Family(
                         "gauge",
                         "record_phase",
                         "1 for the phase the prober last wrote",

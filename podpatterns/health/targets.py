@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Protocol
 from urllib.parse import parse_qs, urlsplit
 
-from podpatterns.commands import run_command
 from podpatterns.health.records import State, Tracker, check_name, exit_summary
 from podpatterns.options import parse_duration, parse_hostport
+from podpatterns.subproc import run_command
 
 ATTEMPT_TIMEOUT = 2.0
 """Longest single attempt (connect, HTTP request); the overall deadline still applies."""

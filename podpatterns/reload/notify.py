@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from podpatterns.commands import run_command
+from podpatterns.subproc import run_command
 
 
 class NotifyError(Exception):

@@ -19,20 +19,20 @@ from __future__ import annotations
 import asyncio
 import shlex
 import signal
-from collections.abc import AsyncGenerator, Callable, Sequence
+from collections.abc import Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from podpatterns import logs, metrics
-from podpatterns.commands import run_command
+from podpatterns.dirwatch import DirWatcher, WatchFactory
 from podpatterns.errors import ConfigError
-from podpatterns.health.watch import DirWatcher
 from podpatterns.options import Option, parse_choice, parse_duration, parse_path, parse_str
 from podpatterns.reload.notify import Exec, HttpPost, Notifier, NotifyError, SignalPid
 from podpatterns.reload.snapshot import Snapshot, SnapshotError, take
 from podpatterns.runtime import NothingToDrain
+from podpatterns.subproc import run_command
 
 
 def _argv(text: str) -> tuple[str, ...]:
@@ -202,18 +202,6 @@ class ReloadConfig:
         )
 
 
-def _watch_dirs(dirs: Sequence[Path]) -> Callable[[Path, float], AsyncGenerator[Any, None]]:
-    def factory(_path: Path, tick: float) -> AsyncGenerator[Any, None]:
-        import watchfiles  # on first use, as in podpatterns.health.watch
-
-        # No filter: a ..data swap shows up on hidden names; the hash decides.
-        return watchfiles.awatch(
-            *dirs, rust_timeout=max(1, int(tick * 1000)), yield_on_timeout=True, debounce=50
-        )
-
-    return factory
-
-
 class Reloader(NothingToDrain):
     """The ``reload`` component (see the module doc).
 
@@ -228,14 +216,12 @@ class Reloader(NothingToDrain):
         self,
         config: ReloadConfig,
         *,
-        watch: Callable[[Path, float], AsyncGenerator[Any, None]] | None = None,
+        watch: WatchFactory | None = None,
     ) -> None:
         self.config = config
+        # No filter: a ..data swap shows up on hidden names; the content hash decides.
         self.watcher = DirWatcher(
-            config.watch[0],
-            resync=config.resync,
-            watch=watch or _watch_dirs(config.watch),
-            component="reload",
+            config.watch, resync=config.resync, debounce_ms=50, watch=watch, component="reload"
         )
         self.current: Snapshot | None = None  # last version acted on (or the start)
         self.wanted: Snapshot | None = None  # newest version not yet delivered
@@ -400,7 +386,7 @@ class Reloader(NothingToDrain):
         return [
             metrics.CallbackCollector(
                 [
-                    (
+                    metrics.Family(
                         "counter",
                         "reload_events",
                         "reload steps: changes, notify_ok, notify_failed, validate_failed, "
@@ -408,14 +394,14 @@ class Reloader(NothingToDrain):
                         ("kind",),
                         lambda: [((k,), float(v)) for k, v in self.counts.items()],
                     ),
-                    (
+                    metrics.Family(
                         "gauge",
                         "reload_pending",
                         "1 while a changed version waits to be delivered",
                         (),
                         lambda: [((), float(self.wanted is not None))],
                     ),
-                    (
+                    metrics.Family(
                         "gauge",
                         "reload_watch_mode",
                         "1 for how reload watches its directories (inotify or polling)",
