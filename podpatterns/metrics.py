@@ -55,7 +55,10 @@ class Family(NamedTuple):
     @property
     def full_name(self) -> str:
         """The exposed name, ``podpatterns_<name>`` (plus ``_total`` for a counter)."""
-        return f"{NAMESPACE}_{self.name}" + ("_total" if self.kind == "counter" else "")
+        name = f"{NAMESPACE}_{self.name}"
+        if self.kind == "counter" and not name.endswith("_total"):
+            name += "_total"
+        return name
 
 
 def counter(name: str, help: str, get: Callable[[], float]) -> Family:

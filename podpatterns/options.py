@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, TypeVar
+from urllib.parse import urlsplit
 
 from podpatterns.errors import ConfigError
 
@@ -219,6 +220,21 @@ class HostPort:
         return is_loopback_host(self.host)
 
 
+def parse_loopback_url(text: str) -> str:
+    """Accept an ``http(s)://`` URL whose host is loopback (another container of the Pod).
+
+    Raises:
+        ValueError: not an http URL, or not a loopback host.
+    """
+    text = text.strip()
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("is not an HTTP URL (e.g. http://127.0.0.1:9091/quitquitquit)")
+    if not is_loopback_host(parts.hostname):
+        raise ValueError("is not a loopback URL (quit URLs must stay inside the Pod)")
+    return text
+
+
 def parse_hostport(text: str) -> HostPort:
     """Parse ``host:port`` or ``[v6]:port`` with a port in 1-65535."""
     text = text.strip()
@@ -385,6 +401,19 @@ def _closest(word: str, names: Iterable[str]) -> str | None:
 
     found = difflib.get_close_matches(word.replace("-", "_"), list(names), n=1)
     return found[0] if found else None
+
+
+def default_of(options: Iterable[Option[Any]], name: str) -> Any:
+    """The declared default of option ``name`` in ``options`` (config dataclasses take
+    their field defaults from here, so each default is written once).
+
+    Raises:
+        KeyError: no option of that name.
+    """
+    for opt in options:
+        if opt.name == name:
+            return opt.default
+    raise KeyError(name)
 
 
 def environ() -> Mapping[str, str]:

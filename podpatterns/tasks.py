@@ -39,15 +39,28 @@ class TaskSet:
         self.died: dict[str, str] = {}
         """Name of each task that died -> what it died of."""
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._may_return: set[asyncio.Task[Any]] = set()
         self._closing = False
         self._on_death = on_death
         self._log = logs.get(component)
 
-    def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
-        """Run ``coro`` as a task of this set; it is expected to run until cancelled."""
+    def spawn(
+        self, coro: Coroutine[Any, Any, Any], name: str, *, may_return: bool = False
+    ) -> asyncio.Task[Any]:
+        """Run ``coro`` as a task of this set.
+
+        Args:
+            coro: the loop.
+            name: its name in log events and :attr:`died`.
+            may_return: returning is a normal end (a one-shot task such as a shutdown
+                trigger); by default a task is meant to run until cancelled, and
+                returning is a death.
+        """
         task = asyncio.get_running_loop().create_task(coro, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._done)
+        if may_return:
+            self._may_return.add(task)
         return task
 
     def __len__(self) -> int:
@@ -60,9 +73,13 @@ class TaskSet:
 
     def _done(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
+        may_return = task in self._may_return
+        self._may_return.discard(task)
         if task.cancelled() or self._closing:
             return
         exc = task.exception()
+        if exc is None and may_return:
+            return
         name = task.get_name()
         self.died[name] = "returned" if exc is None else f"{type(exc).__name__}: {exc}"
         if exc is None:

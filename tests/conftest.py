@@ -15,7 +15,7 @@ import pytest
 
 from podpatterns.ambassador import Ambassador, RouteConfig
 from podpatterns.ambassador.config import UnixAddress
-from podpatterns.demo import echo
+from podpatterns.commands.demo import echo
 from podpatterns.options import HostPort
 from tests.proc import Proc
 

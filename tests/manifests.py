@@ -53,24 +53,14 @@ import kubernetes_validate
 import yaml
 
 import podpatterns
-from podpatterns.adapter import config as adapter_config
-from podpatterns.admin import AdminServer
-from podpatterns.ambassador import config as amb_config
-from podpatterns.ambassador.config import UnixAddress
-from podpatterns.cli import (
-    _health_options,
-    _reload_options,
-    _shared_options,
-    build_parser,
-)
+from podpatterns.ambassador.config import AmbassadorConfig, UnixAddress
+from podpatterns.cli import build_parser
+from podpatterns.commands import COMMANDS
 from podpatterns.errors import PodpatternsError
-from podpatterns.health.prober import ProberConfig
-from podpatterns.health.supervisor import RUN_OPTIONS, RunConfig
+from podpatterns.health.coordination import pod_runtime
 from podpatterns.health.targets import GrpcTarget, HttpTarget, ReadyTarget, TcpTarget
-from podpatterns.health.wait import WAIT_OPTIONS, WaitConfig
-from podpatterns.options import HostPort, resolve
-from podpatterns.reload import ReloadConfig
-from podpatterns.runtime import Runtime, RuntimeConfig
+from podpatterns.options import HostPort, parse_path, resolve
+from podpatterns.runtime import RuntimeConfig
 
 IMAGE_ENTRYPOINTS: dict[str, tuple[str, ...]] = {
     "podpatterns-ambassador": ("ambassador",),
@@ -192,54 +182,47 @@ def _parse(argv: list[str]) -> dict[str, Any]:
     return vars(ns)
 
 
-def _in_root(root: Path, value: Any) -> Any:
-    """Map the container's absolute paths into the scratch root."""
-    if isinstance(value, Path) and value.is_absolute():
-        return root / value.relative_to("/")
-    if isinstance(value, tuple) and value and all(isinstance(v, Path) for v in value):
-        return tuple(_in_root(root, v) for v in value)
-    return value
+def _in_root(root: Path, raw: Any) -> Any:
+    """A raw flag or environment value of a path option, moved into the scratch root."""
+    if isinstance(raw, list):
+        return [_in_root(root, r) for r in raw]
+    if isinstance(raw, str) and raw.startswith("/"):
+        return ",".join(str(root / p.lstrip("/")) for p in raw.split(","))
+    return raw
 
 
 def _configure(tool: str, flags: dict[str, Any], env: dict[str, str], root: Path) -> Invocation:
-    """Build the configuration the sub-command builds; raise what it would raise."""
+    """Build the configuration the sub-command builds (its public ``build``, as the
+    command line calls it); raise what it would raise."""
     if tool not in (*RUNTIME_TOOLS, "run", "wait"):
         raise ManifestError(f"`podpatterns {tool}` does not belong in a Pod")
     if flags.get("config"):
         raise ManifestError("--config: config files in manifests are not checked here")
     flags = {k: v for k, v in flags.items() if k != "command"}
-    command = tuple(flags.pop("argv", None) or ())
+    argv = tuple(flags.get("argv") or ())
+    command: tuple[str, ...] = ()
     if tool in ("run", "wait"):
         # `run` needs a command; `wait` may have none, but what it has follows `--`
-        if (tool == "run" or command) and (not command or command[0] != "--"):
+        if (tool == "run" or argv) and (not argv or argv[0] != "--"):
             raise ManifestError(f"{tool}: the command must follow `--`")
-        command = command[1:]
-    if tool == "ambassador":
-        amb = amb_config.build(flags, env, {}, "config file")
-        return Invocation(tool, amb.runtime, listens=tuple(r.listen for r in amb.routes))
+        command = argv[1:]
+    cmd = COMMANDS[tool]
+    # Paths are checked in the scratch copy of the container's file system.
+    paths = [o for o in cmd.options if o.parse is parse_path]
+    scratch_flags = {
+        k: _in_root(root, v) if any(o.name == k for o in paths) else v for k, v in flags.items()
+    }
+    scratch_env = {
+        k: _in_root(root, v) if any(o.env == k for o in paths) else v for k, v in env.items()
+    }
+    config = cmd.build(scratch_flags, scratch_env, {}, "config file")
+    values = resolve(cmd.options, flags, env, {})
+    runtime = RuntimeConfig.from_values(values) if tool in RUNTIME_TOOLS else None
+    if isinstance(config, AmbassadorConfig):
+        return Invocation(tool, runtime, values, listens=tuple(r.listen for r in config.routes))
     if tool == "adapter":
-        ad = adapter_config.build(flags, env, {}, "config file")
-        values = {"checkpoint_dir": ad.checkpoint_dir, "health_dir": ad.runtime.health_dir}
-        return Invocation(tool, ad.runtime, values, adapter_paths=ad.path)
-    if tool in ("health", "reload"):
-        options = _health_options() if tool == "health" else _reload_options()
-        values = resolve(options, flags, env, {})
-        runtime = RuntimeConfig.from_values(values)
-        scratch = {k: _in_root(root, v) for k, v in values.items()}
-        if tool == "health":
-            ProberConfig.from_values(scratch)
-        else:
-            ReloadConfig.from_values(scratch)
-        return Invocation(tool, runtime, values)
-    own = RUN_OPTIONS if tool == "run" else WAIT_OPTIONS
-    options = [*_shared_options("health_dir", "log_level", "log_format"), *own]
-    values = resolve(options, flags, env, {})
-    scratch = {k: _in_root(root, v) for k, v in values.items()}
-    if tool == "run":
-        RunConfig.from_values(scratch, command)
-    else:
-        WaitConfig.from_values(scratch)
-    return Invocation(tool, None, values, command=command)
+        return Invocation(tool, runtime, values, adapter_paths=values["path"])
+    return Invocation(tool, runtime, values, command=command)
 
 
 def invocations(argv: list[str], env: dict[str, str], root: Path) -> list[Invocation]:
@@ -384,7 +367,7 @@ def _probe_port(spec: dict[str, Any], port: Any) -> int | None:
 
 def _routes(runtime: RuntimeConfig) -> list[re.Pattern[str]]:
     """The GET paths the admin server of ``runtime`` serves, as patterns."""
-    admin = AdminServer(Runtime(runtime, []), HostPort("127.0.0.1", 0)).app()
+    admin = pod_runtime(runtime, []).admin_server(HostPort("127.0.0.1", 0)).app()
     patterns = []
     for route in admin.router.routes():
         if route.method in ("GET", "*") and route.resource is not None:

@@ -300,7 +300,7 @@ async def test_admin_refuses_quit_from_non_loopback_peer() -> None:
     """POST /quitquitquit from a non-loopback peer gets 403 and no shutdown."""
     from aiohttp.test_utils import make_mocked_request
 
-    from podpatterns.admin import AdminServer, is_loopback_peer
+    from podpatterns.runtime.admin import AdminServer, is_loopback_peer
     from podpatterns.options import HostPort
     from podpatterns.runtime import Runtime, RuntimeConfig
 

@@ -16,11 +16,12 @@ import aiohttp
 from aiohttp import web
 
 from podpatterns.health.aggregate import Aggregate
+from podpatterns.health.coordination import pod_runtime
 from podpatterns.health.prober import Prober, ProberConfig
 from podpatterns.health.records import Phase, Writer, read_record
 from podpatterns.health.targets import check_within, parse_target
 from podpatterns.options import HostPort
-from podpatterns.runtime import Runtime, RuntimeConfig
+from podpatterns.runtime import RuntimeConfig
 from tests.proc import Proc, run
 
 LOOP = "127.0.0.1"
@@ -174,7 +175,7 @@ async def test_endpoint_under_concurrent_probing(tmp_path: Path) -> None:
     writers = [Writer(tmp_path, n) for n in ("app", "db", "cache")]
     for w in writers:
         w.set_ready()
-    runtime = Runtime(RuntimeConfig(admin=HostPort(LOOP, 0), health_dir=tmp_path), [])
+    runtime = pod_runtime(RuntimeConfig(admin=HostPort(LOOP, 0), health_dir=tmp_path), [])
     await runtime.start()
     stop = threading.Event()
 

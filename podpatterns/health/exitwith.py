@@ -17,7 +17,6 @@ import asyncio
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import aiohttp
 
@@ -25,34 +24,26 @@ from podpatterns import logs, metrics
 from podpatterns.dirwatch import RESYNC_SECONDS, WatchFactory
 from podpatterns.health.records import State, Status, Tracker, exit_summary
 from podpatterns.health.watch import record_watcher, wait_status
-from podpatterns.options import is_loopback_host
+from podpatterns.options import parse_loopback_url
+from podpatterns.runtime import Shutdown
 
 QUIT_TIMEOUT = 2.0
 """Longest time one quit POST may take."""
 
 
-def parse_quit_url(text: str) -> str:
-    """Accept an ``http://`` URL whose host is loopback (a sidecar in the same Pod).
-
-    Raises:
-        ValueError: not an http URL, or not a loopback host.
-    """
-    text = text.strip()
-    parts = urlsplit(text)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError("is not an HTTP URL (e.g. http://127.0.0.1:9091/quitquitquit)")
-    if not is_loopback_host(parts.hostname):
-        raise ValueError("is not a loopback URL (quit URLs must stay inside the Pod)")
-    return text
+parse_quit_url = parse_loopback_url
+"""The ``--exit-with-quit`` URL rule (declared with the runtime options)."""
 
 
 class ExitWith:
-    """A runtime trigger: ``await exit_with()`` returns ``"exit-with:NAME"`` on the tombstone.
+    """A runtime trigger: ``await exit_with()`` returns ``Shutdown("exit-with:NAME",
+    exit_code)`` on the tombstone.
 
     Args:
         health_dir: the shared directory.
         name: the container whose tombstone ends this process.
         quit_urls: loopback URLs to POST before returning.
+        exit_code: the process exit code after this shutdown (``--exit-with-code``).
         resync: seconds between re-reads when no event arrives.
         watch: the watcher's event source (tests force polling with it).
     """
@@ -63,11 +54,13 @@ class ExitWith:
         name: str,
         *,
         quit_urls: Sequence[str] = (),
+        exit_code: int = 0,
         resync: float = RESYNC_SECONDS,
         watch: WatchFactory | None = None,
     ) -> None:
         self.name = name
         self.quit_urls = tuple(quit_urls)
+        self.exit_code = exit_code
         self.watcher = record_watcher(health_dir, resync=resync, watch=watch, component="runtime")
         self.tracker = Tracker(health_dir)
         self.tombstone: Status | None = None
@@ -102,7 +95,11 @@ class ExitWith:
             ]
         )
 
-    async def __call__(self) -> str:
+    def collectors(self) -> list[metrics.CallbackCollector]:
+        """The trigger's collectors, as a component lists its own."""
+        return [self.collector()]
+
+    async def __call__(self) -> Shutdown:
         """Wait for the tombstone, POST the quit URLs, return the shutdown reason."""
         path = self.tracker.health_dir / f"{self.name}.json"
         self._log.info("exit_with_watching", record=str(path))
@@ -126,7 +123,7 @@ class ExitWith:
         )
         if self.quit_urls:
             await self._quit_others()
-        return f"exit-with:{self.name}"
+        return Shutdown(f"exit-with:{self.name}", self.exit_code)
 
     async def _quit_others(self) -> None:
         timeout = aiohttp.ClientTimeout(total=QUIT_TIMEOUT)

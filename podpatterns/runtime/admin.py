@@ -8,31 +8,96 @@
 | ``GET /metrics`` | Prometheus text format |
 | ``POST /quitquitquit`` | starts a graceful shutdown; loopback peers only (403), POST only (405) |
 
-With ``--health-dir``, the Pod's health (:mod:`podpatterns.health.aggregate`) too:
+Given a :class:`PodView` (``--health-dir``; :mod:`podpatterns.health.aggregate` is the
+implementation), the Pod's health too:
 
 | path | answer |
 |------|--------|
 | ``GET /livez/NAME``, ``/readyz/NAME``, ``/startupz/NAME`` | one container's record |
 | ``GET /pod/livez``, ``/pod/readyz``, ``/pod/startupz`` | every container's records |
 
-A component whose ``pod_probes`` attribute is true (``podpatterns health``) also answers
-``/livez``, ``/readyz`` and ``/startupz`` for the whole Pod (and itself); the names in a
-component's ``expected_containers`` count in the Pod's verdicts before their first record.
+With ``pod_probes`` (``podpatterns health``), ``/livez``, ``/readyz`` and ``/startupz``
+answer for the whole Pod (and this process) too.
+
+The server knows the runtime and the Pod only through the small Protocols below, so it
+imports nothing of the runtime's lifecycle or of any feature.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 from aiohttp import web
+from prometheus_client import CollectorRegistry
 
 from podpatterns import logs, metrics
 from podpatterns.errors import BindError
 from podpatterns.options import HostPort, is_loopback_host
 
-if TYPE_CHECKING:
-    from podpatterns.health.aggregate import Aggregate
-    from podpatterns.runtime import Runtime
+
+class ComponentView(Protocol):
+    """What a probe body shows of one component."""
+
+    @property
+    def name(self) -> str:
+        """The component's name."""
+
+    def is_ready(self) -> bool:
+        """Whether it can serve now."""
+
+    def in_flight(self) -> int:
+        """Units of work open."""
+
+
+class Probes(Protocol):
+    """What the admin server reads of the runtime it serves."""
+
+    @property
+    def registry(self) -> CollectorRegistry:
+        """The metrics registry."""
+
+    @property
+    def components(self) -> Sequence[ComponentView]:
+        """The components, for the probe bodies."""
+
+    @property
+    def phase_name(self) -> str:
+        """The lifecycle phase (``ready``, ``draining``...)."""
+
+    def is_live(self) -> bool:
+        """``/livez``."""
+
+    def is_ready(self) -> bool:
+        """``/readyz``."""
+
+    def is_started(self) -> bool:
+        """``/startupz``."""
+
+    def request_shutdown(self, reason: str) -> None:
+        """Start a graceful shutdown (``/quitquitquit``)."""
+
+
+class PodView(Protocol):
+    """The Pod's health as the records in the shared directory tell it."""
+
+    async def start(self) -> None:
+        """Read once and keep following the directory."""
+
+    async def close(self) -> None:
+        """Stop following."""
+
+    def is_live(self) -> bool:
+        """False once following the directory failed for good (its task died)."""
+
+    def pod_ok(self, check: str) -> bool:
+        """The Pod's verdict for ``livez``, ``readyz`` or ``startupz``."""
+
+    def container_ok(self, check: str, name: str) -> bool:
+        """One container's verdict."""
+
+    def body(self, check: str, ok: bool, name: str | None = None) -> dict[str, Any]:
+        """The JSON body of a verdict."""
 
 
 def is_loopback_peer(remote: str | None) -> bool:
@@ -41,22 +106,29 @@ def is_loopback_peer(remote: str | None) -> bool:
 
 
 class AdminServer:
-    """Serve the admin endpoints of one :class:`~podpatterns.runtime.Runtime`."""
+    """Serve the admin endpoints of one :class:`~podpatterns.runtime.Runtime`.
 
-    def __init__(self, runtime: Runtime, bind: HostPort) -> None:
+    Args:
+        runtime: what the probes, ``/metrics`` and ``/quitquitquit`` act on.
+        bind: the address to listen on.
+        pod: the Pod's health records, for ``/pod/*`` and ``/{check}/NAME``.
+        pod_probes: the plain probes answer for the whole Pod too.
+    """
+
+    def __init__(
+        self,
+        runtime: Probes,
+        bind: HostPort,
+        *,
+        pod: PodView | None = None,
+        pod_probes: bool = False,
+    ) -> None:
         self._runtime = runtime
         self._bind = bind
         self._runner: web.AppRunner | None = None
         self.address: HostPort | None = None
-        self.aggregate: Aggregate | None = None
-        if runtime.config.health_dir is not None:
-            from podpatterns.health.aggregate import Aggregate
-
-            expected = {
-                name for c in runtime.components for name in getattr(c, "expected_containers", ())
-            }
-            self.aggregate = Aggregate(runtime.config.health_dir, expected=expected)
-        self._pod_probes = any(getattr(c, "pod_probes", False) for c in runtime.components)
+        self.pod = pod
+        self._pod_probes = pod_probes and pod is not None
         self._log = logs.get("admin")
         if not bind.is_loopback:
             self._log.info(
@@ -73,7 +145,7 @@ class AdminServer:
         app.router.add_get("/startupz", self._startupz)
         app.router.add_get("/metrics", self._metrics)
         app.router.add_route("*", "/quitquitquit", self._quit)
-        if self.aggregate is not None:
+        if self.pod is not None:
             for check in ("livez", "readyz", "startupz"):
                 app.router.add_get(f"/pod/{check}", self._pod_check)
                 app.router.add_get(f"/{check}/{{name}}", self._container_check)
@@ -85,8 +157,8 @@ class AdminServer:
         Raises:
             BindError: the address is in use or not permitted.
         """
-        if self.aggregate is not None:
-            await self.aggregate.start()
+        if self.pod is not None:
+            await self.pod.start()
         self._runner = web.AppRunner(self.app(), handle_signals=False, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self._bind.host, self._bind.port, backlog=128)
@@ -94,8 +166,8 @@ class AdminServer:
             await site.start()
         except OSError as exc:
             await self._runner.cleanup()
-            if self.aggregate is not None:
-                await self.aggregate.close()
+            if self.pod is not None:
+                await self.pod.close()
             raise BindError(f"--admin: cannot bind {self._bind}: {exc.strerror or exc}") from None
         server = site._server
         assert server is not None
@@ -108,20 +180,20 @@ class AdminServer:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
-        if self.aggregate is not None:
-            await self.aggregate.close()
+        if self.pod is not None:
+            await self.pod.close()
 
     def _probe(self, ok: bool, check: str) -> web.Response:
         rt = self._runtime
         pod: dict[str, Any] | None = None
-        if self._pod_probes and self.aggregate is not None:
-            pod_ok = self.aggregate.pod_ok(check)
-            pod = self.aggregate.body(check, pod_ok)
+        if self._pod_probes and self.pod is not None:
+            pod_ok = self.pod.pod_ok(check)
+            pod = self.pod.body(check, pod_ok)
             ok = ok and pod_ok
         body: dict[str, Any] = {
             "status": "ok" if ok else "unavailable",
             "check": check,
-            "phase": rt.phase.value,
+            "phase": rt.phase_name,
             "components": {
                 c.name: {"ready": c.is_ready(), "in_flight": c.in_flight()} for c in rt.components
             },
@@ -131,17 +203,17 @@ class AdminServer:
         return web.json_response(body, status=200 if ok else 503)
 
     async def _pod_check(self, request: web.Request) -> web.Response:
-        assert self.aggregate is not None
+        assert self.pod is not None
         check = request.path.rsplit("/", 1)[1]
-        ok = self.aggregate.pod_ok(check)
-        return web.json_response(self.aggregate.body(check, ok), status=200 if ok else 503)
+        ok = self.pod.pod_ok(check)
+        return web.json_response(self.pod.body(check, ok), status=200 if ok else 503)
 
     async def _container_check(self, request: web.Request) -> web.Response:
-        assert self.aggregate is not None
+        assert self.pod is not None
         check = request.path.split("/")[1]
         name = request.match_info["name"]
-        ok = self.aggregate.container_ok(check, name)
-        body = self.aggregate.body(check, ok, name)
+        ok = self.pod.container_ok(check, name)
+        body = self.pod.body(check, ok, name)
         return web.json_response(body, status=200 if ok else 503)
 
     async def _livez(self, request: web.Request) -> web.Response:

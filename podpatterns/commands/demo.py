@@ -18,6 +18,8 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +27,11 @@ import aiohttp
 
 from podpatterns import logs
 from podpatterns.ambassador import Ambassador, RouteConfig
-from podpatterns.health.exitwith import ExitWith
+from podpatterns.commands.common import Command, Flags
+from podpatterns.health.coordination import pod_runtime
 from podpatterns.health.records import Writer
-from podpatterns.options import HostPort
-from podpatterns.runtime import Runtime, RuntimeConfig
+from podpatterns.options import HostPort, Option, parse_int, resolve
+from podpatterns.runtime import RuntimeConfig
 
 LOOPBACK = "127.0.0.1"
 
@@ -97,8 +100,7 @@ async def demo(connections: int = 200, megabytes: int = 64) -> dict[str, Any]:
     health_dir = Path(tempfile.mkdtemp(prefix="podpatterns-demo-"))
     app = Writer(health_dir, "app")
     app.set_starting()
-    exit_with = ExitWith(health_dir, "app")
-    runtime = Runtime(
+    runtime = pod_runtime(
         RuntimeConfig(
             admin=HostPort(LOOPBACK, 0),
             drain_timeout=5.0,
@@ -107,7 +109,6 @@ async def demo(connections: int = 200, megabytes: int = 64) -> dict[str, Any]:
             exit_with="app",
         ),
         [amb],
-        triggers=[exit_with],
     )
     await runtime.start()
     port = amb.addresses[0].port  # type: ignore[union-attr]
@@ -185,6 +186,50 @@ async def _wait_status(session: aiohttp.ClientSession, url: str, want: int) -> i
     return status
 
 
+DEMO_OPTIONS: tuple[Option[Any], ...] = (
+    Option(
+        "connections",
+        parse_int(1, 100_000),
+        200,
+        "client connections to open",
+        metavar="N",
+        scope="demo",
+    ),
+    Option(
+        "megabytes",
+        parse_int(1, 4096),
+        64,
+        "bulk MiB to push each way",
+        metavar="MIB",
+        scope="demo",
+    ),
+)
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """What ``podpatterns demo`` pushes through the Pod."""
+
+    connections: int = DEMO_OPTIONS[0].default
+    megabytes: int = DEMO_OPTIONS[1].default
+
+
+def build(
+    flags: Flags, env: Mapping[str, str], file: Mapping[str, Any], file_label: str = ""
+) -> DemoConfig:
+    """The demo's config from flags and the environment.
+
+    Raises:
+        ConfigError: a count out of range (naming the flag and the value).
+    """
+    return DemoConfig(**resolve(DEMO_OPTIONS, flags, env, file, file_label))
+
+
+def main(config: DemoConfig) -> int:
+    """Run the demo; 0 when everything it checks held."""
+    return run_demo(config.connections, config.megabytes)
+
+
 def run_demo(connections: int = 200, megabytes: int = 64) -> int:
     """Run :func:`demo` on uvloop when available and print the summary; exit code."""
     logs.configure("warning", "auto")
@@ -238,3 +283,14 @@ def run_demo(connections: int = 200, megabytes: int = 64) -> int:
     ok = ok and r["app_readyz_ready"] == 200 and r["shutdown_reason"] == "exit-with:app"
     ok = ok and a["distinct"] == a["written"] and a["parse_errors"] == 0
     return 0 if ok else 1
+
+
+COMMAND = Command(
+    name="demo",
+    help="run a small Pod on loopback and print what happened",
+    description="An embedded upstream, the ambassador in front of it and a client "
+    "pushing traffic through, then a graceful shutdown.",
+    options=DEMO_OPTIONS,
+    build=build,
+    main=main,
+)

@@ -21,153 +21,31 @@ import enum
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry
 
 from podpatterns import logs, metrics
-from podpatterns.errors import ConfigError
-from podpatterns.options import (
-    HostPort,
-    Option,
-    parse_bind,
-    parse_choice,
-    parse_duration,
-    parse_int,
-    parse_path,
-    parse_str,
-)
-
-
-def _parse_quit_url(text: str) -> str:
-    from podpatterns.health.exitwith import parse_quit_url
-
-    return parse_quit_url(text)
-
-
-def parse_admin(text: str) -> HostPort | None:
-    """Parse the admin address; ``off`` disables the admin server."""
-    return None if text.strip().lower() == "off" else parse_bind(text)
-
-
-RUNTIME_OPTIONS: tuple[Option[Any], ...] = (
-    Option(
-        "config", parse_path, None, "YAML config file (keys are the option names)", metavar="FILE"
-    ),
-    # The kubelet probes the Pod IP, so the probes cannot be loopback-only by default;
-    # /quitquitquit checks its peer and stays loopback-only whatever the bind address.
-    Option(
-        "admin",
-        parse_admin,
-        HostPort("0.0.0.0", 9901),
-        "admin HTTP server (probes, /metrics, loopback-only /quitquitquit); 'off' disables it",
-        metavar="HOST:PORT",
-    ),
-    Option(
-        "drain_timeout",
-        parse_duration,
-        30.0,
-        "longest time in-flight work may take to finish after shutdown starts",
-        metavar="DURATION",
-    ),
-    Option(
-        "shutdown_delay",
-        parse_duration,
-        2.0,
-        "after SIGTERM, keep accepting new work this long (readiness is already 503)",
-        metavar="DURATION",
-    ),
-    Option("log_level", parse_choice(*logs.LEVELS), "info", "minimum log level", metavar="LEVEL"),
-    Option(
-        "log_format",
-        parse_choice("auto", "json", "console"),
-        "auto",
-        "log format on stderr; auto is console on a terminal, JSON otherwise",
-        metavar="FORMAT",
-    ),
-    Option(
-        "loop",
-        parse_choice("auto", "uvloop", "asyncio"),
-        "auto",
-        "event loop implementation; auto uses uvloop when installed",
-        metavar="LOOP",
-    ),
-    Option(
-        "health_dir",
-        parse_path,
-        None,
-        "shared directory of health records (used with --exit-with)",
-        metavar="DIR",
-    ),
-    Option(
-        "exit_with",
-        parse_str,
-        None,
-        "drain and exit when this container's tombstone appears in --health-dir",
-        metavar="NAME",
-    ),
-    Option(
-        "exit_with_code",
-        parse_int(0, 255),
-        0,
-        "exit code after an --exit-with shutdown",
-        metavar="CODE",
-    ),
-    Option(
-        "exit_with_quit",
-        _parse_quit_url,
-        (),
-        "loopback URL of another sidecar to POST before an --exit-with shutdown "
-        "(e.g. http://127.0.0.1:9091/quitquitquit)",
-        multiple=True,
-        metavar="URL",
-    ),
-)
+from podpatterns.options import HostPort
+from podpatterns.runtime.admin import AdminServer, PodView
+from podpatterns.runtime.config import RuntimeConfig
+from podpatterns.tasks import TaskSet
 
 
 @dataclass(frozen=True)
-class RuntimeConfig:
-    """Settings every component shares. Validated on construction.
+class Shutdown:
+    """Why a runtime shut down, and the exit code the process should end with.
 
     Attributes:
-        admin: where the admin server binds, or ``None`` for no admin server.
-        drain_timeout: seconds in-flight work may take after accepting stops.
-        shutdown_delay: seconds new work is still accepted after shutdown starts.
-        log_level: minimum log level (CLI only).
-        log_format: ``auto``, ``json`` or ``console`` (CLI only).
-        loop: ``auto``, ``uvloop`` or ``asyncio`` (CLI only).
-        health_dir: the shared health-record directory.
-        exit_with: name of the container whose tombstone ends this process.
-        exit_with_code: the exit code after an ``exit_with`` shutdown.
-        exit_with_quit: loopback URLs POSTed before an ``exit_with`` shutdown.
+        reason: what asked for it (``SIGTERM``, ``quitquitquit``, ``exit-with:NAME``...).
+        exit_code: the process exit code for this reason (0 for a graceful stop).
     """
 
-    admin: HostPort | None = None
-    drain_timeout: float = 30.0
-    shutdown_delay: float = 0.0
-    log_level: str = "info"
-    log_format: str = "auto"
-    loop: str = "auto"
-    health_dir: Path | None = None
-    exit_with: str | None = None
-    exit_with_code: int = 0
-    exit_with_quit: tuple[str, ...] = ()
+    reason: str
+    exit_code: int = 0
 
-    def __post_init__(self) -> None:
-        if self.drain_timeout < 0:
-            raise ConfigError(f"--drain-timeout: {self.drain_timeout!r} must be >= 0")
-        if self.shutdown_delay < 0:
-            raise ConfigError(f"--shutdown-delay: {self.shutdown_delay!r} must be >= 0")
-        if self.exit_with and self.health_dir is None:
-            raise ConfigError(f"--exit-with: {self.exit_with!r} needs --health-dir DIR")
-        if self.exit_with_quit and not self.exit_with:
-            raise ConfigError("--exit-with-quit: needs --exit-with NAME")
-
-    @classmethod
-    def from_values(cls, values: dict[str, Any]) -> RuntimeConfig:
-        """Build from resolved option values (see :func:`podpatterns.options.resolve`)."""
-        return cls(**{k: values[k] for k in cls.__dataclass_fields__ if k in values})
+    def __str__(self) -> str:
+        return self.reason
 
 
 class Component(Protocol):
@@ -195,6 +73,10 @@ class Component(Protocol):
 
     async def close(self) -> None:
         """Release every resource; called once, last."""
+
+    def is_live(self) -> bool:
+        """False once something the component cannot recover from happened (a background
+        task died); ``/livez`` turns 503 and the kubelet restarts the container."""
 
     def collectors(self) -> Sequence[Any]:
         """Prometheus collectors to register in the runtime's registry."""
@@ -226,8 +108,9 @@ class Phase(enum.Enum):
     STOPPED = "stopped"
 
 
-Trigger = Callable[[], Awaitable[str]]
-"""An awaitable that returns (with a reason) when the runtime should shut down."""
+Trigger = Callable[[], Awaitable[str | Shutdown]]
+"""An awaitable that returns (with a reason, or a :class:`Shutdown` carrying an exit code)
+when the runtime should shut down."""
 
 
 class Runtime:
@@ -250,23 +133,28 @@ class Runtime:
         components: Sequence[Component],
         *,
         triggers: Sequence[Trigger] = (),
+        collectors: Sequence[Any] = (),
+        pod: PodView | None = None,
+        pod_probes: bool = False,
     ) -> None:
         self.config = config
         self.components = list(components)
         self.registry: CollectorRegistry = metrics.new_registry()
         self.phase = Phase.NEW
-        self.shutdown_reason: str | None = None
+        self.shutdown_request: Shutdown | None = None
         self.cut_total = 0
+        self.pod = pod
+        self.pod_probes = pod_probes
         self._triggers = list(triggers)
-        self._trigger_tasks: list[asyncio.Task[None]] = []
+        self._trigger_tasks = TaskSet("runtime")
         self._stop = asyncio.Event()
         self._ready = asyncio.Event()
         self._stopped = asyncio.Event()
-        self._admin: Any = None
+        self._admin: AdminServer | None = None
         self._started_at = time.monotonic()
         self._log = logs.get("runtime")
         self._phase_changes: dict[str, int] = {}
-        self.registry.register(
+        self.collectors: list[Any] = [
             metrics.CallbackCollector(
                 [
                     metrics.Family(
@@ -276,19 +164,19 @@ class Runtime:
                         ("phase",),
                         lambda: [((p.value,), float(p is self.phase)) for p in Phase],
                     ),
-                    metrics.Family(
-                        "counter",
-                        "drain_cut_total",
+                    metrics.counter(
+                        "drain_cut",
                         "units of work cut at the drain deadline",
-                        (),
-                        lambda: [((), self.cut_total)],
+                        lambda: self.cut_total,
                     ),
                 ]
-            )
-        )
-        for comp in self.components:
-            for collector in comp.collectors():
-                self.registry.register(collector)
+            ),
+            *(c for comp in self.components for c in comp.collectors()),
+            *collectors,
+        ]
+        """Every collector registered in :attr:`registry` (besides the process metrics)."""
+        for collector in self.collectors:
+            self.registry.register(collector)
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -296,6 +184,11 @@ class Runtime:
     def admin_address(self) -> HostPort | None:
         """The bound admin address (with the real port when 0 was asked), or None."""
         return None if self._admin is None else self._admin.address
+
+    def admin_server(self, bind: HostPort) -> AdminServer:
+        """The admin server of this runtime on ``bind`` (:meth:`start` makes and starts
+        one when ``config.admin`` is set; a test or a program can serve its app)."""
+        return AdminServer(self, bind, pod=self.pod, pod_probes=self.pod_probes)
 
     async def start(self) -> None:
         """Start every component, then the admin server; ready once all are bound.
@@ -312,9 +205,7 @@ class Runtime:
                 await comp.start()
                 started.append(comp)
             if self.config.admin is not None:
-                from podpatterns.admin import AdminServer
-
-                self._admin = AdminServer(self, self.config.admin)
+                self._admin = self.admin_server(self.config.admin)
                 await self._admin.start()
         except BaseException:
             for comp in reversed(started):
@@ -323,8 +214,8 @@ class Runtime:
             self._stopped.set()
             self._ready.set()  # wake waiters: start is over, even though it failed
             raise
-        for trigger in self._triggers:
-            self._trigger_tasks.append(asyncio.create_task(self._watch_trigger(trigger)))
+        for n, trigger in enumerate(self._triggers):
+            self._trigger_tasks.spawn(self._watch_trigger(trigger), f"trigger-{n}", may_return=True)
         self._set_phase(Phase.READY)
         self._ready.set()
 
@@ -333,15 +224,27 @@ class Runtime:
         await self._ready.wait()
 
     async def _watch_trigger(self, trigger: Trigger) -> None:
-        reason = await trigger()
-        self.request_shutdown(reason)
+        self.request_shutdown(await trigger())
 
-    def request_shutdown(self, reason: str = "requested") -> None:
-        """Ask for a graceful shutdown; idempotent and safe from signal handlers."""
+    @property
+    def shutdown_reason(self) -> str | None:
+        """The reason of the requested shutdown as text, or ``None`` while none was."""
+        return None if self.shutdown_request is None else self.shutdown_request.reason
+
+    def request_shutdown(self, reason: str | Shutdown = "requested") -> None:
+        """Ask for a graceful shutdown; idempotent and safe from signal handlers.
+
+        Args:
+            reason: a text (exit code 0) or a :class:`Shutdown` with its exit code.
+        """
         if self._stop.is_set():
             return
-        self.shutdown_reason = reason
-        self._log.info("shutdown_requested", reason=reason)
+        self.shutdown_request = reason if isinstance(reason, Shutdown) else Shutdown(reason)
+        self._log.info(
+            "shutdown_requested",
+            reason=self.shutdown_request.reason,
+            exit_code=self.shutdown_request.exit_code,
+        )
         self._stop.set()
 
     async def wait_stop_requested(self) -> None:
@@ -359,10 +262,9 @@ class Runtime:
         if self.phase in (Phase.DRAINING, Phase.STOPPED):
             await self._stopped.wait()
             return
-        self.request_shutdown(self.shutdown_reason or "shutdown")
+        self.request_shutdown(self.shutdown_request or "shutdown")
         self._set_phase(Phase.DRAINING)
-        for task in self._trigger_tasks:
-            task.cancel()
+        self._trigger_tasks.cancel()
         if self.config.shutdown_delay > 0:
             await asyncio.sleep(self.config.shutdown_delay)
         for comp in self.components:
@@ -383,15 +285,25 @@ class Runtime:
             await comp.close()
         if self._admin is not None:
             await self._admin.close()
-        await asyncio.gather(*self._trigger_tasks, return_exceptions=True)
+        await self._trigger_tasks.aclose()
         self._set_phase(Phase.STOPPED)
         self._stopped.set()
 
     # -- probes -----------------------------------------------------------------------
 
     def is_live(self) -> bool:
-        """Liveness: the process answers and has not stopped."""
-        return self.phase is not Phase.STOPPED
+        """Liveness: not stopped, no trigger died, and every component is live."""
+        return (
+            self.phase is not Phase.STOPPED
+            and self._trigger_tasks.healthy
+            and (self.pod is None or self.pod.is_live())
+            and all(c.is_live() for c in self.components)
+        )
+
+    @property
+    def phase_name(self) -> str:
+        """The lifecycle phase as text (for probe bodies)."""
+        return self.phase.value
 
     def is_started(self) -> bool:
         """Startup: every component has bound."""
