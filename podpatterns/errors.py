@@ -1,6 +1,8 @@
 """Errors that map to documented exit codes (:data:`EXIT_MEANINGS`).
 
-Library code raises these; only :mod:`podpatterns.cli` turns them into exit codes.
+Library code raises these; only the command line turns them into exit codes
+(:mod:`podpatterns.cli`, and :mod:`podpatterns.runtime.process` for a runtime that fails
+to start).
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ ends writes the tombstone and reports the exit code the shell would: the child's
 or 128 + the signal that killed it (never -1, never a generic 1).
 
 This module holds the mechanics (spawn, forward, reap, records). The signal *mask and
-wait loop* that feeds it lives on the CLI side (:func:`podpatterns.cli._run_run`): it
+wait loop* that feeds it lives on the CLI side (:mod:`podpatterns.commands.run`): it
 blocks every forwarded signal before anything else, so a signal that arrives before the
 child exists stays pending and still ends in a tombstone, and none is lost to a handler
 race. See docs/health.md#run.
@@ -143,9 +143,9 @@ class RunConfig:
             health_dir=Path(values["health_dir"]),
             name=values["name"],
             command=command,
-            ready_probe=values.get("ready_probe"),
-            heartbeat=values.get("heartbeat", 5.0),
-            signal_target=values.get("signal_target", "group"),
+            ready_probe=values["ready_probe"],
+            heartbeat=values["heartbeat"],
+            signal_target=values["signal_target"],
         )
 
 

@@ -4,7 +4,7 @@ Every target is checked at once and then with its own backoff, all in parallel. 
 anything still blocks, a progress event names each blocking target and why. A
 ``ready:NAME`` target whose peer has written its tombstone fails the whole wait at once
 (:class:`~podpatterns.errors.PeerExitedError`): it will not become ready. The CLI
-``exec``s the command after a successful wait (see :func:`podpatterns.cli._run_wait`).
+``exec``s the command after a successful wait (see :mod:`podpatterns.commands.wait`).
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ class WaitConfig:
         """Build from resolved options; ``ready:`` targets need ``--health-dir``."""
         health_dir: Path | None = values.get("health_dir")
         targets = []
-        for target in values.get("for", ()):
+        for target in values["for"]:
             if isinstance(target, ReadyTarget):
                 if health_dir is None:
                     raise ConfigError(f"--for: {target.label!r} needs --health-dir DIR")
@@ -94,8 +94,8 @@ class WaitConfig:
             targets.append(target)
         return cls(
             targets=tuple(targets),
-            timeout=values.get("timeout", 60.0),
-            progress_interval=values.get("progress_interval", 5.0),
+            timeout=values["timeout"],
+            progress_interval=values["progress_interval"],
         )
 
 
