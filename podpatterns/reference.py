@@ -263,6 +263,29 @@ def events_table() -> str:
     return "\n".join(rows) + "\n"
 
 
+def commands_table() -> str:
+    """A Markdown table of the subcommands, from :data:`podpatterns.commands.COMMANDS`."""
+    from podpatterns.commands import COMMANDS
+    from podpatterns.runtime import RUNTIME_OPTIONS
+
+    runtime = {o.name for o in RUNTIME_OPTIONS}
+    rows = ["| command | what it does | options |", "|---------|--------------|---------|"]
+    for c in COMMANDS.values():
+        names = {o.name for o in c.options}
+        shared = (
+            "every runtime option"
+            if runtime <= names
+            else ", ".join(_code(o.cli) for o in c.options if o.name in runtime)
+        )
+        own = len([o for o in c.options if o.name not in runtime])
+        usage = f"podpatterns {c.name} [OPTIONS]" + (" -- CMD [ARGS...]" if c.takes_command else "")
+        rows.append(
+            f"| {_code(usage)} | {_cell(c.help)} | {own} of its own; "
+            f"{shared or 'no runtime option'} |"
+        )
+    return "\n".join(rows) + "\n"
+
+
 def option_sections() -> dict[str, tuple[Option[Any], ...]]:
     """The option tables the docs show, by the name used in their page markers."""
     from podpatterns.adapter.config import INPUT_OPTIONS, PROCESS_OPTIONS, SINK_OPTIONS
@@ -336,6 +359,10 @@ def render() -> str:
         "[runtime.md](runtime.md#configuration).\n",
         "Every option is a flag, an environment variable and a key of the YAML file "
         "given with `--config`. Precedence: flags > environment > file > defaults.\n",
+        "## Commands\n",
+        "The subcommands of `podpatterns`, from the table the command line is built from "
+        "(`podpatterns/commands/`).\n",
+        commands_table(),
         "## Runtime options\n",
         "Shared by every component: `podpatterns ambassador` and `podpatterns adapter`.\n",
         option_table(sections["runtime"]),
