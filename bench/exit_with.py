@@ -33,7 +33,7 @@ from podpatterns.health.exitwith import ExitWith
 from podpatterns.health.records import Writer
 
 
-async def _no_inotify(path: Path, tick: float) -> AsyncGenerator[Any, None]:
+async def _no_inotify(path: tuple[Path, ...], tick: float) -> AsyncGenerator[Any, None]:
     raise OSError(24, "forced polling")
     yield  # pragma: no cover - makes this an async generator
 

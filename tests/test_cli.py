@@ -300,9 +300,9 @@ async def test_admin_refuses_quit_from_non_loopback_peer() -> None:
     """POST /quitquitquit from a non-loopback peer gets 403 and no shutdown."""
     from aiohttp.test_utils import make_mocked_request
 
-    from podpatterns.runtime.admin import AdminServer, is_loopback_peer
     from podpatterns.options import HostPort
     from podpatterns.runtime import Runtime, RuntimeConfig
+    from podpatterns.runtime.admin import AdminServer, is_loopback_peer
 
     assert is_loopback_peer("127.0.0.5") and is_loopback_peer("::1")
     assert is_loopback_peer("::ffff:127.0.0.1")

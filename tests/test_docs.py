@@ -4,7 +4,9 @@ Every fenced ```` ```python ```` block in ``README.md`` and ``docs/*.md`` is a c
 program and is run here in a fresh interpreter, with warnings as errors and asyncio's
 debug mode. A block that must not run (none today) is preceded by the line
 ``<!-- docs-test: skip -->``. Examples bind to port 0 on loopback and finish in well
-under a second.
+under a second. Every block (skipped ones too: typing is not running) is also checked
+with ``mypy --strict``, as a user's own code would be: one mypy run over all pages, one
+test per page, each error reported at its line in the page.
 
 Every ```` ```yaml ```` block is checked too: a Kubernetes manifest's podpatterns
 command lines, probes, records, volumes and ports (``tests/manifests.py``), or else a
@@ -20,10 +22,12 @@ from __future__ import annotations
 
 import re
 import textwrap
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from mypy import api as mypy_api
 
 from podpatterns import reference
 from podpatterns.adapter import config as adapter_config
@@ -217,6 +221,80 @@ def test_python_example_runs(block: Block, tmp_path: Path) -> None:
     assert proc.returncode == 0, f"{block.id} exited {proc.returncode}\n{output}"
     for sign in ("Traceback", "Exception ignored", "was never awaited", "Unclosed"):
         assert sign not in proc.stderr, f"{block.id}: {sign!r} on stderr\n{output}"
+
+
+def type_errors(blocks: Sequence[Block], workdir: Path) -> dict[Path, list[str]]:
+    """Run ``mypy --strict`` once over ``blocks``; its errors by page, as ``file:line: ...``.
+
+    Each block is its own module (a complete program); no project configuration is read,
+    so the examples are checked the way a user's code would be. A mypy failure that is
+    not about a block (a crash, a bad option) is raised.
+    """
+    workdir.mkdir(parents=True, exist_ok=True)
+    config = workdir / "mypy.ini"
+    config.write_text("[mypy]\n")
+    modules: dict[str, Block] = {}
+    for n, block in enumerate(blocks):
+        module = workdir / f"block_{n}_{block.path.stem.replace('-', '_')}_{block.line}.py"
+        module.write_text(block.code)
+        modules[module.name] = block
+    stdout, stderr, status = mypy_api.run(
+        [
+            "--strict",
+            "--config-file",
+            str(config),
+            "--cache-dir",
+            str(workdir / ".mypy_cache"),
+            "--no-error-summary",
+            "--show-error-codes",
+            *(str(workdir / name) for name in modules),
+        ]
+    )
+    errors: dict[Path, list[str]] = {}
+    for line in stdout.splitlines():
+        m = re.match(r"^(?:.*/)?(?P<module>block_[^/:]+\.py):(?P<line>\d+): (?P<text>.*)$", line)
+        assert m is not None, f"mypy said something not about a block:\n{stdout}{stderr}"
+        block = modules[m["module"]]
+        shown = block.path.relative_to(ROOT) if block.path.is_relative_to(ROOT) else block.path
+        where = f"{shown}:{block.line + int(m['line'])}"
+        errors.setdefault(block.path, []).append(f"{where}: {m['text']}")
+    assert status == (1 if errors else 0), f"mypy exited {status}\n{stdout}{stderr}"
+    return errors
+
+
+# Pages (and included files) with Python examples, each checked as the user's code.
+TYPED_PAGES = sorted({b.path for b in BLOCKS})
+
+
+@pytest.fixture(scope="module")
+def docs_type_errors(tmp_path_factory: pytest.TempPathFactory) -> dict[Path, list[str]]:
+    """The type errors of every Python example, by page (one mypy run for all)."""
+    return type_errors(BLOCKS, tmp_path_factory.mktemp("mypy-docs"))
+
+
+def test_typed_pages_include_the_library_guides() -> None:
+    """The library and health guides are among the type-checked pages."""
+    assert {DOCS / "library.md", DOCS / "health.md"} <= set(TYPED_PAGES)
+
+
+@pytest.mark.parametrize("page", TYPED_PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_python_examples_type_check(page: Path, docs_type_errors: dict[Path, list[str]]) -> None:
+    """The page's Python examples pass `mypy --strict` as a user's code would."""
+    assert not docs_type_errors.get(page), "\n".join(docs_type_errors[page])
+
+
+def test_a_type_error_in_an_example_is_reported(tmp_path: Path) -> None:
+    """A block with a type error fails the check, at its line in the page."""
+    page = tmp_path / "page.md"
+    page.write_text(
+        "# Page\n\n```python\nfrom podpatterns.options import HostPort\n\n"
+        "port: str = HostPort('127.0.0.1', 0).port\n```\n\n"
+        "```python\nprint('fine')\n```\n"
+    )
+    errors = type_errors(fenced_blocks(page, "python"), tmp_path / "mypy")
+    (problem,) = errors[page]
+    assert problem.startswith(f"{page}:6: error: Incompatible types in assignment")
+    assert "[assignment]" in problem
 
 
 def test_included_manifests_are_checked() -> None:

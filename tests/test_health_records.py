@@ -17,6 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from podpatterns.dirwatch import DirWatcher
 from podpatterns.health import records
 from podpatterns.health.records import (
     Check,
@@ -29,7 +30,7 @@ from podpatterns.health.records import (
     read_record,
     write_atomic,
 )
-from podpatterns.health.watch import DirWatcher, wait_exited, wait_ready, wait_status
+from podpatterns.health.watch import wait_exited, wait_ready, wait_status
 
 ROOT = Path(__file__).resolve().parents[1]
 

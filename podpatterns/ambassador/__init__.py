@@ -8,7 +8,7 @@ Use from Python::
     amb = Ambassador([RouteConfig(listen=HostPort("127.0.0.1", 0),
                                   upstream=(HostPort("db.example.com", 5432),))])
     await amb.start()
-    print(amb.addresses)          # the bound listen addresses
+    print(amb.tcp_address())      # the bound HostPort (the real port when 0 was asked)
     ...
     await amb.close()
 
@@ -35,6 +35,7 @@ from podpatterns.ambassador.config import (
 from podpatterns.ambassador.route import Route
 from podpatterns.ambassador.upstreams import Resolver, system_resolver
 from podpatterns.metrics import NAMESPACE, CallbackCollector, Family, Sample
+from podpatterns.options import HostPort
 
 __all__ = [
     "AMBASSADOR_OPTIONS",
@@ -88,8 +89,46 @@ class Ambassador:
 
     @property
     def addresses(self) -> list[ListenAddress]:
-        """The bound listen address of each route (real ports when 0 was asked)."""
+        """The bound listen address of each route (real ports when 0 was asked).
+
+        Each is a :class:`~podpatterns.options.HostPort` or a :class:`UnixAddress`; use
+        :meth:`tcp_address` for a route known to listen on TCP.
+        """
         return [r.listener.address for r in self.routes if r.listener is not None]
+
+    def tcp_address(self, route: str | None = None) -> HostPort:
+        """The bound TCP address of one route, with the real port when 0 was asked.
+
+        Args:
+            route: the route's ``name``; may be left out when there is only one route.
+
+        Returns:
+            The address clients connect to.
+
+        Raises:
+            LookupError: not exactly one route has that name (or ``route`` was left out
+                and there are several).
+            RuntimeError: the route has not been bound (before :meth:`start`), or it
+                listens on a unix socket.
+        """
+        if route is None:
+            if len(self.routes) != 1:
+                names = ", ".join(r.cfg.name for r in self.routes)
+                raise LookupError(f"tcp_address(): name one of the routes ({names})")
+            (found,) = self.routes
+        else:
+            matches = [r for r in self.routes if r.cfg.name == route]
+            if len(matches) != 1:
+                raise LookupError(f"tcp_address(): {len(matches)} routes named {route!r}")
+            (found,) = matches
+        if found.listener is None:
+            raise RuntimeError(f"tcp_address(): route {found.cfg.name!r} is not bound")
+        address = found.listener.address
+        if not isinstance(address, HostPort):
+            raise RuntimeError(
+                f"tcp_address(): route {found.cfg.name!r} listens on unix:{address.path}"
+            )
+        return address
 
     async def start(self) -> None:
         """Bind every route. Raises BindError; routes already bound are closed."""
@@ -105,6 +144,11 @@ class Ambassador:
         """Every route is bound, accepting and below its connection cap (and, with
         ``ready_requires_upstream``, has an endpoint up)."""
         return bool(self._started) and all(r.is_ready() for r in self.routes)
+
+    def is_live(self) -> bool:
+        """No background loop of any route has died (DNS refresh, active health checks,
+        TLS file watch, timeout sweep): each death is logged as ``task_died``."""
+        return all(r.is_live() for r in self.routes)
 
     def stop_accepting(self) -> None:
         """Close every listener; open connections go on."""

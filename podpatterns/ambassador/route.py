@@ -1,7 +1,11 @@
 """One route: a listener, its upstream pool, and the connections between them.
 
 Data flows one way: listener (accept) -> dial (upstream socket) -> relay (bytes) ->
-finish (accounting, access event). The route owns every task it starts.
+finish (accounting, access event). The route owns every task it starts: its background
+loops (DNS refresh, active health checks, TLS file watch, the timeout sweep) belong to a
+:class:`~podpatterns.tasks.TaskSet` that logs and remembers a loop that dies (see
+:meth:`Route.is_live`); the per-connection setup tasks are units of work whose expected
+errors end that connection only, and whose bugs are logged with their traceback.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import socket
 import ssl
 import time
 from collections import Counter
+from collections.abc import Coroutine
 from typing import Any
 
 from prometheus_client import Histogram
@@ -27,10 +32,13 @@ from podpatterns.ambassador.listener import Listener, bind
 from podpatterns.ambassador.relay import ProtocolRelay
 from podpatterns.ambassador.tls import TLSContextProvider
 from podpatterns.ambassador.upstreams import Endpoint, UpstreamPool, system_resolver
+from podpatterns.tasks import TaskSet
 
 # Which relay "--splice auto" picks for plaintext legs; set from bench/ambassador.py
 # measurements (docs/benchmarks.md).
 SPLICE_BY_DEFAULT = True
+
+HEALTH_LOOP = "health"  # the name of the active health checks' task, after the route's
 
 
 def peer_label(peer: Any) -> str:
@@ -101,7 +109,7 @@ class Route:
         self.connections: dict[Connection, None] = {}  # insertion-ordered set
         self._dialing: dict[Connection, tuple[Dialer, socket.socket]] = {}  # conn: dialer, csock
         self._connecting: set[asyncio.Task[None]] = set()  # protocol relays being attached
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks = TaskSet("ambassador", on_death=self._loop_died)
         self._drained = asyncio.Event()
         self._drained.set()
         self._stopping = False
@@ -132,23 +140,36 @@ class Route:
             relay="splice" if self.use_splice else "protocol",
             tls=self.cfg.upstream_tls,
         )
-        self._spawn(self.pool.refresh_loop())
-        if self.cfg.health_check_interval:
-            self._spawn(
-                self.pool.health_loop(self.cfg.health_check_interval, self.cfg.health_check_timeout)
-            )
-        if self.tls is not None:
-            self._spawn(self.tls.watch())
+        if self.pool.has_names():
+            self._spawn(self.pool.refresh_loop(), "refresh")
+        cfg = self.cfg
+        if cfg.health_check_interval:
+            checks = self.pool.health_loop(cfg.health_check_interval, cfg.health_check_timeout)
+            self._spawn(checks, HEALTH_LOOP)
+        if self.tls is not None and self.tls.watched_dirs():
+            self._spawn(self.tls.watch(), "tls_watch")
         timeouts = [
             t
             for t in (self.cfg.idle_timeout, self.cfg.half_close_timeout, self.cfg.max_lifetime)
             if t
         ]
         if timeouts:
-            self._spawn(self._sweep(max(0.05, min(1.0, min(timeouts) / 4))))
+            self._spawn(self._sweep(max(0.05, min(1.0, min(timeouts) / 4))), "sweep")
 
-    def _spawn(self, coro: Any) -> None:
-        self._tasks.append(asyncio.create_task(coro))
+    def _spawn(self, coro: Coroutine[Any, Any, None], loop_name: str) -> None:
+        self._tasks.spawn(coro, f"{self.cfg.name}/{loop_name}")
+
+    def _loop_died(self, task_name: str, exc: BaseException | None) -> None:
+        """A background loop died (already logged by the TaskSet).
+
+        Only the health loop's death changes what the route reports: its verdicts would
+        otherwise stay frozen, and ``ready_requires_upstream`` would keep trusting an
+        endpoint nobody checks any more. The endpoints go back to "no active verdict"
+        (routed on passive health alone, never proof of readiness), so such a route
+        turns unready, and :meth:`is_live` is False for every death.
+        """
+        if task_name == f"{self.cfg.name}/{HEALTH_LOOP}":
+            self.pool.forget_health()
 
     def stop_accepting(self) -> None:
         """Close the listener; open connections go on."""
@@ -187,11 +208,10 @@ class Route:
     async def close(self) -> None:
         """Stop everything this route started."""
         self.stop_accepting()
-        self._abort_all("closed")
-        tasks = [*self._tasks, *self._connecting]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        self._abort_all("closed")  # cancels the connection setups too
+        await self._tasks.aclose()
+        if self._connecting:
+            await asyncio.wait(list(self._connecting))
         if self._pipes is not None:
             self._pipes.close()
 
@@ -203,9 +223,16 @@ class Route:
         return bool(cap) and len(self.connections) >= cap
 
     def is_ready(self) -> bool:
+        """Bound, accepting, below the cap and, with ``ready_requires_upstream``, an
+        endpoint whose last active check passed (never after the health loop died: see
+        :meth:`_loop_died`)."""
         if self.listener is None or self._stopping or self.saturated():
             return False
         return not self.cfg.ready_requires_upstream or self.pool.any_healthy()
+
+    def is_live(self) -> bool:
+        """True while none of the route's background loops has died."""
+        return self._tasks.healthy
 
     # -- per connection ------------------------------------------------------------------
 
@@ -284,7 +311,7 @@ class Route:
         if not self.use_splice:
             task = self._loop.create_task(self._attach(conn, csock, usock, ep, peer))
             self._connecting.add(task)
-            task.add_done_callback(self._connecting.discard)
+            task.add_done_callback(functools.partial(self._attached, conn))
             return
         # No task: the splice relay starts here, inside the dialer's writability callback,
         # so its reader on usock reuses the dialer's poll handle (see Dialer).
@@ -374,6 +401,25 @@ class Route:
             return
         # connect time includes the TLS handshake: it is what the client waited for
         self._connect_seconds.observe(time.monotonic() - conn.started)
+
+    def _attached(self, conn: Connection, task: asyncio.Task[None]) -> None:
+        """An :meth:`_attach` task ended: a bug it re-raised is logged, never dropped.
+
+        The connection was already ended and counted by :meth:`_setup_failed`; only the
+        exception is left, and nobody awaits these tasks.
+        """
+        self._connecting.discard(task)
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            self._log.error(
+                "connection_setup_bug",
+                conn=conn.id,
+                client=conn.client,
+                error=str(exc) or type(exc).__name__,
+                exc_info=exc,
+            )
 
     def _connect_failed(self, ep: Endpoint, reason: str) -> None:
         self.stats.connect_failures[(str(ep), reason)] += 1

@@ -96,9 +96,17 @@ class TLSContextProvider:
         self._log.info("tls_reloaded", files=[str(p) for p in self._files()])
         return True
 
+    def watched_dirs(self) -> list[Path]:
+        """The directories :meth:`watch` watches (none without CA or client files)."""
+        return sorted({p.parent for p in self._files()})
+
     async def watch(self) -> None:
-        """Reload on file events in the files' directories and every ``recheck`` s."""
-        dirs = sorted({p.parent for p in self._files()})
+        """Reload on file events in the files' directories and every ``recheck`` s.
+
+        Runs until cancelled; returns at once when there is nothing to watch (see
+        :meth:`watched_dirs`).
+        """
+        dirs = self.watched_dirs()
         if not dirs:
             return
         watcher = DirWatcher(dirs, resync=self.recheck, debounce_ms=200, component="ambassador")

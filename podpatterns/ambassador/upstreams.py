@@ -118,6 +118,16 @@ class UpstreamPool:
         up = [e for e in eps if e.is_up(now)]
         return up + [e for e in eps if not e.is_up(now)] if len(up) < len(eps) else up
 
+    def has_names(self) -> bool:
+        """True when some endpoint is a DNS name (:meth:`refresh_loop` has work to do)."""
+        return any(not e.is_literal for e in self.endpoints)
+
+    def forget_health(self) -> None:
+        """Drop every active-check verdict (the checks stopped): endpoints are routed on
+        passive health alone and none counts for :meth:`any_healthy` any more."""
+        for ep in self.endpoints:
+            ep.healthy = None
+
     def any_healthy(self) -> bool:
         """True when at least one endpoint is up (for ``--ready-requires-upstream``).
 
@@ -187,7 +197,10 @@ class UpstreamPool:
             self._log.info("upstream_up", upstream=str(ep))
 
     async def refresh_loop(self) -> None:
-        """Re-resolve every name each ``dns_refresh`` seconds (runs until cancelled)."""
+        """Re-resolve every name each ``dns_refresh`` seconds (runs until cancelled).
+
+        Returns at once when every endpoint is an IP literal (see :meth:`has_names`).
+        """
         names = [e for e in self.endpoints if not e.is_literal]
         if not names:
             return
@@ -205,9 +218,15 @@ class UpstreamPool:
 
         Build the pool with ``active_checks=True`` when this runs: its endpoints then
         start unchecked (see :meth:`any_healthy`), and the first verdict is always logged.
+
+        A check that fails with anything but a network error or its timeout is a bug: it
+        cancels the round's other checks (so no verdict lands after the loop ended) and
+        ends the loop with it, for the owner to notice.
         """
         while True:
-            await asyncio.gather(*(self._check(ep, check_timeout) for ep in self.endpoints))
+            async with asyncio.TaskGroup() as round_:
+                for ep in self.endpoints:
+                    round_.create_task(self._check(ep, check_timeout))
             await asyncio.sleep(interval)
 
     async def _check(self, ep: Endpoint, check_timeout: float) -> None:

@@ -16,11 +16,15 @@ event), so a probe is answered from memory, far inside the kubelet's 1 s timeout
 
 The Pod's ``livez`` ignores exited containers: a Job's finished main container must not
 get its sidecar restarted by the kubelet.
+
+The loop that follows the directory belongs to a :class:`~podpatterns.tasks.TaskSet`. If
+it dies (a bug, logged as ``task_died``), the view is frozen: every verdict is then False
+(``livez`` too, so the kubelet restarts the container that serves them) rather than an
+answer from a past that no longer moves; :meth:`Aggregate.is_live` tells why.
 """
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Iterable
 from contextlib import aclosing
@@ -31,6 +35,7 @@ from podpatterns import logs
 from podpatterns.dirwatch import WatchFactory
 from podpatterns.health.records import State, Status, Tracker
 from podpatterns.health.watch import record_watcher
+from podpatterns.tasks import TaskSet
 
 CHECKS = ("livez", "readyz", "startupz")
 RESYNC_SECONDS = 0.5
@@ -61,7 +66,7 @@ class Aggregate:
         self.statuses: dict[str, Status] = {}
         self.refreshed_at = 0.0
         self._started: dict[str, str] = {}  # name -> instance seen ready
-        self._task: asyncio.Task[None] | None = None
+        self._tasks = TaskSet("health")
         self._log = logs.get("health")
 
     def refresh(self) -> None:
@@ -85,7 +90,7 @@ class Aggregate:
     async def start(self) -> None:
         """Read once, then keep the view fresh in a task (stopped by :meth:`close`)."""
         self.refresh()
-        self._task = asyncio.create_task(self._follow())
+        self._tasks.spawn(self._follow(), "health_follow")
 
     async def _follow(self) -> None:
         async with aclosing(self.watcher.wakeups()) as wakeups:
@@ -94,10 +99,16 @@ class Aggregate:
 
     async def close(self) -> None:
         """Stop following the directory."""
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
+        await self._tasks.aclose()
+
+    @property
+    def healthy(self) -> bool:
+        """The loop following the directory has not died."""
+        return self._tasks.healthy
+
+    def is_live(self) -> bool:
+        """True while the view keeps following the directory (see :attr:`healthy`)."""
+        return self._tasks.healthy
 
     def started(self, status: Status) -> bool:
         """True when the container has been ready in its current instance."""
@@ -105,9 +116,10 @@ class Aggregate:
         return rec is not None and self._started.get(status.name) == rec.instance
 
     def container_ok(self, check: str, name: str) -> bool:
-        """The verdict of ``check`` for one container (False when it has no record)."""
+        """The verdict of ``check`` for one container (False when it has no record, or
+        when the view stopped following the directory)."""
         status = self.statuses.get(name)
-        if status is None:
+        if status is None or not self._tasks.healthy:
             return False
         if check == "readyz":
             return status.ready
@@ -116,7 +128,10 @@ class Aggregate:
         return status.state not in (State.STALE, State.EXITED, State.MISSING)
 
     def pod_ok(self, check: str) -> bool:
-        """The verdict of ``check`` for the whole Pod."""
+        """The verdict of ``check`` for the whole Pod (False for every check once the view
+        stopped following the directory)."""
+        if not self._tasks.healthy:
+            return False
         if check == "livez":  # a container that has not started yet is not dead
             return all(s.state is not State.STALE for s in self.statuses.values())
         names = self.expected | self.statuses.keys()

@@ -9,8 +9,15 @@ probe passes; ``starting`` until that first happens; ``not_ready`` after. Every 
 rewrites the record (a heartbeat, with the interval as its promise), so a hung prober
 shows as a stale record.
 
-The admin server of ``podpatterns health`` answers the whole Pod's probes (its
-``pod_probes`` attribute; see :mod:`podpatterns.admin`).
+The admin server of ``podpatterns health`` answers the whole Pod's probes (the command
+builds its runtime with :func:`~podpatterns.health.coordination.pod_runtime`
+``pod_probes=True``). The runtime owns the Pod's
+:class:`~podpatterns.health.aggregate.Aggregate`, not the prober: its liveness is the
+aggregate's own :meth:`~podpatterns.health.aggregate.Aggregate.is_live`.
+
+The probing loop belongs to a :class:`~podpatterns.tasks.TaskSet`: if it dies (a bug), it
+is logged as ``task_died`` and :meth:`Prober.is_live` and :meth:`Prober.is_ready` turn
+False; the record, no longer rewritten, goes stale for its readers.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from podpatterns.health.records import Check, Phase, Writer
 from podpatterns.health.targets import ReadyTarget, Target, check_within, parse_target
 from podpatterns.options import Option, parse_duration, parse_int
 from podpatterns.runtime import NothingToDrain
+from podpatterns.tasks import TaskSet
 
 
 def _probe(text: str) -> Target:
@@ -151,13 +159,13 @@ class ProberConfig:
         return cls(
             health_dir=Path(values["health_dir"]),
             name=values["name"],
-            probes=tuple(values.get("probe", ())),
-            expect=tuple(values.get("expect", ())),
-            interval=values.get("probe_interval", 10.0),
-            timeout=values.get("probe_timeout", 1.0),
-            success_threshold=values.get("success_threshold", 1),
-            failure_threshold=values.get("failure_threshold", 3),
-            initial_delay=values.get("initial_delay", 0.0),
+            probes=tuple(values["probe"]),
+            expect=tuple(values["expect"]),
+            interval=values["probe_interval"],
+            timeout=values["probe_timeout"],
+            success_threshold=values["success_threshold"],
+            failure_threshold=values["failure_threshold"],
+            initial_delay=values["initial_delay"],
         )
 
 
@@ -175,14 +183,13 @@ class Prober(NothingToDrain):
     """The ``health`` component: probes, thresholds, the record. See the module doc."""
 
     name = "health"
-    pod_probes = True
 
     def __init__(self, config: ProberConfig) -> None:
         self.config = config
-        self.expected_containers = config.expect  # read by the admin server's Pod verdicts
         self.writer = Writer(config.health_dir, config.name, interval=config.interval)
         self.probes = [_ProbeState(t) for t in config.probes]
         self.rounds = 0
+        self._tasks = TaskSet("health")
         self._task: asyncio.Task[None] | None = None
         # A round's write runs in a thread that a cancel does not stop: this lock and
         # flag keep it from overwriting the "prober stopped" record.
@@ -203,7 +210,7 @@ class Prober(NothingToDrain):
                 f"--health-dir: cannot write {self.config.name}.json in "
                 f"{str(self.config.health_dir)!r}: {exc.strerror or exc}"
             ) from None
-        self._task = asyncio.create_task(self._run())
+        self._task = self._tasks.spawn(self._run(), "prober")
 
     async def _run(self) -> None:
         await asyncio.sleep(self.config.initial_delay)
@@ -272,13 +279,17 @@ class Prober(NothingToDrain):
     # -- Component protocol -----------------------------------------------------------
 
     def is_ready(self) -> bool:
-        """The prober can serve once it runs (the Pod's verdict is the admin server's)."""
+        """The prober can serve once it runs (the Pod's verdict is the admin server's);
+        False again once the probing loop has ended (stopped, or died)."""
         return self._task is not None and not self._task.done()
+
+    def is_live(self) -> bool:
+        """True while the probing loop has not died."""
+        return self._tasks.healthy
 
     def stop_accepting(self) -> None:
         """Stop probing; the record says the prober stopped (not that the app exited)."""
-        if self._task is not None:
-            self._task.cancel()
+        self._tasks.cancel()
         with self._write_lock:
             self._stopped = True
             try:
@@ -288,9 +299,7 @@ class Prober(NothingToDrain):
 
     async def close(self) -> None:
         """Stop the probe task."""
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        await self._tasks.aclose()
 
     def collectors(self) -> Sequence[Any]:
         """Probe results and the record's phase."""

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from podpatterns.atomicfile import replace_atomically
+from podpatterns.tasks import TaskSet
 
 SCHEMA_VERSION = 1
 """The version writers write. Readers accept any record whose major version they know."""
@@ -421,16 +422,26 @@ class Writer:
 
 
 class Heartbeat:
-    """``async with writer.heartbeating():`` — see :meth:`Writer.heartbeating`."""
+    """``async with writer.heartbeating():`` — see :meth:`Writer.heartbeating`.
+
+    The heartbeat task belongs to a :class:`~podpatterns.tasks.TaskSet`: if a write
+    fails (the directory went away, the disk is full), the error is logged as
+    ``task_died`` and :attr:`healthy` turns False, while readers see the record go stale.
+    """
 
     def __init__(self, writer: Writer, interval: float) -> None:
         self._writer = writer
         self._interval = interval
-        self._task: asyncio.Task[None] | None = None
+        self._tasks = TaskSet("health")
+
+    @property
+    def healthy(self) -> bool:
+        """The heartbeat task has not died."""
+        return self._tasks.healthy
 
     async def __aenter__(self) -> Writer:
         self._writer.heartbeat()
-        self._task = asyncio.create_task(self._beat())
+        self._tasks.spawn(self._beat(), "heartbeat")
         return self._writer
 
     async def _beat(self) -> None:
@@ -441,10 +452,7 @@ class Heartbeat:
             await asyncio.to_thread(self._writer.heartbeat)
 
     async def __aexit__(self, *exc: object) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
+        await self._tasks.aclose()
 
 
 # -- reading ------------------------------------------------------------------------------

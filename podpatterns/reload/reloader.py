@@ -12,6 +12,9 @@ Two tasks, so that a slow app never blocks watching:
   the retries replaces the one being retried.
 
 Readiness is false while a version could not be delivered; metrics count every step.
+Both loops belong to a :class:`~podpatterns.tasks.TaskSet`: if either dies (a bug), it is
+logged as ``task_died``, liveness turns false, and so does readiness, since changes are
+then neither noticed nor delivered.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from podpatterns.reload.notify import Exec, HttpPost, Notifier, NotifyError, Sig
 from podpatterns.reload.snapshot import Snapshot, SnapshotError, take
 from podpatterns.runtime import NothingToDrain
 from podpatterns.subproc import run_command
+from podpatterns.tasks import TaskSet
 
 
 def _argv(text: str) -> tuple[str, ...]:
@@ -192,13 +196,13 @@ class ReloadConfig:
         else:
             notifier = Exec(values["exec"])
         return cls(
-            watch=tuple(values.get("watch", ())),
+            watch=tuple(values["watch"]),
             notifier=notifier,
-            validate=values.get("validate"),
-            debounce=values.get("debounce", 0.5),
-            resync=values.get("resync", 10.0),
-            notify_timeout=values.get("notify_timeout", 10.0),
-            retry_max=values.get("retry_max", 30.0),
+            validate=values["validate"],
+            debounce=values["debounce"],
+            resync=values["resync"],
+            notify_timeout=values["notify_timeout"],
+            retry_max=values["retry_max"],
         )
 
 
@@ -236,7 +240,7 @@ class Reloader(NothingToDrain):
             "coalesced": 0,
         }
         self._wake = asyncio.Event()
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks = TaskSet("reload")
         self._log = logs.get("reload")
 
     async def start(self) -> None:
@@ -252,10 +256,8 @@ class Reloader(NothingToDrain):
             notify=self.config.notifier.label,
             version=self.current.short if self.current else None,
         )
-        self._tasks = [
-            asyncio.create_task(self._watch_loop()),
-            asyncio.create_task(self._notify_loop()),
-        ]
+        self._tasks.spawn(self._watch_loop(), "reload_watch")
+        self._tasks.spawn(self._notify_loop(), "reload_notify")
 
     async def _watch_loop(self) -> None:
         async with aclosing(self.watcher.wakeups()) as wakeups:
@@ -367,19 +369,21 @@ class Reloader(NothingToDrain):
     # -- Component protocol -----------------------------------------------------------
 
     def is_ready(self) -> bool:
-        """False while a version could not be delivered."""
-        return not self.failing
+        """False while a version could not be delivered, and once a loop has died (a
+        change would then go unnoticed or undelivered)."""
+        return not self.failing and self._tasks.healthy
+
+    def is_live(self) -> bool:
+        """True while neither the watch loop nor the notifier has died."""
+        return self._tasks.healthy
 
     def stop_accepting(self) -> None:
         """Stop watching and notifying."""
-        for task in self._tasks:
-            task.cancel()
+        self._tasks.cancel()
 
     async def close(self) -> None:
         """Stop both tasks."""
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._tasks.aclose()
 
     def collectors(self) -> Sequence[Any]:
         """Reload steps and the watch mode."""

@@ -20,7 +20,6 @@ import asyncio
 import enum
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry
@@ -32,20 +31,33 @@ from podpatterns.runtime.config import RuntimeConfig
 from podpatterns.tasks import TaskSet
 
 
-@dataclass(frozen=True)
-class Shutdown:
+class Shutdown(str):
     """Why a runtime shut down, and the exit code the process should end with.
 
-    Attributes:
-        reason: what asked for it (``SIGTERM``, ``quitquitquit``, ``exit-with:NAME``...).
-        exit_code: the process exit code for this reason (0 for a graceful stop).
+    It is the reason's text (``SIGTERM``, ``quitquitquit``, ``exit-with:NAME``...), so it
+    compares, logs and prints as that text, and carries :attr:`exit_code` beside it
+    (cloud-sql-proxy's ``exitError`` is the model): the process entry returns the code
+    the shutdown carries instead of working it out from the reason's wording.
+
+    Args:
+        reason: what asked for the shutdown.
+        exit_code: the process exit code for it (0 for a graceful stop).
     """
 
-    reason: str
-    exit_code: int = 0
+    exit_code: int
 
-    def __str__(self) -> str:
-        return self.reason
+    def __new__(cls, reason: str, exit_code: int = 0) -> Shutdown:
+        self = super().__new__(cls, reason)
+        self.exit_code = exit_code
+        return self
+
+    @property
+    def reason(self) -> str:
+        """The reason as a plain string."""
+        return str.__str__(self)
+
+    def __repr__(self) -> str:
+        return f"Shutdown({self.reason!r}, exit_code={self.exit_code})"
 
 
 class Component(Protocol):
