@@ -21,17 +21,17 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import aiohttp
+from typing import TYPE_CHECKING, Any
 
 from podpatterns import logs
 from podpatterns.ambassador import Ambassador, RouteConfig
 from podpatterns.commands.common import Command, Flags
-from podpatterns.health.coordination import pod_runtime
 from podpatterns.health.records import Writer
 from podpatterns.options import HostPort, Option, parse_int, resolve
 from podpatterns.runtime import RuntimeConfig
+
+if TYPE_CHECKING:
+    import aiohttp  # loaded by demo() itself: declaring the command must stay light
 
 LOOPBACK = "127.0.0.1"
 
@@ -100,6 +100,8 @@ async def demo(connections: int = 200, megabytes: int = 64) -> dict[str, Any]:
     health_dir = Path(tempfile.mkdtemp(prefix="podpatterns-demo-"))
     app = Writer(health_dir, "app")
     app.set_starting()
+    from podpatterns.health.coordination import pod_runtime
+
     runtime = pod_runtime(
         RuntimeConfig(
             admin=HostPort(LOOPBACK, 0),
@@ -119,6 +121,8 @@ async def demo(connections: int = 200, megabytes: int = 64) -> dict[str, Any]:
         "ambassador": f"{LOOPBACK}:{port}",
         "admin": base,
     }
+    import aiohttp
+
     async with aiohttp.ClientSession() as session:
         out["readyz_before"] = (await _get(session, base, "/readyz"))[0]
         out["app_readyz_starting"] = (await _get(session, base, "/readyz/app"))[0]

@@ -20,15 +20,19 @@ import asyncio
 import enum
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from prometheus_client import CollectorRegistry
 
 from podpatterns import logs, metrics
 from podpatterns.options import HostPort
-from podpatterns.runtime.admin import AdminServer, PodView
 from podpatterns.runtime.config import RuntimeConfig
 from podpatterns.tasks import TaskSet
+
+if TYPE_CHECKING:
+    # aiohttp loads only when an admin server is made: a command's parser and a
+    # component without one stay lighter (the idle-RSS test in tests/test_cli.py).
+    from podpatterns.runtime.admin import AdminServer, PodView
 
 
 class Shutdown(str):
@@ -200,6 +204,8 @@ class Runtime:
     def admin_server(self, bind: HostPort) -> AdminServer:
         """The admin server of this runtime on ``bind`` (:meth:`start` makes and starts
         one when ``config.admin`` is set; a test or a program can serve its app)."""
+        from podpatterns.runtime.admin import AdminServer
+
         return AdminServer(self, bind, pod=self.pod, pod_probes=self.pod_probes)
 
     async def start(self) -> None:
