@@ -32,6 +32,13 @@ class _Parser(argparse.ArgumentParser):
     """argparse with a one-line error and exit code 2."""
 
     def error(self, message: str) -> NoReturn:
+        flag, sep, what = message.partition(": ")
+        if sep and what == "expected one argument" and flag.startswith("argument "):
+            # argparse takes a value that starts with '-' (e.g. -1s) for another flag.
+            flag = flag.removeprefix("argument ")
+            message = (
+                f"{flag}: expected a value (a value that starts with '-' is written {flag}=VALUE)"
+            )
         sys.stderr.write(f"{self.prog}: error: {message} (see --help)\n")
         raise SystemExit(ExitCode.CONFIG)
 

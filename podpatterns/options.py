@@ -82,7 +82,27 @@ class Option(Generic[T]):
             return raw
         if isinstance(raw, dict | list):
             raise ConfigError(f"{where}: expected a single value, got {type(raw).__name__}")
-        text = "true" if raw is True else "false" if raw is False else str(raw)
+        if raw is None:
+            raise ConfigError(
+                f"{where}: has no value (YAML null); give a value, or remove the key for the "
+                f"default"
+            )
+        if isinstance(raw, bool):
+            # YAML 1.1 reads an unquoted off/no/false (on/yes/true) as a boolean. Where
+            # "off" is a documented value (--admin off, durations that can be off), a
+            # false means it; anything else names what YAML did instead of a value the
+            # user never wrote.
+            words = "off/no/false" if raw is False else "on/yes/true"
+            try:
+                if self.parse not in _SWITCH_PARSERS:
+                    raise ValueError(words)
+                return self.parse("off" if raw is False else "on")
+            except ValueError:
+                raise ConfigError(
+                    f"{where}: YAML read an unquoted {words} as a boolean, which this option "
+                    'does not take; quote the value (e.g. "off")'
+                ) from None
+        text = str(raw)
         try:
             return self.parse(text)
         except ConfigError as exc:
@@ -92,6 +112,16 @@ class Option(Generic[T]):
 
 
 # -- parsers: each raises ValueError("is not ... (what is expected)") -------------------
+
+_SWITCH_PARSERS: set[Callable[[str], Any]] = set()
+
+
+def takes_off(parse: Callable[[str], T]) -> Callable[[str], T]:
+    """Mark a parser for which ``off`` (and ``on``) are values: a YAML file's unquoted
+    ``off``, which YAML reads as false, then means "off" for its option."""
+    _SWITCH_PARSERS.add(parse)
+    return parse
+
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
@@ -105,6 +135,7 @@ def parse_duration(text: str) -> float:
     return float(m.group(1)) * _UNITS[m.group(2)]
 
 
+@takes_off
 def parse_optional_duration(text: str) -> float | None:
     """Like :func:`parse_duration`; ``0``, ``off`` or ``none`` mean disabled (``None``)."""
     if text.strip().lower() in ("off", "none", "0", "0s", ""):
@@ -132,6 +163,7 @@ def parse_size(text: str) -> int:
     return int(m.group(1)) * _SIZE_UNITS[(m.group(2) or "b").lower()]
 
 
+@takes_off
 def parse_bool(text: str) -> bool:
     """Parse ``true/false``, ``yes/no``, ``on/off``, ``1/0``."""
     low = text.strip().lower()
@@ -167,7 +199,7 @@ def parse_choice(*choices: str) -> Callable[[str], str]:
             raise ValueError(f"is not one of {', '.join(choices)}")
         return low
 
-    return parse
+    return takes_off(parse) if {"off", "on"} & set(choices) else parse
 
 
 def parse_str(text: str) -> str:
@@ -220,19 +252,54 @@ class HostPort:
         return is_loopback_host(self.host)
 
 
+def parse_http_url(text: str) -> str:
+    """Accept an ``http://`` or ``https://`` URL with a host and, if given, a valid port.
+
+    Raises:
+        ValueError: another scheme, no host, or a port that is not 1-65535.
+    """
+    text = text.strip()
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("is not an HTTP URL (e.g. http://127.0.0.1:8080/path)")
+    try:
+        port = parts.port
+    except ValueError:
+        port = -1
+    if port is not None and not 1 <= port <= 65535:
+        raise ValueError("has no valid port (1-65535)")
+    return text
+
+
 def parse_loopback_url(text: str) -> str:
     """Accept an ``http(s)://`` URL whose host is loopback (another container of the Pod).
 
     Raises:
         ValueError: not an http URL, or not a loopback host.
     """
-    text = text.strip()
-    parts = urlsplit(text)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError("is not an HTTP URL (e.g. http://127.0.0.1:9091/quitquitquit)")
-    if not is_loopback_host(parts.hostname):
+    text = parse_http_url(text)
+    if not is_loopback_host(urlsplit(text).hostname):
         raise ValueError("is not a loopback URL (quit URLs must stay inside the Pod)")
     return text
+
+
+_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+
+
+def parse_container_name(text: str) -> str:
+    """Accept a container name as Kubernetes allows it (a DNS label): the name of a
+    health record, of ``--exit-with``, ``run --name`` and ``wait --for ready:NAME``.
+
+    Raises:
+        ValueError: not 1-63 lowercase letters, digits and dashes.
+    """
+    name = text.strip()
+    if not _NAME.match(name):
+        raise ValueError(
+            "is not a container name (1-63 lowercase letters, digits and '-', "
+            "starting and ending with a letter or digit)"
+        )
+    return name
 
 
 def parse_hostport(text: str) -> HostPort:
@@ -244,7 +311,8 @@ def parse_hostport(text: str) -> HostPort:
         host, sep, port = text.rpartition(":")
     if not sep or not host:
         raise ValueError("is not HOST:PORT (e.g. db.example.com:5432 or [::1]:5432)")
-    if not port.isdigit() or not 1 <= int(port) <= 65535:
+    # isascii: str.isdigit() also accepts digits such as '²' that int() refuses.
+    if not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= 65535:
         raise ValueError("is not a valid port (1-65535)")
     return HostPort(host, int(port))
 
@@ -364,12 +432,17 @@ def load_yaml(path: Path) -> dict[str, Any]:
     """Read a YAML config file that must hold a mapping.
 
     Raises:
-        ConfigError: when the file is missing, unreadable, not YAML or not a mapping.
+        ConfigError: when the file is missing, unreadable, not UTF-8, not YAML or not a
+            mapping.
     """
     try:
-        text = path.read_text()
+        text = path.read_bytes().decode("utf-8")
     except OSError as exc:
         raise ConfigError(f"--config: cannot read {str(path)!r}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"--config: {str(path)!r} is not UTF-8 text (byte {exc.start}); save it as UTF-8"
+        ) from None
     import yaml  # only when a config file is given: keeps idle memory down
 
     try:

@@ -18,6 +18,14 @@ from podpatterns.dirwatch import DirWatcher
 from podpatterns.errors import ConfigError
 
 
+def _why(exc: OSError | ssl.SSLError) -> str:
+    """A short reason for a TLS file that cannot be loaded, without OpenSSL's noise."""
+    if isinstance(exc, ssl.SSLError):
+        reason = exc.reason or str(exc)
+        return f"not valid PEM for this use ({reason})"
+    return exc.strerror or str(exc)
+
+
 class TLSContextProvider:
     """Build and hot-reload the upstream TLS context of one route."""
 
@@ -53,17 +61,20 @@ class TLSContextProvider:
         return h.hexdigest()
 
     def _build(self, initial: bool = False) -> ssl.SSLContext:
+        which = f"--tls-ca: {str(self.ca)!r}" if self.ca is not None else "system CA bundle"
         try:
             ctx = ssl.create_default_context(cafile=str(self.ca) if self.ca is not None else None)
             # The TLS leg (tlsleg.py) does not hold writes across a TLS 1.2
             # renegotiation; refuse it rather than reset mid-stream (TLS 1.3 has none).
             ctx.options |= ssl.OP_NO_RENEGOTIATION
             if self.cert is not None:
+                which = f"--tls-cert/--tls-key: {str(self.cert)!r}" + (
+                    f" / {str(self.key)!r}" if self.key else ""
+                )
                 ctx.load_cert_chain(str(self.cert), str(self.key) if self.key else None)
         except (OSError, ssl.SSLError) as exc:
             if initial:
-                which = "--tls-cert/--tls-key" if self.cert is not None else "--tls-ca"
-                raise ConfigError(f"{which}: cannot load TLS files: {exc}") from None
+                raise ConfigError(f"{which}: cannot load: {_why(exc)}") from None
             raise
         if not self.verify:
             ctx.check_hostname = False

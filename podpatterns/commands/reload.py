@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from podpatterns.commands.common import Command, Flags, resolve_runtime_tool
+from podpatterns.errors import ConfigError
 from podpatterns.reload import RELOAD_OPTIONS, ReloadConfig
 from podpatterns.runtime import RUNTIME_OPTIONS, RuntimeConfig
 from podpatterns.runtime.process import serve
@@ -31,7 +32,14 @@ def build(
         ConfigError: naming the flag, environment variable or file key at fault.
     """
     runtime, values = resolve_runtime_tool(OPTIONS, flags, env, file, file_label)
-    return ReloadCommandConfig(runtime, ReloadConfig.from_values(values))
+    config = ReloadConfig.from_values(values)
+    signal_given = "signal" in flags or "PODPATTERNS_SIGNAL" in env or "signal" in file
+    if signal_given and values["pid_file"] is None:
+        raise ConfigError(
+            "--signal: only sent with --pid-file FILE; this reload notifies by "
+            + ("--http-post" if values["http_post"] is not None else "--exec")
+        )
+    return ReloadCommandConfig(runtime, config)
 
 
 def main(config: ReloadCommandConfig) -> int:

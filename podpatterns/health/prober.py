@@ -210,6 +210,14 @@ class Prober(NothingToDrain):
                 f"--health-dir: cannot write {self.config.name}.json in "
                 f"{str(self.config.health_dir)!r}: {exc.strerror or exc}"
             ) from None
+        if self.config.timeout > self.config.interval:
+            # A round must fit its interval; say so rather than shorten it silently.
+            self._log.warning(
+                "probe_timeout_clamped",
+                probe_timeout=self.config.timeout,
+                probe_interval=self.config.interval,
+                note="each probe is given at most --probe-interval",
+            )
         self._task = self._tasks.spawn(self._run(), "prober")
 
     async def _run(self) -> None:

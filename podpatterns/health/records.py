@@ -21,7 +21,6 @@ import asyncio
 import enum
 import json
 import os
-import re
 import secrets
 import threading
 import time
@@ -31,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from podpatterns.atomicfile import replace_atomically
+from podpatterns.options import parse_container_name
 from podpatterns.tasks import TaskSet
 
 SCHEMA_VERSION = 1
@@ -50,8 +50,6 @@ gap means a corrupt or forged record."""
 
 STALE_AFTER = 3.0
 """A record is stale after this many heartbeat intervals without a new heartbeat."""
-
-_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 
 
 class Phase(enum.StrEnum):
@@ -74,12 +72,9 @@ def check_name(name: str) -> str:
     Raises:
         ValueError: the name is not 1-63 lowercase letters, digits and dashes.
     """
-    if not _NAME.match(name):
-        raise ValueError(
-            "is not a container name (1-63 lowercase letters, digits and '-', "
-            "starting and ending with a letter or digit)"
-        )
-    return name
+    if name != name.strip():
+        raise ValueError("is not a container name (no spaces)")
+    return parse_container_name(name)
 
 
 def record_path(health_dir: Path, name: str) -> Path:
@@ -639,8 +634,10 @@ class Tracker:
         for entry in entries:
             if is_record_file(entry):
                 stem = entry[: -len(SUFFIX)]
-                if _NAME.match(stem):
-                    out.append(stem)
+                try:
+                    out.append(check_name(stem))
+                except ValueError:
+                    continue  # NAME.json that is no container's: not a record
         return sorted(out)
 
     def statuses(self, names: Iterable[str] | None = None) -> dict[str, Status]:

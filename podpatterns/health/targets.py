@@ -24,7 +24,7 @@ from typing import Protocol
 from urllib.parse import parse_qs, urlsplit
 
 from podpatterns.health.records import State, Tracker, check_name, exit_summary
-from podpatterns.options import parse_duration, parse_hostport
+from podpatterns.options import parse_duration, parse_hostport, parse_http_url
 from podpatterns.subproc import run_command
 
 ATTEMPT_TIMEOUT = 2.0
@@ -293,8 +293,7 @@ def _parse_grpc(rest: str) -> GrpcTarget:
 
 def _parse_http(text: str) -> HttpTarget:
     url, _, fragment = text.partition("#")
-    if not urlsplit(url).hostname:
-        raise ValueError("is not an HTTP URL (e.g. http://127.0.0.1:8080/healthz)")
+    parse_http_url(url)
     opts = parse_qs(fragment) if fragment else {}
     unknown = set(opts) - {"status", "body"}
     if unknown:

@@ -31,7 +31,14 @@ from typing import Any
 from podpatterns import logs, metrics
 from podpatterns.dirwatch import DirWatcher, WatchFactory
 from podpatterns.errors import ConfigError
-from podpatterns.options import Option, parse_choice, parse_duration, parse_path, parse_str
+from podpatterns.options import (
+    Option,
+    parse_choice,
+    parse_duration,
+    parse_http_url,
+    parse_path,
+    parse_str,
+)
 from podpatterns.reload.notify import Exec, HttpPost, Notifier, NotifyError, SignalPid
 from podpatterns.reload.snapshot import Snapshot, SnapshotError, take
 from podpatterns.runtime import NothingToDrain
@@ -44,13 +51,6 @@ def _argv(text: str) -> tuple[str, ...]:
     if not argv:
         raise ValueError("is not a command")
     return argv
-
-
-def _url(text: str) -> str:
-    text = parse_str(text)
-    if not text.startswith(("http://", "https://")):
-        raise ValueError("is not an HTTP URL (e.g. http://127.0.0.1:8080/-/reload)")
-    return text
 
 
 _SIGNALS = ("hup", "usr1", "usr2", "term", "int", "quit", "winch")
@@ -68,7 +68,7 @@ RELOAD_OPTIONS: tuple[Option[Any], ...] = (
     ),
     Option(
         "http_post",
-        _url,
+        parse_http_url,
         None,
         "notify by POSTing to this URL (2xx is success)",
         metavar="URL",

@@ -21,14 +21,16 @@ from podpatterns.options import (
     default_of,
     parse_bind,
     parse_choice,
+    parse_container_name,
     parse_duration,
     parse_int,
     parse_loopback_url,
     parse_path,
-    parse_str,
+    takes_off,
 )
 
 
+@takes_off
 def parse_admin(text: str) -> HostPort | None:
     """Parse the admin address; ``off`` disables the admin server."""
     return None if text.strip().lower() == "off" else parse_bind(text)
@@ -85,7 +87,7 @@ RUNTIME_OPTIONS: tuple[Option[Any], ...] = (
     ),
     Option(
         "exit_with",
-        parse_str,
+        parse_container_name,
         None,
         "drain and exit when this container's tombstone appears in --health-dir",
         metavar="NAME",
@@ -159,6 +161,14 @@ class RuntimeConfig:
             raise ConfigError(f"--shutdown-delay: {self.shutdown_delay!r} must be >= 0")
         if self.exit_with and self.health_dir is None:
             raise ConfigError(f"--exit-with: {self.exit_with!r} needs --health-dir DIR")
+        if (
+            self.health_dir is not None
+            and self.health_dir.exists()
+            and not self.health_dir.is_dir()
+        ):
+            # A missing directory may still appear (a volume mounted late): --exit-with
+            # then polls; a file in its place never becomes one.
+            raise ConfigError(f"--health-dir: {str(self.health_dir)!r} is not a directory")
         if self.exit_with_quit and not self.exit_with:
             raise ConfigError("--exit-with-quit: needs --exit-with NAME")
 
