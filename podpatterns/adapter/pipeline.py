@@ -23,8 +23,8 @@ import asyncio
 import errno
 import re
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Coroutine, Sequence
+from typing import Any, NoReturn
 
 import watchfiles
 
@@ -49,6 +49,7 @@ from podpatterns.adapter.transform import TransformChain, load_callable, redacto
 from podpatterns.adapter.watch import FileEvents, WatcherFactory
 from podpatterns.errors import ConfigError
 from podpatterns.metrics import CallbackCollector
+from podpatterns.tasks import TaskSet
 
 __all__ = ["Adapter"]
 
@@ -120,7 +121,7 @@ class Adapter:
         self._stopping = False
         self._reader_done = False
         self._drained = asyncio.Event()
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks = TaskSet("adapter")
         self._started = False
         self._failed = False
         self._log = logs.get("adapter")
@@ -165,9 +166,9 @@ class Adapter:
         self._tracker.restore(time.monotonic())
         await self.sink.start()
         if self.mode == "watch":
-            self._tasks.append(asyncio.create_task(self._events.run(), name="adapter-watch"))
-        self._tasks.append(asyncio.create_task(self._read_loop(), name="adapter-read"))
-        self._tasks.append(asyncio.create_task(self._send_loop(), name="adapter-send"))
+            self._tasks.spawn(self._until_cancelled(self._events.run()), "adapter-watch")
+        self._tasks.spawn(self._until_cancelled(self._read_loop()), "adapter-read")
+        self._tasks.spawn(self._until_cancelled(self._send_loop()), "adapter-send")
         self._started = True
         self._log.info(
             "adapter_started",
@@ -178,8 +179,12 @@ class Adapter:
         )
 
     def is_ready(self) -> bool:
-        """Ready once started, as long as no stage failed."""
-        return self._started and not self._failed
+        """Ready once started, as long as no stage failed and no task died."""
+        return self._started and not self._failed and self._tasks.healthy
+
+    def is_live(self) -> bool:
+        """Live unless one of the adapter's tasks died (a bug: a restart may help)."""
+        return self._tasks.healthy
 
     def stop_accepting(self) -> None:
         """Look for new files one last time, then stop discovering; read every open file
@@ -199,20 +204,26 @@ class Adapter:
     def cut(self) -> int:
         """Stop reading and shipping now; return the batches that were left."""
         left = len(self._queue)
-        for task in self._tasks:
-            task.cancel()
+        self._tasks.cancel()
         return left
 
     async def close(self) -> None:
         """Stop the tasks, write the final checkpoint, close files and the sink."""
         self._events.stop()
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._tasks.aclose()
         await self._checkpoint.save(force=True)
         self._tracker.close_all()
         await self.sink.close()
         self._log.info("adapter_stopped", **{k: v for k, v in vars(self.counters).items() if v})
+
+    @staticmethod
+    async def _until_cancelled(stage: Coroutine[Any, Any, None]) -> NoReturn:
+        # A TaskSet task runs until cancelled (returning is a death): a stage whose work
+        # ended (the stream drained, the watch stopped or fell back to polling) waits for
+        # close() or cut() to cancel it.
+        await stage
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
 
     # -- wiring of the stages ------------------------------------------------------------
 
