@@ -271,8 +271,8 @@ class Adapter:
         try:
             await self._read_until_stopped()
         except Exception:
-            # A bug: readiness turns 503 and the traceback is logged; the task's owner
-            # (close) collects it.
+            # A bug: readiness turns 503 and the traceback is logged; the TaskSet logs
+            # the task's death too and liveness turns off.
             self._failed = True
             self._log.exception("adapter_stage_failed", stage="read")
             raise
@@ -331,19 +331,19 @@ class Adapter:
         """Read one chunk from every file that grew and hand the lines on. True if any grew."""
         progressed = False
         for t in list(self.tracked.values()):
-            lines = self._reader.read(t.file, t.splitter)
-            if lines is None:
+            got = self._reader.read(t.file, t.splitter)
+            if got is None:
                 continue
-            if lines == "failed":
+            if got == "failed":
                 self._tracker.close(t, "read_failed")
                 continue
             progressed = True
-            if lines == "truncated":
+            if got == "truncated":
                 await self._tracker.truncated(t, now)
                 continue
             t.last_growth = now
-            if lines:
-                await self._hand_on(t, lines)
+            if got:
+                await self._hand_on(t, got)
         return progressed
 
     async def _idle_work(self, now: float) -> bool:
