@@ -508,3 +508,39 @@ async def test_file_moved_away_and_back_is_resumed_not_reread(tmp_path: Path) ->
         await until(lambda: len(sink.records) >= 60)
         await asyncio.sleep(0.2)  # a re-read from 0 would show up as duplicates
     check_delivery(sink.seqs(), 60, 0)
+
+
+async def test_a_finished_stage_is_not_a_death(tmp_path: Path) -> None:
+    """Drained and closed normally (the stages' work ended, then they were cancelled): live."""
+    sink = ListSink()
+    SeqWriter(tmp_path / "app.log").write(10)
+    adapter = Adapter(config(tmp_path, "*.log"), sink=sink)
+    await adapter.start()
+    await until(lambda: len(sink.records) >= 10)
+    adapter.stop_accepting()
+    async with asyncio.timeout(20):
+        await adapter.wait_drained()
+    await asyncio.sleep(0.1)  # the stages have finished their work by now
+    assert adapter.is_live() and adapter.is_ready()
+    await adapter.close()
+    assert adapter.is_live()
+
+
+async def test_a_stage_that_dies_turns_liveness_and_readiness_off(tmp_path: Path) -> None:
+    """A bug in the send stage (a sink raising a non-OSError) is logged as task_died: not live."""
+    import structlog
+
+    class BrokenSink(ListSink):
+        async def send(self, records: list[dict[str, Any]]) -> None:
+            raise ValueError("a bug in the sink")
+
+    SeqWriter(tmp_path / "app.log").write(10)
+    adapter = Adapter(config(tmp_path, "*.log"), sink=BrokenSink())
+    with structlog.testing.capture_logs() as logs:
+        await adapter.start()
+        assert adapter.is_live()
+        await until(lambda: not adapter.is_live())
+        assert not adapter.is_ready()
+        await adapter.close()
+    died = [e for e in logs if e["event"] == "task_died"]
+    assert [e["task"] for e in died] == ["adapter-send"]

@@ -307,8 +307,8 @@ def test_rate_limit_drops_the_excess() -> None:
 def test_no_line_crashes_the_processing_stage(raws: list[bytes], parser: str) -> None:
     """Any bytes through any parser and the built-in transforms: one record each, no raise."""
     from podpatterns.adapter import Adapter
+    from podpatterns.adapter.batch import Batch
     from podpatterns.adapter.config import AdapterConfig
-    from podpatterns.adapter.pipeline import Batch
 
     cfg = AdapterConfig(
         path=("/nonexistent/*.log",),

@@ -4,19 +4,27 @@ Written as JSON to a temporary file in the same directory, fsync'ed, renamed ove
 current file (the current one first becomes the previous generation), and the directory
 fsync'ed, so a crash at any point leaves a complete current or previous generation. A
 checkpoint that does not parse falls back to the previous generation, loudly.
+
+:class:`Checkpoint` is the bookkeeping both ends of the pipeline share: discovery records
+where a file starts (opened, truncated, closed, gone) and the sender records what the
+sink acknowledged. It imports no stage; the wiring hands it to the stages that need it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import errno
+import itertools
 import json
 import os
 import threading
+from collections.abc import Container, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from podpatterns import logs
+from podpatterns.adapter.tail import FileKey, OpenFile, tail_hash
 from podpatterns.atomicfile import replace_atomically
 
 VERSION = 1
@@ -49,6 +57,124 @@ class Entry:
     def key(self) -> tuple[int, int]:
         """(dev, ino)."""
         return (self.dev, self.ino)
+
+
+def entry_at(f: OpenFile, offset: int) -> Entry:
+    """The entry saying every byte of ``f`` before ``offset`` was acknowledged.
+
+    Computed when the lines are read (it hashes the bytes before ``offset`` now, while they
+    are the bytes that were read), and recorded once the sink acknowledged them.
+    """
+    return Entry(
+        path=f.path,
+        dev=f.key[0],
+        ino=f.key[1],
+        offset=offset,
+        head_len=f.fingerprint.length,
+        head_hash=f.fingerprint.hash,
+        tail_hash=tail_hash(f.fd, offset),
+    )
+
+
+Mark = tuple[int, Entry]
+"""(epoch, entry): where a file's checkpoint moves once a batch is acknowledged."""
+
+
+class Checkpoint:
+    """Where each file stands, and which acknowledgements may still move it.
+
+    Every file read gets an *epoch*, renewed when it is truncated: a batch carries the
+    epoch its lines were read in, and an acknowledgement of an older epoch is stale.
+
+    Args:
+        store: where generations are written; ``None`` keeps the checkpoint in memory.
+    """
+
+    def __init__(self, store: CheckpointStore | None) -> None:
+        self.store = store
+        self.acked: dict[FileKey, Entry] = {}
+        """The acknowledged position of each file (what is saved)."""
+        self._epochs: dict[FileKey, int] = {}
+        self._closed_at: dict[FileKey, int] = {}
+        self._epoch = itertools.count(1)
+        self._dirty = False
+
+    async def load(self) -> None:
+        """Read the last good generation (nothing without a store).
+
+        Raises:
+            OSError: see :meth:`CheckpointStore.load`.
+        """
+        if self.store is not None:
+            self.acked = await asyncio.to_thread(self.store.load)
+
+    def first_run(self) -> bool:
+        """True when no checkpoint was ever written (``--read-from end`` applies)."""
+        return not self.acked and (self.store is None or not self.store.current.exists())
+
+    def start(self, key: FileKey, entry: Entry) -> int:
+        """A file is read from ``entry`` (opened, or truncated and read again from 0).
+
+        Returns:
+            The file's new epoch.
+        """
+        epoch = next(self._epoch)
+        self._epochs[key] = epoch
+        self.acked[key] = entry
+        self._dirty = True
+        return epoch
+
+    def drop_loaded(self, key: FileKey) -> None:
+        """Forget a loaded entry at startup: its file is gone or is another file now."""
+        self.acked.pop(key, None)
+
+    def closed(self, key: FileKey, committed: int, *, deleted: bool) -> None:
+        """A file was closed after reading up to ``committed``.
+
+        Its entry stays until everything read from it was acknowledged (see :meth:`prune`),
+        unless the file was deleted: nothing can be read from it again.
+        """
+        self._closed_at[key] = committed
+        if deleted:
+            self._epochs.pop(key, None)
+            self.acked.pop(key, None)
+            self._dirty = True
+
+    def acknowledge(self, marks: Mapping[FileKey, Mark]) -> None:
+        """The sink acknowledged a batch: move each file to its mark (unless stale)."""
+        for key, (epoch, entry) in marks.items():
+            if self._epochs.get(key) == epoch:
+                self.acked[key] = entry
+                self._dirty = True
+
+    def prune(self, present: Container[FileKey]) -> None:
+        """Forget entries of closed files no longer found where they were.
+
+        Args:
+            present: files open or matched by the globs now (kept).
+        """
+        for key, entry in list(self.acked.items()):
+            if key in present:
+                continue
+            if entry.offset < self._closed_at.get(key, 0):
+                continue  # batches of this closed file are still being shipped
+            try:
+                st = os.stat(entry.path)
+            except OSError:
+                st = None
+            if st is None or (st.st_dev, st.st_ino) != key:
+                self.acked.pop(key, None)
+                self._epochs.pop(key, None)
+                self._closed_at.pop(key, None)
+                self._dirty = True
+
+    async def save(self, *, force: bool = False) -> None:
+        """Write a generation if anything moved since the last one (or ``force``)."""
+        if self.store is None or not (self._dirty or force):
+            return
+        self._dirty = False
+        snapshot = dict(self.acked)
+        await asyncio.to_thread(self.store.save, snapshot)
 
 
 class CheckpointStore:

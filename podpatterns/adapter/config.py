@@ -21,6 +21,7 @@ from podpatterns.options import (
     parse_size,
     parse_str,
     resolve_with_file,
+    takes_off,
 )
 from podpatterns.runtime import RUNTIME_OPTIONS, RuntimeConfig
 
@@ -78,6 +79,7 @@ def parse_fraction(text: str) -> float:
     return value
 
 
+@takes_off
 def parse_rate(text: str) -> float | None:
     """Parse records per second; ``0`` or ``off`` disables."""
     if text.strip().lower() in ("0", "off", "none"):

@@ -5,7 +5,8 @@ record (``start`` pattern: every line that does not match continues the previous
 continues the current one (``continue`` pattern). A group is also closed at
 ``max_lines``, at ``max_bytes`` and, by the pipeline, when the file has been idle for the
 flush timeout. While a group is open the file's checkpoint stays at its first line, so a
-restart reads the whole group again: never a checkpoint inside an open group.
+restart reads the whole group again: never a checkpoint inside an open group. A
+:class:`Grouper` is one of the two :class:`~podpatterns.adapter.join.Joiner` kinds.
 """
 
 from __future__ import annotations
@@ -40,15 +41,24 @@ class Grouper:
         pattern: the regular expression (matched on the line decoded as UTF-8).
         max_lines: a group is closed at this many lines.
         max_bytes: a group is closed once it holds this many bytes (and cut to it).
+        idle_timeout: the pipeline closes an open group once the file was idle this long.
     """
 
-    def __init__(self, mode: str, pattern: re.Pattern[str], max_lines: int, max_bytes: int):
+    def __init__(
+        self,
+        mode: str,
+        pattern: re.Pattern[str],
+        max_lines: int,
+        max_bytes: int,
+        idle_timeout: float | None = None,
+    ):
         if mode not in ("start", "continue"):
             raise ValueError(f"unknown multiline mode {mode!r}")
         self.mode = mode
         self.pattern = pattern
         self.max_lines = max_lines
         self.max_bytes = max_bytes
+        self.idle_timeout = idle_timeout
         self.held: list[Line] = []
         self._bytes = 0
         self.groups = 0
@@ -57,6 +67,22 @@ class Grouper:
     def first_offset(self) -> int | None:
         """Offset of the open group's first line (where the checkpoint must stay)."""
         return self.held[0].offset if self.held else None
+
+    @property
+    def held_from(self) -> int | None:
+        """Offset of the open group's first line (the :class:`Joiner` name)."""
+        return self.first_offset
+
+    def flush(self) -> list[Line]:
+        """The open group, closed (none when no group is open)."""
+        return [self.flush_group()] if self.held else []
+
+    def restart(self) -> None:
+        """Keep the open group: it goes on with the restarted file's lines.
+
+        This is what the pipeline did before the stages were split out; the copy of a
+        copytruncate is read from after the group, so dropping it would lose its lines.
+        """
 
     def _continues(self, line: Line) -> bool:
         text = line.data.decode("utf-8", "replace")

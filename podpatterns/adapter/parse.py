@@ -109,6 +109,20 @@ _CRI = re.compile(
 )
 
 
+def split_cri(data: bytes) -> tuple[bytes, bool, bytes] | None:
+    """Split a CRI container log line at the byte level, for merging partials before parsing.
+
+    Returns:
+        ``(head, final, message)``: the ``TIME STREAM TAG`` head, whether the tag is ``F``
+        (full) rather than ``P`` (partial), and the message; ``None`` when the third field
+        is not a ``P`` or ``F`` tag.
+    """
+    parts = data.split(b" ", 3)
+    if len(parts) < 3 or parts[2][:1] not in (b"P", b"F"):
+        return None
+    return b" ".join(parts[:3]), parts[2][:1] == b"F", parts[3] if len(parts) > 3 else b""
+
+
 def parse_cri(line: str) -> dict[str, Any] | None:
     """A CRI container log line ``TIME STREAM P|F MESSAGE`` (partials merged before)."""
     m = _CRI.match(line)

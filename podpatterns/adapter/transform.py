@@ -170,6 +170,22 @@ class TransformChain:
     # scans (measured: JSON parse + reshape + redact to stdout, 115k -> 177k lines/s).
     _redacted: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
 
+    @property
+    def active(self) -> bool:
+        """True when any transform is configured (an inactive chain need not be applied)."""
+        return bool(
+            self.user
+            or self.keep
+            or self.exclude
+            or self.add
+            or self.rename
+            or self.drop
+            or self.redact
+            or self.timestamp_field
+            or self.sample < 1
+            or self.rate_limit
+        )
+
     def apply(self, records: list[Record]) -> tuple[list[Record], list[tuple[Record, str]]]:
         """Transform one batch.
 

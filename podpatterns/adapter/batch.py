@@ -1,0 +1,149 @@
+"""The batching stage: lines into batches, batches into a queue bounded in bytes.
+
+A batch carries, per file, the checkpoint mark its lines reach once the sink acknowledged
+them. The queue is bounded in bytes: when the sink is slow or down it fills, reading
+pauses, and the files themselves are the buffer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from podpatterns.adapter.checkpoint import Entry, Mark
+from podpatterns.adapter.lines import Line
+from podpatterns.adapter.tail import FileKey
+
+# Per-line overhead counted against the bounds besides the line's bytes (the tuple, the
+# Line, the record it becomes), so a batch of empty lines is bounded too.
+LINE_OVERHEAD = 64
+
+
+@dataclass(slots=True)
+class Batch:
+    """Lines read, with the checkpoint each file reaches once they are acknowledged.
+
+    Attributes:
+        lines: ``(path, file_id, line)`` in the order read.
+        marks: per file, the (epoch, entry) its checkpoint moves to on acknowledgement.
+        nbytes: what the batch counts against the queue's bound.
+    """
+
+    lines: list[tuple[str, str, Line]] = field(default_factory=list)
+    marks: dict[FileKey, Mark] = field(default_factory=dict)
+    nbytes: int = 0
+
+
+class ByteQueue:
+    """A FIFO bounded by the bytes it holds (an item larger than the bound still fits alone).
+
+    One producer (the reader) and one consumer (the sender). Bytes are released by
+    :meth:`release` once an item was fully handled, so the bound covers what is being
+    shipped too.
+
+    Args:
+        max_bytes: the bound.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._items: deque[Batch | None] = deque()
+        self._not_empty = asyncio.Event()
+        self._room = asyncio.Event()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    async def put(self, item: Batch) -> None:
+        """Wait for room, then add ``item``."""
+        while self.bytes and self.bytes + item.nbytes > self.max_bytes:
+            self._room.clear()
+            await self._room.wait()
+        self._items.append(item)
+        self.bytes += item.nbytes
+        self._not_empty.set()
+
+    def end(self) -> None:
+        """Mark the end of the stream (the consumer gets ``None``)."""
+        self._items.append(None)
+        self._not_empty.set()
+
+    async def get(self) -> Batch | None:
+        """The next item (waits for one)."""
+        while not self._items:
+            self._not_empty.clear()
+            await self._not_empty.wait()
+        return self._items.popleft()
+
+    def release(self, size: int) -> None:
+        """Give back the room of a handled item."""
+        self.bytes -= size
+        self._room.set()
+
+
+class Source(Protocol):
+    """The file lines come from, as the batcher sees it."""
+
+    @property
+    def key(self) -> FileKey:
+        """The file's identity."""
+        ...
+
+    @property
+    def path(self) -> str:
+        """The ``file`` field of its records."""
+        ...
+
+    @property
+    def file_id(self) -> str:
+        """The ``file_id`` field of its records."""
+        ...
+
+    @property
+    def epoch(self) -> int:
+        """The checkpoint epoch the lines were read in."""
+        ...
+
+    def entry(self, offset: int) -> Entry:
+        """The checkpoint entry for ``offset``."""
+        ...
+
+
+class Batcher:
+    """Gather lines into batches of bounded size and queue them.
+
+    Args:
+        queue: where full batches go (waiting for room pauses the caller: backpressure).
+        max_records: a batch is queued at this many lines.
+        max_bytes: ... or at this many bytes.
+    """
+
+    def __init__(self, queue: ByteQueue, max_records: int, max_bytes: int) -> None:
+        self.queue = queue
+        self.max_records = max_records
+        self.max_bytes = max_bytes
+        self._batch = Batch()
+
+    async def add(self, src: Source, lines: list[Line], committed: int) -> None:
+        """Add lines of ``src``; once acknowledged its checkpoint moves to ``committed``."""
+        batch = self._batch
+        path, file_id = src.path, src.file_id
+        for line in lines:
+            batch.lines.append((path, file_id, line))
+            batch.nbytes += len(line.data) + LINE_OVERHEAD
+            if len(batch.lines) >= self.max_records or batch.nbytes >= self.max_bytes:
+                batch.marks[src.key] = (src.epoch, src.entry(line.end))
+                full, batch = batch, Batch()
+                self._batch = batch
+                await self.queue.put(full)
+        batch.marks[src.key] = (src.epoch, src.entry(committed))
+
+    async def flush(self) -> None:
+        """Queue the batch being gathered, if it holds anything."""
+        batch = self._batch
+        if batch.lines or batch.marks:
+            self._batch = Batch()
+            await self.queue.put(batch)

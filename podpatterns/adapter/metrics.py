@@ -1,0 +1,167 @@
+"""The adapter's metric families, declared once (docs/reference.md is generated from them).
+
+The stages count into plain integers (:class:`~podpatterns.adapter.counters.Counters`,
+the transform chain's and the sink's own); these declarations read them at scrape time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection
+
+from podpatterns.adapter.checkpoint import CheckpointStore
+from podpatterns.adapter.counters import Counters
+from podpatterns.adapter.lines import LineSplitter
+from podpatterns.adapter.sinks import DeadLetter, Sink
+from podpatterns.adapter.transform import Counters as TransformCounters
+from podpatterns.metrics import Family, Sample, counter, gauge
+
+
+def families(
+    *,
+    counters: Counters,
+    transforms: TransformCounters,
+    sink: Sink,
+    dead_letter: DeadLetter,
+    splitters: Callable[[], Collection[LineSplitter]],
+    mode: Callable[[], str],
+    queue_bytes: Callable[[], int],
+    lag_bytes: Callable[[], int],
+    store: CheckpointStore | None,
+) -> list[Family]:
+    """The adapter's families.
+
+    Args:
+        counters: the pipeline's counters.
+        transforms: the transform chain's counters.
+        sink: the sink (its ``collect()`` becomes ``adapter_sink_events``).
+        dead_letter: the dead-letter file.
+        splitters: the line splitters of the open files (one per file).
+        mode: ``watch`` or ``poll``.
+        queue_bytes: bytes read and not yet acknowledged.
+        lag_bytes: bytes in open files not yet acknowledged.
+        store: the checkpoint store, if any.
+
+    Returns:
+        The declarations, in the order they are exposed and documented.
+    """
+    c = counters
+    chain = transforms
+
+    def sink_samples() -> list[Sample]:
+        return [((sink.name, k), float(v)) for k, v in sink.collect().items()]
+
+    return [
+        counter("adapter_lines", "lines read and handed to parsing", lambda: c.lines),
+        counter("adapter_bytes_read", "bytes read from files", lambda: c.bytes_read),
+        counter(
+            "adapter_records_shipped", "records the sink acknowledged", lambda: c.records_shipped
+        ),
+        counter("adapter_batches", "batches shipped and acknowledged", lambda: c.batches),
+        counter(
+            "adapter_lines_truncated",
+            "lines longer than --max-line-bytes (cut and marked)",
+            lambda: sum(s.truncated_lines for s in splitters()),
+        ),
+        counter(
+            "adapter_invalid_utf8", "lines with invalid UTF-8 (replaced)", lambda: c.invalid_utf8
+        ),
+        counter("adapter_parse_errors", "lines the parser could not parse", lambda: c.parse_errors),
+        counter(
+            "adapter_partial_flushed",
+            "unterminated lines emitted (--flush-partial-after, truncation, rotation)",
+            lambda: c.partial_flushed,
+        ),
+        counter(
+            "adapter_truncations",
+            "truncations detected (copytruncate, truncate, rewrite)",
+            lambda: c.truncations,
+        ),
+        counter(
+            "adapter_truncated_bytes_lost",
+            "bytes known to be lost to a truncation",
+            lambda: c.truncated_bytes_lost,
+        ),
+        counter(
+            "adapter_truncated_bytes_recovered",
+            "bytes read back from a copytruncate copy",
+            lambda: c.truncated_bytes_recovered,
+        ),
+        counter(
+            "adapter_rotations", "files seen rotated away (renamed or deleted)", lambda: c.rotations
+        ),
+        counter(
+            "adapter_files_replaced",
+            "files whose inode was reused by another file",
+            lambda: c.replaced,
+        ),
+        counter(
+            "adapter_cri_partials_merged",
+            "CRI partial lines merged into their full line",
+            lambda: c.cri_merged,
+        ),
+        counter(
+            "adapter_file_open_errors", "files that could not be opened", lambda: c.open_errors
+        ),
+        counter(
+            "adapter_sink_errors",
+            "sink sends that failed with an OS error and were retried",
+            lambda: c.sink_errors,
+        ),
+        Family(
+            "counter",
+            "adapter_records_dropped",
+            "records dropped by transforms, by reason",
+            ("reason",),
+            lambda: [
+                (("filter",), chain.filtered),
+                (("sample",), chain.sampled_out),
+                (("rate_limit",), chain.rate_limited),
+                (("parse_error",), c.parse_dropped),
+            ],
+        ),
+        counter(
+            "adapter_transform_failures",
+            "records a user transform raised on (dead-lettered)",
+            lambda: chain.failed,
+        ),
+        Family(
+            "counter",
+            "adapter_dead_letter_records",
+            "records sent to the dead-letter file",
+            ("outcome",),
+            lambda: [
+                (("written",), dead_letter.written),
+                (("dropped",), dead_letter.dropped),
+            ],
+        ),
+        gauge("adapter_files_open", "files open for reading", lambda: len(splitters())),
+        Family(
+            "gauge",
+            "adapter_watch_mode",
+            "1 for the file-change detection in use",
+            ("mode",),
+            lambda: [
+                (("watch",), float(mode() == "watch")),
+                (("poll",), float(mode() == "poll")),
+            ],
+        ),
+        gauge("adapter_queue_bytes", "bytes read and not yet acknowledged", queue_bytes),
+        gauge("adapter_lag_bytes", "bytes in open files not yet acknowledged", lag_bytes),
+        counter(
+            "adapter_checkpoint_writes",
+            "checkpoint generations written",
+            lambda: store.writes if store else 0,
+        ),
+        counter(
+            "adapter_checkpoint_fallbacks",
+            "corrupt checkpoint generations skipped",
+            lambda: store.fallbacks if store else 0,
+        ),
+        Family(
+            "counter",
+            "adapter_sink_events",
+            "sink counters (requests, retries, rejected, ...)",
+            ("sink", "event"),
+            sink_samples,
+        ),
+    ]
