@@ -108,12 +108,17 @@ async def wait_all(config: WaitConfig) -> None:
     """
     log = logs.get("wait")
     blocking: dict[str, str] = {t.label: "not checked yet" for t in config.targets}
+    unchecked = {t.label for t in config.targets}
+    first_round = asyncio.Event()  # every target has an outcome: progress can name it
     started = time.monotonic()
 
     async def one(target: Target) -> None:
         delay = BACKOFF_FIRST
         while True:
             outcome = await check_within(target, ATTEMPT_TIMEOUT)
+            unchecked.discard(target.label)
+            if not unchecked:
+                first_round.set()
             if outcome.ok:
                 blocking.pop(target.label, None)
                 log.info(
@@ -130,8 +135,12 @@ async def wait_all(config: WaitConfig) -> None:
             delay = min(delay * 2, BACKOFF_MAX)
 
     async def progress() -> None:
+        # The first report comes after one interval and after every target has been
+        # checked once (each check is bounded by ATTEMPT_TIMEOUT), so it says why each
+        # target blocks, never "not checked yet" because the machine was slow.
+        await asyncio.sleep(config.progress_interval)
+        await first_round.wait()
         while True:
-            await asyncio.sleep(config.progress_interval)
             for label, reason in sorted(blocking.items()):
                 log.info(
                     "wait_blocked",
@@ -139,6 +148,7 @@ async def wait_all(config: WaitConfig) -> None:
                     reason=reason,
                     waited=round(time.monotonic() - started, 1),
                 )
+            await asyncio.sleep(config.progress_interval)
 
     log.info("wait_started", targets=[t.label for t in config.targets], timeout=config.timeout)
     reporter = asyncio.create_task(progress())
