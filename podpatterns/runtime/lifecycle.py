@@ -42,15 +42,16 @@ class Shutdown(str):
     compares, logs and prints as that text, and carries :attr:`exit_code` beside it
     (cloud-sql-proxy's ``exitError`` is the model): the process entry returns the code
     the shutdown carries instead of working it out from the reason's wording.
-
-    Args:
-        reason: what asked for the shutdown.
-        exit_code: the process exit code for it (0 for a graceful stop).
     """
 
     exit_code: int
+    """The process exit code for this shutdown (0 for a graceful stop)."""
 
     def __new__(cls, reason: str, exit_code: int = 0) -> Shutdown:
+        """Args:
+        reason: what asked for the shutdown.
+        exit_code: the process exit code for it (0 for a graceful stop).
+        """
         self = super().__new__(cls, reason)
         self.exit_code = exit_code
         return self
