@@ -143,10 +143,3 @@ async def running(cfg: AdapterConfig, sink: ListSink, **kw: Any) -> AsyncIterato
         async with asyncio.timeout(20):
             await adapter.wait_drained()
         await adapter.close()
-
-
-async def until(cond: Any, within: float = 15.0) -> None:
-    """Poll ``cond()`` (bounded) until it holds."""
-    async with asyncio.timeout(within):
-        while not cond():  # noqa: ASYNC110
-            await asyncio.sleep(0.01)

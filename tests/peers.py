@@ -24,21 +24,20 @@ import signal
 import socket
 import subprocess
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NoReturn, TypeVar
+from typing import NoReturn
 
 import pytest
+
+from tests.waiting import wait_until
 
 LOOPBACK = "127.0.0.1"
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 START_TIMEOUT = 30.0  # seconds for a peer to accept its first real connection
 STOP_TIMEOUT = 15.0
 _PORT_ATTEMPTS = 8
-
-T = TypeVar("T")
 
 
 def missing(what: str) -> NoReturn:
@@ -54,22 +53,6 @@ def need(binary: str | Path) -> str:
     if found is None:
         missing(f"{binary} is not installed")
     return found
-
-
-def wait_until(check: Callable[[], T | None], timeout: float, what: str) -> T:
-    """Poll ``check`` until it returns a value, for readiness only a new attempt can show.
-
-    Raises:
-        TimeoutError: naming ``what``, after ``timeout`` seconds.
-    """
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value is not None:
-            return value
-        if time.monotonic() >= deadline:
-            raise TimeoutError(f"{what}: not within {timeout}s")
-        time.sleep(0.05)
 
 
 def candidate_ports(count: int = _PORT_ATTEMPTS) -> list[int]:
@@ -137,12 +120,12 @@ def _up(
 ) -> bool:
     """True once ``ready(port, proc)``, False when ``proc`` exited first (bounded)."""
 
-    def check() -> bool | None:
+    def check() -> str | None:
         if proc.poll() is not None:
-            return False
-        return True if ready(port, proc) else None
+            return "exited"
+        return "ready" if ready(port, proc) else None
 
-    return wait_until(check, START_TIMEOUT, what)
+    return wait_until(check, what, START_TIMEOUT) == "ready"
 
 
 # -- PostgreSQL -----------------------------------------------------------------------------

@@ -1,10 +1,20 @@
-"""Run a podpatterns command as a real subprocess and follow its JSON log events."""
+"""Real subprocesses for tests, followed through their structured (JSON) log events.
+
+:class:`Proc` starts any program -- a ``podpatterns`` command (the default), a Python
+script, a binary -- in a session of its own. A reader thread collects its stderr, so a
+test waits on the event it needs (``route_listening``, ``wait_blocked``, ...) instead of
+sleeping; a wait fails at once, with the log so far, when the process ends first. At
+teardown (:meth:`Proc.stop`) it is SIGKILLed by its process group, whose id is the PID
+it was started with: nothing else is ever signalled.
+
+:func:`run` and :func:`run_python` run a command to completion instead.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import queue
 import signal
 import subprocess
 import sys
@@ -12,11 +22,38 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
+
+from tests.waiting import TIMEOUT
+
+Event = dict[str, Any]
+#: The program :class:`Proc` runs unless told: this interpreter's ``podpatterns``.
+PODPATTERNS: tuple[str, ...] = (sys.executable, "-m", "podpatterns")
+
+
+def clean_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """This environment without the developer's ``PODPATTERNS_*`` settings, plus ``env``."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("PODPATTERNS_")}
+    return {**base, **(env or {})}
 
 
 class Proc:
-    """A ``python -m podpatterns ...`` subprocess with its stderr events parsed."""
+    """A running subprocess: its log events, its signals, its exit code.
+
+    Args:
+        args: the arguments of ``program`` (for podpatterns: the subcommand and its flags).
+        env: variables added to the environment (``PODPATTERNS_*`` of the test run's own
+            environment are dropped; ``PODPATTERNS_LOG_FORMAT=json`` is set).
+        tail: arguments after ``args``. podpatterns commands end in ``--log-format json``
+            by default; commands that end in ``-- CMD`` pass ``()`` (the environment
+            variable sets the format then). Pass ``()`` for other programs.
+        prefix: a command that wraps the process and execs it (``unshare ...``).
+        program: what runs, default :data:`PODPATTERNS`; e.g. ``(sys.executable,)`` for a
+            script, ``("nginx",)`` for a binary.
+        stdout: where stdout goes; a pipe by default (read ``p.stdout``). A process that
+            writes much to stdout needs ``subprocess.DEVNULL`` or a file, or a reader.
+        preexec_fn: run in the child before exec (e.g. to block a signal).
+    """
 
     def __init__(
         self,
@@ -24,54 +61,112 @@ class Proc:
         env: dict[str, str] | None = None,
         tail: Sequence[str] = ("--log-format", "json"),
         prefix: Sequence[str] = (),
+        program: Sequence[str] = PODPATTERNS,
+        stdout: int | IO[Any] | None = subprocess.PIPE,
         preexec_fn: Callable[[], object] | None = None,
     ) -> None:
-        # ``tail`` follows ARGS; commands that end in ``-- CMD`` pass () and set
-        # PODPATTERNS_LOG_FORMAT instead. ``prefix`` wraps the process (e.g. unshare).
-        full_env = {**os.environ, "PODPATTERNS_LOG_FORMAT": "json", **(env or {})}
+        self.argv = [*prefix, *program, *args, *tail]
         self.p = subprocess.Popen(
-            [*prefix, sys.executable, "-m", "podpatterns", *args, *tail],
-            stdout=subprocess.PIPE,
+            self.argv,
+            stdin=subprocess.DEVNULL,
+            stdout=stdout,
             stderr=subprocess.PIPE,
-            env=full_env,
+            env=clean_env({"PODPATTERNS_LOG_FORMAT": "json", **(env or {})}),
             preexec_fn=preexec_fn,
+            start_new_session=True,
         )
-        self.events: list[dict[str, Any]] = []
+        #: Every stderr line, as written.
         self.lines: list[str] = []
-        self._q: queue.Queue[dict[str, Any] | None] = queue.Queue()
-        self._reader = threading.Thread(target=self._read, daemon=True)
+        #: The stderr lines that are JSON objects, parsed.
+        self.events: list[Event] = []
+        self._changed = threading.Condition()
+        self._eof = False
+        assert self.p.stderr is not None
+        self._reader = threading.Thread(target=self._read, args=(self.p.stderr,), daemon=True)
         self._reader.start()
 
-    def _read(self) -> None:
-        assert self.p.stderr is not None
-        for raw in self.p.stderr:
+    def _read(self, stream: IO[bytes]) -> None:
+        for raw in stream:
             line = raw.decode(errors="replace").rstrip("\n")
-            self.lines.append(line)
             try:
                 event = json.loads(line)
             except ValueError:
-                continue
-            if isinstance(event, dict):
-                self.events.append(event)
-                self._q.put(event)
-        self._q.put(None)
+                event = None
+            with self._changed:
+                self.lines.append(line)
+                if isinstance(event, dict):
+                    self.events.append(event)
+                self._changed.notify_all()
+        with self._changed:
+            self._eof = True
+            self._changed.notify_all()
 
-    def wait_event(self, name: str, timeout: float = 10.0) -> dict[str, Any]:
-        """Return the first event called ``name`` (past or future); fail after timeout."""
-        for event in self.events:
-            if event.get("event") == name:
-                return event
+    # -- events -----------------------------------------------------------------------------
+
+    def mark(self) -> int:
+        """A position in :attr:`events`, for ``after`` (events logged from now on)."""
+        with self._changed:
+            return len(self.events)
+
+    def find(self, name: str, where: Callable[[Event], bool] | None = None, after: int = 0) -> int:
+        """Index of the first event ``name`` at or after ``after`` matching ``where``, or -1."""
+        with self._changed:
+            for i in range(after, len(self.events)):
+                ev = self.events[i]
+                if ev.get("event") == name and (where is None or where(ev)):
+                    return i
+        return -1
+
+    def wait_index(
+        self,
+        name: str,
+        where: Callable[[Event], bool] | None = None,
+        *,
+        after: int = 0,
+        timeout: float = TIMEOUT,
+    ) -> int:
+        """Wait for an event ``name`` matching ``where``, logged at or after ``after``.
+
+        Returns:
+            Its index in :attr:`events`.
+
+        Raises:
+            AssertionError: the process closed stderr (exited) or the deadline passed
+                first; the message holds the log so far.
+        """
         deadline = time.monotonic() + timeout
-        while (left := deadline - time.monotonic()) > 0:
-            try:
-                item = self._q.get(timeout=left)
-            except queue.Empty:
-                break
-            if item is None:
-                break
-            if item.get("event") == name:
-                return item
-        raise AssertionError(f"no {name!r} event; stderr so far:\n" + "\n".join(self.lines))
+        with self._changed:
+            while True:
+                i = self.find(name, where, after)
+                if i >= 0:
+                    return i
+                left = deadline - time.monotonic()
+                if self._eof or left <= 0:
+                    why = "the process exited" if self._eof else f"not within {timeout:g}s"
+                    raise AssertionError(f"no {name!r} event: {why}\n{self.log_text()}")
+                self._changed.wait(left)
+
+    def wait_event(
+        self,
+        name: str,
+        where: Callable[[Event], bool] | None = None,
+        *,
+        after: int = 0,
+        timeout: float = TIMEOUT,
+    ) -> Event:
+        """The first event ``name`` matching ``where`` (already logged or to come).
+
+        Raises:
+            AssertionError: as :meth:`wait_index`.
+        """
+        i = self.wait_index(name, where, after=after, timeout=timeout)
+        with self._changed:
+            return self.events[i]
+
+    def log_text(self, last: int = 60) -> str:
+        """The last stderr lines (for failure messages)."""
+        with self._changed:
+            return "\n".join(self.lines[-last:])
 
     def listen_port(self) -> int:
         """The TCP port of the (first) route, from its route_listening event."""
@@ -81,25 +176,48 @@ class Proc:
         """The admin server's base URL."""
         return "http://" + str(self.wait_event("admin_listening")["address"])
 
+    # -- lifecycle --------------------------------------------------------------------------
+
     def signal(self, sig: signal.Signals) -> None:
-        """Send ``sig`` to the process."""
+        """Send ``sig`` to the process (not to its group)."""
         self.p.send_signal(sig)
 
-    def wait(self, timeout: float = 10.0) -> int:
-        """Wait for exit and return the code."""
+    def wait(self, timeout: float = TIMEOUT) -> int:
+        """Wait for exit and for the end of its stderr; return the exit code."""
         code = self.p.wait(timeout)
         self._reader.join(timeout)
         return code
 
-    def stop(self) -> None:
-        """Kill the process if it still runs (test teardown)."""
+    def terminate(self, timeout: float = TIMEOUT) -> int:
+        """SIGTERM (unless it already exited), then the exit code."""
         if self.p.poll() is None:
-            self.p.kill()
-            self.p.wait(10)
-        self._reader.join(5)
+            self.p.send_signal(signal.SIGTERM)
+        return self.wait(timeout)
+
+    def stop(self) -> None:
+        """Teardown: SIGKILL the process group if the process still runs, reap, close pipes.
+
+        The group is signalled only while its leader -- the process started here -- is
+        not yet reaped, so its id cannot name anyone else's processes.
+        """
+        if self.p.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.p.pid, signal.SIGKILL)
+            self.p.wait(TIMEOUT)
+        self._reader.join(TIMEOUT)
         for stream in (self.p.stdout, self.p.stderr):
             if stream is not None:
                 stream.close()
+
+
+def checked(event: Event) -> bool:
+    """A ``podpatterns wait`` progress event that reports a check's outcome.
+
+    ``wait_blocked`` events start before the first check of each target has finished
+    (their reason is ``not checked yet`` then), so a test that reads the reason waits
+    for one that passes this.
+    """
+    return event.get("reason") != "not checked yet"
 
 
 def run(
@@ -127,9 +245,3 @@ def run_python(
 def outputs(proc: subprocess.CompletedProcess[str]) -> str:
     """A finished process's stdout and stderr, labelled, for an assertion message."""
     return f"--- stdout\n{proc.stdout}--- stderr\n{proc.stderr}"
-
-
-def sigterm_and_wait(proc: Proc, timeout: float = 10.0) -> int:
-    """SIGTERM, then the exit code."""
-    proc.signal(signal.SIGTERM)
-    return proc.wait(timeout)

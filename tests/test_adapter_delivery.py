@@ -12,7 +12,8 @@ from typing import Any
 import pytest
 
 from podpatterns.adapter import Adapter
-from tests.adapter_harness import ListSink, SeqWriter, check_delivery, config, running, until
+from tests.adapter_harness import ListSink, SeqWriter, check_delivery, config, running
+from tests.waiting import eventually
 
 BATCH = 500
 
@@ -34,7 +35,7 @@ async def test_steady_writing_delivers_every_line_once(tmp_path: Path) -> None:
         for _ in range(50):
             w.write(200)
             await asyncio.sleep(0.002)
-        await until(lambda: len(sink.records) >= w.next)
+        await eventually(lambda: len(sink.records) >= w.next)
     assert sink.seqs() == list(range(w.next))
     assert all(r["file"] == str(tmp_path / "app.log") for r in sink.records)
     offsets = [r["offset"] for r in sink.records]
@@ -74,7 +75,7 @@ async def test_rename_create_rotation_under_load_loses_nothing(tmp_path: Path) -
     log.touch()
     async with running(config(tmp_path, "*.log", reconcile_interval=0.05), sink) as adapter:
         written = await asyncio.to_thread(rotating_writer, log, 8, 0.25)
-        await until(lambda: len(set(sink.seqs())) >= written)
+        await eventually(lambda: len(set(sink.seqs())) >= written)
         assert adapter.counters.rotations >= 8
     check_delivery(sink.seqs(), written, 0)
     keys = {(r["file_id"], r["offset"]) for r in sink.records}
@@ -88,12 +89,12 @@ async def test_rotated_file_is_closed_after_its_end(tmp_path: Path) -> None:
     w = SeqWriter(log)
     w.write(10)
     async with running(config(tmp_path, "*.log"), sink) as adapter:
-        await until(lambda: len(sink.records) >= 10)
+        await eventually(lambda: len(sink.records) >= 10)
         os.rename(log, tmp_path / "app.log.1")
         w.write(5)
         w.reopen()
         w.write(5)
-        await until(lambda: adapter.counters.files_closed == 1 and len(sink.records) >= 20)
+        await eventually(lambda: adapter.counters.files_closed == 1 and len(sink.records) >= 20)
         assert len(adapter.tracked) == 1
     check_delivery(sink.seqs(), 20, 0)
 
@@ -107,11 +108,11 @@ async def test_copytruncate_continues_from_zero_and_reads_the_copy(tmp_path: Pat
     async with running(cfg, sink) as adapter:
         for _ in range(3):
             w.write(100)
-            await until(lambda: len(sink.records) >= w.next)
+            await eventually(lambda: len(sink.records) >= w.next)
             shutil.copyfile(log, tmp_path / "app.log.1")
             os.truncate(log, 0)
             w.write(100)
-            await until(
+            await eventually(
                 lambda: adapter.counters.truncations >= 1 and len(set(sink.seqs())) >= w.next
             )
             (tmp_path / "app.log.1").unlink()
@@ -127,7 +128,7 @@ async def test_copytruncate_with_unread_bytes_recovers_them_from_the_copy(tmp_pa
     w.write(100)
     cfg = config(tmp_path, "*.log", reconcile_interval=0.05)
     async with running(cfg, sink) as adapter:
-        await until(lambda: len(sink.records) >= 100)
+        await eventually(lambda: len(sink.records) >= 100)
         # Write, copy and truncate with no await in between: the adapter cannot look
         # before the truncation, so lines 100-299 exist only in the copy.
         data = b"".join(f"seq={s} {'y' * 40}\n".encode() for s in range(100, 300))
@@ -136,7 +137,7 @@ async def test_copytruncate_with_unread_bytes_recovers_them_from_the_copy(tmp_pa
         os.truncate(log, 0)
         w.next = 300
         w.write(50)
-        await until(lambda: len(set(sink.seqs())) >= 350)
+        await eventually(lambda: len(set(sink.seqs())) >= 350)
     check_delivery(sink.seqs(), 350, 0)
     assert adapter.counters.truncations == 1
     assert adapter.counters.truncated_bytes_recovered > 0
@@ -149,13 +150,13 @@ async def test_truncation_is_detected_and_reading_restarts_at_zero(tmp_path: Pat
     w = SeqWriter(log)
     w.write(100)
     async with running(config(tmp_path, "*.log"), sink) as adapter:
-        await until(lambda: len(sink.records) >= 100)
+        await eventually(lambda: len(sink.records) >= 100)
         os.truncate(log, 0)
         w.write(5)  # shorter than before: size < offset
-        await until(lambda: len(sink.records) >= 105)
+        await eventually(lambda: len(sink.records) >= 105)
         os.truncate(log, 0)
         w.write(300)  # longer than before: detected by the bytes before the offset
-        await until(lambda: len(set(sink.seqs())) >= 405)
+        await eventually(lambda: len(set(sink.seqs())) >= 405)
         assert adapter.counters.truncations == 2
     check_delivery(sink.seqs(), 405, 0)
 
@@ -167,10 +168,10 @@ async def test_restart_resumes_at_the_checkpoint(tmp_path: Path) -> None:
     w.write(1000)
     cfg = config(tmp_path, "*.log")
     async with running(cfg, sink):
-        await until(lambda: len(sink.records) >= 1000)
+        await eventually(lambda: len(sink.records) >= 1000)
     w.write(1000)
     async with running(cfg, sink):
-        await until(lambda: len(sink.records) >= 2000)
+        await eventually(lambda: len(sink.records) >= 2000)
     check_delivery(sink.seqs(), 2000, 0)
 
 
@@ -182,13 +183,13 @@ async def test_files_rotated_while_down_are_found_by_identity(tmp_path: Path) ->
     w.write(100)
     cfg = config(tmp_path, "*.log")
     async with running(cfg, sink):
-        await until(lambda: len(sink.records) >= 100)
+        await eventually(lambda: len(sink.records) >= 100)
     w.write(100)  # unread when the adapter stops
     os.rename(log, tmp_path / "app.log.1")
     w.reopen()
     w.write(100)
     async with running(cfg, sink):
-        await until(lambda: len(set(sink.seqs())) >= 300)
+        await eventually(lambda: len(set(sink.seqs())) >= 300)
     check_delivery(sink.seqs(), 300, 0)
 
 
@@ -200,7 +201,7 @@ async def test_inode_reuse_while_stopped_is_read_as_a_new_file(tmp_path: Path) -
     w.write(300)
     cfg = config(tmp_path, "*.log")
     async with running(cfg, sink):
-        await until(lambda: len(sink.records) >= 300)
+        await eventually(lambda: len(sink.records) >= 300)
     ino = os.stat(log).st_ino
     w.close()
     log.unlink()
@@ -208,7 +209,7 @@ async def test_inode_reuse_while_stopped_is_read_as_a_new_file(tmp_path: Path) -
     w.write(400)  # longer than before: a plain offset check would skip its head
     reused = os.stat(log).st_ino == ino
     async with running(cfg, sink) as adapter:
-        await until(lambda: len(set(sink.seqs())) >= 700)
+        await eventually(lambda: len(set(sink.seqs())) >= 700)
         if reused:
             assert adapter.counters.replaced == 1
     check_delivery(sink.seqs(), 700, 0)
@@ -222,12 +223,12 @@ async def test_slow_sink_pauses_reading(tmp_path: Path) -> None:
     w.write(20000)
     cfg = config(tmp_path, "*.log", queue_max_bytes=64 * 1024, batch_max_bytes=16 * 1024)
     async with running(cfg, sink) as adapter:
-        await until(lambda: adapter._queue.bytes > 32 * 1024)
+        await eventually(lambda: adapter._queue.bytes > 32 * 1024)
         await asyncio.sleep(0.2)
         assert adapter.counters.bytes_read <= 64 * 1024 + cfg.read_chunk
         assert adapter.lag_bytes() > 500 * 1024
         sink.set_down(False)
-        await until(lambda: len(sink.records) >= 20000)
+        await eventually(lambda: len(sink.records) >= 20000)
     check_delivery(sink.seqs(), 20000, 0)
 
 
@@ -239,7 +240,7 @@ async def test_checkpoint_only_after_ack(tmp_path: Path) -> None:
     cfg = config(tmp_path, "*.log")
     adapter = Adapter(cfg, sink=sink)
     await adapter.start()
-    await until(lambda: adapter.counters.bytes_read > 0)
+    await eventually(lambda: adapter.counters.bytes_read > 0)
     await asyncio.sleep(0.1)
     assert all(e.offset == 0 for e in adapter.acked.values())
     adapter.cut()
@@ -255,12 +256,12 @@ async def test_partial_last_line_is_held_then_completed(tmp_path: Path) -> None:
     log = tmp_path / "app.log"
     log.write_bytes(b"seq=0 a\nseq=1 unfinished")
     async with running(config(tmp_path, "*.log"), sink) as adapter:
-        await until(lambda: len(sink.records) >= 1)
+        await eventually(lambda: len(sink.records) >= 1)
         await asyncio.sleep(0.2)
         assert len(sink.records) == 1
         assert next(iter(adapter.acked.values())).offset == 8
         append(log, b" now\n")
-        await until(lambda: len(sink.records) >= 2)
+        await eventually(lambda: len(sink.records) >= 2)
     assert sink.records[1]["message"] == "seq=1 unfinished now"
 
 
@@ -269,7 +270,7 @@ async def test_flush_partial_after_emits_an_idle_partial_line(tmp_path: Path) ->
     sink = ListSink()
     (tmp_path / "app.log").write_bytes(b"seq=0 no newline")
     async with running(config(tmp_path, "*.log", flush_partial_after=0.1), sink):
-        await until(lambda: len(sink.records) >= 1)
+        await eventually(lambda: len(sink.records) >= 1)
     assert sink.records[0]["partial"] is True
     assert sink.records[0]["message"] == "seq=0 no newline"
 
@@ -282,7 +283,7 @@ async def test_long_lines_are_truncated_and_marked(tmp_path: Path) -> None:
         b"seq=0 " + b"L" * 5_000_000 + b"\nseq=1 short\n" + b"seq=2 " + b"M" * 3000 + b"\n"
     )
     async with running(config(tmp_path, "*.log", max_line_bytes=1024), sink) as adapter:
-        await until(lambda: len(sink.records) >= 3)
+        await eventually(lambda: len(sink.records) >= 3)
         truncated = sum(t.splitter.truncated_lines for t in adapter.tracked.values())
     assert [r.get("truncated", False) for r in sink.records] == [True, False, True]
     assert len(sink.records[0]["message"]) == 1024
@@ -295,7 +296,7 @@ async def test_invalid_utf8_is_replaced_and_counted(tmp_path: Path) -> None:
     sink = ListSink()
     (tmp_path / "app.log").write_bytes(b"seq=0 ok\r\nseq=1 \xff\xfe bad\nseq=2 \xc3\xa9\n")
     async with running(config(tmp_path, "*.log"), sink) as adapter:
-        await until(lambda: len(sink.records) >= 3)
+        await eventually(lambda: len(sink.records) >= 3)
     assert [r["message"] for r in sink.records] == ["seq=0 ok", "seq=1 \ufffd\ufffd bad", "seq=2 é"]
     assert adapter.counters.invalid_utf8 == 1
 
@@ -305,7 +306,7 @@ async def test_custom_delimiter(tmp_path: Path) -> None:
     sink = ListSink()
     (tmp_path / "app.log").write_bytes(b"seq=0 a\nb\0seq=1 c\0")
     async with running(config(tmp_path, "*.log", delimiter=b"\0"), sink):
-        await until(lambda: len(sink.records) >= 2)
+        await eventually(lambda: len(sink.records) >= 2)
     assert [r["message"] for r in sink.records] == ["seq=0 a\nb", "seq=1 c"]
 
 
@@ -316,11 +317,11 @@ async def test_globstar_and_new_files_are_discovered(tmp_path: Path) -> None:
     w1 = SeqWriter(tmp_path / "a" / "one.log")
     w1.write(10)
     async with running(config(tmp_path, "**/*.log"), sink):
-        await until(lambda: len(sink.records) >= 10)
+        await eventually(lambda: len(sink.records) >= 10)
         (tmp_path / "a" / "b" / "c").mkdir()
         w2 = SeqWriter(tmp_path / "a" / "b" / "c" / "two.log", start=10)
         w2.write(10)
-        await until(lambda: len(sink.records) >= 20)
+        await eventually(lambda: len(sink.records) >= 20)
     check_delivery(sink.seqs(), 20, 0)
 
 
@@ -331,9 +332,9 @@ async def test_read_from_end_skips_existing_content_on_first_run(tmp_path: Path)
     w.write(10)
     async with running(config(tmp_path, "*.log", read_from="end"), sink):
         w.write(5)
-        await until(lambda: len(sink.records) >= 5)
+        await eventually(lambda: len(sink.records) >= 5)
         SeqWriter(tmp_path / "new.log", start=15).write(5)
-        await until(lambda: len(sink.records) >= 10)
+        await eventually(lambda: len(sink.records) >= 10)
     assert sorted(sink.seqs()) == list(range(10, 20))
 
 
@@ -353,11 +354,11 @@ async def test_polling_mode_delivers(tmp_path: Path, how: str) -> None:
     sink = ListSink()
     w = SeqWriter(tmp_path / "app.log")
     async with running(cfg, sink, **kw) as adapter:
-        await until(lambda: adapter.mode == "poll")
+        await eventually(lambda: adapter.mode == "poll")
         for _ in range(10):
             w.write(100)
             await asyncio.sleep(0.01)
-        await until(lambda: len(sink.records) >= 1000)
+        await eventually(lambda: len(sink.records) >= 1000)
     check_delivery(sink.seqs(), 1000, 0)
 
 
@@ -368,7 +369,7 @@ async def test_watch_mode_reacts_to_events(tmp_path: Path) -> None:
     async with running(config(tmp_path, "*.log", reconcile_interval=30.0), sink) as adapter:
         await asyncio.sleep(0.3)  # let the watcher start
         w.write(10)
-        await until(lambda: len(sink.records) >= 10, within=5.0)
+        await eventually(lambda: len(sink.records) >= 10, within=5.0)
         assert adapter.mode == "watch"
 
 
@@ -379,10 +380,10 @@ async def test_many_files_with_idle_ones(tmp_path: Path) -> None:
     for w in writers:
         w.write(2)
     async with running(config(tmp_path, "*.log", reconcile_interval=0.5), sink) as adapter:
-        await until(lambda: len(sink.records) >= 2000, within=30)
+        await eventually(lambda: len(sink.records) >= 2000, within=30)
         for w in writers[:10]:
             w.write(8)
-        await until(lambda: len(sink.records) >= 2080, within=30)
+        await eventually(lambda: len(sink.records) >= 2080, within=30)
         assert len(adapter.tracked) == 1000
     for w in writers:
         w.close()
@@ -430,7 +431,7 @@ async def test_sink_os_errors_are_retried_not_fatal(tmp_path: Path) -> None:
     sink = FlakySink(3)
     SeqWriter(tmp_path / "app.log").write(100)
     async with running(config(tmp_path, "*.log"), sink) as adapter:
-        await until(lambda: len(sink.records) >= 100)
+        await eventually(lambda: len(sink.records) >= 100)
         assert adapter.is_ready()
         assert adapter.counters.sink_errors == 3
     check_delivery(sink.seqs(), 100, 0)
@@ -443,17 +444,17 @@ async def test_closed_rotated_file_entry_is_kept_until_acknowledged(tmp_path: Pa
     w = SeqWriter(log)
     w.write(10)
     async with running(config(tmp_path, "*.log"), sink) as adapter:
-        await until(lambda: len(sink.records) >= 10)
+        await eventually(lambda: len(sink.records) >= 10)
         sink.set_down(True)
         w.write(10)
         os.rename(log, tmp_path / "app.log.1")
         w.reopen()
-        await until(lambda: adapter.counters.files_closed == 1)
+        await eventually(lambda: adapter.counters.files_closed == 1)
         await asyncio.sleep(0.3)  # several reconciles (each would prune)
         rotated = [e for e in adapter.acked.values() if e.offset < 20 * 50]
         assert any(e.offset > 0 for e in rotated), adapter.acked
         sink.set_down(False)
-        await until(lambda: len(sink.records) >= 20)
+        await eventually(lambda: len(sink.records) >= 20)
     check_delivery(sink.seqs(), 20, 0)
 
 
@@ -465,11 +466,11 @@ async def test_truncated_while_stopped_is_read_from_zero(tmp_path: Path) -> None
     w.write(300)
     cfg = config(tmp_path, "*.log")
     async with running(cfg, sink):
-        await until(lambda: len(sink.records) >= 300)
+        await eventually(lambda: len(sink.records) >= 300)
     os.truncate(log, 0)
     w.write(100)  # shorter than the checkpointed offset
     async with running(cfg, sink) as adapter:
-        await until(lambda: len(sink.records) >= 400)
+        await eventually(lambda: len(sink.records) >= 400)
         assert adapter.counters.truncations + adapter.counters.replaced == 1
     check_delivery(sink.seqs(), 400, 0)
 
@@ -482,13 +483,13 @@ async def test_corrupt_checkpoint_falls_back_to_the_previous_generation(tmp_path
     async with running(cfg, sink):
         for _ in range(5):
             w.write(BATCH)
-            await until(lambda: len(sink.records) >= w.next)
+            await eventually(lambda: len(sink.records) >= w.next)
     from podpatterns.adapter.checkpoint import NAME
 
     (tmp_path / "cp" / NAME).write_bytes(b'{"version": 1, "fil')
     w.write(100)
     async with running(cfg, sink) as adapter:
-        await until(lambda: len(set(sink.seqs())) >= w.next)
+        await eventually(lambda: len(set(sink.seqs())) >= w.next)
         assert adapter._store is not None and adapter._store.fallbacks == 1
     check_delivery(sink.seqs(), w.next, BATCH)
 
@@ -500,12 +501,12 @@ async def test_file_moved_away_and_back_is_resumed_not_reread(tmp_path: Path) ->
     w = SeqWriter(log)
     w.write(50)
     async with running(config(tmp_path, "*.log"), sink) as adapter:
-        await until(lambda: len(sink.records) >= 50)
+        await eventually(lambda: len(sink.records) >= 50)
         os.rename(log, tmp_path / "app.away")
-        await until(lambda: adapter.counters.files_closed == 1)
+        await eventually(lambda: adapter.counters.files_closed == 1)
         os.rename(tmp_path / "app.away", log)
         w.write(10)
-        await until(lambda: len(sink.records) >= 60)
+        await eventually(lambda: len(sink.records) >= 60)
         await asyncio.sleep(0.2)  # a re-read from 0 would show up as duplicates
     check_delivery(sink.seqs(), 60, 0)
 

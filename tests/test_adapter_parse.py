@@ -16,7 +16,8 @@ from podpatterns.adapter.lines import Line, LineSplitter
 from podpatterns.adapter.multiline import PRESETS, Grouper
 from podpatterns.adapter.parse import get_parser
 from podpatterns.adapter.transform import TransformChain, luhn_ok, parse_timestamp, redactor
-from tests.adapter_harness import ListSink, config, running, until
+from tests.adapter_harness import ListSink, config, running
+from tests.waiting import eventually
 
 NGINX = (
     '93.180.71.3 - - [17/May/2015:08:05:32 +0000] "GET /downloads/product_1 HTTP/1.1" 304 0 '
@@ -104,7 +105,7 @@ async def test_parse_errors_are_marked_or_dropped(tmp_path: Path) -> None:
     (tmp_path / "app.log").write_bytes(b'{"a":1}\nnot json\n')
     sink = ListSink()
     async with running(config(tmp_path, "*.log", parse="json"), sink) as adapter:
-        await until(lambda: len(sink.records) >= 2)
+        await eventually(lambda: len(sink.records) >= 2)
     assert sink.records[0]["a"] == 1
     assert sink.records[1]["parse_error"] == "json"
     assert adapter.counters.parse_errors == 1
@@ -113,7 +114,7 @@ async def test_parse_errors_are_marked_or_dropped(tmp_path: Path) -> None:
     (tmp_path / "x").mkdir()
     (tmp_path / "x" / "app.log").write_bytes(b'not json\n{"a":2}\n')
     async with running(cfg, sink):
-        await until(lambda: len(sink.records) >= 1)
+        await eventually(lambda: len(sink.records) >= 1)
     assert [r["a"] for r in sink.records] == [2]
 
 
@@ -130,9 +131,9 @@ async def test_cri_partials_are_merged(tmp_path: Path) -> None:
     (tmp_path / "c.log").write_bytes(data)
     sink = ListSink()
     async with running(config(tmp_path, "*.log", parse="cri"), sink) as adapter:
-        await until(lambda: len(sink.records) >= 2)
+        await eventually(lambda: len(sink.records) >= 2)
         # The open P group keeps the checkpoint at its first line.
-        await until(lambda: next(iter(adapter.acked.values())).offset > 0)
+        await eventually(lambda: next(iter(adapter.acked.values())).offset > 0)
         assert next(iter(adapter.acked.values())).offset == data.index(b"2024-01-01T00:00:03Z")
     assert sink.records[0]["message"] == "hello big world"
     assert sink.records[0]["offset"] == 0
@@ -186,7 +187,7 @@ async def test_multiline_never_checkpoints_inside_an_open_group(tmp_path: Path) 
     sink = ListSink()
     cfg = config(tmp_path, "*.log", multiline="python", multiline_timeout=0.5)
     async with running(cfg, sink) as adapter:
-        await until(lambda: len(sink.records) >= 1)
+        await eventually(lambda: len(sink.records) >= 1)
         entry = next(iter(adapter.acked.values()))
         assert entry.offset == len(PY_TRACE) - 15
     assert sink.records[0]["message"].endswith("ValueError: bad")
@@ -283,7 +284,7 @@ async def test_user_transform_and_dead_letter(tmp_path: Path) -> None:
         dead_letter=tmp_path / "dead.ndjson",
     )
     async with running(cfg, sink) as adapter:
-        await until(lambda: len(sink.records) >= 4)
+        await eventually(lambda: len(sink.records) >= 4)
     assert [r["message"] for r in sink.records] == ["ok", "two", "two", "last"]
     assert adapter._chain.counters.failed == 1
     dead = (tmp_path / "dead.ndjson").read_text()

@@ -18,7 +18,8 @@ from podpatterns.adapter.sinks.retry import Backoff, parse_retry_after
 from podpatterns.adapter.sinks.stdout import StdoutSink, fit
 from podpatterns.adapter.sinks.tcp import TcpSink
 from podpatterns.options import HostPort
-from tests.adapter_harness import SeqWriter, check_delivery, config, read_ndjson, seqs_of, until
+from tests.adapter_harness import SeqWriter, check_delivery, config, read_ndjson, seqs_of
+from tests.waiting import eventually
 
 
 class Collector:
@@ -71,14 +72,14 @@ async def test_http_sink_down_then_back_loses_nothing(tmp_path: Path) -> None:
     await adapter.start()
     try:
         w.write(3000)
-        await until(lambda: adapter.sink.collect()["retries"] >= 3)
+        await eventually(lambda: adapter.sink.collect()["retries"] >= 3)
         app = web.Application()
         app.router.add_post("/ingest", c.handle)
         runner = web.AppRunner(app)
         await runner.setup()
         await web.TCPSite(runner, "127.0.0.1", port).start()
         w.write(3000)
-        await until(lambda: len(c.records) >= 6000)
+        await eventually(lambda: len(c.records) >= 6000)
     finally:
         adapter.stop_accepting()
         await adapter.wait_drained()
@@ -171,10 +172,10 @@ async def test_tcp_sink_reconnects_and_resends(tmp_path: Path) -> None:
     await sink.start()
     try:
         await sink.send([{"n": 1}, {"n": 2}])
-        await until(sink.peer_closed)
+        await eventually(sink.peer_closed)
         for i in range(3, 50):
             await sink.send([{"n": i}])
-        await until(lambda: {json.loads(x)["n"] for x in got} >= set(range(3, 50)))
+        await eventually(lambda: {json.loads(x)["n"] for x in got} >= set(range(3, 50)))
     finally:
         await sink.close()
         server.close()

@@ -143,10 +143,10 @@ def test_dns_refresh_follows_hosts_change(
     a, _ = servers
     with ambassador_with_hosts(hosts_file, a.port, "--dns-refresh", "0.5s") as amb:
         assert identity(amb) == b"A\n"
-        amb.wait_for("upstream_resolved", resolved_to(SERVER_A))
+        amb.wait_event("upstream_resolved", resolved_to(SERVER_A))
         mark = amb.mark()
         point_name_at(hosts_file, SERVER_B)
-        event = amb.wait_for("upstream_resolved", resolved_to(SERVER_B), after=mark, timeout=10)
+        event = amb.wait_event("upstream_resolved", resolved_to(SERVER_B), after=mark, timeout=10)
         assert event["previous"] == [SERVER_A]
         assert identity(amb) == b"B\n"
         assert amb.find("upstream_down") == -1
@@ -168,7 +168,7 @@ def test_connect_failure_triggers_reresolution(
         a.stop()
         assert identity(amb) == b"B\n"
         down = amb.wait_index("upstream_down", lambda ev: ev["reason"] == "refused", after=mark)
-        amb.wait_for("upstream_resolved", resolved_to(SERVER_B), after=down)
+        amb.wait_event("upstream_resolved", resolved_to(SERVER_B), after=down)
         failures = amb.metric(
             "podpatterns_ambassador_upstream_connect_failures_total", reason="refused"
         )

@@ -148,7 +148,7 @@ def test_sigterm_drains_inflight_pgbench(postgres: PostgresServer) -> None:
         report = out.decode()
         assert "number of transactions actually processed: 20000/20000" in report, report
         assert re.search(r"^number of failed transactions: 0 \(", report, re.M), report
-        assert amb.wait_for("drain_started")["in_flight"] >= 2
+        assert amb.wait_event("drain_started")["in_flight"] >= 2
         assert amb.find("drain_finished") >= 0
         assert amb.find("drain_deadline_cut") == -1
 

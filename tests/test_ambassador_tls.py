@@ -32,6 +32,7 @@ from podpatterns.ambassador.route import Route
 from podpatterns.ambassador.tlsleg import READ_BATCH, TLSTransport
 from podpatterns.options import HostPort
 from podpatterns.runtime import Runtime, RuntimeConfig
+from tests.waiting import eventually
 
 Handler = Callable[["TLSServer", ssl.SSLSocket], None]
 
@@ -262,13 +263,6 @@ async def read_to_end(reader: asyncio.StreamReader) -> bytes | None:
             return await reader.read()
     except ConnectionResetError:
         return None
-
-
-async def until(cond: Callable[[], bool], limit: float = 10.0) -> None:
-    """Bounded poll, for state that has no event to wait on."""
-    async with asyncio.timeout(limit):
-        while not cond():  # noqa: ASYNC110 - the state has no event to wait on
-            await asyncio.sleep(0.02)
 
 
 async def drained(amb: Ambassador) -> None:
@@ -539,7 +533,7 @@ async def test_rotation_through_watch_loop_new_client_ca(
                     assert not await read_to_end(reader)  # the server now wants the new CA
 
                 secret.update(client_files(ca, new_ca.issue_cert("ambassador.test")))
-                await until(lambda: provider.reloads == 1)
+                await eventually(lambda: provider.reloads == 1)
 
                 async with client(amb) as (reader, writer):
                     assert await ping(reader, writer, b"new cert") == b"new cert"

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from podpatterns.health.records import Writer
-from tests.proc import Proc, run, sigterm_and_wait
+from tests.proc import Proc, run
 
 LOOP = "127.0.0.1"
 
@@ -352,7 +352,7 @@ def test_two_routes_from_config_file(procs: list[Proc], tmp_path: Path) -> None:
         client.close()
     routes = {e["route"] for e in p.events if e.get("event") == "route_listening"}
     assert routes == {"db", "cache"}
-    assert sigterm_and_wait(p) == 0
+    assert p.terminate() == 0
     up_a.close()
     up_b.close()
 
@@ -408,7 +408,7 @@ def test_out_of_fds_fails_connections_not_the_process(procs: list[Proc]) -> None
     c.sendall(b"again")
     assert c.recv(10) == b"again"
     c.close()
-    assert sigterm_and_wait(p) == 0
+    assert p.terminate() == 0
     up.close()
 
 

@@ -23,6 +23,7 @@ from podpatterns.health.targets import check_within, parse_target
 from podpatterns.options import HostPort
 from podpatterns.runtime import RuntimeConfig
 from tests.proc import Proc, run
+from tests.waiting import eventually, wait_until
 
 LOOP = "127.0.0.1"
 
@@ -90,10 +91,8 @@ async def test_exec_probe_timeout_kills_the_process_group(tmp_path: Path) -> Non
     out = await check_within(probe, 0.5)
     assert not out.ok and "no answer within 0.5s" in out.reason
     pid = int(pid_file.read_text())
-    async with asyncio.timeout(5):
-        # gone, or a zombie (killed, waiting for its new parent to reap it)
-        while (await asyncio.to_thread(_proc_state, pid)) not in ("", "Z"):  # noqa: ASYNC110
-            await asyncio.sleep(0.01)
+    # gone, or a zombie (killed, waiting for its new parent to reap it)
+    await eventually(lambda: _proc_state(pid) in ("", "Z"))
     ok = await check_within(parse_target("exec:sh -c 'exit 0'"), 5)
     bad = await check_within(parse_target("exec:sh -c 'echo boom >&2; exit 3'"), 5)
     assert ok.ok and not bad.ok and bad.reason == "exit 3: boom"
@@ -234,10 +233,8 @@ def test_health_command_end_to_end(procs: list[Proc], tmp_path: Path) -> None:
     try:
         url = p.admin_url()
         p.wait_event("record_phase")
-        deadline = time.monotonic() + 10
-        while (status := _get_status(f"{url}/readyz")) != 200:  # the view refreshes itself
-            assert time.monotonic() < deadline, status
-            time.sleep(0.02)
+        # the view refreshes itself
+        wait_until(lambda: _get_status(f"{url}/readyz") == 200, "GET /readyz: 200")
         rec = read_record(tmp_path, "app").record
         assert rec is not None and rec.phase is Phase.READY
     finally:

@@ -5,9 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -20,6 +18,7 @@ from podpatterns.reload.notify import Exec, HttpPost, SignalPid
 from podpatterns.reload.snapshot import take
 from tests.kubelet import configmap_write
 from tests.proc import Proc, run
+from tests.waiting import eventually, wait_for_file, wait_until
 
 LOOP = "127.0.0.1"
 
@@ -143,9 +142,7 @@ async def test_validate_failure_blocks_notification(tmp_path: Path) -> None:
         reloader(ReloadConfig((conf,), HttpPost(t.url), validate=tuple(check), debounce=0.05)) as r,
     ):
         (conf / "app.conf").write_text("broken")
-        async with asyncio.timeout(10):
-            while r.counts["validate_failed"] < 1:  # noqa: ASYNC110 - no event for this
-                await asyncio.sleep(0.01)
+        await eventually(lambda: r.counts["validate_failed"] >= 1)
         assert t.posts == 0
         (conf / "app.conf").write_text("good2")
         async with asyncio.timeout(10):
@@ -162,14 +159,10 @@ async def test_failed_notifications_retry_and_clear_readiness(tmp_path: Path) ->
     ):
         t.status = 503
         (tmp_path / "a").write_text("2")
-        async with asyncio.timeout(10):
-            while t.posts < 3:  # noqa: ASYNC110 - counting retries
-                await asyncio.sleep(0.01)
+        await eventually(lambda: t.posts >= 3)
         assert not r.is_ready() and r.counts["notify_failed"] >= 2
         t.status = 200
-        async with asyncio.timeout(10):
-            while not r.is_ready():  # noqa: ASYNC110
-                await asyncio.sleep(0.01)
+        await eventually(r.is_ready)
         assert r.counts["notify_ok"] == 1 and r.wanted is None
 
 
@@ -182,13 +175,9 @@ async def test_newer_version_replaces_one_being_retried(tmp_path: Path) -> None:
         ReloadConfig((tmp_path,), Exec(("sh", "-c", script)), debounce=0.05, retry_max=0.1)
     ) as r:
         (tmp_path / "a").write_text("2")  # exec fails for "2": retried
-        async with asyncio.timeout(10):
-            while r.counts["notify_failed"] < 2:  # noqa: ASYNC110
-                await asyncio.sleep(0.01)
+        await eventually(lambda: r.counts["notify_failed"] >= 2)
         (tmp_path / "a").write_text("3")
-        async with asyncio.timeout(10):
-            while r.counts["notify_ok"] < 1:  # noqa: ASYNC110
-                await asyncio.sleep(0.01)
+        await eventually(lambda: r.counts["notify_ok"] >= 1)
         await settle(r, 0.3)
     # the app read "2" only on failed attempts; the last delivered version is the newest
     notified = log.read_text()
@@ -203,32 +192,23 @@ def test_signal_to_pid_file_end_to_end(procs: list[Proc], tmp_path: Path) -> Non
     configmap_write(conf, 1, {"app.yaml": "a: 1"})
     got = tmp_path / "got"
     script = f"trap 'echo hup >> {got}' HUP; echo ready > {got}.r; while :; do sleep 0.05; done"
-    app = subprocess.Popen(["sh", "-c", script])
-    try:
-        pid_file = tmp_path / "app.pid"
-        pid_file.write_text(str(app.pid))
-        for _ in range(500):
-            if Path(f"{got}.r").exists():
-                break
-            time.sleep(0.01)
-        p = Proc(
-            "reload", "--watch", str(conf), "--signal", "hup", "--pid-file", str(pid_file),
-            "--debounce", "50ms", "--admin", "off", "--shutdown-delay", "0",
-        )  # fmt: skip
-        procs.append(p)
-        p.wait_event("reload_watching")
-        configmap_write(conf, 2, {"app.yaml": "a: 2"})
-        assert p.wait_event("reload_notified")["attempt"] == 1
-        for _ in range(500):
-            if got.exists() and got.read_text() == "hup\n":
-                break
-            time.sleep(0.01)
-        assert got.read_text() == "hup\n"
-        p.signal(signal.SIGTERM)
-        assert p.wait(10) == 0
-    finally:
-        app.kill()
-        app.wait(10)
+    app = Proc("-c", script, program=("sh",), tail=())
+    procs.append(app)
+    pid_file = tmp_path / "app.pid"
+    pid_file.write_text(str(app.p.pid))
+    wait_for_file(Path(f"{got}.r"))
+    p = Proc(
+        "reload", "--watch", str(conf), "--signal", "hup", "--pid-file", str(pid_file),
+        "--debounce", "50ms", "--admin", "off", "--shutdown-delay", "0",
+    )  # fmt: skip
+    procs.append(p)
+    p.wait_event("reload_watching")
+    configmap_write(conf, 2, {"app.yaml": "a: 2"})
+    assert p.wait_event("reload_notified")["attempt"] == 1
+    wait_until(lambda: got.exists() and got.read_text() == "hup\n", "the app's SIGHUP trap")
+    assert got.read_text() == "hup\n"
+    p.signal(signal.SIGTERM)
+    assert p.wait(10) == 0
 
 
 def test_usage_errors(tmp_path: Path) -> None:
@@ -290,18 +270,12 @@ async def test_slow_target_never_blocks_watching(tmp_path: Path) -> None:
     try:
         async with reloader(ReloadConfig((tmp_path,), HttpPost(url), debounce=0.05)) as r:
             (tmp_path / "a").write_text("2")
-            async with asyncio.timeout(10):
-                while not seen:  # noqa: ASYNC110 - the first notification is hanging
-                    await asyncio.sleep(0.01)
+            await eventually(lambda: seen)
             (tmp_path / "a").write_text("3")
-            async with asyncio.timeout(10):
-                while r.counts["changes"] < 2:  # noqa: ASYNC110 - seen while blocked
-                    await asyncio.sleep(0.01)
+            await eventually(lambda: r.counts["changes"] >= 2)
             assert r.counts["notify_ok"] == 0  # the first is still in flight
             release.set()
-            async with asyncio.timeout(10):
-                while r.counts["notify_ok"] < 2:  # noqa: ASYNC110
-                    await asyncio.sleep(0.01)
+            await eventually(lambda: r.counts["notify_ok"] >= 2)
             assert seen[-1] == "3" and r.wanted is None
     finally:
         await runner.cleanup()

@@ -8,7 +8,8 @@ import struct
 
 import pytest
 
-from tests.conftest import ambassador, echo, eventually, port_of, rand, read_all, serve, sha
+from tests.servers import ambassador, echo, port_of, rand, read_all, serve, sha
+from tests.waiting import eventually
 
 LOOP = "127.0.0.1"
 
@@ -179,7 +180,7 @@ async def test_sockets_closed_once_and_nothing_leaks(relay_mode: str) -> None:
             writer.close()
             await writer.wait_closed()
         await eventually(lambda: amb.in_flight() == 0)
-        await eventually(lambda: fds() <= before, within=5)
+        await eventually(lambda: fds() <= before)
         assert amb.routes[0].stats.closed["eof"] == 51
 
 

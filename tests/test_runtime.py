@@ -12,7 +12,7 @@ from podpatterns.ambassador import Ambassador, RouteConfig
 from podpatterns.errors import BindError
 from podpatterns.options import HostPort
 from podpatterns.runtime import Phase, Runtime, RuntimeConfig
-from tests.conftest import echo, read_all, serve
+from tests.servers import echo, read_all, serve
 
 LOOP = "127.0.0.1"
 

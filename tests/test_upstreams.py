@@ -14,17 +14,17 @@ import pytest
 from podpatterns.ambassador import dial, proxy_protocol
 from podpatterns.ambassador.upstreams import UpstreamPool
 from podpatterns.options import HostPort
-from tests.conftest import (
+from tests.servers import (
     Handler,
     ambassador,
     echo,
-    eventually,
     free_listener,
     port_of,
     read_all,
     serve,
     unix_path_of,
 )
+from tests.waiting import eventually
 
 LOOP = "127.0.0.1"
 

@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.engine import BASE, ROOT, VERSION, Engine, build, build_local, podman_build
-from tests.peers import candidate_ports, wait_until
+from tests.peers import candidate_ports
+from tests.waiting import wait_until
 
 # As readOnlyRootFilesystem: podman's --read-only alone would still mount writable tmpfs
 # on /tmp, /var/tmp and /run.
@@ -164,7 +165,9 @@ def test_ambassador_runs_locked_down_and_drains_on_sigterm(
             "json",
         ) as cid,
     ):
-        wait_until(lambda: http_status(admin, "/readyz") == 200 or None, 30, "ambassador ready")
+        wait_until(
+            lambda: http_status(admin, "/readyz") == 200 or None, "ambassador ready", within=30
+        )
         with socket.create_connection(("127.0.0.1", listen), timeout=5) as conn:
             conn.sendall(b"through the ambassador container\n")
             conn.shutdown(socket.SHUT_WR)
@@ -261,9 +264,9 @@ def test_run_as_pid1_forwards_signals_and_keeps_the_exit_code(
         images["tools"],
         *run_as_main(SIGNAL_SCRIPT),
     ) as cid:
-        wait_until(lambda: "started" in podman.logs(cid) or None, 30, "command started")
+        wait_until(lambda: "started" in podman.logs(cid) or None, "command started", within=30)
         podman.run("kill", "--signal", "HUP", cid)
-        wait_until(lambda: "got-HUP" in podman.logs(cid) or None, 10, "HUP forwarded")
+        wait_until(lambda: "got-HUP" in podman.logs(cid) or None, "HUP forwarded", within=10)
         started = time.monotonic()
         podman.run("stop", "-t", "20", cid)
         assert time.monotonic() - started < 10  # TERM was handled, not a timeout's KILL
@@ -321,7 +324,7 @@ def test_custom_adapter_image_from_the_docs(
                         records[str(record.get("order_id", record.get("path")))] = record
                 return records if "A-18" in records else None
 
-            records = wait_until(shipped, 30, "the transformed records on stdout")
+            records = wait_until(shipped, "the transformed records on stdout", within=30)
             assert records["A-17"]["amount"] == "19.99 EUR"
             assert records["A-18"]["amount"] == "0.05 EUR"
             assert "/healthz" not in records  # dropped by the transform (it returned None)

@@ -44,7 +44,8 @@ import yaml
 
 from tests.e2e.engine import ROOT, VERSION, Engine, kube_play
 from tests.kubelet import configmap_write
-from tests.peers import PostgresServer, candidate_ports, wait_until
+from tests.peers import PostgresServer, candidate_ports
+from tests.waiting import wait_until
 
 pytest_plugins = ("tests.peer_fixtures",)
 
@@ -239,8 +240,8 @@ def test_ambassador_postgres(
         # the app's first psql may race the ambassador's bind; it retries every 10 s
         wait_until(
             lambda: "| 127.0.0.1" in podman.logs(f"{pod}-app") or None,
-            40,
             "a query answered through the ambassador",
+            within=40,
         )
         assert status(admin, "/startupz") == 200
         assert status(admin, "/readyz") == 200
@@ -272,8 +273,8 @@ def test_adapter_ships_nginx_access_logs(
     pod = pod_name("adapter-stdout")
     adapter = f"{pod}-log-adapter"
     with kube_play(podman, manifest, tmp_path):
-        wait_until(lambda: status(http, "/") or None, 30, "nginx answering")
-        wait_until(lambda: status(admin, "/readyz") == 200 or None, 30, "adapter ready")
+        wait_until(lambda: status(http, "/") or None, "nginx answering", within=30)
+        wait_until(lambda: status(admin, "/readyz") == 200 or None, "adapter ready", within=30)
         for _ in range(3):
             assert status(http, marker) == 404
 
@@ -281,7 +282,7 @@ def test_adapter_ships_nginx_access_logs(
             found = [r for r in json_lines(podman.logs(adapter)) if r.get("path") == marker]
             return found if len(found) == 3 else None
 
-        records = wait_until(shipped, 30, "three parsed access-log records on stdout")
+        records = wait_until(shipped, "three parsed access-log records on stdout", within=30)
         for record in records:
             assert (record["method"], record["status"], record["remote_addr"]) == (
                 "GET",
@@ -351,12 +352,16 @@ def test_health_records_answer_503_then_200(
     )
     pod = pod_name("health-records")
     with kube_play(podman, manifest, tmp_path):
-        first = wait_until(lambda: status(admin, "/readyz/worker"), 30, "health endpoint")
+        first = wait_until(lambda: status(admin, "/readyz/worker"), "health endpoint", within=30)
         assert first == 503  # the worker warms up for 5 s before its ready file appears
         assert status(admin, "/readyz") == 503  # so the Pod is not ready either
-        wait_until(lambda: status(admin, "/readyz/worker") == 200 or None, 30, "worker ready")
-        wait_until(lambda: status(admin, "/readyz/web") == 200 or None, 30, "web probed ready")
-        wait_until(lambda: status(admin, "/readyz") == 200 or None, 30, "Pod ready")
+        wait_until(
+            lambda: status(admin, "/readyz/worker") == 200 or None, "worker ready", within=30
+        )
+        wait_until(
+            lambda: status(admin, "/readyz/web") == 200 or None, "web probed ready", within=30
+        )
+        wait_until(lambda: status(admin, "/readyz") == 200 or None, "Pod ready", within=30)
         got = http_get(admin, "/readyz")
         assert got is not None
         body = json.loads(got[1])
@@ -439,8 +444,8 @@ def test_startup_ordering_app_waits_for_the_database(
     app = f"{pod}-app"
     try:
         with kube_play(podman, manifest, tmp_path):
-            wait_until(lambda: status(admin_b, "/readyz/database"), 30, "health endpoint")
-            wait_until(lambda: status(admin_a, "/readyz"), 30, "ambassador admin")
+            wait_until(lambda: status(admin_b, "/readyz/database"), "health endpoint", within=30)
+            wait_until(lambda: status(admin_a, "/readyz"), "ambassador admin", within=30)
             time.sleep(3)  # a few health checks and probes find no database
             assert status(admin_a, "/readyz") == 503, podman.logs(f"{pod}-db-ambassador")
             assert status(admin_b, "/readyz/database") == 503
@@ -448,8 +453,8 @@ def test_startup_ordering_app_waits_for_the_database(
             database.start()
             wait_until(
                 lambda: "database answered b'N'" in podman.logs(app) or None,
-                30,
                 "the app started and reached the database",
+                within=30,
             )
             assert "unreachable" not in podman.logs(app)
             stop_pod(podman, pod)
@@ -477,16 +482,16 @@ def test_config_reload_from_a_configmap_swap(
     conf_dir = tmp_path / "volumes" / "nginx-conf"
     pod = pod_name("config-reload")
     with kube_play(podman, manifest, tmp_path):
-        wait_until(lambda: http_get(http, "/version") or None, 30, "nginx answering")
+        wait_until(lambda: http_get(http, "/version") or None, "nginx answering", within=30)
         assert http_get(http, "/version") == (200, b"v1\n")
-        wait_until(lambda: status(admin, "/readyz") == 200 or None, 30, "reload ready")
+        wait_until(lambda: status(admin, "/readyz") == 200 or None, "reload ready", within=30)
         conf = (conf_dir / "nginx.conf").read_text()
         assert 'return 200 "v1\\n";' in conf
         configmap_write(conf_dir, 2, {"nginx.conf": conf.replace('"v1\\n"', '"v2\\n"')})
         wait_until(
             lambda: http_get(http, "/version") == (200, b"v2\n") or None,
-            30,
             "nginx serving the new config",
+            within=30,
         )
         assert "reload_notified" in events(podman, f"{pod}-config-reload")
         stop_pod(podman, pod, sidecars=["config-reload"])
