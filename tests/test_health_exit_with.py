@@ -16,6 +16,7 @@ from podpatterns.health.exitwith import ExitWith, parse_quit_url
 from podpatterns.health.records import Writer
 from podpatterns.runtime import Runtime, RuntimeConfig
 from tests.proc import Proc, run
+from tests.waiting import eventually
 
 LOOP = "127.0.0.1"
 
@@ -126,7 +127,7 @@ async def test_forced_polling_still_triggers_and_is_exported(tmp_path: Path) -> 
     runtime.registry.register(trigger.collector())
     task = asyncio.create_task(runtime.run())
     await runtime.wait_started()
-    await asyncio.sleep(0.05)
+    await eventually(lambda: trigger.watcher.mode == "polling")
     text = metrics.exposition(runtime.registry).decode()
     assert 'podpatterns_exit_with_watch_mode{mode="polling"} 1.0' in text
     assert "podpatterns_exit_with_watch_fallbacks_total 1.0" in text
@@ -140,9 +141,7 @@ async def test_inotify_mode_is_exported(tmp_path: Path) -> None:
     """With inotify, the watch-mode metric says inotify once events arrive."""
     trigger = ExitWith(tmp_path, "app", resync=0.05)
     task = asyncio.create_task(trigger())
-    async with asyncio.timeout(5):
-        while trigger.watcher.mode != "inotify":  # noqa: ASYNC110 - no event for this
-            await asyncio.sleep(0.01)
+    await eventually(lambda: trigger.watcher.mode == "inotify")
     Writer(tmp_path, "app").mark_exited(1)
     async with asyncio.timeout(5):
         assert await task == "exit-with:app"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -16,7 +16,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from podpatterns.health.records import Phase, read_record
 from podpatterns.health.targets import GrpcTarget, Outcome, check_within, parse_target
-from tests.proc import Proc, run
+from tests.proc import Proc, checked, run
+from tests.waiting import wait_until
 
 LOOP = "127.0.0.1"
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -117,7 +118,8 @@ async def test_health_cli_turns_ready_once_serving(procs: list[Proc], tmp_path: 
     """podpatterns health --probe grpc://... writes ready once the server is SERVING."""
     async with grpc_server() as (servicer, port):
         await servicer.set("", NOT_SERVING)
-        # the prober is a subprocess: this loop keeps serving while the test polls
+        # the prober is a subprocess; the test polls in a thread, so that this loop keeps
+        # serving the gRPC server meanwhile
         p = Proc(
             "health",
             "--health-dir", str(tmp_path), "--name", "app", "--admin", f"{LOOP}:0",
@@ -125,11 +127,13 @@ async def test_health_cli_turns_ready_once_serving(procs: list[Proc], tmp_path: 
             "--shutdown-delay", "0",
         )  # fmt: skip
         procs.append(p)
-        await _until(lambda: _check_message(tmp_path) == "grpc status NOT_SERVING")
+        await asyncio.to_thread(
+            wait_until, lambda: _check_message(tmp_path) == "grpc status NOT_SERVING"
+        )
         rec = read_record(tmp_path, "app").record
         assert rec is not None and rec.phase is Phase.STARTING
         await servicer.set("", SERVING)
-        await _until(lambda: _phase(tmp_path) is Phase.READY)
+        await asyncio.to_thread(wait_until, lambda: _phase(tmp_path) is Phase.READY)
         p.stop()
 
 
@@ -143,25 +147,13 @@ def _phase(tmp_path: Path) -> Phase | None:
     return rec.phase if rec is not None else None
 
 
-async def _until(cond: Callable[[], bool], within: float = 10) -> None:
-    """Poll ``cond`` in a thread, so this loop keeps serving the gRPC server meanwhile."""
-
-    def poll() -> None:
-        deadline = time.monotonic() + within
-        while not cond():
-            assert time.monotonic() < deadline, "condition not met in time"
-            time.sleep(0.05)
-
-    await asyncio.to_thread(poll)
-
-
 async def test_wait_cli_exits_0_once_serving(procs: list[Proc]) -> None:
     """podpatterns wait --for grpc://... blocks on NOT_SERVING and exits 0 once SERVING."""
     async with grpc_server() as (servicer, port):
         await servicer.set("", NOT_SERVING)
         p = Proc("wait", "--progress-interval", "100ms", "--for", f"grpc://{LOOP}:{port}", tail=())
         procs.append(p)
-        blocked = await asyncio.to_thread(p.wait_event, "wait_blocked")
+        blocked = await asyncio.to_thread(p.wait_event, "wait_blocked", checked)
         assert blocked["reason"] == "grpc status NOT_SERVING", blocked
         await servicer.set("", SERVING)
         assert await asyncio.to_thread(p.wait, 10) == 0

@@ -31,6 +31,7 @@ from podpatterns.health.records import (
     write_atomic,
 )
 from podpatterns.health.watch import wait_exited, wait_ready, wait_status
+from tests.waiting import eventually
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -213,10 +214,10 @@ async def test_async_heartbeat_advances_seq(tmp_path: Path) -> None:
     writer = Writer(tmp_path, "app", interval=0.02)
     writer.set_ready()
     async with writer.heartbeating():
-        async with asyncio.timeout(5):
-            while writer.record.seq < 4:  # noqa: ASYNC110 - the writer exposes no event
-                await asyncio.sleep(0.01)
+        await eventually(lambda: writer.record.seq >= 4)
     seq = writer.record.seq
+    # Lets time pass to prove no heartbeat follows; a slow machine cannot fake a pass
+    # here (a heartbeat that runs on would be seen later, never hidden by slowness).
     await asyncio.sleep(0.1)
     assert writer.record.seq == seq  # stopped with the block
     assert read_record(tmp_path, "app").record == writer.record
@@ -227,6 +228,8 @@ async def test_wait_ready_and_exited_follow_the_disk(tmp_path: Path) -> None:
     writer = Writer(tmp_path, "app")
     writer.set_starting()
     waiter = asyncio.create_task(wait_ready(tmp_path, "app"))
+    # Lets the waiter run to prove it does not return while starting; slowness can only
+    # make this check weaker, never fail a correct waiter.
     await asyncio.sleep(0.05)
     assert not waiter.done()
     writer.set_ready()
@@ -246,7 +249,7 @@ async def test_watcher_falls_back_to_polling(tmp_path: Path) -> None:
     watcher = DirWatcher(tmp_path, resync=0.02, watch=no_inotify)  # type: ignore[arg-type]
     tracker = Tracker(tmp_path)
     task = asyncio.create_task(wait_status(tracker, "app", lambda s: s.exited, watcher=watcher))
-    await asyncio.sleep(0.05)
+    await eventually(lambda: watcher.mode == "polling")
     write_atomic(tmp_path, tombstone())
     async with asyncio.timeout(5):
         assert (await task).exited

@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
 import signal
 import sys
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
 
-from podpatterns.health.records import Phase, Tracker, read_record
+from podpatterns.health.records import Phase, Record, Tracker, read_record
 from podpatterns.health.supervisor import FORWARDED
 from tests.proc import Proc, run
+from tests.waiting import wait_for_file, wait_until
 
 
 def supervise(
@@ -31,16 +32,6 @@ def supervise(
     p = Proc(*args, tail=(), prefix=prefix, preexec_fn=preexec_fn)
     procs.append(p)
     return p
-
-
-def wait_for_file(path: Path, within: float = 10.0) -> str:
-    """Poll (bounded) until ``path`` exists with content; return it."""
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        if path.exists() and (text := path.read_text()):
-            return text
-        time.sleep(0.01)
-    raise AssertionError(f"{path} never appeared")
 
 
 def tombstone(health: Path) -> dict[str, object]:
@@ -95,12 +86,13 @@ def test_every_catchable_signal_is_forwarded(procs: list[Proc], tmp_path: Path) 
     log = tmp_path / "got.log"
     p = supervise(procs, tmp_path, sys.executable, "-c", _CATCHER, str(log), ",".join(names))
     wait_for_file(log)
+
+    def caught(name: str) -> bool:
+        return name in log.read_text().split()
+
     for sig in sigs:
         p.signal(sig)
-        deadline = time.monotonic() + 10
-        while sig.name not in log.read_text().split():
-            assert time.monotonic() < deadline, f"{sig.name} not forwarded: {log.read_text()}"
-            time.sleep(0.005)
+        wait_until(functools.partial(caught, sig.name), f"{sig.name} forwarded")
     p.signal(signal.SIGTERM)
     assert p.wait(10) == 42
     assert set(log.read_text().split()) == {"ready", *names}
@@ -150,10 +142,13 @@ def test_ready_immediately_with_heartbeat(procs: list[Proc], tmp_path: Path) -> 
     tracker = Tracker(tmp_path)
     first = tracker.status("app")
     assert first.ready and first.record is not None
-    deadline = time.monotonic() + 10
-    while (rec := read_record(tmp_path, "app").record) is None or rec.seq < first.record.seq + 3:
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
+    start = first.record.seq
+
+    def advanced() -> Record | None:
+        rec = read_record(tmp_path, "app").record
+        return rec if rec is not None and rec.seq >= start + 3 else None
+
+    rec = wait_until(advanced, "three more heartbeats")
     assert rec.instance == first.record.instance and rec.interval == 0.05
     p.signal(signal.SIGTERM)
     assert p.wait(10) == 143
@@ -164,7 +159,13 @@ def test_ready_probe_gates_ready(procs: list[Proc], tmp_path: Path) -> None:
     flag = tmp_path / "up"
     p = supervise(procs, tmp_path, "sleep", "30", extra=["--ready-probe", f"file:{flag}"])
     p.wait_event("run_spawned")
-    time.sleep(0.2)
+
+    def probed() -> Record | None:
+        # The probe's first result is in the record: the flag is missing, so it failed.
+        rec = read_record(tmp_path, "app").record
+        return rec if rec is not None and rec.checks else None
+
+    wait_until(probed, "the ready probe's first result in the record")
     rec = read_record(tmp_path, "app").record
     assert rec is not None and rec.phase is Phase.STARTING
     assert rec.checks and rec.checks[0].name == f"file:{flag}" and not rec.checks[0].ok
