@@ -224,6 +224,8 @@ async def test_slow_sink_pauses_reading(tmp_path: Path) -> None:
     cfg = config(tmp_path, "*.log", queue_max_bytes=64 * 1024, batch_max_bytes=16 * 1024)
     async with running(cfg, sink) as adapter:
         await eventually(lambda: adapter._queue.bytes > 32 * 1024)
+        # Lets time pass to prove reading stops; a slow machine can only make this
+        # weaker (less read meanwhile), never fail a reader that stopped.
         await asyncio.sleep(0.2)
         assert adapter.counters.bytes_read <= 64 * 1024 + cfg.read_chunk
         assert adapter.lag_bytes() > 500 * 1024
@@ -241,6 +243,7 @@ async def test_checkpoint_only_after_ack(tmp_path: Path) -> None:
     adapter = Adapter(cfg, sink=sink)
     await adapter.start()
     await eventually(lambda: adapter.counters.bytes_read > 0)
+    # Lets time pass to prove no checkpoint moves without an ack (slowness cannot fake one).
     await asyncio.sleep(0.1)
     assert all(e.offset == 0 for e in adapter.acked.values())
     adapter.cut()
@@ -257,6 +260,7 @@ async def test_partial_last_line_is_held_then_completed(tmp_path: Path) -> None:
     log.write_bytes(b"seq=0 a\nseq=1 unfinished")
     async with running(config(tmp_path, "*.log"), sink) as adapter:
         await eventually(lambda: len(sink.records) >= 1)
+        # Lets time pass to prove the partial line is held; slowness cannot emit it.
         await asyncio.sleep(0.2)
         assert len(sink.records) == 1
         assert next(iter(adapter.acked.values())).offset == 8
@@ -367,7 +371,10 @@ async def test_watch_mode_reacts_to_events(tmp_path: Path) -> None:
     sink = ListSink()
     w = SeqWriter(tmp_path / "app.log")
     async with running(config(tmp_path, "*.log", reconcile_interval=30.0), sink) as adapter:
-        await asyncio.sleep(0.3)  # let the watcher start
+        # The watch task registers its inotify watches in its first step (watchfiles'
+        # RustNotify is built before awatch's first await): one loop iteration, not a
+        # duration. adapter.start() returns before that step has run.
+        await asyncio.sleep(0)
         w.write(10)
         await eventually(lambda: len(sink.records) >= 10, within=5.0)
         assert adapter.mode == "watch"
@@ -450,7 +457,9 @@ async def test_closed_rotated_file_entry_is_kept_until_acknowledged(tmp_path: Pa
         os.rename(log, tmp_path / "app.log.1")
         w.reopen()
         await eventually(lambda: adapter.counters.files_closed == 1)
-        await asyncio.sleep(0.3)  # several reconciles (each would prune)
+        # Lets several reconciles run (each would prune) to prove the entry is kept; a
+        # slow machine runs fewer, which weakens the check but cannot fail it.
+        await asyncio.sleep(0.3)
         rotated = [e for e in adapter.acked.values() if e.offset < 20 * 50]
         assert any(e.offset > 0 for e in rotated), adapter.acked
         sink.set_down(False)
@@ -507,7 +516,9 @@ async def test_file_moved_away_and_back_is_resumed_not_reread(tmp_path: Path) ->
         os.rename(tmp_path / "app.away", log)
         w.write(10)
         await eventually(lambda: len(sink.records) >= 60)
-        await asyncio.sleep(0.2)  # a re-read from 0 would show up as duplicates
+        # Lets time pass: a re-read from 0 would show up as duplicates (slowness can
+        # only hide them, never invent them).
+        await asyncio.sleep(0.2)
     check_delivery(sink.seqs(), 60, 0)
 
 

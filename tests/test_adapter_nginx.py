@@ -6,7 +6,6 @@ import http.client
 import signal
 import socket
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -14,6 +13,7 @@ import pytest
 from tests.adapter_harness import read_ndjson
 from tests.peers import need
 from tests.proc import Proc
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.peer
 
@@ -57,7 +57,9 @@ def test_real_nginx_access_log_is_parsed_and_shipped(tmp_path: Path) -> None:
     (tmp_path / "tmp").mkdir()
     conf = tmp_path / "nginx.conf"
     conf.write_text(CONF.format(d=tmp_path))
-    nginx = subprocess.Popen([binary, "-c", str(conf), "-p", str(tmp_path)], stderr=subprocess.PIPE)
+    nginx = Proc(
+        "-c", str(conf), "-p", str(tmp_path), program=(binary,), tail=(), stdout=subprocess.DEVNULL
+    )  # fmt: skip
     adapter = Proc(
         "adapter",
         "--path",
@@ -77,11 +79,10 @@ def test_real_nginx_access_log_is_parsed_and_shipped(tmp_path: Path) -> None:
     )
     try:
         sock = tmp_path / "nginx.sock"
-        deadline = time.monotonic() + 10
-        while not sock.exists():
-            assert nginx.poll() is None, nginx.stderr.read() if nginx.stderr else ""
-            assert time.monotonic() < deadline, "nginx did not start"
-            time.sleep(0.02)
+        wait_until(
+            lambda: sock.exists() or nginx.p.poll() is not None, f"nginx to listen on {sock}"
+        )
+        assert nginx.p.poll() is None, nginx.log_text()
         adapter.wait_event("adapter_started")
         for i in range(200):
             conn = UnixHTTPConnection(str(sock))
@@ -89,18 +90,15 @@ def test_real_nginx_access_log_is_parsed_and_shipped(tmp_path: Path) -> None:
             conn.request("GET", path, headers={"User-Agent": f"test-agent/{i}"})
             conn.getresponse().read()
             conn.close()
-        deadline = time.monotonic() + 15
-        while len(read_ndjson(tmp_path / "out.ndjson")) < 200:
-            assert time.monotonic() < deadline, "not every access-log line arrived"
-            time.sleep(0.02)
+        wait_until(
+            lambda: len(read_ndjson(tmp_path / "out.ndjson")) >= 200, "every access-log line"
+        )
         adapter.signal(signal.SIGTERM)
         assert adapter.wait(15) == 0
     finally:
         adapter.stop()
         nginx.terminate()
-        nginx.wait(10)
-        if nginx.stderr is not None:
-            nginx.stderr.close()
+        nginx.stop()
     records = read_ndjson(tmp_path / "out.ndjson")
     assert len(records) == 200
     assert all("parse_error" not in r for r in records)

@@ -18,6 +18,7 @@ from podpatterns.adapter.checkpoint import CheckpointStore
 from tests.adapter_harness import SeqWriter, check_delivery, read_ndjson, seqs_of
 from tests.peers import missing
 from tests.proc import Proc
+from tests.waiting import wait_until
 
 BATCH = 200
 
@@ -53,12 +54,9 @@ def delivered(tmp: Path) -> list[int]:
     return seqs_of(str(r.get("message", "")) for r in read_ndjson(tmp / "out.ndjson"))
 
 
-def wait_delivered(tmp: Path, n: int, timeout: float = 30.0) -> None:
-    """Poll (bounded) until ``n`` distinct lines reached the sink."""
-    deadline = time.monotonic() + timeout
-    while len(set(delivered(tmp))) < n:
-        assert time.monotonic() < deadline, f"{len(set(delivered(tmp)))} of {n} delivered"
-        time.sleep(0.02)
+def wait_delivered(tmp: Path, n: int) -> None:
+    """Wait until ``n`` distinct lines reached the sink."""
+    wait_until(lambda: len(set(delivered(tmp))) >= n, f"{n} distinct lines in the sink", 30.0)
 
 
 def test_sigterm_reads_to_the_end_and_exits_0(tmp_path: Path) -> None:

@@ -18,6 +18,7 @@ import pytest
 
 from podpatterns.health.records import Writer
 from tests.proc import Proc, run
+from tests.waiting import wait_until
 
 LOOP = "127.0.0.1"
 
@@ -279,6 +280,8 @@ def test_exit_with_tombstone_appearing_later(procs: list[Proc], tmp_path: Path) 
     record.write_bytes(stone[: len(stone) // 2])  # torn write: not a tombstone
     record.write_text(json.dumps({"phase": "exited"}))  # not the schema: not a tombstone
     Writer(tmp_path, "app").set_ready()
+    # Lets time pass to prove none of the writes above ends the process; a slow machine
+    # can only make this check weaker, never fail a process that keeps running.
     time.sleep(0.3)
     assert p.p.poll() is None
     tmp = tmp_path / ".app.json.tmp"
@@ -364,6 +367,7 @@ def test_out_of_fds_fails_connections_not_the_process(procs: list[Proc]) -> None
     import threading
 
     up, port = _upstream_server()
+    dialed: list[socket.socket] = []
 
     def echo_all() -> None:
         while True:
@@ -371,6 +375,7 @@ def test_out_of_fds_fails_connections_not_the_process(procs: list[Proc]) -> None
                 conn, _ = up.accept()
             except OSError:
                 return
+            dialed.append(conn)
             threading.Thread(target=_echo_once, args=(conn,), daemon=True).start()
 
     threading.Thread(target=echo_all, daemon=True).start()
@@ -386,7 +391,9 @@ def test_out_of_fds_fails_connections_not_the_process(procs: list[Proc]) -> None
             clients.append(socket.create_connection((LOOP, listen), timeout=5))
         except OSError:
             break
-    time.sleep(0.5)  # let the ambassador accept and dial what it can
+    # Pipes are taken on a connection's first bytes: before any, every connection is
+    # accepted and dialed (2 descriptors each fit in 64).
+    wait_until(lambda: len(dialed) == len(clients), "an upstream connection per client")
     for c in clients:  # all at once: every connection wants its pipes at the same time
         c.sendall(b"ping")
     outcomes = []
@@ -399,6 +406,8 @@ def test_out_of_fds_fails_connections_not_the_process(procs: list[Proc]) -> None
     assert b"ping" in outcomes
     assert any(o in (b"reset", b"") for o in outcomes), outcomes
     cpu_before = _cpu_seconds(p.p.pid)
+    # Lets time pass to prove the process does not spin; load only lowers the CPU
+    # time it gets, so a slow machine cannot fail a process that is idle.
     time.sleep(1.0)
     assert _cpu_seconds(p.p.pid) - cpu_before < 0.3  # not spinning
     with urllib.request.urlopen(admin + "/metrics", timeout=5) as resp:

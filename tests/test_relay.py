@@ -216,6 +216,7 @@ async def test_slow_reader_does_not_grow_memory(relay_mode: str) -> None:
         # Kernel socket buffers on three sockets plus the relay's bound; far below 512 MiB.
         assert sent < 64 * 1024 * 1024, sent
         first = sent
+        # Lets time pass to prove no progress; slowness cannot make a stalled relay move.
         await asyncio.sleep(0.3)
         assert sent - first <= 1 << 20  # no progress while nobody reads
         writer.transport.resume_reading()  # type: ignore[attr-defined]
