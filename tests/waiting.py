@@ -14,16 +14,19 @@ from __future__ import annotations
 import asyncio
 import inspect
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Literal, TypeVar, cast
 
 T = TypeVar("T")
 
 #: Seconds a wait may take before the test fails (every wait in tests/ unless told).
 TIMEOUT = 15.0
-#: Seconds between two polls.
+#: Seconds between the first two polls; the pause grows by half each time, up to
+#: :data:`POLL_MAX`, so that a slow check (a ``podman inspect``, a psql session) does
+#: not keep a CPU busy on a loaded machine while a cheap one still returns at once.
 POLL = 0.01
+POLL_MAX = 0.1
 
 Check = Callable[[], T | Literal[False] | None]
 
@@ -44,11 +47,26 @@ def _failed(check: Callable[[], object], what: str | None, within: float, last: 
     return f"waited {within:g}s for {what or describe(check)}; last result: {last!r}"
 
 
+def _pauses(check: Check[T], what: str | None, within: float) -> Generator[float, None, T]:
+    """Call ``check`` until it returns a true value, which is returned; between two calls,
+    yield how long to pause. Raises AssertionError at the deadline."""
+    deadline = time.monotonic() + within
+    pause = POLL
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(_failed(check, what, within, value))
+        yield pause
+        pause = min(pause * 1.5, POLL_MAX)
+
+
 async def eventually(check: Check[T], what: str | None = None, within: float = TIMEOUT) -> T:
     """Poll ``check()`` until it returns a true value; return that value.
 
     Args:
-        check: the condition, polled every :data:`POLL` seconds on the event loop.
+        check: the condition, polled on the event loop (see :data:`POLL`).
         what: what is awaited, for the failure message (default: ``check``'s source).
         within: seconds before giving up.
 
@@ -56,14 +74,13 @@ async def eventually(check: Check[T], what: str | None = None, within: float = T
         AssertionError: ``check`` did not hold ``within`` seconds; the message names
             ``what`` and the last result.
     """
-    deadline = time.monotonic() + within
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(_failed(check, what, within, value))
-        await asyncio.sleep(POLL)
+    polls = _pauses(check, what, within)
+    try:
+        # Polling is the point: the condition has no event to await.
+        while True:  # noqa: ASYNC110
+            await asyncio.sleep(next(polls))
+    except StopIteration as done:
+        return cast(T, done.value)
 
 
 def wait_until(check: Check[T], what: str | None = None, within: float = TIMEOUT) -> T:
@@ -72,14 +89,12 @@ def wait_until(check: Check[T], what: str | None = None, within: float = TIMEOUT
     Raises:
         AssertionError: as :func:`eventually`.
     """
-    deadline = time.monotonic() + within
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(_failed(check, what, within, value))
-        time.sleep(POLL)
+    polls = _pauses(check, what, within)
+    try:
+        while True:
+            time.sleep(next(polls))
+    except StopIteration as done:
+        return cast(T, done.value)
 
 
 def wait_for_file(path: Path, within: float = TIMEOUT) -> str:

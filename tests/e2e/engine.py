@@ -22,7 +22,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.peers import missing, need
+from tests.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 CONTAINERFILE = ROOT / "images" / "Containerfile"
@@ -103,15 +103,19 @@ class Engine:
         return state
 
     def wait_exited(self, container: str, timeout: float) -> int:
-        """The exit code of ``container`` once it has exited; TimeoutError after ``timeout``."""
-        deadline = time.monotonic() + timeout
-        while True:
+        """The exit code of ``container`` once it has exited.
+
+        Raises:
+            AssertionError: it still runs after ``timeout`` seconds.
+        """
+
+        def exited() -> tuple[int] | None:  # a tuple: exit code 0 is a result
             state = self.state(container)
-            if state["Status"] in ("exited", "stopped"):
-                return int(state["ExitCode"])
-            if time.monotonic() >= deadline:
-                raise TimeoutError(f"{container} still {state['Status']} after {timeout}s")
-            time.sleep(0.2)
+            done = state["Status"] in ("exited", "stopped")
+            return (int(state["ExitCode"]),) if done else None
+
+        [code] = wait_until(exited, f"{container} to exit", timeout)
+        return code
 
 
 def engine(workdir: Path) -> Engine:
