@@ -50,7 +50,7 @@ class Proc:
         prefix: a command that wraps the process and execs it (``unshare ...``).
         program: what runs, default :data:`PODPATTERNS`; e.g. ``(sys.executable,)`` for a
             script, ``("nginx",)`` for a binary.
-        stdout: where stdout goes; a pipe by default (read ``p.stdout``). A process that
+        stdout: where stdout goes; a pipe by default (``self.p.stdout``). A process that
             writes much to stdout needs ``subprocess.DEVNULL`` or a file, or a reader.
         preexec_fn: run in the child before exec (e.g. to block a signal).
     """
