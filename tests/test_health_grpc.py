@@ -17,7 +17,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from podpatterns.health.records import Phase, read_record
 from podpatterns.health.targets import GrpcTarget, Outcome, check_within, parse_target
 from tests.proc import Proc, checked, run
-from tests.waiting import wait_until
+from tests.waiting import eventually
 
 LOOP = "127.0.0.1"
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -118,8 +118,7 @@ async def test_health_cli_turns_ready_once_serving(procs: list[Proc], tmp_path: 
     """podpatterns health --probe grpc://... writes ready once the server is SERVING."""
     async with grpc_server() as (servicer, port):
         await servicer.set("", NOT_SERVING)
-        # the prober is a subprocess; the test polls in a thread, so that this loop keeps
-        # serving the gRPC server meanwhile
+        # the prober is a subprocess; this loop serves the gRPC server between polls
         p = Proc(
             "health",
             "--health-dir", str(tmp_path), "--name", "app", "--admin", f"{LOOP}:0",
@@ -127,13 +126,11 @@ async def test_health_cli_turns_ready_once_serving(procs: list[Proc], tmp_path: 
             "--shutdown-delay", "0",
         )  # fmt: skip
         procs.append(p)
-        await asyncio.to_thread(
-            wait_until, lambda: _check_message(tmp_path) == "grpc status NOT_SERVING"
-        )
+        await eventually(lambda: _check_message(tmp_path) == "grpc status NOT_SERVING")
         rec = read_record(tmp_path, "app").record
         assert rec is not None and rec.phase is Phase.STARTING
         await servicer.set("", SERVING)
-        await asyncio.to_thread(wait_until, lambda: _phase(tmp_path) is Phase.READY)
+        await eventually(lambda: _phase(tmp_path) is Phase.READY)
         p.stop()
 
 
