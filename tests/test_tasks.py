@@ -25,7 +25,8 @@ from podpatterns.options import HostPort
 from podpatterns.reload import ReloadConfig, Reloader
 from podpatterns.reload.notify import Exec
 from podpatterns.tasks import TaskSet
-from tests.conftest import eventually, read_all, serve
+from tests.servers import read_all, serve
+from tests.waiting import eventually
 
 LOOP = "127.0.0.1"
 Events = list[MutableMapping[str, Any]]
