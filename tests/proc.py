@@ -210,16 +210,6 @@ class Proc:
                 stream.close()
 
 
-def checked(event: Event) -> bool:
-    """A ``podpatterns wait`` progress event that reports a check's outcome.
-
-    ``wait_blocked`` events start before the first check of each target has finished
-    (their reason is ``not checked yet`` then), so a test that reads the reason waits
-    for one that passes this.
-    """
-    return event.get("reason") != "not checked yet"
-
-
 def run(
     *args: str, env: dict[str, str] | None = None, timeout: float = 20.0
 ) -> subprocess.CompletedProcess[str]:

@@ -16,7 +16,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from podpatterns.health.records import Phase, read_record
 from podpatterns.health.targets import GrpcTarget, Outcome, check_within, parse_target
-from tests.proc import Proc, checked, run
+from tests.proc import Proc, run
 from tests.waiting import eventually
 
 LOOP = "127.0.0.1"
@@ -150,7 +150,7 @@ async def test_wait_cli_exits_0_once_serving(procs: list[Proc]) -> None:
         await servicer.set("", NOT_SERVING)
         p = Proc("wait", "--progress-interval", "100ms", "--for", f"grpc://{LOOP}:{port}", tail=())
         procs.append(p)
-        blocked = await asyncio.to_thread(p.wait_event, "wait_blocked", checked)
+        blocked = await asyncio.to_thread(p.wait_event, "wait_blocked")
         assert blocked["reason"] == "grpc status NOT_SERVING", blocked
         await servicer.set("", SERVING)
         assert await asyncio.to_thread(p.wait, 10) == 0

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from podpatterns.health.records import Writer
-from tests.proc import Proc, checked, run
+from tests.proc import Proc, run
 
 LOOP = "127.0.0.1"
 
@@ -34,7 +34,7 @@ def test_file_target_then_real_exec(procs: list[Proc], tmp_path: Path) -> None:
     flag = tmp_path / "flag"
     cmd, pid_file = exec_check(tmp_path)
     p = waiter(procs, "--for", f"file:{flag}", *cmd)
-    blocked = p.wait_event("wait_blocked", checked)
+    blocked = p.wait_event("wait_blocked")
     assert blocked["target"] == f"file:{flag}" and blocked["reason"] == "does not exist"
     flag.touch()
     assert p.wait(10) == 0
@@ -49,7 +49,7 @@ def test_tcp_target(procs: list[Proc], tmp_path: Path) -> None:
     port = sock.getsockname()[1]
     try:
         p = waiter(procs, "--for", f"tcp://{LOOP}:{port}")
-        assert "connect failed" in p.wait_event("wait_blocked", checked)["reason"]
+        assert "connect failed" in p.wait_event("wait_blocked")["reason"]
         sock.listen()
         assert p.wait(10) == 0
     finally:
@@ -80,7 +80,7 @@ def test_http_target(procs: list[Proc], tmp_path: Path) -> None:
     try:
         url = f"http://{LOOP}:{server.server_address[1]}/healthz"
         p = waiter(procs, "--for", url)
-        assert p.wait_event("wait_blocked", checked)["reason"] == "HTTP 503"
+        assert p.wait_event("wait_blocked")["reason"] == "HTTP 503"
         handler.status = 200
         assert p.wait(10) == 0
     finally:
