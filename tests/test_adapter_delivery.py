@@ -128,8 +128,8 @@ async def test_copytruncate_continues_from_zero_and_reads_the_copy(tmp_path: Pat
             os.truncate(log, 0)
             # Wait for the adapter to see the truncation before the file grows again: when
             # the rewrite outgrows the old offset first, the adapter counts the new bytes
-            # as truncated_bytes_lost (a product bug: pipeline._truncated takes the size
-            # truncated() just re-read). That case is not what this test is about.
+            # as truncated_bytes_lost (a product bug: Tracker.truncated takes the size
+            # File.truncated() just re-read). That case is not what this test is about.
             await eventually(lambda: adapter.counters.truncations > seen)  # noqa: B023 - awaited here
             w.write(100)
             await eventually(
