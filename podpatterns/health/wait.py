@@ -85,6 +85,13 @@ class WaitConfig:
     def from_values(cls, values: dict[str, Any]) -> WaitConfig:
         """Build from resolved options; ``ready:`` targets need ``--health-dir``."""
         health_dir: Path | None = values.get("health_dir")
+        if health_dir is not None and not health_dir.is_dir():
+            # wait runs once, at start: the shared volume is mounted by then, so a
+            # missing directory is a wrong path, not one that will still appear.
+            what = "is not a directory" if health_dir.exists() else "does not exist"
+            raise ConfigError(
+                f"--health-dir: {str(health_dir)!r} {what} (the Pod's shared volume's mount path)"
+            )
         targets = []
         for target in values["for"]:
             if isinstance(target, ReadyTarget):
