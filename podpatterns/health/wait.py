@@ -25,6 +25,7 @@ from podpatterns.health.targets import (
     parse_target,
 )
 from podpatterns.options import Option, parse_duration
+from podpatterns.tasks import TaskSet
 
 WAIT_OPTIONS: tuple[Option[Any], ...] = (
     Option(
@@ -158,7 +159,8 @@ async def wait_all(config: WaitConfig) -> None:
             await asyncio.sleep(config.progress_interval)
 
     log.info("wait_started", targets=[t.label for t in config.targets], timeout=config.timeout)
-    reporter = asyncio.create_task(progress())
+    reporter = TaskSet("wait")
+    reporter.spawn(progress(), "wait-progress")
     try:
         async with asyncio.timeout(config.timeout), asyncio.TaskGroup() as group:
             for target in config.targets:
@@ -175,6 +177,5 @@ async def wait_all(config: WaitConfig) -> None:
             raise
         raise peer.exceptions[0] from None
     finally:
-        reporter.cancel()
-        await asyncio.gather(reporter, return_exceptions=True)
+        await reporter.aclose()
     log.info("wait_done", after=round(time.monotonic() - started, 3))
