@@ -16,6 +16,7 @@ bound, closed and handed on.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import random
 import re
@@ -133,13 +134,21 @@ def _up(
 
 @dataclass(frozen=True)
 class PostgresServer:
-    """A running PostgreSQL: trust authentication for ``postgres`` on 127.0.0.1."""
+    """A running PostgreSQL: trust authentication for ``postgres`` on 127.0.0.1.
+
+    A server started with :class:`PostgresTLS` instead takes only TLS with SCRAM over TCP
+    (``hostssl``; a plaintext connection is rejected by the server itself), for ``user``
+    with ``password``; :meth:`query` then goes through the unix socket in
+    ``socket_dir``, where ``postgres`` is trusted.
+    """
 
     port: int
     bindir: Path
     host: str = LOOPBACK
     user: str = "postgres"
     database: str = "postgres"
+    password: str | None = None
+    socket_dir: Path | None = None
 
     def tool(self, name: str) -> str:
         """The path of a client tool of the same version (``psql``, ``pgbench``)."""
@@ -156,13 +165,24 @@ class PostgresServer:
             PGCONNECT_TIMEOUT="5",
             PGAPPNAME="podpatterns-tests",
         )
+        if self.password is not None:
+            env["PGPASSWORD"] = self.password
+        return env
+
+    def admin_env(self) -> dict[str, str]:
+        """libpq environment of a superuser session that needs no password: the unix
+        socket of a TLS-only server, TCP otherwise."""
+        env = self.env()
+        if self.socket_dir is not None:
+            env.update(PGHOST=str(self.socket_dir), PGUSER="postgres")
+            env.pop("PGPASSWORD", None)
         return env
 
     def query(self, sql: str, connect_timeout: int = 5) -> str | None:
-        """The unaligned result of ``sql`` in a new session, or None when it fails."""
+        """The unaligned result of ``sql`` in a new superuser session, or None when it fails."""
         done = subprocess.run(
             [self.tool("psql"), "-X", "-A", "-t", "-c", sql],
-            env={**self.env(), "PGCONNECT_TIMEOUT": str(connect_timeout)},
+            env={**self.admin_env(), "PGCONNECT_TIMEOUT": str(connect_timeout)},
             capture_output=True,
             timeout=10,
             check=False,
@@ -191,9 +211,38 @@ def _postmaster_pid(data: Path, proc: subprocess.Popen[bytes]) -> int | None:
     return pid if pid == proc.pid or ppid == proc.pid else None
 
 
+#: The name in the TLS-only servers' certificates (not the address they listen on).
+PG_SERVER_NAME = "db.test"
+
+
+@dataclass(frozen=True)
+class PostgresTLS:
+    """What a TLS-only server is given: its certificate chain and key (PEM), and the
+    login role to create with a SCRAM password."""
+
+    cert_chain: bytes
+    key: bytes
+    user: str = "app"
+    password: str = "app-secret-pw"
+
+
+# hostssl only: TCP without TLS matches no line, so the server itself refuses it
+# ("no pg_hba.conf entry ... no encryption"); the unix socket is for the fixtures.
+_TLS_HBA = """\
+local all all trust
+hostssl all all 127.0.0.1/32 scram-sha-256
+hostssl all all ::1/128 scram-sha-256
+"""
+
+
 @contextlib.contextmanager
-def run_postgres() -> Iterator[PostgresServer]:
-    """Start a throw-away PostgreSQL 15 cluster; stop it and delete it on exit."""
+def run_postgres(tls: PostgresTLS | None = None) -> Iterator[PostgresServer]:
+    """Start a throw-away PostgreSQL 15 cluster; stop it and delete it on exit.
+
+    With ``tls``: ``ssl = on`` with that certificate, ``hostssl``-only pg_hba with
+    SCRAM (``password_encryption = scram-sha-256``) and ``tls.user`` created with
+    ``tls.password``.
+    """
     postgres = need(PG_BIN / "postgres")
     initdb = need(PG_BIN / "initdb")
     need(PG_BIN / "psql")
@@ -227,6 +276,23 @@ def run_postgres() -> Iterator[PostgresServer]:
         )
         if done.returncode != 0:
             raise RuntimeError(f"initdb exited {done.returncode}:\n{done.stderr.decode()}")
+        settings: list[str] = []
+        if tls is not None:
+            (data / "server.crt").write_bytes(tls.cert_chain)
+            (data / "server.key").write_bytes(tls.key)
+            (data / "server.key").chmod(0o600)  # postgres refuses a key others can read
+            (data / "pg_hba.conf").write_text(_TLS_HBA)
+            if prefix:
+                for name in ("server.crt", "server.key", "pg_hba.conf"):
+                    shutil.chown(data / name, "postgres", "postgres")
+            for setting in (
+                "ssl=on",
+                "ssl_cert_file=server.crt",
+                "ssl_key_file=server.key",
+                "password_encryption=scram-sha-256",
+            ):
+                settings += ["-c", setting]
+        admin = PostgresServer(0, PG_BIN, socket_dir=tmp if tls is not None else None)
 
         def start(port: int, log: Path) -> subprocess.Popen[bytes]:
             with log.open("wb") as out:
@@ -248,6 +314,7 @@ def run_postgres() -> Iterator[PostgresServer]:
                         "synchronous_commit=off",
                         "-c",
                         "full_page_writes=off",
+                        *settings,
                     ],
                     stdout=out,
                     stderr=subprocess.STDOUT,
@@ -256,7 +323,9 @@ def run_postgres() -> Iterator[PostgresServer]:
 
         def ready(port: int, proc: subprocess.Popen[bytes]) -> bool:
             # ours, not another server that holds the port while ours fails to bind
-            found = PostgresServer(port, PG_BIN).query("show data_directory", connect_timeout=1)
+            found = dataclasses.replace(admin, port=port).query(
+                "show data_directory", connect_timeout=1
+            )
             return found == str(data)
 
         def stop(proc: subprocess.Popen[bytes]) -> None:
@@ -264,7 +333,13 @@ def run_postgres() -> Iterator[PostgresServer]:
             _stop(proc, signal.SIGINT, _postmaster_pid(data, proc))
 
         with serve_on_free_port("postgres", start, ready, stop, tmp) as port:
-            yield PostgresServer(port, PG_BIN)
+            server = dataclasses.replace(admin, port=port)
+            if tls is not None:
+                role = f"create role {tls.user} login password '{tls.password}'"
+                if server.query(role) is None:
+                    raise RuntimeError(f"postgres: cannot create role {tls.user}")
+                server = dataclasses.replace(server, user=tls.user, password=tls.password)
+            yield server
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

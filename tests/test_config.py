@@ -62,6 +62,10 @@ SAMPLES: dict[str, str] = {
     "ready_requires_upstream": "true",
     "tcp_keepalive": "false",
     "tcp_nodelay": "false",
+    "protocol": "postgres",
+    "startup_timeout": "20s",
+    "pg_sslmode": "require",  # the one mode --tls-insecure-skip-verify agrees with
+    "pg_tls_negotiation": "direct",
 }
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from podpatterns.ambassador.postgres import SSLMODES
 from podpatterns.errors import ConfigError
 from podpatterns.options import (
     HostPort,
@@ -229,6 +230,44 @@ ROUTE_OPTIONS: tuple[Option[Any], ...] = (
     _r("tcp_nodelay", parse_bool, True, "TCP_NODELAY on both legs", flag=True),
 )
 
+#: The options of protocol-aware routes (docs/ambassador-postgres.md).
+PROTOCOL_OPTIONS: tuple[Option[Any], ...] = (
+    _r(
+        "protocol",
+        parse_choice("tcp", "postgres"),
+        "tcp",
+        "what the route speaks: tcp (a byte relay) or postgres (startup, TLS and errors "
+        "handled as PostgreSQL does)",
+        metavar="NAME",
+    ),
+    _r(
+        "startup_timeout",
+        parse_duration,
+        30.0,
+        "time a protocol route may take to establish a session (client startup, upstream "
+        "TLS, authentication)",
+        metavar="DURATION",
+    ),
+    _r(
+        "pg_sslmode",
+        parse_choice(*SSLMODES),
+        None,
+        "PostgreSQL TLS to the upstream, as libpq's sslmode: verify-full (the default "
+        "with --upstream-tls), verify-ca, require, prefer, or disable (the default without)",
+        metavar="MODE",
+    ),
+    _r(
+        "pg_tls_negotiation",
+        parse_choice("postgres", "direct"),
+        "postgres",
+        "how TLS starts: postgres (SSLRequest, then TLS) or direct (TLS first with ALPN "
+        "postgresql; PostgreSQL 17 and later)",
+        metavar="MODE",
+    ),
+)
+
+ROUTE_OPTIONS = ROUTE_OPTIONS + PROTOCOL_OPTIONS
+
 AMBASSADOR_OPTIONS: tuple[Option[Any], ...] = RUNTIME_OPTIONS + ROUTE_OPTIONS
 
 
@@ -269,6 +308,18 @@ class RouteConfig:
     ready_requires_upstream: bool = False
     tcp_keepalive: bool = True
     tcp_nodelay: bool = True
+    protocol: str = "tcp"
+    startup_timeout: float = 30.0
+    pg_sslmode: str | None = None
+    pg_tls_negotiation: str = "postgres"
+
+    @property
+    def sslmode(self) -> str:
+        """The PostgreSQL sslmode in effect: --pg-sslmode, else verify-full with
+        --upstream-tls and disable without."""
+        if self.pg_sslmode is not None:
+            return self.pg_sslmode
+        return "verify-full" if self.upstream_tls else "disable"
 
     def __post_init__(self) -> None:
         where = "" if self.name == "default" else f"route {self.name!r}: "
@@ -293,6 +344,37 @@ class RouteConfig:
             raise ConfigError(f"{where}--buffer-size: {self.buffer_size} is too small (>= 4KiB)")
         if self.retry_backoff_max < self.retry_backoff:
             raise ConfigError(f"{where}--retry-backoff-max: must be >= --retry-backoff")
+        if self.startup_timeout <= 0:
+            raise ConfigError(f"{where}--startup-timeout: must be > 0")
+        self._check_postgres(where)
+
+    def _check_postgres(self, where: str) -> None:
+        if self.protocol != "postgres":
+            for name in ("pg_sslmode", "pg_tls_negotiation"):
+                if getattr(self, name) not in (None, "postgres"):
+                    raise ConfigError(
+                        f"{where}--{name.replace('_', '-')}: only applies with --protocol postgres"
+                    )
+            return
+        mode = self.sslmode
+        if mode == "disable" and self.upstream_tls:
+            raise ConfigError(
+                f"{where}--pg-sslmode: 'disable' contradicts --upstream-tls (drop one of them)"
+            )
+        if mode != "disable" and not self.upstream_tls:
+            raise ConfigError(
+                f"{where}--pg-sslmode: {mode!r} needs --upstream-tls (and --tls-ca to verify)"
+            )
+        if self.tls_insecure_skip_verify and mode != "require":
+            raise ConfigError(
+                f"{where}--tls-insecure-skip-verify: with --protocol postgres, say "
+                "--pg-sslmode require (TLS without verification) instead"
+            )
+        if self.pg_tls_negotiation == "direct" and mode in ("disable", "prefer"):
+            raise ConfigError(
+                f"{where}--pg-tls-negotiation: 'direct' needs TLS (--upstream-tls with "
+                "--pg-sslmode require, verify-ca or verify-full)"
+            )
 
 
 @dataclass(frozen=True)

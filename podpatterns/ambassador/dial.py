@@ -15,9 +15,10 @@ from podpatterns.ambassador.upstreams import Endpoint, SockAddr, UpstreamPool
 class DialError(Exception):
     """No endpoint could be reached; ``reason`` is the last failure's kind."""
 
-    def __init__(self, reason: str, detail: str) -> None:
+    def __init__(self, reason: str, detail: str, endpoint: str = "") -> None:
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
+        self.endpoint = endpoint  # the last endpoint tried, when there was one
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,7 @@ class Dialer:
         "_loop",
         "_on_done",
         "_on_failure",
+        "_only",
         "_policy",
         "_pool",
         "_resolving",
@@ -118,14 +120,16 @@ class Dialer:
         policy: DialPolicy,
         on_done: DoneHook,
         on_failure: FailureHook | None = None,
+        only: Endpoint | None = None,
     ) -> None:
         self._loop = loop
+        self._only = only  # try this endpoint alone (a request bound to one server)
         self._pool = pool
         self._policy = policy
         self._on_done: DoneHook | None = on_done
         self._on_failure = on_failure
         self._left = policy.retries + 1
-        self._last = ("unreachable", "no endpoint")
+        self._last = ("unreachable", "no endpoint", "")
         self._round_no = 0
         self._eps: list[Endpoint] = []
         self._ei = 0  # index of the endpoint being tried in _eps
@@ -160,7 +164,7 @@ class Dialer:
 
     def _new_round(self) -> None:
         self._timer = None
-        self._eps = self._pool.candidates()
+        self._eps = self._pool.candidates() if self._only is None else [self._only]
         self._ei = 0
         self._addrs = None
         self._advance()
@@ -257,7 +261,7 @@ class Dialer:
             self._loop.remove_writer(self._fd)
 
     def _failed(self, ep: Endpoint, addr: SockAddr, exc: OSError) -> None:
-        self._last = (classify(exc), f"{ep} ({addr[0]}): {exc or 'timed out'}")
+        self._last = (classify(exc), f"{ep} ({addr[0]}): {exc or 'timed out'}", str(ep))
         self._left -= 1
         _report(self._on_failure, ep, self._last[0])
 
@@ -279,7 +283,7 @@ class Dialer:
             self._addrs = task.result()
         elif isinstance(exc, OSError):
             self._addrs = []
-            self._last = (classify(exc), f"{ep}: {exc}")
+            self._last = (classify(exc), f"{ep}: {exc}", str(ep))
             self._left -= 1
             _report(self._on_failure, ep, self._last[0])
         else:

@@ -38,8 +38,14 @@ class TLSContextProvider:
         verify: bool,
         route: str = "default",
         recheck: float = 30.0,
+        check_hostname: bool = True,
+        alpn: tuple[str, ...] = (),
+        unverified_note: str = "--tls-insecure-skip-verify: the upstream is not authenticated",
     ) -> None:
         self.ca, self.cert, self.key, self.verify = ca, cert, key, verify
+        self.check_hostname = check_hostname  # with verify: the name too, not only the chain
+        self.alpn = alpn
+        self._unverified_note = unverified_note
         self.recheck = recheck
         self.reloads = 0
         self.reload_failures = 0
@@ -76,14 +82,15 @@ class TLSContextProvider:
             if initial:
                 raise ConfigError(f"{which}: cannot load: {_why(exc)}") from None
             raise
+        if self.alpn:
+            ctx.set_alpn_protocols(list(self.alpn))
+        if self.verify and not self.check_hostname:
+            ctx.check_hostname = False  # the chain is still verified (CERT_REQUIRED)
         if not self.verify:
             ctx.check_hostname = False
             ctx.verify_mode = ssl.CERT_NONE
             if initial:
-                self._log.warning(
-                    "tls_verification_disabled",
-                    note="--tls-insecure-skip-verify: the upstream is not authenticated",
-                )
+                self._log.warning("tls_verification_disabled", note=self._unverified_note)
         return ctx
 
     def maybe_reload(self) -> bool:
