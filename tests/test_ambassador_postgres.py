@@ -10,16 +10,24 @@ TLS of its clients, send bytes after ``S``, and take TLS first with ALPN (Postgr
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import signal
+import socket
 import subprocess
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import asyncpg
+import psycopg
 import pytest
 import trustme
 
-from tests.ambassador_process import run_ambassador
-from tests.peers import PG_SERVER_NAME, PostgresServer
+from tests.ambassador_process import AmbassadorProcess, run_ambassador
+from tests.peers import PG_SERVER_NAME, PostgresServer, need
+from tests.waiting import wait_until
 
 pytest_plugins = ("tests.peer_fixtures",)
 pytestmark = pytest.mark.peer
@@ -96,3 +104,341 @@ def test_psql_session_is_tls_verified_through_ambassador(
         amb.wait_idle()
         assert amb.metric("podpatterns_ambassador_connections_failed_total") == 0
         assert amb.terminate() == 0, amb.log_text()
+
+
+def test_client_sslrequest_is_answered_n(postgres_tls: PostgresServer, ca_file: Path) -> None:
+    """psql's SSLRequest gets N: sslmode=prefer works in plaintext, require is refused."""
+    with run_ambassador([upstream(postgres_tls)], *tls_args(ca_file)) as amb:
+        done = psql(postgres_tls, amb.listen.port, SSL_OF_SESSION, sslmode="prefer")
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip() == "t"  # the upstream leg is TLS all the same
+        done = psql(postgres_tls, amb.listen.port, "select 1", sslmode="require")
+        assert done.returncode != 0
+        assert "server does not support SSL" in done.stderr, done.stderr
+
+
+def test_psycopg_asyncpg_and_pgbench_through_ambassador(
+    postgres_tls: PostgresServer, ca_file: Path, tmp_path: Path
+) -> None:
+    """psycopg 3, asyncpg and pgbench -C (SCRAM each time) get TLS sessions through it."""
+    pgbench = need(postgres_tls.tool("pgbench"))
+    with run_ambassador([upstream(postgres_tls)], *tls_args(ca_file)) as amb:
+        port = amb.listen.port
+        password = postgres_tls.password
+        with psycopg.connect(
+            host="127.0.0.1",
+            port=port,
+            user=postgres_tls.user,
+            password=password,
+            dbname="postgres",
+            sslmode="disable",
+            connect_timeout=10,
+        ) as conn:
+            row = conn.execute(SSL_OF_SESSION).fetchone()
+            assert row == (True,)
+            big = conn.execute("select repeat('x', 1000000)").fetchone()
+            assert big is not None and len(big[0]) == 1000000
+
+        async def with_asyncpg() -> object:
+            conn = await asyncpg.connect(
+                host="127.0.0.1",
+                port=port,
+                user=postgres_tls.user,
+                password=password,
+                database="postgres",
+                ssl=False,
+                timeout=10,
+            )
+            try:
+                return await conn.fetchval(SSL_OF_SESSION)
+            finally:
+                await conn.close()
+
+        assert asyncio.run(with_asyncpg()) is True
+        script = tmp_path / "select.sql"
+        script.write_text("select 1;\n")
+        env = postgres_tls.env(port)
+        env["PGSSLMODE"] = "disable"
+        done = subprocess.run(
+            [pgbench, "-n", "-C", "-c", "2", "-t", "20", "-f", str(script)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=CLIENT_TIMEOUT,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+        assert "number of failed transactions: 0" in done.stdout, done.stdout
+        amb.wait_idle()
+        assert amb.metric("podpatterns_ambassador_connections_total") >= 42
+        assert amb.metric("podpatterns_ambassador_connections_failed_total") == 0
+
+
+def test_unix_socket_named_like_postgres(postgres_tls: PostgresServer, ca_file: Path) -> None:
+    """A listener at DIR/.s.PGSQL.5432 serves psql -h DIR -p 5432."""
+    with tempfile.TemporaryDirectory(prefix="podpatterns-pgsock-") as tmp:
+        amb = AmbassadorProcess(
+            "ambassador",
+            "--listen",
+            f"unix:{tmp}/.s.PGSQL.5432",
+            "--upstream",
+            upstream(postgres_tls),
+            *tls_args(ca_file),
+            "--admin",
+            "127.0.0.1:0",
+            "--shutdown-delay",
+            "0",
+            stdout=subprocess.DEVNULL,
+        )
+        try:
+            amb.wait_event("route_listening")
+            done = psql(postgres_tls, 5432, SSL_OF_SESSION, host=tmp)
+            assert done.returncode == 0, done.stderr
+            assert done.stdout.strip() == "t"
+            assert amb.terminate() == 0, amb.log_text()
+        finally:
+            amb.stop()
+
+
+# -- errors in PostgreSQL's terms ---------------------------------------------------------
+
+
+def fatal(done: subprocess.CompletedProcess[str]) -> str:
+    """The FATAL line psql printed (its connection failure)."""
+    assert done.returncode == 2, (done.returncode, done.stdout, done.stderr)
+    lines = [line for line in done.stderr.splitlines() if "FATAL:" in line]
+    assert lines, done.stderr
+    return lines[0].split("FATAL:", 1)[1].strip()
+
+
+def sqlstate_of_connect(port: int, server: PostgresServer) -> str:
+    """The SQLSTATE asyncpg reports when connecting through the ambassador fails."""
+
+    async def connect() -> str:
+        try:
+            conn = await asyncpg.connect(
+                host="127.0.0.1",
+                port=port,
+                user=server.user,
+                password=server.password,
+                database="postgres",
+                ssl=False,
+                timeout=10,
+            )
+        except asyncpg.PostgresError as exc:
+            return str(exc.sqlstate)
+        await conn.close()
+        return "connected"
+
+    return asyncio.run(connect())
+
+
+def test_wrong_ca_is_an_error_response(postgres_tls: PostgresServer, tmp_path: Path) -> None:
+    """An upstream certificate from another CA: psql shows FATAL, TLS verify failed, 08001."""
+    other = tmp_path / "other-ca.crt"
+    trustme.CA().cert_pem.write_to_path(str(other))
+    with run_ambassador([upstream(postgres_tls)], *tls_args(other)) as amb:
+        message = fatal(psql(postgres_tls, amb.listen.port, "select 1"))
+        assert message.startswith(
+            f"podpatterns ambassador: TLS to {upstream(postgres_tls)} failed: "
+            "certificate verify failed"
+        ), message
+        assert sqlstate_of_connect(amb.listen.port, postgres_tls) == "08001"
+        assert amb.metric("podpatterns_ambassador_connections_failed_total", reason="tls") >= 1
+        assert postgres_tls.password is not None
+        assert postgres_tls.password not in amb.log_text(10000)
+
+
+def test_wrong_server_name_is_refused_unless_verify_ca(
+    postgres_tls: PostgresServer, ca_file: Path
+) -> None:
+    """verify-full checks the name (a mismatch is FATAL); verify-ca checks the chain only."""
+    with run_ambassador([upstream(postgres_tls)], *tls_args(ca_file, name="other.test")) as amb:
+        message = fatal(psql(postgres_tls, amb.listen.port, "select 1"))
+        assert "certificate verify failed" in message and "other.test" in message, message
+    args = tls_args(ca_file, "--pg-sslmode", "verify-ca", name="other.test")
+    with run_ambassador([upstream(postgres_tls)], *args) as amb:
+        done = psql(postgres_tls, amb.listen.port, SSL_OF_SESSION)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip() == "t"
+
+
+@contextlib.contextmanager
+def closed_port() -> Iterator[int]:
+    """A loopback port that refuses connections: bound here, never listening."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield sock.getsockname()[1]
+
+
+def test_unreachable_upstream_is_an_error_response(
+    postgres_tls: PostgresServer, ca_file: Path
+) -> None:
+    """No endpoint reachable: psql shows FATAL cannot reach HOST:PORT (connection refused)."""
+    with closed_port() as port:
+        args = tls_args(ca_file, "--connect-retries", "0")
+        with run_ambassador([f"127.0.0.1:{port}"], *args) as amb:
+            message = fatal(psql(postgres_tls, amb.listen.port, "select 1"))
+            assert message == (
+                f"podpatterns ambassador: cannot reach 127.0.0.1:{port} (connection refused)"
+            )
+            assert sqlstate_of_connect(amb.listen.port, postgres_tls) == "08001"
+
+
+@contextlib.contextmanager
+def fake_server(answer: bytes) -> Iterator[tuple[int, list[bytes]]]:
+    """A server that reads an SSLRequest, answers ``answer`` and records what follows.
+
+    For what PostgreSQL 15 cannot be made to do: answer N to a client it will require
+    TLS of, or send bytes after S. Yields its port and, per connection, the bytes
+    received after the answer (until the peer closed).
+    """
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    received: list[bytes] = []
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return  # closed: the test is over
+            with conn:
+                conn.settimeout(10)
+                request = conn.recv(8)
+                if request != b"\x00\x00\x00\x08\x04\xd2\x16\x2f":
+                    received.append(b"not an SSLRequest: " + request)
+                    continue
+                conn.sendall(answer)
+                rest = b""
+                with contextlib.suppress(OSError):
+                    while data := conn.recv(65536):
+                        rest += data
+                received.append(rest)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield listener.getsockname()[1], received
+    finally:
+        listener.shutdown(socket.SHUT_RDWR)
+        listener.close()
+        thread.join(10)
+
+
+def test_server_answering_n_fails_without_plaintext_fallback(
+    postgres_tls: PostgresServer, ca_file: Path
+) -> None:
+    """A server that answers N: FATAL naming it, and not a byte of plaintext sent to it."""
+    with (
+        fake_server(b"N") as (port, received),
+        run_ambassador([f"127.0.0.1:{port}"], *tls_args(ca_file)) as amb,
+    ):
+        message = fatal(psql(postgres_tls, amb.listen.port, "select 1"))
+        assert message == (
+            f"podpatterns ambassador: 127.0.0.1:{port} does not accept TLS (it answered N "
+            "to SSLRequest); not falling back to plaintext"
+        )
+        wait_until(lambda: received, "the fake to see the connection end")
+        assert received == [b""]
+
+
+def test_bytes_after_s_abort_the_connection(postgres_tls: PostgresServer, ca_file: Path) -> None:
+    """Bytes injected after S (CVE-2021-23222) abort: FATAL, SQLSTATE 08P01, no handshake."""
+    ready_for_query = b"Z\x00\x00\x00\x05I"
+    with (
+        fake_server(b"S" + ready_for_query) as (port, received),
+        run_ambassador([f"127.0.0.1:{port}"], *tls_args(ca_file)) as amb,
+    ):
+        message = fatal(psql(postgres_tls, amb.listen.port, "select 1"))
+        assert "unexpected byte(s) after 'S'" in message and "CVE-2021-23222" in message
+        assert sqlstate_of_connect(amb.listen.port, postgres_tls) == "08P01"
+        wait_until(lambda: len(received) == 2, "the fake to see both connections end")
+        assert received == [b"", b""]  # no ClientHello, no startup packet
+
+
+def test_connection_limit_reject_is_too_many_connections(
+    postgres_tls: PostgresServer, ca_file: Path
+) -> None:
+    """--max-connections 1 --on-limit reject: the second client gets FATAL 53300."""
+    args = tls_args(ca_file, "--max-connections", "1", "--on-limit", "reject")
+    with (
+        run_ambassador([upstream(postgres_tls)], *args) as amb,
+        psycopg.connect(
+            host="127.0.0.1",
+            port=amb.listen.port,
+            user=postgres_tls.user,
+            password=postgres_tls.password,
+            dbname="postgres",
+            sslmode="disable",
+        ) as held,
+    ):
+        assert held.execute("select 1").fetchone() == (1,)
+        message = fatal(psql(postgres_tls, amb.listen.port, "select 1"))
+        assert message.startswith("podpatterns ambassador: too many connections"), message
+        assert sqlstate_of_connect(amb.listen.port, postgres_tls) == "53300"
+
+
+def test_shutdown_answers_admin_shutdown(postgres_tls: PostgresServer, ca_file: Path) -> None:
+    """A connection still in its startup at the drain deadline gets FATAL 57P01's message."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    port = listener.getsockname()[1]
+    args = tls_args(ca_file, "--drain-timeout", "100ms")
+    with listener, run_ambassador([f"127.0.0.1:{port}"], *args) as amb:
+        env = postgres_tls.env(amb.listen.port)
+        env["PGSSLMODE"] = "disable"
+        client = subprocess.Popen(
+            [postgres_tls.tool("psql"), "-X", "-c", "select 1"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            hung, _ = listener.accept()  # the ambassador dialed on psql's behalf
+            with hung:
+                hung.settimeout(10)
+                assert hung.recv(8) == b"\x00\x00\x00\x08\x04\xd2\x16\x2f"  # never answered
+                assert amb.terminate() == 0, amb.log_text()
+                _, err = client.communicate(timeout=CLIENT_TIMEOUT)
+        finally:
+            if client.poll() is None:
+                client.kill()
+                client.wait()
+        assert client.returncode == 2
+        assert "FATAL:  podpatterns ambassador: shutting down" in err, err
+
+
+# -- cancel requests ----------------------------------------------------------------------
+
+
+def test_cancel_reaches_the_server_of_the_session(
+    postgres_tls: PostgresServer, postgres_tls_2: PostgresServer, ca_file: Path
+) -> None:
+    """Round robin over two servers: psql's Ctrl-C cancels its pg_sleep on its own server."""
+    servers = [postgres_tls, postgres_tls_2]
+    args = tls_args(ca_file, "--balance", "round_robin")
+    with run_ambassador([upstream(s) for s in servers], *args) as amb:
+        env = postgres_tls.env(amb.listen.port)
+        env["PGSSLMODE"] = "disable"
+        client = subprocess.Popen(
+            [postgres_tls.tool("psql"), "-X", "-c", "select pg_sleep(30)"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            sleeping = "select count(*) from pg_stat_activity where query = 'select pg_sleep(30)'"
+            wait_until(lambda: any(s.query(sleeping) == "1" for s in servers), "pg_sleep to run")
+            client.send_signal(signal.SIGINT)
+            _, err = client.communicate(timeout=15)  # well before the 30 s sleep ends
+        finally:
+            if client.poll() is None:
+                client.kill()
+                client.wait()
+        assert "canceling statement due to user request" in err, err
+        wait_until(lambda: amb.metric("podpatterns_ambassador_connections_active") == 0)
