@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import signal
 import socket
+import ssl
 import subprocess
 import tempfile
 import threading
@@ -442,3 +443,84 @@ def test_cancel_reaches_the_server_of_the_session(
                 client.wait()
         assert "canceling statement due to user request" in err, err
         wait_until(lambda: amb.metric("podpatterns_ambassador_connections_active") == 0)
+
+
+# -- direct TLS (PostgreSQL 17+) ----------------------------------------------------------
+
+
+@contextlib.contextmanager
+def direct_tls_front(
+    server: PostgresServer, ca: trustme.CA
+) -> Iterator[tuple[int, list[tuple[bytes, str | None]]]]:
+    """TLS first with ALPN ``postgresql``, as PostgreSQL 17 takes it, in front of the real
+    server's unix socket (PostgreSQL 15 cannot do direct SSL itself).
+
+    Yields its port and, per connection, (its first byte, the ALPN protocol selected).
+    """
+    assert server.socket_dir is not None
+    target = str(server.socket_dir / f".s.PGSQL.{server.port}")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert(PG_SERVER_NAME).configure_cert(context)
+    context.set_alpn_protocols(["postgresql"])
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    seen: list[tuple[bytes, str | None]] = []
+    threads: list[threading.Thread] = []
+    sockets: list[socket.socket] = []
+
+    def pump(src: socket.socket, dst: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(65536):
+                dst.sendall(data)
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
+
+    def serve() -> None:
+        while True:
+            try:
+                raw, _ = listener.accept()
+            except OSError:
+                return
+            first = raw.recv(1, socket.MSG_PEEK)
+            try:
+                tls = context.wrap_socket(raw, server_side=True)
+            except (OSError, ssl.SSLError):
+                seen.append((first, None))
+                raw.close()
+                continue
+            seen.append((first, tls.selected_alpn_protocol()))
+            db = socket.socket(socket.AF_UNIX)
+            sockets.extend((tls, db))
+            db.connect(target)
+            for src, dst in ((tls, db), (db, tls)):
+                t = threading.Thread(target=pump, args=(src, dst), daemon=True)
+                t.start()
+                threads.append(t)
+
+    acceptor = threading.Thread(target=serve, daemon=True)
+    acceptor.start()
+    try:
+        yield listener.getsockname()[1], seen
+    finally:
+        listener.shutdown(socket.SHUT_RDWR)
+        listener.close()
+        acceptor.join(10)
+        for t in threads:
+            t.join(10)
+        for sock in sockets:
+            sock.close()
+
+
+def test_direct_tls_with_alpn(
+    postgres_tls: PostgresServer, pg_ca: trustme.CA, ca_file: Path
+) -> None:
+    """--pg-tls-negotiation direct: a ClientHello first (no SSLRequest), ALPN postgresql."""
+    with direct_tls_front(postgres_tls, pg_ca) as (port, seen):
+        args = tls_args(ca_file, "--pg-tls-negotiation", "direct")
+        with run_ambassador([f"127.0.0.1:{port}"], *args) as amb:
+            done = psql(postgres_tls, amb.listen.port, "select 42")
+            assert done.returncode == 0, done.stderr
+            assert done.stdout.strip() == "42"
+            assert amb.terminate() == 0, amb.log_text()
+    assert seen == [(b"\x16", "postgresql")]  # 0x16: a TLS handshake record
