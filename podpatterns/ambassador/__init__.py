@@ -19,7 +19,7 @@ graceful drain.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from prometheus_client import Histogram
@@ -32,6 +32,7 @@ from podpatterns.ambassador.config import (
     RouteConfig,
     UnixAddress,
 )
+from podpatterns.ambassador.protocol import ProtocolHandler
 from podpatterns.ambassador.route import Route
 from podpatterns.ambassador.upstreams import Resolver, system_resolver
 from podpatterns.metrics import NAMESPACE, CallbackCollector, Family, Sample
@@ -42,6 +43,7 @@ __all__ = [
     "ROUTE_OPTIONS",
     "Ambassador",
     "AmbassadorConfig",
+    "ProtocolHandler",
     "RouteConfig",
     "UnixAddress",
 ]
@@ -74,9 +76,25 @@ class Ambassador:
         routes: Sequence[RouteConfig] | AmbassadorConfig,
         *,
         resolver: Resolver = system_resolver,
+        handlers: Mapping[str, ProtocolHandler] | None = None,
     ) -> None:
+        """Build the routes; nothing is bound before :meth:`start`.
+
+        Args:
+            routes: the routes, or a whole :class:`AmbassadorConfig`.
+            resolver: name resolution for upstream hosts (default: the system's).
+            handlers: a protocol handler of your own per route name, used instead of
+                the one ``--protocol`` names (docs/library.md, "Your own protocol").
+
+        Raises:
+            LookupError: ``handlers`` names a route that does not exist.
+        """
         if isinstance(routes, AmbassadorConfig):
             routes = routes.routes
+        handlers = dict(handlers or {})
+        unknown = set(handlers) - {r.name for r in routes}
+        if unknown:
+            raise LookupError(f"handlers: no route named {sorted(unknown)[0]!r}")
         self._connect_seconds = Histogram(
             f"{NAMESPACE}_ambassador_connect_seconds",
             "time to connect to an upstream, retries included",
@@ -84,7 +102,9 @@ class Ambassador:
             buckets=CONNECT_BUCKETS,
             registry=None,
         )
-        self.routes = [Route(cfg, self._connect_seconds, resolver) for cfg in routes]
+        self.routes = [
+            Route(cfg, self._connect_seconds, resolver, handlers.get(cfg.name)) for cfg in routes
+        ]
         self._started: list[Route] = []
 
     @property

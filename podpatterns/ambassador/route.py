@@ -88,7 +88,11 @@ class Route:
     """Accept on one address and relay each connection to one of the upstreams."""
 
     def __init__(
-        self, cfg: RouteConfig, connect_seconds: Histogram, resolver: Any = system_resolver
+        self,
+        cfg: RouteConfig,
+        connect_seconds: Histogram,
+        resolver: Any = system_resolver,
+        handler: ProtocolHandler | None = None,
     ) -> None:
         self.cfg = cfg
         self.stats = RouteStats()
@@ -123,7 +127,7 @@ class Route:
                 route=cfg.name,
             )
         # None for --protocol tcp: the byte relay starts at accept, with no startup phase.
-        self.handler: ProtocolHandler | None = self._make_handler()
+        self.handler: ProtocolHandler | None = handler or self._make_handler()
         self._sessions: dict[Connection, ProtocolSession] = {}
         self.use_splice = (
             not cfg.upstream_tls
