@@ -195,19 +195,47 @@ class Proc:
         return self.wait(timeout)
 
     def stop(self) -> None:
-        """Teardown: SIGKILL the process group if the process still runs, reap, close pipes.
+        """Teardown: SIGKILL the process and its descendants if it still runs; reap it.
 
-        The group is signalled only while its leader -- the process started here -- is
-        not yet reaped, so its id cannot name anyone else's processes.
+        Descendants in process groups of their own (``podpatterns run`` starts its command
+        in one) would outlive a signal to the group and keep stderr open, so they are
+        found through ``/proc`` while the process, still unreaped, holds the tree
+        together; its PID and theirs cannot name anyone else's processes then.
         """
         if self.p.poll() is None:
+            for pid in [*_descendants(self.p.pid), self.p.pid]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.p.pid, signal.SIGKILL)
             self.p.wait(TIMEOUT)
         self._reader.join(TIMEOUT)
-        for stream in (self.p.stdout, self.p.stderr):
-            if stream is not None:
-                stream.close()
+        if self.p.stdout is not None:
+            self.p.stdout.close()
+        # Closing stderr while the reader thread is blocked reading it would block on
+        # the file's lock for as long as someone holds the pipe open: leave it then.
+        if self.p.stderr is not None and not self._reader.is_alive():
+            self.p.stderr.close()
+
+
+def _descendants(pid: int) -> list[int]:
+    """The PIDs of ``pid``'s children, grandchildren, ... (children first)."""
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        parent = todo.pop()
+        try:
+            tasks = list(Path(f"/proc/{parent}/task").iterdir())
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                children = [int(c) for c in (task / "children").read_text().split()]
+            except (OSError, ValueError):
+                continue
+            found += children
+            todo += children
+    return found
 
 
 def run(

@@ -111,6 +111,14 @@ def test_sigterm_marks_draining_then_tombstone(procs: list[Proc], tmp_path: Path
     wait_for_file(Path(f"{got}.r"))
     p.signal(signal.SIGTERM)
     wait_for_file(got)
+    # run forwards the signal first and writes the record after (supervisor.forward), so
+    # the command's trap can run before the record changes: wait for the change.
+    wait_until(
+        lambda: (
+            (r := read_record(tmp_path, "app").record) is not None and r.phase is not Phase.READY
+        ),
+        "the record to leave phase ready",
+    )
     rec = read_record(tmp_path, "app").record
     assert rec is not None and rec.phase is Phase.DRAINING and rec.reason == "SIGTERM forwarded"
     go.touch()
