@@ -141,7 +141,8 @@ def test_ready_immediately_with_heartbeat(procs: list[Proc], tmp_path: Path) -> 
     p = supervise(procs, tmp_path, "sleep", "30", extra=["--heartbeat", "50ms"])
     p.wait_event("run_ready")
     tracker = Tracker(tmp_path)
-    first = tracker.status("app")
+    # A reader trusts a record found ready once it sees the next heartbeat (issue 10).
+    first = wait_until(lambda: (s := tracker.status("app")).ready and s, "ready, heartbeat seen")
     assert first.ready and first.record is not None
     start = first.record.seq
 
