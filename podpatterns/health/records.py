@@ -524,6 +524,18 @@ def _file_kind(mode: int) -> str:
     return next((what for test, what in _KINDS if test(mode)), "not a file")
 
 
+def _open_error(path: Path, exc: OSError) -> str:
+    """Why ``open()`` failed: what the file is when it is no regular file (a socket
+    cannot be opened at all), else the error."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        mode = stat.S_IFREG
+    if not stat.S_ISREG(mode):
+        return f"not a regular file ({_file_kind(mode)})"
+    return f"cannot read: {exc.strerror or exc}"
+
+
 def read_record(health_dir: Path, name: str, *, now: float | None = None) -> ReadResult:
     """Read ``DIR/NAME.json`` once; never raises for a bad or missing file, never blocks.
 
@@ -536,7 +548,7 @@ def read_record(health_dir: Path, name: str, *, now: float | None = None) -> Rea
     except FileNotFoundError:
         return ReadResult(None, missing=True)
     except OSError as exc:
-        return ReadResult(None, error=f"cannot read: {exc.strerror or exc}", unreadable=True)
+        return ReadResult(None, error=_open_error(path, exc), unreadable=True)
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
