@@ -302,6 +302,14 @@ class Supervisor:
         if self.pid is None or self.exit_code is not None:
             return
         self.forwarded += 1
+        # The record says draining before the command sees the signal: a reader that
+        # learns of the shutdown from the command (its logs, a closed port) must never
+        # still find the record ready.
+        if sig in STOPPING and self.writer.record.phase.value in ("starting", "ready"):
+            try:
+                self.writer.set_draining(f"{signal.Signals(sig).name} forwarded")
+            except OSError as exc:
+                self._log.warning("record_write_failed", error=str(exc), phase="draining")
         try:
             if self.config.signal_target == "group":
                 os.killpg(self.pid, sig)
@@ -310,11 +318,6 @@ class Supervisor:
         except ProcessLookupError:
             return  # already gone: its exit status is on the way
         self._log.info("run_signal_forwarded", signal=signal.Signals(sig).name)
-        if sig in STOPPING and self.writer.record.phase.value in ("starting", "ready"):
-            try:
-                self.writer.set_draining(f"{signal.Signals(sig).name} forwarded")
-            except OSError as exc:
-                self._log.warning("record_write_failed", error=str(exc), phase="draining")
 
     def reap(self) -> int | None:
         """Reap every exited child (orphans too); return the exit code once the command ended."""
