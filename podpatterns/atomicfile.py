@@ -13,7 +13,12 @@ from pathlib import Path
 
 
 def replace_atomically(
-    target: Path, data: bytes, tmp: Path, *, keep_previous: Path | None = None
+    target: Path,
+    data: bytes,
+    tmp: Path,
+    *,
+    keep_previous: Path | None = None,
+    mode: int | None = None,
 ) -> None:
     """Replace ``target`` with ``data`` crash-safely.
 
@@ -24,6 +29,9 @@ def replace_atomically(
             rename is atomic only within one filesystem). Removed on failure.
         keep_previous: if given and ``target`` exists, ``target`` is first renamed to
             this path (an earlier generation to fall back to).
+        mode: the permission bits of the new file, whatever the process's umask (set
+            with ``fchmod`` before the rename, so no reader ever sees other bits);
+            ``None``: ``0o644`` less the umask.
 
     Raises:
         OSError: the directory is missing or not writable, or the disk is full.
@@ -32,6 +40,8 @@ def replace_atomically(
     try:
         fd = os.open(tmp, flags, 0o644)
         try:
+            if mode is not None:
+                os.fchmod(fd, mode)
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view) :]

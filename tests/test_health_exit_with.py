@@ -8,12 +8,18 @@ import signal
 import subprocess
 from pathlib import Path
 
+import aiohttp
 import pytest
+import structlog
 from aiohttp import web
 
 from podpatterns import metrics
+from podpatterns.dirwatch import DirWatcher
+from podpatterns.health import exitwith
+from podpatterns.health.coordination import pod_runtime
 from podpatterns.health.exitwith import ExitWith, parse_quit_url
 from podpatterns.health.records import Writer
+from podpatterns.options import HostPort
 from podpatterns.runtime import Runtime, RuntimeConfig
 from tests.proc import Proc, run
 from tests.waiting import eventually
@@ -147,3 +153,43 @@ async def test_inotify_mode_is_exported(tmp_path: Path) -> None:
         assert await task == "exit-with:app"
     assert trigger.tombstone is not None and trigger.tombstone.record is not None
     assert json.loads(trigger.tombstone.record.to_json())["exit_code"] == 1
+
+
+def test_exit_with_an_invalid_name_is_one_line_exit_2(tmp_path: Path) -> None:
+    """--exit-with takes a container name: 'Main' is refused at start, one line, exit 2."""
+    out = run(
+        "ambassador", "--listen", f"{LOOP}:0", "--upstream", f"{LOOP}:9",
+        "--health-dir", str(tmp_path), "--exit-with", "Main",
+    )  # fmt: skip
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.count("\n") == 1 and "--exit-with" in out.stderr and "Main" in out.stderr
+
+
+async def test_a_dead_exit_with_watcher_is_an_error_and_livez_503(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A trigger that dies (a bug) is a task_died error and turns /livez 503, never silence."""
+
+    def broken(*args: object, **kwargs: object) -> DirWatcher:
+        def bug(paths: object, tick: float) -> object:
+            raise ValueError("bug in the watch")  # not OSError: no fallback hides it
+
+        return DirWatcher(tmp_path, watch=bug)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(exitwith, "record_watcher", broken)
+    config = RuntimeConfig(admin=HostPort(LOOP, 0), health_dir=tmp_path, exit_with="app")
+    with structlog.testing.capture_logs() as events:
+        runtime = pod_runtime(config, [])
+        await runtime.start()
+        try:
+            await eventually(lambda: not runtime.is_live())
+            async with (
+                aiohttp.ClientSession() as http,
+                http.get(f"http://{runtime.admin_address}/livez") as resp,
+            ):
+                assert resp.status == 503
+        finally:
+            await runtime.shutdown()
+    died = [e for e in events if e["event"] == "task_died"]
+    assert len(died) == 1 and died[0]["log_level"] == "error"
+    assert died[0]["error"] == "bug in the watch"

@@ -157,7 +157,11 @@ def test_staleness_is_judged_on_the_readers_clock(tmp_path: Path) -> None:
     writer = Writer(tmp_path, "app", interval=1.0, clock=lambda: 0.0)  # writer wall clock: 1970
     writer.set_ready()
     tracker = Tracker(tmp_path, monotonic=clock)
-    assert tracker.status("app").ready  # first sight gets a full grace period
+    # First sight: not stale whatever updated_at says, but a ready record is trusted
+    # only once its heartbeat is seen to advance (issue 10, item 7).
+    assert tracker.status("app").state is State.UNCONFIRMED
+    writer.heartbeat()
+    assert tracker.status("app").ready
     clock.now += 2.9
     assert tracker.status("app").ready
     clock.now += 0.2

@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -148,7 +149,8 @@ def test_ready_immediately_with_heartbeat(procs: list[Proc], tmp_path: Path) -> 
     p = supervise(procs, tmp_path, "sleep", "30", extra=["--heartbeat", "50ms"])
     p.wait_event("run_ready")
     tracker = Tracker(tmp_path)
-    first = tracker.status("app")
+    # A reader trusts a record found ready once it sees the next heartbeat (issue 10).
+    first = wait_until(lambda: (s := tracker.status("app")).ready and s, "ready, heartbeat seen")
     assert first.ready and first.record is not None
     start = first.record.seq
 
@@ -248,3 +250,22 @@ def test_reaps_zombies_as_pid_1(procs: list[Proc], tmp_path: Path) -> None:
     assert len(out.read_text().split()) == 1
     assert p.wait_event("run_exited")["orphans_reaped"] >= 2
     assert json.loads((tmp_path / "app.json").read_text())["exit_code"] == 5
+
+
+def test_ready_probe_writes_only_changes_and_heartbeats(tmp_path: Path) -> None:
+    """While --ready-probe fails, the record is written when something changes or a
+    heartbeat is due, not at every probe; each check carries its wall-clock time."""
+    before = time.time()
+    # The bounded run: the command lives 1 s while its probe keeps failing; with
+    # --heartbeat 5s no heartbeat is due, so the writes are starting, the probe's first
+    # result and the tombstone (probing every 50 ms used to write ~20 times here).
+    out = run(
+        "run", "--health-dir", str(tmp_path), "--name", "app", "--heartbeat", "5s",
+        "--ready-probe", f"file:{tmp_path / 'never'}", "--", "sleep", "1",
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    rec = read_record(tmp_path, "app").record
+    assert rec is not None and rec.phase is Phase.EXITED
+    assert rec.seq <= 3, f"{rec.seq + 1} writes in a 1 s run"
+    (check,) = rec.checks
+    assert not check.ok and before <= check.at <= rec.updated_at

@@ -23,7 +23,8 @@ from podpatterns.options import resolve
 OPTIONS = (*TOOL_OPTIONS, *RUN_OPTIONS)
 
 PROBE_PERIOD = 0.05
-"""How often ``--ready-probe`` runs while the command is starting."""
+"""How often the loop looks at ``--ready-probe``'s result while the command is starting
+(the record is written only when that result changes or a heartbeat is due)."""
 
 
 @dataclass(frozen=True)

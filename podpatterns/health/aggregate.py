@@ -5,7 +5,8 @@ every file-event batch and on a short resync (staleness needs time to pass, not 
 event), so a probe is answered from memory, far inside the kubelet's 1 s timeout.
 
 - ``readyz``: one container (``/readyz/NAME``) is ready when its record is ``ready``
-  with a fresh heartbeat; the Pod when every container is (503 with no record at all).
+  with a fresh heartbeat this reader has seen advance (a record found ready at start
+  waits for its next heartbeat); the Pod when every container is (503 with no record).
   Containers named in ``expected`` (``podpatterns health --expect NAME``) count as not
   ready and not started until their first record appears: without them, a Pod whose
   slow container has not written anything yet would look ready.
@@ -69,9 +70,11 @@ class Aggregate:
         self._tasks = TaskSet("health")
         self._log = logs.get("health")
 
-    def refresh(self) -> None:
-        """Re-read every record now."""
-        statuses = self.tracker.statuses()
+    def refresh(self, statuses: dict[str, Status] | None = None) -> None:
+        """Take in every record's status: ``statuses`` read elsewhere (the follow loop
+        reads them on a worker thread), or, without it, read now on this thread."""
+        if statuses is None:
+            statuses = self.tracker.statuses()
         for name, status in statuses.items():
             before = self.statuses.get(name)
             if before is None or before.state is not status.state:
@@ -89,13 +92,15 @@ class Aggregate:
 
     async def start(self) -> None:
         """Read once, then keep the view fresh in a task (stopped by :meth:`close`)."""
-        self.refresh()
+        self.refresh(await self.tracker.astatuses())
         self._tasks.spawn(self._follow(), "health_follow")
 
     async def _follow(self) -> None:
         async with aclosing(self.watcher.wakeups()) as wakeups:
             async for _ in wakeups:
-                self.refresh()
+                # The directory is read on a worker thread: a FIFO or a hung volume
+                # must not freeze the admin server that answers from this view.
+                self.refresh(await self.tracker.astatuses())
 
     async def close(self) -> None:
         """Stop following the directory."""
@@ -125,7 +130,7 @@ class Aggregate:
             return status.ready
         if check == "startupz":
             return self.started(status)
-        return status.state not in (State.STALE, State.EXITED, State.MISSING)
+        return status.state not in (State.STALE, State.EXITED, State.MISSING, State.EARLIER_RUN)
 
     def pod_ok(self, check: str) -> bool:
         """The verdict of ``check`` for the whole Pod (False for every check once the view

@@ -1,9 +1,13 @@
 """``--exit-with NAME``: a runtime trigger that fires on NAME's tombstone.
 
-Level-triggered: the record is re-read at start (a tombstone written before this process
-started counts), after every file-event batch in the directory and on a periodic resync
-(events can be lost; see :mod:`podpatterns.health.watch`). Only a whole, valid record
-with phase ``exited`` counts: a missing, partial or foreign file means "not yet".
+Level-triggered: the record is re-read at start, after every file-event batch in the
+directory and on a periodic resync (events can be lost; see
+:mod:`podpatterns.health.watch`), each time on a worker thread. Only a whole, valid record
+with phase ``exited`` counts: a missing, partial or foreign file means "not yet". A
+tombstone written before this process started counts within
+:data:`~podpatterns.health.records.TOMBSTONE_GRACE`; an older one is from an earlier run
+of that container (this process was restarted while it waits for its own restart), and
+the trigger waits for the next instance's tombstone.
 
 Before the runtime drains, the trigger may POST the loopback quit URLs of other
 sidecars (``--exit-with-quit``), e.g. cloud-sql-proxy's or Envoy's ``/quitquitquit``,
@@ -62,7 +66,7 @@ class ExitWith:
         self.quit_urls = tuple(quit_urls)
         self.exit_code = exit_code
         self.watcher = record_watcher(health_dir, resync=resync, watch=watch, component="runtime")
-        self.tracker = Tracker(health_dir)
+        self.tracker = Tracker(health_dir, component="runtime")
         self.tombstone: Status | None = None
         self.quit_results: dict[str, int] = {"ok": 0, "failed": 0}
         self._log = logs.get("runtime")

@@ -6,13 +6,24 @@ Readers therefore see a whole old record or a whole new one; anything else they 
 (a file from another tool, a disk error, a record of a newer schema) is reported as
 *unknown*, which means "retry", never "dead".
 
-Three states are derived by readers, never trusted from the writer alone:
+Some states are derived by readers, never trusted from the writer alone (the reader
+rules of docs/health.md):
 
 - **missing** file: the container has not started (yet).
 - **stale**: the writer promised heartbeats every ``interval`` seconds and the reader has
   seen no new ``(instance, seq)`` for ``STALE_AFTER`` intervals *on the reader's own
   monotonic clock* (writers' wall clocks may differ; monotonic clocks never jump).
+- **unconfirmed**: the record says ``ready`` and promises heartbeats, but this reader has
+  not yet seen one (a new seq or instance): the last ``ready`` of a dead container looks
+  exactly like a live one until then (issue 10).
 - **exited**: the tombstone, a record whose phase is ``exited``; final for that instance.
+  It counts when this reader saw the instance alive, or when it was written at most
+  :data:`TOMBSTONE_GRACE` before this reader started; an older one is from an
+  **earlier run** of the container and is ignored.
+
+Reading never blocks: the file is opened with ``O_NONBLOCK`` and anything but a regular
+file is *unknown* (a FIFO would otherwise block ``open()`` forever). Async readers read on
+a worker thread (:meth:`Tracker.astatus`), so a slow volume never freezes an event loop.
 """
 
 from __future__ import annotations
@@ -22,6 +33,7 @@ import enum
 import json
 import os
 import secrets
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -29,6 +41,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from podpatterns import logs
 from podpatterns.atomicfile import replace_atomically
 from podpatterns.options import parse_container_name
 from podpatterns.tasks import TaskSet
@@ -50,6 +63,17 @@ gap means a corrupt or forged record."""
 
 STALE_AFTER = 3.0
 """A record is stale after this many heartbeat intervals without a new heartbeat."""
+
+TOMBSTONE_GRACE = 30.0
+"""Seconds before a reader started within which a tombstone it never saw alive still
+counts. The kubelet starts the containers of a Pod one after another, seconds apart (an
+image pull each at most); a tombstone older than that when a reader starts is from an
+earlier run of the container (the reader was restarted while that container waits for
+its own restart), and the reader waits for the next instance's tombstone instead."""
+
+RECORD_MODE = 0o644
+"""Records are readable by every container of the Pod, whatever the writer's umask: the
+containers may run as different uids."""
 
 
 class Phase(enum.StrEnum):
@@ -266,15 +290,16 @@ def _optional(doc: Mapping[str, Any], key: str, kind: type) -> Any:
 def write_atomic(health_dir: Path, record: Record) -> None:
     """Write ``record`` to ``DIR/NAME.json`` so that readers see it whole or not at all.
 
-    The temporary file starts with a dot (ignored by readers), is fsynced, renamed over
-    the record, and the directory is fsynced so the rename survives a node crash.
+    The temporary file starts with a dot (ignored by readers), is made mode
+    :data:`RECORD_MODE` whatever the umask, fsynced, renamed over the record, and the
+    directory is fsynced so the rename survives a node crash.
 
     Raises:
         OSError: the directory is missing or not writable, or the disk is full.
     """
     target = record_path(health_dir, record.name)
     tmp = health_dir / f"{TEMP_PREFIX}{record.name}{SUFFIX}.{secrets.token_hex(4)}.tmp"
-    replace_atomically(target, record.to_json(), tmp)
+    replace_atomically(target, record.to_json(), tmp, mode=RECORD_MODE)
 
 
 def new_instance_id() -> str:
@@ -459,6 +484,8 @@ class State(enum.StrEnum):
     MISSING = "missing"  # no record: not started
     UNKNOWN = "unknown"  # unreadable, partial or invalid: retry, never "dead"
     STALE = "stale"  # no new heartbeat for STALE_AFTER intervals on the reader's clock
+    UNCONFIRMED = "unconfirmed"  # ready on disk, but no heartbeat seen by this reader yet
+    EARLIER_RUN = "earlier_run"  # a tombstone of an earlier run: waiting for the next
     STARTING = "starting"
     READY = "ready"
     NOT_READY = "not_ready"
@@ -468,23 +495,78 @@ class State(enum.StrEnum):
 
 @dataclass(frozen=True)
 class ReadResult:
-    """One read of a record file: a record, or why there is none."""
+    """One read of a record file: a record, or why there is none.
+
+    Attributes:
+        record: the valid record read, or ``None``.
+        missing: there is no file.
+        error: why there is no record.
+        unreadable: the file could not be read at all (a permission, an I/O error, not a
+            regular file), as opposed to read and found invalid.
+    """
 
     record: Record | None
     missing: bool = False
     error: str | None = None
+    unreadable: bool = False
+
+
+_KINDS = (
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def _file_kind(mode: int) -> str:
+    return next((what for test, what in _KINDS if test(mode)), "not a file")
+
+
+def _open_error(path: Path, exc: OSError) -> str:
+    """Why ``open()`` failed: what the file is when it is no regular file (a socket
+    cannot be opened at all), else the error."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        mode = stat.S_IFREG
+    if not stat.S_ISREG(mode):
+        return f"not a regular file ({_file_kind(mode)})"
+    return f"cannot read: {exc.strerror or exc}"
 
 
 def read_record(health_dir: Path, name: str, *, now: float | None = None) -> ReadResult:
-    """Read ``DIR/NAME.json`` once; never raises for a bad or missing file."""
+    """Read ``DIR/NAME.json`` once; never raises for a bad or missing file, never blocks.
+
+    The file is opened with ``O_NONBLOCK`` (opening a FIFO for reading would otherwise
+    wait for a writer, forever) and read only if it is a regular file.
+    """
     path = record_path(health_dir, name)
     try:
-        with open(path, "rb") as fh:
-            data = fh.read(MAX_RECORD_BYTES + 1)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         return ReadResult(None, missing=True)
     except OSError as exc:
-        return ReadResult(None, error=f"cannot read: {exc.strerror or exc}")
+        return ReadResult(None, error=_open_error(path, exc), unreadable=True)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = _file_kind(mode)
+            return ReadResult(None, error=f"not a regular file ({kind})", unreadable=True)
+        chunks: list[bytes] = []
+        size = 0
+        while size <= MAX_RECORD_BYTES:
+            chunk = os.read(fd, MAX_RECORD_BYTES + 1 - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    except OSError as exc:
+        return ReadResult(None, error=f"cannot read: {exc.strerror or exc}", unreadable=True)
+    finally:
+        os.close(fd)
+    data = b"".join(chunks)
     if len(data) > MAX_RECORD_BYTES:
         return ReadResult(None, error=f"larger than {MAX_RECORD_BYTES} bytes")
     try:
@@ -533,6 +615,16 @@ class Status:
             return f"record unreadable ({self.error}); retrying"
         if self.state is State.STALE:
             return f"no heartbeat for {self.quiet:.1f}s"
+        if self.state is State.UNCONFIRMED and self.record is not None:
+            return (
+                "ready on disk, no heartbeat seen yet (the next is due within "
+                f"{self.record.interval:g}s)"
+            )
+        if self.state is State.EARLIER_RUN and self.record is not None:
+            return (
+                f"tombstone of an earlier run (exited {exit_summary(self.record)}); "
+                "waiting for the next instance"
+            )
         if self.state is State.EXITED and self.record is not None:
             return "exited " + exit_summary(self.record)
         reason = self.record.reason if self.record is not None else None
@@ -573,38 +665,84 @@ class _Seen:
     instance: str
     seq: int
     at: float  # reader's monotonic clock
+    confirmed: bool  # this reader saw the heartbeat advance (or the record appear)
+    alive: bool  # this reader saw this instance in a phase other than exited
 
 
 @dataclass
 class Tracker:
     """Reader-side state of several containers: turns reads into :class:`Status`.
 
-    Staleness is measured on the reader's monotonic clock from the moment it last saw
-    a new ``(instance, seq)``; a record seen for the first time gets a full grace
-    period, whatever its ``updated_at`` says.
+    The reader rules (docs/health.md, "How records are read"):
+
+    - staleness is measured on the reader's monotonic clock from the moment it last saw
+      a new ``(instance, seq)``, whatever ``updated_at`` says;
+    - a ``ready`` record that promises heartbeats is trusted once this reader has seen
+      its heartbeat advance (a new seq of the same instance, a new instance, or the
+      record appearing after a read that found no file); until then it is
+      :attr:`State.UNCONFIRMED`. A record without an interval is taken as written;
+    - a tombstone counts when this reader saw its instance alive, or when it was written
+      at most ``tombstone_grace`` seconds before this reader was created; an older one is
+      :attr:`State.EARLIER_RUN` (logged once as ``stale_tombstone_ignored``);
+    - a file that cannot be read (a permission, not a regular file) is unknown, logged
+      once per file and error as ``record_unreadable``.
+
+    Sync readers call :meth:`status` (the read runs on the calling thread); async
+    readers call :meth:`astatus` and :meth:`astatuses`, which read on a worker thread
+    and take turns, so the state stays consistent and the event loop never blocks.
+    Not thread-safe otherwise: one Tracker per reader.
 
     Args:
         health_dir: the shared directory.
         monotonic: the reader's clock (tests).
-        wall: the wall clock used to reject future timestamps (tests).
+        wall: the wall clock used to reject future timestamps and date tombstones (tests).
+        tombstone_grace: see :data:`TOMBSTONE_GRACE`.
+        component: the ``component`` of its log events.
     """
 
     health_dir: Path
     monotonic: Callable[[], float] = time.monotonic
     wall: Callable[[], float] = time.time
+    tombstone_grace: float = TOMBSTONE_GRACE
+    component: str = "health"
+    since: float = field(init=False)
+    """Wall-clock time this reader started (tombstones are dated against it)."""
     _seen: dict[str, _Seen] = field(default_factory=dict, init=False, repr=False)
     _last: dict[str, Record] = field(default_factory=dict, init=False, repr=False)
+    _absent: set[str] = field(default_factory=set, init=False, repr=False)
+    _reported: dict[str, str] = field(default_factory=dict, init=False, repr=False)
+    _ignored: set[tuple[str, str]] = field(default_factory=set, init=False, repr=False)
+    _turn: asyncio.Lock = field(default_factory=asyncio.Lock, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.since = self.wall()
+        self._log = logs.get(self.component)
 
     def status(self, name: str) -> Status:
-        """Read ``name``'s record now and return the conclusion."""
-        result = read_record(self.health_dir, name, now=self.wall())
+        """Read ``name``'s record now (on this thread) and return the conclusion."""
+        return self.judge(name, read_record(self.health_dir, name, now=self.wall()))
+
+    async def astatus(self, name: str) -> Status:
+        """:meth:`status`, with the file read on a worker thread."""
+        async with self._turn:
+            now = self.wall()
+            result = await asyncio.to_thread(read_record, self.health_dir, name, now=now)
+            # Judged here, on the loop, only if the read was not cancelled: a read
+            # abandoned by a timeout never changes the state.
+            return self.judge(name, result)
+
+    def judge(self, name: str, result: ReadResult) -> Status:
+        """Turn one read of ``name``'s record into a :class:`Status` (see the rules)."""
         now = self.monotonic()
         if result.missing:
             self._seen.pop(name, None)
             self._last.pop(name, None)
+            self._reported.pop(name, None)
+            self._absent.add(name)
             return Status(name, State.MISSING)
+        seen = self._seen.get(name)
         if result.record is None:
-            seen = self._seen.get(name)
+            self._report(name, result)
             return Status(
                 name,
                 State.UNKNOWN,
@@ -612,17 +750,56 @@ class Tracker:
                 result.error,
                 now - seen.at if seen else 0.0,
             )
+        self._reported.pop(name, None)
         rec = result.record
-        seen = self._seen.get(name)
-        if seen is None or seen.instance != rec.instance or rec.seq > seen.seq:
-            seen = self._seen[name] = _Seen(rec.instance, rec.seq, now)
+        if seen is None:
+            # First sight: trusted as fresh only if this reader saw the file appear.
+            seen = _Seen(rec.instance, rec.seq, now, name in self._absent, False)
+        elif seen.instance != rec.instance:
+            seen = _Seen(rec.instance, rec.seq, now, True, False)
+        elif rec.seq > seen.seq:
+            seen = _Seen(rec.instance, rec.seq, now, True, seen.alive)
+        if not rec.exited:
+            seen.alive = True
+        self._seen[name] = seen
+        self._absent.discard(name)
         self._last[name] = rec
         quiet = now - seen.at
         if rec.exited:
-            return Status(name, State.EXITED, rec, quiet=quiet)
+            if seen.alive or rec.updated_at >= self.since - self.tombstone_grace:
+                return Status(name, State.EXITED, rec, quiet=quiet)
+            self._ignore_tombstone(name, rec)
+            return Status(name, State.EARLIER_RUN, rec, quiet=quiet)
         if rec.interval is not None and quiet > STALE_AFTER * rec.interval:
             return Status(name, State.STALE, rec, quiet=quiet)
+        if rec.phase is Phase.READY and rec.interval is not None and not seen.confirmed:
+            return Status(name, State.UNCONFIRMED, rec, quiet=quiet)
         return Status(name, State(rec.phase.value), rec, quiet=quiet)
+
+    def _report(self, name: str, result: ReadResult) -> None:
+        """A file that cannot be read is said loudly, once per file and error."""
+        if not result.unreadable or self._reported.get(name) == result.error:
+            return
+        self._reported[name] = result.error or ""
+        self._log.warning(
+            "record_unreadable",
+            container=name,
+            path=str(record_path(self.health_dir, name)),
+            error=result.error,
+        )
+
+    def _ignore_tombstone(self, name: str, rec: Record) -> None:
+        if (name, rec.instance) in self._ignored:
+            return
+        self._ignored.add((name, rec.instance))
+        self._log.warning(
+            "stale_tombstone_ignored",
+            container=name,
+            instance=rec.instance,
+            exit=exit_summary(rec),
+            age=round(self.wall() - rec.updated_at, 1),
+            grace=self.tombstone_grace,
+        )
 
     def names(self) -> list[str]:
         """The containers with a record file in the directory now (sorted)."""
@@ -640,6 +817,17 @@ class Tracker:
                     continue  # NAME.json that is no container's: not a record
         return sorted(out)
 
+    def _read_all(self, names: Iterable[str] | None, now: float) -> dict[str, ReadResult]:
+        listed = self.names() if names is None else names
+        return {n: read_record(self.health_dir, n, now=now) for n in listed}
+
     def statuses(self, names: Iterable[str] | None = None) -> dict[str, Status]:
-        """Read every record (or those of ``names``) now."""
-        return {n: self.status(n) for n in (self.names() if names is None else names)}
+        """Read every record (or those of ``names``) now, on this thread."""
+        reads = self._read_all(names, self.wall())
+        return {n: self.judge(n, r) for n, r in reads.items()}
+
+    async def astatuses(self, names: Iterable[str] | None = None) -> dict[str, Status]:
+        """:meth:`statuses`, with the directory listed and read on a worker thread."""
+        async with self._turn:
+            reads = await asyncio.to_thread(self._read_all, names, self.wall())
+            return {n: self.judge(n, r) for n, r in reads.items()}

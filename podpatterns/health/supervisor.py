@@ -19,6 +19,7 @@ import errno
 import os
 import signal
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -188,6 +189,8 @@ class Supervisor:
         self.reaped_orphans = 0
         self.forwarded = 0
         self._probe_ok = threading.Event()
+        self._check_changed = threading.Event()  # the probe's verdict or reason changed
+        self._written = time.monotonic()  # last write of the record, on this clock
         self._log = logs.get("run", container=config.name)
 
     def write_starting(self) -> None:
@@ -239,6 +242,7 @@ class Supervisor:
         """Write ``ready`` (once; later calls and calls while stopping do nothing)."""
         if self.writer.record.phase.value == "starting":
             self.writer.set_ready()
+            self._written = time.monotonic()
             self._log.info("run_ready")
 
     def probe_passed(self) -> bool:
@@ -253,9 +257,14 @@ class Supervisor:
 
         async def probe() -> None:
             delay = 0.05
+            last: tuple[bool, str] | None = None
             while True:
                 outcome = await check_within(target, ATTEMPT_TIMEOUT)
-                self.writer.set_check(Check(target.label, outcome.ok, outcome.reason))
+                at = time.time()
+                self.writer.set_check(Check(target.label, outcome.ok, outcome.reason, at))
+                if (outcome.ok, outcome.reason) != last:
+                    last = (outcome.ok, outcome.reason)
+                    self._check_changed.set()
                 if outcome.ok:
                     self._probe_ok.set()
                     return
@@ -267,12 +276,22 @@ class Supervisor:
         threading.Thread(target=asyncio.run, args=(probe(),), daemon=True).start()
 
     def tick(self) -> None:
-        """Periodic work: ready when the probe passed, else a heartbeat."""
+        """Periodic work: ready when the probe passed; else a write when the probe's
+        result changed or a heartbeat is due, and nothing otherwise (the CLI loop ticks
+        every 50 ms while probing; the record must not be rewritten that often)."""
+        starting = self.writer.record.phase.value == "starting"
+        probing = starting and self.config.ready_probe is not None
         try:
-            if self._probe_ok.is_set() and self.writer.record.phase.value == "starting":
+            if self._probe_ok.is_set() and starting:
                 self.set_ready()
-            else:
+            elif (
+                not probing  # the loop ticks once per heartbeat then
+                or self._check_changed.is_set()
+                or time.monotonic() - self._written >= self.config.heartbeat
+            ):
+                self._check_changed.clear()
                 self.writer.heartbeat()
+                self._written = time.monotonic()
         except OSError as exc:
             # A full or read-only volume must not take the command down with it;
             # readers will see the record go stale, which is the truth.
@@ -283,6 +302,14 @@ class Supervisor:
         if self.pid is None or self.exit_code is not None:
             return
         self.forwarded += 1
+        # The record says draining before the command sees the signal: a reader that
+        # learns of the shutdown from the command (its logs, a closed port) must never
+        # still find the record ready.
+        if sig in STOPPING and self.writer.record.phase.value in ("starting", "ready"):
+            try:
+                self.writer.set_draining(f"{signal.Signals(sig).name} forwarded")
+            except OSError as exc:
+                self._log.warning("record_write_failed", error=str(exc), phase="draining")
         try:
             if self.config.signal_target == "group":
                 os.killpg(self.pid, sig)
@@ -291,11 +318,6 @@ class Supervisor:
         except ProcessLookupError:
             return  # already gone: its exit status is on the way
         self._log.info("run_signal_forwarded", signal=signal.Signals(sig).name)
-        if sig in STOPPING and self.writer.record.phase.value in ("starting", "ready"):
-            try:
-                self.writer.set_draining(f"{signal.Signals(sig).name} forwarded")
-            except OSError as exc:
-                self._log.warning("record_write_failed", error=str(exc), phase="draining")
 
     def reap(self) -> int | None:
         """Reap every exited child (orphans too); return the exit code once the command ended."""

@@ -75,7 +75,7 @@ class ReadyTarget:
             raise RuntimeError("ReadyTarget.check() before health_dir was set")
         if self._tracker is None:
             self._tracker = Tracker(self.health_dir)
-        status = self._tracker.status(self.name)
+        status = await self._tracker.astatus(self.name)
         if status.ready:
             return Outcome(True, "ready")
         if status.state is State.EXITED and status.record is not None:

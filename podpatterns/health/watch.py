@@ -42,6 +42,9 @@ async def wait_status(
 ) -> Status:
     """Return ``name``'s status once ``done(status)`` holds; re-read at every wake-up.
 
+    Each read runs on a worker thread (:meth:`Tracker.astatus`), so a slow or hostile
+    file in the directory never blocks the event loop.
+
     Args:
         tracker: the reader state (staleness is judged on its clock).
         name: the container to wait for.
@@ -53,7 +56,7 @@ async def wait_status(
     last = None
     async with aclosing(watcher.wakeups()) as wakeups:
         async for _ in wakeups:
-            status = tracker.status(name)
+            status = await tracker.astatus(name)  # read on a thread: never blocks the loop
             if on_change is not None and status.state is not last:
                 on_change(status)
             last = status.state
@@ -72,5 +75,7 @@ async def wait_ready(health_dir: Path, name: str) -> Status:
 
 
 async def wait_exited(health_dir: Path, name: str) -> Status:
-    """Wait until ``name``'s tombstone is on disk (one written earlier counts)."""
+    """Wait until ``name``'s tombstone is on disk: one this reader saw coming, or one
+    written at most :data:`~podpatterns.health.records.TOMBSTONE_GRACE` before it
+    started (an older one is from an earlier run and is ignored)."""
     return await wait_status(Tracker(health_dir), name, lambda s: s.exited)
