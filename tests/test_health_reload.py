@@ -192,7 +192,13 @@ def test_signal_to_pid_file_end_to_end(procs: list[Proc], tmp_path: Path) -> Non
     configmap_write(conf, 1, {"app.yaml": "a: 1"})
     got = tmp_path / "got"
     script = f"trap 'echo hup >> {got}' HUP; echo ready > {got}.r; while :; do sleep 0.05; done"
-    app = Proc("-c", script, program=("sh",), tail=())
+    # A non-interactive shell cannot trap a signal that was ignored when it started
+    # (POSIX), and a test run under nohup ignores SIGHUP: start the app with the
+    # default disposition, as a container's own init would.
+    app = Proc(
+        "-c", script, program=("sh",), tail=(),
+        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL),
+    )  # fmt: skip
     procs.append(app)
     pid_file = tmp_path / "app.pid"
     pid_file.write_text(str(app.p.pid))
