@@ -16,8 +16,13 @@ from pathlib import Path
 import pytest
 
 from podpatterns.adapter.checkpoint import CheckpointStore
-from tests.adapter_harness import SeqWriter, check_delivery, read_ndjson, seqs_of
-from tests.peers import missing
+from tests.adapter_harness import (
+    SeqWriter,
+    check_delivery,
+    logrotate_binary,
+    read_ndjson,
+    seqs_of,
+)
 from tests.proc import Proc
 from tests.waiting import wait_until
 
@@ -245,31 +250,10 @@ def test_sigkill_at_random_points_more_seeds(tmp_path: Path, seed: int) -> None:
     _kill_run(tmp_path, seed, kills=8)
 
 
-def _logrotate() -> str:
-    found = shutil.which("logrotate") or (
-        "/usr/sbin/logrotate" if os.path.exists("/usr/sbin/logrotate") else None
-    )
-    if found is None:
-        if os.geteuid() == 0 and shutil.which("apt-get"):
-            subprocess.run(
-                ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "logrotate"],
-                check=False,
-                capture_output=True,
-                env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
-                timeout=300,
-            )
-            found = shutil.which("logrotate") or (
-                "/usr/sbin/logrotate" if os.path.exists("/usr/sbin/logrotate") else None
-            )
-        if found is None:
-            missing("logrotate is not installed (apt-get install logrotate)")
-    return found
-
-
 @pytest.mark.parametrize("mode", ["create", "copytruncate"])
 def test_real_logrotate(tmp_path: Path, mode: str) -> None:
     """Rotation by the real logrotate (create, copytruncate) while the app writes: nothing lost."""
-    binary = _logrotate()
+    binary = logrotate_binary()
     logs = tmp_path / "logs"
     logs.mkdir()
     log = logs / "app.log"
