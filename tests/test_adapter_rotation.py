@@ -121,9 +121,7 @@ def _outage_run(tmp_path: Path, seed: int, mode: str, pattern: str) -> None:
 
 @pytest.mark.parametrize("pattern", ["access.log", "access.log*"])
 @pytest.mark.parametrize("mode", ["create", "copytruncate"])
-def test_rotation_during_sink_outage_loses_nothing(
-    tmp_path: Path, mode: str, pattern: str
-) -> None:
+def test_rotation_during_sink_outage_loses_nothing(tmp_path: Path, mode: str, pattern: str) -> None:
     """Real logrotate every generation while the HTTP sink is down: 0 lost, 0 duplicates."""
     _outage_run(tmp_path, 1, mode, pattern)
 
