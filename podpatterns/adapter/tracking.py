@@ -383,8 +383,9 @@ class Tracker:
         if self._copy_of_open(c):
             self._copies.add(key)
             return
-        if first_run and not c.matched:
-            # Generations rotated before the adapter ever ran are history, not read.
+        if first_run and not c.matched and self.config.read_from == "end":
+            # --read-from end: generations rotated before the adapter ever ran are
+            # history, not read (with beginning they are read, like the matched file).
             tail = _tail_of(c.path, c.size)
             try:
                 fd = os.open(c.path, os.O_RDONLY | os.O_CLOEXEC)
