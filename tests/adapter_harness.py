@@ -6,13 +6,18 @@ import asyncio
 import json
 import os
 import re
+import shutil
+import subprocess
+import threading
 from collections import Counter
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 from podpatterns.adapter import Adapter, AdapterConfig
+from tests.peers import missing
 
 SEQ = re.compile(r"seq=(\d+)")
 
@@ -143,3 +148,79 @@ async def running(cfg: AdapterConfig, sink: ListSink, **kw: Any) -> AsyncIterato
         async with asyncio.timeout(20):
             await adapter.wait_drained()
         await adapter.close()
+
+
+class Receiver:
+    """A real HTTP log receiver in a thread, for adapter processes: it keeps the NDJSON
+    records POSTed to it; while :attr:`down`, it drops every connection unanswered (the
+    adapter sees a network error, as from a peer that is down).
+    """
+
+    def __init__(self) -> None:
+        self.down = threading.Event()
+        self.records: list[dict[str, Any]] = []
+        self.refused = 0
+        self._lock = threading.Lock()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                if receiver.down.is_set():
+                    with receiver._lock:
+                        receiver.refused += 1
+                    self.close_connection = True
+                    self.connection.close()
+                    return
+                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                records = [json.loads(raw) for raw in body.splitlines() if raw]
+                with receiver._lock:
+                    receiver.records.extend(records)
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/ingest"
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def seqs(self) -> list[int]:
+        """The sequence numbers received, in order."""
+        with self._lock:
+            return seqs_of(str(r.get("message", "")) for r in self.records)
+
+    def distinct(self) -> int:
+        """How many distinct sequence numbers were received."""
+        return len(set(self.seqs()))
+
+    def close(self) -> None:
+        """Stop serving and close the socket."""
+        self.server.shutdown()
+        self.server.server_close()
+        self._thread.join()
+
+
+def logrotate_binary() -> str:
+    """The real logrotate (installed with apt-get when missing and root); skips without it."""
+    found = shutil.which("logrotate") or (
+        "/usr/sbin/logrotate" if os.path.exists("/usr/sbin/logrotate") else None
+    )
+    if found is None:
+        if os.geteuid() == 0 and shutil.which("apt-get"):
+            subprocess.run(
+                ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "logrotate"],
+                check=False,
+                capture_output=True,
+                env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
+                timeout=300,
+            )
+            found = shutil.which("logrotate") or (
+                "/usr/sbin/logrotate" if os.path.exists("/usr/sbin/logrotate") else None
+            )
+        if found is None:
+            missing("logrotate is not installed (apt-get install logrotate)")
+    return found

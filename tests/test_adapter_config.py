@@ -11,7 +11,7 @@ from podpatterns.adapter.checkpoint import NAME, CheckpointStore, Entry
 from podpatterns.adapter.config import build
 from podpatterns.adapter.lines import LineSplitter
 from podpatterns.errors import ConfigError
-from tests.proc import run
+from tests.proc import outputs, run
 
 
 def test_flags_env_and_file_make_one_config() -> None:
@@ -101,3 +101,44 @@ def test_cli_adapter_help_lists_options() -> None:
     assert result.returncode == 0
     for text in ("--read-from", "PODPATTERNS_CHECKPOINT_DIR", "--sink-url", "--multiline"):
         assert text in result.stdout
+
+
+BAD_INPUT = [
+    # (extra arguments, text the one stderr line must hold)
+    (["--sink", "file", "--sink-path", "/nonexistent-dir/out.ndjson"], "--sink-path"),
+    (["--sink", "http", "--sink-url", "https://h/x", "--sink-ca", "/nonexistent.pem"], "--sink-ca"),
+    (["--sink", "http", "--sink-url", "https://h/x", "--sink-ca", "{notpem}"], "not a PEM"),
+    (["--read-chunk", "0"], "--read-chunk: 0 must be >= 1"),
+    (["--sink", "http", "--sink-url", "http://host:99999"], "--sink-url: 'http://host:99999'"),
+    (["--sink", "http", "--sink-url", "http://host:abc"], "--sink-url: 'http://host:abc'"),
+    (["--delimiter", "\\q"], "--delimiter: '\\\\q' has an unknown escape"),
+    (["--delimiter", "\\x"], "--delimiter: '\\\\x' has an unknown escape"),
+    (["--sink", "http"], "--sink-url: missing"),
+    (["--sink", "stdout", "--sink-url", "http://h/x"], "given with --sink stdout"),
+    (["--sink", "file", "--sink-path", "{logs}/app.log.out"], "would be read by --path"),
+]
+
+
+@pytest.mark.parametrize(("extra", "expected"), BAD_INPUT)
+def test_bad_adapter_input_is_one_line_and_exit_2(
+    tmp_path: Path, extra: list[str], expected: str
+) -> None:
+    """Bad adapter input: exit 2 and one stderr line naming the option, value and fix."""
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "notpem").write_text("hello\n")
+    args = [a.format(notpem=tmp_path / "notpem", logs=tmp_path / "logs") for a in extra]
+    done = run("adapter", "--path", str(tmp_path / "logs" / "app.log"), "--admin", "off", *args)
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 2, outputs(done)
+    assert len(lines) == 1, outputs(done)
+    assert expected in lines[0], outputs(done)
+    assert "Traceback" not in done.stderr
+
+
+def test_sample_default_is_shown_as_a_fraction() -> None:
+    """--help shows --sample's default as 1, not as the duration 1s."""
+    from podpatterns.adapter.config import PROCESS_OPTIONS
+    from podpatterns.options import show_default
+
+    [sample] = [o for o in PROCESS_OPTIONS if o.name == "sample"]
+    assert show_default(sample) == "1"

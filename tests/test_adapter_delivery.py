@@ -6,7 +6,6 @@ import asyncio
 import os
 import shutil
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -43,18 +42,9 @@ async def test_steady_writing_delivers_every_line_once(tmp_path: Path) -> None:
     assert offsets == sorted(offsets) and offsets[0] == 0
 
 
-def rotating_writer(
-    log: Path,
-    rotations: int,
-    every: float,
-    tracked: Callable[[tuple[int, int]], bool],
-    rename: bool = True,
-) -> int:
-    """Write numbered lines steadily (a thread, like an app) and rotate every ``every`` s.
-
-    A file is rotated only once ``tracked((st_dev, st_ino))`` says the adapter follows
-    it: a file created and renamed out of the glob before the adapter discovered it can
-    be found by no one, and on a loaded machine discovery can take longer than ``every``.
+def rotating_writer(log: Path, rotations: int, every: float, rename: bool = True) -> int:
+    """Write numbered lines steadily (a thread, like an app) and rotate every ``every`` s,
+    whether or not the adapter has discovered the file yet.
 
     Returns the number of lines written.
     """
@@ -64,8 +54,7 @@ def rotating_writer(
     while done < rotations:
         w.write(20)
         time.sleep(0.0005)
-        st = os.fstat(w.fd)
-        if time.monotonic() >= deadline and tracked((st.st_dev, st.st_ino)):
+        if time.monotonic() >= deadline:
             done += 1
             deadline = time.monotonic() + every
             if rename:
@@ -86,9 +75,7 @@ async def test_rename_create_rotation_under_load_loses_nothing(tmp_path: Path) -
     log = tmp_path / "app.log"
     log.touch()
     async with running(config(tmp_path, "*.log", reconcile_interval=0.05), sink) as adapter:
-        written = await asyncio.to_thread(
-            rotating_writer, log, 8, 0.25, lambda key: key in adapter.tracked
-        )
+        written = await asyncio.to_thread(rotating_writer, log, 8, 0.25)
         await eventually(lambda: len(set(sink.seqs())) >= written)
         assert adapter.counters.rotations >= 8
     check_delivery(sink.seqs(), written, 0)
@@ -578,3 +565,94 @@ async def test_a_stage_that_dies_turns_liveness_and_readiness_off(tmp_path: Path
         await adapter.close()
     died = [e for e in logs if e["event"] == "task_died"]
     assert [e["task"] for e in died] == ["adapter-send"]
+
+
+async def test_unterminated_last_line_is_shipped_at_the_final_drain(tmp_path: Path) -> None:
+    """A last line without its newline (the writer exited) is shipped at shutdown, partial."""
+    sink = ListSink()
+    log = tmp_path / "app.log"
+    log.write_bytes(b"seq=0 a\nseq=1 the last words")
+    async with running(config(tmp_path, "*.log"), sink):
+        await eventually(lambda: len(sink.records) >= 1)
+    assert [r["message"] for r in sink.records] == ["seq=0 a", "seq=1 the last words"]
+    assert sink.records[1]["partial"] is True
+
+
+async def test_rotation_events_name_the_file_as_it_is_now(tmp_path: Path) -> None:
+    """file_rotated and file_closed name the rotated file by its new name."""
+    import structlog
+
+    sink = ListSink()
+    log = tmp_path / "app.log"
+    w = SeqWriter(log)
+    w.write(10)
+    with structlog.testing.capture_logs() as logs:
+        async with running(config(tmp_path, "*.log"), sink) as adapter:
+            await eventually(lambda: len(sink.records) >= 10)
+            os.rename(log, tmp_path / "app.log.1")
+            w.reopen()
+            await eventually(lambda: adapter.counters.files_closed == 1)
+    [rotated] = [e for e in logs if e["event"] == "file_rotated"]
+    assert rotated["path"] == str(tmp_path / "app.log.1")
+    assert rotated["was"] == str(log)
+    [closed] = [e for e in logs if e["event"] == "file_closed"]
+    assert closed["path"] == str(tmp_path / "app.log.1")
+
+
+async def test_copytruncate_counts_exactly_the_bytes_seen_and_lost(tmp_path: Path) -> None:
+    """Bytes seen in the file but in neither the copy nor what was read are counted exactly.
+
+    Reading is paused (sink down, small queue) while the file grows; the copy is taken
+    at a point beyond what was read, and more lines are written before the truncate:
+    those are lost, and counted to the byte; everything else arrives.
+    """
+    sink = ListSink()
+    sink.set_down(True)
+    log = tmp_path / "app.log"
+    w = SeqWriter(log)
+    w.write(2000)
+    cfg = config(
+        tmp_path, "*.log", queue_max_bytes=32 * 1024, batch_max_bytes=8 * 1024, read_chunk=8192
+    )
+    async with running(cfg, sink) as adapter:
+        await eventually(lambda: adapter._queue.bytes > 16 * 1024)
+        [t] = adapter.tracked.values()
+        copied = w.next + 1000  # the copy holds lines up to here
+        w.write(1000)
+        copy_size = log.stat().st_size
+        w.write(500)  # written between the copy and the truncate
+        size = log.stat().st_size
+        # Discovery stats the file while the reader waits for room: the size is seen.
+        await eventually(lambda: t.file.seen >= size)
+        assert t.file.offset < copy_size
+        (tmp_path / "app.log.1").write_bytes(log.read_bytes()[:copy_size])
+        os.truncate(log, 0)
+        w.write(100)
+        sink.set_down(False)
+        await eventually(lambda: len(set(sink.seqs())) >= w.next - 500)
+        assert adapter.counters.truncated_bytes_lost == size - copy_size
+    lost = set(range(copied, copied + 500))
+    got = sink.seqs()
+    assert lost.isdisjoint(got)
+    check_delivery([s for s in got] + sorted(lost), w.next, 0)
+
+
+async def test_copytruncate_keeps_the_cri_partials_a_joiner_holds(tmp_path: Path) -> None:
+    """copytruncate while CRI partials are held: the merged line is whole (read on in the copy)."""
+    sink = ListSink()
+    log = tmp_path / "app.log"
+    head = "2024-01-01T00:00:00Z stdout"
+    append_lines = [f"{head} F seq={s} one\n".encode() for s in range(5)]
+    log.write_bytes(b"".join(append_lines) + f"{head} P seq=5 part-a \n".encode())
+    async with running(config(tmp_path, "*.log", parse="cri"), sink) as adapter:
+        await eventually(lambda: len(sink.records) >= 5)
+        await eventually(lambda: adapter.counters.bytes_read >= log.stat().st_size)
+        # The F line ends the held partial; copy and truncate with no await in between.
+        append(log, f"{head} F part-b\n{head} F seq=6 after\n".encode())
+        shutil.copyfile(log, tmp_path / "app.log.1")
+        os.truncate(log, 0)
+        append(log, f"{head} F seq=7 new\n".encode())
+        await eventually(lambda: len(sink.records) >= 8)
+    messages = [r["message"] for r in sink.records]
+    assert "seq=5 part-a part-b" in messages, messages
+    assert sorted(sink.seqs()) == list(range(8))

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from podpatterns.adapter.checkpoint import Entry, Mark
+from podpatterns.adapter.checkpoint import Entry, MarkKey
 from podpatterns.adapter.lines import Line
 from podpatterns.adapter.tail import FileKey
 
@@ -27,12 +28,12 @@ class Batch:
 
     Attributes:
         lines: ``(path, file_id, line)`` in the order read.
-        marks: per file, the (epoch, entry) its checkpoint moves to on acknowledgement.
+        marks: per file and epoch, the entry its checkpoint moves to on acknowledgement.
         nbytes: what the batch counts against the queue's bound.
     """
 
     lines: list[tuple[str, str, Line]] = field(default_factory=list)
-    marks: dict[FileKey, Mark] = field(default_factory=dict)
+    marks: dict[MarkKey, Entry] = field(default_factory=dict)
     nbytes: int = 0
 
 
@@ -45,10 +46,20 @@ class ByteQueue:
 
     Args:
         max_bytes: the bound.
+        while_full: called every ``every`` seconds while :meth:`put` waits for room: the
+            reader keeps following its files (renames, new generations) while paused.
+        every: seconds between two calls of ``while_full``.
     """
 
-    def __init__(self, max_bytes: int) -> None:
+    def __init__(
+        self,
+        max_bytes: int,
+        while_full: Callable[[], object] | None = None,
+        every: float = 1.0,
+    ) -> None:
         self.max_bytes = max_bytes
+        self.while_full = while_full
+        self.every = every
         self.bytes = 0
         self._items: deque[Batch | None] = deque()
         self._not_empty = asyncio.Event()
@@ -61,7 +72,14 @@ class ByteQueue:
         """Wait for room, then add ``item``."""
         while self.bytes and self.bytes + item.nbytes > self.max_bytes:
             self._room.clear()
-            await self._room.wait()
+            if self.while_full is None:
+                await self._room.wait()
+                continue
+            try:
+                async with asyncio.timeout(self.every):
+                    await self._room.wait()
+            except TimeoutError:
+                self.while_full()
         self._items.append(item)
         self.bytes += item.nbytes
         self._not_empty.set()
@@ -135,11 +153,11 @@ class Batcher:
             batch.lines.append((path, file_id, line))
             batch.nbytes += len(line.data) + LINE_OVERHEAD
             if len(batch.lines) >= self.max_records or batch.nbytes >= self.max_bytes:
-                batch.marks[src.key] = (src.epoch, src.entry(line.end))
+                batch.marks[(src.key, src.epoch)] = src.entry(line.end)
                 full, batch = batch, Batch()
                 self._batch = batch
                 await self.queue.put(full)
-        batch.marks[src.key] = (src.epoch, src.entry(committed))
+        batch.marks[(src.key, src.epoch)] = src.entry(committed)
 
     async def flush(self) -> None:
         """Queue the batch being gathered, if it holds anything."""

@@ -19,7 +19,7 @@ import json
 import os
 import threading
 from collections.abc import Container, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -76,8 +76,8 @@ def entry_at(f: OpenFile, offset: int) -> Entry:
     )
 
 
-Mark = tuple[int, Entry]
-"""(epoch, entry): where a file's checkpoint moves once a batch is acknowledged."""
+MarkKey = tuple[FileKey, int]
+"""(file, epoch): whose checkpoint a batch's mark moves."""
 
 
 class Checkpoint:
@@ -96,6 +96,9 @@ class Checkpoint:
         """The acknowledged position of each file (what is saved)."""
         self._epochs: dict[FileKey, int] = {}
         self._closed_at: dict[FileKey, int] = {}
+        # (file, epoch) whose reading went on in another file (copytruncate's copy): its
+        # acknowledgements move that file's checkpoint.
+        self._moved: dict[MarkKey, FileKey] = {}
         self._epoch = itertools.count(1)
         self._dirty = False
 
@@ -125,14 +128,45 @@ class Checkpoint:
         return epoch
 
     def drop_loaded(self, key: FileKey) -> None:
-        """Forget a loaded entry at startup: its file is gone or is another file now."""
+        """Forget a file's entry: it is another file now (its generation was truncated)."""
         self.acked.pop(key, None)
+        self._dirty = True
+
+    def moved(self, old: FileKey, epoch: int, new: FileKey, path: str) -> None:
+        """The bytes of ``old`` read in ``epoch`` are now read from ``new``, a byte copy
+        (copytruncate): ``new`` starts at ``old``'s acknowledged offset, and what is
+        acknowledged of ``old``'s epoch moves ``new``."""
+        self._moved[(old, epoch)] = new
+        self._epochs[new] = epoch
+        entry = self.acked.get(old)
+        if entry is not None:
+            self.acked[new] = replace(entry, path=path, dev=new[0], ino=new[1])
+            self._dirty = True
+
+    def done(self, entry: Entry) -> None:
+        """A file not to be read (up to ``entry.offset``): a copy of lines read already,
+        or a generation rotated before the first start."""
+        self.acked[entry.key] = entry
+        self._closed_at[entry.key] = entry.offset
+        self._dirty = True
+
+    def stopped_at(self, key: FileKey) -> int | None:
+        """Where reading a file that is not open stopped (``None``: unknown file).
+
+        ``None`` too while batches of it are still unacknowledged: it is resumed only
+        from an acknowledged offset.
+        """
+        entry = self.acked.get(key)
+        if entry is None:
+            return None
+        closed = self._closed_at.get(key, entry.offset)
+        return entry.offset if closed <= entry.offset else None
 
     def closed(self, key: FileKey, committed: int, *, deleted: bool) -> None:
         """A file was closed after reading up to ``committed``.
 
-        Its entry stays until everything read from it was acknowledged (see :meth:`prune`),
-        unless the file was deleted: nothing can be read from it again.
+        Its entry stays while the file is in its directory (see :meth:`prune`), unless
+        the file was deleted: nothing can be read from it again.
         """
         self._closed_at[key] = committed
         if deleted:
@@ -140,33 +174,41 @@ class Checkpoint:
             self.acked.pop(key, None)
             self._dirty = True
 
-    def acknowledge(self, marks: Mapping[FileKey, Mark]) -> None:
+    def acknowledge(self, marks: Mapping[MarkKey, Entry]) -> None:
         """The sink acknowledged a batch: move each file to its mark (unless stale)."""
-        for key, (epoch, entry) in marks.items():
+        for (key, epoch), entry in marks.items():
             if self._epochs.get(key) == epoch:
                 self.acked[key] = entry
                 self._dirty = True
+                continue
+            new = self._moved.get((key, epoch))
+            if new is None or self._epochs.get(new) != epoch:
+                continue
+            current = self.acked.get(new)
+            if current is None or current.offset < entry.offset:
+                self.acked[new] = replace(
+                    entry, path=current.path if current else entry.path, dev=new[0], ino=new[1]
+                )
+                self._dirty = True
 
     def prune(self, present: Container[FileKey]) -> None:
-        """Forget entries of closed files no longer found where they were.
+        """Forget the files no longer in their directory (deleted, or moved away).
 
         Args:
-            present: files open or matched by the globs now (kept).
+            present: files open, or found in the directories followed, now (kept).
         """
         for key, entry in list(self.acked.items()):
             if key in present:
                 continue
             if entry.offset < self._closed_at.get(key, 0):
                 continue  # batches of this closed file are still being shipped
-            try:
-                st = os.stat(entry.path)
-            except OSError:
-                st = None
-            if st is None or (st.st_dev, st.st_ino) != key:
-                self.acked.pop(key, None)
-                self._epochs.pop(key, None)
-                self._closed_at.pop(key, None)
-                self._dirty = True
+            self.acked.pop(key, None)
+            self._epochs.pop(key, None)
+            self._closed_at.pop(key, None)
+            self._dirty = True
+        for moved, new in list(self._moved.items()):
+            if new not in self.acked:
+                del self._moved[moved]
 
     async def save(self, *, force: bool = False) -> None:
         """Write a generation if anything moved since the last one (or ``force``)."""

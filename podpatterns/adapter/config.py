@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from podpatterns.options import (
     parse_choice,
     parse_duration,
     parse_hostport,
+    parse_http_url,
     parse_int,
     parse_optional_duration,
     parse_path,
@@ -29,13 +31,34 @@ PARSERS = ("raw", "json", "logfmt", "regex", "nginx", "apache", "apache_common",
 REDACTIONS = ("bearer", "url_password", "email", "ipv4", "credit_card")
 
 
+_ESCAPES = {"n": b"\n", "r": b"\r", "t": b"\t", "0": b"\0", "\\": b"\\"}
+
+
 def parse_delimiter(text: str) -> bytes:
-    r"""Parse a line delimiter: ``\n`` (default), ``\r\n``, ``\0`` or literal characters."""
-    raw = text.encode().decode("unicode_escape").encode("latin-1") if "\\" in text else text
-    data = raw if isinstance(raw, bytes) else raw.encode()
-    if not data:
+    r"""Parse a line delimiter: ``\n`` (default), ``\r\n``, ``\0``, ``\xHH`` or literal
+    characters."""
+    out = bytearray()
+    i = 0
+    while i < len(text):
+        ch = text[i]
+        if ch != "\\":
+            out += ch.encode()
+            i += 1
+            continue
+        esc = text[i + 1 : i + 2]
+        if esc in _ESCAPES:
+            out += _ESCAPES[esc]
+            i += 2
+        elif esc == "x" and re.fullmatch(r"[0-9a-fA-F]{2}", text[i + 2 : i + 4]):
+            out.append(int(text[i + 2 : i + 4], 16))
+            i += 4
+        else:
+            raise ValueError(
+                f"has an unknown escape {text[i : i + 4]!r} (use \\n, \\r, \\t, \\0, \\\\ or \\xHH)"
+            )
+    if not out:
         raise ValueError("is empty (e.g. \\n, \\0, or ';;')")
-    return data
+    return bytes(out)
 
 
 def parse_regex(text: str) -> re.Pattern[str]:
@@ -171,6 +194,14 @@ INPUT_OPTIONS: tuple[Option[Any], ...] = (
     ),
     _a("read_chunk", parse_size, 256 * 1024, "bytes read from one file per turn", metavar="SIZE"),
     _a(
+        "max_open_files",
+        parse_int(1, 1_000_000),
+        None,
+        "most files open at once (default: the descriptor limit less 64); idle files "
+        "are closed and reopened by identity, files waiting are counted",
+        metavar="N",
+    ),
+    _a(
         "queue_max_bytes",
         parse_size,
         8 * 1024 * 1024,
@@ -291,7 +322,7 @@ PROCESS_OPTIONS: tuple[Option[Any], ...] = (
     _a(
         "sample",
         parse_fraction,
-        1.0,
+        1,  # an int: shown as "1", not as the duration "1s"
         "keep this fraction of records (deterministic by offset)",
         metavar="FRACTION",
     ),
@@ -336,7 +367,7 @@ SINK_OPTIONS: tuple[Option[Any], ...] = (
     ),
     _a("sink_path", parse_path, None, "file of the file sink (NDJSON, appended)", metavar="FILE"),
     _a("sink_fsync", parse_bool, False, "fsync the file sink before acknowledging", flag=True),
-    _a("sink_url", parse_str, None, "URL of the HTTP sink", metavar="URL"),
+    _a("sink_url", parse_http_url, None, "URL of the HTTP sink", metavar="URL"),
     _a(
         "sink_format",
         parse_choice("ndjson", "json"),
@@ -416,6 +447,7 @@ class AdapterConfig:
     max_line_bytes: int = 256 * 1024
     flush_partial_after: float | None = None
     read_chunk: int = 256 * 1024
+    max_open_files: int | None = None
     queue_max_bytes: int = 8 * 1024 * 1024
     batch_max_records: int = 2000
     batch_max_bytes: int = 1024 * 1024
@@ -479,10 +511,24 @@ class AdapterConfig:
             raise ConfigError(f"{chosen[1]}: cannot be combined with {chosen[0]} (choose one)")
         if chosen and self.parse == "cri":
             raise ConfigError(f"{chosen[0]}: not with --parse cri (CRI partials are merged)")
-        if self.sink == "file" and self.sink_path is None:
-            raise ConfigError("--sink-path: missing (--sink file needs a file)")
-        if self.sink == "http" and not (self.sink_url or "").startswith(("http://", "https://")):
-            raise ConfigError(f"--sink-url: {self.sink_url!r} must be an http(s):// URL")
+        if self.read_chunk < 1:
+            raise ConfigError(f"--read-chunk: {self.read_chunk} must be >= 1 (e.g. 256KiB)")
+        if self.sink == "file":
+            self._check_sink_path()
+        if self.sink == "http":
+            if self.sink_url is None:
+                raise ConfigError(
+                    "--sink-url: missing (--sink http needs a URL, e.g. http://127.0.0.1:8080/logs)"
+                )
+            if not self.sink_url.startswith(("http://", "https://")):
+                raise ConfigError(f"--sink-url: {self.sink_url!r} must be an http(s):// URL")
+        if self.sink != "http" and self.sink_url is not None:
+            raise ConfigError(
+                f"--sink-url: {self.sink_url!r} given with --sink {self.sink}, which does not "
+                "use it (use --sink http, or remove --sink-url)"
+            )
+        if self.sink_ca is not None:
+            _check_pem(self.sink_ca)
         if self.sink == "tcp" and self.sink_address is None:
             raise ConfigError("--sink-address: missing (--sink tcp needs HOST:PORT)")
         if self.stdout_max_line < 1024:
@@ -493,6 +539,81 @@ class AdapterConfig:
             raise ConfigError(
                 f"--queue-max-bytes: {self.queue_max_bytes} must be >= --batch-max-bytes"
             )
+
+    def _check_sink_path(self) -> None:
+        path = self.sink_path
+        if path is None:
+            raise ConfigError("--sink-path: missing (--sink file needs a file)")
+        parent = path.parent
+        if not parent.is_dir():
+            raise ConfigError(
+                f"--sink-path: {str(path)!r}: directory {str(parent)!r} does not exist "
+                "(create it, or mount a volume there)"
+            )
+        for pattern in self.path:
+            if _tailed(str(path), pattern):
+                raise ConfigError(
+                    f"--sink-path: {str(path)!r} would be read by --path {pattern!r}: the "
+                    "adapter would tail its own output (write it outside the tailed files)"
+                )
+
+
+def _tailed(path: str, pattern: str) -> bool:
+    """True when the adapter would read ``path`` for ``pattern``: the glob matches it, or
+    it is named like a rotated generation of a name the glob matches."""
+    from podpatterns.adapter.tail import ROTATED_SEPARATORS
+
+    full = os.path.abspath(path)
+    directory, name = os.path.split(full)
+    names = [name] + [name[:i] for i, ch in enumerate(name) if i and ch in ROTATED_SEPARATORS]
+    regex = re.compile(_glob_regex(os.path.abspath(pattern)))
+    return any(regex.fullmatch(os.path.join(directory, n)) for n in names)
+
+
+def _glob_regex(pattern: str) -> str:
+    """A regular expression matching what :func:`glob.glob` (recursive) matches."""
+    out = []
+    i = 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            out.append("(?:.*/)?")
+            i += 3
+        elif pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+        elif pattern[i] == "*":
+            out.append("[^/]*")
+            i += 1
+        elif pattern[i] == "?":
+            out.append("[^/]")
+            i += 1
+        elif pattern[i] == "[":
+            end = pattern.find("]", i + 2)
+            if end < 0:
+                out.append(re.escape("["))
+                i += 1
+            else:
+                body = pattern[i + 1 : end]
+                out.append("[" + ("^" + body[1:] if body.startswith("!") else body) + "]")
+                i = end + 1
+        else:
+            out.append(re.escape(pattern[i]))
+            i += 1
+    return "".join(out)
+
+
+def _check_pem(path: Path) -> None:
+    """``--sink-ca`` must be a readable PEM bundle holding a certificate."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(
+            f"--sink-ca: {str(path)!r}: {exc.strerror or exc} (give a PEM CA bundle)"
+        ) from None
+    if b"-----BEGIN CERTIFICATE-----" not in data:
+        raise ConfigError(
+            f"--sink-ca: {str(path)!r} is not a PEM CA bundle (no '-----BEGIN CERTIFICATE-----')"
+        )
 
 
 def build(

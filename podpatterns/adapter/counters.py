@@ -33,5 +33,6 @@ class Counters:
     files_opened: int = 0
     files_closed: int = 0
     open_errors: int = 0
+    open_deferred: int = 0
     cri_merged: int = 0
     sink_errors: int = 0

@@ -103,6 +103,11 @@ def families(
             "adapter_file_open_errors", "files that could not be opened", lambda: c.open_errors
         ),
         counter(
+            "adapter_files_open_deferred",
+            "times a file waited for a descriptor (--max-open-files or the fd limit reached)",
+            lambda: c.open_deferred,
+        ),
+        counter(
             "adapter_sink_errors",
             "sink sends that failed with an OS error and were retried",
             lambda: c.sink_errors,

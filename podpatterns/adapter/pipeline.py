@@ -31,7 +31,7 @@ import watchfiles
 from podpatterns import logs
 from podpatterns.adapter import metrics
 from podpatterns.adapter.batch import Batch, Batcher, ByteQueue
-from podpatterns.adapter.checkpoint import Checkpoint, CheckpointStore, Entry
+from podpatterns.adapter.checkpoint import NAME, Checkpoint, CheckpointStore, Entry
 from podpatterns.adapter.config import AdapterConfig
 from podpatterns.adapter.counters import Counters
 from podpatterns.adapter.cri import CriJoiner
@@ -78,11 +78,32 @@ class Adapter:
         self.counters = Counters()
         self._store = CheckpointStore(config.checkpoint_dir) if config.checkpoint_dir else None
         self._checkpoint = Checkpoint(self._store)
+        own_paths = [
+            p
+            for p in (config.checkpoint_dir, config.sink_path, config.dead_letter)
+            if p is not None
+        ]
         self._tracker = Tracker(
-            config, self._checkpoint, self.counters, self._new_joiner, self._flush_file
+            config,
+            self._checkpoint,
+            self.counters,
+            self._new_joiner,
+            self._flush_file,
+            own_paths=[
+                *own_paths,
+                *(
+                    [config.checkpoint_dir / n for n in (NAME, NAME + ".prev", NAME + ".tmp")]
+                    if config.checkpoint_dir
+                    else []
+                ),
+            ],
         )
         self._reader = Reader(config.read_chunk, self.counters)
-        self._queue = ByteQueue(config.queue_max_bytes)
+        # While the sink is down and the queue full, discovery goes on: files rotated
+        # meanwhile are followed and opened (an fd each), so no generation is lost.
+        self._queue = ByteQueue(
+            config.queue_max_bytes, self._discover_while_full, config.reconcile_interval
+        )
         self._batcher = Batcher(self._queue, config.batch_max_records, config.batch_max_bytes)
         self._parser = RecordParser(
             config.parse,
@@ -110,11 +131,7 @@ class Adapter:
         # directory: their events would only wake the reader for nothing.
         self._events = FileEvents(
             config.path,
-            [
-                p
-                for p in (config.checkpoint_dir, config.sink_path, config.dead_letter)
-                if p is not None
-            ],
+            own_paths,
             poll=config.watch == "poll",
             watcher=watcher,
         )
@@ -296,19 +313,23 @@ class Adapter:
                 # just before it exited (an --exit-with stop follows its tombstone at
                 # once, before any file event) is still read to its end and shipped.
                 looked_last = True
-                await self._tracker.reconcile(now, discover=True, check=True)
+                self._tracker.discover(now)
             elif not self._stopping and (now >= next_reconcile or events.discover_requested):
-                full = now >= next_reconcile
                 events.discover_requested = False
-                await self._tracker.reconcile(now, discover=True, check=full)
-                if full:
-                    next_reconcile = now + cfg.reconcile_interval
+                self._tracker.discover(now)
+                next_reconcile = now + cfg.reconcile_interval
             progressed = await self._read_round(now)
             await self._batcher.flush()
             if progressed:
                 await asyncio.sleep(0)
                 continue
             if self._stopping:
+                # Every file is read to its end: an unterminated last line (the writer
+                # exited before its newline) is complete as far as the writer is
+                # concerned, and is shipped, marked partial.
+                for t in list(self.tracked.values()):
+                    await self._flush_file(t)
+                await self._batcher.flush()
                 return
             if await self._idle_work(now):
                 await self._batcher.flush()
@@ -326,6 +347,10 @@ class Adapter:
                     await events.wake.wait()
             except TimeoutError:
                 pass
+
+    def _discover_while_full(self) -> None:
+        if not self._stopping:
+            self._tracker.discover(time.monotonic())
 
     async def _read_round(self, now: float) -> bool:
         """Read one chunk from every file that grew and hand the lines on. True if any grew."""

@@ -124,33 +124,95 @@ def find_by_key(directory: str, key: FileKey) -> str | None:
     return None
 
 
-def find_copy(
-    directory: str, fingerprint: Fingerprint, min_size: int, not_key: FileKey
-) -> str | None:
-    """A file in ``directory`` that starts like ``fingerprint`` and holds >= ``min_size`` bytes.
-
-    Used after a copytruncate: the copy holds what was written before the truncation.
-    """
+def scan(directory: str) -> dict[FileKey, tuple[str, int]]:
+    """The regular files in ``directory`` (not followed through symlinks): identity ->
+    (path, size). Empty when it cannot be read."""
+    out: dict[FileKey, tuple[str, int]] = {}
     try:
-        entries = list(os.scandir(directory))
+        with os.scandir(directory) as it:
+            for entry in it:
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except OSError:
+                    continue
+                if stat.S_ISREG(st.st_mode):
+                    out[(st.st_dev, st.st_ino)] = (entry.path, st.st_size)
     except OSError:
-        return None
-    for entry in entries:
+        return {}
+    return out
+
+
+ROTATED_SEPARATORS = (".", "-", "_")
+"""What follows a log's name in the names rotation gives it (``access.log.1``,
+``access.log-20240101``)."""
+
+COMPRESSED = (".gz", ".bz2", ".xz", ".zst", ".lz4", ".lzma", ".z", ".zip", ".br")
+"""Suffixes of compressed generations: their bytes are not the log's lines."""
+
+
+def rotated_name(name: str, base: str) -> bool:
+    """True when ``name`` is a name rotation gives a file called ``base`` (and not a
+    compressed one)."""
+    return (
+        len(name) > len(base) + 1
+        and name.startswith(base)
+        and name[len(base)] in ROTATED_SEPARATORS
+        and not name.lower().endswith(COMPRESSED)
+    )
+
+
+def same_bytes_before(fd_a: int, fd_b: int, offset: int) -> bool:
+    """True when the (up to :data:`TAIL_BYTES`) bytes before ``offset`` are equal in both."""
+    start = max(0, offset - TAIL_BYTES)
+    a = pread_exact(fd_a, offset - start, start)
+    return len(a) == offset - start and a == pread_exact(fd_b, offset - start, start)
+
+
+def find_copy(
+    directory: str, fingerprint: Fingerprint, offset: int, recent: bytes, not_key: FileKey
+) -> tuple[str, int] | None:
+    """A copy, in ``directory``, of a file read up to ``offset`` (copytruncate's copy).
+
+    A copy starts like ``fingerprint``, holds at least ``offset`` bytes and, just before
+    ``offset``, the bytes read last (``recent``): reading it from ``offset`` continues
+    where the original was left.
+
+    Returns:
+        ``(path, size)`` of the largest such copy, or ``None``.
+    """
+    best: tuple[str, int] | None = None
+    for key, (path, size) in scan(directory).items():
+        if key == not_key or size < offset or (best is not None and size <= best[1]):
+            continue
         try:
-            st = entry.stat(follow_symlinks=False)
-            if (st.st_dev, st.st_ino) == not_key or not stat.S_ISREG(st.st_mode):
-                continue
-            if st.st_size < min_size:
-                continue
-            fd = os.open(entry.path, os.O_RDONLY)
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError:
             continue
         try:
-            if fingerprint.matches(fd):
-                return entry.path
+            if (
+                fingerprint.matches(fd)
+                and pread_exact(fd, len(recent), offset - len(recent)) == recent
+            ):
+                best = (path, size)
+        except OSError:
+            continue
         finally:
             os.close(fd)
-    return None
+    return best
+
+
+def head_matches(path: str, fingerprint: Fingerprint) -> bool:
+    """True when the file at ``path`` starts like ``fingerprint`` (False if unreadable)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        return fingerprint.matches(fd)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 class OpenFile:
@@ -171,10 +233,8 @@ class OpenFile:
         self.size = st.st_size
         self.fingerprint = Fingerprint.of(fd)
         self.recent = pread_exact(fd, min(offset, TAIL_BYTES), max(0, offset - TAIL_BYTES))
+        self.seen = max(offset, self.size)  # largest size seen of this generation
         self.rotated = False  # no longer at a path the globs match
-        self.recovery = False  # a copy read only for what a copytruncate missed
-        self.idle_since = 0.0  # monotonic time of the last growth
-        self.epoch = 0  # bumped on truncation: acks of an older epoch are stale
         self.closed = False
 
     @classmethod
@@ -208,6 +268,7 @@ class OpenFile:
             data = data[k:]
         if data:
             self.offset += len(data)
+            self.seen = max(self.seen, self.offset)
             self.recent = (self.recent + data)[-TAIL_BYTES:]
             if self.fingerprint.length < HEAD_BYTES:
                 self.fingerprint = Fingerprint.of(self.fd)
@@ -223,18 +284,27 @@ class OpenFile:
         return os.fstat(self.fd).st_nlink == 0
 
     def truncated(self) -> bool:
-        """True when the file is shorter than what was read, or was rewritten under us."""
-        if self.stat_size() < self.offset:
+        """True when the file is shorter than what was read, or was rewritten under us
+        (the bytes before the read position or its head differ).
+
+        Otherwise the size is remembered in :attr:`seen`: bytes known to have been in
+        this generation, counted as lost if a truncation takes them unread.
+        """
+        size = self.stat_size()
+        if size < self.offset:
             return True
         before = pread_exact(self.fd, len(self.recent), self.offset - len(self.recent))
-        return before != self.recent
+        if before != self.recent or not self.fingerprint.matches(self.fd):
+            return True
+        self.seen = max(self.seen, size)
+        return False
 
     def restart(self) -> None:
         """Continue from offset 0 (after a truncation)."""
         self.offset = 0
         self.recent = b""
-        self.epoch += 1
         self.fingerprint = Fingerprint.of(self.fd)
+        self.size = self.seen = os.fstat(self.fd).st_size
 
     def close(self) -> None:
         """Close the descriptor (idempotent)."""

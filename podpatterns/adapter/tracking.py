@@ -1,16 +1,33 @@
 """The discovery stage: which files are read, and what became of them.
 
 Files are found by glob and known by identity (device, inode, head fingerprint), so a
-rename is a rotation, not a new file. A file no longer under a matched name is read to its
-end and closed after ``--rotate-wait``; a truncated file continues from 0, and after a
-copytruncate the copy is read for what the truncation took. The :class:`Tracker` owns the
-open files; the wiring reads them (:mod:`podpatterns.adapter.reader`).
+rename is a rotation, not a new file. Discovery follows a file renamed anywhere in its
+directory, and opens the generations rotation made of a matched name (``access.log.1``,
+``access.log-20240101``: :func:`~podpatterns.adapter.tail.rotated_name`) as soon as it sees
+them, whatever the glob: a generation rotated away before it was ever opened (the reader
+paused by a sink outage, the adapter stopped) is read all the same. Every file of a
+followed directory is in the checkpoint once seen, read or known to hold nothing new, so a
+restart tells old generations from new ones.
+
+A copy (copytruncate) is known by its content: it starts like a file being read and holds
+the bytes just before that file's read position. It is not read as a new file; once the
+original is truncated, the original's reading goes on in the copy from where it was left,
+with its line splitter and joiner, and the original is read again from 0. Bytes a
+truncation took that no copy holds are counted when they were seen.
+
+A file no longer under a matched name is read to its end and closed after
+``--rotate-wait``. At most ``--max-open-files`` files are open: beyond that, files read to
+their end and acknowledged are closed (and reopened by identity when they grow), and files
+waiting for a descriptor are counted. The :class:`Tracker` owns the open files; the wiring
+reads them (:mod:`podpatterns.adapter.reader`).
 """
 
 from __future__ import annotations
 
+import errno
 import os
-from collections.abc import Awaitable, Callable
+import resource
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
 from podpatterns import logs
@@ -24,10 +41,36 @@ from podpatterns.adapter.tail import (
     Fingerprint,
     OpenFile,
     expand,
-    find_by_key,
     find_copy,
+    head_matches,
+    rotated_name,
+    same_bytes_before,
+    scan,
     tail_hash,
 )
+
+FD_RESERVE = 64
+"""Descriptors left for everything but log files (sockets, the checkpoint, the watch)
+when ``--max-open-files`` is derived from the process's limit."""
+
+
+def max_open_files(configured: int | None) -> int:
+    """``--max-open-files``, or the process's descriptor limit less :data:`FD_RESERVE`."""
+    if configured is not None:
+        return configured
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        soft = 1 << 20
+    return max(1, soft - FD_RESERVE)
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """A file discovery found: where it is, how big, and whether a glob matches it."""
+
+    path: str
+    size: int
+    matched: bool
 
 
 @dataclass(slots=True)
@@ -86,11 +129,13 @@ class Tracker:
     """Finds the files to read and follows them through rotation and truncation.
 
     Args:
-        config: globs, ``--read-from``, line splitting settings.
+        config: globs, ``--read-from``, ``--max-open-files``, line splitting settings.
         checkpoint: where files start and stop being tracked.
         counters: counts opens, rotations, truncations, ...
         new_joiner: makes the joiner of a newly opened file (``None`` for none).
         flush: hands on what a truncated file holds when no copy has it.
+        own_paths: files the adapter writes (checkpoint, file sink, dead letters): never
+            read, whatever their name.
     """
 
     def __init__(
@@ -100,47 +145,164 @@ class Tracker:
         counters: Counters,
         new_joiner: Callable[[], Joiner | None],
         flush: Flush,
+        own_paths: Iterable[str | os.PathLike[str]] = (),
     ) -> None:
         self.config = config
         self.tracked: dict[FileKey, Tracked] = {}
+        self.max_open = max_open_files(config.max_open_files)
         self._checkpoint = checkpoint
         self._counters = counters
         self._new_joiner = new_joiner
         self._flush = flush
+        self._own = {os.path.abspath(p) for p in own_paths}
+        self._bases: set[tuple[str, str]] = set()  # (directory, name) a glob matched
+        self._copies: set[FileKey] = set()  # copies of a file still being read
         self._log = logs.get("adapter")
 
-    # -- startup -----------------------------------------------------------------------
+    # -- discovery -------------------------------------------------------------------------
 
     def restore(self, now: float) -> None:
-        """Open the files the globs match and those the checkpoint knows under other names."""
-        found = expand(self.config.path)
-        acked = self._checkpoint.acked
-        first_run = self._checkpoint.first_run()
-        known = dict(acked)
-        for key, path in sorted(found.items(), key=lambda kv: kv[1]):
-            entry = known.pop(key, None)
-            if entry is not None:
-                self._resume(path, entry, now, rotated=False)
-            else:
-                start = None if first_run and self.config.read_from == "end" else 0
-                self.open(path, start, now)
-        for key, entry in known.items():
-            # Not under a matched name: rotated (renamed) while we were down?
-            rotated_path = find_by_key(os.path.dirname(entry.path) or ".", key)
-            if rotated_path is None:
-                self._checkpoint.drop_loaded(key)
-                continue
-            self._resume(rotated_path, entry, now, rotated=True)
+        """Open the files the globs match, their rotated generations, and the files the
+        checkpoint knows, wherever they are in their directory now."""
+        self.discover(now, startup=True)
 
-    def _resume(self, path: str, entry: Entry, now: float, *, rotated: bool) -> None:
+    def discover(self, now: float, *, startup: bool = False) -> None:
+        """Glob again, follow renames within directories, open new files and generations,
+        and check every open file for truncation.
+
+        Synchronous: it hands nothing on, so it also runs while the reader waits for room
+        in the queue (a sink outage), when rotation goes on regardless.
+        """
+        candidates, present = self._candidates()
+        for key, t in list(self.tracked.items()):
+            self._follow(t, candidates.get(key), now)
+        waiting = 0
+        first_run = startup and self._checkpoint.first_run()
+        # Known files first: a new file is compared with them to tell a copy.
+        ordered = sorted(
+            candidates.items(), key=lambda kv: (kv[0] not in self._checkpoint.acked, kv[1].path)
+        )
+        for key, c in ordered:
+            if key in self.tracked or key in self._copies:
+                continue
+            entry = self._checkpoint.acked.get(key)
+            if entry is not None:
+                stopped = self._checkpoint.stopped_at(key)
+                if stopped is None:
+                    continue  # its last batches are not acknowledged yet
+                if c.size == stopped and (not c.matched or len(self.tracked) >= self.max_open):
+                    continue  # nothing new: reopened by identity when it grows
+            if not self._room(now):
+                waiting += 1
+                continue
+            if entry is not None:
+                self._resume(c, entry, now)
+            else:
+                self._new(key, c, now, first_run=first_run)
+        if waiting:
+            self._counters.open_deferred += waiting
+            self._log.warning(
+                "open_files_limited", limit=self.max_open, open=len(self.tracked), waiting=waiting
+            )
+        self._copies &= present
+        if not startup:
+            self._checkpoint.prune(self.tracked.keys() | present)
+
+    def _candidates(self) -> tuple[dict[FileKey, Candidate], set[FileKey]]:
+        """The files to follow, and every file found in the directories followed."""
+        own = self._own
+        found = {k: p for k, p in expand(self.config.path).items() if os.path.abspath(p) not in own}
+        for path in found.values():
+            self._bases.add((os.path.dirname(path) or ".", os.path.basename(path)))
+        bases: dict[str, list[str]] = {}
+        for directory, name in self._bases:
+            bases.setdefault(directory, []).append(name)
+        directories = set(bases)
+        directories.update(os.path.dirname(t.path) or "." for t in self.tracked.values())
+        directories.update(os.path.dirname(e.path) or "." for e in self._checkpoint.acked.values())
+        listing: dict[FileKey, tuple[str, int]] = {}
+        for directory in directories:
+            for key, item in scan(directory).items():
+                listing.setdefault(key, item)
+        out: dict[FileKey, Candidate] = {}
+        for key, path in found.items():
+            size = listing[key][1] if key in listing else _size(path)
+            if size is not None:
+                out[key] = Candidate(path, size, True)
+        known = self._checkpoint.acked
+        for key, (path, size) in listing.items():
+            if key in out or os.path.abspath(path) in own:
+                continue
+            name = os.path.basename(path)
+            if (
+                key in self.tracked
+                or key in known
+                or any(rotated_name(name, b) for b in bases.get(os.path.dirname(path) or ".", ()))
+            ):
+                out[key] = Candidate(path, size, False)
+        return out, set(listing) | set(found)
+
+    def _follow(self, t: Tracked, c: Candidate | None, now: float) -> None:
+        """Keep an open file's name current; notice rotation and truncation."""
+        f = t.file
+        if c is not None:
+            old = f.path
+            f.path = c.path
+            if c.matched:
+                f.rotated = False
+            elif not f.rotated:
+                self._rotated(t, old, now)
+        elif not f.rotated:  # deleted, or moved out of the directories followed
+            self._rotated(t, f.path, now)
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            truncated = f.truncated()
+        except OSError:
+            return
+        if truncated:
+            # What cannot go on in a copy is handed on by the reader (Tracker.truncated).
+            self._continue_in_copy(t, now)
+
+    def _rotated(self, t: Tracked, old: str, now: float) -> None:
+        t.file.rotated = True
+        t.rotated_at = now
+        self._counters.rotations += 1
+        # Records read from now on carry the name the file has now: the new file at the
+        # old name starts again at offset 0, and (file, offset) must stay a key.
+        self._log.info("file_rotated", path=t.file.path, was=old)
+
+    def _room(self, now: float) -> bool:
+        """True when one more file may be opened; closes an idle file to make room."""
+        if len(self.tracked) < self.max_open:
+            return True
+        idle = [t for t in self.tracked.values() if self._closable(t)]
+        if not idle:
+            return False
+        self.close(min(idle, key=lambda t: t.last_growth), "open_files_limit")
+        return True
+
+    def _closable(self, t: Tracked) -> bool:
+        """Read to its end, nothing held, everything acknowledged: it can be reopened by
+        identity when it grows, losing nothing."""
+        f = t.file
+        entry = self._checkpoint.acked.get(f.key)
+        return (
+            f.offset >= f.size
+            and t.splitter.held == 0
+            and (t.joiner is None or t.joiner.held_from is None)
+            and entry is not None
+            and entry.offset == f.offset
+        )
+
+    def _resume(self, c: Candidate, entry: Entry, now: float) -> None:
+        """Reopen a file the checkpoint knows, where it was left, if it is still that file."""
+        try:
+            fd = os.open(c.path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as exc:
-            self._counters.open_errors += 1
-            self._log.warning("file_open_failed", path=path, error=str(exc))
+            self._open_failed(c.path, exc)
             return
         try:
-            same_head = Fingerprint(entry.head_len, entry.head_hash).matches(fd)
+            head = Fingerprint(entry.head_len, entry.head_hash)
+            same_head = head.matches(fd)
             size = os.fstat(fd).st_size
             intact = (
                 same_head
@@ -148,33 +310,133 @@ class Tracker:
                 and tail_hash(fd, entry.offset) == entry.tail_hash
             )
         except OSError:
-            os.close(fd)
             return
-        os.close(fd)
+        finally:
+            os.close(fd)
         if intact:
-            offset = entry.offset
-        elif same_head:
+            self.open(c.path, entry.offset, now, rotated=not c.matched)
+            return
+        # The generation the checkpoint knows is no longer in this inode: truncated
+        # (copytruncate while we were stopped: look for its copy), or another file.
+        directory = os.path.dirname(c.path) or "."
+        copy = self._copy_of_entry(directory, entry)
+        # The copy's reading starts where the original's was acknowledged.
+        if copy is not None and self.open(copy[0], entry.offset, now, rotated=True) is not None:
+            self._counters.truncated_bytes_recovered += copy[1] - entry.offset
+        if same_head or copy is not None:
             self._counters.truncations += 1
-            self._log.warning(
-                "file_truncated", path=path, offset=entry.offset, size=size, at="startup"
-            )
-            offset = 0
         else:
-            if rotated:  # a stranger that got the inode of a rotated file: not ours
-                self._checkpoint.drop_loaded(entry.key)
-                return
             self._counters.replaced += 1
-            self._log.warning("file_replaced", path=path, offset=entry.offset)
-            offset = 0
-        t = self.open(path, offset, now)
-        if t is not None and rotated:
-            t.file.rotated = True
-            t.rotated_at = now
-            self._counters.rotations += 1
-            self._log.info("file_rotated", path=entry.path, now_at=path, at="startup")
+        self._done_copies(directory, head, entry.offset, not_key=entry.key)
+        self._log.warning(
+            "file_truncated" if same_head or copy is not None else "file_replaced",
+            path=c.path,
+            offset=entry.offset,
+            size=size,
+            copy=copy[0] if copy else None,
+            at="startup",
+        )
+        self._checkpoint.drop_loaded(entry.key)
+        self.open(c.path, 0, now, rotated=not c.matched)
 
-    def open(self, path: str, offset: int | None, now: float) -> Tracked | None:
+    def _copy_of_entry(self, directory: str, entry: Entry) -> tuple[str, int] | None:
+        """A file in ``directory`` that holds the generation ``entry`` describes, up to
+        its offset: same head, and the same bytes just before the offset."""
+        head = Fingerprint(entry.head_len, entry.head_hash)
+        for key, (path, size) in scan(directory).items():
+            if key == entry.key or key in self.tracked or size < entry.offset:
+                continue
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                continue
+            try:
+                if head.matches(fd) and tail_hash(fd, entry.offset) == entry.tail_hash:
+                    return path, size
+            except OSError:
+                continue
+            finally:
+                os.close(fd)
+        return None
+
+    def _done_copies(self, directory: str, head: Fingerprint, upto: int, not_key: FileKey) -> None:
+        """Record copies of a generation read up to ``upto`` that hold nothing more (a
+        copy taken before the last bytes were written): never read as new files."""
+        if head.length == 0:
+            return
+        for key, (path, size) in scan(directory).items():
+            if (
+                key == not_key
+                or key in self.tracked
+                or key in self._checkpoint.acked
+                or size > upto
+                or not head_matches(path, head)
+            ):
+                continue
+            self._copies.discard(key)
+            self._checkpoint.done(
+                Entry(path, key[0], key[1], size, head.length, head.hash, _tail_of(path, size))
+            )
+
+    def _new(self, key: FileKey, c: Candidate, now: float, *, first_run: bool) -> None:
+        """A file seen for the first time: a copy of one being read, history, or new."""
+        if self._copy_of_open(c):
+            self._copies.add(key)
+            return
+        if first_run and not c.matched and self.config.read_from == "end":
+            # --read-from end: generations rotated before the adapter ever ran are
+            # history, not read (with beginning they are read, like the matched file).
+            tail = _tail_of(c.path, c.size)
+            try:
+                fd = os.open(c.path, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                return
+            try:
+                head = Fingerprint.of(fd)
+            finally:
+                os.close(fd)
+            self._checkpoint.done(
+                Entry(c.path, key[0], key[1], c.size, head.length, head.hash, tail)
+            )
+            return
+        start = None if first_run and self.config.read_from == "end" else 0
+        self.open(c.path, start, now, rotated=not c.matched)
+
+    def _copy_of_open(self, c: Candidate) -> bool:
+        """True when ``c`` is a byte copy of (the start of) a file being read."""
+        try:
+            fd = os.open(c.path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return False
+        try:
+            for t in self.tracked.values():
+                f = t.file
+                if f.fingerprint.length == 0 or not f.fingerprint.matches(fd):
+                    continue
+                upto = min(c.size, f.stat_size())
+                if upto >= f.fingerprint.length and same_bytes_before(fd, f.fd, upto):
+                    return True
+        except OSError:
+            return False
+        finally:
+            os.close(fd)
+        return False
+
+    def open(
+        self,
+        path: str,
+        offset: int | None,
+        now: float,
+        *,
+        rotated: bool = False,
+    ) -> Tracked | None:
         """Start reading ``path`` at ``offset`` (``None``: at its end).
+
+        Args:
+            path: the file.
+            offset: where to start.
+            now: monotonic time.
+            rotated: it is under no name a glob matches (closed once idle).
 
         Returns:
             The tracked file (the one already open when it is a second name for it), or
@@ -183,8 +445,7 @@ class Tracker:
         try:
             f = OpenFile.open(path, offset)
         except OSError as exc:
-            self._counters.open_errors += 1
-            self._log.warning("file_open_failed", path=path, error=str(exc))
+            self._open_failed(path, exc)
             return None
         old = self.tracked.get(f.key)
         if old is not None:  # already open (a second name for one file)
@@ -198,93 +459,109 @@ class Tracker:
             now,
             joiner=self._new_joiner(),
         )
+        if rotated:
+            f.rotated = True
+            t.rotated_at = now
         self.tracked[f.key] = t
+        self._copies.discard(f.key)
         self._counters.files_opened += 1
         self._log.info("file_opened", path=path, offset=f.offset)
         return t
 
-    # -- while running -------------------------------------------------------------------
-
-    async def reconcile(self, now: float, *, discover: bool, check: bool) -> None:
-        """Re-glob; mark files no longer matched as rotated; check every file for truncation.
-
-        Args:
-            now: monotonic time.
-            discover: glob again (open new files, notice rotated ones).
-            check: check every open file for truncation, and prune the checkpoint.
-        """
-        found = expand(self.config.path) if discover else {}
-        for key, t in list(self.tracked.items()):
-            f = t.file
-            path = found.get(key)
-            if path is not None:
-                f.path = path
-                if f.rotated:
-                    f.rotated = False
-            elif discover and not f.rotated and not f.recovery:
-                f.rotated = True
-                t.rotated_at = now
-                self._counters.rotations += 1
-                # Records read from now on carry the rotated name: the new file at the
-                # old name starts again at offset 0, and (file, offset) must stay a key.
-                new_name = find_by_key(os.path.dirname(f.path) or ".", key)
-                self._log.info("file_rotated", path=f.path, now_at=new_name)
-                if new_name is not None:
-                    f.path = new_name
-            if check:
-                await self._check_truncated(t, now)
-        for key, path in found.items():
-            if key in self.tracked:
-                continue
-            entry = self._checkpoint.acked.get(key)
-            if entry is not None:  # a file we closed is matched again: resume, verified
-                self._resume(path, entry, now, rotated=False)
-            else:
-                self.open(path, 0, now)
-        if check:
-            self._checkpoint.prune(self.tracked.keys() | found.keys())
-
-    async def _check_truncated(self, t: Tracked, now: float) -> None:
-        try:
-            truncated = t.file.truncated()
-        except OSError:
+    def _open_failed(self, path: str, exc: OSError) -> None:
+        if exc.errno in (errno.EMFILE, errno.ENFILE):
+            # Out of descriptors (fewer than --max-open-files): tried again next pass.
+            self._counters.open_deferred += 1
             return
-        if truncated:
-            await self.truncated(t, now)
+        self._counters.open_errors += 1
+        self._log.warning("file_open_failed", path=path, error=str(exc))
 
-    async def truncated(self, t: Tracked, now: float) -> None:
-        """Continue a truncated file from 0; read what was missed from a copy if there is one."""
+    # -- truncation --------------------------------------------------------------------------
+
+    def _continue_in_copy(self, t: Tracked, now: float) -> bool:
+        """After a copytruncate, go on reading ``t``'s generation in its copy.
+
+        The copy holds the same bytes, so ``t`` keeps its line splitter, its joiner and its
+        epoch (acknowledgements of lines read from the original move the copy's
+        checkpoint); the original is read again from 0 as a new generation.
+
+        Returns:
+            False when no copy holds what was read (the reader hands on what ``t`` holds
+            and restarts it: :meth:`truncated`).
+        """
         f = t.file
-        seen_size = f.size
-        self._counters.truncations += 1
-        lost = max(0, seen_size - f.offset)
-        recovered = 0
         directory = os.path.dirname(f.path) or "."
-        copy = find_copy(directory, f.fingerprint, t.splitter.committed + 1, f.key)
-        if copy is not None:
-            # copytruncate: the copy holds what was written before the truncation.
-            rt = self.open(copy, t.splitter.committed, now)
-            if rt is not None:
-                rt.file.recovery = True
-                rt.file.rotated = True
-                rt.rotated_at = now
-                recovered = max(0, rt.file.size - f.offset)
-                lost = 0
-        else:
-            await self._flush(t)
+        found = find_copy(directory, f.fingerprint, f.offset, f.recent, f.key)
+        if found is None:
+            return False
+        path, size = found
+        try:
+            copy = OpenFile.open(path, f.offset)
+        except OSError:
+            return False
+        if copy.key in self.tracked or copy.recent != f.recent:
+            copy.close()
+            return False
+        lost = max(0, f.seen - size)
+        recovered = size - f.offset
+        self._counters.truncations += 1
         self._counters.truncated_bytes_lost += lost
         self._counters.truncated_bytes_recovered += recovered
         self._log.warning(
-            "file_truncated", path=f.path, offset=f.offset, lost_bytes=lost, copy=copy, at="running"
+            "file_truncated",
+            path=f.path,
+            offset=f.offset,
+            copy=path,
+            recovered_bytes=recovered,
+            lost_bytes=lost,
+            at="running",
         )
+        original = f
+        del self.tracked[original.key]
+        copy.seen = size
+        copy.rotated = True
+        t.file = copy
+        t.rotated_at = now
+        t.last_growth = now
+        self.tracked[copy.key] = t
+        self._checkpoint.moved(original.key, t.epoch, copy.key, path)
+        original.restart()
+        original.rotated = False
+        self.tracked[original.key] = Tracked(
+            original,
+            LineSplitter(self.config.delimiter, self.config.max_line_bytes, 0),
+            self._checkpoint.start(original.key, entry_at(original, 0)),
+            now,
+            joiner=self._new_joiner(),
+        )
+        return True
+
+    async def truncated(self, t: Tracked, now: float) -> None:
+        """Continue a truncated file from 0; its generation goes on in a copy if there is one."""
+        if self.tracked.get(t.file.key) is not t or self._continue_in_copy(t, now):
+            return
+        f = t.file
+        await self._flush(t)
+        # Bytes seen in the file and never read are gone: no copy holds them.
+        lost = max(0, f.seen - f.offset)
+        self._counters.truncations += 1
+        self._counters.truncated_bytes_lost += lost
+        self._log.warning(
+            "file_truncated", path=f.path, offset=f.offset, lost_bytes=lost, copy=None, at="running"
+        )
+        directory = os.path.dirname(f.path) or "."
+        self._done_copies(directory, f.fingerprint, f.offset, not_key=f.key)
         f.restart()
         t.splitter.reset(0)
         if t.joiner is not None:
             t.joiner.restart()
         t.epoch = self._checkpoint.start(f.key, entry_at(f, 0))
 
+    # -- closing -------------------------------------------------------------------------------
+
     def close(self, t: Tracked, reason: str) -> None:
-        """Stop reading ``t`` (rotated and read to its end, or no longer readable)."""
+        """Stop reading ``t`` (rotated and read to its end, idle at the open-file bound, or
+        no longer readable)."""
         self.tracked.pop(t.file.key, None)
         try:
             deleted = t.file.deleted()
@@ -300,3 +577,24 @@ class Tracker:
         for t in self.tracked.values():
             t.file.close()
         self.tracked.clear()
+
+
+def _size(path: str) -> int | None:
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return None
+
+
+def _tail_of(path: str, offset: int) -> str:
+    """:func:`tail_hash` of the file at ``path`` ('' when it cannot be read)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return ""
+    try:
+        return tail_hash(fd, offset)
+    except OSError:
+        return ""
+    finally:
+        os.close(fd)

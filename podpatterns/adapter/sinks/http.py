@@ -135,7 +135,7 @@ class HttpSink:
                 return
             if backoff.exhausted():
                 self.rejected += len(records)
-                self._log.error("sink_retries_exhausted", url=self.url, status=status)
+                self._log.error("sink_retries_exhausted", url=self.url, **_outcome(status, text))
                 items = [(r, status or None, text) for r in records]
 
                 await asyncio.to_thread(self.dead_letter.write, items)
@@ -143,7 +143,7 @@ class HttpSink:
             delay = backoff.next_delay(retry_after)
             if not self.failing:
                 self.failing = True
-                self._log.warning("sink_failing", url=self.url, status=status, error=text[:200])
+                self._log.warning("sink_failing", url=self.url, **_outcome(status, text))
             self.retried += 1
             await asyncio.sleep(delay)
 
@@ -156,3 +156,11 @@ class HttpSink:
     def collect(self) -> dict[str, Any]:
         """Counters."""
         return {"requests": self.requests, "retries": self.retried, "rejected": self.rejected}
+
+
+def _outcome(status: int, text: str) -> dict[str, object]:
+    """What a failed request got: the HTTP status and body, or the network error (a
+    request that got no answer has no status)."""
+    if status == 0:
+        return {"error": text[:200]}
+    return {"status": status, "error": text[:200]}
