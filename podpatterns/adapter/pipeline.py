@@ -23,8 +23,8 @@ import asyncio
 import errno
 import re
 import time
-from collections.abc import Coroutine, Sequence
-from typing import Any, NoReturn
+from collections.abc import Sequence
+from typing import Any
 
 import watchfiles
 
@@ -182,10 +182,12 @@ class Adapter:
             ) from None
         self._tracker.restore(time.monotonic())
         await self.sink.start()
+        # The stages end on their own (the stream drained, the watch stopped or fell back
+        # to polling): returning is their normal end; raising is a death.
         if self.mode == "watch":
-            self._tasks.spawn(self._until_cancelled(self._events.run()), "adapter-watch")
-        self._tasks.spawn(self._until_cancelled(self._read_loop()), "adapter-read")
-        self._tasks.spawn(self._until_cancelled(self._send_loop()), "adapter-send")
+            self._tasks.spawn(self._events.run(), "adapter-watch", may_return=True)
+        self._tasks.spawn(self._read_loop(), "adapter-read", may_return=True)
+        self._tasks.spawn(self._send_loop(), "adapter-send", may_return=True)
         self._started = True
         self._log.info(
             "adapter_started",
@@ -232,15 +234,6 @@ class Adapter:
         self._tracker.close_all()
         await self.sink.close()
         self._log.info("adapter_stopped", **{k: v for k, v in vars(self.counters).items() if v})
-
-    @staticmethod
-    async def _until_cancelled(stage: Coroutine[Any, Any, None]) -> NoReturn:
-        # A TaskSet task runs until cancelled (returning is a death): a stage whose work
-        # ended (the stream drained, the watch stopped or fell back to polling) waits for
-        # close() or cut() to cancel it.
-        await stage
-        await asyncio.Event().wait()
-        raise AssertionError("unreachable")
 
     # -- wiring of the stages ------------------------------------------------------------
 
