@@ -30,7 +30,7 @@ from typing import Any
 
 from podpatterns import logs
 from podpatterns.health.exitwith import ExitWith
-from podpatterns.health.records import Writer
+from podpatterns.health.writer import Writer
 
 
 async def _no_inotify(path: tuple[Path, ...], tick: float) -> AsyncGenerator[Any, None]:

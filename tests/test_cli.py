@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from podpatterns.health.records import Writer
+from podpatterns.health.writer import Writer
 from tests.proc import Proc, run
 from tests.waiting import wait_until
 

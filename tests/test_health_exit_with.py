@@ -18,7 +18,7 @@ from podpatterns.dirwatch import DirWatcher
 from podpatterns.health import exitwith
 from podpatterns.health.coordination import pod_runtime
 from podpatterns.health.exitwith import ExitWith, parse_quit_url
-from podpatterns.health.records import Writer
+from podpatterns.health.writer import Writer
 from podpatterns.options import HostPort
 from podpatterns.runtime import Runtime, RuntimeConfig
 from tests.proc import Proc, run

@@ -14,7 +14,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from podpatterns.health.records import Phase, read_record
+from podpatterns.health.reader import read_record
+from podpatterns.health.records import Phase
 from podpatterns.health.targets import GrpcTarget, Outcome, check_within, parse_target
 from tests.proc import Proc, run
 from tests.waiting import eventually

@@ -18,8 +18,10 @@ from aiohttp import web
 from podpatterns.health.aggregate import Aggregate
 from podpatterns.health.coordination import pod_runtime
 from podpatterns.health.prober import Prober, ProberConfig
-from podpatterns.health.records import Phase, Writer, read_record
+from podpatterns.health.reader import read_record
+from podpatterns.health.records import Phase
 from podpatterns.health.targets import check_within, parse_target
+from podpatterns.health.writer import Writer
 from podpatterns.options import HostPort
 from podpatterns.runtime import RuntimeConfig
 from tests.proc import Proc, run

@@ -23,7 +23,9 @@ from typing import Any
 
 import pytest
 
-from podpatterns.health.records import TOMBSTONE_GRACE, State, Tracker, Writer
+from podpatterns.health.reader import State, Tracker
+from podpatterns.health.records import TOMBSTONE_GRACE
+from podpatterns.health.writer import Writer
 from tests.proc import Proc
 
 LOOP = "127.0.0.1"

@@ -19,18 +19,10 @@ from hypothesis import strategies as st
 
 from podpatterns.dirwatch import DirWatcher
 from podpatterns.health import records
-from podpatterns.health.records import (
-    Check,
-    Phase,
-    Record,
-    RecordError,
-    State,
-    Tracker,
-    Writer,
-    read_record,
-    write_atomic,
-)
+from podpatterns.health.reader import State, Tracker, read_record
+from podpatterns.health.records import Check, Phase, Record, RecordError, write_atomic
 from podpatterns.health.watch import wait_exited, wait_ready, wait_status
+from podpatterns.health.writer import Writer
 from tests.waiting import eventually
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -263,7 +255,8 @@ async def test_watcher_falls_back_to_polling(tmp_path: Path) -> None:
 _FUZZ_WRITER = """
 import os, sys, time
 from pathlib import Path
-from podpatterns.health.records import Writer, Check
+from podpatterns.health.records import Check
+from podpatterns.health.writer import Writer
 w = Writer(Path(sys.argv[1]), "app", interval=60)
 pad = "x" * 4000
 i = 0

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from podpatterns.health.records import Phase, Record, Tracker, read_record
+from podpatterns.health.reader import Tracker, read_record
+from podpatterns.health.records import Phase, Record
 from podpatterns.health.supervisor import FORWARDED
 from tests.proc import Proc, run
 from tests.waiting import wait_for_file, wait_until

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from podpatterns.health.records import Writer
+from podpatterns.health.writer import Writer
 from tests.proc import Proc, run
 
 LOOP = "127.0.0.1"

@@ -19,8 +19,10 @@ import structlog
 from podpatterns.ambassador import Ambassador, RouteConfig
 from podpatterns.health.aggregate import Aggregate
 from podpatterns.health.prober import Prober, ProberConfig
-from podpatterns.health.records import Phase, Writer, read_record
+from podpatterns.health.reader import read_record
+from podpatterns.health.records import Phase
 from podpatterns.health.targets import parse_target
+from podpatterns.health.writer import Writer
 from podpatterns.options import HostPort
 from podpatterns.reload import ReloadConfig, Reloader
 from podpatterns.reload.notify import Exec

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from podpatterns import logs
 from podpatterns.ambassador import Ambassador, RouteConfig
 from podpatterns.commands.common import Command, Flags
-from podpatterns.health.records import Writer
+from podpatterns.health.writer import Writer
 from podpatterns.options import HostPort, Option, parse_int, resolve
 from podpatterns.runtime import RuntimeConfig
 

@@ -8,20 +8,17 @@ containers; everything else here writes it (the supervisor, the app API) or read
 from __future__ import annotations
 
 from podpatterns.dirwatch import DirWatcher
+from podpatterns.health.reader import State, Status, Tracker, read_record
 from podpatterns.health.records import (
     SCHEMA_VERSION,
     Check,
     Phase,
     Record,
     RecordError,
-    State,
-    Status,
-    Tracker,
-    Writer,
-    read_record,
     write_atomic,
 )
 from podpatterns.health.watch import wait_exited, wait_ready, wait_status
+from podpatterns.health.writer import Writer
 
 __all__ = [
     "SCHEMA_VERSION",

@@ -34,7 +34,7 @@ from typing import Any
 
 from podpatterns import logs
 from podpatterns.dirwatch import WatchFactory
-from podpatterns.health.records import State, Status, Tracker
+from podpatterns.health.reader import State, Status, Tracker
 from podpatterns.health.watch import record_watcher
 from podpatterns.tasks import TaskSet
 

@@ -26,7 +26,8 @@ import aiohttp
 
 from podpatterns import logs, metrics
 from podpatterns.dirwatch import RESYNC_SECONDS, WatchFactory
-from podpatterns.health.records import State, Status, Tracker, exit_summary
+from podpatterns.health.reader import State, Status, Tracker
+from podpatterns.health.records import exit_summary
 from podpatterns.health.watch import record_watcher, wait_status
 from podpatterns.options import parse_loopback_url
 from podpatterns.runtime import Shutdown

@@ -33,8 +33,9 @@ from typing import Any
 from podpatterns import logs, metrics
 from podpatterns.errors import ConfigError
 from podpatterns.health.options import NAME_OPTION, parse_name
-from podpatterns.health.records import Check, Phase, Writer
+from podpatterns.health.records import Check, Phase
 from podpatterns.health.targets import ReadyTarget, Target, check_within, parse_target
+from podpatterns.health.writer import Writer
 from podpatterns.options import Option, parse_duration, parse_int
 from podpatterns.runtime import NothingToDrain
 from podpatterns.tasks import TaskSet

@@ -27,7 +27,7 @@ from typing import Any
 from podpatterns import logs
 from podpatterns.errors import ConfigError
 from podpatterns.health.options import NAME_OPTION
-from podpatterns.health.records import Check, Writer
+from podpatterns.health.records import Check
 from podpatterns.health.targets import (
     ATTEMPT_TIMEOUT,
     ExecTarget,
@@ -36,6 +36,7 @@ from podpatterns.health.targets import (
     check_within,
     parse_target,
 )
+from podpatterns.health.writer import Writer
 from podpatterns.options import Option, parse_choice, parse_duration
 
 # Synchronous faults concern the supervisor itself; SIGKILL/SIGSTOP cannot be caught;

@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Protocol
 from urllib.parse import parse_qs, urlsplit
 
-from podpatterns.health.records import State, Tracker, check_name, exit_summary
+from podpatterns.health.reader import State, Tracker
+from podpatterns.health.records import check_name, exit_summary
 from podpatterns.options import parse_duration, parse_hostport, parse_http_url
 from podpatterns.subproc import run_command
 

@@ -11,7 +11,8 @@ from contextlib import aclosing
 from pathlib import Path
 
 from podpatterns.dirwatch import RESYNC_SECONDS, DirWatcher, WatchFactory
-from podpatterns.health.records import Status, Tracker, is_record_file
+from podpatterns.health.reader import Status, Tracker
+from podpatterns.health.records import is_record_file
 
 
 def record_watcher(
