@@ -1,5 +1,8 @@
 """The discovery stage: which files are read, and what became of them.
 
+(Over ~500 lines because rotation by identity, copies and the open-file bound decide
+together what happens to one file; each rule needs the others' state.)
+
 Files are found by glob and known by identity (device, inode, head fingerprint), so a
 rename is a rotation, not a new file. Discovery follows a file renamed anywhere in its
 directory, and opens the generations rotation made of a matched name (``access.log.1``,
