@@ -11,7 +11,9 @@ import socket
 import struct
 
 import pytest
+import structlog
 
+from podpatterns.ambassador import Ambassador, RouteConfig
 from podpatterns.ambassador.postgres import (
     CANCEL_REQUEST,
     PostgresHandler,
@@ -61,3 +63,17 @@ def test_error_response_fields() -> None:
     assert msg[:1] == b"E"
     assert struct.unpack("!i", msg[1:5])[0] == len(msg) - 1
     assert msg[5:] == b"SFATAL\0VFATAL\0C53300\0Mtoo many\0\0"
+
+
+def test_sslmode_prefer_route_is_built_and_warns() -> None:
+    """A --pg-sslmode prefer route builds, and says once that it may go on without TLS."""
+    cfg = RouteConfig(
+        listen=HostPort("127.0.0.1", 0),
+        upstream=(HostPort("db.example.com", 5432),),
+        protocol="postgres",
+        upstream_tls=True,
+        pg_sslmode="prefer",
+    )
+    with structlog.testing.capture_logs() as logs:
+        Ambassador([cfg])
+    assert "pg_sslmode_prefer" in [e["event"] for e in logs]

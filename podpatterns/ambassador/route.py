@@ -76,6 +76,7 @@ class Route:
         handler: ProtocolHandler | None = None,
     ) -> None:
         self.cfg = cfg
+        self._log = logs.get("ambassador", route=cfg.name)  # before _make_handler logs
         self.stats = RouteStats()
         self.pool = UpstreamPool(
             cfg.upstream,
@@ -136,7 +137,6 @@ class Route:
         self._stopping = False
         self._pipes = splice.PipePool(cfg.buffer_size) if self.use_splice else None
         self._connect_seconds = connect_seconds.labels(route=cfg.name)
-        self._log = logs.get("ambassador", route=cfg.name)
         # protocol routes: the handler's startup runs between accept and relay
         self._startup: Startup | None = None
         if self.handler is not None:
