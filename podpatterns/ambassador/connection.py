@@ -39,6 +39,9 @@ class Relay(Protocol):
     def abort(self) -> None:
         """Cut both legs now with a reset; :meth:`Connection.finish` follows."""
 
+    def close(self) -> None:
+        """End both legs with a FIN; :meth:`Connection.finish` follows once they close."""
+
 
 class Connection:
     """Accounting for one client connection through the ambassador."""

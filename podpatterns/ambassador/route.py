@@ -29,6 +29,7 @@ from podpatterns.ambassador.config import RouteConfig
 from podpatterns.ambassador.connection import Connection, abandon, reset_socket
 from podpatterns.ambassador.dial import Dialer, DialError, DialPolicy, classify, tune
 from podpatterns.ambassador.listener import Listener, bind
+from podpatterns.ambassador.pgdrain import TransactionWatch
 from podpatterns.ambassador.postgres import PostgresHandler
 from podpatterns.ambassador.protocol import ProtocolHandler
 from podpatterns.ambassador.relay import ProtocolRelay
@@ -171,6 +172,7 @@ class Route:
             server_name=cfg.tls_server_name,
             handshake_timeout=cfg.connect_timeout,
             route=cfg.name,
+            watch=TransactionWatch if cfg.pg_drain == "transaction" else None,
         )
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -233,6 +235,8 @@ class Route:
         self._stopping = True
         if self.listener is not None:
             self.listener.close()
+        if self._startup is not None:
+            self._startup.drain()  # sessions with a watch end at their next boundary
 
     def in_flight(self) -> int:
         return len(self.connections)
@@ -241,19 +245,23 @@ class Route:
         await self._drained.wait()
 
     def cut(self) -> int:
-        """Reset every connection still open (the drain deadline); return how many."""
-        n = self._abort_all("drain_cut")
+        """End every connection still open (the drain deadline) as ``--drain-close``
+        says: a reset, or a FIN; return how many."""
+        n = self._abort_all("drain_cut", fin=self.cfg.drain_close == "fin")
         self.stats.cut += n
         return n
 
-    def _abort_all(self, reason: str) -> int:
+    def _abort_all(self, reason: str, fin: bool = False) -> int:
         n = len(self.connections)
         for task in list(self._connecting):
             task.cancel()
         for conn in list(self.connections):
             conn.end_by_proxy(reason)
             if conn.relay is not None:
-                conn.relay.abort()
+                if fin:
+                    conn.relay.close()
+                else:
+                    conn.relay.abort()
         for conn, (dialer, csock) in list(self._dialing.items()):
             del self._dialing[conn]
             dialer.cancel()

@@ -32,9 +32,10 @@ from podpatterns.ambassador.protocol import (
     Failure,
     ProtocolHandler,
     ProtocolSession,
+    SessionWatch,
     SocketStream,
 )
-from podpatterns.ambassador.relay import ProtocolRelay
+from podpatterns.ambassador.relay import Leg, ProtocolRelay
 from podpatterns.ambassador.upstreams import Endpoint, UpstreamPool
 
 _DIAL_WORDS = {
@@ -88,6 +89,8 @@ class Startup:
         self.pool = pool
         self.dial_policy = dial_policy
         self.sessions: dict[Connection, ProtocolSession] = {}
+        self.watches: dict[Connection, SessionWatch] = {}
+        self.draining = False
         self._failed = failed
         self._connect_failed = connect_failed
         self._dial_failed = dial_failed
@@ -101,6 +104,13 @@ class Startup:
         session = self.sessions.pop(conn, None)
         if session is not None:
             session.finished()
+        self.watches.pop(conn, None)
+
+    def drain(self) -> None:
+        """Draining starts: each watched session ends at its next boundary."""
+        self.draining = True
+        for watch in list(self.watches.values()):
+            watch.drain()
 
     async def _dial(self, only: Endpoint | None) -> tuple[socket.socket, Endpoint]:
         """Dial as :meth:`_on_accept` does for tcp routes, awaitable. Raises DialError."""
@@ -246,11 +256,19 @@ class Startup:
             csock.close()
 
     async def _hand_off(self, conn: Connection, csock: socket.socket, est: Established) -> None:
-        """The session exists: give both legs to the relays a tcp route uses."""
+        """The session exists: give both legs to the relays a tcp route uses.
+
+        A session with a watch (:class:`~.protocol.SessionWatch`) takes the Protocol relay
+        with the watch's legs, never splice: the watch must see every byte.
+        """
         loop = asyncio.get_running_loop()
         usock = est.upstream
+        watch = est.watch
+        make_leg = watch.make_leg if watch is not None else Leg
+        if watch is not None:
+            self.watches[conn] = watch
         if est.tls is not None:
-            relay = ProtocolRelay(conn, self.cfg.buffer_size)
+            relay = ProtocolRelay(conn, self.cfg.buffer_size, make_leg)
             # before any await: what the TLS leg receives from now on is the relay's
             to_client = est.to_client + est.tls.take_buffered()
             est.tls.hand_over(relay.upstream)
@@ -260,14 +278,21 @@ class Startup:
             if est.to_upstream:
                 relay.client.data_received(est.to_upstream)
         else:
+            # sent before any leg reads, so that the order holds; a watch is shown them
             if est.to_client:
                 await loop.sock_sendall(csock, est.to_client)
+                if watch is not None:
+                    watch.passed("upstream", est.to_client)
             if est.to_upstream:
                 await loop.sock_sendall(usock, est.to_upstream)
-            if self._pipes is not None:
+                if watch is not None:
+                    watch.passed("client", est.to_upstream)
+            if self._pipes is not None and watch is None:
                 splice.SpliceRelay(loop, conn, csock, usock, self._pipes).start()
             else:
-                relay = ProtocolRelay(conn, self.cfg.buffer_size)
+                relay = ProtocolRelay(conn, self.cfg.buffer_size, make_leg)
                 await loop.create_connection(lambda: relay.upstream, sock=usock)
                 await loop.connect_accepted_socket(lambda: relay.client, csock)
+        if watch is not None and self.draining:  # draining started during the startup
+            watch.drain()
         self._connect_seconds.observe(time.monotonic() - conn.started)
