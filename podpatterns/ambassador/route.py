@@ -29,12 +29,10 @@ from podpatterns.ambassador.config import RouteConfig
 from podpatterns.ambassador.connection import Connection, abandon, reset_socket
 from podpatterns.ambassador.dial import Dialer, DialError, DialPolicy, classify, tune
 from podpatterns.ambassador.listener import Listener, bind
-from podpatterns.ambassador.pgdrain import TransactionWatch
-from podpatterns.ambassador.postgres import PostgresHandler
 from podpatterns.ambassador.protocol import ProtocolHandler
 from podpatterns.ambassador.relay import ProtocolRelay
-from podpatterns.ambassador.startup import Startup
-from podpatterns.ambassador.tls import TLSContextProvider
+from podpatterns.ambassador.startup import Startup, make_handler
+from podpatterns.ambassador.tls import route_tls
 from podpatterns.ambassador.upstreams import Endpoint, UpstreamPool, system_resolver
 from podpatterns.tasks import TaskSet
 
@@ -88,29 +86,9 @@ class Route:
             route=cfg.name,
             active_checks=bool(cfg.health_check_interval),
         )
-        self.tls: TLSContextProvider | None = None
-        if cfg.upstream_tls and cfg.protocol == "postgres":
-            mode = cfg.sslmode
-            self.tls = TLSContextProvider(
-                ca=cfg.tls_ca,
-                cert=cfg.tls_cert,
-                key=cfg.tls_key,
-                verify=mode in ("verify-ca", "verify-full"),
-                check_hostname=mode == "verify-full",
-                alpn=("postgresql",),
-                route=cfg.name,
-                unverified_note=f"--pg-sslmode {mode}: the upstream is not authenticated",
-            )
-        elif cfg.upstream_tls:
-            self.tls = TLSContextProvider(
-                ca=cfg.tls_ca,
-                cert=cfg.tls_cert,
-                key=cfg.tls_key,
-                verify=not cfg.tls_insecure_skip_verify,
-                route=cfg.name,
-            )
+        self.tls = route_tls(cfg)
         # None for --protocol tcp: the byte relay starts at accept, with no startup phase.
-        self.handler: ProtocolHandler | None = handler or self._make_handler()
+        self.handler: ProtocolHandler | None = handler or make_handler(cfg, self.tls, self._log)
         self.use_splice = (
             not cfg.upstream_tls
             and splice.available()
@@ -154,26 +132,6 @@ class Route:
                 connect_seconds=self._connect_seconds,
                 log=self._log,
             )
-
-    def _make_handler(self) -> ProtocolHandler | None:
-        cfg = self.cfg
-        if cfg.protocol == "tcp":
-            return None
-        tls = self.tls
-        if cfg.sslmode == "prefer":
-            self._log.warning(
-                "pg_sslmode_prefer",
-                note="--pg-sslmode prefer: a server that refuses TLS is used WITHOUT TLS",
-            )
-        return PostgresHandler(
-            (lambda: tls.context) if tls is not None else None,
-            sslmode=cfg.sslmode,
-            negotiation=cfg.pg_tls_negotiation,
-            server_name=cfg.tls_server_name,
-            handshake_timeout=cfg.connect_timeout,
-            route=cfg.name,
-            watch=TransactionWatch if cfg.pg_drain == "transaction" else None,
-        )
 
     # -- lifecycle -----------------------------------------------------------------------
 

@@ -27,6 +27,8 @@ from podpatterns.ambassador import splice
 from podpatterns.ambassador.config import RouteConfig
 from podpatterns.ambassador.connection import Connection, abandon
 from podpatterns.ambassador.dial import Dialer, DialError, DialPolicy
+from podpatterns.ambassador.pgdrain import TransactionWatch
+from podpatterns.ambassador.postgres import PostgresHandler
 from podpatterns.ambassador.protocol import (
     Established,
     Failure,
@@ -36,6 +38,7 @@ from podpatterns.ambassador.protocol import (
     SocketStream,
 )
 from podpatterns.ambassador.relay import Leg, ProtocolRelay
+from podpatterns.ambassador.tls import TLSContextProvider
 from podpatterns.ambassador.upstreams import Endpoint, UpstreamPool
 
 _DIAL_WORDS = {
@@ -50,6 +53,34 @@ def unreachable_message(exc: DialError, cfg: RouteConfig) -> str:
     """The message a protocol client gets when no endpoint could be connected."""
     where = exc.endpoint or ", ".join(str(u) for u in cfg.upstream)
     return f"podpatterns ambassador: cannot reach {where} ({_DIAL_WORDS.get(exc.reason, exc)})"
+
+
+def make_handler(
+    cfg: RouteConfig, tls: TLSContextProvider | None, log: Any
+) -> ProtocolHandler | None:
+    """The handler ``--protocol`` names; None for ``tcp`` (a byte relay from accept).
+
+    Args:
+        cfg: the route's configuration.
+        tls: the route's upstream TLS contexts (:func:`~.tls.route_tls`), or None.
+        log: the route's logger.
+    """
+    if cfg.protocol == "tcp":
+        return None
+    if cfg.sslmode == "prefer":
+        log.warning(
+            "pg_sslmode_prefer",
+            note="--pg-sslmode prefer: a server that refuses TLS is used WITHOUT TLS",
+        )
+    return PostgresHandler(
+        (lambda: tls.context) if tls is not None else None,
+        sslmode=cfg.sslmode,
+        negotiation=cfg.pg_tls_negotiation,
+        server_name=cfg.tls_server_name,
+        handshake_timeout=cfg.connect_timeout,
+        route=cfg.name,
+        watch=TransactionWatch if cfg.pg_drain == "transaction" else None,
+    )
 
 
 class Startup:
