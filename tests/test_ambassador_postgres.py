@@ -23,6 +23,7 @@ from pathlib import Path
 
 import asyncpg
 import psycopg
+import psycopg_pool
 import pytest
 import trustme
 
@@ -411,6 +412,147 @@ def test_shutdown_answers_admin_shutdown(postgres_tls: PostgresServer, ca_file: 
                 client.wait()
         assert client.returncode == 2
         assert "FATAL:  podpatterns ambassador: shutting down" in err, err
+
+
+# -- drain at transaction boundaries (--pg-drain transaction, the default) ----------------
+
+ADMIN_SHUTDOWN_TEXT = "terminating connection due to administrator command"
+
+
+def pg_connect(server: PostgresServer, port: int, host: str = "127.0.0.1") -> psycopg.Connection:
+    """A psycopg 3 connection through the ambassador (not autocommit: BEGIN is implicit)."""
+    return psycopg.connect(
+        host=host,
+        port=port,
+        user=server.user,
+        password=server.password,
+        dbname="postgres",
+        sslmode="disable",
+        connect_timeout=10,
+    )
+
+
+def closed_reasons(amb: AmbassadorProcess) -> list[str]:
+    return [e["reason"] for e in amb.events if e.get("event") == "connection_closed"]
+
+
+def test_drain_ends_an_idle_session_with_admin_shutdown(
+    postgres_tls: PostgresServer, ca_file: Path
+) -> None:
+    """An idle session gets FATAL 57P01 naming podpatterns when draining starts."""
+    with run_ambassador([upstream(postgres_tls)], *tls_args(ca_file)) as amb:
+        with pg_connect(postgres_tls, amb.listen.port) as conn:
+            conn.execute("select 1")
+            conn.commit()  # ReadyForQuery I: idle between transactions
+            assert amb.terminate() == 0, amb.log_text()
+            with pytest.raises(psycopg.OperationalError) as err:
+                conn.execute("select 1")
+        assert ADMIN_SHUTDOWN_TEXT in str(err.value), err.value
+        assert "podpatterns ambassador" in str(err.value), err.value
+        assert closed_reasons(amb) == ["drained"]
+        assert amb.find("drain_finished") >= 0, amb.log_text()
+
+
+def test_drain_lets_a_transaction_commit_then_ends_the_session(
+    postgres_tls: PostgresServer, ca_file: Path
+) -> None:
+    """A session inside BEGIN when draining starts goes on to COMMIT, then gets 57P01."""
+    with run_ambassador([upstream(postgres_tls)], *tls_args(ca_file)) as amb:
+        with pg_connect(postgres_tls, amb.listen.port) as conn:
+            # libpq passes an ErrorResponse that arrives while idle to the notice handler
+            said: list[str] = []
+            conn.add_notice_handler(lambda d: said.append(f"{d.sqlstate} {d.message_primary}"))
+            # BEGIN ... (ReadyForQuery T), with a transaction id to look up afterwards
+            row = conn.execute("select pg_current_xact_id()::text").fetchone()
+            assert row is not None
+            mark = amb.mark()
+            amb.signal(signal.SIGTERM)
+            amb.wait_index("drain_started", after=mark)
+            conn.execute("select 2")
+            conn.commit()  # the transaction's end: ReadyForQuery I, then the 57P01
+            assert amb.wait() == 0, amb.log_text()
+            with pytest.raises(psycopg.OperationalError) as err:
+                conn.execute("select 1")
+        # the 57P01 came with the COMMIT's answer (a notice) or with the next query's
+        shown = [*said, f"{err.value.sqlstate} {err.value}"]
+        assert any(s.startswith("57P01") and ADMIN_SHUTDOWN_TEXT in s for s in shown), shown
+        assert closed_reasons(amb) == ["drained"]
+    with (
+        run_ambassador([upstream(postgres_tls)], *tls_args(ca_file)) as amb,
+        pg_connect(postgres_tls, amb.listen.port) as conn,
+    ):
+        status = conn.execute("select pg_xact_status(%s::xid8)", (row[0],)).fetchone()
+        assert status == ("committed",)
+
+
+def test_drain_cuts_and_counts_a_transaction_that_never_ends(
+    postgres_tls: PostgresServer, ca_file: Path
+) -> None:
+    """A session still inside its transaction at --drain-timeout is cut and counted."""
+    args = tls_args(ca_file, "--drain-timeout", "200ms")
+    with run_ambassador([upstream(postgres_tls)], *args) as amb:
+        with pg_connect(postgres_tls, amb.listen.port) as conn:
+            conn.execute("select 1")  # BEGIN, never committed
+            assert amb.terminate() == 0, amb.log_text()
+            with pytest.raises(psycopg.OperationalError):
+                conn.execute("select 1")
+        assert amb.wait_event("drain_deadline_cut")["cut"] == 1
+        assert closed_reasons(amb) == ["drain_cut"]
+
+
+def test_pool_reconnects_after_drain_to_a_new_ambassador(
+    postgres_tls: PostgresServer, ca_file: Path
+) -> None:
+    """psycopg_pool drops the 57P01 connection; its next query works through a new ambassador."""
+
+    def ambassador(sock_dir: str) -> AmbassadorProcess:
+        amb = AmbassadorProcess(
+            "ambassador",
+            "--listen",
+            f"unix:{sock_dir}/.s.PGSQL.5432",
+            "--upstream",
+            upstream(postgres_tls),
+            *tls_args(ca_file),
+            "--shutdown-delay",
+            "0",
+            stdout=subprocess.DEVNULL,
+        )
+        amb.wait_event("route_listening")
+        return amb
+
+    with tempfile.TemporaryDirectory(prefix="podpatterns-pgpool-") as tmp:
+        conninfo = psycopg.conninfo.make_conninfo(
+            host=tmp,
+            port=5432,
+            user=postgres_tls.user,
+            password=postgres_tls.password,
+            dbname="postgres",
+            sslmode="disable",
+            connect_timeout=10,
+        )
+        first = ambassador(tmp)
+        try:
+            with psycopg_pool.ConnectionPool(
+                conninfo,
+                min_size=1,
+                max_size=1,
+                check=psycopg_pool.ConnectionPool.check_connection,
+                open=True,
+            ) as pool:
+                with pool.connection() as conn:
+                    before = conn.execute("select pg_backend_pid()").fetchone()
+                assert first.terminate() == 0, first.log_text()
+                assert closed_reasons(first) == ["drained"]
+                second = ambassador(tmp)
+                try:
+                    with pool.connection() as conn:
+                        after = conn.execute("select pg_backend_pid()").fetchone()
+                    assert after is not None and after != before
+                    assert second.terminate() == 0, second.log_text()
+                finally:
+                    second.stop()
+        finally:
+            first.stop()
 
 
 # -- cancel requests ----------------------------------------------------------------------

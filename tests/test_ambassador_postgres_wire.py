@@ -11,7 +11,10 @@ import socket
 import struct
 
 import pytest
+import structlog
 
+from podpatterns.ambassador import Ambassador, RouteConfig
+from podpatterns.ambassador.pgdrain import Frames, TransactionWatch
 from podpatterns.ambassador.postgres import (
     CANCEL_REQUEST,
     PostgresHandler,
@@ -61,3 +64,63 @@ def test_error_response_fields() -> None:
     assert msg[:1] == b"E"
     assert struct.unpack("!i", msg[1:5])[0] == len(msg) - 1
     assert msg[5:] == b"SFATAL\0VFATAL\0C53300\0Mtoo many\0\0"
+
+
+def test_sslmode_prefer_route_is_built_and_warns() -> None:
+    """A --pg-sslmode prefer route builds, and says once that it may go on without TLS."""
+    cfg = RouteConfig(
+        listen=HostPort("127.0.0.1", 0),
+        upstream=(HostPort("db.example.com", 5432),),
+        protocol="postgres",
+        upstream_tls=True,
+        pg_sslmode="prefer",
+    )
+    with structlog.testing.capture_logs() as logs:
+        Ambassador([cfg])
+    assert "pg_sslmode_prefer" in [e["event"] for e in logs]
+
+
+def _msg(kind: bytes, body: bytes = b"") -> bytes:
+    return kind + struct.pack("!i", 4 + len(body)) + body
+
+
+def test_frames_find_ready_for_query_across_any_split() -> None:
+    """ReadyForQuery and its status are found however the stream is cut into reads."""
+    stream = (
+        _msg(b"T", b"x" * 30)
+        + _msg(b"D", b"y" * 70000)
+        + _msg(b"C", b"SELECT 1\0")
+        + _msg(b"Z", b"T")
+        + _msg(b"Z", b"I")
+    )
+    for step in (1, 2, 5, 6, 7, 4096, len(stream)):
+        frames = Frames(frozenset(b"Z"))
+        found = []
+        for i in range(0, len(stream), step):
+            found += frames.walk(stream[i : i + step])
+        assert found == [(ord("Z"), ord("T")), (ord("Z"), ord("I"))], step
+        assert frames.at_boundary()
+
+
+def test_frames_count_requests_without_body() -> None:
+    """Sync (no body) and Query are both requests; a stream cut mid-message is not whole."""
+    frames = Frames(frozenset(b"QSF"))
+    data = _msg(b"P", b"\0select 1\0\0\0") + _msg(b"S") + _msg(b"Q", b"select 1\0")
+    assert [k for k, _ in frames.walk(data)] == [ord("S"), ord("Q")]
+    assert frames.walk(_msg(b"Q", b"select 2\0")[:7]) == [(ord("Q"), ord("s"))]
+    assert not frames.at_boundary()
+
+
+def test_a_pipeline_without_its_sync_is_not_at_rest() -> None:
+    """Parse/Bind/Execute sent and not yet synced keep an idle session from being ended."""
+    watch = TransactionWatch()
+    assert watch.at_rest()
+    watch.passed("client", _msg(b"P", b"\0select 1\0\0\0") + _msg(b"B", b"\0\0" + bytes(6)))
+    assert not watch.at_rest()
+    watch.passed("client", _msg(b"E", b"\0\0\0\0\0") + _msg(b"S"))
+    assert not watch.at_rest()  # the Sync is not answered yet
+    watch.passed("upstream", _msg(b"C", b"SELECT 1\0") + _msg(b"Z", b"I"))
+    assert watch.at_rest()
+    watch.passed("client", _msg(b"Q", b"begin\0"))
+    watch.passed("upstream", _msg(b"C", b"BEGIN\0") + _msg(b"Z", b"T"))
+    assert not watch.at_rest()  # inside a transaction block

@@ -60,12 +60,14 @@ SAMPLES: dict[str, str] = {
     "splice": "off",
     "buffer_size": "64KiB",
     "ready_requires_upstream": "true",
+    "drain_close": "fin",
     "tcp_keepalive": "false",
     "tcp_nodelay": "false",
     "protocol": "postgres",
     "startup_timeout": "20s",
     "pg_sslmode": "require",  # the one mode --tls-insecure-skip-verify agrees with
     "pg_tls_negotiation": "direct",
+    "pg_drain": "off",
 }
 
 

@@ -226,6 +226,14 @@ ROUTE_OPTIONS: tuple[Option[Any], ...] = (
         "ready only while at least one endpoint is healthy",
         flag=True,
     ),
+    _r(
+        "drain_close",
+        parse_choice("rst", "fin"),
+        "rst",
+        "how connections still open at the drain deadline are closed: rst (a reset, "
+        "buffered bytes dropped) or fin (buffered bytes sent, then a FIN)",
+        metavar="HOW",
+    ),
     _r("tcp_keepalive", parse_bool, True, "TCP keepalive on both legs", flag=True),
     _r("tcp_nodelay", parse_bool, True, "TCP_NODELAY on both legs", flag=True),
 )
@@ -262,6 +270,16 @@ PROTOCOL_OPTIONS: tuple[Option[Any], ...] = (
         "postgres",
         "how TLS starts: postgres (SSLRequest, then TLS) or direct (TLS first with ALPN "
         "postgresql; PostgreSQL 17 and later)",
+        metavar="MODE",
+    ),
+    _r(
+        "pg_drain",
+        parse_choice("transaction", "off"),
+        "transaction",
+        "how shutdown ends PostgreSQL sessions: transaction (idle ones get FATAL 57P01 "
+        "when draining starts, the others at the end of their transaction; frames the "
+        "relayed messages, so no splice) or off (sessions are relayed as bytes and cut "
+        "at the drain deadline)",
         metavar="MODE",
     ),
 )
@@ -306,12 +324,14 @@ class RouteConfig:
     splice: str = "auto"
     buffer_size: int = 256 * 1024
     ready_requires_upstream: bool = False
+    drain_close: str = "rst"
     tcp_keepalive: bool = True
     tcp_nodelay: bool = True
     protocol: str = "tcp"
     startup_timeout: float = 30.0
     pg_sslmode: str | None = None
     pg_tls_negotiation: str = "postgres"
+    pg_drain: str = "transaction"
 
     @property
     def sslmode(self) -> str:
@@ -350,8 +370,12 @@ class RouteConfig:
 
     def _check_postgres(self, where: str) -> None:
         if self.protocol != "postgres":
-            for name in ("pg_sslmode", "pg_tls_negotiation"):
-                if getattr(self, name) not in (None, "postgres"):
+            for name, default in (
+                ("pg_sslmode", None),
+                ("pg_tls_negotiation", "postgres"),
+                ("pg_drain", "transaction"),
+            ):
+                if getattr(self, name) != default:
                     raise ConfigError(
                         f"{where}--{name.replace('_', '-')}: only applies with --protocol postgres"
                     )

@@ -39,6 +39,9 @@ class Relay(Protocol):
     def abort(self) -> None:
         """Cut both legs now with a reset; :meth:`Connection.finish` follows."""
 
+    def close(self) -> None:
+        """End both legs with a FIN; :meth:`Connection.finish` follows once they close."""
+
 
 class Connection:
     """Accounting for one client connection through the ambassador."""
@@ -92,3 +95,25 @@ class Connection:
         callback, self.on_finish = self.on_finish, None
         if callback is not None:
             callback(self)
+
+
+def abandon(
+    conn: Connection,
+    csock: socket.socket,
+    usock: socket.socket | None,
+    reset: bool = True,
+) -> None:
+    """Tear down a connection whose relay never fully started; finish it once.
+
+    ``reset=False`` closes the client with a FIN: a protocol handler's last words
+    (an error message) are read before the end of the stream, not lost to a reset.
+    """
+    if conn.relay is not None:
+        conn.relay.abort()  # resets the legs that have transports
+    if reset:
+        reset_socket(csock)
+    if csock.fileno() >= 0:  # still ours: no transport took it
+        csock.close()
+    if conn.relay is None and usock is not None and usock.fileno() >= 0:
+        usock.close()
+    conn.finish()  # idempotent: a no-op when the relay already finished it

@@ -32,6 +32,7 @@ from podpatterns.ambassador import tlsleg
 from podpatterns.ambassador.protocol import (
     Established,
     Failure,
+    SessionWatch,
     SocketStream,
     Stream,
     TLSStream,
@@ -147,6 +148,8 @@ class PostgresHandler:
         server_name: SNI and verified name; None to use each endpoint's host.
         handshake_timeout: seconds the TLS handshake may take.
         route: the route's name, for logs.
+        watch: makes each established session's watch (``--pg-drain transaction``:
+            :class:`~.pgdrain.TransactionWatch`), or None to relay sessions as bytes.
     """
 
     name = "postgres"
@@ -160,6 +163,7 @@ class PostgresHandler:
         server_name: str | None = None,
         handshake_timeout: float = 5.0,
         route: str = "default",
+        watch: Callable[[], SessionWatch] | None = None,
     ) -> None:
         if sslmode not in SSLMODES:
             raise ValueError(f"sslmode {sslmode!r}: not one of {SSLMODES}")
@@ -170,6 +174,7 @@ class PostgresHandler:
         self.negotiation = negotiation
         self.server_name = server_name
         self.handshake_timeout = handshake_timeout
+        self.watch = watch
         self.keys = CancelKeys()
         self.cancels = 0  # cancel requests forwarded
         self.cancels_unknown = 0  # cancel requests for a key no session holds
@@ -279,6 +284,8 @@ class PostgresSession:
             tls,
             to_client=leftover + stream.take_buffered(),
             to_upstream=self.client.take_buffered(),
+            # at ReadyForQuery both streams stand at a message boundary: a watch starts here
+            watch=self.handler.watch() if self.handler.watch is not None else None,
         )
 
     async def _negotiate_tls(

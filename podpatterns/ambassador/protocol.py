@@ -30,6 +30,7 @@ import socket
 from dataclasses import dataclass
 from typing import Protocol
 
+from podpatterns.ambassador.relay import Leg, ProtocolRelay
 from podpatterns.ambassador.tlsleg import TLSTransport
 from podpatterns.ambassador.upstreams import Endpoint
 
@@ -217,6 +218,25 @@ class TLSStream:
         self.transport.resume_reading()
 
 
+class SessionWatch(Protocol):
+    """Follows an established session through the Protocol relay, to end it at a boundary.
+
+    A handler that can end its sessions cleanly on shutdown (PostgreSQL between
+    transactions: :mod:`.pgdrain`) returns one in :attr:`Established.watch`; the route
+    then relays that connection with the Protocol relay (never splice: the watch must see
+    the bytes) and calls :meth:`drain` when draining starts.
+    """
+
+    def make_leg(self, relay: ProtocolRelay, side: str) -> Leg:
+        """The relay's leg for ``side`` (``client`` or ``upstream``)."""
+
+    def passed(self, side: str, data: bytes) -> None:
+        """``side`` sent ``data``, which the route passed on outside the legs."""
+
+    def drain(self) -> None:
+        """End the session at its next boundary (now, if it is at one)."""
+
+
 @dataclass
 class Established:
     """The session exists: what the route hands to the relays.
@@ -228,12 +248,14 @@ class Established:
         to_client: bytes read from the upstream past the startup, owed to the client
             before anything the relay reads.
         to_upstream: the same, from the client toward the upstream.
+        watch: follows the session to end it at a boundary on shutdown, or None.
     """
 
     upstream: socket.socket
     tls: TLSStream | None = None
     to_client: bytes = b""
     to_upstream: bytes = b""
+    watch: SessionWatch | None = None
 
 
 class ProtocolSession(Protocol):

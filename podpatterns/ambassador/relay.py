@@ -18,6 +18,7 @@ at all is given a close instead.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 from podpatterns.ambassador.connection import Connection, reset_socket
@@ -89,11 +90,17 @@ class ProtocolRelay:
 
     __slots__ = ("buffer_size", "client", "conn", "upstream")
 
-    def __init__(self, conn: Connection, buffer_size: int) -> None:
+    def __init__(
+        self,
+        conn: Connection,
+        buffer_size: int,
+        make_leg: Callable[[ProtocolRelay, str], Leg] = Leg,
+    ) -> None:
+        """Args: ``make_leg`` builds each side's leg (a protocol's watch may frame them)."""
         self.conn = conn
         self.buffer_size = buffer_size
-        self.client = Leg(self, "client")
-        self.upstream = Leg(self, "upstream")
+        self.client = make_leg(self, "client")
+        self.upstream = make_leg(self, "upstream")
         self.client.peer = self.upstream
         self.upstream.peer = self.client
         conn.relay = self
@@ -110,8 +117,15 @@ class ProtocolRelay:
         self.conn.note_end("proxy", self.conn.reason or "aborted")
         for leg in (self.client, self.upstream):
             if leg.transport is not None and not leg.lost:
+                if leg.transport.is_closing() and not leg.transport.get_write_buffer_size():
+                    continue  # closed with a FIN (close()) and flushed: let the FIN be
                 reset_socket(leg.transport.get_extra_info("socket"))
                 leg.transport.abort()
+
+    def close(self) -> None:
+        """End both legs with a FIN, after the bytes they hold (``--drain-close fin``)."""
+        self.conn.note_end("proxy", self.conn.reason or "closed")
+        self._close_both()
 
     # -- called by the legs --------------------------------------------------------------
 

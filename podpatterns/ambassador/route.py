@@ -26,19 +26,13 @@ from prometheus_client import Histogram
 from podpatterns import logs
 from podpatterns.ambassador import proxy_protocol, splice, tlsleg
 from podpatterns.ambassador.config import RouteConfig
-from podpatterns.ambassador.connection import Connection, reset_socket
+from podpatterns.ambassador.connection import Connection, abandon, reset_socket
 from podpatterns.ambassador.dial import Dialer, DialError, DialPolicy, classify, tune
 from podpatterns.ambassador.listener import Listener, bind
-from podpatterns.ambassador.postgres import PostgresHandler
-from podpatterns.ambassador.protocol import (
-    Established,
-    Failure,
-    ProtocolHandler,
-    ProtocolSession,
-    SocketStream,
-)
+from podpatterns.ambassador.protocol import ProtocolHandler
 from podpatterns.ambassador.relay import ProtocolRelay
-from podpatterns.ambassador.tls import TLSContextProvider
+from podpatterns.ambassador.startup import Startup, make_handler
+from podpatterns.ambassador.tls import route_tls
 from podpatterns.ambassador.upstreams import Endpoint, UpstreamPool, system_resolver
 from podpatterns.tasks import TaskSet
 
@@ -47,20 +41,6 @@ from podpatterns.tasks import TaskSet
 SPLICE_BY_DEFAULT = True
 
 HEALTH_LOOP = "health"  # the name of the active health checks' task, after the route's
-
-
-_DIAL_WORDS = {
-    "refused": "connection refused",
-    "timeout": "connect timed out",
-    "dns": "name not resolved",
-    "unreachable": "network unreachable",
-}
-
-
-def _unreachable(exc: DialError, cfg: RouteConfig) -> str:
-    """The message a protocol client gets when no endpoint could be connected."""
-    where = exc.endpoint or ", ".join(str(u) for u in cfg.upstream)
-    return f"podpatterns ambassador: cannot reach {where} ({_DIAL_WORDS.get(exc.reason, exc)})"
 
 
 def peer_label(peer: Any) -> str:
@@ -95,6 +75,7 @@ class Route:
         handler: ProtocolHandler | None = None,
     ) -> None:
         self.cfg = cfg
+        self._log = logs.get("ambassador", route=cfg.name)  # before _make_handler logs
         self.stats = RouteStats()
         self.pool = UpstreamPool(
             cfg.upstream,
@@ -105,30 +86,9 @@ class Route:
             route=cfg.name,
             active_checks=bool(cfg.health_check_interval),
         )
-        self.tls: TLSContextProvider | None = None
-        if cfg.upstream_tls and cfg.protocol == "postgres":
-            mode = cfg.sslmode
-            self.tls = TLSContextProvider(
-                ca=cfg.tls_ca,
-                cert=cfg.tls_cert,
-                key=cfg.tls_key,
-                verify=mode in ("verify-ca", "verify-full"),
-                check_hostname=mode == "verify-full",
-                alpn=("postgresql",),
-                route=cfg.name,
-                unverified_note=f"--pg-sslmode {mode}: the upstream is not authenticated",
-            )
-        elif cfg.upstream_tls:
-            self.tls = TLSContextProvider(
-                ca=cfg.tls_ca,
-                cert=cfg.tls_cert,
-                key=cfg.tls_key,
-                verify=not cfg.tls_insecure_skip_verify,
-                route=cfg.name,
-            )
+        self.tls = route_tls(cfg)
         # None for --protocol tcp: the byte relay starts at accept, with no startup phase.
-        self.handler: ProtocolHandler | None = handler or self._make_handler()
-        self._sessions: dict[Connection, ProtocolSession] = {}
+        self.handler: ProtocolHandler | None = handler or make_handler(cfg, self.tls, self._log)
         self.use_splice = (
             not cfg.upstream_tls
             and splice.available()
@@ -156,26 +116,22 @@ class Route:
         self._stopping = False
         self._pipes = splice.PipePool(cfg.buffer_size) if self.use_splice else None
         self._connect_seconds = connect_seconds.labels(route=cfg.name)
-        self._log = logs.get("ambassador", route=cfg.name)
-
-    def _make_handler(self) -> ProtocolHandler | None:
-        cfg = self.cfg
-        if cfg.protocol == "tcp":
-            return None
-        tls = self.tls
-        if cfg.sslmode == "prefer":
-            self._log.warning(
-                "pg_sslmode_prefer",
-                note="--pg-sslmode prefer: a server that refuses TLS is used WITHOUT TLS",
+        # protocol routes: the handler's startup runs between accept and relay
+        self._startup: Startup | None = None
+        if self.handler is not None:
+            self._startup = Startup(
+                cfg,
+                self.handler,
+                pool=self.pool,
+                dial_policy=self.dial_policy,
+                failed=self.stats.failed,
+                connect_failed=self._connect_failed,
+                dial_failed=self._dial_failed,
+                send_proxy_header=self._send_proxy_header,
+                pipes=self._pipes,
+                connect_seconds=self._connect_seconds,
+                log=self._log,
             )
-        return PostgresHandler(
-            (lambda: tls.context) if tls is not None else None,
-            sslmode=cfg.sslmode,
-            negotiation=cfg.pg_tls_negotiation,
-            server_name=cfg.tls_server_name,
-            handshake_timeout=cfg.connect_timeout,
-            route=cfg.name,
-        )
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -237,6 +193,8 @@ class Route:
         self._stopping = True
         if self.listener is not None:
             self.listener.close()
+        if self._startup is not None:
+            self._startup.drain()  # sessions with a watch end at their next boundary
 
     def in_flight(self) -> int:
         return len(self.connections)
@@ -245,19 +203,23 @@ class Route:
         await self._drained.wait()
 
     def cut(self) -> int:
-        """Reset every connection still open (the drain deadline); return how many."""
-        n = self._abort_all("drain_cut")
+        """End every connection still open (the drain deadline) as ``--drain-close``
+        says: a reset, or a FIN; return how many."""
+        n = self._abort_all("drain_cut", fin=self.cfg.drain_close == "fin")
         self.stats.cut += n
         return n
 
-    def _abort_all(self, reason: str) -> int:
+    def _abort_all(self, reason: str, fin: bool = False) -> int:
         n = len(self.connections)
         for task in list(self._connecting):
             task.cancel()
         for conn in list(self.connections):
             conn.end_by_proxy(reason)
             if conn.relay is not None:
-                conn.relay.abort()
+                if fin:
+                    conn.relay.close()
+                else:
+                    conn.relay.abort()
         for conn, (dialer, csock) in list(self._dialing.items()):
             del self._dialing[conn]
             dialer.cancel()
@@ -302,8 +264,8 @@ class Route:
         if cfg.max_connections and len(self.connections) >= cfg.max_connections:
             if cfg.on_limit == "reject":
                 self.stats.refused["limit"] += 1
-                if self.handler is not None:
-                    self._start_task(self._refuse_at_limit(csock, peer_label(peer)), None)
+                if self._startup is not None:
+                    self._start_task(self._startup.refuse_at_limit(csock, peer_label(peer)), None)
                     return
                 reset_socket(csock)
                 csock.close()
@@ -328,8 +290,8 @@ class Route:
             conn.note_end("client", "error")
             conn.finish()
             return
-        if self.handler is not None:
-            self._start_task(self._startup(conn, csock, peer), conn)
+        if self._startup is not None:
+            self._start_task(self._startup.run(conn, csock, peer), conn)
             return
         dialer = Dialer(
             self._loop,
@@ -412,7 +374,7 @@ class Route:
         """The upstream was reached but the relay could not start; re-raises bugs."""
         if not isinstance(exc, (OSError, ssl.SSLError, TimeoutError)):
             conn.note_end("proxy", "cancelled")
-            self._abandon(conn, csock, usock)
+            abandon(conn, csock, usock)
             raise exc
         reason = "tls" if isinstance(exc, ssl.SSLError) else classify(exc)
         self.stats.failed[reason] += 1
@@ -428,29 +390,7 @@ class Route:
             error=str(exc),
         )
         conn.note_end("proxy", f"upstream_{reason}")
-        self._abandon(conn, csock, usock)
-
-    @staticmethod
-    def _abandon(
-        conn: Connection,
-        csock: socket.socket,
-        usock: socket.socket | None,
-        reset: bool = True,
-    ) -> None:
-        """Tear down a connection whose relay never fully started; finish it once.
-
-        ``reset=False`` closes the client with a FIN: a protocol handler's last words
-        (an error message) are read before the end of the stream, not lost to a reset.
-        """
-        if conn.relay is not None:
-            conn.relay.abort()  # resets the legs that have transports
-        if reset:
-            reset_socket(csock)
-        if csock.fileno() >= 0:  # still ours: no transport took it
-            csock.close()
-        if conn.relay is None and usock is not None and usock.fileno() >= 0:
-            usock.close()
-        conn.finish()  # idempotent: a no-op when the relay already finished it
+        abandon(conn, csock, usock)
 
     async def _attach(
         self, conn: Connection, csock: socket.socket, usock: socket.socket, ep: Endpoint, peer: Any
@@ -489,179 +429,6 @@ class Route:
         self._connecting.add(task)
         task.add_done_callback(functools.partial(self._attached, conn))
 
-    async def _dial(self, only: Endpoint | None) -> tuple[socket.socket, Endpoint]:
-        """Dial as :meth:`_on_accept` does for tcp routes, awaitable. Raises DialError."""
-        loop = self._loop
-        done: asyncio.Future[tuple[socket.socket, Endpoint]] = loop.create_future()
-
-        def dialed(
-            usock: socket.socket | None, ep: Endpoint | None, exc: BaseException | None
-        ) -> None:
-            if done.cancelled():
-                if usock is not None:
-                    loop.remove_writer(usock.fileno())  # before the close (Dialer)
-                    usock.close()
-            elif usock is not None and ep is not None:
-                done.set_result((usock, ep))
-            else:
-                done.set_exception(exc or DialError("error", "no endpoint"))
-
-        dialer = Dialer(loop, self.pool, self.dial_policy, dialed, self._connect_failed, only)
-        dialer.start()
-        try:
-            return await done
-        except asyncio.CancelledError:
-            dialer.cancel()
-            raise
-
-    async def _startup(self, conn: Connection, csock: socket.socket, peer: Any) -> None:
-        """Accept -> client startup -> dial -> upstream startup -> the relays."""
-        assert self.handler is not None
-        session = self.handler.open(SocketStream(csock), conn.client)
-        self._sessions[conn] = session
-        usock: socket.socket | None = None
-        upstream_phase = False
-        try:
-            try:
-                async with asyncio.timeout(self.cfg.startup_timeout):
-                    if not await session.accept():
-                        conn.note_end("client", "closed")
-                        self._abandon(conn, csock, None, reset=False)
-                        return
-                    upstream_phase = True
-                    try:
-                        usock, ep = await self._dial(session.pinned)
-                    except DialError as exc:
-                        self._dial_failed(conn, exc)
-                        raise Failure("unreachable", _unreachable(exc, self.cfg)) from exc
-                    conn.endpoint = ep
-                    conn.upstream = str(ep)
-                    ep.active += 1
-                    self._send_proxy_header(csock, usock, peer)
-                    established = await session.connect(usock, ep)
-            except TimeoutError:
-                raise Failure(
-                    "timeout",
-                    f"podpatterns ambassador: no session with {conn.upstream or 'an upstream'} "
-                    f"within --startup-timeout {self.cfg.startup_timeout:g}s",
-                ) from None
-            if established is None:  # complete without a relay (a cancel request, ...)
-                conn.note_end("upstream", "eof")
-                self._abandon(conn, csock, usock, reset=False)
-                return
-            await self._hand_off(conn, csock, established)
-        except Failure as failure:
-            await self._refuse(conn, session, failure, csock, usock, upstream_phase)
-        except asyncio.CancelledError:
-            # cut() or close(): the ambassador is shutting down. Tell the client, briefly.
-            task = asyncio.current_task()
-            if task is not None:
-                task.uncancel()
-            if conn.relay is None:
-                shutdown = Failure(
-                    "shutdown", "podpatterns ambassador: shutting down, connection not relayed"
-                )
-                await self._refuse(conn, session, shutdown, csock, usock, False, budget=1.0)
-            else:
-                self._abandon(conn, csock, usock)
-        except (OSError, ssl.SSLError) as exc:  # a peer went away, or a socket failed
-            conn.note_end("upstream" if upstream_phase else "client", "error")
-            self._log.info(
-                "startup_failed", conn=conn.id, client=conn.client, error=str(exc) or repr(exc)
-            )
-            self._abandon(conn, csock, usock)
-
-    async def _refuse(
-        self,
-        conn: Connection,
-        session: ProtocolSession,
-        failure: Failure,
-        csock: socket.socket,
-        usock: socket.socket | None,
-        upstream_phase: bool,
-        budget: float | None = None,
-    ) -> None:
-        """Count and log ``failure``, answer the client through the handler, close."""
-        if usock is not None:
-            usock.close()  # before answering: the upstream must not wait on us
-            usock = None
-        if failure.kind == "shutdown":
-            conn.note_end("proxy", "cancelled")
-        elif upstream_phase:
-            reason = {"upstream_closed": "closed"}.get(failure.kind, failure.kind)
-            if failure.kind != "unreachable":  # counted by _dial_failed
-                self.stats.failed[reason] += 1
-                self._log.warning(
-                    "upstream_connect_failed",
-                    conn=conn.id,
-                    client=conn.client,
-                    upstream=conn.upstream,
-                    reason=reason,
-                    error=failure.message,
-                )
-                ep = conn.endpoint
-                if isinstance(ep, Endpoint) and failure.kind == "tls":
-                    self._connect_failed(ep, "tls")
-                    self.pool.mark_failure(ep, "tls")
-            conn.note_end("proxy", f"upstream_{reason}")
-        else:
-            conn.note_end("client", "protocol_error")
-            self._log.info(
-                "client_protocol_error", conn=conn.id, client=conn.client, error=failure.message
-            )
-        try:
-            async with asyncio.timeout(budget or self.cfg.startup_timeout):
-                await session.refuse(failure)
-        except (OSError, TimeoutError):
-            pass  # the client is gone or does not read: closing is all there is
-        self._abandon(conn, csock, None, reset=False)
-
-    async def _refuse_at_limit(self, csock: socket.socket, client: str) -> None:
-        """--on-limit reject on a protocol route: the refusal in the protocol's terms."""
-        assert self.handler is not None
-        session = self.handler.open(SocketStream(csock), client)
-        failure = Failure(
-            "limit",
-            f"podpatterns ambassador: too many connections (--max-connections "
-            f"{self.cfg.max_connections} reached on route {self.cfg.name!r})",
-        )
-        try:
-            async with asyncio.timeout(self.cfg.startup_timeout):
-                await session.refuse(failure)
-        except (OSError, TimeoutError):
-            pass
-        finally:
-            session.finished()
-            csock.close()
-
-    async def _hand_off(self, conn: Connection, csock: socket.socket, est: Established) -> None:
-        """The session exists: give both legs to the relays a tcp route uses."""
-        loop = self._loop
-        usock = est.upstream
-        if est.tls is not None:
-            relay = ProtocolRelay(conn, self.cfg.buffer_size)
-            # before any await: what the TLS leg receives from now on is the relay's
-            to_client = est.to_client + est.tls.take_buffered()
-            est.tls.hand_over(relay.upstream)
-            if to_client:
-                relay.upstream.data_received(to_client)  # held until the client leg exists
-            await loop.connect_accepted_socket(lambda: relay.client, csock)
-            if est.to_upstream:
-                relay.client.data_received(est.to_upstream)
-        else:
-            if est.to_client:
-                await loop.sock_sendall(csock, est.to_client)
-            if est.to_upstream:
-                await loop.sock_sendall(usock, est.to_upstream)
-            if self.use_splice:
-                assert self._pipes is not None
-                splice.SpliceRelay(loop, conn, csock, usock, self._pipes).start()
-            else:
-                relay = ProtocolRelay(conn, self.cfg.buffer_size)
-                await loop.create_connection(lambda: relay.upstream, sock=usock)
-                await loop.connect_accepted_socket(lambda: relay.client, csock)
-        self._connect_seconds.observe(time.monotonic() - conn.started)
-
     def _attached(self, conn: Connection | None, task: asyncio.Task[None]) -> None:
         """An :meth:`_attach` task ended: a bug it re-raised is logged, never dropped.
 
@@ -686,10 +453,8 @@ class Route:
 
     def _finished(self, conn: Connection) -> None:
         self.connections.pop(conn, None)
-        if self.handler is not None:
-            session = self._sessions.pop(conn, None)
-            if session is not None:
-                session.finished()
+        if self._startup is not None:
+            self._startup.finished(conn)
         ep = conn.endpoint
         if isinstance(ep, Endpoint):
             ep.active -= 1

@@ -203,6 +203,11 @@ class SpliceRelay:
         self.conn.note_end("proxy", self.conn.reason or "aborted")
         self._close(reset=True)
 
+    def close(self) -> None:
+        """End both sockets with a FIN; bytes still in the pipes are dropped."""
+        self.conn.note_end("proxy", self.conn.reason or "closed")
+        self._close(reset=False)
+
     # -- internals -----------------------------------------------------------------------
 
     def direction_done(self) -> None:

@@ -12,10 +12,14 @@ import hashlib
 import ssl
 from contextlib import aclosing
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from podpatterns import logs
 from podpatterns.dirwatch import DirWatcher
 from podpatterns.errors import ConfigError
+
+if TYPE_CHECKING:
+    from podpatterns.ambassador.config import RouteConfig
 
 
 def _why(exc: OSError | ssl.SSLError) -> str:
@@ -131,3 +135,32 @@ class TLSContextProvider:
         async with aclosing(watcher.wakeups()) as wakeups:
             async for _ in wakeups:
                 self.maybe_reload()
+
+
+def route_tls(cfg: RouteConfig) -> TLSContextProvider | None:
+    """The upstream TLS contexts of a route: None without ``--upstream-tls``.
+
+    A ``--protocol postgres`` route verifies as ``--pg-sslmode`` says and offers ALPN
+    ``postgresql``; any other verifies unless ``--tls-insecure-skip-verify``.
+    """
+    if cfg.upstream_tls and cfg.protocol == "postgres":
+        mode = cfg.sslmode
+        return TLSContextProvider(
+            ca=cfg.tls_ca,
+            cert=cfg.tls_cert,
+            key=cfg.tls_key,
+            verify=mode in ("verify-ca", "verify-full"),
+            check_hostname=mode == "verify-full",
+            alpn=("postgresql",),
+            route=cfg.name,
+            unverified_note=f"--pg-sslmode {mode}: the upstream is not authenticated",
+        )
+    if cfg.upstream_tls:
+        return TLSContextProvider(
+            ca=cfg.tls_ca,
+            cert=cfg.tls_cert,
+            key=cfg.tls_key,
+            verify=not cfg.tls_insecure_skip_verify,
+            route=cfg.name,
+        )
+    return None

@@ -1,0 +1,193 @@
+"""Drain PostgreSQL sessions at transaction boundaries (``--pg-drain transaction``).
+
+A byte relay can only cut a session at the drain deadline, which aborts whatever
+transaction it was in. To end each session where the application loses nothing, the
+route follows the messages of both directions after the startup (issue 11):
+
+* the client's requests that the server answers with exactly one ReadyForQuery: Query
+  (``Q``), Sync (``S``) and FunctionCall (``F``), pipelined or not;
+* the server's ReadyForQuery (``Z``) and its transaction status: ``I`` idle, ``T`` in a
+  transaction block, ``E`` in a failed one.
+
+A session is *at rest* when every request has had its ReadyForQuery, the last one said
+``I``, the client's last message was such a request (not an extended-protocol message
+waiting for its Sync), and both streams stand at a message boundary. When draining starts (after
+``--shutdown-delay``) a session at rest gets what the server itself sends on a fast
+shutdown, ``FATAL 57P01`` ("terminating connection due to administrator command"), then
+a FIN; the server gets a Terminate. Any other session is left to run and is ended the
+same way when it next comes to rest; what is still open at ``--drain-timeout`` is cut and
+counted. A pool (psycopg_pool, asyncpg, HikariCP...) sees the 57P01 as the server's own
+admin shutdown: it discards the connection and opens a new one.
+
+Why it frames from the start: message boundaries cannot be found in the middle of a
+stream, so the legs are walked from the end of the startup, when both streams stand at a
+boundary. Walking costs no copy (the headers are read in place and the bytes forwarded as
+they came) but it needs the bytes in Python, so such a route relays with the Protocol
+relay, never splice; docs/ambassador-postgres.md has the measured cost. ``--pg-drain
+off`` keeps the byte relay.
+
+Reference: https://www.postgresql.org/docs/current/protocol-flow.html and
+protocol-message-formats.html.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from podpatterns.ambassador.postgres import error_response
+from podpatterns.ambassador.relay import Leg, ProtocolRelay
+
+ADMIN_SHUTDOWN = "57P01"
+DRAIN_MESSAGE = (
+    "terminating connection due to administrator command (podpatterns ambassador is shutting down)"
+)
+TERMINATE = b"X\x00\x00\x00\x04"
+_REQUESTS = frozenset(b"QSF")  # client messages each answered by one ReadyForQuery
+_READY = ord("Z")
+_IDLE = ord("I")
+_UNPACK_LENGTH = struct.Struct("!i").unpack_from
+
+
+class Frames:
+    """Walks one direction's message stream (type byte, int32 length) in place.
+
+    Args:
+        kinds: the message types to report.
+    """
+
+    __slots__ = ("broken", "carry", "kinds", "last", "skip")
+
+    def __init__(self, kinds: frozenset[int]) -> None:
+        self.kinds = kinds
+        self.skip = 0  # bytes of the current message still to pass
+        self.carry = b""  # the start of a header split across reads
+        self.broken = False  # a length no message has: stop following this stream
+        self.last = -1  # the type of the last message that started, -1 before any
+
+    def at_boundary(self) -> bool:
+        """True when the bytes seen so far end exactly with a whole message."""
+        return not self.skip and not self.carry and not self.broken
+
+    def walk(self, data: bytes) -> list[tuple[int, int]]:
+        """The messages of :attr:`kinds` that start in ``data``, in order.
+
+        Returns:
+            ``(type, first body byte)`` pairs; the byte is -1 for a message without body.
+        """
+        n = len(data)
+        if self.broken:
+            return []
+        if self.skip >= n:  # the middle of a large message (a DataRow, a CopyData)
+            self.skip -= n
+            return []
+        found: list[tuple[int, int]] = []
+        pos = self.skip
+        if self.carry:  # rare: copies one read to join the split header
+            data = self.carry + data
+            n = len(data)
+            pos = 0
+            self.carry = b""
+        kinds = self.kinds
+        while pos < n:
+            if n - pos < 5:
+                self.carry = data[pos:]
+                break
+            kind = data[pos]
+            (length,) = _UNPACK_LENGTH(data, pos + 1)
+            if length < 4:
+                self.broken = True
+                return found
+            self.last = kind
+            if kind in kinds:
+                if length > 4:
+                    if n - pos < 6:
+                        self.carry = data[pos:]
+                        break
+                    found.append((kind, data[pos + 5]))
+                else:
+                    found.append((kind, -1))
+            pos += 1 + length
+        self.skip = pos - n if pos > n else 0
+        return found
+
+
+class TransactionWatch:
+    """One session's requests and ReadyForQuery statuses (a :class:`~.protocol.SessionWatch`).
+
+    Made by the PostgreSQL session at ReadyForQuery, when both streams stand at a
+    message boundary; :meth:`make_leg` gives the route's Protocol relay its legs.
+    """
+
+    def __init__(self) -> None:
+        self.requests = 0  # requests the client sent
+        self.ready = 0  # ReadyForQuery the server sent (not counting the startup's)
+        self.status = _IDLE
+        self.draining = False
+        self.ended = False
+        self.relay: ProtocolRelay | None = None
+        self.client = Frames(_REQUESTS)
+        self.server = Frames(frozenset((_READY,)))
+
+    def make_leg(self, relay: ProtocolRelay, side: str) -> Leg:
+        """The relay's leg for ``side``: a :class:`Leg` that shows this watch its bytes."""
+        self.relay = relay
+        return WatchedLeg(relay, side, self)
+
+    def passed(self, side: str, data: bytes) -> None:
+        """``side`` sent ``data``, which was passed on outside the relay's legs."""
+        if side == "client":
+            for _ in self.client.walk(data):
+                self.requests += 1
+        else:
+            for _, status in self.server.walk(data):
+                self.ready += 1
+                self.status = status
+        if self.draining:
+            self._end_if_at_rest()
+
+    def at_rest(self) -> bool:
+        """Idle between transactions, nothing asked and unanswered, both streams whole."""
+        return (
+            self.status == _IDLE
+            and self.requests == self.ready
+            # Parse/Bind/Execute... not yet followed by a Sync: a pipeline being sent
+            and (self.client.last == -1 or self.client.last in _REQUESTS)
+            and self.client.at_boundary()
+            and self.server.at_boundary()
+        )
+
+    def drain(self) -> None:
+        """End the session now if it is at rest, else when it next comes to rest."""
+        self.draining = True
+        self._end_if_at_rest()
+
+    def _end_if_at_rest(self) -> None:
+        relay = self.relay
+        if self.ended or relay is None or not self.at_rest():
+            return
+        client, upstream = relay.client.transport, relay.upstream.transport
+        if client is None or upstream is None:
+            return  # the relay is not attached yet: drain() runs again once it is
+        if relay.client.eof or relay.upstream.eof or client.is_closing() or upstream.is_closing():
+            return  # the session is ending by itself (a Terminate and FIN, say)
+        self.ended = True
+        relay.conn.end_by_proxy("drained")
+        # The server's own fast shutdown says this, and pools know it: discard, reconnect.
+        client.write(error_response(ADMIN_SHUTDOWN, DRAIN_MESSAGE))
+        upstream.write(TERMINATE)
+        client.close()  # after the bytes it holds, then a FIN
+        upstream.close()
+
+
+class WatchedLeg(Leg):
+    """A relay leg that passes its bytes on, then shows them to its watch."""
+
+    __slots__ = ("watch",)
+
+    def __init__(self, relay: ProtocolRelay, side: str, watch: TransactionWatch) -> None:
+        super().__init__(relay, side)
+        self.watch = watch
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        self.watch.passed(self.side, data)

@@ -1,0 +1,329 @@
+"""A protocol route's connections from accept to relay: the handler's startup, driven.
+
+A route with a protocol handler (``--protocol postgres``) does not dial on accept: each
+connection goes through :meth:`Startup.run`, which runs the handler's client side of the
+startup, dials (the route's pool, retries and health, as :mod:`.dial` does for tcp
+routes), runs the upstream side, and hands both sockets to the same relays a tcp route
+uses (:mod:`.splice`, or :mod:`.relay` with the TLS leg). Whatever fails before the
+session exists is counted, logged and answered in the protocol's own terms
+(:meth:`~.protocol.ProtocolSession.refuse`) before the connection is closed.
+
+The route composes one :class:`Startup` and owns the tasks that run it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+from prometheus_client import Histogram
+
+from podpatterns.ambassador import splice
+from podpatterns.ambassador.config import RouteConfig
+from podpatterns.ambassador.connection import Connection, abandon
+from podpatterns.ambassador.dial import Dialer, DialError, DialPolicy
+from podpatterns.ambassador.pgdrain import TransactionWatch
+from podpatterns.ambassador.postgres import PostgresHandler
+from podpatterns.ambassador.protocol import (
+    Established,
+    Failure,
+    ProtocolHandler,
+    ProtocolSession,
+    SessionWatch,
+    SocketStream,
+)
+from podpatterns.ambassador.relay import Leg, ProtocolRelay
+from podpatterns.ambassador.tls import TLSContextProvider
+from podpatterns.ambassador.upstreams import Endpoint, UpstreamPool
+
+_DIAL_WORDS = {
+    "refused": "connection refused",
+    "timeout": "connect timed out",
+    "dns": "name not resolved",
+    "unreachable": "network unreachable",
+}
+
+
+def unreachable_message(exc: DialError, cfg: RouteConfig) -> str:
+    """The message a protocol client gets when no endpoint could be connected."""
+    where = exc.endpoint or ", ".join(str(u) for u in cfg.upstream)
+    return f"podpatterns ambassador: cannot reach {where} ({_DIAL_WORDS.get(exc.reason, exc)})"
+
+
+def make_handler(
+    cfg: RouteConfig, tls: TLSContextProvider | None, log: Any
+) -> ProtocolHandler | None:
+    """The handler ``--protocol`` names; None for ``tcp`` (a byte relay from accept).
+
+    Args:
+        cfg: the route's configuration.
+        tls: the route's upstream TLS contexts (:func:`~.tls.route_tls`), or None.
+        log: the route's logger.
+    """
+    if cfg.protocol == "tcp":
+        return None
+    if cfg.sslmode == "prefer":
+        log.warning(
+            "pg_sslmode_prefer",
+            note="--pg-sslmode prefer: a server that refuses TLS is used WITHOUT TLS",
+        )
+    return PostgresHandler(
+        (lambda: tls.context) if tls is not None else None,
+        sslmode=cfg.sslmode,
+        negotiation=cfg.pg_tls_negotiation,
+        server_name=cfg.tls_server_name,
+        handshake_timeout=cfg.connect_timeout,
+        route=cfg.name,
+        watch=TransactionWatch if cfg.pg_drain == "transaction" else None,
+    )
+
+
+class Startup:
+    """Accept -> client startup -> dial -> upstream startup -> relay, for one route.
+
+    Args:
+        cfg: the route's configuration.
+        handler: the route's protocol handler.
+        pool: the route's upstream pool.
+        dial_policy: connect timeout, retries and socket options, as for tcp routes.
+        failed: the route's counter of connections that reached no upstream, by reason.
+        connect_failed: count one failed connect attempt to an endpoint.
+        dial_failed: count and log a dial that reached no endpoint.
+        send_proxy_header: write the PROXY protocol header, if the route sends one.
+        pipes: the route's splice pipes; None when plaintext legs take the Protocol relay.
+        connect_seconds: the route's connect-time histogram.
+        log: the route's logger.
+    """
+
+    def __init__(
+        self,
+        cfg: RouteConfig,
+        handler: ProtocolHandler,
+        *,
+        pool: UpstreamPool,
+        dial_policy: DialPolicy,
+        failed: Counter[str],
+        connect_failed: Callable[[Endpoint, str], None],
+        dial_failed: Callable[[Connection, DialError], None],
+        send_proxy_header: Callable[[socket.socket, socket.socket, Any], None],
+        pipes: splice.PipePool | None,
+        connect_seconds: Histogram,
+        log: Any,
+    ) -> None:
+        self.cfg = cfg
+        self.handler = handler
+        self.pool = pool
+        self.dial_policy = dial_policy
+        self.sessions: dict[Connection, ProtocolSession] = {}
+        self.watches: dict[Connection, SessionWatch] = {}
+        self.draining = False
+        self._failed = failed
+        self._connect_failed = connect_failed
+        self._dial_failed = dial_failed
+        self._send_proxy_header = send_proxy_header
+        self._pipes = pipes
+        self._connect_seconds = connect_seconds
+        self._log = log
+
+    def finished(self, conn: Connection) -> None:
+        """``conn`` has ended: its session forgets its state."""
+        session = self.sessions.pop(conn, None)
+        if session is not None:
+            session.finished()
+        self.watches.pop(conn, None)
+
+    def drain(self) -> None:
+        """Draining starts: each watched session ends at its next boundary."""
+        self.draining = True
+        for watch in list(self.watches.values()):
+            watch.drain()
+
+    async def _dial(self, only: Endpoint | None) -> tuple[socket.socket, Endpoint]:
+        """Dial as :meth:`_on_accept` does for tcp routes, awaitable. Raises DialError."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[tuple[socket.socket, Endpoint]] = loop.create_future()
+
+        def dialed(
+            usock: socket.socket | None, ep: Endpoint | None, exc: BaseException | None
+        ) -> None:
+            if done.cancelled():
+                if usock is not None:
+                    loop.remove_writer(usock.fileno())  # before the close (Dialer)
+                    usock.close()
+            elif usock is not None and ep is not None:
+                done.set_result((usock, ep))
+            else:
+                done.set_exception(exc or DialError("error", "no endpoint"))
+
+        dialer = Dialer(loop, self.pool, self.dial_policy, dialed, self._connect_failed, only)
+        dialer.start()
+        try:
+            return await done
+        except asyncio.CancelledError:
+            dialer.cancel()
+            raise
+
+    async def run(self, conn: Connection, csock: socket.socket, peer: Any) -> None:
+        """Accept -> client startup -> dial -> upstream startup -> the relays."""
+        session = self.handler.open(SocketStream(csock), conn.client)
+        self.sessions[conn] = session
+        usock: socket.socket | None = None
+        upstream_phase = False
+        try:
+            try:
+                async with asyncio.timeout(self.cfg.startup_timeout):
+                    if not await session.accept():
+                        conn.note_end("client", "closed")
+                        abandon(conn, csock, None, reset=False)
+                        return
+                    upstream_phase = True
+                    try:
+                        usock, ep = await self._dial(session.pinned)
+                    except DialError as exc:
+                        self._dial_failed(conn, exc)
+                        raise Failure("unreachable", unreachable_message(exc, self.cfg)) from exc
+                    conn.endpoint = ep
+                    conn.upstream = str(ep)
+                    ep.active += 1
+                    self._send_proxy_header(csock, usock, peer)
+                    established = await session.connect(usock, ep)
+            except TimeoutError:
+                raise Failure(
+                    "timeout",
+                    f"podpatterns ambassador: no session with {conn.upstream or 'an upstream'} "
+                    f"within --startup-timeout {self.cfg.startup_timeout:g}s",
+                ) from None
+            if established is None:  # complete without a relay (a cancel request, ...)
+                conn.note_end("upstream", "eof")
+                abandon(conn, csock, usock, reset=False)
+                return
+            await self._hand_off(conn, csock, established)
+        except Failure as failure:
+            await self._refuse(conn, session, failure, csock, usock, upstream_phase)
+        except asyncio.CancelledError:
+            # cut() or close(): the ambassador is shutting down. Tell the client, briefly.
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+            if conn.relay is None:
+                shutdown = Failure(
+                    "shutdown", "podpatterns ambassador: shutting down, connection not relayed"
+                )
+                await self._refuse(conn, session, shutdown, csock, usock, False, budget=1.0)
+            else:
+                abandon(conn, csock, usock)
+        except (OSError, ssl.SSLError) as exc:  # a peer went away, or a socket failed
+            conn.note_end("upstream" if upstream_phase else "client", "error")
+            self._log.info(
+                "startup_failed", conn=conn.id, client=conn.client, error=str(exc) or repr(exc)
+            )
+            abandon(conn, csock, usock)
+
+    async def _refuse(
+        self,
+        conn: Connection,
+        session: ProtocolSession,
+        failure: Failure,
+        csock: socket.socket,
+        usock: socket.socket | None,
+        upstream_phase: bool,
+        budget: float | None = None,
+    ) -> None:
+        """Count and log ``failure``, answer the client through the handler, close."""
+        if usock is not None:
+            usock.close()  # before answering: the upstream must not wait on us
+            usock = None
+        if failure.kind == "shutdown":
+            conn.note_end("proxy", "cancelled")
+        elif upstream_phase:
+            reason = {"upstream_closed": "closed"}.get(failure.kind, failure.kind)
+            if failure.kind != "unreachable":  # counted by _dial_failed
+                self._failed[reason] += 1
+                self._log.warning(
+                    "upstream_connect_failed",
+                    conn=conn.id,
+                    client=conn.client,
+                    upstream=conn.upstream,
+                    reason=reason,
+                    error=failure.message,
+                )
+                ep = conn.endpoint
+                if isinstance(ep, Endpoint) and failure.kind == "tls":
+                    self._connect_failed(ep, "tls")
+                    self.pool.mark_failure(ep, "tls")
+            conn.note_end("proxy", f"upstream_{reason}")
+        else:
+            conn.note_end("client", "protocol_error")
+            self._log.info(
+                "client_protocol_error", conn=conn.id, client=conn.client, error=failure.message
+            )
+        try:
+            async with asyncio.timeout(budget or self.cfg.startup_timeout):
+                await session.refuse(failure)
+        except (OSError, TimeoutError):
+            pass  # the client is gone or does not read: closing is all there is
+        abandon(conn, csock, None, reset=False)
+
+    async def refuse_at_limit(self, csock: socket.socket, client: str) -> None:
+        """--on-limit reject on a protocol route: the refusal in the protocol's terms."""
+        session = self.handler.open(SocketStream(csock), client)
+        failure = Failure(
+            "limit",
+            f"podpatterns ambassador: too many connections (--max-connections "
+            f"{self.cfg.max_connections} reached on route {self.cfg.name!r})",
+        )
+        try:
+            async with asyncio.timeout(self.cfg.startup_timeout):
+                await session.refuse(failure)
+        except (OSError, TimeoutError):
+            pass
+        finally:
+            session.finished()
+            csock.close()
+
+    async def _hand_off(self, conn: Connection, csock: socket.socket, est: Established) -> None:
+        """The session exists: give both legs to the relays a tcp route uses.
+
+        A session with a watch (:class:`~.protocol.SessionWatch`) takes the Protocol relay
+        with the watch's legs, never splice: the watch must see every byte.
+        """
+        loop = asyncio.get_running_loop()
+        usock = est.upstream
+        watch = est.watch
+        make_leg = watch.make_leg if watch is not None else Leg
+        if watch is not None:
+            self.watches[conn] = watch
+        if est.tls is not None:
+            relay = ProtocolRelay(conn, self.cfg.buffer_size, make_leg)
+            # before any await: what the TLS leg receives from now on is the relay's
+            to_client = est.to_client + est.tls.take_buffered()
+            est.tls.hand_over(relay.upstream)
+            if to_client:
+                relay.upstream.data_received(to_client)  # held until the client leg exists
+            await loop.connect_accepted_socket(lambda: relay.client, csock)
+            if est.to_upstream:
+                relay.client.data_received(est.to_upstream)
+        else:
+            # sent before any leg reads, so that the order holds; a watch is shown them
+            if est.to_client:
+                await loop.sock_sendall(csock, est.to_client)
+                if watch is not None:
+                    watch.passed("upstream", est.to_client)
+            if est.to_upstream:
+                await loop.sock_sendall(usock, est.to_upstream)
+                if watch is not None:
+                    watch.passed("client", est.to_upstream)
+            if self._pipes is not None and watch is None:
+                splice.SpliceRelay(loop, conn, csock, usock, self._pipes).start()
+            else:
+                relay = ProtocolRelay(conn, self.cfg.buffer_size, make_leg)
+                await loop.create_connection(lambda: relay.upstream, sock=usock)
+                await loop.connect_accepted_socket(lambda: relay.client, csock)
+        if watch is not None and self.draining:  # draining started during the startup
+            watch.drain()
+        self._connect_seconds.observe(time.monotonic() - conn.started)
