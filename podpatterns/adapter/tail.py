@@ -13,6 +13,7 @@ import glob
 import hashlib
 import os
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -169,30 +170,39 @@ def same_bytes_before(fd_a: int, fd_b: int, offset: int) -> bool:
 
 
 def find_copy(
-    directory: str, fingerprint: Fingerprint, offset: int, recent: bytes, not_key: FileKey
+    directory: str,
+    fingerprint: Fingerprint,
+    offset: int,
+    same_tail: Callable[[int], bool],
+    skip: Callable[[FileKey], bool],
 ) -> tuple[str, int] | None:
     """A copy, in ``directory``, of a file read up to ``offset`` (copytruncate's copy).
 
     A copy starts like ``fingerprint``, holds at least ``offset`` bytes and, just before
-    ``offset``, the bytes read last (``recent``): reading it from ``offset`` continues
-    where the original was left.
+    ``offset``, the bytes read last (``same_tail(fd)`` says so, from the bytes kept in
+    memory or a checkpointed hash): reading it from ``offset`` continues where the
+    original was left.
+
+    Args:
+        directory: where to look.
+        fingerprint: the original's head.
+        offset: how far the original was read.
+        same_tail: True when the open file holds the original's bytes before ``offset``.
+        skip: files not to consider (the original itself, files already followed).
 
     Returns:
         ``(path, size)`` of the largest such copy, or ``None``.
     """
     best: tuple[str, int] | None = None
     for key, (path, size) in scan(directory).items():
-        if key == not_key or size < offset or (best is not None and size <= best[1]):
+        if skip(key) or size < offset or (best is not None and size <= best[1]):
             continue
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError:
             continue
         try:
-            if (
-                fingerprint.matches(fd)
-                and pread_exact(fd, len(recent), offset - len(recent)) == recent
-            ):
+            if fingerprint.matches(fd) and same_tail(fd):
                 best = (path, size)
         except OSError:
             continue

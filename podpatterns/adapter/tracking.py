@@ -46,6 +46,7 @@ from podpatterns.adapter.tail import (
     expand,
     find_copy,
     head_matches,
+    pread_exact,
     rotated_name,
     same_bytes_before,
     scan,
@@ -345,22 +346,13 @@ class Tracker:
     def _copy_of_entry(self, directory: str, entry: Entry) -> tuple[str, int] | None:
         """A file in ``directory`` that holds the generation ``entry`` describes, up to
         its offset: same head, and the same bytes just before the offset."""
-        head = Fingerprint(entry.head_len, entry.head_hash)
-        for key, (path, size) in scan(directory).items():
-            if key == entry.key or key in self.tracked or size < entry.offset:
-                continue
-            try:
-                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-            except OSError:
-                continue
-            try:
-                if head.matches(fd) and tail_hash(fd, entry.offset) == entry.tail_hash:
-                    return path, size
-            except OSError:
-                continue
-            finally:
-                os.close(fd)
-        return None
+        return find_copy(
+            directory,
+            Fingerprint(entry.head_len, entry.head_hash),
+            entry.offset,
+            lambda fd: tail_hash(fd, entry.offset) == entry.tail_hash,
+            lambda key: key == entry.key or key in self.tracked,
+        )
 
     def _done_copies(self, directory: str, head: Fingerprint, upto: int, not_key: FileKey) -> None:
         """Record copies of a generation read up to ``upto`` that hold nothing more (a
@@ -494,7 +486,14 @@ class Tracker:
         """
         f = t.file
         directory = os.path.dirname(f.path) or "."
-        found = find_copy(directory, f.fingerprint, f.offset, f.recent, f.key)
+        recent = f.recent
+        found = find_copy(
+            directory,
+            f.fingerprint,
+            f.offset,
+            lambda fd: pread_exact(fd, len(recent), f.offset - len(recent)) == recent,
+            lambda key: key == f.key,
+        )
         if found is None:
             return False
         path, size = found
