@@ -1523,6 +1523,31 @@ def metadata(argv: Sequence[str]) -> dict[str, Any]:
     }
 
 
+#: Sections of docs/benchmarks.md that other benchmarks write (bench/postgres.py); a
+#: rewrite of the file by this one keeps them, in their order, after its own.
+OTHER_SECTIONS = ("## PostgreSQL through the ambassador",)
+
+
+def doc_section(text: str, heading: str) -> tuple[int, int] | None:
+    """Where the ``## `` section ``heading`` starts and ends in ``text``, or None."""
+    start = text.find("\n" + heading + "\n")
+    if start < 0:
+        return None
+    end = text.find("\n## ", start + 1)
+    return start + 1, len(text) if end < 0 else end + 1
+
+
+def kept_sections(path: Path) -> str:
+    """The sections named in :data:`OTHER_SECTIONS` as they are in ``path`` now."""
+    text = path.read_text() if path.exists() else ""
+    out = ""
+    for heading in OTHER_SECTIONS:
+        where = doc_section(text, heading)
+        if where is not None:
+            out += "\n" + text[where[0] : where[1]].rstrip("\n") + "\n"
+    return out
+
+
 def check_environment() -> None:
     missing = [
         t
@@ -1618,7 +1643,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     (RESULTS_DIR / name).write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
     if not cfg.quick:
         DOC_PATH.parent.mkdir(parents=True, exist_ok=True)
-        DOC_PATH.write_text(doc)
+        DOC_PATH.write_text(doc + kept_sections(DOC_PATH))
         plot(med, PLOT_PATH)
     sys.stdout.write(doc)
     log(f"done in {meta['elapsed_s']} s; results in {RESULTS_DIR / name}")

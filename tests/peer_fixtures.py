@@ -14,10 +14,9 @@ import pytest
 import trustme
 
 from tests.peers import (
-    PG_SERVER_NAME,
     PostgresServer,
-    PostgresTLS,
     RedisServer,
+    pg_tls,
     run_postgres,
     run_redis,
 )
@@ -43,24 +42,15 @@ def pg_ca() -> trustme.CA:
     return trustme.CA()
 
 
-def _tls(ca: trustme.CA) -> PostgresTLS:
-    # a chain: leaf and intermediate, issued by the root a client is given
-    leaf = ca.create_child_ca().issue_cert(PG_SERVER_NAME)
-    return PostgresTLS(
-        cert_chain=b"".join(blob.bytes() for blob in leaf.cert_chain_pems),
-        key=leaf.private_key_pem.bytes(),
-    )
-
-
 @pytest.fixture(scope="session")
 def postgres_tls(pg_ca: trustme.CA) -> Iterator[PostgresServer]:
     """A PostgreSQL 15 server that takes only TLS with SCRAM over TCP, for the session."""
-    with run_postgres(_tls(pg_ca)) as server:
+    with run_postgres(pg_tls(pg_ca)) as server:
         yield server
 
 
 @pytest.fixture(scope="session")
 def postgres_tls_2(pg_ca: trustme.CA) -> Iterator[PostgresServer]:
     """A second such server (routing between two servers)."""
-    with run_postgres(_tls(pg_ca)) as server:
+    with run_postgres(pg_tls(pg_ca)) as server:
         yield server

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import NoReturn
 
 import pytest
+import trustme
 
 from tests.waiting import wait_until
 
@@ -224,6 +225,17 @@ class PostgresTLS:
     key: bytes
     user: str = "app"
     password: str = "app-secret-pw"
+
+
+def pg_tls(ca: trustme.CA) -> PostgresTLS:
+    """A certificate for :data:`PG_SERVER_NAME` issued by ``ca`` through an intermediate,
+    so that the server sends a chain (leaf and intermediate) and a client is given the
+    root only."""
+    leaf = ca.create_child_ca().issue_cert(PG_SERVER_NAME)
+    return PostgresTLS(
+        cert_chain=b"".join(blob.bytes() for blob in leaf.cert_chain_pems),
+        key=leaf.private_key_pem.bytes(),
+    )
 
 
 # hostssl only: TCP without TLS matches no line, so the server itself refuses it
