@@ -282,6 +282,15 @@ PROTOCOL_OPTIONS: tuple[Option[Any], ...] = (
         "at the drain deadline)",
         metavar="MODE",
     ),
+    _r(
+        "pg_metrics",
+        parse_bool,
+        False,
+        "count PostgreSQL queries, transactions and errors by SQLSTATE class, and time "
+        "the queries, per endpoint (never the query text); frames the relayed messages, "
+        "so no splice",
+        flag=True,
+    ),
 )
 
 ROUTE_OPTIONS = ROUTE_OPTIONS + PROTOCOL_OPTIONS
@@ -332,6 +341,7 @@ class RouteConfig:
     pg_sslmode: str | None = None
     pg_tls_negotiation: str = "postgres"
     pg_drain: str = "transaction"
+    pg_metrics: bool = False
 
     @property
     def sslmode(self) -> str:
@@ -374,6 +384,7 @@ class RouteConfig:
                 ("pg_sslmode", None),
                 ("pg_tls_negotiation", "postgres"),
                 ("pg_drain", "transaction"),
+                ("pg_metrics", False),
             ):
                 if getattr(self, name) != default:
                     raise ConfigError(
