@@ -18,7 +18,13 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from podpatterns.ambassador import Ambassador, RouteConfig
 from podpatterns.ambassador.pgdrain import TransactionWatch
-from podpatterns.ambassador.pgmetrics import QUERY_BUCKETS, QueryStats, sqlstate_class
+from podpatterns.ambassador.pgmetrics import (
+    QUERY_BUCKETS,
+    QueryStats,
+    SlowQueries,
+    normalize,
+    sqlstate_class,
+)
 from podpatterns.ambassador.postgres import error_response
 from podpatterns.metrics import exposition, new_registry
 from podpatterns.options import HostPort
@@ -237,3 +243,67 @@ def test_metrics_with_drain_off_relay_and_count(
         assert _pg(amb, "queries_total") == 1  # one simple Query holding three statements
         assert _pg(amb, "transactions_total") == 1
         assert amb.terminate() == 0, amb.log_text()
+
+
+# -- --pg-slow-query ----------------------------------------------------------------------
+
+SECRETS = ("hunter2", "4111111111111111", "3.14159", "0xDEADBEEF", "s3cr3t")
+QUERIES = (
+    "select * from users where name = 'hunter2' and card = 4111111111111111",
+    "update t set pi = 3.14159, mask = 0xDEADBEEF where id = 7",
+    "select E'it\\'s s3cr3t', $$hunter2$$, $tag$4111111111111111$tag$",
+    "insert into t2 values ('it''s hunter2', -3.14159e2, .5, U&'s3cr3t')",
+    "select 'never closed hunter2 s3cr3t",
+    "select $1::text, x1 from t1 where y = '4111111111111111'::int8",
+)
+
+
+@pytest.mark.parametrize("query", QUERIES)
+def test_normalized_text_never_holds_a_literal(query: str) -> None:
+    """Numbers and quoted strings, in every PostgreSQL spelling, become ``?``."""
+    out = normalize(query.encode())
+    for secret in SECRETS:
+        assert secret.lower() not in out.lower(), out
+    assert "?" in out
+    assert not re.search(r"(?<![\w$])\d", out), out  # no number outside names and $n
+
+
+def test_watch_reports_slow_queries_without_literals() -> None:
+    """A simple Query and a Parse/Execute cycle over the threshold are reported, normalized."""
+    reported: list[dict[str, object]] = []
+
+    class Log:
+        def warning(self, event: str, **kw: object) -> None:
+            reported.append({"event": event, **kw})
+
+    watch = TransactionWatch(QueryStats(), slow=SlowQueries(0.0, Log(), "db:5432"))
+    client = (
+        _msg(b"Q", b"select 'hunter2', 42\0")
+        + _msg(b"P", b"\0select * from t where a = 'x' and b = 7\0\0\0")
+        + _msg(b"B", b"\0\0" + bytes(6))
+        + _msg(b"E", b"\0\0\0\0\0")
+        + _msg(b"S")
+    )
+    _feed(watch, "client", client, 3)
+    _feed(watch, "upstream", _msg(b"Z", b"I") * 2, 1)
+    assert [r["query"] for r in reported] == [
+        "select ?, ?",
+        "select * from t where a = ? and b = ?",
+    ]
+    assert all(r["event"] == "pg_slow_query" and r["upstream"] == "db:5432" for r in reported)
+
+
+@pytest.mark.peer
+def test_slow_query_is_logged_without_literals(postgres_tls: PostgresServer, ca_file: Path) -> None:
+    """--pg-slow-query: a query over the threshold is one event, its literals hidden."""
+    args = tls_args(ca_file, "--pg-metrics", "--pg-slow-query", "20ms")
+    with run_ambassador([upstream(postgres_tls)], *args) as amb:
+        sql = "select pg_sleep(0.05), 'hunter2' as secret_value, 4111111111111111"
+        done = psql(postgres_tls, amb.listen.port, sql)
+        assert done.returncode == 0, done.stderr
+        event = amb.wait_event("pg_slow_query")
+        assert event["query"] == "select pg_sleep(?), ? as secret_value, ?", event
+        assert float(event["duration_ms"]) >= 50
+        assert amb.terminate() == 0, amb.log_text()
+        assert "hunter2" not in amb.log_text(1000)
+        assert "4111111111111111" not in amb.log_text(1000)

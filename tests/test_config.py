@@ -69,6 +69,7 @@ SAMPLES: dict[str, str] = {
     "pg_tls_negotiation": "direct",
     "pg_drain": "off",
     "pg_metrics": "true",
+    "pg_slow_query": "250ms",
 }
 
 

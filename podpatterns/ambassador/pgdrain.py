@@ -40,7 +40,14 @@ import struct
 import time
 from collections import deque
 
-from podpatterns.ambassador.pgmetrics import ERROR_HEAD, QueryStats, sqlstate_class
+from podpatterns.ambassador.pgmetrics import (
+    ERROR_HEAD,
+    TEXT_HEAD,
+    QueryStats,
+    SlowQueries,
+    parse_text,
+    sqlstate_class,
+)
 from podpatterns.ambassador.postgres import error_response
 from podpatterns.ambassador.relay import Leg, ProtocolRelay
 
@@ -54,6 +61,7 @@ _READY = ord("Z")
 _IDLE = ord("I")
 _QUERY = ord("Q")
 _SYNC = ord("S")
+_PARSE = ord("P")
 _EXECUTE = ord("E")  # from the client; from the server the same byte is ErrorResponse
 _ERROR = ord("E")
 _UNPACK_LENGTH = struct.Struct("!i").unpack_from
@@ -145,9 +153,17 @@ class TransactionWatch:
         stats: with ``--pg-metrics``, the endpoint's counts (:mod:`.pgmetrics`) that this
             session adds into; the watch then also follows Execute and ErrorResponse.
         drains: False with ``--pg-drain off``: :meth:`drain` leaves the session alone.
+        slow: with ``--pg-slow-query`` (and ``stats``), where queries at least that slow
+            are reported; the watch then keeps the start of each Query and Parse text.
     """
 
-    def __init__(self, stats: QueryStats | None = None, *, drains: bool = True) -> None:
+    def __init__(
+        self,
+        stats: QueryStats | None = None,
+        *,
+        drains: bool = True,
+        slow: SlowQueries | None = None,
+    ) -> None:
         self.requests = 0  # requests the client sent
         self.ready = 0  # ReadyForQuery the server sent (not counting the startup's)
         self.status = _IDLE
@@ -160,10 +176,17 @@ class TransactionWatch:
             self.client = Frames(_REQUESTS)
             self.server = Frames(frozenset((_READY,)))
         else:
-            self.client = Frames(_REQUESTS | {_EXECUTE})
+            if slow is None:
+                self.client = Frames(_REQUESTS | {_EXECUTE})
+            else:
+                texts = frozenset((_QUERY, _PARSE))
+                self.client = Frames(_REQUESTS | {_EXECUTE, _PARSE}, texts, TEXT_HEAD)
             self.server = Frames(frozenset((_READY, _ERROR)), frozenset((_ERROR,)), ERROR_HEAD)
-        # per request awaiting its ReadyForQuery: (when its first query was sent, queries)
-        self.cycles: deque[tuple[float, int]] = deque()
+        self.slow = slow
+        # per request awaiting its ReadyForQuery: (when its first query was sent, queries,
+        # its text with --pg-slow-query)
+        self.cycles: deque[tuple[float, int, bytes]] = deque()
+        self.cycle_text = b""  # the first Parse's text since the last Sync
         self.cycle_start = 0.0  # the first Execute since the last Sync
         self.executes = 0  # Executes since the last Sync
 
@@ -193,7 +216,12 @@ class TransactionWatch:
         """
         now = 0.0
         if side == "client":
-            for kind, _ in self.client.walk(data):
+            client = self.client
+            for kind, _ in client.walk(data):
+                if kind == _PARSE:  # only followed with --pg-slow-query
+                    text = parse_text(client.heads.pop(0))
+                    self.cycle_text = self.cycle_text or text
+                    continue
                 if kind == _EXECUTE:
                     if not self.executes:
                         now = now or time.monotonic()
@@ -203,12 +231,13 @@ class TransactionWatch:
                 self.requests += 1
                 if kind == _QUERY:
                     now = now or time.monotonic()
-                    self.cycles.append((now, 1))
+                    self.cycles.append((now, 1, client.heads.pop(0) if self.slow else b""))
                 elif kind == _SYNC:
-                    self.cycles.append((self.cycle_start, self.executes))
+                    self.cycles.append((self.cycle_start, self.executes, self.cycle_text))
                     self.executes = 0
+                    self.cycle_text = b""
                 else:  # FunctionCall: answered by a ReadyForQuery, not a query
-                    self.cycles.append((0.0, 0))
+                    self.cycles.append((0.0, 0, b""))
         else:
             server = self.server
             for kind, status in server.walk(data):
@@ -218,10 +247,12 @@ class TransactionWatch:
                 self.ready += 1
                 before = self.status
                 self.status = status
-                start, queries = self.cycles.popleft() if self.cycles else (0.0, 0)
+                start, queries, text = self.cycles.popleft() if self.cycles else (0.0, 0, b"")
                 if queries:
                     now = now or time.monotonic()
                     stats.observe(now - start, queries)
+                    if self.slow is not None and now - start >= self.slow.threshold:
+                        self.slow.report(now - start, text)
                 if status == _IDLE and (before != _IDLE or queries):
                     stats.transactions += 1
 

@@ -21,14 +21,19 @@ What is counted (docs/ambassador-postgres.md, "Query metrics"):
   (the first two characters of its ``C`` field); only the first :data:`ERROR_HEAD`
   bytes of its body are looked at (the server sends ``S``, ``V`` and ``C`` first).
 
-Query text never reaches a metric or a log.
+Query text never reaches a metric, nor a log by default. ``--pg-slow-query DURATION``
+logs a ``pg_slow_query`` event per query that took at least that long, with the text
+(its first :data:`TEXT_HEAD` bytes) passed through :func:`normalize`: every number and
+every quoted string becomes ``?``.
 """
 
 from __future__ import annotations
 
+import re
 from bisect import bisect_left
 from collections import Counter
 from collections.abc import Iterable, Iterator
+from typing import Any
 
 from prometheus_client.core import HistogramMetricFamily, Metric
 
@@ -54,6 +59,34 @@ QUERY_BUCKETS = (
 )
 ERROR_HEAD = 128  # ErrorResponse body bytes read for the SQLSTATE (S, V, C come first)
 _CLASS_CHARS = frozenset(b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+TEXT_HEAD = 1024  # Query and Parse body bytes kept for --pg-slow-query
+
+# Literals, as PostgreSQL's lexer sees them (scan.l). A string cut by TEXT_HEAD, or one
+# whose end is unclear (a backslash before a quote), runs to the end of the text and is
+# replaced whole: when in doubt, more is hidden, never less.
+_LITERAL = re.compile(
+    r"""
+      (?:[EeBbXxNn]|[Uu]&)?'(?:[^'\\]|''|\\.)*(?:'|$)     # 'x', E'\n', B'01', U&'d'
+    | \$((?:[A-Za-z_][A-Za-z0-9_]*)?)\$.*?(?:\$\1\$|$)       # $$x$$, $tag$x$tag$
+    | (?<![\w$])(?:0[xXoObB][0-9a-fA-F_]+|(?:\d[\d_]*(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?)
+    """,
+    re.VERBOSE | re.DOTALL,
+)
+_SPACE = re.compile(r"\s+")
+
+
+def normalize(text: bytes) -> str:
+    """``text`` (up to its NUL) with each number and quoted string replaced by ``?``,
+    spaces collapsed."""
+    text = text.partition(b"\0")[0]  # a C string in the message, perhaps cut short
+    out = _LITERAL.sub("?", text.decode("utf-8", "replace"))
+    return _SPACE.sub(" ", out).strip()
+
+
+def parse_text(body: bytes) -> bytes:
+    """The query text of a Parse message's body start (after the statement name)."""
+    _, _, rest = body.partition(b"\0")
+    return rest.partition(b"\0")[0]
 
 
 def sqlstate_class(head: bytes) -> str:
@@ -84,6 +117,32 @@ class QueryStats:
         self.queries += queries
         self.seconds += seconds * queries
         self.buckets[bisect_left(QUERY_BUCKETS, seconds)] += queries
+
+
+class SlowQueries:
+    """``--pg-slow-query``: logs each query of one endpoint that took ``threshold`` or more.
+
+    Args:
+        threshold: seconds.
+        log: the route's logger.
+        endpoint: the endpoint's text, for the event.
+    """
+
+    __slots__ = ("endpoint", "log", "threshold")
+
+    def __init__(self, threshold: float, log: Any, endpoint: str) -> None:
+        self.threshold = threshold
+        self.log = log
+        self.endpoint = endpoint
+
+    def report(self, seconds: float, text: bytes) -> None:
+        """Log one slow query: its duration and its text without literals."""
+        self.log.warning(
+            "pg_slow_query",
+            upstream=self.endpoint,
+            duration_ms=round(seconds * 1000, 1),
+            query=normalize(text) if text else "(statement prepared earlier)",
+        )
 
 
 class QueryMetrics:

@@ -28,7 +28,7 @@ from podpatterns.ambassador.config import RouteConfig
 from podpatterns.ambassador.connection import Connection, abandon
 from podpatterns.ambassador.dial import Dialer, DialError, DialPolicy
 from podpatterns.ambassador.pgdrain import TransactionWatch
-from podpatterns.ambassador.pgmetrics import QueryMetrics
+from podpatterns.ambassador.pgmetrics import QueryMetrics, SlowQueries
 from podpatterns.ambassador.postgres import PostgresHandler
 from podpatterns.ambassador.protocol import (
     Established,
@@ -84,17 +84,28 @@ def make_handler(
         server_name=cfg.tls_server_name,
         handshake_timeout=cfg.connect_timeout,
         route=cfg.name,
-        watch=session_watch(cfg.pg_drain == "transaction", queries),
+        watch=session_watch(cfg.pg_drain == "transaction", queries, cfg.pg_slow_query, log),
     )
 
 
 def session_watch(
-    drains: bool, queries: QueryMetrics | None
+    drains: bool,
+    queries: QueryMetrics | None,
+    slow_after: float | None = None,
+    log: Any = None,
 ) -> Callable[[Endpoint], SessionWatch] | None:
     """What makes a postgres session's watch: for ``--pg-drain transaction``, for
-    ``--pg-metrics``, for both (one framing watch), or None (a byte relay)."""
+    ``--pg-metrics`` (and ``--pg-slow-query``), for both (one framing watch), or None
+    (a byte relay)."""
     if queries is not None:
-        return lambda endpoint: TransactionWatch(queries.for_endpoint(endpoint), drains=drains)
+
+        def watch(endpoint: Endpoint) -> TransactionWatch:
+            slow = None
+            if slow_after is not None:
+                slow = SlowQueries(slow_after, log, str(endpoint))
+            return TransactionWatch(queries.for_endpoint(endpoint), drains=drains, slow=slow)
+
+        return watch
     return (lambda _: TransactionWatch()) if drains else None
 
 
