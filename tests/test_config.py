@@ -68,6 +68,8 @@ SAMPLES: dict[str, str] = {
     "pg_sslmode": "require",  # the one mode --tls-insecure-skip-verify agrees with
     "pg_tls_negotiation": "direct",
     "pg_drain": "off",
+    "pg_metrics": "true",
+    "pg_slow_query": "250ms",
 }
 
 

@@ -32,6 +32,7 @@ from podpatterns.ambassador.config import (
     RouteConfig,
     UnixAddress,
 )
+from podpatterns.ambassador.pgmetrics import QueryCollector
 from podpatterns.ambassador.protocol import ProtocolHandler
 from podpatterns.ambassador.route import Route
 from podpatterns.ambassador.upstreams import Resolver, system_resolver
@@ -193,8 +194,10 @@ class Ambassador:
         self._started = []
 
     def collectors(self) -> list[Any]:
-        """The connect-time histogram and the per-route and per-endpoint metrics."""
-        return [self._connect_seconds, CallbackCollector(self._families())]
+        """The connect-time histogram, the per-route and per-endpoint metrics, and the
+        PostgreSQL query metrics of the routes with ``--pg-metrics``."""
+        pg = [(r.cfg.name, r.queries) for r in self.routes if r.queries is not None]
+        return [self._connect_seconds, CallbackCollector(self._families()), QueryCollector(pg)]
 
     def _families(self) -> list[Family]:
         routes = self.routes

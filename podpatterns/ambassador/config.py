@@ -282,6 +282,23 @@ PROTOCOL_OPTIONS: tuple[Option[Any], ...] = (
         "at the drain deadline)",
         metavar="MODE",
     ),
+    _r(
+        "pg_metrics",
+        parse_bool,
+        False,
+        "count PostgreSQL queries, transactions and errors by SQLSTATE class, and time "
+        "the queries, per endpoint (never the query text); frames the relayed messages, "
+        "so no splice",
+        flag=True,
+    ),
+    _r(
+        "pg_slow_query",
+        parse_optional_duration,
+        None,
+        "with --pg-metrics, log a pg_slow_query event for each query that takes at least "
+        "this long, its text with every literal replaced by ? (off by default)",
+        metavar="DURATION",
+    ),
 )
 
 ROUTE_OPTIONS = ROUTE_OPTIONS + PROTOCOL_OPTIONS
@@ -332,6 +349,8 @@ class RouteConfig:
     pg_sslmode: str | None = None
     pg_tls_negotiation: str = "postgres"
     pg_drain: str = "transaction"
+    pg_metrics: bool = False
+    pg_slow_query: float | None = None
 
     @property
     def sslmode(self) -> str:
@@ -374,12 +393,16 @@ class RouteConfig:
                 ("pg_sslmode", None),
                 ("pg_tls_negotiation", "postgres"),
                 ("pg_drain", "transaction"),
+                ("pg_metrics", False),
+                ("pg_slow_query", None),
             ):
                 if getattr(self, name) != default:
                     raise ConfigError(
                         f"{where}--{name.replace('_', '-')}: only applies with --protocol postgres"
                     )
             return
+        if self.pg_slow_query is not None and not self.pg_metrics:
+            raise ConfigError(f"{where}--pg-slow-query: only applies with --pg-metrics")
         mode = self.sslmode
         if mode == "disable" and self.upstream_tls:
             raise ConfigError(

@@ -26,6 +26,10 @@ they came) but it needs the bytes in Python, so such a route relays with the Pro
 relay, never splice; docs/ambassador-postgres.md has the measured cost. ``--pg-drain
 off`` keeps the byte relay.
 
+``--pg-metrics`` (:mod:`.pgmetrics`) uses the same walk, not a second one: the client's
+Execute (``E``) and the start of the server's ErrorResponse (``E``) are reported too, and
+the watch counts and times the queries as each ReadyForQuery closes its request.
+
 Reference: https://www.postgresql.org/docs/current/protocol-flow.html and
 protocol-message-formats.html.
 """
@@ -33,7 +37,17 @@ protocol-message-formats.html.
 from __future__ import annotations
 
 import struct
+import time
+from collections import deque
 
+from podpatterns.ambassador.pgmetrics import (
+    ERROR_HEAD,
+    TEXT_HEAD,
+    QueryStats,
+    SlowQueries,
+    parse_text,
+    sqlstate_class,
+)
 from podpatterns.ambassador.postgres import error_response
 from podpatterns.ambassador.relay import Leg, ProtocolRelay
 
@@ -45,6 +59,11 @@ TERMINATE = b"X\x00\x00\x00\x04"
 _REQUESTS = frozenset(b"QSF")  # client messages each answered by one ReadyForQuery
 _READY = ord("Z")
 _IDLE = ord("I")
+_QUERY = ord("Q")
+_SYNC = ord("S")
+_PARSE = ord("P")
+_EXECUTE = ord("E")  # from the client; from the server the same byte is ErrorResponse
+_ERROR = ord("E")
 _UNPACK_LENGTH = struct.Struct("!i").unpack_from
 
 
@@ -53,12 +72,19 @@ class Frames:
 
     Args:
         kinds: the message types to report.
+        heads: those of ``kinds`` whose body start (up to ``head_size`` bytes) is kept in
+            :attr:`heads`, in order: a split one is carried to the next read (bounded).
     """
 
-    __slots__ = ("broken", "carry", "kinds", "last", "skip")
+    __slots__ = ("broken", "carry", "head_kinds", "head_size", "heads", "kinds", "last", "skip")
 
-    def __init__(self, kinds: frozenset[int]) -> None:
+    def __init__(
+        self, kinds: frozenset[int], heads: frozenset[int] = frozenset(), head_size: int = 0
+    ) -> None:
         self.kinds = kinds
+        self.head_kinds = heads
+        self.head_size = head_size
+        self.heads: list[bytes] = []  # body starts of head_kinds messages, for the caller
         self.skip = 0  # bytes of the current message still to pass
         self.carry = b""  # the start of a header split across reads
         self.broken = False  # a length no message has: stop following this stream
@@ -99,6 +125,12 @@ class Frames:
                 return found
             self.last = kind
             if kind in kinds:
+                if kind in self.head_kinds:
+                    end = pos + 5 + min(length - 4, self.head_size)
+                    if end > n:
+                        self.carry = data[pos:]  # at most 5 + head_size bytes
+                        break
+                    self.heads.append(data[pos + 5 : end])
                 if length > 4:
                     if n - pos < 6:
                         self.carry = data[pos:]
@@ -116,17 +148,47 @@ class TransactionWatch:
 
     Made by the PostgreSQL session at ReadyForQuery, when both streams stand at a
     message boundary; :meth:`make_leg` gives the route's Protocol relay its legs.
+
+    Args:
+        stats: with ``--pg-metrics``, the endpoint's counts (:mod:`.pgmetrics`) that this
+            session adds into; the watch then also follows Execute and ErrorResponse.
+        drains: False with ``--pg-drain off``: :meth:`drain` leaves the session alone.
+        slow: with ``--pg-slow-query`` (and ``stats``), where queries at least that slow
+            are reported; the watch then keeps the start of each Query and Parse text.
     """
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        stats: QueryStats | None = None,
+        *,
+        drains: bool = True,
+        slow: SlowQueries | None = None,
+    ) -> None:
         self.requests = 0  # requests the client sent
         self.ready = 0  # ReadyForQuery the server sent (not counting the startup's)
         self.status = _IDLE
+        self.drains = drains
         self.draining = False
         self.ended = False
         self.relay: ProtocolRelay | None = None
-        self.client = Frames(_REQUESTS)
-        self.server = Frames(frozenset((_READY,)))
+        self.stats = stats
+        if stats is None:
+            self.client = Frames(_REQUESTS)
+            self.server = Frames(frozenset((_READY,)))
+        else:
+            if slow is None:
+                self.client = Frames(_REQUESTS | {_EXECUTE})
+            else:
+                texts = frozenset((_QUERY, _PARSE))
+                self.client = Frames(_REQUESTS | {_EXECUTE, _PARSE}, texts, TEXT_HEAD)
+            self.server = Frames(frozenset((_READY, _ERROR)), frozenset((_ERROR,)), ERROR_HEAD)
+        self.slow = slow
+        # per request awaiting its ReadyForQuery: (when its first query was sent, queries,
+        # its text with --pg-slow-query)
+        self.cycles: deque[tuple[float, int, bytes]] = deque()
+        self.cycle_text = b""  # the first Parse's text since the last Sync
+        self.cycle_start = 0.0  # the first Execute since the last Sync
+        self.executes = 0  # Executes since the last Sync
 
     def make_leg(self, relay: ProtocolRelay, side: str) -> Leg:
         """The relay's leg for ``side``: a :class:`Leg` that shows this watch its bytes."""
@@ -135,7 +197,9 @@ class TransactionWatch:
 
     def passed(self, side: str, data: bytes) -> None:
         """``side`` sent ``data``, which was passed on outside the relay's legs."""
-        if side == "client":
+        if self.stats is not None:
+            self._count(side, data, self.stats)
+        elif side == "client":
             for _ in self.client.walk(data):
                 self.requests += 1
         else:
@@ -144,6 +208,53 @@ class TransactionWatch:
                 self.status = status
         if self.draining:
             self._end_if_at_rest()
+
+    def _count(self, side: str, data: bytes, stats: QueryStats) -> None:
+        """:meth:`passed` with ``--pg-metrics``: also time and count the queries.
+
+        One clock read per read that starts or ends a query, not one per message.
+        """
+        now = 0.0
+        if side == "client":
+            client = self.client
+            for kind, _ in client.walk(data):
+                if kind == _PARSE:  # only followed with --pg-slow-query
+                    text = parse_text(client.heads.pop(0))
+                    self.cycle_text = self.cycle_text or text
+                    continue
+                if kind == _EXECUTE:
+                    if not self.executes:
+                        now = now or time.monotonic()
+                        self.cycle_start = now
+                    self.executes += 1
+                    continue
+                self.requests += 1
+                if kind == _QUERY:
+                    now = now or time.monotonic()
+                    self.cycles.append((now, 1, client.heads.pop(0) if self.slow else b""))
+                elif kind == _SYNC:
+                    self.cycles.append((self.cycle_start, self.executes, self.cycle_text))
+                    self.executes = 0
+                    self.cycle_text = b""
+                else:  # FunctionCall: answered by a ReadyForQuery, not a query
+                    self.cycles.append((0.0, 0, b""))
+        else:
+            server = self.server
+            for kind, status in server.walk(data):
+                if kind == _ERROR:
+                    stats.errors[sqlstate_class(server.heads.pop(0))] += 1
+                    continue
+                self.ready += 1
+                before = self.status
+                self.status = status
+                start, queries, text = self.cycles.popleft() if self.cycles else (0.0, 0, b"")
+                if queries:
+                    now = now or time.monotonic()
+                    stats.observe(now - start, queries)
+                    if self.slow is not None and now - start >= self.slow.threshold:
+                        self.slow.report(now - start, text)
+                if status == _IDLE and (before != _IDLE or queries):
+                    stats.transactions += 1
 
     def at_rest(self) -> bool:
         """Idle between transactions, nothing asked and unanswered, both streams whole."""
@@ -158,6 +269,8 @@ class TransactionWatch:
 
     def drain(self) -> None:
         """End the session now if it is at rest, else when it next comes to rest."""
+        if not self.drains:
+            return  # --pg-drain off: watched for --pg-metrics only
         self.draining = True
         self._end_if_at_rest()
 

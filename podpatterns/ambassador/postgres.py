@@ -148,7 +148,8 @@ class PostgresHandler:
         server_name: SNI and verified name; None to use each endpoint's host.
         handshake_timeout: seconds the TLS handshake may take.
         route: the route's name, for logs.
-        watch: makes each established session's watch (``--pg-drain transaction``:
+        watch: makes each established session's watch from the endpoint it reached
+            (``--pg-drain transaction`` or ``--pg-metrics``:
             :class:`~.pgdrain.TransactionWatch`), or None to relay sessions as bytes.
     """
 
@@ -163,7 +164,7 @@ class PostgresHandler:
         server_name: str | None = None,
         handshake_timeout: float = 5.0,
         route: str = "default",
-        watch: Callable[[], SessionWatch] | None = None,
+        watch: Callable[[Endpoint], SessionWatch] | None = None,
     ) -> None:
         if sslmode not in SSLMODES:
             raise ValueError(f"sslmode {sslmode!r}: not one of {SSLMODES}")
@@ -285,7 +286,7 @@ class PostgresSession:
             to_client=leftover + stream.take_buffered(),
             to_upstream=self.client.take_buffered(),
             # at ReadyForQuery both streams stand at a message boundary: a watch starts here
-            watch=self.handler.watch() if self.handler.watch is not None else None,
+            watch=self.handler.watch(endpoint) if self.handler.watch is not None else None,
         )
 
     async def _negotiate_tls(

@@ -29,6 +29,7 @@ from podpatterns.ambassador.config import RouteConfig
 from podpatterns.ambassador.connection import Connection, abandon, reset_socket
 from podpatterns.ambassador.dial import Dialer, DialError, DialPolicy, classify, tune
 from podpatterns.ambassador.listener import Listener, bind
+from podpatterns.ambassador.pgmetrics import QueryMetrics
 from podpatterns.ambassador.protocol import ProtocolHandler
 from podpatterns.ambassador.relay import ProtocolRelay
 from podpatterns.ambassador.startup import Startup, make_handler
@@ -88,7 +89,11 @@ class Route:
         )
         self.tls = route_tls(cfg)
         # None for --protocol tcp: the byte relay starts at accept, with no startup phase.
-        self.handler: ProtocolHandler | None = handler or make_handler(cfg, self.tls, self._log)
+        # --pg-metrics: the query counts its sessions add into, read at scrape time
+        self.queries = QueryMetrics() if cfg.pg_metrics else None
+        self.handler: ProtocolHandler | None = handler or make_handler(
+            cfg, self.tls, self._log, self.queries
+        )
         self.use_splice = (
             not cfg.upstream_tls
             and splice.available()

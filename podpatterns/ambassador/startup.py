@@ -28,6 +28,7 @@ from podpatterns.ambassador.config import RouteConfig
 from podpatterns.ambassador.connection import Connection, abandon
 from podpatterns.ambassador.dial import Dialer, DialError, DialPolicy
 from podpatterns.ambassador.pgdrain import TransactionWatch
+from podpatterns.ambassador.pgmetrics import QueryMetrics, SlowQueries
 from podpatterns.ambassador.postgres import PostgresHandler
 from podpatterns.ambassador.protocol import (
     Established,
@@ -56,7 +57,10 @@ def unreachable_message(exc: DialError, cfg: RouteConfig) -> str:
 
 
 def make_handler(
-    cfg: RouteConfig, tls: TLSContextProvider | None, log: Any
+    cfg: RouteConfig,
+    tls: TLSContextProvider | None,
+    log: Any,
+    queries: QueryMetrics | None = None,
 ) -> ProtocolHandler | None:
     """The handler ``--protocol`` names; None for ``tcp`` (a byte relay from accept).
 
@@ -64,6 +68,7 @@ def make_handler(
         cfg: the route's configuration.
         tls: the route's upstream TLS contexts (:func:`~.tls.route_tls`), or None.
         log: the route's logger.
+        queries: with ``--pg-metrics``, the route's query counts, which sessions add into.
     """
     if cfg.protocol == "tcp":
         return None
@@ -79,8 +84,29 @@ def make_handler(
         server_name=cfg.tls_server_name,
         handshake_timeout=cfg.connect_timeout,
         route=cfg.name,
-        watch=TransactionWatch if cfg.pg_drain == "transaction" else None,
+        watch=session_watch(cfg.pg_drain == "transaction", queries, cfg.pg_slow_query, log),
     )
+
+
+def session_watch(
+    drains: bool,
+    queries: QueryMetrics | None,
+    slow_after: float | None = None,
+    log: Any = None,
+) -> Callable[[Endpoint], SessionWatch] | None:
+    """What makes a postgres session's watch: for ``--pg-drain transaction``, for
+    ``--pg-metrics`` (and ``--pg-slow-query``), for both (one framing watch), or None
+    (a byte relay)."""
+    if queries is not None:
+
+        def watch(endpoint: Endpoint) -> TransactionWatch:
+            slow = None
+            if slow_after is not None:
+                slow = SlowQueries(slow_after, log, str(endpoint))
+            return TransactionWatch(queries.for_endpoint(endpoint), drains=drains, slow=slow)
+
+        return watch
+    return (lambda _: TransactionWatch()) if drains else None
 
 
 class Startup:
