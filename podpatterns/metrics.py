@@ -6,11 +6,16 @@ reads at scrape time (see :class:`CallbackCollector`).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Literal, NamedTuple
 
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
@@ -61,6 +66,37 @@ class Family(NamedTuple):
         return name
 
 
+HistogramSample = tuple[tuple[str, ...], Sequence[int], float]
+"""One histogram series: its label values, the count in each bucket (not cumulative; one
+more than the bounds, the last for ``+Inf``) and the sum of the observed values."""
+
+
+class Histogram(NamedTuple):
+    """The declaration of a histogram family whose series a callback produces at scrape
+    time (hot paths count into plain integers per bucket; nothing is touched per event).
+
+    Attributes:
+        name: the name without the ``podpatterns_`` namespace.
+        help: one line for ``# HELP`` and the generated reference.
+        labels: the label names.
+        bounds: the upper bounds of the buckets, ascending (``+Inf`` is added).
+        samples: returns the series; called once per scrape.
+    """
+
+    name: str
+    help: str
+    labels: tuple[str, ...]
+    bounds: tuple[float, ...]
+    samples: Callable[[], Iterable[HistogramSample]]
+
+    kind: Literal["histogram"] = "histogram"
+
+    @property
+    def full_name(self) -> str:
+        """The exposed name, ``podpatterns_<name>``."""
+        return f"{NAMESPACE}_{self.name}"
+
+
 def counter(name: str, help: str, get: Callable[[], float]) -> Family:
     """A counter without labels whose value ``get()`` returns."""
     return Family("counter", name, help, (), lambda: [((), float(get()))])
@@ -79,11 +115,15 @@ class CallbackCollector(Collector):
             reference (docs/reference.md), so what is documented is what is exposed.
     """
 
-    def __init__(self, families: Iterable[Family]) -> None:
-        self.families: tuple[Family, ...] = tuple(families)
+    def __init__(self, families: Iterable[Family | Histogram]) -> None:
+        self.families: tuple[Family | Histogram, ...] = tuple(families)
 
     def collect(self) -> Iterator[Metric]:
-        for kind, name, doc, labels, callback in self.families:
+        for declared in self.families:
+            if isinstance(declared, Histogram):
+                yield _histogram(declared)
+                continue
+            kind, name, doc, labels, callback = declared
             family: CounterMetricFamily | GaugeMetricFamily
             full = f"{NAMESPACE}_{name}"
             if kind == "counter":
@@ -96,3 +136,16 @@ class CallbackCollector(Collector):
 
     def describe(self) -> Iterator[Metric]:
         return self.collect()
+
+
+def _histogram(declared: Histogram) -> HistogramMetricFamily:
+    family = HistogramMetricFamily(declared.full_name, declared.help, labels=declared.labels)
+    bounds = [*("+Inf" if b == float("inf") else repr(float(b)) for b in declared.bounds), "+Inf"]
+    for label_values, counts, total in declared.samples():
+        cumulative = 0
+        buckets = []
+        for bound, n in zip(bounds, counts, strict=True):
+            cumulative += n
+            buckets.append((bound, float(cumulative)))
+        family.add_metric(list(label_values), buckets, total)
+    return family

@@ -32,7 +32,7 @@ from podpatterns.ambassador.config import (
     RouteConfig,
     UnixAddress,
 )
-from podpatterns.ambassador.pgmetrics import QueryCollector
+from podpatterns.ambassador.pgmetrics import query_collector
 from podpatterns.ambassador.protocol import ProtocolHandler
 from podpatterns.ambassador.route import Route
 from podpatterns.ambassador.upstreams import Resolver, system_resolver
@@ -197,7 +197,7 @@ class Ambassador:
         """The connect-time histogram, the per-route and per-endpoint metrics, and the
         PostgreSQL query metrics of the routes with ``--pg-metrics``."""
         pg = [(r.cfg.name, r.queries) for r in self.routes if r.queries is not None]
-        return [self._connect_seconds, CallbackCollector(self._families()), QueryCollector(pg)]
+        return [self._connect_seconds, CallbackCollector(self._families()), query_collector(pg)]
 
     def _families(self) -> list[Family]:
         routes = self.routes

@@ -35,10 +35,8 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from prometheus_client.core import HistogramMetricFamily, Metric
-
 from podpatterns.ambassador.upstreams import Endpoint
-from podpatterns.metrics import NAMESPACE, CallbackCollector, Family, Sample
+from podpatterns.metrics import CallbackCollector, Family, Histogram, HistogramSample, Sample
 
 #: Query duration buckets, in seconds: from an indexed lookup to a report.
 QUERY_BUCKETS = (
@@ -163,85 +161,62 @@ class QueryMetrics:
 DURATION = "ambassador_pg_query_duration_seconds"
 
 
-class QueryCollector(CallbackCollector):
+def query_collector(routes: Iterable[tuple[str, QueryMetrics]]) -> CallbackCollector:
     """The query metric families of every route with ``--pg-metrics``.
 
     Args:
         routes: ``(route name, its QueryMetrics)`` pairs.
-
-    The counters are :class:`~podpatterns.metrics.Family` declarations. ``Family`` has no
-    histogram kind, so the duration histogram is declared as a Family too (name, help,
-    labels: what the generated reference reads) and rendered as a histogram here.
     """
+    pairs = tuple(routes)
 
-    def __init__(self, routes: Iterable[tuple[str, QueryMetrics]]) -> None:
-        self.routes = tuple(routes)
-
-        def counts(attr: str) -> Iterator[Sample]:
-            for name, metrics in self.routes:
-                for endpoint, stats in metrics.by_endpoint.items():
-                    yield (name, endpoint), float(getattr(stats, attr))
-
-        def errors() -> Iterator[Sample]:
-            for name, metrics in self.routes:
-                for endpoint, stats in metrics.by_endpoint.items():
-                    for cls, n in stats.errors.items():
-                        yield (name, endpoint, cls), float(n)
-
-        labels = ("route", "endpoint")
-        super().__init__(
-            [
-                Family(
-                    "counter",
-                    "ambassador_pg_queries",
-                    "PostgreSQL queries answered (--pg-metrics): each Query, each Execute",
-                    labels,
-                    lambda: counts("queries"),
-                ),
-                Family(
-                    "counter",
-                    "ambassador_pg_transactions",
-                    "PostgreSQL transactions ended (--pg-metrics): a ReadyForQuery I after "
-                    "T or E, or after an autocommit query",
-                    labels,
-                    lambda: counts("transactions"),
-                ),
-                Family(
-                    "counter",
-                    "ambassador_pg_errors",
-                    "PostgreSQL ErrorResponses from the server (--pg-metrics), by SQLSTATE class",
-                    (*labels, "sqlstate_class"),
-                    errors,
-                ),
-                Family(
-                    "gauge",  # rendered as a histogram by collect()
-                    DURATION,
-                    "PostgreSQL query duration (--pg-metrics): Query or first Execute sent "
-                    "by the app to the server's ReadyForQuery",
-                    labels,
-                    lambda: (),
-                ),
-            ]
-        )
-
-    def collect(self) -> Iterator[Metric]:
-        for metric in super().collect():
-            if metric.name != f"{NAMESPACE}_{DURATION}":
-                yield metric
-        declared = self.families[-1]
-        histogram = HistogramMetricFamily(
-            f"{NAMESPACE}_{DURATION}", declared.help, labels=declared.labels
-        )
-        for name, metrics in self.routes:
+    def counts(attr: str) -> Iterator[Sample]:
+        for name, metrics in pairs:
             for endpoint, stats in metrics.by_endpoint.items():
-                cumulative = 0
-                buckets: list[tuple[str, float]] = []
-                for bound, n in zip((*QUERY_BUCKETS, float("inf")), stats.buckets, strict=True):
-                    cumulative += n
-                    buckets.append((_bound(bound), float(cumulative)))
-                histogram.add_metric([name, endpoint], buckets, stats.seconds)
-        yield histogram
+                yield (name, endpoint), float(getattr(stats, attr))
 
+    def errors() -> Iterator[Sample]:
+        for name, metrics in pairs:
+            for endpoint, stats in metrics.by_endpoint.items():
+                for cls, n in stats.errors.items():
+                    yield (name, endpoint, cls), float(n)
 
-def _bound(bound: float) -> str:
-    return "+Inf" if bound == float("inf") else repr(bound)
+    def durations() -> Iterator[HistogramSample]:
+        for name, metrics in pairs:
+            for endpoint, stats in metrics.by_endpoint.items():
+                yield (name, endpoint), stats.buckets, stats.seconds
+
+    labels = ("route", "endpoint")
+    return CallbackCollector(
+        [
+            Family(
+                "counter",
+                "ambassador_pg_queries",
+                "PostgreSQL queries answered (--pg-metrics): each Query, each Execute",
+                labels,
+                lambda: counts("queries"),
+            ),
+            Family(
+                "counter",
+                "ambassador_pg_transactions",
+                "PostgreSQL transactions ended (--pg-metrics): a ReadyForQuery I after "
+                "T or E, or after an autocommit query",
+                labels,
+                lambda: counts("transactions"),
+            ),
+            Family(
+                "counter",
+                "ambassador_pg_errors",
+                "PostgreSQL ErrorResponses from the server (--pg-metrics), by SQLSTATE class",
+                (*labels, "sqlstate_class"),
+                errors,
+            ),
+            Histogram(
+                DURATION,
+                "PostgreSQL query duration (--pg-metrics): Query or first Execute sent "
+                "by the app to the server's ReadyForQuery",
+                labels,
+                QUERY_BUCKETS,
+                durations,
+            ),
+        ]
+    )
