@@ -35,6 +35,25 @@ def exposition(registry: CollectorRegistry) -> bytes:
     return generate_latest(registry)
 
 
+LATENCY_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+"""Histogram bounds, in seconds, for the package's latencies (an upstream connect, a
+database query): from a loopback round trip to a timeout."""
+
 Sample = tuple[tuple[str, ...], float]
 """One sample: its label values (in the family's label order) and its value."""
 

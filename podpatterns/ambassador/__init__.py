@@ -36,7 +36,7 @@ from podpatterns.ambassador.pgmetrics import query_collector
 from podpatterns.ambassador.protocol import ProtocolHandler
 from podpatterns.ambassador.route import Route
 from podpatterns.ambassador.upstreams import Resolver, system_resolver
-from podpatterns.metrics import NAMESPACE, CallbackCollector, Family, Sample
+from podpatterns.metrics import LATENCY_BUCKETS, NAMESPACE, CallbackCollector, Family, Sample
 from podpatterns.options import HostPort
 
 __all__ = [
@@ -49,22 +49,7 @@ __all__ = [
     "UnixAddress",
 ]
 
-CONNECT_BUCKETS = (
-    0.0005,
-    0.001,
-    0.0025,
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-    2.5,
-    5.0,
-    10.0,
-)
+CONNECT_BUCKETS = LATENCY_BUCKETS
 
 
 class Ambassador:

@@ -36,25 +36,17 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from podpatterns.ambassador.upstreams import Endpoint
-from podpatterns.metrics import CallbackCollector, Family, Histogram, HistogramSample, Sample
+from podpatterns.metrics import (
+    LATENCY_BUCKETS,
+    CallbackCollector,
+    Family,
+    Histogram,
+    HistogramSample,
+    Sample,
+)
 
 #: Query duration buckets, in seconds: from an indexed lookup to a report.
-QUERY_BUCKETS = (
-    0.0005,
-    0.001,
-    0.0025,
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-    2.5,
-    5.0,
-    10.0,
-)
+QUERY_BUCKETS = LATENCY_BUCKETS
 ERROR_HEAD = 128  # ErrorResponse body bytes read for the SQLSTATE (S, V, C come first)
 _CLASS_CHARS = frozenset(b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ")
 TEXT_HEAD = 1024  # Query and Parse body bytes kept for --pg-slow-query
