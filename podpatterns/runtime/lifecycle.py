@@ -142,6 +142,16 @@ class Runtime:
 
     or ``await runtime.run()``, which starts, waits for :meth:`request_shutdown` (or a
     trigger), then shuts down.
+
+    Args:
+        config: the shared settings.
+        components: what it runs, started in order and stopped together.
+        triggers: async callables started once everything is bound; the first to
+            return asks for the shutdown (with its reason or :class:`Shutdown`).
+        collectors: more Prometheus collectors for :attr:`registry` (a trigger's).
+        pod: the Pod's health records, for the admin server's ``/pod/*`` and
+            ``/{check}/NAME`` endpoints (:func:`podpatterns.health.pod_runtime` makes it).
+        pod_probes: the plain probes answer for the whole Pod too (``podpatterns health``).
     """
 
     def __init__(
@@ -170,7 +180,6 @@ class Runtime:
         self._admin: AdminServer | None = None
         self._started_at = time.monotonic()
         self._log = logs.get("runtime")
-        self._phase_changes: dict[str, int] = {}
         self.collectors: list[Any] = [
             metrics.CallbackCollector(
                 [
