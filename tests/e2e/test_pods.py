@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import re
 import secrets
 import socket
 import threading
@@ -40,11 +41,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trustme
 import yaml
 
 from tests.e2e.engine import ROOT, VERSION, Engine, kube_play
 from tests.kubelet import configmap_write
-from tests.peers import PostgresServer, candidate_ports
+from tests.peers import PG_SERVER_NAME, PostgresServer, candidate_ports
 from tests.waiting import wait_until
 
 pytest_plugins = ("tests.peer_fixtures",)
@@ -52,6 +54,9 @@ pytest_plugins = ("tests.peer_fixtures",)
 EXAMPLES = ROOT / "docs" / "examples"
 PROBES = ("startupProbe", "readinessProbe", "livenessProbe")
 STOP_TIMEOUT = 40  # seconds podman gives the Pod's containers after SIGTERM
+#: a row of the app's query in ambassador-postgres.yaml (psql's aligned output): the
+#: server address, then pg_stat_ssl.ssl of the app's own backend, ``t`` for TLS
+TLS_ROW = re.compile(r"\| 127\.0\.0\.1\s+\| t\s*$", re.MULTILINE)
 
 
 RUN = secrets.token_hex(3)
@@ -104,7 +109,7 @@ def podify(
                 continue
             doc["metadata"]["name"] = pod_name(doc["metadata"]["name"])
             _podify_spec(doc["spec"], images, app, secret_env)
-            _podify_volumes(doc["spec"], workdir / "volumes", configmaps)
+            _podify_volumes(doc["spec"], workdir / "volumes", configmaps, secret_env)
         out.append(doc)
     return yaml.safe_dump_all(out, sort_keys=False)
 
@@ -133,7 +138,10 @@ def _podify_spec(
 
 
 def _podify_volumes(
-    spec: dict[str, Any], root: Path, configmaps: dict[str, dict[str, str]]
+    spec: dict[str, Any],
+    root: Path,
+    configmaps: dict[str, dict[str, str]],
+    secret_data: dict[str, dict[str, str]],
 ) -> None:
     for volume in spec.get("volumes", []):
         path = root / volume["name"]
@@ -143,6 +151,13 @@ def _podify_volumes(
         elif (source := volume.pop("configMap", None)) is not None:
             path.mkdir(parents=True)
             configmap_write(path, 1, configmaps[source["name"]])
+        elif (source := volume.pop("secret", None)) is not None:
+            # a Secret volume: its keys as files, readable as the kubelet's default 0644
+            path.mkdir(parents=True)
+            path.chmod(0o755)
+            for key, value in secret_data[source["secretName"]].items():
+                (path / key).write_text(str(value))
+                (path / key).chmod(0o644)
         else:
             continue
         volume["hostPath"] = {"path": str(path), "type": "Directory"}
@@ -216,33 +231,59 @@ def test_ambassador_postgres(
     podman: Engine,
     images: dict[str, str],
     app_image: str,
-    postgres: PostgresServer,
+    pg_ca: trustme.CA,
+    postgres_tls: PostgresServer,
     tmp_path: Path,
 ) -> None:
-    """psql in the app container reaches the real PostgreSQL through the ambassador."""
+    """psql in the app container, in plaintext to localhost, reaches a TLS-only SCRAM
+    PostgreSQL through the ambassador, which verifies the server's certificate."""
+    server = postgres_tls
+    assert server.password is not None
     listen, admin = candidate_ports(2)
+    ca_pem = "".join(f"    {line}\n" for line in pg_ca.cert_pem.bytes().decode().splitlines())
     manifest = podify(
         EXAMPLES / "ambassador-postgres.yaml",
         images,
         app_image,
         {
-            "db.example.internal:5432": f"{postgres.host}:{postgres.port}",
+            "db.example.internal:5432": f"{server.host}:{server.port}",
+            # the test certificate names PG_SERVER_NAME, not the address dialled
+            "- --tls-ca=/etc/db-tls/ca.crt\n": "- --tls-ca=/etc/db-tls/ca.crt\n"
+            f"        - --tls-server-name={PG_SERVER_NAME}\n",
+            "    -----BEGIN CERTIFICATE-----\n"
+            "    REPLACE-WITH-THE-DATABASE-CA-CERTIFICATE\n"
+            "    -----END CERTIFICATE-----\n": ca_pem,
             "--listen=127.0.0.1:5432": f"--listen=127.0.0.1:{listen}",
             "--admin=0.0.0.0:9901": f"--admin=127.0.0.1:{admin}",
             'value: "5432"': f'value: "{listen}"',
-            "PGUSER: app": f"PGUSER: {postgres.user}",
-            "PGDATABASE: app": f"PGDATABASE: {postgres.database}",
+            "PGUSER: app": f"PGUSER: {server.user}",
+            "PGPASSWORD: change-me": f"PGPASSWORD: {server.password}",
+            "PGDATABASE: app": f"PGDATABASE: {server.database}",
         },
         tmp_path,
     )
     pod = pod_name("ambassador-postgres")
     with kube_play(podman, manifest, tmp_path):
-        # the app's first psql may race the ambassador's bind; it retries every 10 s
-        wait_until(
-            lambda: "| 127.0.0.1" in podman.logs(f"{pod}-app") or None,
-            "a query answered through the ambassador",
-            within=40,
-        )
+        # the app's first psql may race the ambassador's bind; it retries every 10 s.
+        # `| t`: pg_stat_ssl.ssl of the app's own backend, so the server saw TLS
+        try:
+            wait_until(
+                lambda: TLS_ROW.search(podman.logs(f"{pod}-app")),
+                "a query answered over TLS through the ambassador",
+                within=40,
+            )
+        except AssertionError as exc:
+            logs = {c: podman.logs(f"{pod}-{c}") for c in ("app", "db-ambassador")}
+            raise AssertionError(f"{exc}\n{logs}") from None
+        app_log = podman.logs(f"{pod}-app")
+        assert not re.search(r"\|\s*f\s*$", app_log, re.MULTILINE), app_log
+        assert "FATAL" not in app_log, app_log
+        routes = [
+            e
+            for e in json_lines(podman.logs(f"{pod}-db-ambassador"))
+            if e.get("event") == "route_listening"
+        ]
+        assert [(r["protocol"], r["tls"]) for r in routes] == [("postgres", True)], routes
         assert status(admin, "/startupz") == 200
         assert status(admin, "/readyz") == 200
         metrics = http_get(admin, "/metrics")
