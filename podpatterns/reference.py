@@ -158,25 +158,37 @@ def metric_infos() -> list[MetricInfo]:
     The runtime and the components are only constructed (nothing is bound or started),
     so this runs without an event loop.
     """
-    from podpatterns.adapter import Adapter, AdapterConfig
-    from podpatterns.ambassador import Ambassador, RouteConfig
+    from podpatterns.adapter import Adapter
+    from podpatterns.ambassador import Ambassador
+    from podpatterns.commands import COMMANDS
     from podpatterns.health.coordination import pod_runtime
-    from podpatterns.health.prober import Prober, ProberConfig
-    from podpatterns.health.targets import TcpTarget
+    from podpatterns.health.prober import Prober
     from podpatterns.metrics import CallbackCollector
-    from podpatterns.options import HostPort
-    from podpatterns.reload import ReloadConfig, Reloader
-    from podpatterns.reload.notify import HttpPost
-    from podpatterns.runtime import RuntimeConfig
+    from podpatterns.reload import Reloader
+    from podpatterns.runtime import Component
 
-    route = RouteConfig(listen=HostPort("127.0.0.1", 0), upstream=(HostPort("127.0.0.1", 1),))
-    probe = TcpTarget("127.0.0.1", 1, "tcp://127.0.0.1:1")
-    prober = Prober(ProberConfig(Path("."), "app", (probe,)))  # podpatterns health
-    reloader = Reloader(ReloadConfig((Path("."),), HttpPost("http://127.0.0.1:1/")))
-    adapter = Adapter(AdapterConfig(path=("/var/log/app/*.log",)))
+    def config(command: str, **flags: Any) -> Any:
+        """The config ``podpatterns COMMAND --flags...`` builds (as the CLI does)."""
+        return COMMANDS[command].build(flags, {}, {}, "config file")
+
     # with --exit-with, as every command builds its runtime
-    config = RuntimeConfig(health_dir=Path("."), exit_with="app")
-    runtime = pod_runtime(config, [Ambassador([route]), adapter, prober, reloader])
+    ambassador = config(
+        "ambassador",
+        listen="127.0.0.1:0",
+        upstream=["127.0.0.1:1"],
+        health_dir=".",
+        exit_with="app",
+    )
+    adapter = config("adapter", path=["/var/log/app/*.log"])
+    health = config("health", health_dir=".", name="app", probe=["tcp://127.0.0.1:1"])
+    reload = config("reload", watch=["."], http_post="http://127.0.0.1:1/")
+    components: list[Component] = [
+        Ambassador(ambassador),
+        Adapter(adapter),
+        Prober(health.prober),
+        Reloader(reload.reload),
+    ]
+    runtime = pod_runtime(ambassador.runtime, components)
     declared = {
         f.full_name: f
         for c in runtime.collectors
