@@ -219,6 +219,30 @@ async def test_async_heartbeat_advances_seq(tmp_path: Path) -> None:
     assert read_record(tmp_path, "app").record == writer.record
 
 
+async def test_heartbeat_block_ends_after_the_write_in_flight(tmp_path: Path) -> None:
+    """A heartbeat write in flight (on its thread) when the block ends has finished by the
+    time ``async with`` returns: no heartbeat can land after the block (a tombstone
+    written right after it must stay the last write)."""
+    started, finished = threading.Event(), threading.Event()
+
+    class SlowWriter(Writer):
+        def heartbeat(self) -> Record:
+            if self.record.seq >= 1:  # the heartbeats of the task, not the first one
+                started.set()
+                time.sleep(0.3)  # a slow disk: the thread is still writing at exit
+                finished.set()
+            return super().heartbeat()
+
+    writer = SlowWriter(tmp_path, "app", interval=0.01)
+    writer.set_ready()
+    async with writer.heartbeating():
+        await asyncio.to_thread(started.wait, 10)
+    assert finished.is_set()  # before: the write went on after the block had ended
+    seq = writer.record.seq
+    writer.mark_exited(0)
+    assert writer.record.seq == seq + 1 and read_record(tmp_path, "app").record == writer.record
+
+
 async def test_wait_ready_and_exited_follow_the_disk(tmp_path: Path) -> None:
     """wait_ready returns on ready; wait_exited sees a tombstone written before it started."""
     writer = Writer(tmp_path, "app")

@@ -184,7 +184,15 @@ class Heartbeat:
             await asyncio.sleep(self._interval)
             # The write is small but fsyncs: keep it off the loop. The task itself is
             # scheduled by the loop, so a blocked loop still stops the heartbeats.
-            await asyncio.to_thread(self._writer.heartbeat)
+            write = asyncio.ensure_future(asyncio.to_thread(self._writer.heartbeat))
+            try:
+                await asyncio.shield(write)
+            except asyncio.CancelledError:
+                # A thread cannot be cancelled: let the write in flight finish before
+                # the block ends, so no heartbeat lands after it (a tombstone written
+                # right after the block must be the last write).
+                await asyncio.wait([write])
+                raise
 
     async def __aexit__(self, *exc: object) -> None:
         await self._tasks.aclose()
