@@ -261,6 +261,21 @@ def test_second_sigint_forces_exit(procs: list[Proc]) -> None:
     up.close()
 
 
+def test_repeated_sigterm_still_exits_0(procs: list[Proc]) -> None:
+    """SIGTERM again and again until the process is gone: every one after the first is
+    ignored, also while the interpreter tears down after the drain (never 143)."""
+    up, port = _upstream_server()
+    p = ambassador(procs, f"{LOOP}:{port}", "--drain-timeout", "5s")
+    p.wait_event("runtime_phase", lambda e: e.get("phase") == "ready")
+    deadline = time.monotonic() + 30
+    while p.p.poll() is None and time.monotonic() < deadline:
+        with contextlib.suppress(ProcessLookupError):
+            p.p.send_signal(signal.SIGTERM)
+        time.sleep(0.001)  # a signal every millisecond: the teardown window is longer
+    assert p.wait(10) == 0
+    up.close()
+
+
 def test_exit_with_tombstone_written_before_start(procs: list[Proc], tmp_path: Path) -> None:
     """--exit-with drains and exits 0 on a tombstone that existed before the process."""
     Writer(tmp_path, "app").mark_exited(0)

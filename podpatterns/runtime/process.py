@@ -94,7 +94,12 @@ async def _serve(make: Callable[[], Runtime]) -> int:
     try:
         await runtime.run()
     finally:
-        loop.remove_signal_handler(signal.SIGTERM)
-        loop.remove_signal_handler(signal.SIGINT)
+        # The work is done: a later SIGTERM (a kubelet or podman repeating it, a Pod's
+        # preStop racing the stop) must not turn the clean exit into a death by signal
+        # (143) while the interpreter tears down. remove_signal_handler() restores the
+        # default action, so ignore the signals right after it.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+            signal.signal(sig, signal.SIG_IGN)
     request = runtime.shutdown_request
     return ExitCode.OK if request is None else request.exit_code
