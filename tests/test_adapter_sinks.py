@@ -226,6 +226,23 @@ async def test_file_sink_appends_and_fsyncs(tmp_path: Path) -> None:
     assert json.loads(encode({"k": "\ud800"})) == {"k": "\ud800"}  # a lone surrogate
 
 
+async def test_file_sink_ends_a_line_torn_by_a_crash(tmp_path: Path) -> None:
+    """After a SIGKILL mid-batch left half a record, the resent records are each whole
+    (the torn half becomes one invalid line of its own, not the start of the next)."""
+    out = tmp_path / "out.ndjson"
+    out.write_bytes(b'{"a":1}\n{"a":2,"mess')  # killed while writing the second record
+    sink = FileSink(out)
+    await sink.start()
+    await sink.send([{"a": 2}, {"a": 3}])  # the unacknowledged batch, sent again
+    await sink.close()
+    lines = out.read_bytes().splitlines()
+    assert lines == [b'{"a":1}', b'{"a":2,"mess', b'{"a":2}', b'{"a":3}']
+    sink = FileSink(out)  # a file that ends with a newline gets nothing added
+    await sink.start()
+    await sink.close()
+    assert out.read_bytes().splitlines() == lines
+
+
 async def test_https_sink_verifies_the_server(tmp_path: Path) -> None:
     """HTTPS: accepted with --sink-ca naming the server's CA; an unknown CA is retried, not sent."""
     import ssl

@@ -27,8 +27,21 @@ class FileSink:
         self.fsyncs = 0
 
     async def start(self) -> None:
-        """Open the file for appending."""
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        """Open the file for appending; end a line torn by a crash first.
+
+        A SIGKILL in the middle of a batch can leave the file ending in half a record.
+        Appending the resent batch right after it would merge that half with the first
+        record again, and a reader would lose both: the torn half is closed with a
+        newline (one invalid line a reader skips), so every resent record is whole.
+        """
+        self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        await asyncio.to_thread(self._end_torn_line)
+
+    def _end_torn_line(self) -> None:
+        assert self._fd is not None
+        size = os.fstat(self._fd).st_size
+        if size and os.pread(self._fd, 1, size - 1) != b"\n":
+            write_all(self._fd, b"\n")
 
     async def send(self, records: list[Record]) -> None:
         """Write the batch (and fsync it when asked)."""
