@@ -1,0 +1,59 @@
+"""Inputs: records pushed to the adapter over localhost (HTTP, syslog, TCP), beside the file tail.
+
+An input owns its listening sockets and turns what arrives into records; it hands them to
+a :class:`Spool`, which makes them durable before it returns. What an input tells its
+peer follows from that one call:
+
+- a request/response input (HTTP) answers success only after :meth:`Spool.append`
+  returned, and answers "try later" when it raised :class:`SpoolFull`;
+- a stream input (TCP, unix stream) awaits :meth:`Spool.wait_for_space` before reading
+  more, so a full spool pushes back on the app through the socket;
+- a datagram input (UDP, unix datagram) cannot push back: what it cannot append is
+  dropped and counted.
+
+From the spool on, pushed records travel the same way as lines of a tailed file: batched,
+transformed, shipped, and checkpointed only once every sink has acknowledged them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+Record = dict[str, Any]
+
+
+class SpoolFull(Exception):
+    """The spool holds its maximum of unacknowledged bytes; try again after ``retry_after``."""
+
+    def __init__(self, retry_after: float) -> None:
+        super().__init__(f"spool full, retry after {retry_after:g} s")
+        self.retry_after = retry_after
+
+
+class Spool(Protocol):
+    """Where inputs put records. Durable on return: an fsync'ed segment file."""
+
+    async def append(self, records: list[Record], *, source: str) -> None:
+        """Store ``records`` (in order) durably, tagged with the input ``source``.
+
+        Raises:
+            SpoolFull: nothing was stored; the caller tells its peer to retry.
+        """
+
+    async def wait_for_space(self) -> None:
+        """Return once :meth:`append` would not raise :class:`SpoolFull`."""
+
+
+class Input(Protocol):
+    """A source of pushed records."""
+
+    name: str
+
+    async def start(self, spool: Spool) -> None:
+        """Bind the listening sockets (a bind error raises) and start serving."""
+
+    async def close(self) -> None:
+        """Stop accepting; requests in flight are answered before this returns."""
+
+    def collect(self) -> dict[str, float]:
+        """Counters for the metrics collector (name -> value)."""
