@@ -18,6 +18,7 @@ import itertools
 import json
 import os
 import threading
+import time
 from collections.abc import Container, Mapping
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -101,6 +102,9 @@ class Checkpoint:
         self._moved: dict[MarkKey, FileKey] = {}
         self._epoch = itertools.count(1)
         self._dirty = False
+        self.moved_at: dict[FileKey, float] = {}
+        """Monotonic time each file's position last moved (read from, or acknowledged):
+        how long a file's bytes have waited, for ``GET /status``."""
 
     async def load(self) -> None:
         """Read the last good generation (nothing without a store).
@@ -124,6 +128,7 @@ class Checkpoint:
         epoch = next(self._epoch)
         self._epochs[key] = epoch
         self.acked[key] = entry
+        self.moved_at[key] = time.monotonic()
         self._dirty = True
         return epoch
 
@@ -172,6 +177,7 @@ class Checkpoint:
         if deleted:
             self._epochs.pop(key, None)
             self.acked.pop(key, None)
+            self.moved_at.pop(key, None)
             self._dirty = True
 
     def acknowledge(self, marks: Mapping[MarkKey, Entry]) -> None:
@@ -179,6 +185,7 @@ class Checkpoint:
         for (key, epoch), entry in marks.items():
             if self._epochs.get(key) == epoch:
                 self.acked[key] = entry
+                self.moved_at[key] = time.monotonic()
                 self._dirty = True
                 continue
             new = self._moved.get((key, epoch))
@@ -189,6 +196,7 @@ class Checkpoint:
                 self.acked[new] = replace(
                     entry, path=current.path if current else entry.path, dev=new[0], ino=new[1]
                 )
+                self.moved_at[new] = time.monotonic()
                 self._dirty = True
 
     def prune(self, present: Container[FileKey]) -> None:
@@ -205,6 +213,7 @@ class Checkpoint:
             self.acked.pop(key, None)
             self._epochs.pop(key, None)
             self._closed_at.pop(key, None)
+            self.moved_at.pop(key, None)
             self._dirty = True
         for moved, new in list(self._moved.items()):
             if new not in self.acked:

@@ -24,6 +24,7 @@ import errno
 import re
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import watchfiles
@@ -455,3 +456,82 @@ class Adapter:
                 )
             )
         ]
+
+    async def status(self) -> dict[str, Any]:
+        """What ``GET /status`` shows: every open file with its lag in bytes and seconds,
+        the checkpoint's age, the sink's retry state, the dead-letter counts and the
+        effective config (header values redacted; the token file by its path only).
+
+        A file's ``lag_seconds`` is how long its unacknowledged bytes have waited without
+        its checkpoint moving (0 when every byte is acknowledged). The files' sizes are
+        those the reader saw last; the checkpoint file is looked at on a worker thread.
+        """
+        from podpatterns.runtime.status import shown_config
+
+        now = time.monotonic()
+        acked = self.acked
+        moved_at = self._checkpoint.moved_at
+        files = []
+        for key, t in self.tracked.items():
+            entry = acked.get(key)
+            offset = entry.offset if entry else 0
+            lag = max(0, t.file.size - offset)
+            files.append(
+                {
+                    "path": t.path,
+                    "file_id": t.file_id,
+                    "size": t.file.size,
+                    "acked": offset,
+                    "lag_bytes": lag,
+                    "lag_seconds": round(now - moved_at.get(key, now), 3) if lag else 0.0,
+                    "rotated": t.file.rotated,
+                }
+            )
+        checkpoint: dict[str, Any] | None = None
+        if self._store is not None:
+            store = self._store
+            checkpoint = {
+                "path": str(store.current),
+                "writes": store.writes,
+                "fallbacks": store.fallbacks,
+                "age": await asyncio.to_thread(_age, store.current),
+            }
+        failing: bool | None = getattr(self.sink, "failing", None)
+        warnings = [f"sink {self.sink.name} is failing; retrying"] if failing else []
+        not_ready = []
+        if not self._started:
+            not_ready.append("not started")
+        if self._failed:
+            not_ready.append("a pipeline stage failed (see adapter_stage_failed)")
+        if not self._tasks.healthy:
+            not_ready.append("a background task died (see task_died)")
+        return {
+            "mode": self.mode,
+            "files": files,
+            "lag_bytes": sum(f["lag_bytes"] for f in files),
+            "queue_bytes": self._queue.bytes,
+            "checkpoint": checkpoint,
+            "sink": {
+                "name": self.sink.name,
+                "failing": failing,
+                "errors_retried": self.counters.sink_errors,
+                "counters": self.sink.collect(),
+            },
+            "dead_letter": {
+                "path": str(self.dead_letter.path) if self.dead_letter.path else None,
+                "written": self.dead_letter.written,
+                "dropped": self.dead_letter.dropped,
+            },
+            "records_shipped": self.counters.records_shipped,
+            "not_ready": not_ready,
+            "warnings": warnings,
+            "config": shown_config(self.config, secret=("sink_header",)),
+        }
+
+
+def _age(path: Path) -> float | None:
+    """Seconds since ``path`` was last written (wall clock), or None without the file."""
+    try:
+        return round(time.time() - path.stat().st_mtime, 3)
+    except OSError:
+        return None

@@ -302,3 +302,133 @@ class Ambassador:
                 per_route(lambda r: r.tls.reload_failures if r.tls else 0),
             ),
         ]
+
+    async def status(self) -> dict[str, Any]:
+        """What ``GET /status`` shows: per route, its endpoints with their state and
+        cool-downs, connections against the cap, connect failures by reason, the expiry
+        of its configured TLS certificates, and its effective config (redacted).
+
+        The same counters the metrics read (:meth:`collectors`); the certificate files
+        are read on a worker thread.
+        """
+        import time
+
+        from podpatterns.ambassador.certinfo import expiry
+        from podpatterns.runtime.status import shown_config
+
+        now = time.monotonic()
+        routes: list[dict[str, Any]] = []
+        reasons = [] if self._started else ["not started"]
+        for r in self.routes:
+            cfg = r.cfg
+            tls_files = [p for p in (cfg.tls_ca, cfg.tls_cert) if p is not None]
+            certs = [await asyncio.to_thread(expiry, p) for p in tls_files]
+            failures: dict[str, int] = {}
+            by_endpoint: dict[str, dict[str, int]] = {}
+            for (endpoint, reason), n in r.stats.connect_failures.items():
+                failures[reason] = failures.get(reason, 0) + n
+                by_endpoint.setdefault(endpoint, {})[reason] = n
+            not_ready = _route_not_ready(r)
+            reasons += [f"route {cfg.name}: {why}" for why in not_ready]
+            routes.append(
+                {
+                    "name": cfg.name,
+                    "listen": str(r.listener.address) if r.listener is not None else None,
+                    "protocol": cfg.protocol,
+                    "relay": "splice" if r.use_splice else "protocol",
+                    "ready": r.is_ready(),
+                    "not_ready": not_ready,
+                    "connections": {
+                        "active": r.in_flight(),
+                        "cap": cfg.max_connections or None,
+                        "saturated": r.saturated(),
+                        "accepted": r.stats.accepted,
+                        "refused": dict(r.stats.refused),
+                        "failed": dict(r.stats.failed),
+                        "closed": dict(r.stats.closed),
+                    },
+                    "connect_failures": failures,
+                    "endpoints": [
+                        _endpoint_status(e, now, by_endpoint.get(str(e), {}))
+                        for e in r.pool.endpoints
+                    ],
+                    "tls": None
+                    if r.tls is None
+                    else {
+                        "verify": r.tls.verify,
+                        "reloads": r.tls.reloads,
+                        "reload_failures": r.tls.reload_failures,
+                        "certificates": dict(
+                            zip(
+                                [n for n, p in (("ca", cfg.tls_ca), ("cert", cfg.tls_cert)) if p],
+                                certs,
+                                strict=True,
+                            )
+                        ),
+                    },
+                    "config": shown_config(cfg),
+                }
+            )
+        return {"routes": routes, "not_ready": reasons, "warnings": _warnings(routes)}
+
+
+CERT_WARNING = 7 * 24 * 3600.0
+"""A configured certificate that expires within this many seconds is a warning."""
+
+
+def _warnings(routes: list[dict[str, Any]]) -> list[str]:
+    """What is wrong although the routes serve: endpoints down, certificates that
+    expire soon or did."""
+    out = []
+    for r in routes:
+        where = f"route {r['name']}"
+        for e in r["endpoints"]:
+            if e["state"] in ("cooldown", "unhealthy"):
+                out.append(f"{where}: endpoint {e['address']} is {e['state']}")
+        tls = r["tls"] or {}
+        for which, cert in (tls.get("certificates") or {}).items():
+            left = cert.get("expires_in")
+            if cert.get("error"):
+                out.append(f"{where}: {which} {cert['path']}: {cert['error']}")
+            elif left is not None and left < CERT_WARNING:
+                state = "expired" if left <= 0 else f"expires in {left / 3600:.0f}h"
+                out.append(f"{where}: {which} {cert['path']} {state}")
+    return out
+
+
+def _endpoint_status(e: Any, now: float, failures: dict[str, int]) -> dict[str, Any]:
+    """One endpoint as ``/status`` shows it: ``up``, ``cooldown`` (passive: a connect
+    failed), ``unhealthy`` (the last active check failed) or ``unchecked`` (active
+    checks on, none answered yet)."""
+    if e.healthy is False:
+        state = "unhealthy"
+    elif now < e.down_until:
+        state = "cooldown"
+    elif e.healthy is None:
+        state = "unchecked"
+    else:
+        state = "up"
+    return {
+        "address": str(e),
+        "state": state,
+        "cooldown_left": round(max(0.0, e.down_until - now), 3),
+        "active": e.active,
+        "connects": e.connects,
+        "failures": e.failures,
+        "connect_failures": failures,
+        "resolved": [str(a[1][0]) for a in e.addrs],
+        "resolved_age": round(now - e.resolved_at, 3) if e.resolved_at else None,
+    }
+
+
+def _route_not_ready(r: Route) -> list[str]:
+    """Why a route is not ready (the conditions of :meth:`Route.is_ready`), or nothing."""
+    if r.is_ready():
+        return []
+    if r.listener is None:
+        return ["not bound"]
+    if r.saturated():
+        return [f"saturated: {r.in_flight()}/{r.cfg.max_connections} connections"]
+    if r.cfg.ready_requires_upstream and not r.pool.any_healthy():
+        return ["no endpoint passed its last health check (--ready-requires-upstream)"]
+    return ["stopped accepting (draining)"]

@@ -345,3 +345,34 @@ class Prober(NothingToDrain):
                 ]
             )
         ]
+
+    async def status(self) -> dict[str, Any]:
+        """What ``GET /status`` shows: each probe's verdict after its thresholds, its
+        consecutive results and last reason, the record's phase, and the config."""
+        from podpatterns.runtime.status import shown, shown_config
+
+        config = shown_config(self.config)
+        config["probes"] = [shown(p.target.label) for p in self.probes]
+        failing = [p.target.label for p in self.probes if not p.passing]
+        return {
+            "record": {
+                "name": self.config.name,
+                "phase": self.writer.record.phase.value,
+                "seq": self.writer.record.seq,
+            },
+            "rounds": self.rounds,
+            "probes": [
+                {
+                    "probe": p.target.label,
+                    "passing": p.passing,
+                    "successes": p.successes,
+                    "failures": p.failures,
+                    "last": p.last,
+                    "results": dict(p.results),
+                }
+                for p in self.probes
+            ],
+            "not_ready": [] if self.is_ready() else ["the probing loop is not running"],
+            "warnings": [f"probe failing: {label}" for label in failing] if self.rounds else [],
+            "config": config,
+        }

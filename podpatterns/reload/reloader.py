@@ -417,3 +417,33 @@ class Reloader(NothingToDrain):
                 ]
             )
         ]
+
+    async def status(self) -> dict[str, Any]:
+        """What ``GET /status`` shows: the version acted on, the one pending delivery
+        (a reload not yet delivered), whether notifying fails, the step counts, the
+        watch mode and the config (the notify target redacted)."""
+        from podpatterns.runtime.status import shown, shown_config
+
+        config = shown_config(self.config)
+        config["notifier"] = shown(self.config.notifier.label)
+        pending = self.wanted
+        not_ready = []
+        if self.failing:
+            not_ready.append(
+                f"version {pending.short if pending else '?'} could not be delivered; retrying"
+            )
+        if not self._tasks.healthy:
+            not_ready.append("a background task died (see task_died)")
+        return {
+            "current": self.current.short if self.current else None,
+            "delivered": self.delivered.short if self.delivered else None,
+            "pending": None
+            if pending is None
+            else {"version": pending.short, "files": pending.files},
+            "failing": self.failing,
+            "counts": dict(self.counts),
+            "watch_mode": self.watcher.mode,
+            "not_ready": not_ready,
+            "warnings": [f"reload of version {pending.short} pending"] if pending else [],
+            "config": config,
+        }

@@ -7,6 +7,7 @@
 | ``GET /readyz`` | 200 when ready to serve, 503 while starting, saturated or draining |
 | ``GET /metrics`` | Prometheus text format |
 | ``POST /quitquitquit`` | starts a graceful shutdown; loopback peers only (403), POST only (405) |
+| ``GET /status`` | live state and config as JSON, secrets redacted; loopback peers only (403) |
 
 Given a :class:`PodView` (``--health-dir``; :mod:`podpatterns.health.aggregate` is the
 implementation), the Pod's health too:
@@ -25,6 +26,8 @@ imports nothing of the runtime's lifecycle or of any feature.
 
 from __future__ import annotations
 
+import os
+import time
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -49,6 +52,39 @@ class ComponentView(Protocol):
     def in_flight(self) -> int:
         """Units of work open."""
 
+    def is_live(self) -> bool:
+        """False once a background task of it died."""
+
+
+class StatusReporter(Protocol):
+    """The optional part of a component: what ``GET /status`` shows of it.
+
+    ``status()`` returns JSON-ready data with secrets redacted
+    (:mod:`podpatterns.runtime.status`); a ``not_ready`` list in it says why the component
+    is not ready, and a ``warnings`` list what is wrong although it serves (a failing
+    sink, an endpoint in cool-down, a certificate about to expire). It is awaited on the
+    event loop, so it reads files in a thread.
+    """
+
+    async def status(self) -> dict[str, Any]:
+        """Live state and effective config of the component."""
+
+
+async def component_status(component: ComponentView) -> dict[str, Any]:
+    """What ``GET /status`` shows of one component: its readiness, liveness and work in
+    flight, plus whatever its own ``status()`` adds (nothing for a component without)."""
+    body: dict[str, Any] = {
+        "ready": component.is_ready(),
+        "live": component.is_live(),
+        "in_flight": component.in_flight(),
+    }
+    status = getattr(component, "status", None)
+    if callable(status):
+        body.update(await status())
+    if not body["ready"] and not body.get("not_ready"):
+        body["not_ready"] = [f"{component.name} reports not ready"]
+    return body
+
 
 class Probes(Protocol):
     """What the admin server reads of the runtime it serves."""
@@ -64,6 +100,10 @@ class Probes(Protocol):
     @property
     def phase_name(self) -> str:
         """The lifecycle phase (``ready``, ``draining``...)."""
+
+    @property
+    def config(self) -> Any:
+        """The runtime's settings (a dataclass; ``/status`` shows it redacted)."""
 
     def is_live(self) -> bool:
         """``/livez``."""
@@ -98,6 +138,10 @@ class PodView(Protocol):
 
     def body(self, check: str, ok: bool, name: str | None = None) -> dict[str, Any]:
         """The JSON body of a verdict."""
+
+
+STATUS_SCHEMA = 1
+"""The version of the ``GET /status`` body (``podpatterns inspect`` reads it)."""
 
 
 def is_loopback_peer(remote: str | None) -> bool:
@@ -145,6 +189,7 @@ class AdminServer:
         app.router.add_get("/startupz", self._startupz)
         app.router.add_get("/metrics", self._metrics)
         app.router.add_route("*", "/quitquitquit", self._quit)
+        app.router.add_get("/status", self._status)
         if self.pod is not None:
             for check in ("livez", "readyz", "startupz"):
                 app.router.add_get(f"/pod/{check}", self._pod_check)
@@ -230,6 +275,47 @@ class AdminServer:
             body=metrics.exposition(self._runtime.registry),
             headers={"Content-Type": metrics.CONTENT_TYPE},
         )
+
+    async def status(self) -> dict[str, Any]:
+        """The body of ``GET /status``: the runtime's phase and probes, why it is not
+        ready, each component's :func:`component_status`, the effective runtime config
+        (redacted) and, with a :class:`PodView`, every container's record."""
+        from podpatterns.runtime.status import shown, shown_config
+
+        rt = self._runtime
+        components = {c.name: await component_status(c) for c in rt.components}
+        not_ready: list[str] = []
+        if rt.phase_name != "ready":
+            not_ready.append(f"runtime phase is {rt.phase_name}")
+        for name, comp in components.items():
+            if not comp["ready"]:
+                not_ready += [f"{name}: {why}" for why in comp["not_ready"]]
+        body: dict[str, Any] = {
+            "schema": STATUS_SCHEMA,
+            "pid": os.getpid(),
+            "time": time.time(),
+            "phase": rt.phase_name,
+            "live": rt.is_live(),
+            "ready": rt.is_ready(),
+            "started": rt.is_started(),
+            "not_ready": not_ready,
+            "admin": str(self.address) if self.address is not None else None,
+            "components": components,
+            "config": shown_config(rt.config),
+        }
+        if self.pod is not None:
+            pod = self.pod.body("readyz", self.pod.pod_ok("readyz"))
+            body["containers"] = pod["containers"]
+        # Components redact their own config; this pass catches a URL with userinfo or
+        # an authorization value in any other string (a probe's message, a reason).
+        result: dict[str, Any] = shown(body)
+        return result
+
+    async def _status(self, request: web.Request) -> web.Response:
+        if not is_loopback_peer(request.remote):
+            self._log.warning("status_refused", peer=request.remote)
+            return web.json_response({"error": "loopback peers only"}, status=403)
+        return web.json_response(await self.status())
 
     async def _quit(self, request: web.Request) -> web.Response:
         if request.method != "POST":

@@ -66,7 +66,13 @@ class Shutdown(str):
 
 
 class Component(Protocol):
-    """What the runtime needs from a component (ambassador, adapter, ...)."""
+    """What the runtime needs from a component (ambassador, adapter, ...).
+
+    Optionally, ``async def status(self) -> dict``: the component's live state and
+    effective config for ``GET /status``, secrets redacted, with a ``not_ready`` list
+    saying why it is not ready (:class:`~podpatterns.runtime.admin.StatusReporter`). A
+    component without one is shown by its readiness, liveness and work in flight.
+    """
 
     name: str
 
