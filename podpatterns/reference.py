@@ -302,6 +302,7 @@ def option_sections() -> dict[str, tuple[Option[Any], ...]]:
     """The option tables the docs show, by the name used in their page markers."""
     from podpatterns.adapter.config import INPUT_OPTIONS, PROCESS_OPTIONS, SINK_OPTIONS
     from podpatterns.ambassador.config import PROTOCOL_OPTIONS, ROUTE_OPTIONS
+    from podpatterns.commands.inspect import INSPECT_OPTIONS
     from podpatterns.health.prober import PROBE_OPTIONS
     from podpatterns.health.supervisor import RUN_OPTIONS
     from podpatterns.health.wait import WAIT_OPTIONS
@@ -319,6 +320,7 @@ def option_sections() -> dict[str, tuple[Option[Any], ...]]:
         "health": PROBE_OPTIONS,
         "reload": RELOAD_OPTIONS,
         "wait": WAIT_OPTIONS,
+        "inspect": INSPECT_OPTIONS,
     }
 
 
@@ -411,6 +413,10 @@ def render() -> str:
         "Also `--health-dir`, `--log-level` and `--log-format` from the runtime options; "
         "the command follows `--`. See [health.md](health.md#wait).\n",
         option_table(sections["wait"]),
+        "## `podpatterns inspect` options\n",
+        "One-shot and read-only, for `kubectl debug`; it reads no config file. See "
+        "[debugging.md](debugging.md).\n",
+        option_table(sections["inspect"]),
         "## Value syntax\n",
         value_syntax_table(),
         "A repeatable option takes several values: repeat the flag, separate them with "

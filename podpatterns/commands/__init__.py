@@ -11,7 +11,7 @@ To add a command: write ``podpatterns/commands/NAME.py`` with its ``COMMAND`` an
 
 from __future__ import annotations
 
-from podpatterns.commands import adapter, ambassador, demo, health, reload, run, wait
+from podpatterns.commands import adapter, ambassador, demo, health, inspect, reload, run, wait
 from podpatterns.commands.common import Command
 
 COMMANDS: dict[str, Command] = {
@@ -24,6 +24,7 @@ COMMANDS: dict[str, Command] = {
         wait.COMMAND,
         health.COMMAND,
         reload.COMMAND,
+        inspect.COMMAND,
     )
 }
 """Every subcommand by name, in the order ``--help`` lists them."""
