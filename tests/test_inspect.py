@@ -115,6 +115,23 @@ def start(procs: list[Proc], *args: str, env: dict[str, str] | None = None) -> P
     return p
 
 
+def start_adapter(procs: list[Proc], tmp_path: Path, *sink: str) -> tuple[Proc, Path]:
+    """An adapter tailing ``tmp_path/logs/*.log``, whose ``app.log`` holds two lines (8
+    bytes), with a checkpoint and the ``sink`` flags; (the process, the logs directory)."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / "app.log").write_text("one\ntwo\n")
+    ad = start(
+        procs,
+        "adapter",
+        f"--path={logs}/*.log",
+        f"--checkpoint-dir={tmp_path / 'cp'}",
+        *sink,
+        "--admin=127.0.0.1:0",
+    )
+    return ad, logs
+
+
 def test_status_shows_routes_endpoints_failures_and_certificate_expiry(
     tmp_path: Path, procs: list[Proc], refusing: HostPort
 ) -> None:
@@ -172,23 +189,17 @@ def test_status_shows_adapter_lag_checkpoint_sink_retries_and_redacts_secrets(
     """/status of an adapter whose HTTP sink answers 503: the file's lag in bytes and
     seconds, the sink failing and retrying, the header value and the token file's content
     nowhere in /status or in inspect's output (text and JSON), the token file by its path."""
-    logs = tmp_path / "logs"
-    logs.mkdir()
     token = tmp_path / "token"
     token.write_text(TOKEN + "\n")
-    (logs / "app.log").write_text("one\ntwo\n")
-    ad = start(
+    ad, logs = start_adapter(
         procs,
-        "adapter",
-        f"--path={logs}/*.log",
-        f"--checkpoint-dir={tmp_path / 'cp'}",
+        tmp_path,
         "--sink=http",
         f"--sink-url={failing_sink}",
         f"--sink-header=X-Api-Key={HEADER_SECRET}",
         f"--sink-token-file={token}",
         "--sink-backoff=50ms",
         "--sink-backoff-max=200ms",
-        "--admin=127.0.0.1:0",
     )
     ad.wait_event("sink_failing")
 
@@ -229,18 +240,7 @@ def test_adapter_status_after_shipping_has_no_lag_and_a_checkpoint_age(
 ) -> None:
     """Once the file sink acknowledged everything: lag 0 bytes and 0 s, a checkpoint
     age, and inspect's exit code 0 for that admin server."""
-    logs = tmp_path / "logs"
-    logs.mkdir()
-    (logs / "app.log").write_text("one\ntwo\n")
-    ad = start(
-        procs,
-        "adapter",
-        f"--path={logs}/*.log",
-        f"--checkpoint-dir={tmp_path / 'cp'}",
-        "--sink=file",
-        f"--sink-path={tmp_path / 'out.ndjson'}",
-        "--admin=127.0.0.1:0",
-    )
+    ad, logs = start_adapter(procs, tmp_path, "--sink=file", f"--sink-path={tmp_path / 'o.json'}")
 
     def shipped() -> dict[str, Any] | None:
         adapter = status_of(ad)["components"]["adapter"]
@@ -392,8 +392,11 @@ def test_inspect_reports_a_tombstone_a_stale_record_and_an_unreachable_admin(
     sock.bind((LOOP, 0))  # bound, not listening: refused
     with sock:
         dead = f"http://{LOOP}:{sock.getsockname()[1]}"
-        out = inspect(f"--health-dir={health}", f"--admin={dead}")
-        report = json.loads(inspect(f"--health-dir={health}", f"--admin={dead}", "--json").stdout)
+        # --pid of this test (no podpatterns process): none of the machine's other
+        # podpatterns processes is looked at
+        only = (f"--pid={os.getpid()}", f"--health-dir={health}", f"--admin={dead}")
+        out = inspect(*only)
+        report = json.loads(inspect(*only, "--json").stdout)
     assert out.returncode == 1, outputs(out)
     assert "exited code 3" in out.stdout
     assert "no heartbeat for" in out.stdout
@@ -483,3 +486,31 @@ def test_inspect_looks_for_every_other_command() -> None:
     from podpatterns.commands.inspect import FOUND_COMMANDS
 
     assert sorted(FOUND_COMMANDS) == sorted(c for c in COMMANDS if c != "inspect")
+
+
+def test_shown_redacts_secrets_by_shape_and_by_name_and_keeps_paths() -> None:
+    """Config values as /status shows them: URL userinfo and authorization values
+    redacted wherever they stand, fields named like a secret redacted, header names kept,
+    files by path, addresses as HOST:PORT; mapping keys (container names) are data."""
+    import dataclasses
+
+    from podpatterns.runtime.status import REDACTED, shown, shown_config
+
+    @dataclasses.dataclass(frozen=True)
+    class Cfg:
+        url: str = f"https://bob:{URL_SECRET}@logs.example:443/x"
+        command: tuple[str, ...] = ("curl", "-H", f"Authorization: Bearer {TOKEN}")
+        header: tuple[tuple[str, str], ...] = (("X-Key", HEADER_SECRET),)
+        db_password: str = "hunter2"
+        token_file: Path = Path("/secrets/token")
+        listen: HostPort | None = None
+
+    got = shown_config(Cfg(listen=HostPort("127.0.0.1", 5432)), secret=("header",))
+    assert got["url"] == f"https://{REDACTED}@logs.example:443/x"
+    assert got["command"] == ["curl", "-H", f"Authorization: {REDACTED}"]
+    assert got["header"] == [["X-Key", REDACTED]]
+    assert got["db_password"] == REDACTED
+    assert got["token_file"] == "/secrets/token"
+    assert got["listen"] == "127.0.0.1:5432"
+    assert shown({"secret-sync": {"phase": "ready"}}) == {"secret-sync": {"phase": "ready"}}
+    assert shown(shown(got)) == got  # redacting twice changes nothing

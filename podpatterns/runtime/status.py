@@ -77,7 +77,9 @@ def shown(value: Any, secret: bool = False) -> Any:
             return redact_text(str(value))  # an address: HOST:PORT, unix:/path
         return shown_config(value)
     if isinstance(value, Mapping):
-        return {str(k): shown(v, _is_secret_name(str(k))) for k, v in value.items()}
+        # Keys are data here (container names, counter names), not field names: only
+        # the strings' shapes are redacted.
+        return {str(k): shown(v) for k, v in value.items()}
     if isinstance(value, tuple | list | set | frozenset):
         return [shown(v) for v in value]
     return redact_text(str(value))
