@@ -183,6 +183,36 @@ def test_status_shows_routes_endpoints_failures_and_certificate_expiry(
     assert "BEGIN" not in json.dumps(body)  # paths, never contents
 
 
+def test_status_shows_the_certificate_the_upstream_presented(
+    tmp_path: Path, procs: list[Proc]
+) -> None:
+    """After a connection through a TLS route, /status and inspect show when the
+    certificate the upstream last presented expires."""
+    from tests.test_ambassador_tls import echo, server_context, tls_server
+
+    ca = trustme.CA()
+    not_after = datetime.datetime(2030, 1, 2, 3, 4, 5, tzinfo=datetime.UTC)
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    with tls_server(server_context(ca.issue_cert(LOOP, not_after=not_after)), echo) as server:
+        amb = start(
+            procs,
+            "ambassador",
+            "--listen=127.0.0.1:0",
+            f"--upstream={LOOP}:{server.port}",
+            "--upstream-tls",
+            f"--tls-ca={tmp_path / 'ca.pem'}",
+            "--admin=127.0.0.1:0",
+        )
+        with socket.create_connection((LOOP, amb.listen_port()), timeout=10) as client:
+            client.sendall(b"ping")
+            assert client.recv(4) == b"ping"
+        (route,) = status_of(amb)["components"]["ambassador"]["routes"]
+        (peer,) = route["tls"]["upstream"]
+        assert peer["server_name"] == LOOP and peer["not_after"] == not_after.timestamp()
+        out = inspect(*pids(amb), f"--admin={amb.admin_url()}")
+    assert f"tls upstream {LOOP} (last seen): expires 2030-01-02" in out.stdout, outputs(out)
+
+
 def test_status_shows_adapter_lag_checkpoint_sink_retries_and_redacts_secrets(
     tmp_path: Path, procs: list[Proc], failing_sink: str
 ) -> None:

@@ -365,6 +365,10 @@ class Ambassador:
                                 strict=True,
                             )
                         ),
+                        "upstream": [
+                            _peer_expiry(name, der, seen)
+                            for name, (der, seen) in r.tls.peers.items()
+                        ],
                     },
                     "config": shown_config(cfg),
                 }
@@ -386,13 +390,17 @@ def _warnings(routes: list[dict[str, Any]]) -> list[str]:
             if e["state"] in ("cooldown", "unhealthy"):
                 out.append(f"{where}: endpoint {e['address']} is {e['state']}")
         tls = r["tls"] or {}
-        for which, cert in (tls.get("certificates") or {}).items():
+        certs = [(f"{w} {c['path']}", c) for w, c in (tls.get("certificates") or {}).items()]
+        certs += [
+            (f"upstream {c['server_name']}'s certificate", c) for c in tls.get("upstream", [])
+        ]
+        for what, cert in certs:
             left = cert.get("expires_in")
             if cert.get("error"):
-                out.append(f"{where}: {which} {cert['path']}: {cert['error']}")
+                out.append(f"{where}: {what}: {cert['error']}")
             elif left is not None and left < CERT_WARNING:
                 state = "expired" if left <= 0 else f"expires in {left / 3600:.0f}h"
-                out.append(f"{where}: {which} {cert['path']} {state}")
+                out.append(f"{where}: {what} {state}")
     return out
 
 
@@ -419,6 +427,22 @@ def _endpoint_status(e: Any, now: float, failures: dict[str, int]) -> dict[str, 
         "resolved": [str(a[1][0]) for a in e.addrs],
         "resolved_age": round(now - e.resolved_at, 3) if e.resolved_at else None,
     }
+
+
+def _peer_expiry(name: str, der: bytes, seen: float) -> dict[str, Any]:
+    """When the certificate an upstream last presented expires."""
+    import time
+
+    from podpatterns.ambassador.certinfo import not_after
+
+    out: dict[str, Any] = {"server_name": name, "seen_at": seen}
+    try:
+        out["not_after"] = not_after(der)
+    except (ValueError, IndexError, UnicodeDecodeError):
+        out["error"] = "certificate not understood"
+        return out
+    out["expires_in"] = round(out["not_after"] - time.time(), 1)
+    return out
 
 
 def _route_not_ready(r: Route) -> list[str]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import ssl
+import time
 from contextlib import aclosing
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -56,6 +57,10 @@ class TLSContextProvider:
         self._log = logs.get("ambassador", route=route)
         self._digest = self._files_digest()
         self._failed_digest = ""
+        self.peers: dict[str, tuple[bytes, float]] = {}
+        """The certificate each upstream (by server name) last presented, DER, and when
+        (Unix seconds): what ``GET /status`` reads the upstream's expiry from."""
+        self._sslobject_class = _recording(self.peers)
         self.context = self._build(initial=True)
 
     def _files(self) -> list[Path]:
@@ -86,6 +91,7 @@ class TLSContextProvider:
             if initial:
                 raise ConfigError(f"{which}: cannot load: {_why(exc)}") from None
             raise
+        ctx.sslobject_class = self._sslobject_class
         if self.alpn:
             ctx.set_alpn_protocols(list(self.alpn))
         if self.verify and not self.check_hostname:
@@ -135,6 +141,21 @@ class TLSContextProvider:
         async with aclosing(watcher.wakeups()) as wakeups:
             async for _ in wakeups:
                 self.maybe_reload()
+
+
+def _recording(peers: dict[str, tuple[bytes, float]]) -> type[ssl.SSLObject]:
+    """An :class:`ssl.SSLObject` class that keeps the certificate of each upstream it
+    completes a handshake with in ``peers`` (``SSLContext.sslobject_class``: every TLS
+    leg, whatever the route's protocol, is made by ``wrap_bio``)."""
+
+    class Recording(ssl.SSLObject):
+        def do_handshake(self) -> None:
+            super().do_handshake()
+            der = self.getpeercert(binary_form=True)
+            if der:
+                peers[self.server_hostname or "?"] = (der, time.time())
+
+    return Recording
 
 
 def route_tls(cfg: RouteConfig) -> TLSContextProvider | None:

@@ -547,6 +547,14 @@ def _ago(seconds: float | None) -> str:
     return "?" if seconds is None else f"{seconds:.1f}s"
 
 
+def _expires(cert: dict[str, Any]) -> str:
+    """``expires 2027-03-01 (89 days)``, or why the certificate could not be read."""
+    if "error" in cert:
+        return str(cert["error"])
+    when = time.strftime("%Y-%m-%d", time.gmtime(cert["not_after"]))
+    return f"expires {when} ({cert['expires_in'] / 86400:.0f} days)"
+
+
 def _route_lines(route: dict[str, Any]) -> list[str]:
     c = route["connections"]
     cap = c["cap"] if c["cap"] else "no cap"
@@ -569,12 +577,9 @@ def _route_lines(route: dict[str, Any]) -> list[str]:
     tls = route.get("tls")
     if tls:
         for which, cert in tls["certificates"].items():
-            if "error" in cert:
-                lines.append(f"      tls {which} {cert['path']}: {cert['error']}")
-            else:
-                days = cert["expires_in"] / 86400
-                when = time.strftime("%Y-%m-%d", time.gmtime(cert["not_after"]))
-                lines.append(f"      tls {which} {cert['path']}: expires {when} ({days:.0f} days)")
+            lines.append(f"      tls {which} {cert['path']}: {_expires(cert)}")
+        for peer in tls.get("upstream", []):
+            lines.append(f"      tls upstream {peer['server_name']} (last seen): {_expires(peer)}")
     return lines
 
 
