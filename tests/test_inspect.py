@@ -384,17 +384,26 @@ def amb_admin(p: Proc) -> str:
     return str(p.wait_event("admin_listening")["address"])
 
 
-def start_on_fixed_admin(procs: list[Proc], upstream: HostPort, health: Path) -> Proc:
-    """An ambassador whose admin port is written in its command line (as in a Pod spec),
-    set by ``PODPATTERNS_ADMIN``: a random free port, tried again if taken."""
+def start_on_fixed_admin(
+    procs: list[Proc], upstream: HostPort, health: Path, config: Path | None = None
+) -> Proc:
+    """An ambassador whose admin port is fixed in its settings (as in a Pod spec): set by
+    ``PODPATTERNS_ADMIN``, or by the ``admin`` key of ``config`` when given; a random
+    free port, tried again if taken."""
     for port in candidate_ports(5):
+        env = {"PODPATTERNS_ADMIN": f"127.0.0.1:{port}"}
+        extra = []
+        if config is not None:
+            config.write_text(f"admin: 127.0.0.1:{port}\n")
+            env, extra = {}, [f"--config={config}"]
         p = start(
             procs,
             "ambassador",
             "--listen=127.0.0.1:0",
             f"--upstream={upstream}",
             f"--health-dir={health}",
-            env={"PODPATTERNS_ADMIN": f"127.0.0.1:{port}"},
+            *extra,
+            env=env,
         )
         try:
             p.wait_event("admin_listening")
@@ -402,6 +411,19 @@ def start_on_fixed_admin(procs: list[Proc], upstream: HostPort, health: Path) ->
         except AssertionError:
             p.stop()
     raise AssertionError("no free admin port among 5 candidates")
+
+
+def test_inspect_reads_the_admin_address_from_the_config_file(
+    tmp_path: Path, procs: list[Proc], refusing: HostPort
+) -> None:
+    """A process whose admin address is set in its --config file: inspect reads the file
+    (through /proc/PID/root when it is not here) and asks that admin server."""
+    amb = start_on_fixed_admin(procs, refusing, tmp_path, config=tmp_path / "amb.yaml")
+    report = json.loads(inspect(*pids(amb), "--json").stdout)
+    (proc,) = report["processes"]
+    assert proc["admin"] == f"http://{amb_admin(amb)}", proc
+    (admin,) = report["admins"]
+    assert admin["readyz"] == 200 and admin["status"]["pid"] == amb.p.pid
 
 
 def test_inspect_reports_a_tombstone_a_stale_record_and_an_unreachable_admin(

@@ -163,6 +163,7 @@ class Process:
         command: the subcommand (``ambassador``, ``run``...).
         argv: its command line (secrets in it redacted when shown).
         uid: its real user id, when readable.
+        gid: its real group id, when readable.
         name: its ``--name`` (run, health).
         health_dir: its ``--health-dir`` as the process sees it.
         admin: the admin server's URL, when one could be worked out.
@@ -185,8 +186,8 @@ class Process:
 def _subcommand(argv: Sequence[str], commands: Sequence[str]) -> tuple[str, int] | None:
     """(subcommand, its index) when ``argv`` runs podpatterns, else None."""
     for i, word in enumerate(argv[:-1]):
-        base = os.path.basename(word)
-        if base == "podpatterns" or (word == "podpatterns" and i > 0 and argv[i - 1] == "-m"):
+        # the executable (a console script, the copy-in executable) or ``-m podpatterns``
+        if os.path.basename(word) == "podpatterns":
             sub = argv[i + 1]
             if sub in commands:
                 return sub, i + 1
@@ -254,6 +255,8 @@ def _ids(pid: int) -> tuple[int | None, int | None]:
 def in_target(pid: int, path: str) -> Path:
     """``path`` as process ``pid`` sees it: itself when this container sees the same
     directory (the volume is mounted here too), else through ``/proc/PID/root``."""
+    if not path.startswith("/"):  # relative to the process's working directory
+        return PROC / str(pid) / "cwd" / path
     local = Path(path)
     through = PROC / str(pid) / "root" / path.lstrip("/")
     try:
