@@ -678,9 +678,8 @@ def render(report: dict[str, Any]) -> str:
                 continue
             beat = f"heartbeat {_ago(r['heartbeat_age'])} ago"
             beat += f" (every {r['interval']:g}s)" if r["interval"] else " (no heartbeat promised)"
-            out.append(
-                f"  {name:<16} {r['state']:<10} age {_ago(r['age'])}  {beat}  {r['summary']}"
-            )
+            summary = "" if r["summary"] == r["state"] else f"  {r['summary']}"
+            out.append(f"  {name:<16} {r['state']:<10} age {_ago(r['age'])}  {beat}{summary}")
             for c in r["checks"]:
                 out.append(
                     f"    check {c['name']}: {'ok' if c['ok'] else 'FAILING'} {c['message']}"
