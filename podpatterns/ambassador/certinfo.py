@@ -1,9 +1,10 @@
-"""When the certificates a route is configured with expire, read from their PEM files.
+"""When a route's certificates expire: those of its PEM files, and those its upstreams
+presented (DER).
 
 Only the ``notAfter`` of each certificate is read, with a small DER walk (X.509's
 ``Certificate -> TBSCertificate -> Validity``), so nothing beyond the standard library is
-needed and no private ``ssl`` API is used. What a file holds is never shown: only its
-path, its certificates' subjects are not even parsed.
+needed and no private ``ssl`` API is used. Nothing else of a certificate is read, and a
+file is shown by its path only.
 """
 
 from __future__ import annotations
