@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import select
 import signal
 import socket
 import ssl
+import struct
 import subprocess
 import tempfile
 import threading
@@ -27,6 +29,7 @@ import psycopg_pool
 import pytest
 import trustme
 
+from podpatterns.ambassador.route import MAX_REFUSING
 from tests.ambassador_process import AmbassadorProcess, run_ambassador
 from tests.peers import PG_SERVER_NAME, PostgresServer, need
 from tests.waiting import wait_until
@@ -382,18 +385,21 @@ def test_connection_limit_reject_is_too_many_connections(
         assert sqlstate_of_connect(amb.listen.port, postgres_tls) == "53300"
 
 
-def test_shutdown_answers_admin_shutdown(postgres_tls: PostgresServer, ca_file: Path) -> None:
-    """A connection still in its startup at the drain deadline gets FATAL 57P01's message."""
+@contextlib.contextmanager
+def hung_psql(
+    server: PostgresServer, ca_file: Path, *extra: str
+) -> Iterator[tuple[AmbassadorProcess, subprocess.Popen[str]]]:
+    """An ambassador, and a psql through it held in its startup: the upstream (a listener
+    here) takes the connection and never answers the ambassador's SSLRequest."""
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(1)
     port = listener.getsockname()[1]
-    args = tls_args(ca_file, "--drain-timeout", "100ms")
-    with listener, run_ambassador([f"127.0.0.1:{port}"], *args) as amb:
-        env = postgres_tls.env(amb.listen.port)
+    with listener, run_ambassador([f"127.0.0.1:{port}"], *tls_args(ca_file, *extra)) as amb:
+        env = server.env(amb.listen.port)
         env["PGSSLMODE"] = "disable"
         client = subprocess.Popen(
-            [postgres_tls.tool("psql"), "-X", "-c", "select 1"],
+            [server.tool("psql"), "-X", "-c", "select 1"],
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -404,19 +410,180 @@ def test_shutdown_answers_admin_shutdown(postgres_tls: PostgresServer, ca_file: 
             with hung:
                 hung.settimeout(10)
                 assert hung.recv(8) == b"\x00\x00\x00\x08\x04\xd2\x16\x2f"  # never answered
-                assert amb.terminate() == 0, amb.log_text()
-                _, err = client.communicate(timeout=CLIENT_TIMEOUT)
+                yield amb, client
         finally:
             if client.poll() is None:
                 client.kill()
                 client.wait()
+
+
+ADMIN_SHUTDOWN_TEXT = "terminating connection due to administrator command"
+
+
+def test_drain_tells_a_connection_in_its_startup_admin_shutdown_at_once(
+    postgres_tls: PostgresServer, ca_file: Path
+) -> None:
+    """--pg-drain transaction: a psql still in its startup gets FATAL 57P01 when draining
+    starts, and the drain ends without waiting for the deadline."""
+    with hung_psql(postgres_tls, ca_file, "--drain-timeout", "120s") as (amb, client):
+        assert amb.terminate() == 0, amb.log_text()
+        _, err = client.communicate(timeout=CLIENT_TIMEOUT)
         assert client.returncode == 2
-        assert "FATAL:  podpatterns ambassador: shutting down" in err, err
+        assert f"FATAL:  {ADMIN_SHUTDOWN_TEXT} (podpatterns ambassador" in err, err
+        assert amb.find("drain_finished") >= 0, amb.log_text()
+        assert closed_reasons(amb) == ["drained"]
+
+
+def test_drain_deadline_tells_a_connection_in_its_startup_admin_shutdown(
+    postgres_tls: PostgresServer, ca_file: Path
+) -> None:
+    """--pg-drain off: a psql still in its startup at the drain deadline gets FATAL 57P01."""
+    args = ("--pg-drain", "off", "--drain-timeout", "100ms")
+    with hung_psql(postgres_tls, ca_file, *args) as (amb, client):
+        assert amb.terminate() == 0, amb.log_text()
+        _, err = client.communicate(timeout=CLIENT_TIMEOUT)
+        assert client.returncode == 2
+        assert f"FATAL:  {ADMIN_SHUTDOWN_TEXT} (podpatterns ambassador" in err, err
+        assert amb.wait_event("drain_deadline_cut")["cut"] == 1
+        assert closed_reasons(amb) == ["drain_cut"]
+
+
+def read_error_response(sock: socket.socket) -> dict[str, str]:
+    """The fields of the one ErrorResponse the ambassador sends on ``sock`` before its
+    FIN (a reset raises ConnectionResetError here)."""
+    data = b""
+    while chunk := sock.recv(4096):
+        data += chunk
+    assert data[:1] == b"E", data
+    (length,) = struct.unpack("!i", data[1:5])
+    assert len(data) == 1 + length, data
+    return {f[:1].decode(): f[1:].decode() for f in data[5:-1].split(b"\0") if f}
+
+
+def test_malformed_startup_packet_is_an_error_response(
+    postgres_tls: PostgresServer, ca_file: Path
+) -> None:
+    """A TLS ClientHello where the startup packet belongs gets FATAL 08P01, then a FIN."""
+    with (
+        run_ambassador([upstream(postgres_tls)], *tls_args(ca_file)) as amb,
+        socket.create_connection(("127.0.0.1", amb.listen.port)) as raw,
+    ):
+        raw.settimeout(CLIENT_TIMEOUT)
+        raw.sendall(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")  # a ClientHello's start
+        fields = read_error_response(raw)
+    assert fields["C"] == "08P01", fields
+    assert fields["M"].startswith("podpatterns ambassador: invalid startup packet length")
+
+
+@pytest.mark.parametrize("pg_drain", ["transaction", "off"])
+def test_half_a_startup_packet_gets_admin_shutdown_then_fin(
+    postgres_tls: PostgresServer, ca_file: Path, pg_drain: str
+) -> None:
+    """A client that sent half its StartupMessage gets FATAL 57P01 and a FIN on drain: when
+    draining starts (--pg-drain transaction), at the deadline (off); never a bare reset."""
+    args = tls_args(ca_file, "--pg-drain", pg_drain, "--drain-timeout", "200ms")
+    with (
+        run_ambassador([upstream(postgres_tls)], *args) as amb,
+        socket.create_connection(("127.0.0.1", amb.listen.port)) as raw,
+    ):
+        raw.settimeout(CLIENT_TIMEOUT)
+        raw.sendall(struct.pack("!ii", 40, 3 << 16) + b"user\0")  # 13 of its 40 bytes
+        amb.wait_metric("podpatterns_ambassador_connections_active", lambda n: n == 1, "1")
+        amb.signal(signal.SIGTERM)
+        fields = read_error_response(raw)
+        assert amb.wait() == 0, amb.log_text()
+    assert fields["C"] == "57P01" and fields["S"] == "FATAL", fields
+    assert fields["M"].startswith(ADMIN_SHUTDOWN_TEXT), fields
+    assert closed_reasons(amb) == ["drained" if pg_drain == "transaction" else "drain_cut"]
+
+
+def test_new_connections_while_draining_get_admin_shutdown(
+    postgres_tls: PostgresServer, ca_file: Path
+) -> None:
+    """While the route drains (a transaction still open), a new psql or asyncpg connection
+    gets FATAL 57P01 at once rather than "connection refused"."""
+    args = tls_args(ca_file, "--drain-timeout", "120s")
+    with run_ambassador([upstream(postgres_tls)], *args) as amb:
+        with pg_connect(postgres_tls, amb.listen.port) as held:
+            held.execute("select 1")  # BEGIN: the drain waits for its COMMIT
+            mark = amb.mark()
+            amb.signal(signal.SIGTERM)
+            amb.wait_index("drain_started", after=mark)
+            message = fatal(psql(postgres_tls, amb.listen.port, "select 1"))
+            assert message.startswith(ADMIN_SHUTDOWN_TEXT), message
+            assert sqlstate_of_connect(amb.listen.port, postgres_tls) == "57P01"
+            refused = amb.metric("podpatterns_ambassador_connections_refused_total")
+            assert refused == amb.metric(
+                "podpatterns_ambassador_connections_refused_total", reason="draining"
+            )
+            assert refused == 2
+            held.commit()  # the last session comes to rest: drained, and the drain ends
+            assert amb.wait() == 0, amb.log_text()
+        assert closed_reasons(amb) == ["drained"]
+
+
+# -- refusals outside the connection count ------------------------------------------------
+
+
+def test_refusals_at_the_limit_are_bounded(postgres_tls: PostgresServer, ca_file: Path) -> None:
+    """A flood over --max-connections with --on-limit reject: at most MAX_REFUSING refusals
+    are answered at once, the rest are reset and counted; once they end, 53300 again."""
+    args = tls_args(ca_file, "--max-connections", "1", "--on-limit", "reject")
+    flood = MAX_REFUSING + 8
+    with (
+        run_ambassador([upstream(postgres_tls)], *args) as amb,
+        pg_connect(postgres_tls, amb.listen.port) as held,
+        contextlib.ExitStack() as stack,
+    ):
+        held.execute("select 1")
+        # silent clients: each refusal waits for a startup packet that never comes
+        silent = [
+            stack.enter_context(socket.create_connection(("127.0.0.1", amb.listen.port)))
+            for _ in range(flood)
+        ]
+        refused = "podpatterns_ambassador_connections_refused_total"
+        amb.wait_metric(refused, lambda n: n == flood, str(flood))
+        assert amb.metric("podpatterns_ambassador_refusals_unanswered_total") == 8
+
+        def ended() -> list[socket.socket]:
+            readable, _, _ = select.select(silent, [], [], 0)
+            return readable  # EOF or a reset: the ambassador closed them
+
+        wait_until(lambda: len(ended()) == 8, "8 silent clients to be reset")
+        assert amb.find("refusals_full") >= 0, amb.log_text()
+        done = psql(postgres_tls, amb.listen.port, "select 1")  # no slot: reset as well
+        assert done.returncode == 2 and "FATAL" not in done.stderr, done.stderr
+        for sock in silent:
+            sock.close()  # the refusals in progress see their client leave, and end
+        wait_until(
+            lambda: (
+                "too many connections" in psql(postgres_tls, amb.listen.port, "select 1").stderr
+            ),
+            "a refusal slot to be free again",
+        )
+        held.commit()
+
+
+def test_refusal_of_a_silent_client_ends_at_startup_timeout(
+    postgres_tls: PostgresServer, ca_file: Path
+) -> None:
+    """A client over the cap that never sends its startup is closed at --startup-timeout."""
+    args = tls_args(
+        ca_file, "--max-connections", "1", "--on-limit", "reject", "--startup-timeout", "300ms"
+    )
+    with (
+        run_ambassador([upstream(postgres_tls)], *args) as amb,
+        pg_connect(postgres_tls, amb.listen.port) as held,
+        socket.create_connection(("127.0.0.1", amb.listen.port)) as silent,
+    ):
+        held.execute("select 1")
+        silent.settimeout(CLIENT_TIMEOUT)
+        assert silent.recv(1) == b""  # a FIN, once --startup-timeout has passed
+        assert amb.metric("podpatterns_ambassador_connections_refused_total", reason="limit") == 1
+        held.commit()
 
 
 # -- drain at transaction boundaries (--pg-drain transaction, the default) ----------------
-
-ADMIN_SHUTDOWN_TEXT = "terminating connection due to administrator command"
 
 
 def pg_connect(server: PostgresServer, port: int, host: str = "127.0.0.1") -> psycopg.Connection:

@@ -454,14 +454,18 @@ class PostgresSession:
         """Finish the client's startup if needed, then send a FATAL ErrorResponse."""
         if self.cancel is not None:
             return  # a cancel request gets no answer, ever
-        if self.startup is None:
-            if self._interrupted:
-                return  # cut mid-read: the packet boundary is unknown
+        if self.client.writing:
+            return  # cut while sending the client a message: its stream is broken
+        if self.startup is None and not self._interrupted:
+            # refused before the startup was read: read it, so that an SSLRequest gets
+            # its N first (libpq shows no text of an error answering an SSLRequest)
             try:
                 if not await self._accept() or self.cancel is not None:
                     return
             except (Failure, ConnectionError):
                 return
+        # Cut while reading the startup (a drain, --startup-timeout): the rest of the
+        # client's packet is not waited for; the client reads the error when it reads.
         await self.client.write(error_response(SQLSTATE[failure.kind], failure.message))
 
     def finished(self) -> None:

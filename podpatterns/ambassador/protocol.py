@@ -91,6 +91,9 @@ class SocketStream:
         self._loop = asyncio.get_running_loop()
         self._buf = bytearray()
         self._read_size = read_size
+        #: True while :meth:`write` runs: if it is cut short (cancelled), the peer's
+        #: stream stops inside a message, and nothing more may be sent on it.
+        self.writing = False
 
     async def read(self) -> bytes:
         """Buffered bytes, or what one ``recv`` returns; ``b""`` at EOF."""
@@ -111,7 +114,9 @@ class SocketStream:
 
     async def write(self, data: bytes) -> None:
         """Send all of ``data``."""
+        self.writing = True
         await self._loop.sock_sendall(self.sock, data)
+        self.writing = False
 
     def take_buffered(self) -> bytes:
         """Bytes read ahead and not consumed."""
