@@ -32,6 +32,7 @@ import trustme
 from podpatterns.ambassador.route import MAX_REFUSING
 from tests.ambassador_process import AmbassadorProcess, run_ambassador
 from tests.peers import PG_SERVER_NAME, PostgresServer, need
+from tests.proc import run
 from tests.waiting import wait_until
 
 pytest_plugins = ("tests.peer_fixtures",)
@@ -67,15 +68,18 @@ def tls_args(ca: Path, *extra: str, name: str = PG_SERVER_NAME) -> list[str]:
 def psql(
     server: PostgresServer,
     port: int,
-    sql: str,
+    *sql: str,
     sslmode: str = "disable",
     host: str = "127.0.0.1",
+    **libpq: str,
 ) -> subprocess.CompletedProcess[str]:
-    """psql -c SQL against the ambassador on ``port`` (unaligned, tuples only)."""
+    """psql -c SQL ... against the ambassador on ``port`` (unaligned, tuples only);
+    ``libpq`` adds environment variables (``PGSSLROOTCERT=...``)."""
     env = server.env(port)
-    env.update(PGHOST=host, PGSSLMODE=sslmode)
+    env.update(PGHOST=host, PGSSLMODE=sslmode, **libpq)
+    commands = [arg for command in sql for arg in ("-c", command)]
     return subprocess.run(
-        [server.tool("psql"), "-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-c", sql],
+        [server.tool("psql"), "-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", *commands],
         env=env,
         capture_output=True,
         text=True,
@@ -752,6 +756,143 @@ def test_cancel_reaches_the_server_of_the_session(
                 client.wait()
         assert "canceling statement due to user request" in err, err
         wait_until(lambda: amb.metric("podpatterns_ambassador_connections_active") == 0)
+
+
+# -- the app's TLS terminated on the listener (--listen-tls-cert) --------------------------
+
+
+@pytest.fixture(scope="module")
+def app_tls(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
+    """A CA of the app's own (not the servers'), and the ambassador flags of a listener
+    certificate it issued for 127.0.0.1 and localhost: (CA file, flags)."""
+    tmp = tmp_path_factory.mktemp("app-tls")
+    ca = trustme.CA()
+    leaf = ca.issue_cert("127.0.0.1", "localhost")
+    ca.cert_pem.write_to_path(str(tmp / "app-ca.crt"))
+    leaf.private_key_pem.write_to_path(str(tmp / "listen.key"))
+    with (tmp / "listen.crt").open("wb") as chain:
+        for blob in leaf.cert_chain_pems:
+            chain.write(blob.bytes())
+    flags = [
+        "--listen-tls-cert",
+        str(tmp / "listen.crt"),
+        "--listen-tls-key",
+        str(tmp / "listen.key"),
+    ]
+    return tmp / "app-ca.crt", flags
+
+
+def test_listen_tls_terminates_the_apps_tls(
+    postgres_tls: PostgresServer, ca_file: Path, app_tls: tuple[Path, list[str]]
+) -> None:
+    """--listen-tls-cert: psql with sslmode=verify-full against the app's CA gets a TLS
+    session to the ambassador, and the upstream leg is TLS too (pg_stat_ssl)."""
+    app_ca, flags = app_tls
+    with run_ambassador([upstream(postgres_tls)], *tls_args(ca_file, *flags)) as amb:
+        port, verified = amb.listen.port, {"PGSSLROOTCERT": str(app_ca)}
+        # SCRAM over the app's TLS expects channel binding, which cannot span the two legs
+        done = psql(postgres_tls, port, "select 1", sslmode="verify-full", **verified)
+        assert "connect with channel_binding=disable" in fatal(done), done.stderr
+        verified["PGCHANNELBINDING"] = "disable"
+        done = psql(
+            postgres_tls, port, "\\conninfo", SSL_OF_SESSION, sslmode="verify-full", **verified
+        )
+        assert done.returncode == 0, done.stderr
+        *conninfo, upstream_ssl = done.stdout.strip().splitlines()
+        assert "SSL connection (protocol: TLSv1.3" in "".join(conninfo), conninfo  # app's leg
+        assert upstream_ssl == "t"  # the ambassador's leg, as the server sees it
+        # a client that does not ask for TLS is still served in plaintext
+        done = psql(postgres_tls, amb.listen.port, SSL_OF_SESSION, sslmode="disable")
+        assert done.returncode == 0 and done.stdout.strip() == "t", done.stderr
+        amb.wait_idle()
+        assert amb.terminate() == 0, amb.log_text()
+        assert closed_reasons(amb) == ["upstream_protocol", "eof", "eof"], amb.log_text()
+
+
+def test_listen_tls_refusals_and_drain_speak_tls(
+    postgres_tls: PostgresServer, ca_file: Path, app_tls: tuple[Path, list[str]]
+) -> None:
+    """Over the app's TLS leg, a refusal at the cap is FATAL 53300 and the drain's FATAL
+    57P01 reaches an idle session, as in plaintext."""
+    app_ca, flags = app_tls
+    args = tls_args(ca_file, *flags, "--max-connections", "1", "--on-limit", "reject")
+    with run_ambassador([upstream(postgres_tls)], *args) as amb:
+        with psycopg.connect(
+            host="127.0.0.1",
+            port=amb.listen.port,
+            user=postgres_tls.user,
+            password=postgres_tls.password,
+            dbname="postgres",
+            connect_timeout=10,
+            autocommit=True,
+            sslmode="verify-full",
+            sslrootcert=str(app_ca),
+            channel_binding="disable",
+        ) as conn:
+            assert conn.pgconn.ssl_in_use
+            done = psql(
+                postgres_tls,
+                amb.listen.port,
+                "select 1",
+                sslmode="verify-full",
+                PGSSLROOTCERT=str(app_ca),
+            )
+            assert fatal(done).startswith("podpatterns ambassador: too many connections")
+            assert amb.terminate() == 0, amb.log_text()
+            with pytest.raises(psycopg.OperationalError) as err:
+                conn.execute("select 1")
+        assert ADMIN_SHUTDOWN_TEXT in str(err.value), err.value
+        assert closed_reasons(amb) == ["drained"]
+
+
+def test_listen_tls_refuses_plaintext_after_sslrequest_and_gssenc(
+    postgres_tls: PostgresServer, ca_file: Path, app_tls: tuple[Path, list[str]]
+) -> None:
+    """With --listen-tls-cert a GSSENCRequest still gets N, and bytes sent after the
+    SSLRequest, before its S, are refused (08P01), as PostgreSQL refuses them."""
+    _, flags = app_tls
+    gssenc = struct.pack("!ii", 8, 80877104)
+    with (
+        run_ambassador([upstream(postgres_tls)], *tls_args(ca_file, *flags)) as amb,
+        socket.create_connection(("127.0.0.1", amb.listen.port)) as raw,
+    ):
+        raw.settimeout(CLIENT_TIMEOUT)
+        raw.sendall(gssenc)
+        assert raw.recv(1) == b"N"
+        raw.sendall(b"\x00\x00\x00\x08\x04\xd2\x16\x2f" + b"Q\x00\x00\x00\x05x")
+        fields = read_error_response(raw)
+    assert fields["C"] == "08P01", fields
+    assert fields["M"] == "podpatterns ambassador: received unencrypted data after SSL request"
+
+
+def test_listen_tls_options_are_checked(tmp_path: Path) -> None:
+    """--listen-tls-cert needs its key, a postgres route and a loadable certificate."""
+    base = ("ambassador", "--listen", "127.0.0.1:0", "--upstream", "127.0.0.1:9", "--admin", "off")
+    cases = [
+        (
+            ("--protocol", "postgres", "--listen-tls-cert", "/x.crt"),
+            "--listen-tls-cert and --listen-tls-key: give both",
+        ),
+        (
+            ("--listen-tls-cert", "/x.crt", "--listen-tls-key", "/x.key"),
+            "--listen-tls-cert: only applies with --protocol postgres",
+        ),
+        (
+            (
+                "--protocol",
+                "postgres",
+                "--listen-tls-cert",
+                "/nonexistent/x.crt",
+                "--listen-tls-key",
+                "/x.key",
+            ),
+            "--listen-tls-cert/--listen-tls-key: '/nonexistent/x.crt' / '/x.key': cannot load:",
+        ),
+    ]
+    for args, want in cases:  # as for --tls-ca: exit 2, the file named, no traceback
+        out = run(*base, *args)
+        assert out.returncode == 2, (args, out.stderr)
+        assert want in out.stderr and "Traceback" not in out.stderr, (args, out.stderr)
 
 
 # -- direct TLS (PostgreSQL 17+) ----------------------------------------------------------

@@ -66,6 +66,9 @@ class Failure(Exception):
 class Stream(Protocol):
     """One end of a connection during the startup phase."""
 
+    #: True while a :meth:`write` is under way (a cancelled one leaves a partial message).
+    writing: bool
+
     async def read(self) -> bytes:
         """Some bytes, or ``b""`` at the end of the stream."""
 
@@ -169,8 +172,12 @@ class TLSStream:
     :meth:`hand_over` gives the leg to the relay's protocol afterwards.
     """
 
+    #: Never True: :meth:`write` hands the whole message to the TLS engine at once.
+    writing = False
+
     def __init__(self, transport: TLSTransport) -> None:
         self.transport = transport
+        self.handed_over = False  # True once :meth:`hand_over` gave the leg away
         self._collector = _Collector()
         transport.attach(self._collector)
 
@@ -219,6 +226,7 @@ class TLSStream:
 
     def hand_over(self, protocol: asyncio.Protocol) -> None:
         """Bind the relay's protocol to the leg (after :meth:`take_buffered`)."""
+        self.handed_over = True
         self.transport.attach(protocol)
         self.transport.resume_reading()
 
@@ -254,6 +262,8 @@ class Established:
             before anything the relay reads.
         to_upstream: the same, from the client toward the upstream.
         watch: follows the session to end it at a boundary on shutdown, or None.
+        client: the client's TLS leg, when the listener terminated the app's TLS
+            (``--listen-tls-cert``); None for a plaintext client socket.
     """
 
     upstream: socket.socket
@@ -261,6 +271,7 @@ class Established:
     to_client: bytes = b""
     to_upstream: bytes = b""
     watch: SessionWatch | None = None
+    client: TLSStream | None = None
 
 
 class ProtocolSession(Protocol):

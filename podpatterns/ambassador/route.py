@@ -28,7 +28,7 @@ from podpatterns.ambassador import proxy_protocol, splice, tlsleg
 from podpatterns.ambassador.config import RouteConfig
 from podpatterns.ambassador.connection import Connection, abandon, reset_socket
 from podpatterns.ambassador.dial import Dialer, DialError, DialPolicy, classify, tune
-from podpatterns.ambassador.listener import Listener, bind
+from podpatterns.ambassador.listener import Listener, bind, listener_tls
 from podpatterns.ambassador.pgmetrics import QueryMetrics
 from podpatterns.ambassador.protocol import ProtocolHandler
 from podpatterns.ambassador.relay import ProtocolRelay
@@ -97,11 +97,12 @@ class Route:
             active_checks=bool(cfg.health_check_interval),
         )
         self.tls = route_tls(cfg)
+        self.listen_tls = listener_tls(cfg)  # --listen-tls-cert: the app's TLS ends here
         # None for --protocol tcp: the byte relay starts at accept, with no startup phase.
         # --pg-metrics: the query counts its sessions add into, read at scrape time
         self.queries = QueryMetrics() if cfg.pg_metrics else None
         self.handler: ProtocolHandler | None = handler or make_handler(
-            cfg, self.tls, self._log, self.queries
+            cfg, self.tls, self._log, self.queries, self.listen_tls
         )
         self.use_splice = (
             not cfg.upstream_tls
@@ -172,6 +173,7 @@ class Route:
             upstreams=[str(u) for u in self.cfg.upstream],
             relay="splice" if self.use_splice else "protocol",
             tls=self.cfg.upstream_tls,
+            listen_tls=self.listen_tls is not None,
             protocol=self.cfg.protocol,
         )
         if self.pool.has_names():
@@ -182,6 +184,8 @@ class Route:
             self._spawn(checks, HEALTH_LOOP)
         if self.tls is not None and self.tls.watched_dirs():
             self._spawn(self.tls.watch(), "tls_watch")
+        if self.listen_tls is not None:
+            self._spawn(self.listen_tls.watch(), "listen_tls_watch")
         timeouts = [
             t
             for t in (self.cfg.idle_timeout, self.cfg.half_close_timeout, self.cfg.max_lifetime)

@@ -74,6 +74,7 @@ def make_handler(
     tls: TLSContextProvider | None,
     log: Any,
     queries: QueryMetrics | None = None,
+    listen_tls: TLSContextProvider | None = None,
 ) -> ProtocolHandler | None:
     """The handler ``--protocol`` names; None for ``tcp`` (a byte relay from accept).
 
@@ -82,6 +83,8 @@ def make_handler(
         tls: the route's upstream TLS contexts (:func:`~.tls.route_tls`), or None.
         log: the route's logger.
         queries: with ``--pg-metrics``, the route's query counts, which sessions add into.
+        listen_tls: the listener's TLS server contexts (``--listen-tls-cert``:
+            :func:`~.listener.listener_tls`), or None.
     """
     if cfg.protocol == "tcp":
         return None
@@ -98,6 +101,7 @@ def make_handler(
         handshake_timeout=cfg.connect_timeout,
         route=cfg.name,
         watch=session_watch(cfg.pg_drain == "transaction", queries, cfg.pg_slow_query, log),
+        listen_context=(lambda: listen_tls.context) if listen_tls is not None else None,
     )
 
 
@@ -349,7 +353,8 @@ class Startup:
         """The session exists: give both legs to the relays a tcp route uses.
 
         A session with a watch (:class:`~.protocol.SessionWatch`) takes the Protocol relay
-        with the watch's legs, never splice: the watch must see every byte.
+        with the watch's legs, never splice: the watch must see every byte. So does one
+        whose client leg is TLS (``--listen-tls-cert``).
         """
         loop = asyncio.get_running_loop()
         usock = est.upstream
@@ -364,25 +369,36 @@ class Startup:
             est.tls.hand_over(relay.upstream)
             if to_client:
                 relay.upstream.data_received(to_client)  # held until the client leg exists
-            await loop.connect_accepted_socket(lambda: relay.client, csock)
+            await self._attach_client(relay, csock, est)
             if est.to_upstream:
                 relay.client.data_received(est.to_upstream)
         else:
             # sent before any leg reads, so that the order holds; a watch is shown them
             if est.to_client:
-                await loop.sock_sendall(csock, est.to_client)
+                if est.client is not None:
+                    await est.client.write(est.to_client)
+                else:
+                    await loop.sock_sendall(csock, est.to_client)
                 if watch is not None:
                     watch.passed("upstream", est.to_client)
             if est.to_upstream:
                 await loop.sock_sendall(usock, est.to_upstream)
                 if watch is not None:
                     watch.passed("client", est.to_upstream)
-            if self._pipes is not None and watch is None:
+            if self._pipes is not None and watch is None and est.client is None:
                 splice.SpliceRelay(loop, conn, csock, usock, self._pipes).start()
             else:
                 relay = ProtocolRelay(conn, self.cfg.buffer_size, make_leg)
                 await loop.create_connection(lambda: relay.upstream, sock=usock)
-                await loop.connect_accepted_socket(lambda: relay.client, csock)
+                await self._attach_client(relay, csock, est)
         if watch is not None and self.draining:  # draining started during the startup
             watch.drain()
         self._connect_seconds.observe(time.monotonic() - conn.started)
+
+    @staticmethod
+    async def _attach_client(relay: ProtocolRelay, csock: socket.socket, est: Established) -> None:
+        """The relay's client leg: the app's TLS leg, or the plaintext client socket."""
+        if est.client is not None:
+            est.client.hand_over(relay.client)
+        else:
+            await asyncio.get_running_loop().connect_accepted_socket(lambda: relay.client, csock)
