@@ -761,11 +761,10 @@ def test_cancel_reaches_the_server_of_the_session(
 # -- the app's TLS terminated on the listener (--listen-tls-cert) --------------------------
 
 
-@pytest.fixture(scope="module")
-def app_tls(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
-    """A CA of the app's own (not the servers'), and the ambassador flags of a listener
-    certificate it issued for 127.0.0.1 and localhost: (CA file, flags)."""
-    tmp = tmp_path_factory.mktemp("app-tls")
+def issue_listener_cert(tmp: Path) -> tuple[Path, list[str]]:
+    """A new CA of the app's own (not the servers'), and the ambassador flags of a
+    listener certificate it issued for 127.0.0.1 and localhost, written in ``tmp``:
+    (CA file, flags)."""
     ca = trustme.CA()
     leaf = ca.issue_cert("127.0.0.1", "localhost")
     ca.cert_pem.write_to_path(str(tmp / "app-ca.crt"))
@@ -780,6 +779,12 @@ def app_tls(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
         str(tmp / "listen.key"),
     ]
     return tmp / "app-ca.crt", flags
+
+
+@pytest.fixture(scope="module")
+def app_tls(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
+    """:func:`issue_listener_cert`, once for the module."""
+    return issue_listener_cert(tmp_path_factory.mktemp("app-tls"))
 
 
 def test_listen_tls_terminates_the_apps_tls(
@@ -807,6 +812,31 @@ def test_listen_tls_terminates_the_apps_tls(
         amb.wait_idle()
         assert amb.terminate() == 0, amb.log_text()
         assert closed_reasons(amb) == ["upstream_protocol", "eof", "eof"], amb.log_text()
+
+
+def test_listen_tls_certificate_is_reloaded(
+    postgres_tls: PostgresServer, ca_file: Path, tmp_path: Path
+) -> None:
+    """A listener certificate replaced on disk (a renewal from another CA) is used by the
+    next connection, without a restart."""
+    live, renewed = tmp_path / "live", tmp_path / "renewed"
+    live.mkdir()
+    renewed.mkdir()
+    first_ca, flags = issue_listener_cert(live)
+    verified = {"sslmode": "verify-full", "PGCHANNELBINDING": "disable"}
+    with run_ambassador([upstream(postgres_tls)], *tls_args(ca_file, *flags)) as amb:
+        port = amb.listen.port
+        done = psql(postgres_tls, port, "select 1", PGSSLROOTCERT=str(first_ca), **verified)
+        assert done.returncode == 0, done.stderr
+        mark = amb.mark()
+        new_ca, _ = issue_listener_cert(renewed)
+        for name in ("listen.key", "listen.crt"):  # renamed into place
+            (renewed / name).replace(live / name)
+        amb.wait_index("tls_reloaded", after=mark)
+        done = psql(postgres_tls, port, "select 1", PGSSLROOTCERT=str(new_ca), **verified)
+        assert done.returncode == 0, done.stderr
+        done = psql(postgres_tls, port, "select 1", PGSSLROOTCERT=str(first_ca), **verified)
+        assert done.returncode == 2 and "certificate verify failed" in done.stderr, done.stderr
 
 
 def test_listen_tls_refusals_and_drain_speak_tls(
