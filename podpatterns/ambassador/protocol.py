@@ -315,9 +315,12 @@ class ProtocolSession(Protocol):
     async def refuse(self, failure: Failure) -> None:
         """Tell the client why in the protocol's own terms; the route closes it after.
 
-        Called at most once, for failures before the session exists (also for a
-        connection refused at the cap, or cut while the ambassador shuts down: then
-        :meth:`accept` may not have finished, and ``refuse`` completes it first).
+        Called at most once, for failures before the session exists. Also for a
+        connection refused before :meth:`accept` ran (at the cap with ``on_limit
+        reject``, or new while the route drains): ``refuse`` may then run the client's
+        side of the startup first, within ``startup_timeout``. And for one whose
+        :meth:`accept` was cut short (a drain, the timeout): then it must not wait for
+        the rest of what the client was sending.
         """
 
     def finished(self) -> None:
