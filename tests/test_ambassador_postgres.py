@@ -532,7 +532,10 @@ def test_new_connections_while_draining_get_admin_shutdown(
 def test_refusals_at_the_limit_are_bounded(postgres_tls: PostgresServer, ca_file: Path) -> None:
     """A flood over --max-connections with --on-limit reject: at most MAX_REFUSING refusals
     are answered at once, the rest are reset and counted; once they end, 53300 again."""
-    args = tls_args(ca_file, "--max-connections", "1", "--on-limit", "reject")
+    # refusals of silent clients last --startup-timeout: longer than this test, however slow
+    args = tls_args(
+        ca_file, "--max-connections", "1", "--on-limit", "reject", "--startup-timeout", "10m"
+    )
     flood = MAX_REFUSING + 8
     with (
         run_ambassador([upstream(postgres_tls)], *args) as amb,
