@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import select
 import signal
 import socket
 import ssl
+import struct
 import subprocess
 import tempfile
 import threading
@@ -27,8 +29,10 @@ import psycopg_pool
 import pytest
 import trustme
 
+from podpatterns.ambassador.route import MAX_REFUSING
 from tests.ambassador_process import AmbassadorProcess, run_ambassador
 from tests.peers import PG_SERVER_NAME, PostgresServer, need
+from tests.proc import run
 from tests.waiting import wait_until
 
 pytest_plugins = ("tests.peer_fixtures",)
@@ -64,15 +68,18 @@ def tls_args(ca: Path, *extra: str, name: str = PG_SERVER_NAME) -> list[str]:
 def psql(
     server: PostgresServer,
     port: int,
-    sql: str,
+    *sql: str,
     sslmode: str = "disable",
     host: str = "127.0.0.1",
+    **libpq: str,
 ) -> subprocess.CompletedProcess[str]:
-    """psql -c SQL against the ambassador on ``port`` (unaligned, tuples only)."""
+    """psql -c SQL ... against the ambassador on ``port`` (unaligned, tuples only);
+    ``libpq`` adds environment variables (``PGSSLROOTCERT=...``)."""
     env = server.env(port)
-    env.update(PGHOST=host, PGSSLMODE=sslmode)
+    env.update(PGHOST=host, PGSSLMODE=sslmode, **libpq)
+    commands = [arg for command in sql for arg in ("-c", command)]
     return subprocess.run(
-        [server.tool("psql"), "-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-c", sql],
+        [server.tool("psql"), "-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", *commands],
         env=env,
         capture_output=True,
         text=True,
@@ -382,18 +389,21 @@ def test_connection_limit_reject_is_too_many_connections(
         assert sqlstate_of_connect(amb.listen.port, postgres_tls) == "53300"
 
 
-def test_shutdown_answers_admin_shutdown(postgres_tls: PostgresServer, ca_file: Path) -> None:
-    """A connection still in its startup at the drain deadline gets FATAL 57P01's message."""
+@contextlib.contextmanager
+def hung_psql(
+    server: PostgresServer, ca_file: Path, *extra: str
+) -> Iterator[tuple[AmbassadorProcess, subprocess.Popen[str]]]:
+    """An ambassador, and a psql through it held in its startup: the upstream (a listener
+    here) takes the connection and never answers the ambassador's SSLRequest."""
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(1)
     port = listener.getsockname()[1]
-    args = tls_args(ca_file, "--drain-timeout", "100ms")
-    with listener, run_ambassador([f"127.0.0.1:{port}"], *args) as amb:
-        env = postgres_tls.env(amb.listen.port)
+    with listener, run_ambassador([f"127.0.0.1:{port}"], *tls_args(ca_file, *extra)) as amb:
+        env = server.env(amb.listen.port)
         env["PGSSLMODE"] = "disable"
         client = subprocess.Popen(
-            [postgres_tls.tool("psql"), "-X", "-c", "select 1"],
+            [server.tool("psql"), "-X", "-c", "select 1"],
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -404,19 +414,183 @@ def test_shutdown_answers_admin_shutdown(postgres_tls: PostgresServer, ca_file: 
             with hung:
                 hung.settimeout(10)
                 assert hung.recv(8) == b"\x00\x00\x00\x08\x04\xd2\x16\x2f"  # never answered
-                assert amb.terminate() == 0, amb.log_text()
-                _, err = client.communicate(timeout=CLIENT_TIMEOUT)
+                yield amb, client
         finally:
             if client.poll() is None:
                 client.kill()
                 client.wait()
+
+
+ADMIN_SHUTDOWN_TEXT = "terminating connection due to administrator command"
+
+
+def test_drain_tells_a_connection_in_its_startup_admin_shutdown_at_once(
+    postgres_tls: PostgresServer, ca_file: Path
+) -> None:
+    """--pg-drain transaction: a psql still in its startup gets FATAL 57P01 when draining
+    starts, and the drain ends without waiting for the deadline."""
+    with hung_psql(postgres_tls, ca_file, "--drain-timeout", "120s") as (amb, client):
+        assert amb.terminate() == 0, amb.log_text()
+        _, err = client.communicate(timeout=CLIENT_TIMEOUT)
         assert client.returncode == 2
-        assert "FATAL:  podpatterns ambassador: shutting down" in err, err
+        assert f"FATAL:  {ADMIN_SHUTDOWN_TEXT} (podpatterns ambassador" in err, err
+        assert amb.find("drain_finished") >= 0, amb.log_text()
+        assert closed_reasons(amb) == ["drained"]
+
+
+def test_drain_deadline_tells_a_connection_in_its_startup_admin_shutdown(
+    postgres_tls: PostgresServer, ca_file: Path
+) -> None:
+    """--pg-drain off: a psql still in its startup at the drain deadline gets FATAL 57P01."""
+    args = ("--pg-drain", "off", "--drain-timeout", "100ms")
+    with hung_psql(postgres_tls, ca_file, *args) as (amb, client):
+        assert amb.terminate() == 0, amb.log_text()
+        _, err = client.communicate(timeout=CLIENT_TIMEOUT)
+        assert client.returncode == 2
+        assert f"FATAL:  {ADMIN_SHUTDOWN_TEXT} (podpatterns ambassador" in err, err
+        assert amb.wait_event("drain_deadline_cut")["cut"] == 1
+        assert closed_reasons(amb) == ["drain_cut"]
+
+
+def read_error_response(sock: socket.socket) -> dict[str, str]:
+    """The fields of the one ErrorResponse the ambassador sends on ``sock`` before its
+    FIN (a reset raises ConnectionResetError here)."""
+    data = b""
+    while chunk := sock.recv(4096):
+        data += chunk
+    assert data[:1] == b"E", data
+    (length,) = struct.unpack("!i", data[1:5])
+    assert len(data) == 1 + length, data
+    return {f[:1].decode(): f[1:].decode() for f in data[5:-1].split(b"\0") if f}
+
+
+def test_malformed_startup_packet_is_an_error_response(
+    postgres_tls: PostgresServer, ca_file: Path
+) -> None:
+    """A TLS ClientHello where the startup packet belongs gets FATAL 08P01, then a FIN."""
+    with (
+        run_ambassador([upstream(postgres_tls)], *tls_args(ca_file)) as amb,
+        socket.create_connection(("127.0.0.1", amb.listen.port)) as raw,
+    ):
+        raw.settimeout(CLIENT_TIMEOUT)
+        raw.sendall(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")  # a ClientHello's start
+        fields = read_error_response(raw)
+    assert fields["C"] == "08P01", fields
+    assert fields["M"].startswith("podpatterns ambassador: invalid startup packet length")
+
+
+@pytest.mark.parametrize("pg_drain", ["transaction", "off"])
+def test_half_a_startup_packet_gets_admin_shutdown_then_fin(
+    postgres_tls: PostgresServer, ca_file: Path, pg_drain: str
+) -> None:
+    """A client that sent half its StartupMessage gets FATAL 57P01 and a FIN on drain: when
+    draining starts (--pg-drain transaction), at the deadline (off); never a bare reset."""
+    args = tls_args(ca_file, "--pg-drain", pg_drain, "--drain-timeout", "200ms")
+    with (
+        run_ambassador([upstream(postgres_tls)], *args) as amb,
+        socket.create_connection(("127.0.0.1", amb.listen.port)) as raw,
+    ):
+        raw.settimeout(CLIENT_TIMEOUT)
+        raw.sendall(struct.pack("!ii", 40, 3 << 16) + b"user\0")  # 13 of its 40 bytes
+        amb.wait_metric("podpatterns_ambassador_connections_active", lambda n: n == 1, "1")
+        amb.signal(signal.SIGTERM)
+        fields = read_error_response(raw)
+        assert amb.wait() == 0, amb.log_text()
+    assert fields["C"] == "57P01" and fields["S"] == "FATAL", fields
+    assert fields["M"].startswith(ADMIN_SHUTDOWN_TEXT), fields
+    assert closed_reasons(amb) == ["drained" if pg_drain == "transaction" else "drain_cut"]
+
+
+def test_new_connections_while_draining_get_admin_shutdown(
+    postgres_tls: PostgresServer, ca_file: Path
+) -> None:
+    """While the route drains (a transaction still open), a new psql or asyncpg connection
+    gets FATAL 57P01 at once rather than "connection refused"."""
+    args = tls_args(ca_file, "--drain-timeout", "120s")
+    with run_ambassador([upstream(postgres_tls)], *args) as amb:
+        with pg_connect(postgres_tls, amb.listen.port) as held:
+            held.execute("select 1")  # BEGIN: the drain waits for its COMMIT
+            mark = amb.mark()
+            amb.signal(signal.SIGTERM)
+            amb.wait_index("drain_started", after=mark)
+            message = fatal(psql(postgres_tls, amb.listen.port, "select 1"))
+            assert message.startswith(ADMIN_SHUTDOWN_TEXT), message
+            assert sqlstate_of_connect(amb.listen.port, postgres_tls) == "57P01"
+            refused = amb.metric("podpatterns_ambassador_connections_refused_total")
+            assert refused == amb.metric(
+                "podpatterns_ambassador_connections_refused_total", reason="draining"
+            )
+            assert refused == 2
+            held.commit()  # the last session comes to rest: drained, and the drain ends
+            assert amb.wait() == 0, amb.log_text()
+        assert closed_reasons(amb) == ["drained"]
+
+
+# -- refusals outside the connection count ------------------------------------------------
+
+
+def test_refusals_at_the_limit_are_bounded(postgres_tls: PostgresServer, ca_file: Path) -> None:
+    """A flood over --max-connections with --on-limit reject: at most MAX_REFUSING refusals
+    are answered at once, the rest are reset and counted; once they end, 53300 again."""
+    # refusals of silent clients last --startup-timeout: longer than this test, however slow
+    args = tls_args(
+        ca_file, "--max-connections", "1", "--on-limit", "reject", "--startup-timeout", "10m"
+    )
+    flood = MAX_REFUSING + 8
+    with (
+        run_ambassador([upstream(postgres_tls)], *args) as amb,
+        pg_connect(postgres_tls, amb.listen.port) as held,
+        contextlib.ExitStack() as stack,
+    ):
+        held.execute("select 1")
+        # silent clients: each refusal waits for a startup packet that never comes
+        silent = [
+            stack.enter_context(socket.create_connection(("127.0.0.1", amb.listen.port)))
+            for _ in range(flood)
+        ]
+        refused = "podpatterns_ambassador_connections_refused_total"
+        amb.wait_metric(refused, lambda n: n == flood, str(flood))
+        assert amb.metric("podpatterns_ambassador_refusals_unanswered_total") == 8
+
+        def ended() -> list[socket.socket]:
+            readable, _, _ = select.select(silent, [], [], 0)
+            return readable  # EOF or a reset: the ambassador closed them
+
+        wait_until(lambda: len(ended()) == 8, "8 silent clients to be reset")
+        assert amb.find("refusals_full") >= 0, amb.log_text()
+        done = psql(postgres_tls, amb.listen.port, "select 1")  # no slot: reset as well
+        assert done.returncode == 2 and "FATAL" not in done.stderr, done.stderr
+        for sock in silent:
+            sock.close()  # the refusals in progress see their client leave, and end
+        wait_until(
+            lambda: (
+                "too many connections" in psql(postgres_tls, amb.listen.port, "select 1").stderr
+            ),
+            "a refusal slot to be free again",
+        )
+        held.commit()
+
+
+def test_refusal_of_a_silent_client_ends_at_startup_timeout(
+    postgres_tls: PostgresServer, ca_file: Path
+) -> None:
+    """A client over the cap that never sends its startup is closed at --startup-timeout."""
+    args = tls_args(
+        ca_file, "--max-connections", "1", "--on-limit", "reject", "--startup-timeout", "300ms"
+    )
+    with (
+        run_ambassador([upstream(postgres_tls)], *args) as amb,
+        pg_connect(postgres_tls, amb.listen.port) as held,
+        socket.create_connection(("127.0.0.1", amb.listen.port)) as silent,
+    ):
+        held.execute("select 1")
+        silent.settimeout(CLIENT_TIMEOUT)
+        assert silent.recv(1) == b""  # a FIN, once --startup-timeout has passed
+        assert amb.metric("podpatterns_ambassador_connections_refused_total", reason="limit") == 1
+        held.commit()
 
 
 # -- drain at transaction boundaries (--pg-drain transaction, the default) ----------------
-
-ADMIN_SHUTDOWN_TEXT = "terminating connection due to administrator command"
 
 
 def pg_connect(server: PostgresServer, port: int, host: str = "127.0.0.1") -> psycopg.Connection:
@@ -585,6 +759,173 @@ def test_cancel_reaches_the_server_of_the_session(
                 client.wait()
         assert "canceling statement due to user request" in err, err
         wait_until(lambda: amb.metric("podpatterns_ambassador_connections_active") == 0)
+
+
+# -- the app's TLS terminated on the listener (--listen-tls-cert) --------------------------
+
+
+def issue_listener_cert(tmp: Path) -> tuple[Path, list[str]]:
+    """A new CA of the app's own (not the servers'), and the ambassador flags of a
+    listener certificate it issued for 127.0.0.1 and localhost, written in ``tmp``:
+    (CA file, flags)."""
+    ca = trustme.CA()
+    leaf = ca.issue_cert("127.0.0.1", "localhost")
+    ca.cert_pem.write_to_path(str(tmp / "app-ca.crt"))
+    leaf.private_key_pem.write_to_path(str(tmp / "listen.key"))
+    with (tmp / "listen.crt").open("wb") as chain:
+        for blob in leaf.cert_chain_pems:
+            chain.write(blob.bytes())
+    flags = [
+        "--listen-tls-cert",
+        str(tmp / "listen.crt"),
+        "--listen-tls-key",
+        str(tmp / "listen.key"),
+    ]
+    return tmp / "app-ca.crt", flags
+
+
+@pytest.fixture(scope="module")
+def app_tls(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
+    """:func:`issue_listener_cert`, once for the module."""
+    return issue_listener_cert(tmp_path_factory.mktemp("app-tls"))
+
+
+def test_listen_tls_terminates_the_apps_tls(
+    postgres_tls: PostgresServer, ca_file: Path, app_tls: tuple[Path, list[str]]
+) -> None:
+    """--listen-tls-cert: psql with sslmode=verify-full against the app's CA gets a TLS
+    session to the ambassador, and the upstream leg is TLS too (pg_stat_ssl)."""
+    app_ca, flags = app_tls
+    with run_ambassador([upstream(postgres_tls)], *tls_args(ca_file, *flags)) as amb:
+        port, verified = amb.listen.port, {"PGSSLROOTCERT": str(app_ca)}
+        # SCRAM over the app's TLS expects channel binding, which cannot span the two legs
+        done = psql(postgres_tls, port, "select 1", sslmode="verify-full", **verified)
+        assert "connect with channel_binding=disable" in fatal(done), done.stderr
+        verified["PGCHANNELBINDING"] = "disable"
+        done = psql(
+            postgres_tls, port, "\\conninfo", SSL_OF_SESSION, sslmode="verify-full", **verified
+        )
+        assert done.returncode == 0, done.stderr
+        *conninfo, upstream_ssl = done.stdout.strip().splitlines()
+        assert "SSL connection (protocol: TLSv1.3" in "".join(conninfo), conninfo  # app's leg
+        assert upstream_ssl == "t"  # the ambassador's leg, as the server sees it
+        # a client that does not ask for TLS is still served in plaintext
+        done = psql(postgres_tls, amb.listen.port, SSL_OF_SESSION, sslmode="disable")
+        assert done.returncode == 0 and done.stdout.strip() == "t", done.stderr
+        amb.wait_idle()
+        assert amb.terminate() == 0, amb.log_text()
+        assert closed_reasons(amb) == ["upstream_protocol", "eof", "eof"], amb.log_text()
+
+
+def test_listen_tls_certificate_is_reloaded(
+    postgres_tls: PostgresServer, ca_file: Path, tmp_path: Path
+) -> None:
+    """A listener certificate replaced on disk (a renewal from another CA) is used by the
+    next connection, without a restart."""
+    live, renewed = tmp_path / "live", tmp_path / "renewed"
+    live.mkdir()
+    renewed.mkdir()
+    first_ca, flags = issue_listener_cert(live)
+    verified = {"sslmode": "verify-full", "PGCHANNELBINDING": "disable"}
+    with run_ambassador([upstream(postgres_tls)], *tls_args(ca_file, *flags)) as amb:
+        port = amb.listen.port
+        done = psql(postgres_tls, port, "select 1", PGSSLROOTCERT=str(first_ca), **verified)
+        assert done.returncode == 0, done.stderr
+        mark = amb.mark()
+        new_ca, _ = issue_listener_cert(renewed)
+        for name in ("listen.key", "listen.crt"):  # renamed into place
+            (renewed / name).replace(live / name)
+        amb.wait_index("tls_reloaded", after=mark)
+        done = psql(postgres_tls, port, "select 1", PGSSLROOTCERT=str(new_ca), **verified)
+        assert done.returncode == 0, done.stderr
+        done = psql(postgres_tls, port, "select 1", PGSSLROOTCERT=str(first_ca), **verified)
+        assert done.returncode == 2 and "certificate verify failed" in done.stderr, done.stderr
+
+
+def test_listen_tls_refusals_and_drain_speak_tls(
+    postgres_tls: PostgresServer, ca_file: Path, app_tls: tuple[Path, list[str]]
+) -> None:
+    """Over the app's TLS leg, a refusal at the cap is FATAL 53300 and the drain's FATAL
+    57P01 reaches an idle session, as in plaintext."""
+    app_ca, flags = app_tls
+    args = tls_args(ca_file, *flags, "--max-connections", "1", "--on-limit", "reject")
+    with run_ambassador([upstream(postgres_tls)], *args) as amb:
+        with psycopg.connect(
+            host="127.0.0.1",
+            port=amb.listen.port,
+            user=postgres_tls.user,
+            password=postgres_tls.password,
+            dbname="postgres",
+            connect_timeout=10,
+            autocommit=True,
+            sslmode="verify-full",
+            sslrootcert=str(app_ca),
+            channel_binding="disable",
+        ) as conn:
+            assert conn.pgconn.ssl_in_use
+            done = psql(
+                postgres_tls,
+                amb.listen.port,
+                "select 1",
+                sslmode="verify-full",
+                PGSSLROOTCERT=str(app_ca),
+            )
+            assert fatal(done).startswith("podpatterns ambassador: too many connections")
+            assert amb.terminate() == 0, amb.log_text()
+            with pytest.raises(psycopg.OperationalError) as err:
+                conn.execute("select 1")
+        assert ADMIN_SHUTDOWN_TEXT in str(err.value), err.value
+        assert closed_reasons(amb) == ["drained"]
+
+
+def test_listen_tls_refuses_plaintext_after_sslrequest_and_gssenc(
+    postgres_tls: PostgresServer, ca_file: Path, app_tls: tuple[Path, list[str]]
+) -> None:
+    """With --listen-tls-cert a GSSENCRequest still gets N, and bytes sent after the
+    SSLRequest, before its S, are refused (08P01), as PostgreSQL refuses them."""
+    _, flags = app_tls
+    gssenc = struct.pack("!ii", 8, 80877104)
+    with (
+        run_ambassador([upstream(postgres_tls)], *tls_args(ca_file, *flags)) as amb,
+        socket.create_connection(("127.0.0.1", amb.listen.port)) as raw,
+    ):
+        raw.settimeout(CLIENT_TIMEOUT)
+        raw.sendall(gssenc)
+        assert raw.recv(1) == b"N"
+        raw.sendall(b"\x00\x00\x00\x08\x04\xd2\x16\x2f" + b"Q\x00\x00\x00\x05x")
+        fields = read_error_response(raw)
+    assert fields["C"] == "08P01", fields
+    assert fields["M"] == "podpatterns ambassador: received unencrypted data after SSL request"
+
+
+def test_listen_tls_options_are_checked(tmp_path: Path) -> None:
+    """--listen-tls-cert needs its key, a postgres route and a loadable certificate."""
+    base = ("ambassador", "--listen", "127.0.0.1:0", "--upstream", "127.0.0.1:9", "--admin", "off")
+    cases = [
+        (
+            ("--protocol", "postgres", "--listen-tls-cert", "/x.crt"),
+            "--listen-tls-cert and --listen-tls-key: give both",
+        ),
+        (
+            ("--listen-tls-cert", "/x.crt", "--listen-tls-key", "/x.key"),
+            "--listen-tls-cert: only applies with --protocol postgres",
+        ),
+        (
+            (
+                "--protocol",
+                "postgres",
+                "--listen-tls-cert",
+                "/nonexistent/x.crt",
+                "--listen-tls-key",
+                "/x.key",
+            ),
+            "--listen-tls-cert/--listen-tls-key: '/nonexistent/x.crt' / '/x.key': cannot load:",
+        ),
+    ]
+    for args, want in cases:  # as for --tls-ca: exit 2, the file named, no traceback
+        out = run(*base, *args)
+        assert out.returncode == 2, (args, out.stderr)
+        assert want in out.stderr and "Traceback" not in out.stderr, (args, out.stderr)
 
 
 # -- direct TLS (PostgreSQL 17+) ----------------------------------------------------------

@@ -7,6 +7,8 @@ a socket pair, through the same session code the route runs.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import socket
 import struct
 
@@ -20,9 +22,10 @@ from podpatterns.ambassador.postgres import (
     PostgresHandler,
     error_response,
 )
-from podpatterns.ambassador.protocol import SocketStream
+from podpatterns.ambassador.protocol import Failure, SocketStream
 from podpatterns.ambassador.upstreams import Endpoint
 from podpatterns.options import HostPort
+from tests.waiting import eventually
 
 
 def cancel_request(key: bytes) -> bytes:
@@ -124,3 +127,64 @@ def test_a_pipeline_without_its_sync_is_not_at_rest() -> None:
     watch.passed("client", _msg(b"Q", b"begin\0"))
     watch.passed("upstream", _msg(b"C", b"BEGIN\0") + _msg(b"Z", b"T"))
     assert not watch.at_rest()  # inside a transaction block
+
+
+class _Holding:
+    """A session whose startup waits for the client, and whose refusal is a bug."""
+
+    pinned = None
+
+    def __init__(self, client: SocketStream) -> None:
+        self.client = client
+
+    async def accept(self) -> bool:
+        await self.client.read_exactly(1)
+        return False
+
+    async def connect(self, upstream: socket.socket, endpoint: Endpoint) -> None:
+        raise AssertionError("never dialed")
+
+    async def refuse(self, failure: Failure) -> None:
+        raise RuntimeError(f"refusal bug ({failure.kind})")
+
+    def finished(self) -> None:
+        pass
+
+
+class _HoldingHandler:
+    name = "holding"
+
+    def open(self, client: SocketStream, label: str) -> _Holding:
+        return _Holding(client)
+
+
+async def test_a_refusal_that_crashes_is_logged_and_its_socket_closed() -> None:
+    """A bug in a refusal (--on-limit reject) is logged with its traceback, the refused
+    socket is closed, and the route stays live: the refusal task has an owner."""
+    cfg = RouteConfig(
+        listen=HostPort("127.0.0.1", 0),
+        upstream=(HostPort("127.0.0.1", 9),),
+        max_connections=1,
+        on_limit="reject",
+    )
+    with structlog.testing.capture_logs() as events:
+        amb = Ambassador([cfg], handlers={"default": _HoldingHandler()})
+        await amb.start()
+        try:
+            address = amb.tcp_address()
+            _, holder = await asyncio.open_connection(address.host, address.port)
+            route = amb.routes[0]
+            await eventually(lambda: route.in_flight() == 1)
+            reader, refused = await asyncio.open_connection(address.host, address.port)
+            with contextlib.suppress(ConnectionResetError):
+                assert await reader.read() == b""  # closed, by the refusal's owner
+            await eventually(lambda: "connection_setup_bug" in [e["event"] for e in events])
+            assert amb.is_live()
+            for writer in (holder, refused):
+                writer.close()
+        finally:
+            await amb.close()
+    # the first; closing the route refuses the holder too ("shutdown"), with the same bug
+    bug = next(e for e in events if e["event"] == "connection_setup_bug")
+    assert bug["log_level"] == "error" and bug["error"] == "refusal bug (limit)"
+    assert isinstance(bug["exc_info"], RuntimeError)

@@ -67,6 +67,8 @@ SAMPLES: dict[str, str] = {
     "startup_timeout": "20s",
     "pg_sslmode": "require",  # the one mode --tls-insecure-skip-verify agrees with
     "pg_tls_negotiation": "direct",
+    "listen_tls_cert": "/etc/server.pem",
+    "listen_tls_key": "/etc/server.key",
     "pg_drain": "off",
     "pg_metrics": "true",
     "pg_slow_query": "250ms",

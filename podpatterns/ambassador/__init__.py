@@ -240,6 +240,14 @@ class Ambassador:
             ),
             Family(
                 "counter",
+                a + "refusals_unanswered_total",
+                "refused connections reset without an answer in the protocol's terms, "
+                "because as many refusals as allowed were being answered",
+                ("route",),
+                per_route(lambda r: r.stats.unanswered),
+            ),
+            Family(
+                "counter",
                 a + "connections_failed_total",
                 "connections closed because no upstream could be reached",
                 ("route", "reason"),

@@ -273,6 +273,21 @@ PROTOCOL_OPTIONS: tuple[Option[Any], ...] = (
         metavar="MODE",
     ),
     _r(
+        "listen_tls_cert",
+        parse_path,
+        None,
+        "server certificate (PEM, chain included) to terminate the app's TLS on the "
+        "listener: a postgres route answers the app's SSLRequest S (off by default: N)",
+        metavar="FILE",
+    ),
+    _r(
+        "listen_tls_key",
+        parse_path,
+        None,
+        "private key (PEM) of --listen-tls-cert",
+        metavar="FILE",
+    ),
+    _r(
         "pg_drain",
         parse_choice("transaction", "off"),
         "transaction",
@@ -348,6 +363,8 @@ class RouteConfig:
     startup_timeout: float = 30.0
     pg_sslmode: str | None = None
     pg_tls_negotiation: str = "postgres"
+    listen_tls_cert: Path | None = None
+    listen_tls_key: Path | None = None
     pg_drain: str = "transaction"
     pg_metrics: bool = False
     pg_slow_query: float | None = None
@@ -388,6 +405,16 @@ class RouteConfig:
         self._check_postgres(where)
 
     def _check_postgres(self, where: str) -> None:
+        if (self.listen_tls_cert is None) != (self.listen_tls_key is None):
+            raise ConfigError(
+                f"{where}--listen-tls-cert and --listen-tls-key: give both to terminate "
+                "the app's TLS on the listener, or neither"
+            )
+        if self.listen_tls_cert is not None and self.protocol != "postgres":
+            raise ConfigError(
+                f"{where}--listen-tls-cert: only applies with --protocol postgres (a tcp "
+                "route relays the app's bytes, TLS included, as they come)"
+            )
         if self.protocol != "postgres":
             for name, default in (
                 ("pg_sslmode", None),

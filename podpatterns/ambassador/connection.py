@@ -97,6 +97,18 @@ class Connection:
             callback(self)
 
 
+def discard_input(sock: socket.socket, limit: int = 65536) -> None:
+    """Read and drop what the peer sent and nobody read (up to ``limit`` bytes), without
+    waiting, so that the close that follows sends a FIN: closing a socket with unread
+    input sends a reset, and the peer may lose the last words written before it."""
+    with contextlib.suppress(OSError):
+        while limit > 0:
+            data = sock.recv(min(limit, 16384), socket.MSG_DONTWAIT)
+            if not data:
+                return
+            limit -= len(data)
+
+
 def abandon(
     conn: Connection,
     csock: socket.socket,
@@ -113,6 +125,8 @@ def abandon(
     if reset:
         reset_socket(csock)
     if csock.fileno() >= 0:  # still ours: no transport took it
+        if not reset:
+            discard_input(csock)
         csock.close()
     if conn.relay is None and usock is not None and usock.fileno() >= 0:
         usock.close()

@@ -3,6 +3,9 @@
 Accepting is a reader callback on the listening socket that takes up to a batch of
 connections per wake-up. Pausing removes the callback, so excess connections wait in the
 kernel backlog (the default behaviour at the connection cap) rather than being refused.
+
+With ``--listen-tls-cert``, :class:`ListenerTLS` holds the server context with which a
+protocol route terminates the app's TLS (PostgreSQL: after its SSLRequest).
 """
 
 from __future__ import annotations
@@ -12,13 +15,15 @@ import contextlib
 import errno
 import os
 import socket
+import ssl
 import stat
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from podpatterns.ambassador.config import ListenAddress, UnixAddress
-from podpatterns.errors import BindError
+from podpatterns.ambassador.config import ListenAddress, RouteConfig, UnixAddress
+from podpatterns.ambassador.tls import TLSContextProvider, _why
+from podpatterns.errors import BindError, ConfigError
 from podpatterns.options import HostPort
 
 BACKLOG = 4096
@@ -143,3 +148,47 @@ class Listener:
                 return
             conn.setblocking(False)
             self._on_accept(conn, peer)
+
+
+class ListenerTLS(TLSContextProvider):
+    """The listener's TLS server context (``--listen-tls-cert``/``--listen-tls-key``),
+    rebuilt when the files change on disk as the upstream's context is (a Secret
+    volume's ``..data`` swap included); live connections keep theirs.
+
+    Args:
+        cert: the server certificate, with its chain (PEM).
+        key: its private key (PEM).
+        alpn: the ALPN protocols the server selects from (PostgreSQL: ``postgresql``).
+        route: the route's name, for logs.
+    """
+
+    def __init__(
+        self, cert: Path, key: Path, *, alpn: tuple[str, ...] = (), route: str = "default"
+    ) -> None:
+        super().__init__(ca=None, cert=cert, key=key, verify=False, alpn=alpn, route=route)
+
+    def _build(self, initial: bool = False) -> ssl.SSLContext:
+        assert self.cert is not None and self.key is not None
+        try:
+            ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            ctx.load_cert_chain(str(self.cert), str(self.key))
+        except (OSError, ssl.SSLError) as exc:
+            if initial:
+                raise ConfigError(
+                    f"--listen-tls-cert/--listen-tls-key: {str(self.cert)!r} / "
+                    f"{str(self.key)!r}: cannot load: {_why(exc)}"
+                ) from None
+            raise
+        # the TLS leg does not hold writes across a TLS 1.2 renegotiation (tlsleg.py)
+        ctx.options |= ssl.OP_NO_RENEGOTIATION
+        if self.alpn:
+            ctx.set_alpn_protocols(list(self.alpn))
+        return ctx
+
+
+def listener_tls(cfg: RouteConfig) -> ListenerTLS | None:
+    """The route's listener TLS, or None without ``--listen-tls-cert``."""
+    if cfg.listen_tls_cert is None or cfg.listen_tls_key is None:
+        return None
+    alpn = ("postgresql",) if cfg.protocol == "postgres" else ()
+    return ListenerTLS(cfg.listen_tls_cert, cfg.listen_tls_key, alpn=alpn, route=cfg.name)

@@ -104,6 +104,25 @@ def _without_channel_binding(message: bytes, endpoint: Endpoint) -> bytes:
     return b"R" + struct.pack("!i", len(body) + 4) + body
 
 
+def _check_gs2_header(body: bytes) -> None:
+    """Refuse, naming the fix, a SASLInitialResponse whose GS2 header is ``y``.
+
+    ``y`` says "I can bind to the channel but the server did not offer it": a client
+    that speaks TLS to the ambassador (``--listen-tls-cert``) says so when the offer
+    comes without ``-PLUS``, and a server that offered ``-PLUS`` rightly takes it for a
+    downgrade attack (RFC 5802 section 6), with a message that does not help the app.
+    The app's TLS ends at the ambassador, so its channel cannot be bound to the server's.
+    """
+    _, _, rest = body.partition(b"\0")
+    if rest[4:5] == b"y":
+        raise Failure(
+            "protocol",
+            "podpatterns ambassador: the app's TLS ends at the ambassador, so SCRAM "
+            "channel binding to the server is impossible; connect with "
+            "channel_binding=disable",
+        )
+
+
 def _has_message(buf: bytes) -> bool:
     """True when ``buf`` starts with a whole message, or with a header no message has."""
     if len(buf) < 5:
@@ -151,6 +170,9 @@ class PostgresHandler:
         watch: makes each established session's watch from the endpoint it reached
             (``--pg-drain transaction`` or ``--pg-metrics``:
             :class:`~.pgdrain.TransactionWatch`), or None to relay sessions as bytes.
+        listen_context: the listener's TLS server context (``--listen-tls-cert``), a
+            callable for reloads; with it the app's SSLRequest is answered ``S`` and its
+            TLS terminated here. None answers ``N``.
     """
 
     name = "postgres"
@@ -165,6 +187,7 @@ class PostgresHandler:
         handshake_timeout: float = 5.0,
         route: str = "default",
         watch: Callable[[Endpoint], SessionWatch] | None = None,
+        listen_context: Callable[[], ssl.SSLContext] | None = None,
     ) -> None:
         if sslmode not in SSLMODES:
             raise ValueError(f"sslmode {sslmode!r}: not one of {SSLMODES}")
@@ -176,6 +199,7 @@ class PostgresHandler:
         self.server_name = server_name
         self.handshake_timeout = handshake_timeout
         self.watch = watch
+        self.listen_context = listen_context
         self.keys = CancelKeys()
         self.cancels = 0  # cancel requests forwarded
         self.cancels_unknown = 0  # cancel requests for a key no session holds
@@ -191,12 +215,16 @@ class PostgresSession:
 
     def __init__(self, handler: PostgresHandler, client: SocketStream, label: str) -> None:
         self.handler = handler
-        self.client = client
+        self._plain = client
+        self.client: Stream = client  # the TLS leg instead, once the app's TLS is on
+        self._client_tls: TLSStream | None = None
         self.label = label
         self.startup: bytes | None = None  # the StartupMessage, to send upstream
         self.cancel: bytes | None = None  # a CancelRequest's key, when that is what came
         self._pinned: Endpoint | None = None
         self.key: bytes | None = None  # BackendKeyData of this session, once seen
+        self._bindable = False  # the server offered SCRAM channel binding (-PLUS)
+        self._handshaking = False  # the TLS handshake with the app is under way
         self._interrupted = False
 
     @property
@@ -234,8 +262,17 @@ class PostgresSession:
             body = await client.read_exactly(length - 4)
             (code,) = struct.unpack("!i", body[:4])
             if code in (SSL_REQUEST, GSSENC_REQUEST) and length == 8:
-                # The client leg stays plaintext (loopback or unix socket inside the Pod);
-                # TLS is the upstream leg's business.
+                if self._client_tls is not None:
+                    raise Failure(
+                        "protocol",
+                        "podpatterns ambassador: encryption requested again inside TLS",
+                    )
+                if code == SSL_REQUEST and self.handler.listen_context is not None:
+                    client = await self._start_client_tls()
+                    continue
+                # Without --listen-tls-cert the client leg stays plaintext (loopback or a
+                # unix socket inside the Pod); TLS is the upstream leg's business. GSSAPI
+                # encryption is never offered.
                 await client.write(b"N")
                 continue
             if code == CANCEL_REQUEST:
@@ -257,6 +294,32 @@ class PostgresSession:
             self.startup = head + body
             return True
         raise Failure("protocol", "podpatterns ambassador: too many negotiation requests")
+
+    async def _start_client_tls(self) -> Stream:
+        """Answer the app's SSLRequest ``S`` and run the TLS server handshake."""
+        handler = self.handler
+        assert handler.listen_context is not None
+        sock = self._plain.sock
+        # What PostgreSQL checks too (CVE-2021-23222, the server's side): plaintext the
+        # app sent after its SSLRequest, before our S, is not read as part of the session.
+        try:
+            waiting = sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            waiting = b""
+        if waiting:
+            raise Failure(
+                "protocol",
+                "podpatterns ambassador: received unencrypted data after SSL request",
+            )
+        await self._plain.write(b"S")
+        self._handshaking = True  # cut short, the client's stream is neither plain nor TLS
+        leg = await tlsleg.accept(
+            sock, handler.listen_context(), handshake_timeout=handler.handshake_timeout
+        )
+        self._handshaking = False
+        self._client_tls = TLSStream(leg)
+        self.client = self._client_tls
+        return self.client
 
     # -- upstream side -------------------------------------------------------------------
 
@@ -287,6 +350,7 @@ class PostgresSession:
             to_upstream=self.client.take_buffered(),
             # at ReadyForQuery both streams stand at a message boundary: a watch starts here
             watch=self.handler.watch(endpoint) if self.handler.watch is not None else None,
+            client=self._client_tls,
         )
 
     async def _negotiate_tls(
@@ -418,6 +482,7 @@ class PostgresSession:
                     reply = code in _AUTH_NEEDS_REPLY
                     if code == 10:
                         message = _without_channel_binding(message, endpoint)
+                        self._bindable = len(message) != 1 + length
                 elif kind == b"K":
                     key = buf[pos + 5 : end]
                     if KEY_MIN <= len(key) - 4 <= KEY_MAX:
@@ -446,7 +511,10 @@ class PostgresSession:
                         f"podpatterns ambassador: invalid client message during "
                         f"authentication (type {head[:1]!r}, length {length})",
                     )
-                await upstream.write(head + await self.client.read_exactly(length - 4))
+                body = await self.client.read_exactly(length - 4)
+                if head[:1] == b"p" and self._bindable:
+                    _check_gs2_header(body)
+                await upstream.write(head + body)
 
     # -- failures ------------------------------------------------------------------------
 
@@ -454,18 +522,27 @@ class PostgresSession:
         """Finish the client's startup if needed, then send a FATAL ErrorResponse."""
         if self.cancel is not None:
             return  # a cancel request gets no answer, ever
-        if self.startup is None:
-            if self._interrupted:
-                return  # cut mid-read: the packet boundary is unknown
+        if self.client.writing or self._handshaking:
+            return  # cut while sending the client a message: its stream is broken
+        if self.startup is None and not self._interrupted:
+            # refused before the startup was read: read it, so that an SSLRequest gets
+            # its N first (libpq shows no text of an error answering an SSLRequest)
             try:
                 if not await self._accept() or self.cancel is not None:
                     return
             except (Failure, ConnectionError):
                 return
+        # Cut while reading the startup (a drain, --startup-timeout): the rest of the
+        # client's packet is not waited for; the client reads the error when it reads.
         await self.client.write(error_response(SQLSTATE[failure.kind], failure.message))
+        if self._client_tls is not None:
+            self._client_tls.transport.close()  # close_notify after the error, then FIN
 
     def finished(self) -> None:
-        """Forget this session's cancel key."""
+        """Forget this session's cancel key; close the app's TLS leg if no relay took it."""
         if self.key is not None:
             self.handler.keys.remove(self.key)
             self.key = None
+        tls, self._client_tls = self._client_tls, None
+        if tls is not None and not tls.handed_over and not tls.transport.is_closing():
+            tls.transport.abort()  # a relay never took it (refuse() closed it otherwise)

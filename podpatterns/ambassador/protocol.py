@@ -66,6 +66,9 @@ class Failure(Exception):
 class Stream(Protocol):
     """One end of a connection during the startup phase."""
 
+    #: True while a :meth:`write` is under way (a cancelled one leaves a partial message).
+    writing: bool
+
     async def read(self) -> bytes:
         """Some bytes, or ``b""`` at the end of the stream."""
 
@@ -91,6 +94,9 @@ class SocketStream:
         self._loop = asyncio.get_running_loop()
         self._buf = bytearray()
         self._read_size = read_size
+        #: True while :meth:`write` runs: if it is cut short (cancelled), the peer's
+        #: stream stops inside a message, and nothing more may be sent on it.
+        self.writing = False
 
     async def read(self) -> bytes:
         """Buffered bytes, or what one ``recv`` returns; ``b""`` at EOF."""
@@ -111,7 +117,9 @@ class SocketStream:
 
     async def write(self, data: bytes) -> None:
         """Send all of ``data``."""
+        self.writing = True
         await self._loop.sock_sendall(self.sock, data)
+        self.writing = False
 
     def take_buffered(self) -> bytes:
         """Bytes read ahead and not consumed."""
@@ -164,8 +172,12 @@ class TLSStream:
     :meth:`hand_over` gives the leg to the relay's protocol afterwards.
     """
 
+    #: Never True: :meth:`write` hands the whole message to the TLS engine at once.
+    writing = False
+
     def __init__(self, transport: TLSTransport) -> None:
         self.transport = transport
+        self.handed_over = False  # True once :meth:`hand_over` gave the leg away
         self._collector = _Collector()
         transport.attach(self._collector)
 
@@ -214,6 +226,7 @@ class TLSStream:
 
     def hand_over(self, protocol: asyncio.Protocol) -> None:
         """Bind the relay's protocol to the leg (after :meth:`take_buffered`)."""
+        self.handed_over = True
         self.transport.attach(protocol)
         self.transport.resume_reading()
 
@@ -249,6 +262,8 @@ class Established:
             before anything the relay reads.
         to_upstream: the same, from the client toward the upstream.
         watch: follows the session to end it at a boundary on shutdown, or None.
+        client: the client's TLS leg, when the listener terminated the app's TLS
+            (``--listen-tls-cert``); None for a plaintext client socket.
     """
 
     upstream: socket.socket
@@ -256,6 +271,7 @@ class Established:
     to_client: bytes = b""
     to_upstream: bytes = b""
     watch: SessionWatch | None = None
+    client: TLSStream | None = None
 
 
 class ProtocolSession(Protocol):
@@ -299,9 +315,12 @@ class ProtocolSession(Protocol):
     async def refuse(self, failure: Failure) -> None:
         """Tell the client why in the protocol's own terms; the route closes it after.
 
-        Called at most once, for failures before the session exists (also for a
-        connection refused at the cap, or cut while the ambassador shuts down: then
-        :meth:`accept` may not have finished, and ``refuse`` completes it first).
+        Called at most once, for failures before the session exists. Also for a
+        connection refused before :meth:`accept` ran (at the cap with ``on_limit
+        reject``, or new while the route drains): ``refuse`` may then run the client's
+        side of the startup first, within ``startup_timeout``. And for one whose
+        :meth:`accept` was cut short (a drain, the timeout): then it must not wait for
+        the rest of what the client was sending.
         """
 
     def finished(self) -> None:

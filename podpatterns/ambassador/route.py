@@ -28,7 +28,7 @@ from podpatterns.ambassador import proxy_protocol, splice, tlsleg
 from podpatterns.ambassador.config import RouteConfig
 from podpatterns.ambassador.connection import Connection, abandon, reset_socket
 from podpatterns.ambassador.dial import Dialer, DialError, DialPolicy, classify, tune
-from podpatterns.ambassador.listener import Listener, bind
+from podpatterns.ambassador.listener import Listener, bind, listener_tls
 from podpatterns.ambassador.pgmetrics import QueryMetrics
 from podpatterns.ambassador.protocol import ProtocolHandler
 from podpatterns.ambassador.relay import ProtocolRelay
@@ -42,6 +42,14 @@ from podpatterns.tasks import TaskSet
 SPLICE_BY_DEFAULT = True
 
 HEALTH_LOOP = "health"  # the name of the active health checks' task, after the route's
+
+#: Refused connections a protocol route answers at once (``--on-limit reject`` at the
+#: cap, new connections while it drains): each answer holds a socket for at most
+#: ``--startup-timeout``. Past this many, a refused connection is reset without an
+#: answer and counted, so that a flood cannot pile up tasks and file descriptors.
+MAX_REFUSING = 64
+#: Seconds :meth:`Route.close` lets refusals in progress finish before cancelling them.
+REFUSAL_GRACE = 1.0
 
 
 def peer_label(peer: Any) -> str:
@@ -63,6 +71,7 @@ class RouteStats:
         self.bytes_up = 0  # closed connections; live ones are added at scrape time
         self.bytes_down = 0
         self.cut = 0
+        self.unanswered = 0  # refused without an answer: MAX_REFUSING were in progress
 
 
 class Route:
@@ -88,11 +97,12 @@ class Route:
             active_checks=bool(cfg.health_check_interval),
         )
         self.tls = route_tls(cfg)
+        self.listen_tls = listener_tls(cfg)  # --listen-tls-cert: the app's TLS ends here
         # None for --protocol tcp: the byte relay starts at accept, with no startup phase.
         # --pg-metrics: the query counts its sessions add into, read at scrape time
         self.queries = QueryMetrics() if cfg.pg_metrics else None
         self.handler: ProtocolHandler | None = handler or make_handler(
-            cfg, self.tls, self._log, self.queries
+            cfg, self.tls, self._log, self.queries, self.listen_tls
         )
         self.use_splice = (
             not cfg.upstream_tls
@@ -115,6 +125,9 @@ class Route:
         self.connections: dict[Connection, None] = {}  # insertion-ordered set
         self._dialing: dict[Connection, tuple[Dialer, socket.socket]] = {}  # conn: dialer, csock
         self._connecting: set[asyncio.Task[None]] = set()  # protocol relays being attached
+        # refusals in the protocol's terms, outside the connection count (MAX_REFUSING)
+        self._refusing: set[asyncio.Task[None]] = set()
+        self._refusals_full = False
         self._tasks = TaskSet("ambassador", on_death=self._loop_died)
         self._drained = asyncio.Event()
         self._drained.set()
@@ -160,6 +173,7 @@ class Route:
             upstreams=[str(u) for u in self.cfg.upstream],
             relay="splice" if self.use_splice else "protocol",
             tls=self.cfg.upstream_tls,
+            listen_tls=self.listen_tls is not None,
             protocol=self.cfg.protocol,
         )
         if self.pool.has_names():
@@ -170,6 +184,8 @@ class Route:
             self._spawn(checks, HEALTH_LOOP)
         if self.tls is not None and self.tls.watched_dirs():
             self._spawn(self.tls.watch(), "tls_watch")
+        if self.listen_tls is not None:
+            self._spawn(self.listen_tls.watch(), "listen_tls_watch")
         timeouts = [
             t
             for t in (self.cfg.idle_timeout, self.cfg.half_close_timeout, self.cfg.max_lifetime)
@@ -194,12 +210,22 @@ class Route:
             self.pool.forget_health()
 
     def stop_accepting(self) -> None:
-        """Close the listener; open connections go on."""
+        """Stop taking new connections; open connections go on.
+
+        A tcp route closes its listener. A protocol route keeps listening until
+        :meth:`close`, to answer each new connection in the protocol's terms (PostgreSQL:
+        FATAL 57P01) rather than leave the app a bare "connection refused"; its sessions
+        end at their next boundary, and connections still in their startup at once
+        (``--pg-drain transaction``).
+        """
         self._stopping = True
-        if self.listener is not None:
+        if self.listener is None:
+            return
+        if self._startup is None:
             self.listener.close()
-        if self._startup is not None:
-            self._startup.drain()  # sessions with a watch end at their next boundary
+        else:
+            self.listener.resume()  # paused at the cap, perhaps: the backlog is refused too
+            self._startup.drain()
 
     def in_flight(self) -> int:
         return len(self.connections)
@@ -236,15 +262,24 @@ class Route:
     async def close(self) -> None:
         """Stop everything this route started."""
         self.stop_accepting()
+        if self.listener is not None:
+            self.listener.close()
         self._abort_all("closed")  # cancels the connection setups too
         await self._tasks.aclose()
-        if self._connecting:
-            await asyncio.wait(list(self._connecting))
+        if self._refusing:  # a moment to finish answering, then cancelled
+            await asyncio.wait(list(self._refusing), timeout=REFUSAL_GRACE)
+            for task in self._refusing:
+                task.cancel()
+        pending = [*self._connecting, *self._refusing]
+        if pending:
+            await asyncio.wait(pending)
         if self._pipes is not None:
             self._pipes.close()
 
     def _can_accept(self) -> bool:
-        return not self._stopping and not self.saturated()
+        if self._stopping:  # a protocol route refuses in its terms until close()
+            return self._startup is not None and self.listener is not None
+        return not self.saturated()
 
     def saturated(self) -> bool:
         cap = self.cfg.max_connections
@@ -266,14 +301,14 @@ class Route:
 
     def _on_accept(self, csock: socket.socket, peer: Any) -> None:
         cfg = self.cfg
+        if self._stopping:  # a protocol route draining (a tcp route closed its listener)
+            self.stats.refused["draining"] += 1
+            self._refuse(csock, peer, "shutdown")
+            return
         if cfg.max_connections and len(self.connections) >= cfg.max_connections:
             if cfg.on_limit == "reject":
                 self.stats.refused["limit"] += 1
-                if self._startup is not None:
-                    self._start_task(self._startup.refuse_at_limit(csock, peer_label(peer)), None)
-                    return
-                reset_socket(csock)
-                csock.close()
+                self._refuse(csock, peer, "limit")
                 return
             assert self.listener is not None
             self.listener.pause()  # the rest wait in the kernel backlog
@@ -335,9 +370,7 @@ class Route:
         conn.upstream = str(ep)
         ep.active += 1
         if not self.use_splice:
-            task = self._loop.create_task(self._attach(conn, csock, usock, ep, peer))
-            self._connecting.add(task)
-            task.add_done_callback(functools.partial(self._attached, conn))
+            self._start_task(self._attach(conn, csock, usock, ep, peer), conn)
             return
         # No task: the splice relay starts here, inside the dialer's writability callback,
         # so its reader on usock reuses the dialer's poll handle (see Dialer).
@@ -432,15 +465,37 @@ class Route:
     def _start_task(self, coro: Coroutine[Any, Any, None], conn: Connection | None) -> None:
         task = self._loop.create_task(coro)
         self._connecting.add(task)
-        task.add_done_callback(functools.partial(self._attached, conn))
+        task.add_done_callback(functools.partial(self._attached, self._connecting, conn))
 
-    def _attached(self, conn: Connection | None, task: asyncio.Task[None]) -> None:
-        """An :meth:`_attach` task ended: a bug it re-raised is logged, never dropped.
+    def _refuse(self, csock: socket.socket, peer: Any, kind: str) -> None:
+        """Refuse a connection outside the connection count: a protocol route answers in
+        its terms (an owned task, bounded in number by :data:`MAX_REFUSING` and in time
+        by ``--startup-timeout``); a tcp route, or one with too many answers in
+        progress, resets it."""
+        if self._startup is not None and len(self._refusing) < MAX_REFUSING:
+            self._refusals_full = False
+            task = self._loop.create_task(self._startup.refuse(csock, peer_label(peer), kind))
+            self._refusing.add(task)
+            task.add_done_callback(functools.partial(self._attached, self._refusing, None))
+            return
+        if self._startup is not None:
+            self.stats.unanswered += 1
+            if not self._refusals_full:  # a state change, logged once, not per connection
+                self._refusals_full = True
+                self._log.warning("refusals_full", refusing=len(self._refusing), reason=kind)
+        reset_socket(csock)
+        csock.close()
+
+    def _attached(
+        self, tasks: set[asyncio.Task[None]], conn: Connection | None, task: asyncio.Task[None]
+    ) -> None:
+        """A connection's setup (:meth:`_attach`, a startup) or a refusal ended: a bug
+        it re-raised is logged, never dropped.
 
         The connection was already ended and counted by :meth:`_setup_failed`; only the
         exception is left, and nobody awaits these tasks.
         """
-        self._connecting.discard(task)
+        tasks.discard(task)
         if task.cancelled():
             return
         exc = task.exception()

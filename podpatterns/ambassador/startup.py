@@ -25,9 +25,9 @@ from prometheus_client import Histogram
 
 from podpatterns.ambassador import splice
 from podpatterns.ambassador.config import RouteConfig
-from podpatterns.ambassador.connection import Connection, abandon
+from podpatterns.ambassador.connection import Connection, abandon, discard_input
 from podpatterns.ambassador.dial import Dialer, DialError, DialPolicy
-from podpatterns.ambassador.pgdrain import TransactionWatch
+from podpatterns.ambassador.pgdrain import DRAIN_MESSAGE, TransactionWatch
 from podpatterns.ambassador.pgmetrics import QueryMetrics, SlowQueries
 from podpatterns.ambassador.postgres import PostgresHandler
 from podpatterns.ambassador.protocol import (
@@ -50,6 +50,19 @@ _DIAL_WORDS = {
 }
 
 
+def refusal(kind: str, cfg: RouteConfig) -> Failure:
+    """Why a connection is refused before its startup: ``limit`` (``--max-connections``
+    reached with ``--on-limit reject``) or ``shutdown`` (the route drains)."""
+    if kind == "limit":
+        return Failure(
+            "limit",
+            f"podpatterns ambassador: too many connections (--max-connections "
+            f"{cfg.max_connections} reached on route {cfg.name!r})",
+        )
+    # what the server itself says on a fast shutdown; pools know it: discard, reconnect
+    return Failure("shutdown", DRAIN_MESSAGE)
+
+
 def unreachable_message(exc: DialError, cfg: RouteConfig) -> str:
     """The message a protocol client gets when no endpoint could be connected."""
     where = exc.endpoint or ", ".join(str(u) for u in cfg.upstream)
@@ -61,6 +74,7 @@ def make_handler(
     tls: TLSContextProvider | None,
     log: Any,
     queries: QueryMetrics | None = None,
+    listen_tls: TLSContextProvider | None = None,
 ) -> ProtocolHandler | None:
     """The handler ``--protocol`` names; None for ``tcp`` (a byte relay from accept).
 
@@ -69,6 +83,8 @@ def make_handler(
         tls: the route's upstream TLS contexts (:func:`~.tls.route_tls`), or None.
         log: the route's logger.
         queries: with ``--pg-metrics``, the route's query counts, which sessions add into.
+        listen_tls: the listener's TLS server contexts (``--listen-tls-cert``:
+            :func:`~.listener.listener_tls`), or None.
     """
     if cfg.protocol == "tcp":
         return None
@@ -85,6 +101,7 @@ def make_handler(
         handshake_timeout=cfg.connect_timeout,
         route=cfg.name,
         watch=session_watch(cfg.pg_drain == "transaction", queries, cfg.pg_slow_query, log),
+        listen_context=(lambda: listen_tls.context) if listen_tls is not None else None,
     )
 
 
@@ -148,6 +165,8 @@ class Startup:
         self.sessions: dict[Connection, ProtocolSession] = {}
         self.watches: dict[Connection, SessionWatch] = {}
         self.draining = False
+        # connections in their startup phase (before the hand-off), with the task running it
+        self._starting: dict[Connection, asyncio.Task[Any]] = {}
         self._failed = failed
         self._connect_failed = connect_failed
         self._dial_failed = dial_failed
@@ -164,10 +183,23 @@ class Startup:
         self.watches.pop(conn, None)
 
     def drain(self) -> None:
-        """Draining starts: each watched session ends at its next boundary."""
+        """Draining starts: each watched session ends at its next boundary.
+
+        With ``--pg-drain transaction`` a connection still in its startup is at a
+        boundary too (it has no session, so no transaction to lose): its startup is
+        cancelled and the client told why (PostgreSQL: FATAL 57P01), as the server's own
+        fast shutdown ends a backend still authenticating. With ``--pg-drain off`` it
+        goes on, and is told at the drain deadline if it is still starting then.
+        """
+        if self.draining:
+            return
         self.draining = True
         for watch in list(self.watches.values()):
             watch.drain()
+        if self.cfg.pg_drain == "transaction":
+            for conn, task in list(self._starting.items()):
+                conn.end_by_proxy("drained")
+                task.cancel()
 
     async def _dial(self, only: Endpoint | None) -> tuple[socket.socket, Endpoint]:
         """Dial as :meth:`_on_accept` does for tcp routes, awaitable. Raises DialError."""
@@ -200,7 +232,12 @@ class Startup:
         self.sessions[conn] = session
         usock: socket.socket | None = None
         upstream_phase = False
+        task = asyncio.current_task()
+        assert task is not None
+        self._starting[conn] = task
         try:
+            if self.draining and self.cfg.pg_drain == "transaction":
+                raise refusal("shutdown", self.cfg)  # accepted just before draining began
             try:
                 async with asyncio.timeout(self.cfg.startup_timeout):
                     if not await session.accept():
@@ -218,6 +255,8 @@ class Startup:
                     ep.active += 1
                     self._send_proxy_header(csock, usock, peer)
                     established = await session.connect(usock, ep)
+                    # no await from here to the relays: a drain no longer cancels this
+                    del self._starting[conn]
             except TimeoutError:
                 raise Failure(
                     "timeout",
@@ -232,14 +271,11 @@ class Startup:
         except Failure as failure:
             await self._refuse(conn, session, failure, csock, usock, upstream_phase)
         except asyncio.CancelledError:
-            # cut() or close(): the ambassador is shutting down. Tell the client, briefly.
-            task = asyncio.current_task()
-            if task is not None:
-                task.uncancel()
+            # drain(), cut() or close(): the ambassador is shutting down. Tell the client,
+            # briefly.
+            task.uncancel()
             if conn.relay is None:
-                shutdown = Failure(
-                    "shutdown", "podpatterns ambassador: shutting down, connection not relayed"
-                )
+                shutdown = refusal("shutdown", self.cfg)
                 await self._refuse(conn, session, shutdown, csock, usock, False, budget=1.0)
             else:
                 abandon(conn, csock, usock)
@@ -249,6 +285,8 @@ class Startup:
                 "startup_failed", conn=conn.id, client=conn.client, error=str(exc) or repr(exc)
             )
             abandon(conn, csock, usock)
+        finally:
+            self._starting.pop(conn, None)
 
     async def _refuse(
         self,
@@ -265,7 +303,7 @@ class Startup:
             usock.close()  # before answering: the upstream must not wait on us
             usock = None
         if failure.kind == "shutdown":
-            conn.note_end("proxy", "cancelled")
+            conn.note_end("proxy", "drained")  # or drain_cut, closed: noted already
         elif upstream_phase:
             reason = {"upstream_closed": "closed"}.get(failure.kind, failure.kind)
             if failure.kind != "unreachable":  # counted by _dial_failed
@@ -293,16 +331,14 @@ class Startup:
                 await session.refuse(failure)
         except (OSError, TimeoutError):
             pass  # the client is gone or does not read: closing is all there is
-        abandon(conn, csock, None, reset=False)
+        finally:  # also when cancelled again (close() after a drain): finished once
+            abandon(conn, csock, None, reset=False)
 
-    async def refuse_at_limit(self, csock: socket.socket, client: str) -> None:
-        """--on-limit reject on a protocol route: the refusal in the protocol's terms."""
+    async def refuse(self, csock: socket.socket, client: str, kind: str) -> None:
+        """A connection refused before its startup (see :func:`refusal`), in the
+        protocol's terms, within ``--startup-timeout``; ``csock`` is closed after."""
         session = self.handler.open(SocketStream(csock), client)
-        failure = Failure(
-            "limit",
-            f"podpatterns ambassador: too many connections (--max-connections "
-            f"{self.cfg.max_connections} reached on route {self.cfg.name!r})",
-        )
+        failure = refusal(kind, self.cfg)
         try:
             async with asyncio.timeout(self.cfg.startup_timeout):
                 await session.refuse(failure)
@@ -310,13 +346,15 @@ class Startup:
             pass
         finally:
             session.finished()
+            discard_input(csock)
             csock.close()
 
     async def _hand_off(self, conn: Connection, csock: socket.socket, est: Established) -> None:
         """The session exists: give both legs to the relays a tcp route uses.
 
         A session with a watch (:class:`~.protocol.SessionWatch`) takes the Protocol relay
-        with the watch's legs, never splice: the watch must see every byte.
+        with the watch's legs, never splice: the watch must see every byte. So does one
+        whose client leg is TLS (``--listen-tls-cert``).
         """
         loop = asyncio.get_running_loop()
         usock = est.upstream
@@ -331,25 +369,36 @@ class Startup:
             est.tls.hand_over(relay.upstream)
             if to_client:
                 relay.upstream.data_received(to_client)  # held until the client leg exists
-            await loop.connect_accepted_socket(lambda: relay.client, csock)
+            await self._attach_client(relay, csock, est)
             if est.to_upstream:
                 relay.client.data_received(est.to_upstream)
         else:
             # sent before any leg reads, so that the order holds; a watch is shown them
             if est.to_client:
-                await loop.sock_sendall(csock, est.to_client)
+                if est.client is not None:
+                    await est.client.write(est.to_client)
+                else:
+                    await loop.sock_sendall(csock, est.to_client)
                 if watch is not None:
                     watch.passed("upstream", est.to_client)
             if est.to_upstream:
                 await loop.sock_sendall(usock, est.to_upstream)
                 if watch is not None:
                     watch.passed("client", est.to_upstream)
-            if self._pipes is not None and watch is None:
+            if self._pipes is not None and watch is None and est.client is None:
                 splice.SpliceRelay(loop, conn, csock, usock, self._pipes).start()
             else:
                 relay = ProtocolRelay(conn, self.cfg.buffer_size, make_leg)
                 await loop.create_connection(lambda: relay.upstream, sock=usock)
-                await loop.connect_accepted_socket(lambda: relay.client, csock)
+                await self._attach_client(relay, csock, est)
         if watch is not None and self.draining:  # draining started during the startup
             watch.drain()
         self._connect_seconds.observe(time.monotonic() - conn.started)
+
+    @staticmethod
+    async def _attach_client(relay: ProtocolRelay, csock: socket.socket, est: Established) -> None:
+        """The relay's client leg: the app's TLS leg, or the plaintext client socket."""
+        if est.client is not None:
+            est.client.hand_over(relay.client)
+        else:
+            await asyncio.get_running_loop().connect_accepted_socket(lambda: relay.client, csock)

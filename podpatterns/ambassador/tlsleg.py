@@ -38,13 +38,18 @@ class TLSTransport(asyncio.Transport):
     ``pause_writing``/``resume_writing`` and ``connection_lost`` once.
     """
 
-    def __init__(self, context: ssl.SSLContext, server_hostname: str | None) -> None:
+    def __init__(
+        self, context: ssl.SSLContext, server_hostname: str | None, server_side: bool = False
+    ) -> None:
         super().__init__()
         self._context = context
         self._incoming = ssl.MemoryBIO()
         self._outgoing = ssl.MemoryBIO()
         self._sslobj = context.wrap_bio(
-            self._incoming, self._outgoing, server_side=False, server_hostname=server_hostname
+            self._incoming,
+            self._outgoing,
+            server_side=server_side,
+            server_hostname=None if server_side else server_hostname,
         )
         self._raw: asyncio.Transport | None = None
         self._protocol: asyncio.Protocol | None = None
@@ -448,8 +453,24 @@ async def connect(
     loop = asyncio.get_running_loop()
     tls = TLSTransport(context, server_hostname)
     await loop.create_connection(lambda: _Wire(tls), sock=sock)
+    return await _handshake(tls, handshake_timeout)
+
+
+async def accept(
+    sock: socket.socket, context: ssl.SSLContext, *, handshake_timeout: float
+) -> TLSTransport:
+    """Run the TLS server handshake on an accepted socket (a listener that terminates
+    the app's TLS: ``--listen-tls-cert``). Arguments, result and errors as :func:`connect`,
+    ``context`` being a server context."""
+    loop = asyncio.get_running_loop()
+    tls = TLSTransport(context, None, server_side=True)
+    await loop.connect_accepted_socket(lambda: _Wire(tls), sock=sock)
+    return await _handshake(tls, handshake_timeout)
+
+
+async def _handshake(tls: TLSTransport, seconds: float) -> TLSTransport:
     try:
-        async with asyncio.timeout(handshake_timeout):
+        async with asyncio.timeout(seconds):
             await tls._handshake()
     except BaseException as exc:
         tls._handshake_failed(exc)
