@@ -294,13 +294,17 @@ class TLSTransport(asyncio.Transport):
         """Hand decrypted bytes to the protocol until paused, drained or at EOF."""
         protocol = self._protocol
         assert protocol is not None
+        sslobj, incoming = self._sslobj, self._incoming
         while not self._reading_paused and not self._closing and not self._eof_in:
-            chunks, self._backlog = self._backlog, []
-            size = sum(len(c) for c in chunks)
+            if self._backlog:  # rare: taken out of the way of our close_notify
+                chunks, self._backlog = self._backlog, []
+                size = sum(len(c) for c in chunks)
+            else:
+                chunks, size = [], 0
             end: ssl.SSLError | None = None
             while size < READ_BATCH:
                 try:
-                    data = self._sslobj.read(READ_BATCH - size)
+                    data = sslobj.read(READ_BATCH - size)
                 except ssl.SSLError as exc:
                     end = exc
                     break
@@ -309,7 +313,7 @@ class TLSTransport(asyncio.Transport):
                     break
                 chunks.append(data)
                 size += len(data)
-                if not self._incoming.pending and not self._sslobj.pending():
+                if not incoming.pending and not sslobj.pending():
                     # Every byte of ciphertext consumed and no plaintext left: one more
                     # read could only raise SSLWantReadError, which costs more than
                     # decrypting a small record (issue 11's benchmark).
