@@ -111,6 +111,12 @@ def _ambassador(*extra: str) -> Callable[[int, int, Path], list[str]]:
     return argv
 
 
+def ca_path(tmp: Path) -> Path:
+    """The CA file, alone in its directory as in a mounted Secret: the ambassador watches
+    that directory, and the proxies' logs in ``tmp`` must not wake it."""
+    return tmp / "tls" / "ca.pem"
+
+
 def _ambassador_tls(*extra: str) -> Callable[[int, int, Path], list[str]]:
     def argv(listen: int, upstream: int, tmp: Path) -> list[str]:
         return _ambassador(
@@ -118,7 +124,7 @@ def _ambassador_tls(*extra: str) -> Callable[[int, int, Path], list[str]]:
             "postgres",
             "--upstream-tls",
             "--tls-ca",
-            str(tmp / "ca.pem"),
+            str(ca_path(tmp)),
             "--tls-server-name",
             PG_SERVER_NAME,
             *extra,
@@ -274,7 +280,8 @@ class Endpoint:
 def run(cfg: Settings, tmp: Path) -> tuple[dict[str, dict[str, list[dict[str, Any]]]], float]:
     """Every repetition of every test through every contender; the raw results."""
     ca = trustme.CA()
-    ca.cert_pem.write_to_path(str(tmp / "ca.pem"))
+    ca_path(tmp).parent.mkdir()
+    ca.cert_pem.write_to_path(str(ca_path(tmp)))
     procs = Procs(tmp)
     ports = Ports()
     foreign = Foreign(FOREIGN_MAX_SHARE)
@@ -289,7 +296,7 @@ def run(cfg: Settings, tmp: Path) -> tuple[dict[str, dict[str, list[dict[str, An
             for c in CONTENDERS:
                 server = servers[c.server]
                 if c.argv is None:
-                    env = pgbench_env(server, server.port, c.server == "tls", tmp / "ca.pem")
+                    env = pgbench_env(server, server.port, c.server == "tls", ca_path(tmp))
                     eps[c.key] = Endpoint(server.port, None, env)
                     continue
                 listen = ports.take()
