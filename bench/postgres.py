@@ -608,7 +608,7 @@ def plot(raw: Raw, path: Path) -> None:
         ys = [v for v in vals if v is not None]
         bars = ax.bar(xs, ys, color=[colors[keys[i]] for i in xs])
         ax.bar_label(bars, labels=[fmt(y) for y in ys], fontsize=8)
-        ax.set_xticks(range(len(keys)), keys, fontsize=7, rotation=20)
+        ax.set_xticks(range(len(keys)), keys, fontsize=7, rotation=30, ha="right")
         ax.set_title(title, fontsize=10)
     fig.suptitle("pgbench through the podpatterns ambassador, loopback, 2 vCPU (medians)")
     fig.tight_layout()
