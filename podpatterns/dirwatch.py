@@ -40,9 +40,17 @@ NO_CHANGES: Changes = frozenset()
 
 
 def watchfiles_factory(
-    *, watch_filter: WatchFilter | None = None, recursive: bool = True, debounce_ms: int = 20
+    *,
+    watch_filter: WatchFilter | None = None,
+    recursive: bool = True,
+    debounce_ms: int = 20,
+    step_ms: int = 5,
 ) -> WatchFactory:
-    """The default event source: ``watchfiles.awatch`` on the paths."""
+    """The default event source: ``watchfiles.awatch`` on the paths.
+
+    ``step_ms`` is how often watchfiles' thread wakes up to look for events; each wake-up
+    takes the GIL, so a watch that may react slowly (TLS files) uses a longer step.
+    """
 
     def factory(paths: tuple[Path, ...], tick: float) -> AsyncGenerator[Any, None]:
         import watchfiles  # on first use: most processes never watch a directory
@@ -52,7 +60,7 @@ def watchfiles_factory(
             rust_timeout=max(1, int(tick * 1000)),
             yield_on_timeout=True,
             debounce=debounce_ms,
-            step=5,
+            step=step_ms,
             watch_filter=watch_filter,
             recursive=recursive,
         )
@@ -69,6 +77,11 @@ class DirWatcher:
         watch_filter: which events wake the reader (default: all of them).
         recursive: watch subdirectories too.
         debounce_ms: how long watchfiles gathers events into one batch.
+        step_ms: how often watchfiles' thread looks for events (it takes the GIL each
+            time: about 17 ms of CPU per second at 5 ms, a tenth of that at 50 ms).
+        tick: the longest wait of the event source without events (default
+            :data:`TICK_SECONDS`); each one is a thread hop, so a watch whose ``resync``
+            is long may tick less often, at the price of a later first wake-up.
         watch: the event source (default: :func:`watchfiles_factory` with the three
             settings above); tests force polling by passing one that raises ``OSError``.
         retry_watch: seconds between attempts to go back from polling to watching.
@@ -83,6 +96,8 @@ class DirWatcher:
         watch_filter: WatchFilter | None = None,
         recursive: bool = True,
         debounce_ms: int = 20,
+        step_ms: int = 5,
+        tick: float = TICK_SECONDS,
         watch: WatchFactory | None = None,
         retry_watch: float = 30.0,
         component: str = "dirwatch",
@@ -94,8 +109,9 @@ class DirWatcher:
         """``starting``, ``inotify`` or ``polling``."""
         self.fallbacks = 0
         """How many times the watch fell back to polling."""
+        self.tick = tick
         self._watch = watch or watchfiles_factory(
-            watch_filter=watch_filter, recursive=recursive, debounce_ms=debounce_ms
+            watch_filter=watch_filter, recursive=recursive, debounce_ms=debounce_ms, step_ms=step_ms
         )
         self._retry_watch = retry_watch
         self._log = logs.get(component)
@@ -105,13 +121,13 @@ class DirWatcher:
 
         The caller re-reads the state on disk at each one. Events between the first read
         and the moment the watch is in place would be lost, so the first tick of a new
-        watch is a wake-up too: the watcher ticks every :data:`TICK_SECONDS` (at most)
+        watch is a wake-up too: the watcher ticks every ``tick`` seconds (at most)
         and only every ``resync`` seconds is a tick passed on, besides event batches and
         that first tick.
         """
         yield NO_CHANGES
         loop = asyncio.get_running_loop()
-        tick = min(self.resync, TICK_SECONDS)
+        tick = min(self.resync, self.tick)
         while True:
             try:
                 if not self.paths:

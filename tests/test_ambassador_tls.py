@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import hashlib
 import os
 import socket
 import ssl
 import struct
+import termios
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -820,3 +822,98 @@ async def test_half_close_while_paused_keeps_buffered_reply(
             assert (len(head) + n, digest) == (len(data), hashlib.sha256(data).digest())
     assert server.values["after_flood"] == b""
     assert server.errors == []
+
+
+# -- record boundaries ---------------------------------------------------------------------
+
+
+class Collect(asyncio.Protocol):
+    """A leg's protocol that keeps what it is given."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.reads = 0
+        self.eofs = 0
+
+    def data_received(self, data: bytes) -> None:
+        self.data += data
+        self.reads += 1
+
+    def eof_received(self) -> bool:
+        self.eofs += 1
+        return True
+
+
+def unread(sock: socket.socket) -> int:
+    """Bytes in ``sock``'s receive queue that its reader has not taken yet."""
+    (count,) = struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0" * 4))
+    return int(count)
+
+
+async def test_leg_delivers_split_and_batched_records_then_close_notify(
+    ca: trustme.CA, ip_cert: trustme.LeafCert
+) -> None:
+    """Records split across TCP reads, several records in one read, and a close_notify
+    right behind the last record reach the protocol whole, in order, then one EOF (the
+    leg stops reading as soon as no ciphertext is left, so this is what could regress)."""
+    loop = asyncio.get_running_loop()
+    listener = socket.create_server(("127.0.0.1", 0))
+    up = socket.create_connection(listener.getsockname())
+    server_sock, _ = listener.accept()
+    listener.close()
+    up.setblocking(False)
+    server_sock.setblocking(False)
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    server = server_context(ip_cert).wrap_bio(incoming, outgoing, server_side=True)
+    ctx = ssl.create_default_context()
+    ca.configure_trust(ctx)
+    connecting = asyncio.ensure_future(
+        tlsleg.connect(up, ctx, server_hostname="127.0.0.1", handshake_timeout=10)
+    )
+    try:
+        async with asyncio.timeout(10):
+            handshaken = False
+            while not (handshaken and connecting.done()):
+                if not handshaken:
+                    incoming.write(await loop.sock_recv(server_sock, 65536))
+                    try:
+                        server.do_handshake()
+                        handshaken = True
+                    except ssl.SSLWantReadError:
+                        pass
+                    await loop.sock_sendall(server_sock, outgoing.read())
+                else:
+                    await asyncio.wait({connecting})
+            leg = connecting.result()
+            got = Collect()
+            leg.attach(got)
+
+            def record(data: bytes) -> bytes:
+                server.write(data)
+                return outgoing.read()
+
+            async def send(data: bytes) -> None:
+                await loop.sock_sendall(server_sock, data)
+                await eventually(lambda: unread(up) == 0, "the leg read what was sent")
+
+            one, two, three = b"1" * 100, b"2" * 3000, b"3" * 50
+            r1, r2, r3 = record(one), record(two), record(three)
+            with contextlib.suppress(ssl.SSLWantReadError):
+                server.unwrap()  # close_notify, into the outgoing BIO
+            close_notify = outgoing.read()
+            await send(r1[:7])  # not even a whole record header
+            await send(r1[7:40])
+            assert got.data == b""
+            await send(r1[40:] + r2 + r3[:20])  # two whole records, a third begun
+            await eventually(lambda: got.data == one + two)
+            assert got.eofs == 0
+            await send(r3[20:] + close_notify)
+            await eventually(lambda: got.eofs == 1)
+            assert got.data == one + two + three
+    finally:
+        if connecting.done() and not connecting.exception():
+            connecting.result().abort()
+        else:
+            connecting.cancel()
+            up.close()
+        server_sock.close()
