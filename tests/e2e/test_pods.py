@@ -81,12 +81,31 @@ def podify(
     ``workdir`` holds the directories that stand in for the volumes (``workdir/volumes/
     NAME``); ``pod`` picks one Pod of a file that has several.
     """
+    docs, secret_env, configmaps = manifest_documents(path, replace)
+    out: list[dict[str, Any]] = []
+    for doc in docs:
+        if doc["kind"] == "Pod":
+            if pod is not None and doc["metadata"]["name"] != pod:
+                continue
+            doc["metadata"]["name"] = pod_name(doc["metadata"]["name"])
+            _podify_spec(doc["spec"], images, app, secret_env)
+            podify_volumes(doc["spec"], workdir / "volumes", configmaps, secret_env)
+        out.append(doc)
+    return yaml.safe_dump_all(out, sort_keys=False)
+
+
+def manifest_documents(
+    path: Path, replace: dict[str, str]
+) -> tuple[list[dict[str, Any]], dict[str, dict[str, str]], dict[str, dict[str, str]]]:
+    """The documents of the manifest at ``path`` with the ``replace``ments made (each one
+    asserted to match), a Job turned into its Pod; apart, the data of its Secrets and
+    ConfigMaps by name, which podman cannot take as documents."""
     text = path.read_text()
     for old, new in replace.items():
         assert old in text, f"{path.name} no longer contains {old!r}: update this test"
         text = text.replace(old, new)
     docs = [d for d in yaml.safe_load_all(text) if d]
-    secret_env = {
+    secrets_data = {
         d["metadata"]["name"]: d.get("stringData", {}) for d in docs if d["kind"] == "Secret"
     }
     configmaps = {
@@ -104,14 +123,8 @@ def podify(
                 "metadata": {**template.get("metadata", {}), "name": doc["metadata"]["name"]},
                 "spec": template["spec"],
             }
-        if doc["kind"] == "Pod":
-            if pod is not None and doc["metadata"]["name"] != pod:
-                continue
-            doc["metadata"]["name"] = pod_name(doc["metadata"]["name"])
-            _podify_spec(doc["spec"], images, app, secret_env)
-            _podify_volumes(doc["spec"], workdir / "volumes", configmaps, secret_env)
         out.append(doc)
-    return yaml.safe_dump_all(out, sort_keys=False)
+    return out, secrets_data, configmaps
 
 
 def _podify_spec(
@@ -137,12 +150,14 @@ def _podify_spec(
             )
 
 
-def _podify_volumes(
+def podify_volumes(
     spec: dict[str, Any],
     root: Path,
     configmaps: dict[str, dict[str, str]],
     secret_data: dict[str, dict[str, str]],
 ) -> None:
+    """Make each ``emptyDir``, ``configMap`` and ``secret`` volume of ``spec`` a
+    ``hostPath`` on a directory ``root/NAME`` laid out as the kubelet would."""
     for volume in spec.get("volumes", []):
         path = root / volume["name"]
         if volume.pop("emptyDir", None) is not None:
