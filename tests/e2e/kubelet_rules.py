@@ -67,13 +67,14 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
 from tests.e2e.engine import Engine
+from tests.manifests import _probe_port
 
 T = TypeVar("T")
 
@@ -137,6 +138,7 @@ class Event:
     ``terminated``.
     """
 
+    seq: int  # its place on the timeline: what the driver saw first comes first
     t: float  # seconds since the Pod was started
     container: str | None
     kind: str
@@ -154,7 +156,8 @@ class Timeline:
     def add(self, container: str | None, kind: str, **detail: Any) -> Event:
         """Record an event now."""
         with self._cond:
-            event = Event(round(time.monotonic() - self._t0, 3), container, kind, detail)
+            t = round(time.monotonic() - self._t0, 3)
+            event = Event(len(self._events), t, container, kind, detail)
             self._events.append(event)
             self._cond.notify_all()
             return event
@@ -234,7 +237,9 @@ class Probe:
         body = spec[handler]
         if handler in ("httpGet", "tcpSocket") and body.get("host"):
             raise UnsupportedManifest(f"{container['name']}.{key}: host is not emulated")
-        port = None if handler == "exec" else probe_port(container, body["port"])
+        port = None if handler == "exec" else _probe_port(container, body["port"])
+        if handler != "exec" and port is None:
+            raise UnsupportedManifest(f"{container['name']}.{key}: no port {body['port']!r}")
         return cls(
             kind=PROBE_KINDS[key],
             handler=handler,
@@ -246,16 +251,6 @@ class Probe:
             success_threshold=int(spec.get("successThreshold", 1)),
             failure_threshold=int(spec.get("failureThreshold", 3)),
         )
-
-
-def probe_port(container: dict[str, Any], port: Any) -> int:
-    """A probe's port as a number: a name is looked up in the container's ``ports``."""
-    if isinstance(port, int):
-        return port
-    for p in container.get("ports") or []:
-        if p.get("name") == port:
-            return int(p["containerPort"])
-    raise UnsupportedManifest(f"{container['name']}: no port named {port!r}")
 
 
 def run_probe(podman: Engine, container: str, probe: Probe) -> tuple[bool, str]:
@@ -652,6 +647,18 @@ class Pod:
             if not self.timeline.first(None, "terminated"):
                 self.timeline.add(None, "terminated")
 
+    def __enter__(self) -> Pod:
+        """Start the Pod (:meth:`start`); on exit, :meth:`close` it."""
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
     def close(self) -> None:
         """Delete the Pod if it was not, then remove it and join every thread."""
         try:
@@ -663,22 +670,3 @@ class Pod:
             thread.join(timeout=60)
         alive = [t.name for t in self._threads if t.is_alive()]
         assert not alive, f"driver threads still running: {alive}"
-
-
-@contextlib.contextmanager
-def running_pod(
-    podman: Engine,
-    name: str,
-    spec: dict[str, Any],
-    images: dict[str, str],
-    default_image: str,
-    volumes: dict[str, Path],
-    env_from: dict[str, dict[str, str]],
-) -> Iterator[Pod]:
-    """A started :class:`Pod`; deleted (if the test did not) and removed on every exit."""
-    pod = Pod(podman, name, spec, images, default_image, volumes, env_from)
-    try:
-        pod.start()
-        yield pod
-    finally:
-        pod.close()
