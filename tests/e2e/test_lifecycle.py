@@ -433,3 +433,40 @@ def test_each_check_fails_on_a_timeline_that_breaks_its_rule() -> None:
         assert_stopped_in_order(_timeline(*stop), apps=["app"], sidecars=["amb"])
     stop[1:4] = [stop[1], stop[3], stop[2]]  # the app, its exit, then the sidecar: right
     assert_stopped_in_order(_timeline(*stop), apps=["app"], sidecars=["amb"])
+
+
+@pytest.mark.timeout(300)
+def test_tcp_and_exec_probes(podman: Engine, app_image: str, tmp_path: Path) -> None:
+    """The probe handlers no example uses: a tcpSocket readiness probe and an exec
+    liveness probe (run with ``podman exec``) pass against a plain HTTP server, after
+    its httpGet startup probe; an exec probe that exits 1 counts as a failure."""
+    [port] = candidate_ports(1)
+    spec: dict[str, Any] = {
+        "terminationGracePeriodSeconds": 2,
+        "containers": [
+            {
+                "name": "web",
+                "image": "stand-in",
+                "command": ["python3", "-m", "http.server", "--bind", "127.0.0.1", str(port)],
+                "ports": [{"name": "http", "containerPort": port}],
+                "startupProbe": {"httpGet": {"path": "/", "port": "http"}, "periodSeconds": 1},
+                "readinessProbe": {"tcpSocket": {"port": port}, "periodSeconds": 1},
+                "livenessProbe": {"exec": {"command": ["test", "-d", "/"]}, "periodSeconds": 1},
+            },
+            {
+                "name": "broken",
+                "image": "stand-in",
+                "command": ["sleep", "60"],
+                "readinessProbe": {"exec": {"command": ["false"]}, "periodSeconds": 1},
+            },
+        ],
+    }
+    with Pod(podman, pod_name("probes"), spec, {}, app_image, {}, {}) as pod:
+        tl = pod.timeline
+        tl.wait_for("web", "ready", START)
+        tl.wait_for("web", "probe", START, probe="liveness", ok=True, result="exit 0")
+        tl.wait_for("broken", "probe", START, probe="readiness", ok=False, result="exit 1")
+        started = tl.first("web", "started")
+        passed = tl.first("web", "probe", probe="startup", ok=True)
+        assert started is not None and passed is not None and passed.seq < started.seq
+        assert tl.first("broken", "ready") is None
