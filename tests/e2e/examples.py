@@ -47,8 +47,9 @@ def ambassador_postgres(
     }
 
 
-def adapter_stdout(http: int, admin: int) -> dict[str, str]:
-    """adapter-stdout.yaml with nginx on ``http`` and the adapter's admin on ``admin``."""
+def nginx_and_sidecar(http: int, admin: int) -> dict[str, str]:
+    """adapter-stdout.yaml or config-reload.yaml: nginx on ``http``, the sidecar's admin
+    server on ``admin``."""
     return {
         "listen 8080;": f"listen 127.0.0.1:{http};",
         "containerPort: 8080": f"containerPort: {http}",
@@ -106,16 +107,6 @@ def startup_ordering(
         "http://127.0.0.1:9901/readyz": f"http://127.0.0.1:{admin_a}/readyz",
         "0.0.0.0:9902": f"127.0.0.1:{admin_b}",
         "containerPort: 9902": f"containerPort: {admin_b}",
-    }
-
-
-def config_reload(http: int, admin: int) -> dict[str, str]:
-    """config-reload.yaml with nginx on ``http`` and reload's admin on ``admin``."""
-    return {
-        "listen 8080;": f"listen 127.0.0.1:{http};",
-        "containerPort: 8080": f"containerPort: {http}",
-        "--admin=0.0.0.0:9901": f"--admin=127.0.0.1:{admin}",
-        "containerPort: 9901": f"containerPort: {admin}",
     }
 
 

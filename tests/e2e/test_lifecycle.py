@@ -165,7 +165,7 @@ def test_adapter_stdout(emulate: Emulate) -> None:
     deletion are all shipped, as nginx is stopped first and the adapter only after it."""
     http, admin = candidate_ports(2)
     marker = f"/e2e-{secrets.token_hex(6)}"
-    with emulate("adapter-stdout.yaml", examples.adapter_stdout(http, admin)) as pod:
+    with emulate("adapter-stdout.yaml", examples.nginx_and_sidecar(http, admin)) as pod:
         tl = pod.timeline
         tl.wait_for("nginx", "ready", START)
         tl.wait_for("log-adapter", "ready", START)
@@ -315,7 +315,7 @@ def test_config_reload(emulate: Emulate, tmp_path: Path) -> None:
     stops first, then reload; every container exits 0."""
     http, admin = candidate_ports(2)
     conf_dir = tmp_path / "volumes" / "nginx-conf"
-    with emulate("config-reload.yaml", examples.config_reload(http, admin)) as pod:
+    with emulate("config-reload.yaml", examples.nginx_and_sidecar(http, admin)) as pod:
         tl = pod.timeline
         tl.wait_for("nginx", "ready", START)
         tl.wait_for("config-reload", "ready", START)
@@ -389,7 +389,7 @@ def test_mutation_grace_period_too_short_ends_in_sigkill(emulate: Emulate) -> No
     """adapter-stdout with a grace period shorter than the adapter's shutdown: the
     emulation SIGKILLs the adapter at the deadline, and the stop check fails."""
     http, admin = candidate_ports(2)
-    replace = examples.adapter_stdout(http, admin)
+    replace = examples.nginx_and_sidecar(http, admin)
     with emulate("adapter-stdout.yaml", replace, edit=_grace_too_short) as pod:
         tl = pod.timeline
         tl.wait_for("nginx", "running", START)

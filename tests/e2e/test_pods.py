@@ -303,7 +303,7 @@ def test_adapter_ships_nginx_access_logs(
         EXAMPLES / "adapter-stdout.yaml",
         images,
         app_image,
-        examples.adapter_stdout(http, admin),
+        examples.nginx_and_sidecar(http, admin),
         tmp_path,
     )
     marker = f"/e2e-{secrets.token_hex(6)}"
@@ -461,7 +461,7 @@ def test_config_reload_from_a_configmap_swap(
         EXAMPLES / "config-reload.yaml",
         images,
         app_image,
-        examples.config_reload(http, admin),
+        examples.nginx_and_sidecar(http, admin),
         tmp_path,
     )
     conf_dir = tmp_path / "volumes" / "nginx-conf"
