@@ -16,6 +16,7 @@ from podpatterns import __version__
 from podpatterns.commands import COMMANDS
 from podpatterns.errors import EXIT_MEANINGS, ExitCode, PodpatternsError
 from podpatterns.options import add_arguments, environ
+from podpatterns.runtime.process import release_stop_signals
 
 EXIT_TABLE = "exit codes:\n" + "\n".join(
     f"  {int(code):<4} {meaning}" for code, meaning in EXIT_MEANINGS.items()
@@ -76,6 +77,8 @@ def run(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     command = COMMANDS[args.command]
     flags = {k: v for k, v in vars(args).items() if k != "command"}
+    if not command.handles_signals:
+        release_stop_signals()  # held by the entry point; this command sets no handlers
     try:
         return command.main(command.config(flags, environ()))
     except PodpatternsError as exc:

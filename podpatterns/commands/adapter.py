@@ -23,4 +23,5 @@ COMMAND = Command(
     options=ADAPTER_OPTIONS,
     build=build,
     main=main,
+    handles_signals=True,
 )

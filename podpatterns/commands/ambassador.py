@@ -22,4 +22,5 @@ COMMAND = Command(
     options=AMBASSADOR_OPTIONS,
     build=build,
     main=main,
+    handles_signals=True,
 )

@@ -27,6 +27,9 @@ class Command:
         main: runs the command with its config; returns the exit code.
         takes_command: it ends with ``-- CMD ARGS...`` (``run``, ``wait``); the words
             arrive in ``flags["argv"]``.
+        handles_signals: ``main`` takes over SIGTERM and SIGINT, which the entry point
+            holds (``podpatterns.__main__``), and releases them once its handlers are in
+            place; for any other command the CLI releases them before ``main``.
     """
 
     name: str
@@ -36,6 +39,7 @@ class Command:
     build: Callable[[Flags, Mapping[str, str], Mapping[str, Any], str], Any]
     main: Callable[[Any], int]
     takes_command: bool = False
+    handles_signals: bool = False
 
     @property
     def reads_config_file(self) -> bool:

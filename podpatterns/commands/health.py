@@ -60,4 +60,5 @@ COMMAND = Command(
     options=HEALTH_OPTIONS,
     build=build,
     main=main,
+    handles_signals=True,
 )

@@ -59,4 +59,5 @@ COMMAND = Command(
     options=OPTIONS,
     build=build,
     main=main,
+    handles_signals=True,
 )

@@ -100,4 +100,5 @@ COMMAND = Command(
     build=build,
     main=main,
     takes_command=True,
+    handles_signals=True,
 )

@@ -15,6 +15,7 @@ from podpatterns.commands.common import TOOL_OPTIONS, Command, Flags, command_wo
 from podpatterns.errors import ExitCode
 from podpatterns.health.wait import WAIT_OPTIONS, WaitConfig
 from podpatterns.options import resolve
+from podpatterns.runtime.process import release_stop_signals
 
 OPTIONS = (*TOOL_OPTIONS, *WAIT_OPTIONS)
 
@@ -65,6 +66,7 @@ def main(config: WaitCommandConfig) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, task.cancel)
+        release_stop_signals()  # held since the start; CMD must not inherit the mask
         try:
             await task
         except asyncio.CancelledError:
@@ -95,4 +97,5 @@ COMMAND = Command(
     build=build,
     main=main,
     takes_command=True,
+    handles_signals=True,
 )

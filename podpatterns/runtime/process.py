@@ -41,6 +41,16 @@ def serve(config: RuntimeConfig, make: Callable[[], Runtime]) -> int:
             return int(exc.exit_code)
 
 
+STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT})
+"""The signals the entry point holds until a command has its handlers (``__main__``)."""
+
+
+def release_stop_signals() -> None:
+    """Unblock :data:`STOP_SIGNALS`: one held since the process started is delivered now,
+    to the handlers just installed. A no-op when they were not held."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
 def raise_fd_limit(log: Any) -> None:
     """Raise the soft open-files limit to the hard limit (as Go programs do at start).
 
@@ -91,6 +101,7 @@ async def _serve(make: Callable[[], Runtime]) -> int:
 
     loop.add_signal_handler(signal.SIGTERM, runtime.request_shutdown, "SIGTERM")
     loop.add_signal_handler(signal.SIGINT, on_sigint)
+    release_stop_signals()  # a SIGTERM that came while starting is handled now
     try:
         await runtime.run()
     finally:

@@ -28,13 +28,11 @@ the admin endpoints answer, and the exit codes after a SIGTERM to the whole Pod.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import re
 import secrets
 import socket
-import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -44,9 +42,11 @@ import pytest
 import trustme
 import yaml
 
+from tests.e2e import examples
 from tests.e2e.engine import ROOT, VERSION, Engine, kube_play
+from tests.e2e.examples import LateServer
 from tests.kubelet import configmap_write
-from tests.peers import PG_SERVER_NAME, PostgresServer, candidate_ports
+from tests.peers import PostgresServer, candidate_ports
 from tests.waiting import wait_until
 
 pytest_plugins = ("tests.peer_fixtures",)
@@ -81,12 +81,31 @@ def podify(
     ``workdir`` holds the directories that stand in for the volumes (``workdir/volumes/
     NAME``); ``pod`` picks one Pod of a file that has several.
     """
+    docs, secret_env, configmaps = manifest_documents(path, replace)
+    out: list[dict[str, Any]] = []
+    for doc in docs:
+        if doc["kind"] == "Pod":
+            if pod is not None and doc["metadata"]["name"] != pod:
+                continue
+            doc["metadata"]["name"] = pod_name(doc["metadata"]["name"])
+            _podify_spec(doc["spec"], images, app, secret_env)
+            podify_volumes(doc["spec"], workdir / "volumes", configmaps, secret_env)
+        out.append(doc)
+    return yaml.safe_dump_all(out, sort_keys=False)
+
+
+def manifest_documents(
+    path: Path, replace: dict[str, str]
+) -> tuple[list[dict[str, Any]], dict[str, dict[str, str]], dict[str, dict[str, str]]]:
+    """The documents of the manifest at ``path`` with the ``replace``ments made (each one
+    asserted to match), a Job turned into its Pod; apart, the data of its Secrets and
+    ConfigMaps by name, which podman cannot take as documents."""
     text = path.read_text()
     for old, new in replace.items():
         assert old in text, f"{path.name} no longer contains {old!r}: update this test"
         text = text.replace(old, new)
     docs = [d for d in yaml.safe_load_all(text) if d]
-    secret_env = {
+    secrets_data = {
         d["metadata"]["name"]: d.get("stringData", {}) for d in docs if d["kind"] == "Secret"
     }
     configmaps = {
@@ -104,14 +123,8 @@ def podify(
                 "metadata": {**template.get("metadata", {}), "name": doc["metadata"]["name"]},
                 "spec": template["spec"],
             }
-        if doc["kind"] == "Pod":
-            if pod is not None and doc["metadata"]["name"] != pod:
-                continue
-            doc["metadata"]["name"] = pod_name(doc["metadata"]["name"])
-            _podify_spec(doc["spec"], images, app, secret_env)
-            _podify_volumes(doc["spec"], workdir / "volumes", configmaps, secret_env)
         out.append(doc)
-    return yaml.safe_dump_all(out, sort_keys=False)
+    return out, secrets_data, configmaps
 
 
 def _podify_spec(
@@ -137,12 +150,14 @@ def _podify_spec(
             )
 
 
-def _podify_volumes(
+def podify_volumes(
     spec: dict[str, Any],
     root: Path,
     configmaps: dict[str, dict[str, str]],
     secret_data: dict[str, dict[str, str]],
 ) -> None:
+    """Make each ``emptyDir``, ``configMap`` and ``secret`` volume of ``spec`` a
+    ``hostPath`` on a directory ``root/NAME`` laid out as the kubelet would."""
     for volume in spec.get("volumes", []):
         path = root / volume["name"]
         if volume.pop("emptyDir", None) is not None:
@@ -238,28 +253,12 @@ def test_ambassador_postgres(
     """psql in the app container, in plaintext to localhost, reaches a TLS-only SCRAM
     PostgreSQL through the ambassador, which verifies the server's certificate."""
     server = postgres_tls
-    assert server.password is not None
     listen, admin = candidate_ports(2)
-    ca_pem = "".join(f"    {line}\n" for line in pg_ca.cert_pem.bytes().decode().splitlines())
     manifest = podify(
         EXAMPLES / "ambassador-postgres.yaml",
         images,
         app_image,
-        {
-            "db.example.internal:5432": f"{server.host}:{server.port}",
-            # the test certificate names PG_SERVER_NAME, not the address dialled
-            "- --tls-ca=/etc/db-tls/ca.crt\n": "- --tls-ca=/etc/db-tls/ca.crt\n"
-            f"        - --tls-server-name={PG_SERVER_NAME}\n",
-            "    -----BEGIN CERTIFICATE-----\n"
-            "    REPLACE-WITH-THE-DATABASE-CA-CERTIFICATE\n"
-            "    -----END CERTIFICATE-----\n": ca_pem,
-            "--listen=127.0.0.1:5432": f"--listen=127.0.0.1:{listen}",
-            "--admin=0.0.0.0:9901": f"--admin=127.0.0.1:{admin}",
-            'value: "5432"': f'value: "{listen}"',
-            "PGUSER: app": f"PGUSER: {server.user}",
-            "PGPASSWORD: change-me": f"PGPASSWORD: {server.password}",
-            "PGDATABASE: app": f"PGDATABASE: {server.database}",
-        },
+        examples.ambassador_postgres(server, pg_ca, listen, admin),
         tmp_path,
     )
     pod = pod_name("ambassador-postgres")
@@ -304,10 +303,7 @@ def test_adapter_ships_nginx_access_logs(
         EXAMPLES / "adapter-stdout.yaml",
         images,
         app_image,
-        {
-            "listen 8080;": f"listen 127.0.0.1:{http};",
-            "--admin=0.0.0.0:9901": f"--admin=127.0.0.1:{admin}",
-        },
+        examples.nginx_and_sidecar(http, admin),
         tmp_path,
     )
     marker = f"/e2e-{secrets.token_hex(6)}"
@@ -350,14 +346,7 @@ def test_job_sidecars_exit_with_the_main_container(
         EXAMPLES / "job-with-sidecars.yaml",
         images,
         app_image,
-        {
-            "db.example.internal:5432": "DATABASE",  # before every other 5432 is replaced
-            "5432": str(listen),
-            "DATABASE": upstream,
-            "0.0.0.0:9901": f"127.0.0.1:{admin_a}",
-            "0.0.0.0:9902": f"127.0.0.1:{admin_b}",
-            'value: "0"': f'value: "{exit_code}"',
-        },
+        examples.job_with_sidecars(upstream, listen, admin_a, admin_b, exit_code),
         tmp_path,
     )
     pod = pod_name("job-with-sidecars")
@@ -384,11 +373,7 @@ def test_health_records_answer_503_then_200(
         EXAMPLES / "health-records.yaml",
         images,
         app_image,
-        {
-            "listen 8080;": f"listen 127.0.0.1:{http};",
-            "http://127.0.0.1:8080/healthz": f"http://127.0.0.1:{http}/healthz",
-            "--admin=0.0.0.0:9901": f"--admin=127.0.0.1:{admin}",
-        },
+        examples.health_records(http, admin),
         tmp_path,
     )
     pod = pod_name("health-records")
@@ -420,44 +405,12 @@ def test_health_records_answer_503_then_200(
     assert (tombstone["phase"], tombstone["exit_code"]) == ("exited", 0)
 
 
-class FakeDatabase:
-    """Answers a PostgreSQL SSLRequest with ``N`` (no TLS), in a thread; starts on demand."""
-
-    def __init__(self) -> None:
-        self.port = candidate_ports(1)[0]
-        self._listener: socket.socket | None = None
-        self._thread: threading.Thread | None = None
-        self._stop = threading.Event()
-
-    def start(self) -> None:
-        self._listener = socket.create_server(("127.0.0.1", self.port))
-        self._listener.settimeout(0.2)
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
-
-    def _serve(self) -> None:
-        assert self._listener is not None
-        while not self._stop.is_set():
-            try:
-                conn, _ = self._listener.accept()
-            except TimeoutError:
-                continue
-            with conn:
-                conn.settimeout(5)
-                with contextlib.suppress(OSError):
-                    if len(conn.recv(8)) == 8:
-                        conn.sendall(b"N")
-
-    def close(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-        if self._listener is not None:
-            self._listener.close()
-
-
 def test_startup_ordering_app_waits_for_the_database(
-    podman: Engine, images: dict[str, str], app_image: str, tmp_path: Path
+    podman: Engine,
+    images: dict[str, str],
+    app_image: str,
+    postgres: PostgresServer,
+    tmp_path: Path,
 ) -> None:
     """The app starts only once the database is reachable through the ambassador.
 
@@ -465,25 +418,18 @@ def test_startup_ordering_app_waits_for_the_database(
     express the first, whose init container waits for a native sidecar.
     """
     listen, admin_a, admin_b = candidate_ports(3)
-    database = FakeDatabase()
-    manifest = podify(
-        EXAMPLES / "startup-ordering.yaml",
-        images,
-        app_image,
-        {
-            "db.example.internal:5432": f"127.0.0.1:{database.port}",
-            "--listen=127.0.0.1:5432": f"--listen=127.0.0.1:{listen}",
-            '("127.0.0.1", 5432)': f'("127.0.0.1", {listen})',
-            "0.0.0.0:9901": f"127.0.0.1:{admin_a}",
-            "http://127.0.0.1:9901/readyz": f"http://127.0.0.1:{admin_a}/readyz",
-            "0.0.0.0:9902": f"127.0.0.1:{admin_b}",
-        },
-        tmp_path,
-        pod="startup-ordering-records",
-    )
     pod = pod_name("startup-ordering-records")
     app = f"{pod}-app"
-    try:
+    # the real PostgreSQL, on a port of its own that answers only once opened
+    with LateServer(postgres.port) as database:
+        manifest = podify(
+            EXAMPLES / "startup-ordering.yaml",
+            images,
+            app_image,
+            examples.startup_ordering(f"127.0.0.1:{database.port}", listen, admin_a, admin_b),
+            tmp_path,
+            pod="startup-ordering-records",
+        )
         with kube_play(podman, manifest, tmp_path):
             wait_until(lambda: status(admin_b, "/readyz/database"), "health endpoint", within=30)
             wait_until(lambda: status(admin_a, "/readyz"), "ambassador admin", within=30)
@@ -494,7 +440,7 @@ def test_startup_ordering_app_waits_for_the_database(
             assert status(admin_a, "/readyz") == 503, podman.logs(f"{pod}-db-ambassador")
             assert status(admin_b, "/readyz/database") == 503
             assert "database answered" not in podman.logs(app)  # still waiting: not started
-            database.start()
+            database.open()
             wait_until(
                 lambda: "database answered b'N'" in podman.logs(app) or None,
                 "the app started and reached the database",
@@ -504,8 +450,6 @@ def test_startup_ordering_app_waits_for_the_database(
             stop_pod(podman, pod)
             assert podman.wait_exited(app, 10) == 0
             assert_drained(podman, f"{pod}-db-ambassador")
-    finally:
-        database.close()
 
 
 def test_config_reload_from_a_configmap_swap(
@@ -517,10 +461,7 @@ def test_config_reload_from_a_configmap_swap(
         EXAMPLES / "config-reload.yaml",
         images,
         app_image,
-        {
-            "listen 8080;": f"listen 127.0.0.1:{http};",
-            "--admin=0.0.0.0:9901": f"--admin=127.0.0.1:{admin}",
-        },
+        examples.nginx_and_sidecar(http, admin),
         tmp_path,
     )
     conf_dir = tmp_path / "volumes" / "nginx-conf"
