@@ -54,6 +54,11 @@ def image(target: str) -> str:
     return f"localhost/podpatterns-{target}:{VERSION}"
 
 
+def debug_image(target: str) -> str:
+    """The local name of the -debug variant of ``target`` (the image plus busybox)."""
+    return f"{image(target)}-debug"
+
+
 @dataclass(frozen=True)
 class Engine:
     """podman, run with the project's containers.conf."""
