@@ -16,6 +16,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from concurrent import futures
 from pathlib import Path
 
 import pytest
@@ -490,3 +491,41 @@ def test_copy_in_runs_podpatterns_in_an_app_image_without_python(
     tree = tmp_path / "volumes" / "podpatterns"
     size = sum(p.stat().st_size for p in tree.rglob("*") if p.is_file() and not p.is_symlink())
     print(f"copy-in: {size / 1e6:.1f} MB in the emptyDir")
+
+
+@contextlib.contextmanager
+def grpc_health_server() -> Iterator[int]:
+    """A real gRPC server with the standard health service, SERVING, on 127.0.0.1."""
+    import grpc
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    servicer = health.HealthServicer()
+    servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        yield port
+    finally:
+        server.stop(grace=None)
+
+
+def test_tools_with_the_grpc_extra(podman: Engine, base: str) -> None:
+    """EXTRAS=grpc: the slimmed tree keeps what grpcio imports, the image stays within
+    60 MB, and `wait --for grpc://` passes against a real gRPC health server."""
+    tag = "localhost/podpatterns-tools-grpc:test"
+    try:
+        build(podman, "tools", base, tag, "--build-arg", "EXTRAS=grpc")
+        size = podman.size(tag)
+        print(f"image sizes (MB): {tag} {size / 1e6:.1f}")
+        assert size <= MAX_IMAGE_BYTES, size
+        with grpc_health_server() as port:
+            done = podman.run(
+                "run", "--rm", "--network", "host", *LOCKED_DOWN, tag,
+                "wait", f"--for=grpc://127.0.0.1:{port}", "--timeout=20s",
+                "--", "python3", "-c", "print('serving')",
+            )  # fmt: skip
+        assert done.stdout.strip() == "serving", done.stderr
+    finally:
+        podman.run("rmi", "-f", tag, check=False)
