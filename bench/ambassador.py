@@ -1162,7 +1162,8 @@ def report(
         f"{'splice' if meta['splice_by_default'] else 'the Protocol relay'} "
         "(SPLICE_BY_DEFAULT in podpatterns/ambassador/route.py).",
         "",
-        "![bulk throughput and CPU per GB](img/ambassador-bench.png)",
+        "[![bulk throughput and CPU per GB (click for full size)](img/ambassador-bench.png)]"
+        "(img/ambassador-bench.png)",
         "",
         f"## Bulk throughput (iperf3, 1 stream, {cfg.bulk_seconds} s)",
         "",
@@ -1249,7 +1250,7 @@ def report(
         "",
         *idle_section(idle),
         "",
-        "## Targets (from the issue)",
+        "## Targets",
         "",
         "| target | podpatterns --splice on | podpatterns --splice off |",
         "|---|---|---|",

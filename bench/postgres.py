@@ -526,7 +526,7 @@ def section(cfg: Settings, raw: Raw, meta: dict[str, Any]) -> str:
         "",
         *table(raw, "connect"),
         "",
-        "### Targets (issue 11)",
+        "### Targets",
         "",
         "| test | target | goal | measured (paired median) | per repetition | met |",
         "|---|---|---|---|---|---|",
@@ -561,7 +561,7 @@ def section(cfg: Settings, raw: Raw, meta: dict[str, Any]) -> str:
         "repetition ratios show how far the noise of the shared machine reaches, and a "
         "median within that spread of the goal is not a firm verdict either way.",
         "",
-        "The issue's targets are stated for the select test (persistent connections); the "
+        "The targets are stated for the select test (persistent connections); the "
         "connect rows show what a new session costs through each path. Raw per-run "
         "figures: `bench/results/postgres-latest.json`.",
     ]

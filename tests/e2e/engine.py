@@ -54,6 +54,11 @@ def image(target: str) -> str:
     return f"localhost/podpatterns-{target}:{VERSION}"
 
 
+def debug_image(target: str) -> str:
+    """The local name of the -debug variant of ``target`` (the image plus busybox)."""
+    return f"{image(target)}-debug"
+
+
 @dataclass(frozen=True)
 class Engine:
     """podman, run with the project's containers.conf."""
@@ -231,9 +236,9 @@ def podman_build(
     return tag
 
 
-def build(podman: Engine, target: str, base: str, tag: str | None = None) -> str:
+def build(podman: Engine, target: str, base: str, tag: str | None = None, *args: str) -> str:
     """Build ``target`` of images/Containerfile on ``base``; return its local name
-    (``tag``, by default the name the manifests use).
+    (``tag``, by default the name the manifests use). ``args`` are more build options.
 
     VERSION is not passed: the Containerfile's default must be the package's version
     (its builder stage checks), and the tests check the label.
@@ -252,6 +257,7 @@ def build(podman: Engine, target: str, base: str, tag: str | None = None) -> str
         f"{pip_ca()}:/etc/ssl/certs/host-ca.crt:ro",
         "--build-arg",
         "PIP_CERT=/etc/ssl/certs/host-ca.crt",
+        *args,
     )
 
 

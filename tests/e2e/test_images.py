@@ -2,23 +2,29 @@
 
 Each image is built from images/Containerfile on the local base, then run by podman the
 way a restrictive Pod runs it: a read-only root filesystem, every capability dropped,
-no privilege escalation, the image's own numeric user.
+no privilege escalation, the image's own numeric user. The images are FROM scratch: no
+shell, so the commands the tests run inside them are Python.
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
+import re
 import socket
 import threading
 import time
 from collections.abc import Iterator
+from concurrent import futures
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.engine import BASE, ROOT, VERSION, Engine, build, build_local, podman_build
-from tests.peers import candidate_ports
+from tests.e2e import examples
+from tests.e2e.engine import ROOT, VERSION, Engine, build, build_local, kube_play, podman_build
+from tests.e2e.test_pods import events, json_lines, pod_name, podify
+from tests.peers import PostgresServer, candidate_ports
 from tests.waiting import wait_until
 
 # As readOnlyRootFilesystem: podman's --read-only alone would still mount writable tmpfs
@@ -37,8 +43,11 @@ ENTRYPOINTS = {
     "adapter": ["podpatterns", "adapter"],
     "tools": ["podpatterns"],
 }
-# What the builder stage adds on top of the base: the virtual environment (~36 MB).
-MAX_ADDED_BYTES = 64 * 2**20
+# Every image, -debug variants included (docs/images.md has the measured sizes).
+MAX_IMAGE_BYTES = 60 * 10**6
+# Container start to the first 200 from /startupz (the target is 500 ms; the bound is
+# generous for a loaded machine, the measured figure is printed and in docs/images.md).
+MAX_READY_SECONDS = 5.0
 
 
 @pytest.mark.parametrize("target", sorted(ENTRYPOINTS))
@@ -55,16 +64,18 @@ def test_image_metadata(podman: Engine, images: dict[str, str], target: str) -> 
 
 
 @pytest.mark.parametrize("target", sorted(ENTRYPOINTS))
-def test_image_has_no_installer_or_compiler(
+def test_image_has_no_installer_compiler_or_shell(
     podman: Engine, images: dict[str, str], target: str
 ) -> None:
-    """Neither pip (in the venv or the base interpreter) nor a compiler is in the image."""
+    """Neither pip, a compiler, a shell, apt nor dpkg is in the image."""
     probe = (
         "import importlib.util, os, shutil, subprocess, sys\n"
-        "found = [n for n in ('pip', 'pip3', 'gcc', 'cc', 'g++') if shutil.which(n)]\n"
+        "tools = ('pip', 'pip3', 'gcc', 'cc', 'g++', 'sh', 'bash', 'apt', 'apt-get', 'dpkg')\n"
+        "found = [n for n in tools if shutil.which(n)]\n"
         "found += [m for m in ('pip', 'ensurepip', 'setuptools', 'wheel')"
         " if importlib.util.find_spec(m)]\n"
-        "found += ['python-wheels'] if os.path.exists('/usr/share/python-wheels') else []\n"
+        "paths = ('/bin/sh', '/usr/bin', '/var/lib/dpkg', '/usr/share/python-wheels')\n"
+        "found += [p for p in paths if os.path.lexists(p)]\n"
         "base = os.path.realpath(sys._base_executable)\n"
         "base = subprocess.run([base, '-c', 'import pip'], capture_output=True)\n"
         "found += ['base pip'] if base.returncode == 0 else []\n"
@@ -84,12 +95,25 @@ def test_image_has_no_installer_or_compiler(
     assert done.stdout.strip() == "[]"
 
 
-def test_image_sizes(podman: Engine, images: dict[str, str]) -> None:
-    """What the images add to the base stays small (the venv, no build tools)."""
-    base = podman.size(BASE)
-    for target, tag in images.items():
-        added = podman.size(tag) - base
-        assert 0 < added < MAX_ADDED_BYTES, (target, added)
+def test_image_sizes(podman: Engine, images: dict[str, str], debug_images: dict[str, str]) -> None:
+    """Every image, -debug variants included, is at most 60 MB."""
+    sizes = {tag: podman.size(tag) for tag in [*images.values(), *debug_images.values()]}
+    print("image sizes (MB):", {t: round(n / 1e6, 1) for t, n in sizes.items()})
+    assert all(0 < size <= MAX_IMAGE_BYTES for size in sizes.values()), sizes
+
+
+@pytest.mark.parametrize("target", sorted(ENTRYPOINTS))
+def test_debug_variant_has_a_shell(
+    podman: Engine, debug_images: dict[str, str], target: str
+) -> None:
+    """The -debug variant is the same image plus busybox: a shell, on PATH."""
+    config = podman.inspect("image", debug_images[target])["Config"]
+    assert config["Entrypoint"] == ENTRYPOINTS[target]
+    done = podman.run(
+        "run", "--rm", *LOCKED_DOWN, *NO_NETWORK, "--entrypoint", "sh", debug_images[target],
+        "-c", "id -u && podpatterns --version",
+    )  # fmt: skip
+    assert done.stdout.split() == ["65532", "podpatterns", VERSION]
 
 
 @contextlib.contextmanager
@@ -138,6 +162,65 @@ def http_status(port: int, path: str) -> int | None:
             return int(head[1])
     except (OSError, ValueError, IndexError):
         return None
+
+
+def started_at(podman: Engine, cid: str) -> float:
+    """When the container's process was started, as ``time.time()`` counts (podman's
+    ``State.StartedAt``, RFC 3339 with nanoseconds)."""
+    text = str(podman.state(cid)["StartedAt"])
+    found = re.fullmatch(r"(.*T[\d:]+)(?:\.(\d+))?(Z|[+-][\d:]+)?", text.split(" m=")[0])
+    assert found, text
+    whole, fraction, zone = found.groups()
+    stamp = datetime.datetime.fromisoformat(whole + (zone or "Z").replace("Z", "+00:00"))
+    return stamp.timestamp() + float(f"0.{fraction or 0}")
+
+
+def first_200(port: int, path: str, within: float) -> float:
+    """``time.time()`` of the first 200 from ``GET path`` on 127.0.0.1:port, polled every
+    5 ms (not :func:`wait_until`, whose growing pauses would blur the figure)."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if http_status(port, path) == 200:
+            return time.time()
+        time.sleep(0.005)
+    raise AssertionError(f"no 200 from {path} on port {port} within {within} s")
+
+
+# A component of each image with its own arguments: the ambassador, the adapter, and
+# `reload` from the tools image; DIR is a writable volume.
+READY_ARGS = {
+    "ambassador": ("--listen", "127.0.0.1:{listen}", "--upstream", "127.0.0.1:9"),
+    "adapter": ("--path", "/data/*.log", "--sink", "stdout", "--checkpoint-dir", "/data/cp"),
+    "tools": ("reload", "--watch", "/data", "--signal", "hup", "--pid-file", "/data/app.pid"),
+}
+
+
+@pytest.mark.parametrize("target", sorted(READY_ARGS))
+def test_component_ready_soon_after_start(
+    podman: Engine, images: dict[str, str], tmp_path: Path, target: str
+) -> None:
+    """Locked down, each image's component answers /startupz 200 soon after its start."""
+    listen, admin = candidate_ports(2)
+    data = health_volume(tmp_path)
+    args = [a.format(listen=listen) for a in READY_ARGS[target]]
+    with container(
+        podman,
+        "--network",
+        "host",
+        *LOCKED_DOWN,
+        "-v",
+        f"{data}:/data",
+        images[target],
+        *args,
+        "--admin",
+        f"127.0.0.1:{admin}",
+        "--log-format",
+        "json",
+    ) as cid:
+        ready = first_200(admin, "/startupz", within=30)
+        took = ready - started_at(podman, cid)
+        print(f"ready: {target} {took * 1000:.0f} ms from container start to /startupz 200")
+        assert 0 < took < MAX_READY_SECONDS, took
 
 
 def test_ambassador_runs_locked_down_and_drains_on_sigterm(
@@ -193,18 +276,20 @@ def health_volume(tmp_path: Path) -> Path:
 
 
 def run_as_main(script: str) -> tuple[str, ...]:
-    """The tools image's args: ``sh -c SCRIPT`` under `podpatterns run`, record ``main``."""
-    return ("run", "--health-dir", "/run/pod", "--name", "main", "--", "sh", "-c", script)
+    """The tools image's args: ``python3 -c SCRIPT`` under `podpatterns run`, record
+    ``main`` (the image has no shell)."""
+    return ("run", "--health-dir", "/run/pod", "--name", "main", "--", "python3", "-c", script)
 
 
 # The orphan is a grandchild whose parent exits at once: it is re-parented to PID 1.
-# The checker (exec'd, so it never reaps) follows it until its /proc entry is gone
-# ("reaped"); only at the deadline does it report what it still is ("zombie" or
+# The checker (the script, which never reaps it) follows it until its /proc entry is
+# gone ("reaped"); only at the deadline does it report what it still is ("zombie" or
 # "still-running"): a slow reaper is waited for, not mistaken for none.
 ZOMBIE_SCRIPT = """
-sh -c 'sleep 0.2 & echo $! > /run/pod/orphan; exit 0'
-exec python3 -c '
-import time
+import subprocess, sys, time
+subprocess.run([sys.executable, "-c",
+    "import subprocess, sys; p = subprocess.Popen([sys.executable, '-c', 'import time; "
+    "time.sleep(0.2)']); open('/run/pod/orphan', 'w').write(str(p.pid))"], check=True)
 pid = open("/run/pod/orphan").read().strip()
 deadline = time.monotonic() + 10
 state = "?"
@@ -217,7 +302,6 @@ while time.monotonic() < deadline:
     time.sleep(0.02)
 else:
     print("orphan=zombie" if state == "Z" else "orphan=still-running", flush=True)
-'
 """
 
 
@@ -229,7 +313,9 @@ def test_run_as_pid1_reaps_orphans(podman: Engine, images: dict[str, str], tmp_p
     assert "orphan=reaped" in supervised.stdout
     # The control: the same script as PID 1 itself leaves the orphan a zombie, so the
     # assertion above can fail.
-    bare = podman.run("run", *common, "--entrypoint", "sh", images["tools"], "-c", ZOMBIE_SCRIPT)
+    bare = podman.run(
+        "run", *common, "--entrypoint", "python3", images["tools"], "-c", ZOMBIE_SCRIPT
+    )
     assert "orphan=zombie" in bare.stdout
     record = json.loads((health / "main.json").read_text())
     assert record["phase"] == "exited"
@@ -237,10 +323,15 @@ def test_run_as_pid1_reaps_orphans(podman: Engine, images: dict[str, str], tmp_p
 
 
 SIGNAL_SCRIPT = """
-trap 'echo got-HUP' HUP
-trap 'echo got-TERM; exit 7' TERM
-echo started
-while :; do sleep 0.1; done
+import signal, sys, time
+signal.signal(signal.SIGHUP, lambda *_: print("got-HUP", flush=True))
+def term(*_):
+    print("got-TERM", flush=True)
+    sys.exit(7)
+signal.signal(signal.SIGTERM, term)
+print("started", flush=True)
+while True:
+    time.sleep(0.1)
 """
 
 
@@ -336,11 +427,97 @@ def test_pip_is_removed_from_a_base_that_has_it(podman: Engine, base: str) -> No
     try:
         build(podman, "tools", pip_base, tag)
         done = podman.run(
-            "run", "--rm", *NO_NETWORK, "--entrypoint", "/usr/bin/python3", tag, "-c",
+            "run", "--rm", *NO_NETWORK, "--entrypoint", "python3", tag, "-c",
             "import importlib.util as u;"
             "print([m for m in ('pip', 'ensurepip') if u.find_spec(m)])",
         )  # fmt: skip
         assert done.stdout.strip() == "[]"
         assert podman.run("run", "--rm", *NO_NETWORK, tag, "--version").returncode == 0
+    finally:
+        podman.run("rmi", "-f", tag, check=False)
+
+
+COPY_IN = ROOT / "docs" / "examples" / "copy-in" / "job-with-sidecars.yaml"
+
+
+def test_copy_in_runs_podpatterns_in_an_app_image_without_python(
+    podman: Engine,
+    images: dict[str, str],
+    base: str,
+    postgres: PostgresServer,
+    tmp_path: Path,
+) -> None:
+    """docs/examples/copy-in: an init container copies podpatterns into an emptyDir, and
+    an app image with no Python and no dynamic loader runs `run` and `wait` from it; the
+    Job's exit code stands and the helpers exit on its tombstone."""
+    app = build_local(podman, Path(__file__).with_name("staticapp.Containerfile"), base)
+    absent = ("/lib64", "/lib", "/usr", "/podpatterns", "/bin/python3")
+    found = podman.run(
+        "run", "--rm", *NO_NETWORK, app, "sh", "-c",
+        f"for p in {' '.join(absent)}; do [ -e $p ] && echo $p; done; true",
+    )  # fmt: skip
+    assert found.stdout.split() == []  # neither a loader, libraries nor Python
+    listen, admin_a, admin_b = candidate_ports(3)
+    manifest = podify(
+        COPY_IN,
+        images,
+        app,
+        examples.job_with_sidecars(f"{postgres.host}:{postgres.port}", listen, admin_a, admin_b, 3),
+        tmp_path,
+    )
+    pod = pod_name("job-with-sidecars-copy-in")
+    with kube_play(podman, manifest, tmp_path):
+        main = f"{pod}-main"
+        assert podman.wait_exited(main, 90) == 3, podman.logs(main)
+        assert podman.wait_exited(f"{pod}-db-ambassador", 30) == 0
+        assert podman.wait_exited(f"{pod}-log-adapter", 30) == 0
+        adapter = podman.logs(f"{pod}-log-adapter")
+        records = [r for r in json_lines(adapter) if "file_id" in r]
+        shipped = [r.get("event") for r in records]
+        assert shipped == ["report_started", "database_answered", "report_finished"]
+        assert records[-1]["exit_code"] == 3
+        names = events(podman, f"{pod}-log-adapter")
+        assert names.index("exit_with_tombstone") < names.index("drain_finished"), names
+    tombstone = json.loads((tmp_path / "volumes" / "pod-health" / "main.json").read_text())
+    assert (tombstone["phase"], tombstone["exit_code"]) == ("exited", 3)
+    tree = tmp_path / "volumes" / "podpatterns"
+    size = sum(p.stat().st_size for p in tree.rglob("*") if p.is_file() and not p.is_symlink())
+    print(f"copy-in: {size / 1e6:.1f} MB in the emptyDir")
+
+
+@contextlib.contextmanager
+def grpc_health_server() -> Iterator[int]:
+    """A real gRPC server with the standard health service, SERVING, on 127.0.0.1."""
+    import grpc
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    servicer = health.HealthServicer()
+    servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        yield port
+    finally:
+        server.stop(grace=None)
+
+
+def test_tools_with_the_grpc_extra(podman: Engine, base: str) -> None:
+    """EXTRAS=grpc: the slimmed tree keeps what grpcio imports, the image stays within
+    60 MB, and `wait --for grpc://` passes against a real gRPC health server."""
+    tag = "localhost/podpatterns-tools-grpc:test"
+    try:
+        build(podman, "tools", base, tag, "--build-arg", "EXTRAS=grpc")
+        size = podman.size(tag)
+        print(f"image sizes (MB): {tag} {size / 1e6:.1f}")
+        assert size <= MAX_IMAGE_BYTES, size
+        with grpc_health_server() as port:
+            done = podman.run(
+                "run", "--rm", "--network", "host", *LOCKED_DOWN, tag,
+                "wait", f"--for=grpc://127.0.0.1:{port}", "--timeout=20s",
+                "--", "python3", "-c", "print('serving')",
+            )  # fmt: skip
+        assert done.stdout.strip() == "serving", done.stderr
     finally:
         podman.run("rmi", "-f", tag, check=False)
