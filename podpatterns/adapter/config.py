@@ -17,7 +17,9 @@ from typing import Any
 
 from podpatterns.errors import ConfigError
 from podpatterns.options import (
+    HostPort,
     Option,
+    parse_bind,
     parse_bool,
     parse_choice,
     parse_duration,
@@ -122,6 +124,32 @@ def parse_rate(text: str) -> float | None:
     return value
 
 
+def parse_local_bind(text: str) -> HostPort:
+    """Parse ``HOST:PORT``, or a bare ``PORT`` on 127.0.0.1 (the Pod's loopback)."""
+    text = text.strip()
+    if text.isascii() and text.isdigit():
+        text = f"127.0.0.1:{text}"
+    return parse_bind(text)
+
+
+class FileMode(int):
+    """Permission bits, shown in octal (``0666``) in --help and the docs."""
+
+    def __str__(self) -> str:
+        return f"0{self:o}"
+
+
+def parse_file_mode(text: str) -> FileMode:
+    """Parse permission bits in octal: ``0666``, ``660``."""
+    try:
+        value = int(text.strip(), 8)
+    except ValueError:
+        raise ValueError("is not an octal file mode (e.g. 0666 or 0660)") from None
+    if not 0 <= value <= 0o777:
+        raise ValueError("is out of range (0000-0777)")
+    return FileMode(value)
+
+
 def _a(name: str, parse: Any, default: Any, help: str, **kw: Any) -> Option[Any]:
     return Option(name, parse, default, help, scope="adapter", **kw)
 
@@ -216,6 +244,51 @@ INPUT_OPTIONS: tuple[Option[Any], ...] = (
     ),
     _a("batch_max_records", parse_int(1, 1_000_000), 2000, "records per sink batch", metavar="N"),
     _a("batch_max_bytes", parse_size, 1024 * 1024, "bytes of lines per sink batch", metavar="SIZE"),
+    # -- syslog inputs (podpatterns/adapter/inputs/syslog.py) --
+    _a(
+        "syslog_unix",
+        parse_path,
+        None,
+        "unix datagram socket to receive syslog on (point an app's /dev/log at it)",
+        metavar="PATH",
+    ),
+    _a(
+        "syslog_unix_stream",
+        parse_path,
+        None,
+        "unix stream socket to receive syslog on (RFC 6587 framing, backpressure)",
+        metavar="PATH",
+    ),
+    _a(
+        "syslog_tcp",
+        parse_local_bind,
+        None,
+        "TCP address to receive syslog on (RFC 6587 framing, backpressure); "
+        "a bare PORT binds 127.0.0.1",
+        metavar="HOST:PORT",
+    ),
+    _a(
+        "syslog_udp",
+        parse_local_bind,
+        None,
+        "UDP address to receive syslog on (best effort, drops counted); "
+        "a bare PORT binds 127.0.0.1",
+        metavar="HOST:PORT",
+    ),
+    _a(
+        "syslog_socket_mode",
+        parse_file_mode,
+        FileMode(0o666),
+        "permissions of the syslog unix socket files (octal)",
+        metavar="MODE",
+    ),
+    _a(
+        "syslog_max_message",
+        parse_size,
+        64 * 1024,
+        "longer syslog messages are truncated to this and marked truncated",
+        metavar="SIZE",
+    ),
 )
 
 PROCESS_OPTIONS: tuple[Option[Any], ...] = (
@@ -457,6 +530,12 @@ class AdapterConfig:
     queue_max_bytes: int = 8 * 1024 * 1024
     batch_max_records: int = 2000
     batch_max_bytes: int = 1024 * 1024
+    syslog_unix: Path | None = None
+    syslog_unix_stream: Path | None = None
+    syslog_tcp: HostPort | None = None
+    syslog_udp: HostPort | None = None
+    syslog_socket_mode: int = FileMode(0o666)
+    syslog_max_message: int = 64 * 1024
     parse: str = "raw"
     regex: re.Pattern[str] | None = None
     on_parse_error: str = "raw"
@@ -498,8 +577,12 @@ class AdapterConfig:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     def __post_init__(self) -> None:
-        if not self.path:
-            raise ConfigError("--path: missing (give a glob, e.g. --path '/var/log/app/*.log')")
+        if not self.path and not self.syslog_inputs:
+            raise ConfigError(
+                "--path: missing (give a glob, e.g. --path '/var/log/app/*.log', or an input "
+                "such as --syslog-unix)"
+            )
+        self._check_syslog()
         if self.parse == "regex" and self.regex is None:
             raise ConfigError("--regex: missing (--parse regex needs a pattern with named groups)")
         if self.regex is not None and not self.regex.groupindex:
@@ -544,6 +627,27 @@ class AdapterConfig:
         if self.batch_max_bytes > self.queue_max_bytes:
             raise ConfigError(
                 f"--queue-max-bytes: {self.queue_max_bytes} must be >= --batch-max-bytes"
+            )
+
+    @property
+    def syslog_inputs(self) -> list[str]:
+        """The flags of the syslog inputs given."""
+        return [
+            f"--{name.replace('_', '-')}"
+            for name in ("syslog_unix", "syslog_unix_stream", "syslog_tcp", "syslog_udp")
+            if getattr(self, name) is not None
+        ]
+
+    def _check_syslog(self) -> None:
+        if not 480 <= self.syslog_max_message <= 16 * 1024 * 1024:
+            raise ConfigError(
+                f"--syslog-max-message: {self.syslog_max_message} is out of range "
+                "(480 bytes, the least RFC 5424 allows, to 16MiB)"
+            )
+        if self.syslog_unix is not None and self.syslog_unix == self.syslog_unix_stream:
+            raise ConfigError(
+                f"--syslog-unix-stream: {str(self.syslog_unix_stream)!r} is also --syslog-unix "
+                "(give the two sockets different paths)"
             )
 
     def _check_sink_path(self) -> None:

@@ -1,0 +1,583 @@
+"""Syslog inputs: parsing, RFC 6587 framing, unix/TCP/UDP listeners fed by real clients
+(util-linux ``logger``, Python's ``SysLogHandler``, a real rsyslog forwarding over TCP),
+backpressure on streams and counted drops on datagrams."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import logging.handlers
+import os
+import socket
+import stat
+import subprocess
+import threading
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from podpatterns.adapter.config import build
+from podpatterns.adapter.inputs import Record, SpoolFull
+from podpatterns.adapter.inputs.syslog import (
+    READ_CHUNK,
+    Framer,
+    SyslogDatagramInput,
+    SyslogStreamInput,
+    bind_unix,
+    parse_message,
+)
+from podpatterns.errors import BindError, ConfigError
+from podpatterns.options import HostPort
+from tests.peers import need
+from tests.waiting import eventually
+
+LOCAL = HostPort("127.0.0.1", 0)
+NOW = time.struct_time((2026, 12, 2, 8, 0, 0, 2, 336, 0))
+
+
+class MemorySpool:
+    """An in-memory :class:`~podpatterns.adapter.inputs.Spool` the test can fill up."""
+
+    def __init__(self) -> None:
+        self.records: list[Record] = []
+        self.sources: set[str] = set()
+        self.refused = 0
+        self.waiting = 0
+        self.capacity: int | None = None
+        """Records after which the spool turns full by itself."""
+        self._space = asyncio.Event()
+        self._space.set()
+
+    @property
+    def full(self) -> bool:
+        return not self._space.is_set()
+
+    @full.setter
+    def full(self, value: bool) -> None:
+        if value:
+            self._space.clear()
+        else:
+            self._space.set()
+
+    async def append(self, records: list[Record], *, source: str) -> None:
+        if self.full:
+            self.refused += 1
+            raise SpoolFull(0.1)
+        self.records.extend(records)
+        self.sources.add(source)
+        if self.capacity is not None and len(self.records) >= self.capacity:
+            self.full = True
+
+    async def wait_for_space(self) -> None:
+        self.waiting += 1
+        try:
+            await self._space.wait()
+        finally:
+            self.waiting -= 1
+
+    def messages(self) -> list[str]:
+        return [r["message"] for r in self.records]
+
+
+@pytest.fixture
+def spool() -> MemorySpool:
+    return MemorySpool()
+
+
+@contextlib.asynccontextmanager
+async def started(inp: Any, spool: MemorySpool) -> AsyncIterator[Any]:
+    await inp.start(spool)
+    try:
+        yield inp
+    finally:
+        await inp.close()
+
+
+async def run(*argv: str) -> None:
+    """Run a client command to its end without blocking the loop the inputs run on."""
+    proc = await asyncio.create_subprocess_exec(
+        *argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    out, _ = await proc.communicate()
+    assert proc.returncode == 0, f"{argv}: {out.decode(errors='replace')}"
+
+
+async def has(spool: MemorySpool, n: int) -> list[Record]:
+    await eventually(lambda: len(spool.records) >= n, f"{n} records in the spool")
+    return spool.records
+
+
+# -- parsing --------------------------------------------------------------------------
+
+
+def test_rfc5424_fields_and_structured_data() -> None:
+    """An RFC 5424 message gives named facility/severity, header fields, SD as a nested
+    dict (escapes undone) and the message without its BOM."""
+    text = (
+        '<165>1 2026-12-02T08:00:00.123Z web-1 myapp 42 ID47 [exampleSDID@32473 iut="3" '
+        'eventSource="Appli\\"cation" eventID="1011"][examplePriority@32473 class="high"] '
+        "\ufeffAn application event"
+    )
+    assert parse_message(text) == {
+        "facility": "local4",
+        "severity": "notice",
+        "timestamp": "2026-12-02T08:00:00.123Z",
+        "hostname": "web-1",
+        "app_name": "myapp",
+        "procid": "42",
+        "msgid": "ID47",
+        "structured_data": {
+            "exampleSDID@32473": {"iut": "3", "eventSource": 'Appli"cation', "eventID": "1011"},
+            "examplePriority@32473": {"class": "high"},
+        },
+        "message": "An application event",
+    }
+
+
+def test_rfc5424_nil_fields_are_absent() -> None:
+    """RFC 5424's ``-`` leaves a field out; a message may be empty."""
+    assert parse_message("<14>1 - - - - - -") == {
+        "facility": "user",
+        "severity": "info",
+        "message": "",
+    }
+
+
+@pytest.mark.parametrize(
+    ("text", "fields"),
+    [
+        (  # a remote sender: timestamp, host, tag[pid]
+            "<34>Oct 11 22:14:15 mymachine su[99]: 'su root' failed",
+            {
+                "facility": "auth",
+                "severity": "crit",
+                "timestamp": "2026-10-11T22:14:15",
+                "hostname": "mymachine",
+                "app_name": "su",
+                "procid": "99",
+                "message": "'su root' failed",
+            },
+        ),
+        (  # glibc's syslog() on /dev/log: no host name
+            "<13>Dec  2 07:59:58 myapp[123]: key: value",
+            {
+                "facility": "user",
+                "severity": "notice",
+                "timestamp": "2026-12-02T07:59:58",
+                "app_name": "myapp",
+                "procid": "123",
+                "message": "key: value",
+            },
+        ),
+        (  # a December message received in January is last year's
+            "<13>Dec 31 23:59:59 h app: x",
+            {"timestamp": "2026-12-31T23:59:59"},
+        ),
+        (  # Python's SysLogHandler: no timestamp
+            "<11>myapp: it broke",
+            {"facility": "user", "severity": "err", "app_name": "myapp", "message": "it broke"},
+        ),
+        ("<6>just text", {"facility": "kern", "severity": "info", "message": "just text"}),
+    ],
+)
+def test_rfc3164_variants(text: str, fields: dict[str, str]) -> None:
+    """The BSD forms apps really send parse into the same fields."""
+    now = NOW if "Dec 31" not in text else time.struct_time((2027, 1, 1, 0, 0, 0, 4, 1, 0))
+    rec = parse_message(text, now)
+    assert rec is not None
+    assert {k: rec.get(k) for k in fields} == fields
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["no pri", "<192>1 - - - - - -", "<>x", "<13", "<14>1 - - - - - [bad", "<14>1 - - - -"],
+)
+def test_unparseable(text: str) -> None:
+    """No valid PRI, or a malformed RFC 5424 header or SD: not parsed (kept raw)."""
+    assert parse_message(text) is None
+
+
+# -- framing --------------------------------------------------------------------------
+
+STREAM = (
+    b"<13>newline framed\n"
+    b"17 <14>octet\ncounted"
+    b"<15>nul terminated\0"
+    b"\n5 <9>ab"
+    b"<13>crlf\r\n"
+    b"2026-12-02 is not a length\n"
+)
+FRAMES = [
+    b"<13>newline framed",
+    b"<14>octet\ncounted",
+    b"<15>nul terminated",
+    b"<9>ab",
+    b"<13>crlf",
+    b"2026-12-02 is not a length",
+]
+
+
+@pytest.mark.parametrize("step", [1, 2, 3, 7, len(STREAM)])
+def test_framer_detects_framing_per_message(step: int) -> None:
+    """Octet-counted, LF- and NUL-terminated frames mixed in one stream, fed in any chunks."""
+    framer = Framer(1024)
+    got: list[bytes] = []
+    for i in range(0, len(STREAM), step):
+        got += [m for m, truncated in framer.feed(STREAM[i : i + step]) if not truncated]
+    assert got == FRAMES
+    assert framer.held == 0
+
+
+def test_framer_truncates_and_skips_exactly() -> None:
+    """Over-long frames keep their head, marked; the rest is skipped (an octet-counted one
+    by its length), never held, and the next frame is intact."""
+    framer = Framer(480)
+    big = b"<13>" + b"x" * 2000
+    data = b"%d " % len(big) + big + b"<13>next\n" + big + b"\n<13>after\n"
+    got = []
+    for i in range(0, len(data), 100):
+        got += framer.feed(data[i : i + 100])
+        assert framer.held <= 480 + 100
+    assert got == [
+        (big[:480], True),
+        (b"<13>next", False),
+        (big[:480], True),
+        (b"<13>after", False),
+    ]
+
+
+def test_framer_flush_emits_unterminated_tail() -> None:
+    """At the end of a stream an unterminated message is emitted."""
+    framer = Framer(1024)
+    assert framer.feed(b"<13>no newline") == []
+    assert framer.flush() == (b"<13>no newline", False)
+    assert framer.flush() is None
+
+
+# -- unix sockets ---------------------------------------------------------------------
+
+
+def test_bind_unix_replaces_stale_socket_with_mode(tmp_path: Path) -> None:
+    """A stale socket file is replaced; the new one has the asked permissions at once."""
+    path = tmp_path / "log"
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    stale.bind(str(path))
+    stale.close()
+    sock = bind_unix(path, socket.SOCK_DGRAM, 0o620, "--syslog-unix")
+    try:
+        st = os.lstat(path)
+        assert stat.S_ISSOCK(st.st_mode)
+        assert stat.S_IMODE(st.st_mode) == 0o620
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["log"]  # no temporary left
+    finally:
+        sock.close()
+
+
+def test_bind_unix_refuses_live_socket_and_other_files(tmp_path: Path) -> None:
+    """A socket something listens on, or a path that is not a socket, is a BindError."""
+    live = tmp_path / "live"
+    other = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    other.bind(str(live))
+    regular = tmp_path / "file"
+    regular.write_text("data")
+    try:
+        with pytest.raises(BindError, match=r"--syslog-unix: .*live' is in use"):
+            bind_unix(live, socket.SOCK_DGRAM, 0o666, "--syslog-unix")
+        with pytest.raises(BindError, match=r"--syslog-unix: .*file' exists and is not a socket"):
+            bind_unix(regular, socket.SOCK_DGRAM, 0o666, "--syslog-unix")
+        assert regular.read_text() == "data"
+    finally:
+        other.close()
+
+
+async def test_socket_file_removed_on_close_unless_replaced(
+    tmp_path: Path, spool: MemorySpool
+) -> None:
+    """close() removes the input's socket file, but not one another process put there."""
+    path = tmp_path / "log"
+    inp = SyslogDatagramInput("syslog_unix", "--syslog-unix", path)
+    await inp.start(spool)
+    await inp.close()
+    assert not path.exists()
+    inp = SyslogDatagramInput("syslog_unix", "--syslog-unix", path)
+    await inp.start(spool)
+    path.unlink()
+    successor = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    successor.bind(str(path))
+    try:
+        await inp.close()
+        assert path.exists()
+    finally:
+        successor.close()
+
+
+# -- real clients ---------------------------------------------------------------------
+
+
+async def test_logger_unix_datagram_dev_log_symlink(tmp_path: Path, spool: MemorySpool) -> None:
+    """``logger`` writing to a /dev/log-style symlink reaches the unix datagram input, in
+    both formats, with the fields parsed."""
+    logger = need("logger")
+    path = tmp_path / "syslog.sock"
+    dev_log = tmp_path / "dev-log"
+    dev_log.symlink_to(path)
+    async with started(SyslogDatagramInput("syslog_unix", "--syslog-unix", path), spool):
+        await run(logger, "--socket", str(dev_log), "-t", "app", "-p", "daemon.err", "one")
+        await run(
+            logger,
+            *("--socket", str(dev_log), "--rfc5424", "-t", "app", "-p", "local0.info"),
+            *("--msgid", "M1", "--sd-id", "ctx@1", "--sd-param", 'user="bob"', "two"),
+        )
+        recs = await has(spool, 2)
+    by = {r["message"]: r for r in recs}
+    assert by["one"]["facility"] == "daemon" and by["one"]["severity"] == "err"
+    assert by["one"]["app_name"] == "app" and "timestamp" in by["one"]
+    two = by["two"]
+    assert (two["facility"], two["severity"], two["app_name"]) == ("local0", "info", "app")
+    assert two["msgid"] == "M1"
+    assert two["structured_data"]["ctx@1"] == {"user": "bob"}
+    assert spool.sources == {"syslog_unix"}
+    assert not any("parse_error" in r for r in recs)
+
+
+async def test_logger_unix_stream(tmp_path: Path, spool: MemorySpool) -> None:
+    """``logger --socket`` on a unix stream socket (it falls back from datagram)."""
+    logger = need("logger")
+    path = tmp_path / "stream.sock"
+    inp = SyslogStreamInput("syslog_unix_stream", "--syslog-unix-stream", path)
+    async with started(inp, spool):
+        for word in ("alpha", "beta"):
+            await run(logger, "--socket", str(path), "-t", "app", word)
+        recs = await has(spool, 2)
+    assert [r["message"] for r in recs] == ["alpha", "beta"]
+    assert all(r["app_name"] == "app" for r in recs)
+    assert inp.counters.connections == 2
+
+
+@pytest.mark.parametrize("framing", [["--octet-count"], []], ids=["octet", "newline"])
+async def test_logger_tcp_both_framings(spool: MemorySpool, framing: list[str]) -> None:
+    """``logger --tcp`` with octet counting and with newline framing, RFC 5424 and 3164."""
+    logger = need("logger")
+    async with started(SyslogStreamInput("syslog_tcp", "--syslog-tcp", LOCAL), spool) as inp:
+        port = str(inp.port)
+        for fmt in ("--rfc5424", "--rfc3164"):
+            await run(
+                logger, "--tcp", "--server", "127.0.0.1", "--port", port, fmt, *framing,
+                "-t", "web", "-p", "user.warning", f"hello {fmt}",
+            )  # fmt: skip
+        recs = await has(spool, 2)
+    assert [r["message"] for r in recs] == ["hello --rfc5424", "hello --rfc3164"]
+    for r in recs:
+        assert (r["app_name"], r["severity"], r["hostname"]) == ("web", "warning", r["hostname"])
+        assert r["hostname"]
+        assert "parse_error" not in r
+
+
+async def test_logger_udp(spool: MemorySpool) -> None:
+    """``logger --udp`` reaches the UDP input."""
+    logger = need("logger")
+    async with started(SyslogDatagramInput("syslog_udp", "--syslog-udp", LOCAL), spool) as inp:
+        await run(
+            logger, "--udp", "--server", "127.0.0.1", "--port", str(inp.port),
+            "--rfc5424", "-t", "web", "over udp",
+        )  # fmt: skip
+        [rec] = await has(spool, 1)
+    assert (rec["message"], rec["app_name"]) == ("over udp", "web")
+
+
+def _emit(handler: logging.Handler, messages: list[str]) -> None:
+    log = logging.getLogger(f"syslog-test-{id(handler)}")
+    log.propagate = False
+    log.addHandler(handler)
+    try:
+        for m in messages:
+            log.warning(m)
+    finally:
+        log.removeHandler(handler)
+        handler.close()
+
+
+@pytest.mark.parametrize("kind", ["unix", "tcp", "udp"])
+async def test_python_syslog_handler(tmp_path: Path, spool: MemorySpool, kind: str) -> None:
+    """Python's ``logging.handlers.SysLogHandler`` over a unix datagram socket, TCP and UDP
+    (it ends each message with a NUL and sends no timestamp)."""
+    inp: SyslogStreamInput | SyslogDatagramInput
+    if kind == "unix":
+        inp = SyslogDatagramInput("syslog_unix", "--syslog-unix", tmp_path / "log")
+    elif kind == "tcp":
+        inp = SyslogStreamInput("syslog_tcp", "--syslog-tcp", LOCAL)
+    else:
+        inp = SyslogDatagramInput("syslog_udp", "--syslog-udp", LOCAL)
+    async with started(inp, spool):
+        address: Any = str(inp.address) if kind == "unix" else ("127.0.0.1", inp.port)
+        socktype = socket.SOCK_STREAM if kind == "tcp" else socket.SOCK_DGRAM
+
+        def send() -> None:
+            handler = logging.handlers.SysLogHandler(
+                address, facility="local5", socktype=None if kind == "unix" else socktype
+            )
+            handler.ident = "pyapp: "
+            _emit(handler, ["first", "second"])
+
+        await asyncio.to_thread(send)
+        recs = await has(spool, 2)
+    assert [r["message"] for r in recs] == ["first", "second"]
+    for r in recs:
+        assert (r["facility"], r["severity"], r["app_name"]) == ("local5", "warning", "pyapp")
+
+
+RSYSLOG_CONF = """
+global(workDirectory="{work}")
+module(load="imuxsock" SysSock.Use="off")
+input(type="imuxsock" Socket="{work}/in.sock")
+*.* action(type="omfwd" target="127.0.0.1" port="{port}" protocol="tcp"
+           TCP_Framing="octet-counted" template="RSYSLOG_SyslogProtocol23Format")
+"""
+
+
+@pytest.mark.peer
+async def test_rsyslog_forwards_octet_counted_rfc5424(tmp_path: Path, spool: MemorySpool) -> None:
+    """A real rsyslog (imuxsock -> omfwd TCP, octet-counted, RFC 5424 template) forwarding
+    into the TCP input: the app's fields arrive as sent."""
+    rsyslogd = need("rsyslogd")
+    logger = need("logger")
+    async with started(SyslogStreamInput("syslog_tcp", "--syslog-tcp", LOCAL), spool) as inp:
+        conf = tmp_path / "rsyslog.conf"
+        conf.write_text(RSYSLOG_CONF.format(work=tmp_path, port=inp.port))
+        log = (tmp_path / "rsyslog.log").open("wb")
+        proc = await asyncio.create_subprocess_exec(
+            *(rsyslogd, "-n", "-f", str(conf), "-i", str(tmp_path / "pid")),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            sock = tmp_path / "in.sock"
+            await eventually(
+                lambda: sock.exists() or proc.returncode is not None, "rsyslog's socket"
+            )
+            assert proc.returncode is None, (tmp_path / "rsyslog.log").read_text()
+            await run(
+                logger, "--socket", str(sock), "-t", "shop", "-i", "-p", "local2.notice",
+                "order 17 paid",
+            )  # fmt: skip
+            # rsyslog's %msg% keeps the space after "shop:"; RFC 5424 keeps it in MSG.
+            await eventually(
+                lambda: " order 17 paid" in spool.messages(), "the app's message via rsyslog"
+            )
+        finally:
+            proc.terminate()
+            await asyncio.wait_for(proc.wait(), 15)
+            log.close()
+    [rec] = [r for r in spool.records if r["message"] == " order 17 paid"]
+    assert (rec["facility"], rec["severity"], rec["app_name"]) == ("local2", "notice", "shop")
+    assert rec["hostname"] and rec["procid"].isdigit() and rec["timestamp"][:2] == "20"
+    assert not any("parse_error" in r for r in spool.records)
+    assert inp.counters.connections >= 1
+
+
+# -- backpressure and drops -----------------------------------------------------------
+
+
+def _buffers() -> int:
+    """The most bytes the kernel can buffer on one loopback TCP connection (both ends)."""
+    rmem = int(Path("/proc/sys/net/ipv4/tcp_rmem").read_text().split()[2])
+    wmem = int(Path("/proc/sys/net/ipv4/tcp_wmem").read_text().split()[2])
+    return rmem + wmem
+
+
+async def test_tcp_backpressure_pauses_client_nothing_lost(spool: MemorySpool) -> None:
+    """Once the spool is full the TCP input reads no more: a client writing more than every
+    buffer can hold is held up; once there is space, every message arrives, in order."""
+    line = b"<14>1 - h app - - - " + b"x" * 1000 + b" %08d\n"
+    size = len(line % 0)
+    spool.capacity = 200  # full after ~200 records: mid-stream, not before the first read
+    count = (_buffers() + 200 * size + 4 * READ_CHUNK) // size + 1000
+    payload = b"".join(line % i for i in range(count))
+    async with started(SyslogStreamInput("syslog_tcp", "--syslog-tcp", LOCAL), spool) as inp:
+        done = threading.Event()
+
+        def client() -> None:
+            with socket.create_connection(("127.0.0.1", inp.port)) as s:
+                s.sendall(payload)
+            done.set()
+
+        sender = asyncio.ensure_future(asyncio.to_thread(client))
+        try:
+            await eventually(lambda: spool.waiting, "the input waiting for space")
+            # Waiting, it reads nothing more: it has read at most the records the spool
+            # took and two chunks, so the client (more than every buffer) cannot be done.
+            assert inp.counters.bytes_read <= len(spool.records) * size + 2 * READ_CHUNK
+            assert not done.is_set()
+            spool.capacity = None
+            spool.full = False
+            await has(spool, count)
+        finally:
+            spool.full = False
+            await asyncio.wait_for(sender, 60)
+    assert [r["message"][-8:] for r in spool.records] == [f"{i:08d}" for i in range(count)]
+    assert inp.counters.messages == count
+
+
+async def test_udp_drops_counted_when_spool_full(spool: MemorySpool) -> None:
+    """A full spool drops datagrams, every one counted; later ones get through."""
+    spool.full = True
+    async with started(SyslogDatagramInput("syslog_udp", "--syslog-udp", LOCAL), spool) as inp:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            for i in range(50):
+                s.sendto(b"<14>dropped %d" % i, ("127.0.0.1", inp.port))
+            await eventually(lambda: inp.counters.dropped == 50, "50 drops counted")
+            assert spool.records == []
+            spool.full = False
+            s.sendto(b"<14>kept", ("127.0.0.1", inp.port))
+            await has(spool, 1)
+    assert spool.messages() == ["kept"]
+    assert inp.collect()["dropped"] == 50
+
+
+async def test_unparseable_and_oversized_counted(spool: MemorySpool) -> None:
+    """A message without PRI is kept raw and counted; an over-long one cut and counted."""
+    inp = SyslogStreamInput("syslog_tcp", "--syslog-tcp", LOCAL, max_message=480)
+    async with started(inp, spool):
+        _, writer = await asyncio.open_connection("127.0.0.1", inp.port)
+        writer.write(b"not syslog at all\n<13>" + b"y" * 1000 + b"\n")
+        await writer.drain()
+        writer.close()
+        recs = await has(spool, 2)
+    assert recs[0] == {"message": "not syslog at all", "parse_error": "syslog"}
+    assert recs[1]["truncated"] is True and len(recs[1]["message"]) == 480 - 4
+    c = inp.collect()
+    assert (c["parse_errors"], c["truncated"], c["messages"]) == (1, 1, 2)
+
+
+# -- configuration --------------------------------------------------------------------
+
+
+def test_config_bare_port_binds_loopback() -> None:
+    """``--syslog-tcp 5514`` binds 127.0.0.1; a host is used only when given."""
+    cfg = build({"syslog_tcp": "5514", "syslog_udp": "0.0.0.0:514"}, {}, {})
+    assert cfg.syslog_tcp == HostPort("127.0.0.1", 5514)
+    assert cfg.syslog_udp == HostPort("0.0.0.0", 514)
+    assert cfg.path == ()  # a syslog input alone is enough
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        ({"syslog_tcp": "nope"}, "--syslog-tcp: 'nope' is not HOST:PORT"),
+        ({"syslog_unix": "/x", "syslog_socket_mode": "999"}, "--syslog-socket-mode: '999' is not"),
+        (
+            {"syslog_unix": "/x", "syslog_max_message": "10"},
+            "--syslog-max-message: 10 is out of range",
+        ),
+        ({"syslog_unix": "/x", "syslog_unix_stream": "/x"}, "--syslog-unix-stream: '/x' is also"),
+    ],
+)
+def test_config_errors_name_the_option(flags: dict[str, str], message: str) -> None:
+    """Bad syslog options are one-line errors naming the option and the value."""
+    with pytest.raises(ConfigError) as err:
+        build(flags, {}, {})
+    assert str(err.value).startswith(message)
