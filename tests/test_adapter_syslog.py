@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import logging.handlers
 import os
@@ -33,9 +34,11 @@ from podpatterns.adapter.inputs.syslog import (
 from podpatterns.errors import BindError, ConfigError
 from podpatterns.options import HostPort
 from tests.peers import need
-from tests.waiting import eventually
+from tests.proc import Proc
+from tests.waiting import eventually, wait_until
 
 LOCAL = HostPort("127.0.0.1", 0)
+SPOOL = {"spool_dir": "/spool"}
 NOW = time.struct_time((2026, 12, 2, 8, 0, 0, 2, 336, 0))
 
 
@@ -558,7 +561,7 @@ async def test_unparseable_and_oversized_counted(spool: MemorySpool) -> None:
 
 def test_config_bare_port_binds_loopback() -> None:
     """``--syslog-tcp 5514`` binds 127.0.0.1; a host is used only when given."""
-    cfg = build({"syslog_tcp": "5514", "syslog_udp": "0.0.0.0:514"}, {}, {})
+    cfg = build({"syslog_tcp": "5514", "syslog_udp": "0.0.0.0:514", **SPOOL}, {}, {})
     assert cfg.syslog_tcp == HostPort("127.0.0.1", 5514)
     assert cfg.syslog_udp == HostPort("0.0.0.0", 514)
     assert cfg.path == ()  # a syslog input alone is enough
@@ -568,12 +571,19 @@ def test_config_bare_port_binds_loopback() -> None:
     ("flags", "message"),
     [
         ({"syslog_tcp": "nope"}, "--syslog-tcp: 'nope' is not HOST:PORT"),
-        ({"syslog_unix": "/x", "syslog_socket_mode": "999"}, "--syslog-socket-mode: '999' is not"),
+        ({"syslog_unix": "/x"}, "--spool-dir: missing (--syslog-unix needs"),
         (
-            {"syslog_unix": "/x", "syslog_max_message": "10"},
+            {"syslog_unix": "/x", "syslog_socket_mode": "999", **SPOOL},
+            "--syslog-socket-mode: '999' is not",
+        ),
+        (
+            {"syslog_unix": "/x", "syslog_max_message": "10", **SPOOL},
             "--syslog-max-message: 10 is out of range",
         ),
-        ({"syslog_unix": "/x", "syslog_unix_stream": "/x"}, "--syslog-unix-stream: '/x' is also"),
+        (
+            {"syslog_unix": "/x", "syslog_unix_stream": "/x", **SPOOL},
+            "--syslog-unix-stream: '/x' is also",
+        ),
     ],
 )
 def test_config_errors_name_the_option(flags: dict[str, str], message: str) -> None:
@@ -581,3 +591,78 @@ def test_config_errors_name_the_option(flags: dict[str, str], message: str) -> N
     with pytest.raises(ConfigError) as err:
         build(flags, {}, {})
     assert str(err.value).startswith(message)
+
+
+# -- end to end: the adapter command, a file sink -------------------------------------
+
+
+@pytest.mark.peer
+def test_adapter_command_syslog_inputs_to_file_sink(tmp_path: Path, procs: list[Proc]) -> None:
+    """``podpatterns adapter`` with the four syslog inputs and a file sink: logger (unix
+    datagram via a /dev/log symlink, unix stream, UDP), SysLogHandler and a real rsyslog
+    forwarding over TCP all arrive with their fields and their input; SIGTERM exits 0 and
+    removes the socket files."""
+    logger = need("logger")
+    rsyslogd = need("rsyslogd")
+    dgram, stream, out = tmp_path / "log.sock", tmp_path / "stream.sock", tmp_path / "out.ndjson"
+    adapter = Proc(
+        "adapter",
+        *("--syslog-unix", str(dgram), "--syslog-unix-stream", str(stream)),
+        *("--syslog-tcp", "127.0.0.1:0", "--syslog-udp", "127.0.0.1:0"),
+        *("--spool-dir", str(tmp_path / "spool"), "--sink", "file", "--sink-path", str(out)),
+        *("--admin", "127.0.0.1:0"),
+    )
+    procs.append(adapter)
+
+    def port(name: str) -> int:
+        event = adapter.wait_event("input_listening", lambda e: e.get("input") == name)
+        return int(str(event["address"]).rsplit(":", 1)[1])
+
+    tcp, udp = port("syslog_tcp"), port("syslog_udp")
+    adapter.wait_event("adapter_started")
+    dev_log = tmp_path / "dev-log"
+    dev_log.symlink_to(dgram)
+    subprocess.run([logger, "--socket", str(dev_log), "-t", "a", "via dev log"], check=True)
+    subprocess.run([logger, "--socket", str(stream), "-t", "b", "via stream"], check=True)
+    subprocess.run(
+        [logger, "--udp", "--server", "127.0.0.1", "--port", str(udp), "-t", "c", "via udp"],
+        check=True,
+    )
+    handler = logging.handlers.SysLogHandler(("127.0.0.1", tcp), socktype=socket.SOCK_STREAM)
+    handler.ident = "d: "
+    _emit(handler, ["via handler"])
+    conf = tmp_path / "rsyslog.conf"
+    conf.write_text(RSYSLOG_CONF.format(work=tmp_path, port=tcp))
+    with (tmp_path / "rsyslog.log").open("wb") as log:
+        rsyslog = subprocess.Popen(
+            [rsyslogd, "-n", "-f", str(conf), "-i", str(tmp_path / "pid")],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        wait_until(lambda: (tmp_path / "in.sock").exists() or rsyslog.poll() is not None)
+        assert rsyslog.poll() is None, (tmp_path / "rsyslog.log").read_text()
+        subprocess.run(
+            [logger, "--socket", str(tmp_path / "in.sock"), "-t", "e", "via rsyslog"], check=True
+        )
+
+        def records() -> dict[str, dict[str, Any]]:
+            text = out.read_text() if out.exists() else ""
+            recs = [json.loads(ln) for ln in text.splitlines()]
+            return {r["message"].strip(): r for r in recs if r["message"].startswith(("v", " v"))}
+
+        got = wait_until(lambda: len(r := records()) == 5 and r, "5 records in the file sink")
+    finally:
+        rsyslog.terminate()
+        rsyslog.wait(15)
+    assert adapter.terminate() == 0
+    expected = {
+        "via dev log": ("a", "syslog_unix"),
+        "via stream": ("b", "syslog_unix_stream"),
+        "via udp": ("c", "syslog_udp"),
+        "via handler": ("d", "syslog_tcp"),
+        "via rsyslog": ("e", "syslog_tcp"),
+    }
+    assert {m: (r.get("app_name"), r["input"]) for m, r in got.items()} == expected
+    assert all(r["severity"] == "notice" or m == "via handler" for m, r in got.items())
+    assert not dgram.exists() and not stream.exists()

@@ -244,6 +244,54 @@ INPUT_OPTIONS: tuple[Option[Any], ...] = (
     ),
     _a("batch_max_records", parse_int(1, 1_000_000), 2000, "records per sink batch", metavar="N"),
     _a("batch_max_bytes", parse_size, 1024 * 1024, "bytes of lines per sink batch", metavar="SIZE"),
+)
+
+PUSH_OPTIONS: tuple[Option[Any], ...] = (
+    _a(
+        "http_listen",
+        parse_bind,
+        None,
+        "serve OTLP/HTTP logs (POST /v1/logs) and NDJSON (POST /v1/logs/ndjson) on "
+        "HOST:PORT, e.g. 127.0.0.1:4318 (a non-loopback address is logged as a warning)",
+        metavar="HOST:PORT",
+    ),
+    _a(
+        "http_max_body",
+        parse_size,
+        4 * 1024 * 1024,
+        "largest HTTP request body, compressed or not (413 beyond it)",
+        metavar="SIZE",
+    ),
+    _a(
+        "tcp_listen",
+        parse_bind,
+        None,
+        "accept newline-delimited records (JSON or text) on HOST:PORT",
+        metavar="HOST:PORT",
+    ),
+    _a(
+        "spool_dir",
+        parse_path,
+        None,
+        "directory of the durable spool of pushed records (required with a pushed "
+        "input; holds the checkpoint too unless --checkpoint-dir is given)",
+        metavar="DIR",
+    ),
+    _a(
+        "spool_max_bytes",
+        parse_size,
+        256 * 1024 * 1024,
+        "most bytes of pushed records spooled and not yet acknowledged; beyond it HTTP "
+        "answers 429 and stream inputs stop reading",
+        metavar="SIZE",
+    ),
+    _a(
+        "spool_segment_bytes",
+        parse_size,
+        16 * 1024 * 1024,
+        "size at which a spool segment file is closed (deleted once acknowledged)",
+        metavar="SIZE",
+    ),
     # -- syslog inputs (podpatterns/adapter/inputs/syslog.py) --
     _a(
         "syslog_unix",
@@ -504,7 +552,7 @@ SINK_OPTIONS: tuple[Option[Any], ...] = (
     ),
 )
 
-ADAPTER_ONLY_OPTIONS = INPUT_OPTIONS + PROCESS_OPTIONS + SINK_OPTIONS
+ADAPTER_ONLY_OPTIONS = INPUT_OPTIONS + PUSH_OPTIONS + PROCESS_OPTIONS + SINK_OPTIONS
 ADAPTER_OPTIONS: tuple[Option[Any], ...] = RUNTIME_OPTIONS + ADAPTER_ONLY_OPTIONS
 
 
@@ -515,7 +563,7 @@ class AdapterConfig:
     Attributes mirror the options of the same names (see docs/reference.md).
     """
 
-    path: tuple[str, ...]
+    path: tuple[str, ...] = ()
     read_from: str = "beginning"
     checkpoint_dir: Path | None = None
     watch: str = "auto"
@@ -530,6 +578,12 @@ class AdapterConfig:
     queue_max_bytes: int = 8 * 1024 * 1024
     batch_max_records: int = 2000
     batch_max_bytes: int = 1024 * 1024
+    http_listen: HostPort | None = None
+    http_max_body: int = 4 * 1024 * 1024
+    tcp_listen: HostPort | None = None
+    spool_dir: Path | None = None
+    spool_max_bytes: int = 256 * 1024 * 1024
+    spool_segment_bytes: int = 16 * 1024 * 1024
     syslog_unix: Path | None = None
     syslog_unix_stream: Path | None = None
     syslog_tcp: HostPort | None = None
@@ -577,11 +631,12 @@ class AdapterConfig:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     def __post_init__(self) -> None:
-        if not self.path and not self.syslog_inputs:
+        if not self.path and not self.pushed_inputs:
             raise ConfigError(
                 "--path: missing (give a glob, e.g. --path '/var/log/app/*.log', or an input "
-                "such as --syslog-unix)"
+                "over localhost such as --http-listen 127.0.0.1:4318)"
             )
+        self._check_spool()
         self._check_syslog()
         if self.parse == "regex" and self.regex is None:
             raise ConfigError("--regex: missing (--parse regex needs a pattern with named groups)")
@@ -630,13 +685,45 @@ class AdapterConfig:
             )
 
     @property
-    def syslog_inputs(self) -> list[str]:
-        """The flags of the syslog inputs given."""
-        return [
-            f"--{name.replace('_', '-')}"
-            for name in ("syslog_unix", "syslog_unix_stream", "syslog_tcp", "syslog_udp")
-            if getattr(self, name) is not None
-        ]
+    def pushed_inputs(self) -> tuple[str, ...]:
+        """The flags of the inputs over localhost that are configured."""
+        listens = (
+            ("--http-listen", self.http_listen),
+            ("--tcp-listen", self.tcp_listen),
+            ("--syslog-unix", self.syslog_unix),
+            ("--syslog-unix-stream", self.syslog_unix_stream),
+            ("--syslog-tcp", self.syslog_tcp),
+            ("--syslog-udp", self.syslog_udp),
+        )
+        return tuple(flag for flag, value in listens if value is not None)
+
+    @property
+    def state_dir(self) -> Path | None:
+        """Where the checkpoint lives: --checkpoint-dir, else --spool-dir."""
+        return self.checkpoint_dir if self.checkpoint_dir is not None else self.spool_dir
+
+    def _check_spool(self) -> None:
+        pushed = self.pushed_inputs
+        if pushed and self.spool_dir is None:
+            raise ConfigError(
+                f"--spool-dir: missing ({pushed[0]} needs a directory where accepted records "
+                "are kept until shipped, e.g. --spool-dir /var/lib/podpatterns/spool on a volume)"
+            )
+        if self.spool_max_bytes < 1024 * 1024:
+            raise ConfigError(
+                f"--spool-max-bytes: {self.spool_max_bytes} must be >= 1MiB (e.g. 256MiB)"
+            )
+        if self.spool_segment_bytes < 64 * 1024:
+            raise ConfigError(
+                f"--spool-segment-bytes: {self.spool_segment_bytes} must be >= 64KiB (e.g. 16MiB)"
+            )
+        if self.http_max_body < 1024:
+            raise ConfigError(f"--http-max-body: {self.http_max_body} must be >= 1KiB (e.g. 4MiB)")
+        http = self.http_listen
+        if http is not None and http.port and http == self.tcp_listen:
+            raise ConfigError(
+                f"--tcp-listen: {http} is --http-listen's address too (choose another port)"
+            )
 
     def _check_syslog(self) -> None:
         if not 480 <= self.syslog_max_message <= 16 * 1024 * 1024:

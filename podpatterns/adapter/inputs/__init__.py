@@ -17,9 +17,23 @@ transformed, shipped, and checkpointed only once every sink has acknowledged the
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from podpatterns.options import HostPort
 
 Record = dict[str, Any]
+
+
+def listen_warning(log: Any, flag: str, bind: HostPort) -> None:
+    """Warn when an input listens beyond loopback: anything that reaches it can push."""
+    if not bind.is_loopback:
+        log.warning(
+            "input_not_loopback",
+            input=flag,
+            address=str(bind),
+            note="reachable from outside the Pod; bind 127.0.0.1 unless that is intended",
+        )
 
 
 class SpoolFull(Exception):
@@ -53,7 +67,10 @@ class Input(Protocol):
         """Bind the listening sockets (a bind error raises) and start serving."""
 
     async def close(self) -> None:
-        """Stop accepting; requests in flight are answered before this returns."""
+        """Stop accepting; requests in flight are answered before this returns.
+
+        May be called again (the adapter's close() calls it after a cut drain).
+        """
 
     def collect(self) -> dict[str, float]:
         """Counters for the metrics collector (name -> value)."""

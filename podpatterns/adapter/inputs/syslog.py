@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from podpatterns import logs
-from podpatterns.adapter.inputs import Record, Spool, SpoolFull
+from podpatterns.adapter.inputs import Record, Spool, SpoolFull, listen_warning
 from podpatterns.errors import BindError
 from podpatterns.options import HostPort
 from podpatterns.tasks import TaskSet
@@ -78,6 +78,8 @@ SEVERITIES = ("emerg", "alert", "crit", "err", "warning", "notice", "info", "deb
 
 READ_CHUNK = 256 * 1024
 """Bytes a stream input reads (and appends) per turn."""
+CLOSE_TIMEOUT = 10.0
+"""Seconds close() waits for appends in flight before cancelling them."""
 DATAGRAM_PENDING_BYTES = 4 * 1024 * 1024
 """Bytes of datagram records waiting for an append in flight; beyond it, dropped."""
 
@@ -366,7 +368,8 @@ class SyslogCounters:
         parse_errors: messages kept raw (no valid PRI, malformed RFC 5424).
         invalid_utf8: messages with invalid UTF-8 (replaced).
         truncated: messages longer than the maximum (cut and marked).
-        dropped: datagrams dropped (spool full, or too many pending).
+        dropped: messages dropped: datagrams (spool full, or too many pending), and a
+            stream's last chunk when shutting down with the spool full.
         connections: stream connections accepted.
         connections_open: stream connections open now.
         connection_errors: stream connections ended by an error.
@@ -522,14 +525,8 @@ class _Listening:
             sock = _bind_inet(where, self._kind, self._option)
             host, port = sock.getsockname()[:2]
             self.address = HostPort(host, port)
-            if not self.address.is_loopback:
-                self._log.warning(
-                    "listen_not_loopback",
-                    input=self.name,
-                    listen=str(self.address),
-                    note="other hosts can reach this port unless a NetworkPolicy blocks it",
-                )
-        self._log.info("syslog_listening", input=self.name, listen=str(self.address))
+            listen_warning(self._log, self._option, self.address)
+        self._log.info("input_listening", input=self.name, address=str(self.address))
         return sock
 
     @property
@@ -642,7 +639,9 @@ class SyslogStreamInput(_Listening):
                     if last is not None:
                         messages.append(last)
                 if messages:
-                    await _append_waiting(spool, self._records.make(messages), self.name)
+                    records = self._records.make(messages)
+                    if not await _append_waiting(spool, records, self.name, self._is_closing):
+                        c.dropped += len(records)
                 if not data:
                     break
         finally:
@@ -650,8 +649,12 @@ class SyslogStreamInput(_Listening):
             self._reading.pop(task, None)
             writer.close()
 
+    def _is_closing(self) -> bool:
+        return self._closing
+
     async def close(self) -> None:
-        """Stop accepting; connections idle in a read end, appends in flight finish."""
+        """Stop accepting; connections idle in a read end, appends in flight finish
+        (within :data:`CLOSE_TIMEOUT`)."""
         self._closing = True
         if self._server is not None:
             self._server.close()
@@ -660,21 +663,30 @@ class SyslogStreamInput(_Listening):
                 task.cancel()
         busy = [t for t in self._reading if not t.done()]
         if busy:
-            await asyncio.wait(busy)
+            await asyncio.wait(busy, timeout=CLOSE_TIMEOUT)
         await self._tasks.aclose()
         if self._server is not None:
             await self._server.wait_closed()
         self._remove_socket_file()
 
 
-async def _append_waiting(spool: Spool, records: list[Record], source: str) -> None:
-    """Append, waiting for space as long as the spool is full (a stream pushes back)."""
+async def _append_waiting(
+    spool: Spool, records: list[Record], source: str, closing: Callable[[], bool]
+) -> bool:
+    """Append, waiting while the spool is full (a stream pushes back); retry a failing
+    disk. Returns False when shutting down with the spool full (nothing makes room)."""
+    delay = 0.05
     while True:
         try:
             await spool.append(records, source=source)
-            return
+            return True
         except SpoolFull:
+            if closing():
+                return False
             await spool.wait_for_space()
+        except OSError:
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
 
 
 class SyslogDatagramInput(_Listening):
