@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from podpatterns import logs
 from podpatterns.adapter.inputs import Record, Spool, SpoolFull, listen_warning
@@ -489,43 +489,69 @@ def _bind_inet(address: HostPort, kind: socket.SocketKind, option: str) -> socke
 
 
 class _Listening:
-    """What the inputs share: the bound address, the unix socket file, counters."""
+    """What the syslog inputs share: binding, the unix socket file, counters.
+
+    Args:
+        name: the input's name (the records' ``input``, the metrics' ``input``).
+        option: the option it comes from, for errors.
+        address: ``HostPort`` for TCP/UDP, a ``Path`` for a unix socket.
+        mode: permissions of the unix socket file.
+        max_message: longest message kept (longer ones truncated and counted).
+    """
+
+    kind: ClassVar[socket.SocketKind]
 
     def __init__(
         self,
         name: str,
         option: str,
         address: HostPort | Path,
-        kind: socket.SocketKind,
         *,
-        mode: int,
-        max_message: int,
+        mode: int = 0o666,
+        max_message: int = 64 * 1024,
     ) -> None:
         self.name = name
         self.counters = SyslogCounters()
         self.max_message = max_message
         self._option = option
         self._configured = address
-        self._kind = kind
         self._mode = mode
         self._unix_ino: int | None = None
         self._records = _Records(self.counters)
         self._tasks = TaskSet(name)
         self._log = logs.get("adapter")
+        self._spool: Spool | None = None
+        self._closing = False
         self.address: HostPort | Path | None = None
         """Where the input listens once started (the port the kernel chose, if 0)."""
+        self._setup()
+
+    def _setup(self) -> None:
+        """The subclass's own state."""
+
+    async def start(self, spool: Spool) -> None:
+        """Bind and start serving.
+
+        Raises:
+            BindError: the address or path cannot be bound.
+        """
+        self._spool = spool
+        await self._serve_on(self._bind())
+
+    async def _serve_on(self, sock: socket.socket) -> None:
+        raise NotImplementedError
 
     def _bind(self) -> socket.socket:
         where = self._configured
         if isinstance(where, Path):
-            sock = bind_unix(where, self._kind, self._mode, self._option)
+            sock = bind_unix(where, self.kind, self._mode, self._option)
             self._unix_ino = os.stat(where).st_ino
             self.address = where
         else:
-            sock = _bind_inet(where, self._kind, self._option)
+            sock = _bind_inet(where, self.kind, self._option)
             host, port = sock.getsockname()[:2]
             self.address = HostPort(host, port)
-            listen_warning(self._log, self._option, self.address)
+            listen_warning(self._log, self.name, self.address)
         self._log.info("input_listening", input=self.name, address=str(self.address))
         return sock
 
@@ -562,46 +588,23 @@ class _Listening:
 class SyslogStreamInput(_Listening):
     """Syslog over TCP or a unix stream socket (RFC 6587 framing), with backpressure.
 
-    Args:
-        name: the input's name (the spool's ``source``, the metrics' ``input``).
-        option: the option it comes from, for errors.
-        address: ``HostPort`` for TCP, a ``Path`` for a unix stream socket.
-        mode: permissions of the unix socket file.
-        max_message: longest message kept (longer ones truncated and counted).
+    Arguments as :class:`_Listening`'s; ``address`` a ``HostPort`` for TCP, a ``Path``
+    for a unix stream socket.
     """
 
-    def __init__(
-        self,
-        name: str,
-        option: str,
-        address: HostPort | Path,
-        *,
-        mode: int = 0o666,
-        max_message: int = 64 * 1024,
-    ) -> None:
-        super().__init__(
-            name, option, address, socket.SOCK_STREAM, mode=mode, max_message=max_message
-        )
+    kind = socket.SOCK_STREAM
+
+    def _setup(self) -> None:
         self._server: asyncio.AbstractServer | None = None
-        self._spool: Spool | None = None
         self._reading: dict[asyncio.Task[Any], bool] = {}  # connection -> idle in read()
-        self._closing = False
 
-    async def start(self, spool: Spool) -> None:
-        """Bind and start accepting.
-
-        Raises:
-            BindError: the address or path cannot be bound.
-        """
-        self._spool = spool
-        sock = self._bind()
+    async def _serve_on(self, sock: socket.socket) -> None:
+        sock.listen(1024)
         if sock.family == socket.AF_UNIX:
-            sock.listen(1024)
             self._server = await asyncio.start_unix_server(
                 self._accepted, sock=sock, limit=READ_CHUNK
             )
         else:
-            sock.listen(1024)
             self._server = await asyncio.start_server(self._accepted, sock=sock, limit=READ_CHUNK)
 
     def _accepted(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -692,45 +695,21 @@ async def _append_waiting(
 class SyslogDatagramInput(_Listening):
     """Syslog over UDP or a unix datagram socket: best effort, every drop counted.
 
-    Args:
-        name: the input's name (the spool's ``source``, the metrics' ``input``).
-        option: the option it comes from, for errors.
-        address: ``HostPort`` for UDP, a ``Path`` for a unix datagram socket (``/dev/log``).
-        mode: permissions of the unix socket file.
-        max_message: longest message kept (longer ones truncated and counted).
-        pending_bytes: bytes of messages waiting while an append is in flight.
+    Arguments as :class:`_Listening`'s (``address`` a ``HostPort`` for UDP, a ``Path``
+    for a unix datagram socket such as ``/dev/log``). Messages received while an append
+    is in flight wait, up to :data:`DATAGRAM_PENDING_BYTES`; beyond it they are dropped.
     """
 
-    def __init__(
-        self,
-        name: str,
-        option: str,
-        address: HostPort | Path,
-        *,
-        mode: int = 0o666,
-        max_message: int = 64 * 1024,
-        pending_bytes: int = DATAGRAM_PENDING_BYTES,
-    ) -> None:
-        super().__init__(
-            name, option, address, socket.SOCK_DGRAM, mode=mode, max_message=max_message
-        )
+    kind = socket.SOCK_DGRAM
+
+    def _setup(self) -> None:
         self._pending: list[tuple[bytes, bool]] = []
         self._pending_bytes = 0
-        self._pending_max = pending_bytes
         self._wake = asyncio.Event()
         self._transport: asyncio.DatagramTransport | None = None
-        self._spool: Spool | None = None
         self._flusher: asyncio.Task[None] | None = None
-        self._closing = False
 
-    async def start(self, spool: Spool) -> None:
-        """Bind and start receiving.
-
-        Raises:
-            BindError: the address or path cannot be bound.
-        """
-        self._spool = spool
-        sock = self._bind()
+    async def _serve_on(self, sock: socket.socket) -> None:
         if sock.family == socket.AF_UNIX:
             # A sender must never block on a full receive queue: default sizes are small.
             with contextlib.suppress(OSError):
@@ -752,7 +731,7 @@ class SyslogDatagramInput(_Listening):
         truncated = len(data) > self.max_message
         if truncated:
             data = data[: self.max_message]
-        if self._pending_bytes + len(data) > self._pending_max:
+        if self._pending_bytes + len(data) > DATAGRAM_PENDING_BYTES:
             c.dropped += 1
             return
         self._pending.append((data, truncated))
