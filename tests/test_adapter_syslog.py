@@ -224,14 +224,20 @@ FRAMES = [
 ]
 
 
-@pytest.mark.parametrize("step", [1, 2, 3, 7, len(STREAM)])
-def test_framer_detects_framing_per_message(step: int) -> None:
-    """Octet-counted, LF- and NUL-terminated frames mixed in one stream, fed in any chunks."""
+LF_STREAM = STREAM.replace(b"nul terminated\0", b"lf terminated\n")
+LF_FRAMES = [f.replace(b"nul", b"lf") for f in FRAMES]
+
+
+@pytest.mark.parametrize("step", [1, 2, 3, 7, 10_000])
+@pytest.mark.parametrize(("stream", "frames"), [(STREAM, FRAMES), (LF_STREAM, LF_FRAMES)])
+def test_framer_detects_framing_per_message(step: int, stream: bytes, frames: list[bytes]) -> None:
+    """Octet-counted, LF- and NUL-terminated frames mixed in one stream, fed in any chunks
+    (with no NUL, LF frames take the fast path up to each octet-counted one)."""
     framer = Framer(1024)
     got: list[bytes] = []
-    for i in range(0, len(STREAM), step):
-        got += [m for m, truncated in framer.feed(STREAM[i : i + step]) if not truncated]
-    assert got == FRAMES
+    for i in range(0, len(stream), step):
+        got += [m for m, truncated in framer.feed(stream[i : i + step]) if not truncated]
+    assert got == frames
     assert framer.held == 0
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import socket
 import stat
 import time
@@ -93,76 +94,59 @@ _MONTHS = {
 }
 
 
-def _nil(value: str) -> bool:
-    return value == "-" or not value
+# RFC 5424 6.3: SD-ELEMENT = "[" SD-ID *(SP SD-PARAM) "]", SD-PARAM = NAME "=" %d34 VALUE %d34
+# (names and SD-IDs: printable, no '=', SP, ']' or '"'; in a value '"', '\' and ']' are
+# escaped with a backslash).
+_SD_ELEMENT = re.compile(r'\[([^ \]="]+)((?: [^ \]="]+="(?:[^"\\]|\\.)*")*)\]')
+_SD_PARAM = re.compile(r' ([^ \]="]+)="((?:[^"\\]|\\.)*)"')
+_SD_ESCAPE = re.compile(r'\\(["\\\]])')
+_HEADER_5424 = re.compile(r"(\S+) (\S+) (\S+) (\S+) (\S+) ")
+_NIL = ("-", "")
 
 
-def _parse_sd(text: str) -> tuple[dict[str, dict[str, str]], str] | None:
-    """RFC 5424 STRUCTURED-DATA at the start of ``text``: the elements and what follows.
+def _parse_sd(text: str, pos: int) -> tuple[dict[str, dict[str, str]], int] | None:
+    """RFC 5424 STRUCTURED-DATA at ``text[pos:]``: the elements and where they end.
 
     ``[id k="v" k2="v\\"2"][id2]`` becomes ``{"id": {"k": "v", "k2": 'v"2'}, "id2": {}}``
-    (PARAM-VALUE escapes ``\\"``, ``\\\\`` and ``\\]`` undone); ``None`` when malformed.
+    (PARAM-VALUE escapes undone); ``None`` when malformed.
     """
     out: dict[str, dict[str, str]] = {}
-    pos = 0
-    n = len(text)
-    while pos < n and text[pos] == "[":
-        end = pos + 1
-        while end < n and text[end] not in " ]":
-            end += 1
-        sd_id = text[pos + 1 : end]
-        if not sd_id or end >= n:
-            return None
-        params = out.setdefault(sd_id, {})
-        pos = end
-        while text[pos] == " ":
-            eq = text.find("=", pos + 1)
-            if eq < 0 or text[eq + 1 : eq + 2] != '"':
-                return None
-            name = text[pos + 1 : eq]
-            i = eq + 2
-            value: list[str] = []
-            while i < n and text[i] != '"':
-                if text[i] == "\\" and i + 1 < n and text[i + 1] in '"\\]':
-                    i += 1
-                value.append(text[i])
-                i += 1
-            if i >= n or not name:
-                return None
-            params[name] = "".join(value)
-            pos = i + 1
-            if pos >= n:
-                return None
-        if text[pos] != "]":
-            return None
-        pos += 1
-    return (out, text[pos:]) if out else None
+    while True:
+        m = _SD_ELEMENT.match(text, pos)
+        if m is None:
+            return (out, pos) if out else None
+        params = out.setdefault(m.group(1), {})
+        for name, value in _SD_PARAM.findall(m.group(2)):
+            params[name] = _SD_ESCAPE.sub(r"\1", value) if "\\" in value else value
+        pos = m.end()
 
 
-def _rfc5424(rec: Record, rest: str) -> Record | None:
-    parts = rest.split(" ", 5)
-    if len(parts) < 6:
+def _rfc5424(rec: Record, text: str, pos: int) -> Record | None:
+    m = _HEADER_5424.match(text, pos)
+    if m is None:
         return None
-    timestamp, hostname, app_name, procid, msgid, tail = parts
-    for key, value in (
-        ("timestamp", timestamp),
-        ("hostname", hostname),
-        ("app_name", app_name),
-        ("procid", procid),
-        ("msgid", msgid),
-    ):
-        if not _nil(value):
-            rec[key] = value
-    if tail.startswith("-"):
-        tail = tail[1:]
+    timestamp, hostname, app_name, procid, msgid = m.groups()
+    if timestamp not in _NIL:
+        rec["timestamp"] = timestamp
+    if hostname not in _NIL:
+        rec["hostname"] = hostname
+    if app_name not in _NIL:
+        rec["app_name"] = app_name
+    if procid not in _NIL:
+        rec["procid"] = procid
+    if msgid not in _NIL:
+        rec["msgid"] = msgid
+    pos = m.end()
+    if text.startswith("-", pos):
+        pos += 1
     else:
-        sd = _parse_sd(tail)
+        sd = _parse_sd(text, pos)
         if sd is None:
             return None
-        rec["structured_data"], tail = sd
-    if tail and tail[0] != " ":
+        rec["structured_data"], pos = sd
+    if pos < len(text) and text[pos] != " ":
         return None
-    message = tail[1:]
+    message = text[pos + 1 :]
     rec["message"] = message[1:] if message.startswith("\ufeff") else message  # the BOM
     return rec
 
@@ -247,10 +231,9 @@ def parse_message(text: str, now: time.struct_time | None = None) -> Record | No
         return None
     facility, severity = divmod(pri, 8)
     rec: Record = {"facility": FACILITIES[facility], "severity": SEVERITIES[severity]}
-    rest = text[end + 1 :]
-    if rest.startswith("1 "):
-        return _rfc5424(rec, rest[2:])
-    return _rfc3164(rec, rest, now or time.localtime())
+    if text.startswith("1 ", end + 1):
+        return _rfc5424(rec, text, end + 3)
+    return _rfc3164(rec, text[end + 1 :], now or time.localtime())
 
 
 # -- framing ------------------------------------------------------------------------------
@@ -287,6 +270,8 @@ class Framer:
         out: list[tuple[bytes, bool]] = []
         limit = self.max_message
         pos = 0
+        if not (self._skip or self._skip_line or b"\0" in buf):
+            pos = self._lf_frames(buf, out)
         n = len(buf)
         while pos < n:
             if self._skip:
@@ -331,6 +316,27 @@ class Framer:
             pos = end + 1
         del buf[:pos]
         return out
+
+    def _lf_frames(self, buf: bytearray, out: list[tuple[bytes, bool]]) -> int:
+        """The fast path for the common stream, LF-framed messages only: split at once,
+        up to the first frame that starts with a digit (octet counting may follow: the
+        careful loop takes over there). Returns where it stopped."""
+        end = buf.rfind(b"\n")
+        if end < 0:
+            return 0
+        limit = self.max_message
+        pos = 0
+        for part in bytes(buf[:end]).split(b"\n"):
+            head = part.lstrip(b" \r")
+            if head[:1].isdigit():
+                return pos
+            pos += len(part) + 1
+            if not head:
+                continue
+            if head[-1:] == b"\r":
+                head = head[:-1]
+            out.append((head[:limit], True) if len(head) > limit else (head, False))
+        return pos
 
     def _delimited(self, buf: bytearray, pos: int, end: int) -> tuple[bytes, bool]:
         if buf[end - 1] == 0x0D and buf[end] == 0x0A:
