@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from podpatterns.adapter.config import build
 from podpatterns.adapter.inputs import Record, SpoolFull
@@ -265,6 +267,26 @@ def test_framer_flush_emits_unterminated_tail() -> None:
     assert framer.feed(b"<13>no newline") == []
     assert framer.flush() == (b"<13>no newline", False)
     assert framer.flush() is None
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet='<>0123456789 -[]="\\:abc\ufeffJanDec', max_size=120))
+def test_parse_message_never_raises(text: str) -> None:
+    """Any text gives a record with a message, or None: never an exception."""
+    rec = parse_message(text, NOW)
+    assert rec is None or isinstance(rec["message"], str)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.binary(max_size=60), max_size=30), st.sampled_from([b"", b"\n", b"12 "]))
+def test_framer_bounded_on_any_bytes(chunks: list[bytes], glue: bytes) -> None:
+    """Any bytes in any chunks: no exception, messages never longer than the maximum,
+    and what is held stays bounded (the maximum, a length prefix and one chunk)."""
+    framer = Framer(480)
+    for chunk in chunks:
+        for message, _ in framer.feed(chunk + glue):
+            assert len(message) <= 480
+        assert framer.held <= 480 + 11 + len(chunk) + len(glue)
 
 
 # -- unix sockets ---------------------------------------------------------------------

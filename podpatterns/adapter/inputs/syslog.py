@@ -96,57 +96,54 @@ _MONTHS = {
 
 # RFC 5424 6.3: SD-ELEMENT = "[" SD-ID *(SP SD-PARAM) "]", SD-PARAM = NAME "=" %d34 VALUE %d34
 # (names and SD-IDs: printable, no '=', SP, ']' or '"'; in a value '"', '\' and ']' are
-# escaped with a backslash).
-_SD_ELEMENT = re.compile(r'\[([^ \]="]+)((?: [^ \]="]+="(?:[^"\\]|\\.)*")*)\]')
-_SD_PARAM = re.compile(r' ([^ \]="]+)="((?:[^"\\]|\\.)*)"')
+# escaped with a backslash). One match checks a whole message; the elements are then
+# taken apart.
+_SD_NAME = r'[^ \]="]+'
+_SD_TEXT = r'(?:[^"\\]|\\.)*'  # a PARAM-VALUE between its quotes
+_SD_PARAMS = rf'(?: {_SD_NAME}="{_SD_TEXT}")*'
+_SD_ELEMENT = re.compile(rf"\[({_SD_NAME})({_SD_PARAMS})\]")
+_SD_PARAM = re.compile(rf' ({_SD_NAME})="({_SD_TEXT})"')
 _SD_ESCAPE = re.compile(r'\\(["\\\]])')
-_HEADER_5424 = re.compile(r"(\S+) (\S+) (\S+) (\S+) (\S+) ")
-_NIL = ("-", "")
+_RFC5424 = re.compile(
+    rf"1 (\S+) (\S+) (\S+) (\S+) (\S+) (-|(?:\[{_SD_NAME}{_SD_PARAMS}\])+)(?: (.*))?\Z",
+    re.DOTALL,
+)
+_PRI = [(FACILITIES[p >> 3], SEVERITIES[p & 7]) for p in range(192)]
 
 
-def _parse_sd(text: str, pos: int) -> tuple[dict[str, dict[str, str]], int] | None:
-    """RFC 5424 STRUCTURED-DATA at ``text[pos:]``: the elements and where they end.
+def _parse_sd(text: str) -> dict[str, dict[str, str]]:
+    """RFC 5424 STRUCTURED-DATA (already matched) as ``{SD-ID: {name: value}}``.
 
     ``[id k="v" k2="v\\"2"][id2]`` becomes ``{"id": {"k": "v", "k2": 'v"2'}, "id2": {}}``
-    (PARAM-VALUE escapes undone); ``None`` when malformed.
+    (PARAM-VALUE escapes undone).
     """
     out: dict[str, dict[str, str]] = {}
-    while True:
-        m = _SD_ELEMENT.match(text, pos)
-        if m is None:
-            return (out, pos) if out else None
-        params = out.setdefault(m.group(1), {})
-        for name, value in _SD_PARAM.findall(m.group(2)):
+    for sd_id, body in _SD_ELEMENT.findall(text):
+        params = out.setdefault(sd_id, {})
+        for name, value in _SD_PARAM.findall(body):
             params[name] = _SD_ESCAPE.sub(r"\1", value) if "\\" in value else value
-        pos = m.end()
+    return out
 
 
 def _rfc5424(rec: Record, text: str, pos: int) -> Record | None:
-    m = _HEADER_5424.match(text, pos)
+    m = _RFC5424.match(text, pos)
     if m is None:
         return None
-    timestamp, hostname, app_name, procid, msgid = m.groups()
-    if timestamp not in _NIL:
+    timestamp, hostname, app_name, procid, msgid, sd, message = m.groups()
+    if timestamp != "-":
         rec["timestamp"] = timestamp
-    if hostname not in _NIL:
+    if hostname != "-":
         rec["hostname"] = hostname
-    if app_name not in _NIL:
+    if app_name != "-":
         rec["app_name"] = app_name
-    if procid not in _NIL:
+    if procid != "-":
         rec["procid"] = procid
-    if msgid not in _NIL:
+    if msgid != "-":
         rec["msgid"] = msgid
-    pos = m.end()
-    if text.startswith("-", pos):
-        pos += 1
-    else:
-        sd = _parse_sd(text, pos)
-        if sd is None:
-            return None
-        rec["structured_data"], pos = sd
-    if pos < len(text) and text[pos] != " ":
-        return None
-    message = text[pos + 1 :]
+    if sd != "-":
+        rec["structured_data"] = _parse_sd(sd)
+    if message is None:
+        message = ""
     rec["message"] = message[1:] if message.startswith("\ufeff") else message  # the BOM
     return rec
 
@@ -229,10 +226,10 @@ def parse_message(text: str, now: time.struct_time | None = None) -> Record | No
     pri = int(text[1:end])
     if pri > 191:
         return None
-    facility, severity = divmod(pri, 8)
-    rec: Record = {"facility": FACILITIES[facility], "severity": SEVERITIES[severity]}
+    facility, severity = _PRI[pri]
+    rec: Record = {"facility": facility, "severity": severity}
     if text.startswith("1 ", end + 1):
-        return _rfc5424(rec, text, end + 3)
+        return _rfc5424(rec, text, end + 1)
     return _rfc3164(rec, text[end + 1 :], now or time.localtime())
 
 
