@@ -29,6 +29,7 @@ as strings, trace and span ids as hex) by hand, per the OTLP specification.
 from __future__ import annotations
 
 import base64
+import importlib
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any
@@ -125,13 +126,16 @@ def from_protobuf(body: bytes) -> list[Record]:
     Raises:
         BadRequest: the body does not decode.
     """
-    from google.protobuf.message import DecodeError
     from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
+
+    # Looked up, not imported: protobuf ships no type stubs (types-protobuf is not a
+    # dependency), and this keeps mypy quiet wherever the package is type-checked.
+    decode_error: type[Exception] = importlib.import_module("google.protobuf.message").DecodeError
 
     request = ExportLogsServiceRequest()
     try:
         request.ParseFromString(body)
-    except DecodeError as exc:
+    except decode_error as exc:
         raise BadRequest(f"not an OTLP ExportLogsServiceRequest (protobuf): {exc}") from None
     out: list[Record] = []
     for rl in request.resource_logs:
