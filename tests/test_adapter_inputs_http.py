@@ -410,3 +410,27 @@ def test_non_loopback_listen_is_warned(tmp_path: Path) -> None:
         assert p.wait(30) == 0
     finally:
         p.stop()
+
+
+async def test_extreme_timestamps_never_fail_the_server(tmp_path: Path) -> None:
+    """The largest fixed64 time_unix_nano is a date (year 2554); an OTLP/JSON timestamp no
+    date can hold rejects its record alone (partial success), never a server error."""
+    from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
+
+    req = ExportLogsServiceRequest()
+    lr = req.resource_logs.add().scope_logs.add().log_records.add()
+    lr.time_unix_nano = 2**64 - 1
+    lr.body.string_value = "far"
+    doc = {"resourceLogs": [{"scopeLogs": [{"logRecords": [{"timeUnixNano": str(10**30)}, {}]}]}]}
+    sink = ListSink()
+    proto = {"Content-Type": "application/x-protobuf"}
+    async with serving(http_config(tmp_path), sink) as url, aiohttp.ClientSession() as s:
+        async with s.post(url + "/v1/logs", data=req.SerializeToString(), headers=proto) as r:
+            assert r.status == 200
+        async with s.post(url + "/v1/logs", json=doc) as r:
+            assert r.status == 200
+            body = await r.json()
+        await eventually(lambda: len(sink.records) == 2)
+    assert body["partialSuccess"]["rejectedLogRecords"] == "1"
+    assert "out of range" in body["partialSuccess"]["errorMessage"]
+    assert sink.records[0]["timestamp"].startswith("2554-")
