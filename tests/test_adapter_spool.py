@@ -338,3 +338,18 @@ async def test_tcp_backpressure_pauses_reading_and_loses_nothing(tmp_path: Path)
     check_delivery(sink.seqs(), total, max_duplicates=0)
     # Every acknowledged segment but the active one is gone.
     assert len(segment_files(tmp_path / "spool")) <= 2
+
+
+async def test_records_read_from_memory_equal_those_read_from_disk(tmp_path: Path) -> None:
+    """The reader takes the latest appends from memory; they are the records a reader of
+    the segment files gets (after a restart), in the same order, with the same marks."""
+    async with Running(tmp_path) as spool:
+        for i in range(30):
+            await spool.append([*numbered(i * 50, 50), {"u": "é\u2028", "f": 1.5}], source="t")
+        hot, hot_marks = await read_all(spool)
+        assert spool.counters.records_from_memory == len(hot) == 30 * 51
+    async with Running(tmp_path) as again:
+        cold, cold_marks = await read_all(again)
+        assert again.counters.records_from_memory == 0
+    assert hot == cold
+    assert {k: v for k, v in cold_marks.items() if k in hot_marks} == hot_marks

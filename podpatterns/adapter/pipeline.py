@@ -64,6 +64,10 @@ __all__ = ["Adapter", "build_inputs"]
 def build_inputs(config: AdapterConfig) -> list[Input]:
     """The pushed inputs ``config`` asks for (each module imported on first use)."""
     inputs: list[Input] = []
+    if config.http_listen is not None:
+        from podpatterns.adapter.inputs.http import HttpInput
+
+        inputs.append(HttpInput(config.http_listen, max_body=config.http_max_body))
     if config.tcp_listen is not None:
         from podpatterns.adapter.inputs.tcp import TcpInput
 

@@ -67,6 +67,7 @@ class SpoolCounters:
     full: int = 0
     write_errors: int = 0
     records_read: int = 0
+    records_from_memory: int = 0
     torn_tails: int = 0
     torn_bytes: int = 0
     corrupt_records: int = 0
@@ -104,7 +105,13 @@ class Spool:
         self._active: _Segment | None = None
         self._fd = -1  # the active segment, for appending
         self._unacked = 0  # bytes appended (or being appended) and not acknowledged
-        self._pending: list[tuple[bytes, int, asyncio.Future[None]]] = []
+        self._pending: list[tuple[bytes, list[Record], asyncio.Future[None]]] = []
+        # The records of the latest appends, as appended (segment, offset, records, bytes):
+        # the reader takes them from here instead of decoding the segment again, as long
+        # as they are next to read; bounded in bytes, the disk is the fallback.
+        self._cache: deque[tuple[int, int, list[Record], int]] = deque()
+        self._cache_bytes = 0
+        self.cache_max_bytes = min(max_bytes, 4 * 1024 * 1024)
         self._wake = asyncio.Event()
         self._synced = asyncio.Event()  # new bytes readable, or stopped
         self._space = asyncio.Event()
@@ -241,7 +248,7 @@ class Spool:
         self._unacked += n
         self._update_space()
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._pending.append((data, len(records), fut))
+        self._pending.append((data, records, fut))
         self._idle.clear()
         self._wake.set()
         # The write goes on if the caller is cancelled (its peer hung up): the records
@@ -292,7 +299,9 @@ class Spool:
                 else:
                     self._idle.set()
 
-    async def _write_group(self, group: list[tuple[bytes, int, asyncio.Future[None]]]) -> None:
+    async def _write_group(
+        self, group: list[tuple[bytes, list[Record], asyncio.Future[None]]]
+    ) -> None:
         data = b"".join(d for d, _, _ in group)
         active = self._active
         assert active is not None
@@ -312,12 +321,20 @@ class Spool:
                 if not fut.done():
                     fut.set_exception(OSError(exc.errno, exc.strerror))
             return
+        at = active.size
         active.size += len(data)
         c = self.counters
         c.syncs += 1
         c.appends += len(group)
-        c.records_appended += sum(n for _, n, _ in group)
+        c.records_appended += sum(len(r) for _, r, _ in group)
         c.bytes_appended += len(data)
+        cache = self._cache
+        for d, records, _ in group:
+            cache.append((active.seq, at, records, len(d)))
+            self._cache_bytes += len(d)
+            at += len(d)
+        while self._cache_bytes > self.cache_max_bytes and len(cache) > 1:
+            self._cache_bytes -= cache.popleft()[3]
         for _, _, fut in group:
             if not fut.done():
                 fut.set_result(None)
@@ -378,6 +395,13 @@ class Spool:
                 return None
             self._synced.clear()
             await self._synced.wait()
+        cached = self._from_cache(seg.seq, max_bytes, max_records)
+        if cached is not None:
+            records, used = cached
+            self._read_pos += used
+            self.counters.records_read += len(records)
+            self.counters.records_from_memory += len(records)
+            return records, used, {seg.seq: self._read_pos}
         if self._read_fd < 0:
             self._read_fd = await asyncio.to_thread(os.open, seg.path, os.O_RDONLY)
         want = min(seg.size - self._read_pos, max(max_bytes, 1))
@@ -390,6 +414,30 @@ class Spool:
         self._read_pos += used
         self.counters.records_read += len(records)
         return records, used, {seg.seq: self._read_pos}
+
+    def _from_cache(
+        self, seq: int, max_bytes: int, max_records: int
+    ) -> tuple[list[Record], int] | None:
+        """The appends next to read, whole, if they are still cached; and their bytes."""
+        cache = self._cache
+        pos = self._read_pos
+        while cache and (cache[0][0], cache[0][1]) < (seq, pos):
+            self._cache_bytes -= cache.popleft()[3]
+        records: list[Record] = []
+        used = 0
+        while cache:
+            cseq, at, recs, size = cache[0]
+            if cseq != seq or at != pos + used:
+                break
+            if records and (len(records) + len(recs) > max_records or used >= max_bytes):
+                break
+            if not records and len(recs) > max_records:
+                return None  # larger than a batch: split by the disk reader
+            cache.popleft()
+            self._cache_bytes -= size
+            records += recs
+            used += size
+        return (records, used) if records else None
 
     def _next_segment(self, seq: int) -> None:
         if self._read_fd >= 0:
