@@ -681,7 +681,7 @@ def run_syslog_ng_syslog(
         out.write_bytes(b"")
         (work / "syslog-ng.conf").write_text(
             f"""@version: 3.38
-options {{ stats-freq(0); }};
+options {{ stats-freq(0); keep-hostname(yes); }};
 source s_in {{ network(transport("tcp") ip("127.0.0.1") port({port})
     flags(syslog-protocol) log-msg-size(65536) log-iw-size(100000) log-fetch-limit(1000)); }};
 destination d_out {{ file("{out}" template("$(format-json facility=$FACILITY
