@@ -308,18 +308,23 @@ def test_bind_unix_replaces_stale_socket_with_mode(tmp_path: Path) -> None:
         sock.close()
 
 
-def test_bind_unix_refuses_live_socket_and_other_files(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", [socket.SOCK_DGRAM, socket.SOCK_STREAM], ids=["dgram", "stream"])
+def test_bind_unix_refuses_live_socket_and_other_files(
+    tmp_path: Path, kind: socket.SocketKind
+) -> None:
     """A socket something listens on, or a path that is not a socket, is a BindError."""
     live = tmp_path / "live"
-    other = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    other = socket.socket(socket.AF_UNIX, kind)
     other.bind(str(live))
+    if kind == socket.SOCK_STREAM:
+        other.listen(1)
     regular = tmp_path / "file"
     regular.write_text("data")
     try:
         with pytest.raises(BindError, match=r"--syslog-unix: .*live' is in use"):
-            bind_unix(live, socket.SOCK_DGRAM, 0o666, "--syslog-unix")
+            bind_unix(live, kind, 0o666, "--syslog-unix")
         with pytest.raises(BindError, match=r"--syslog-unix: .*file' exists and is not a socket"):
-            bind_unix(regular, socket.SOCK_DGRAM, 0o666, "--syslog-unix")
+            bind_unix(regular, kind, 0o666, "--syslog-unix")
         assert regular.read_text() == "data"
     finally:
         other.close()

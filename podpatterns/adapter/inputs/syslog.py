@@ -448,14 +448,19 @@ def bind_unix(path: Path, kind: socket.SocketKind, mode: int, option: str) -> so
                 "another path)"
             )
         probe = socket.socket(socket.AF_UNIX, kind)
+        probe.setblocking(False)  # a live server with a full backlog must not block us
         try:
             probe.connect(str(path))
+        except BlockingIOError:
+            live = True  # its backlog is full: very much alive
         except OSError:
-            pass  # nobody listens: a stale socket file, replaced below
+            live = False  # nobody listens: a stale socket file, replaced below
         else:
-            raise BindError(f"{option}: {str(path)!r} is in use by another process")
+            live = True
         finally:
             probe.close()
+        if live:
+            raise BindError(f"{option}: {str(path)!r} is in use by another process")
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     sock = socket.socket(socket.AF_UNIX, kind)
     try:
