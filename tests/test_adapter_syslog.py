@@ -23,6 +23,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from podpatterns.adapter import Adapter, AdapterConfig
 from podpatterns.adapter.config import build
 from podpatterns.adapter.inputs import Record, SpoolFull
 from podpatterns.adapter.inputs.syslog import (
@@ -35,6 +36,7 @@ from podpatterns.adapter.inputs.syslog import (
 )
 from podpatterns.errors import BindError, ConfigError
 from podpatterns.options import HostPort
+from tests.adapter_harness import ListSink, check_delivery
 from tests.peers import need
 from tests.proc import Proc
 from tests.waiting import eventually, wait_until
@@ -699,3 +701,58 @@ def test_adapter_command_syslog_inputs_to_file_sink(tmp_path: Path, procs: list[
     assert {m: (r.get("app_name"), r["input"]) for m, r in got.items()} == expected
     assert all(r["severity"] == "notice" or m == "via handler" for m, r in got.items())
     assert not dgram.exists() and not stream.exists()
+
+
+async def test_syslog_tcp_backpressure_through_the_real_spool(tmp_path: Path) -> None:
+    """The adapter with its real spool, the sink down: once the spool is full the syslog
+    TCP input stops reading and the app's writes block; once the sink is back, every
+    message arrives exactly once."""
+    sink = ListSink()
+    sink.set_down(True)
+    mib = 1024 * 1024
+    cfg = AdapterConfig(
+        syslog_tcp=LOCAL,
+        spool_dir=tmp_path / "spool",
+        spool_max_bytes=mib,
+        queue_max_bytes=mib,
+        batch_max_bytes=mib,
+        batch_max_records=500,
+    )
+    adapter = Adapter(cfg, sink=sink)
+    await adapter.start()
+    [inp] = adapter.inputs
+    assert isinstance(inp, SyslogStreamInput)
+    total = 0
+    try:
+        _, writer = await asyncio.open_connection("127.0.0.1", inp.port)
+        blocked = False
+        # Bounded: at most 200 chunks of ~110 KB (22 MB) and 60 s.
+        async with asyncio.timeout(60):
+            for _ in range(200):
+                chunk = (f"<14>1 - h app - - - seq={total + i} {'x' * 80}\n" for i in range(1000))
+                writer.write("".join(chunk).encode())
+                total += 1000
+                try:
+                    async with asyncio.timeout(1.0):
+                        await writer.drain()
+                except TimeoutError:
+                    blocked = True
+                    break
+        assert blocked, "the writer never blocked"
+        # Read: what the full spool holds (records are larger spooled than sent) and a
+        # chunk waiting for space; the rest is in the socket buffers and the writer.
+        assert inp.counters.bytes_read <= mib + 2 * READ_CHUNK
+        sink.set_down(False)
+        async with asyncio.timeout(60):
+            await writer.drain()
+        writer.close()
+        await writer.wait_closed()
+        await eventually(lambda: len(set(sink.seqs())) == total, within=60)
+    finally:
+        sink.set_down(False)
+        adapter.stop_accepting()
+        await asyncio.wait_for(adapter.wait_drained(), 30)
+        await adapter.close()
+    check_delivery(sink.seqs(), total, max_duplicates=0)
+    assert {r["input"] for r in sink.records} == {"syslog_tcp"}
+    assert inp.counters.dropped == 0
