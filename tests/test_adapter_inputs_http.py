@@ -25,7 +25,7 @@ from podpatterns.adapter import Adapter, AdapterConfig
 from podpatterns.adapter.inputs.http import HttpInput
 from podpatterns.errors import ConfigError
 from podpatterns.options import HostPort
-from tests.adapter_harness import ListSink, read_ndjson
+from tests.adapter_harness import ListSink, Receiver, read_ndjson
 from tests.proc import Proc, outputs, run
 from tests.waiting import eventually, wait_until
 
@@ -434,3 +434,99 @@ async def test_extreme_timestamps_never_fail_the_server(tmp_path: Path) -> None:
     assert body["partialSuccess"]["rejectedLogRecords"] == "1"
     assert "out of range" in body["partialSuccess"]["errorMessage"]
     assert sink.records[0]["timestamp"].startswith("2554-")
+
+
+async def test_a_request_in_flight_at_shutdown_is_answered(tmp_path: Path) -> None:
+    """On shutdown the listener closes (new connections are refused) while a request whose
+    body is still arriving is read, spooled, answered 200, and its records shipped."""
+    sink = ListSink()
+    adapter = Adapter(http_config(tmp_path), sink=sink)
+    await adapter.start()
+    [inp] = adapter.inputs
+    assert isinstance(inp, HttpInput) and inp.address is not None and inp._runner is not None
+    server = inp._runner.server
+    assert server is not None
+    port = inp.address[1]
+    body = b'{"n":1}\n' * 1000
+    head = (
+        "POST /v1/logs/ndjson HTTP/1.1\r\nHost: adapter\r\nContent-Type: application/x-ndjson"
+        f"\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(head + body[:100])
+        await writer.drain()
+        await eventually(lambda: server.requests_count >= 1, "the request is being handled")
+        adapter.stop_accepting()
+        refused = False
+        for _ in range(200):  # bounded: the listener closes as the drain starts
+            try:
+                _, w = await asyncio.open_connection("127.0.0.1", port)
+            except OSError:  # refused, or reset by a listener closing meanwhile
+                refused = True
+                break
+            w.close()
+            await asyncio.sleep(0.02)
+        assert refused
+        writer.write(body[100:])
+        await writer.drain()
+        async with asyncio.timeout(15):
+            status = await reader.readline()
+        assert status.startswith(b"HTTP/1.1 200"), status
+    finally:
+        writer.close()
+    async with asyncio.timeout(30):
+        await adapter.wait_drained()
+    await adapter.close()
+    assert len(sink.records) == 1000
+
+
+def test_sigterm_with_the_sink_down_exits_0_and_keeps_what_was_answered(tmp_path: Path) -> None:
+    """SIGTERM while the sink is down: the drain is cut at --drain-timeout, the process
+    exits 0, and the records answered 200 are shipped by the next start."""
+    receiver = Receiver()
+    receiver.down.set()
+
+    def start() -> Proc:
+        return Proc(
+            "adapter",
+            "--http-listen",
+            "127.0.0.1:0",
+            "--spool-dir",
+            str(tmp_path / "spool"),
+            "--sink",
+            "http",
+            "--sink-url",
+            receiver.url,
+            "--sink-backoff-max",
+            "200ms",
+            "--admin",
+            "off",
+            "--shutdown-delay",
+            "0",
+            "--drain-timeout",
+            "1s",
+        )
+
+    try:
+        p = start()
+        try:
+            url = f"http://127.0.0.1:{http_port(p)}/v1/logs/ndjson"
+            body = b"".join(f'{{"message":"seq={i}"}}\n'.encode() for i in range(100))
+            with urllib.request.urlopen(urllib.request.Request(url, data=body), timeout=10) as r:
+                assert r.status == 200
+            p.signal(signal.SIGTERM)
+            assert p.wait(30) == 0
+        finally:
+            p.stop()
+        assert receiver.distinct() == 0
+        receiver.down.clear()
+        p = start()
+        try:
+            wait_until(lambda: receiver.distinct() == 100, "the 100 records at the receiver", 30)
+            p.signal(signal.SIGTERM)
+            assert p.wait(30) == 0
+        finally:
+            p.stop()
+    finally:
+        receiver.close()

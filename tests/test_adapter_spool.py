@@ -353,3 +353,29 @@ async def test_records_read_from_memory_equal_those_read_from_disk(tmp_path: Pat
         assert again.counters.records_from_memory == 0
     assert hot == cold
     assert {k: v for k, v in cold_marks.items() if k in hot_marks} == hot_marks
+
+
+def test_a_spool_dir_the_globs_would_tail_is_refused(tmp_path: Path) -> None:
+    """--spool-dir inside what --path tails is a config error naming both."""
+    with pytest.raises(ConfigError, match=r"--spool-dir: .* would be read by --path"):
+        AdapterConfig(
+            path=(str(tmp_path / "**" / "*.ndjson"),),
+            tcp_listen=HostPort("127.0.0.1", 0),
+            spool_dir=tmp_path / "spool",
+        )
+
+
+async def test_appends_waiting_when_the_writer_is_cancelled_are_refused(tmp_path: Path) -> None:
+    """A writer cancelled (a drain cut short) refuses the appends it had not confirmed
+    with SpoolFull, so no HTTP request waits for an answer that never comes."""
+    run = Running(tmp_path)
+    spool = await run.__aenter__()
+    await asyncio.sleep(0)  # the writer waits for work
+    waiting = asyncio.ensure_future(spool.append(numbered(0, 1), source="t"))
+    await asyncio.sleep(0)  # the append is queued for the writer
+    await run.tasks.aclose()
+    with pytest.raises(SpoolFull):
+        await asyncio.wait_for(waiting, 5)
+    with pytest.raises(SpoolFull):
+        await spool.append(numbered(1, 1), source="t")
+    spool.close()

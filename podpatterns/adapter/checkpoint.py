@@ -1,4 +1,5 @@
-"""The crash-safe checkpoint: how far each file has been shipped and acknowledged.
+"""The crash-safe checkpoint: how far each file (and each spool segment) has been shipped
+and acknowledged.
 
 Written as JSON to a temporary file in the same directory, fsync'ed, renamed over the
 current file (the current one first becomes the previous generation), and the directory
@@ -7,7 +8,10 @@ checkpoint that does not parse falls back to the previous generation, loudly.
 
 :class:`Checkpoint` is the bookkeeping both ends of the pipeline share: discovery records
 where a file starts (opened, truncated, closed, gone) and the sender records what the
-sink acknowledged. It imports no stage; the wiring hands it to the stages that need it.
+sink acknowledged. The spool's entries (:attr:`Checkpoint.spool`: per segment number, the
+offset before which every record was acknowledged) are saved in the same generation,
+under an optional ``spool`` key. It imports no stage; the wiring hands it to the stages
+that need it.
 """
 
 from __future__ import annotations

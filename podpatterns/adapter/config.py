@@ -719,6 +719,14 @@ class AdapterConfig:
             )
         if self.http_max_body < 1024:
             raise ConfigError(f"--http-max-body: {self.http_max_body} must be >= 1KiB (e.g. 4MiB)")
+        if self.spool_dir is not None:
+            segment = str(self.spool_dir / "spool-0000000000000001.ndjson")
+            for pattern in self.path:
+                if _tailed(segment, pattern):
+                    raise ConfigError(
+                        f"--spool-dir: {str(self.spool_dir)!r} would be read by --path "
+                        f"{pattern!r}: the adapter would tail its own spool (put it elsewhere)"
+                    )
         http = self.http_listen
         if http is not None and http.port and http == self.tcp_listen:
             raise ConfigError(

@@ -28,7 +28,8 @@ import asyncio
 import errno
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
+from pathlib import Path
 from typing import Any
 
 import watchfiles
@@ -59,6 +60,16 @@ from podpatterns.metrics import CallbackCollector
 from podpatterns.tasks import TaskSet
 
 __all__ = ["Adapter", "build_inputs"]
+
+
+def _unusable(flag: str, directory: Path, exc: OSError) -> ConfigError:
+    """The error for a state directory (checkpoint, spool) that cannot be used."""
+    hint = (
+        "mount a writable volume (an emptyDir) there"
+        if exc.errno == errno.EROFS
+        else "it must be a directory this user can write; in a Pod, set fsGroup"
+    )
+    return ConfigError(f"{flag}: cannot use {directory}: {exc.strerror} ({hint})")
 
 
 def build_inputs(config: AdapterConfig) -> list[Input]:
@@ -219,15 +230,8 @@ class Adapter:
             await self._checkpoint.load()
         except OSError as exc:
             assert self._store is not None  # nothing to load without a store
-            hint = (
-                "mount a writable volume (an emptyDir) there"
-                if exc.errno == errno.EROFS
-                else "it must be a directory this user can write; in a Pod, set fsGroup"
-            )
             flag = "--checkpoint-dir" if self.config.checkpoint_dir else "--spool-dir"
-            raise ConfigError(
-                f"{flag}: cannot use {self._store.directory}: {exc.strerror} ({hint})"
-            ) from None
+            raise _unusable(flag, self._store.directory, exc) from None
         if self.spool is not None:
             await self._open_spool(self.spool)
         self._tracker.restore(time.monotonic())
@@ -264,14 +268,7 @@ class Adapter:
         try:
             forget = await asyncio.to_thread(spool.open, self._checkpoint.spool)
         except OSError as exc:
-            hint = (
-                "mount a writable volume (an emptyDir) there"
-                if exc.errno == errno.EROFS
-                else "it must be a directory this user can write; in a Pod, set fsGroup"
-            )
-            raise ConfigError(
-                f"--spool-dir: cannot use {spool.directory}: {exc.strerror} ({hint})"
-            ) from None
+            raise _unusable("--spool-dir", spool.directory, exc) from None
         self._checkpoint.forget_segments(forget)
 
     def is_ready(self) -> bool:
@@ -379,15 +376,22 @@ class Adapter:
 
     async def _read_loop(self) -> None:
         try:
-            await self._read_until_stopped()
+            await self._produce("read", self._read_until_stopped())
+        finally:
+            self._reader_done = True
+
+    async def _produce(self, stage: str, run: Awaitable[None]) -> None:
+        """Run a producer (the file reader, the spool reader) until it ends; then tell the
+        queue, even when it failed."""
+        try:
+            await run
         except Exception:
             # A bug: readiness turns 503 and the traceback is logged; the TaskSet logs
             # the task's death too and liveness turns off.
             self._failed = True
-            self._log.exception("adapter_stage_failed", stage="read")
+            self._log.exception("adapter_stage_failed", stage=stage)
             raise
         finally:
-            self._reader_done = True
             # The sender must learn the stream ended, even when reading failed.
             self._queue.end()
 
@@ -498,28 +502,21 @@ class Adapter:
     # -- the spool reader task -------------------------------------------------------------
 
     async def _spool_loop(self, spool: Spool) -> None:
-        """Read the spool back in order and queue its records (already structured)."""
-        cfg = self.config
         try:
-            while True:
-                got = await spool.read(cfg.batch_max_bytes, cfg.batch_max_records)
-                if got is None:
-                    return
-                records, used, marks = got
-                await self._queue.put(
-                    Batch(
-                        records=records,
-                        spool=marks,
-                        nbytes=used + LINE_OVERHEAD * len(records),
-                    )
-                )
-        except Exception:
-            self._failed = True
-            self._log.exception("adapter_stage_failed", stage="spool_read")
-            raise
+            await self._produce("spool_read", self._read_spool(spool))
         finally:
             self._spool_done = True
-            self._queue.end()
+
+    async def _read_spool(self, spool: Spool) -> None:
+        """Read the spool back in order and queue its records (already structured)."""
+        cfg = self.config
+        while True:
+            got = await spool.read(cfg.batch_max_bytes, cfg.batch_max_records)
+            if got is None:
+                return
+            records, used, marks = got
+            batch = Batch(records=records, spool=marks, nbytes=used + LINE_OVERHEAD * len(records))
+            await self._queue.put(batch)
 
     # -- the sender task -------------------------------------------------------------------
 

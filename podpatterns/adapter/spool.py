@@ -253,7 +253,11 @@ class Spool:
         self._wake.set()
         # The write goes on if the caller is cancelled (its peer hung up): the records
         # are then stored, unacknowledged to anyone (at least once).
-        await asyncio.shield(fut)
+        try:
+            await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            fut.add_done_callback(_consume)
+            raise
 
     async def wait_for_space(self) -> None:
         """Return at once, unless the spool was found full: then once at most half of
@@ -279,25 +283,40 @@ class Spool:
         return float(min(60, max(1, math.ceil(excess / rate))))
 
     async def run(self) -> None:
-        """The writer: write and sync what was appended, in groups, until stopped."""
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            if not self._pending:
-                if self._stopped:
-                    return
-                continue
-            group, self._pending = self._pending, []
-            self._writing = True
-            try:
-                await self._write_group(group)
-            finally:
-                self._writing = False
-                self._synced.set()
-                if self._pending:
-                    self._wake.set()
-                else:
-                    self._idle.set()
+        """The writer: write and sync what was appended, in groups, until stopped.
+
+        Cancelled (a drain cut short), it refuses what was appended and not yet
+        confirmed (:class:`SpoolFull`: the peer retries; what the last write had put on
+        disk is then stored twice, at least once), so no caller waits forever.
+        """
+        group: list[tuple[bytes, list[Record], asyncio.Future[None]]] = []
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake.clear()
+                if not self._pending:
+                    if self._stopped:
+                        return
+                    continue
+                group, self._pending = self._pending, []
+                self._writing = True
+                try:
+                    await self._write_group(group)
+                finally:
+                    self._writing = False
+                    self._synced.set()
+                    if self._pending:
+                        self._wake.set()
+                    else:
+                        self._idle.set()
+        finally:
+            self._stopped = True
+            for _, _, fut in [*group, *self._pending]:
+                if not fut.done():
+                    fut.set_exception(SpoolFull(1.0))
+            self._pending = []
+            self._idle.set()
+            self._synced.set()
 
     async def _write_group(
         self, group: list[tuple[bytes, list[Record], asyncio.Future[None]]]
@@ -530,6 +549,12 @@ class Spool:
     def segments(self) -> int:
         """How many segment files there are."""
         return len(self._segments)
+
+
+def _consume(fut: asyncio.Future[None]) -> None:
+    """Retrieve the outcome of an append whose caller went away (no "never retrieved")."""
+    if not fut.cancelled():
+        fut.exception()
 
 
 def encode(records: list[Record], source: str) -> bytes:

@@ -50,12 +50,19 @@ class Spool(Protocol):
     async def append(self, records: list[Record], *, source: str) -> None:
         """Store ``records`` (in order) durably, tagged with the input ``source``.
 
+        The records are the spool's from then on: each gets ``input`` set to ``source``,
+        and they are shipped as they are (values JSON can hold: what is read back after
+        a restart is their JSON form).
+
         Raises:
             SpoolFull: nothing was stored; the caller tells its peer to retry.
+            OSError: the disk failed; nothing was stored.
         """
 
     async def wait_for_space(self) -> None:
-        """Return once :meth:`append` would not raise :class:`SpoolFull`."""
+        """Return at once unless an append was refused (:class:`SpoolFull`); then once
+        at most half the spool's bound is used, so an append of up to that much
+        succeeds (a stream input pauses reading on this)."""
 
 
 class Input(Protocol):

@@ -20,8 +20,10 @@ OTLP errors carry a ``google.rpc.Status`` body in the request's encoding.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections import Counter
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
@@ -31,6 +33,8 @@ from podpatterns.errors import BindError, ConfigError
 from podpatterns.options import HostPort
 
 __all__ = ["HttpInput", "ndjson_records"]
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 OTLP_PATH = "/v1/logs"
 NDJSON_PATH = "/v1/logs/ndjson"
@@ -127,6 +131,10 @@ class HttpInput:
         """The address bound (the port the kernel chose for port 0)."""
         self._drain_timeout = drain_timeout
         self._runner: web.AppRunner | None = None
+        self._closing = False
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
         self._spool: Spool | None = None
         self._status: Counter[str] = Counter()
         self._c = {"records": 0, "records_rejected": 0, "bytes": 0}
@@ -140,8 +148,8 @@ class HttpInput:
         """
         self._spool = spool
         app = web.Application(client_max_size=self.max_body)
-        app.router.add_post(OTLP_PATH, self._otlp)
-        app.router.add_post(NDJSON_PATH, self._ndjson)
+        app.router.add_post(OTLP_PATH, self._guarded(self._otlp))
+        app.router.add_post(NDJSON_PATH, self._guarded(self._ndjson))
         runner = web.AppRunner(
             app, access_log=None, handle_signals=False, shutdown_timeout=self._drain_timeout
         )
@@ -162,10 +170,49 @@ class HttpInput:
 
     async def close(self) -> None:
         """Stop accepting; requests in flight are answered first (within the drain
-        timeout)."""
-        runner, self._runner = self._runner, None
-        if runner is not None:
-            await runner.cleanup()
+        timeout).
+
+        The listener closes first; a request already being handled (its body still
+        arriving, or waiting for the spool) is read and answered; a new request on a
+        kept-alive connection is answered 503 with ``Retry-After``. Only then are the
+        connections closed (aiohttp's own shutdown stops reading bodies at once).
+        """
+        runner = self._runner
+        if runner is None:
+            return
+        self._closing = True
+        try:
+            for site in list(runner.sites):
+                await site.stop()
+            async with asyncio.timeout(self._drain_timeout):
+                await self._idle.wait()
+        except TimeoutError:
+            self._log.warning("input_drain_timeout", input=self.name, requests=self._in_flight)
+        finally:
+            # Also when cancelled (a drain cut short): the connections are closed.
+            if self._runner is runner:
+                self._runner = None
+                await runner.cleanup()
+
+    def _guarded(self, handler: Handler) -> Handler:
+        """``handler``, counted in flight; refused with 503 once closing."""
+
+        async def guarded(request: web.Request) -> web.StreamResponse:
+            if self._closing:
+                resp = self._error(request, 503, "the adapter is shutting down; retry")
+                resp.headers["Retry-After"] = "1"
+                resp.force_close()
+                return resp
+            self._in_flight += 1
+            self._idle.clear()
+            try:
+                return await handler(request)
+            finally:
+                self._in_flight -= 1
+                if not self._in_flight:
+                    self._idle.set()
+
+        return guarded
 
     def collect(self) -> dict[str, float]:
         """Requests by status (``status_200``...), records accepted and rejected, bytes."""
