@@ -32,6 +32,7 @@ idling on 100 files uses. Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.client
 import json
 import os
@@ -48,7 +49,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -569,10 +570,10 @@ def send_tcp(port: int, payload: bytes) -> None:
 
 def timed_delivery(
     pid: int, port: int, payload: bytes, out: Path, want: int
-) -> tuple[float, float, int]:
+) -> tuple[float, float, int, str]:
     """Send ``payload`` to ``port`` from this process (core 0) and poll ``out`` until it
     has ``want`` lines: wall seconds from the first byte, the program's CPU seconds during
-    that time (from /proc), and the lines."""
+    that time (from /proc), the lines, and the first line as a sample."""
     sender = threading.Thread(target=send_tcp, args=(port, payload), daemon=True)
     cpu0 = proc_cpu(pid)
     t0 = time.monotonic()
@@ -588,7 +589,23 @@ def timed_delivery(
     wall = time.monotonic() - t0
     cpu = proc_cpu(pid) - cpu0
     sender.join(timeout=30)
-    return wall, cpu, seen
+    with out.open() as f:
+        sample = f.readline()
+    return wall, cpu, seen, sample
+
+
+@contextlib.contextmanager
+def running(
+    cmd: list[str], work: Path, env: dict[str, str] | None = None, stderr: Any = subprocess.DEVNULL
+) -> Iterator[subprocess.Popen[bytes]]:
+    """Run a program under test; at the end stop it and remove its work directory."""
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=stderr, env=env)
+    try:
+        yield p
+    finally:
+        p.terminate()
+        p.wait(timeout=60)
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def run_adapter_syslog(payload: bytes, n: int, tmp: Path) -> tuple[float, float, int, str]:
@@ -602,8 +619,7 @@ def run_adapter_syslog(payload: bytes, n: int, tmp: Path) -> tuple[float, float,
         *("--spool-dir", str(work / "spool"), "--sink", "file", "--sink-path", str(out)),
         *("--admin", "off", "--shutdown-delay", "0", "--log-format", "json"),
     ]
-    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
+    with running(cmd, work, stderr=subprocess.PIPE) as p:
         assert p.stderr is not None
         port = 0
         for raw in p.stderr:
@@ -613,14 +629,7 @@ def run_adapter_syslog(payload: bytes, n: int, tmp: Path) -> tuple[float, float,
             if event.get("event") == "adapter_started":
                 break
         threading.Thread(target=p.stderr.read, daemon=True).start()
-        wall, cpu, lines = timed_delivery(p.pid, port, payload, out, n)
-        with out.open() as f:
-            sample = f.readline()
-    finally:
-        p.terminate()
-        p.wait(timeout=60)
-        shutil.rmtree(work, ignore_errors=True)
-    return wall, cpu, lines, sample
+        return timed_delivery(p.pid, port, payload, out, n)
 
 
 def run_rsyslog_syslog(payload: bytes, n: int, tmp: Path) -> tuple[float, float, int, str]:
@@ -650,22 +659,13 @@ ruleset(name="bench") {{
 """
     )
     cmd = [*PIN_SUT, "rsyslogd", "-n", "-f", str(work / "rsyslog.conf"), "-i", str(work / "pid")]
-    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
+    with running(cmd, work) as p:
         deadline = time.monotonic() + 30
         while not (portfile.exists() and portfile.read_text().strip()):
             if time.monotonic() > deadline or p.poll() is not None:
                 raise RuntimeError("rsyslog did not write its port file")
             time.sleep(0.01)
-        port = int(portfile.read_text())
-        wall, cpu, lines = timed_delivery(p.pid, port, payload, out, n)
-        with out.open() as f:
-            sample = f.readline()
-    finally:
-        p.terminate()
-        p.wait(timeout=60)
-        shutil.rmtree(work, ignore_errors=True)
-    return wall, cpu, lines, sample
+        return timed_delivery(p.pid, int(portfile.read_text()), payload, out, n)
 
 
 def run_syslog_ng_syslog(
@@ -698,24 +698,16 @@ log {{ source(s_in); destination(d_out); }};
             *("-f", str(work / "syslog-ng.conf"), "-R", str(work / "persist")),
             *("-p", str(work / "pid"), "-c", str(work / "ctl")),
         ]
-        p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-        try:
+        with running(cmd, work, env) as p:
             deadline = time.monotonic() + 30
             while p.poll() is None and time.monotonic() < deadline:
                 with socket.socket() as probe:
                     if probe.connect_ex(("127.0.0.1", port)) == 0:
                         break
                 time.sleep(0.01)
-            if p.poll() is not None:
-                continue  # the port was taken: try the next one
-            wall, cpu, lines = timed_delivery(p.pid, port, payload, out, n)
-            with out.open() as f:
-                sample = f.readline()
-            return wall, cpu, lines, sample
-        finally:
-            p.terminate()
-            p.wait(timeout=60)
-            shutil.rmtree(work, ignore_errors=True)
+            if p.poll() is None:
+                return timed_delivery(p.pid, port, payload, out, n)
+            # it exited: the port was taken; try the next one
     raise RuntimeError("syslog-ng: no free port in 8 tries")
 
 
