@@ -18,7 +18,7 @@ from podpatterns.adapter.spool import Spool, segment_name
 from podpatterns.errors import BindError, ConfigError
 from podpatterns.options import HostPort
 from podpatterns.tasks import TaskSet
-from tests.adapter_harness import ListSink, check_delivery
+from tests.adapter_harness import ListSink, check_delivery, write_until_blocked
 from tests.waiting import eventually
 
 MiB = 1024 * 1024
@@ -307,20 +307,7 @@ async def test_tcp_backpressure_pauses_reading_and_loses_nothing(tmp_path: Path)
         _, writer = await asyncio.open_connection("127.0.0.1", tcp_port(adapter))
         spool = adapter.spool
         assert spool is not None
-        blocked = False
-        # Bounded: at most 200 chunks of ~100 KB (20 MB) and 60 s.
-        async with asyncio.timeout(60):
-            for _ in range(200):
-                chunk = (f"seq={total + i} {'x' * 90}\n".encode() for i in range(1000))
-                writer.write(b"".join(chunk))
-                total += 1000
-                try:
-                    async with asyncio.timeout(1.0):
-                        await writer.drain()
-                except TimeoutError:
-                    blocked = True
-                    break
-        assert blocked, "the writer never blocked"
+        total = await write_until_blocked(writer, lambda seq: f"seq={seq} {'x' * 90}\n")
         tcp = adapter.inputs[0].collect()
         assert tcp["paused"] >= 1
         assert spool.unacknowledged_bytes <= MiB + 200_000

@@ -36,7 +36,7 @@ from podpatterns.adapter.inputs.syslog import (
 )
 from podpatterns.errors import BindError, ConfigError
 from podpatterns.options import HostPort
-from tests.adapter_harness import ListSink, check_delivery
+from tests.adapter_harness import ListSink, check_delivery, write_until_blocked
 from tests.peers import need
 from tests.proc import Proc
 from tests.waiting import eventually, wait_until
@@ -725,20 +725,9 @@ async def test_syslog_tcp_backpressure_through_the_real_spool(tmp_path: Path) ->
     total = 0
     try:
         _, writer = await asyncio.open_connection("127.0.0.1", inp.port)
-        blocked = False
-        # Bounded: at most 200 chunks of ~110 KB (22 MB) and 60 s.
-        async with asyncio.timeout(60):
-            for _ in range(200):
-                chunk = (f"<14>1 - h app - - - seq={total + i} {'x' * 80}\n" for i in range(1000))
-                writer.write("".join(chunk).encode())
-                total += 1000
-                try:
-                    async with asyncio.timeout(1.0):
-                        await writer.drain()
-                except TimeoutError:
-                    blocked = True
-                    break
-        assert blocked, "the writer never blocked"
+        total = await write_until_blocked(
+            writer, lambda seq: f"<14>1 - h app - - - seq={seq} {'x' * 80}\n"
+        )
         # Read: what the full spool holds (records are larger spooled than sent) and a
         # chunk waiting for space; the rest is in the socket buffers and the writer.
         assert inp.counters.bytes_read <= mib + 2 * READ_CHUNK
