@@ -18,6 +18,7 @@ from typing import Any
 
 from podpatterns.adapter import Adapter, AdapterConfig
 from tests.peers import missing
+from tests.waiting import eventually
 
 SEQ = re.compile(r"seq=(\d+)")
 
@@ -249,3 +250,14 @@ async def write_until_blocked(
             except TimeoutError:
                 return total
     raise AssertionError(f"the writer never blocked ({total} lines written)")
+
+
+async def resume_until_delivered(sink: ListSink, writer: asyncio.StreamWriter, total: int) -> None:
+    """Bring the sink back up, let the blocked writer finish and close, and wait until
+    every one of ``total`` numbered lines has arrived."""
+    sink.set_down(False)
+    async with asyncio.timeout(60):
+        await writer.drain()
+    writer.close()
+    await writer.wait_closed()
+    await eventually(lambda: len(set(sink.seqs())) == total, within=60)

@@ -18,7 +18,12 @@ from podpatterns.adapter.spool import Spool, segment_name
 from podpatterns.errors import BindError, ConfigError
 from podpatterns.options import HostPort
 from podpatterns.tasks import TaskSet
-from tests.adapter_harness import ListSink, check_delivery, write_until_blocked
+from tests.adapter_harness import (
+    ListSink,
+    check_delivery,
+    resume_until_delivered,
+    write_until_blocked,
+)
 from tests.waiting import eventually
 
 MiB = 1024 * 1024
@@ -311,12 +316,7 @@ async def test_tcp_backpressure_pauses_reading_and_loses_nothing(tmp_path: Path)
         tcp = adapter.inputs[0].collect()
         assert tcp["paused"] >= 1
         assert spool.unacknowledged_bytes <= MiB + 200_000
-        sink.set_down(False)
-        async with asyncio.timeout(60):
-            await writer.drain()
-        writer.close()
-        await writer.wait_closed()
-        await eventually(lambda: len(set(sink.seqs())) == total, within=60)
+        await resume_until_delivered(sink, writer, total)
     finally:
         sink.set_down(False)
         adapter.stop_accepting()

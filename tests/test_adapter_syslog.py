@@ -36,7 +36,12 @@ from podpatterns.adapter.inputs.syslog import (
 )
 from podpatterns.errors import BindError, ConfigError
 from podpatterns.options import HostPort
-from tests.adapter_harness import ListSink, check_delivery, write_until_blocked
+from tests.adapter_harness import (
+    ListSink,
+    check_delivery,
+    resume_until_delivered,
+    write_until_blocked,
+)
 from tests.peers import need
 from tests.proc import Proc
 from tests.waiting import eventually, wait_until
@@ -731,12 +736,7 @@ async def test_syslog_tcp_backpressure_through_the_real_spool(tmp_path: Path) ->
         # Read: what the full spool holds (records are larger spooled than sent) and a
         # chunk waiting for space; the rest is in the socket buffers and the writer.
         assert inp.counters.bytes_read <= mib + 2 * READ_CHUNK
-        sink.set_down(False)
-        async with asyncio.timeout(60):
-            await writer.drain()
-        writer.close()
-        await writer.wait_closed()
-        await eventually(lambda: len(set(sink.seqs())) == total, within=60)
+        await resume_until_delivered(sink, writer, total)
     finally:
         sink.set_down(False)
         adapter.stop_accepting()
