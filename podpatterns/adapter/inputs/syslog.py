@@ -81,6 +81,8 @@ READ_CHUNK = 256 * 1024
 """Bytes a stream input reads (and appends) per turn."""
 CLOSE_TIMEOUT = 10.0
 """Seconds close() waits for appends in flight before cancelling them."""
+DATAGRAM_BATCH = 2000
+"""Most datagrams parsed and appended at once."""
 DATAGRAM_PENDING_BYTES = 4 * 1024 * 1024
 """Bytes of datagram records waiting for an append in flight; beyond it, dropped."""
 
@@ -757,14 +759,17 @@ class SyslogDatagramInput(_Listening):
     async def _flush(self) -> None:
         assert self._spool is not None
         self._wake.clear()
-        messages, self._pending, self._pending_bytes = self._pending, [], 0
-        if not messages:
-            return
-        records = self._records.make(messages)
-        try:
-            await self._spool.append(records, source=self.name)
-        except SpoolFull:
-            self.counters.dropped += len(records)
+        while self._pending:
+            # At most DATAGRAM_BATCH per append: parsing a large backlog at once would
+            # hold the event loop (and every other input) for too long.
+            messages = self._pending[:DATAGRAM_BATCH]
+            del self._pending[:DATAGRAM_BATCH]
+            self._pending_bytes -= sum(len(m) for m, _ in messages)
+            records = self._records.make(messages)
+            try:
+                await self._spool.append(records, source=self.name)
+            except SpoolFull:
+                self.counters.dropped += len(records)
 
     async def close(self) -> None:
         """Stop receiving; what was received is appended (or counted as dropped)."""
