@@ -150,6 +150,15 @@ def test_rfc5424_fields_and_structured_data() -> None:
     }
 
 
+def test_rfc5424_structured_data_edge_cases() -> None:
+    """A repeated SD-ID merges, ']' and '\\' escapes are undone, a param name may hold
+    '[' (RFC 5424 allows it) and a value '[' or '] '."""
+    rec = parse_message(r'<14>1 - - - - - [a x="1\]\\"][b [y="[z] "][a w="2"] m')
+    assert rec is not None
+    assert rec["structured_data"] == {"a": {"x": "1]\\", "w": "2"}, "b": {"[y": "[z] "}}
+    assert rec["message"] == "m"
+
+
 def test_rfc5424_nil_fields_are_absent() -> None:
     """RFC 5424's ``-`` leaves a field out; a message may be empty."""
     assert parse_message("<14>1 - - - - - -") == {

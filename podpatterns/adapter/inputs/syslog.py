@@ -103,8 +103,7 @@ _MONTHS = {
 _SD_NAME = r'[^ \]="]+'
 _SD_TEXT = r'(?:[^"\\]|\\.)*'  # a PARAM-VALUE between its quotes
 _SD_PARAMS = rf'(?: {_SD_NAME}="{_SD_TEXT}")*'
-_SD_ELEMENT = re.compile(rf"\[({_SD_NAME})({_SD_PARAMS})\]")
-_SD_PARAM = re.compile(rf' ({_SD_NAME})="({_SD_TEXT})"')
+_SD_TOKEN = re.compile(rf'(?:^|(?<=\]))\[({_SD_NAME})|({_SD_NAME})="({_SD_TEXT})"')
 _SD_ESCAPE = re.compile(r'\\(["\\\]])')
 _RFC5424 = re.compile(
     rf"1 (\S+) (\S+) (\S+) (\S+) (\S+) (-|(?:\[{_SD_NAME}{_SD_PARAMS}\])+)(?: (.*))?\Z",
@@ -120,9 +119,12 @@ def _parse_sd(text: str) -> dict[str, dict[str, str]]:
     (PARAM-VALUE escapes undone).
     """
     out: dict[str, dict[str, str]] = {}
-    for sd_id, body in _SD_ELEMENT.findall(text):
-        params = out.setdefault(sd_id, {})
-        for name, value in _SD_PARAM.findall(body):
+    params: dict[str, str] = {}
+    # One scan: an SD-ID opens an element, each NAME="VALUE" after it belongs to it.
+    for sd_id, name, value in _SD_TOKEN.findall(text):
+        if sd_id:
+            params = out.setdefault(sd_id, {})
+        else:
             params[name] = _SD_ESCAPE.sub(r"\1", value) if "\\" in value else value
     return out
 
