@@ -366,3 +366,13 @@ async def test_appends_waiting_when_the_writer_is_cancelled_are_refused(tmp_path
     with pytest.raises(SpoolFull):
         await spool.append(numbered(1, 1), source="t")
     spool.close()
+
+
+async def test_a_lone_surrogate_is_stored_and_read_back(tmp_path: Path) -> None:
+    """A string with a lone surrogate (valid JSON: "\\ud800") is stored, escaped, and
+    read back the same from disk."""
+    async with Running(tmp_path) as spool:
+        await spool.append([{"m": "a\ud800b"}, {"m": "é"}], source="t")
+    async with Running(tmp_path) as again:
+        records, _ = await read_all(again)
+    assert [r["m"] for r in records] == ["a\ud800b", "é"]

@@ -557,15 +557,23 @@ def _consume(fut: asyncio.Future[None]) -> None:
         fut.exception()
 
 
+_DUMPS = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), default=str).encode
+_DUMPS_ASCII = json.JSONEncoder(separators=(",", ":"), default=str).encode
+
+
 def encode(records: list[Record], source: str) -> bytes:
     """``records`` as NDJSON, each with ``input`` set to ``source``."""
-    dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), default=str).encode
     out = []
     for rec in records:
         rec["input"] = source
-        out.append(dumps(rec))
+        out.append(_DUMPS(rec))
     out.append("")
-    return "\n".join(out).encode()
+    text = "\n".join(out)
+    try:
+        return text.encode()
+    except UnicodeEncodeError:
+        # A lone surrogate (JSON allows "\ud800"): escaped, it reads back the same.
+        return "\n".join([*map(_DUMPS_ASCII, records), ""]).encode()
 
 
 def describe(counters: SpoolCounters) -> dict[str, Any]:
