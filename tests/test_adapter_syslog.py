@@ -15,6 +15,7 @@ import stat
 import subprocess
 import threading
 import time
+import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -701,6 +702,8 @@ def test_adapter_command_syslog_inputs_to_file_sink(tmp_path: Path, procs: list[
             return {r["message"].strip(): r for r in recs if r["message"].startswith(("v", " v"))}
 
         got = wait_until(lambda: len(r := records()) == 5 and r, "5 records in the file sink")
+        with urllib.request.urlopen(adapter.admin_url() + "/metrics", timeout=5) as resp:
+            metrics = resp.read().decode()
     finally:
         rsyslog.terminate()
         rsyslog.wait(15)
@@ -715,6 +718,12 @@ def test_adapter_command_syslog_inputs_to_file_sink(tmp_path: Path, procs: list[
     assert {m: (r.get("app_name"), r["input"]) for m, r in got.items()} == expected
     assert all(r["severity"] == "notice" or m == "via handler" for m, r in got.items())
     assert not dgram.exists() and not stream.exists()
+    # Per input, never per peer: one series per input and event.
+    for name in ("syslog_unix", "syslog_unix_stream", "syslog_udp"):
+        sample = f'podpatterns_adapter_input_events_total{{event="messages",input="{name}"}} 1.0'
+        assert sample in metrics, metrics
+    assert "port" not in metrics.split("podpatterns_adapter_input_events_total", 1)[1]
+    assert 'event="connections",input="syslog_udp"' not in metrics  # datagrams have none
 
 
 async def test_syslog_tcp_backpressure_through_the_real_spool(tmp_path: Path) -> None:

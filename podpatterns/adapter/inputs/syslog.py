@@ -393,6 +393,9 @@ class SyslogCounters:
     connection_errors: int = 0
 
 
+_CONNECTION_COUNTERS = ("connections", "connections_open", "connection_errors")
+
+
 class _Records:
     """Messages -> records, counted."""
 
@@ -592,9 +595,10 @@ class _Listening:
         return self._tasks.healthy
 
     def collect(self) -> dict[str, float]:
-        """The input's counters (name -> value)."""
+        """The input's counters (name -> value), those of connections for streams only."""
         c = self.counters
-        return {f.name: float(getattr(c, f.name)) for f in fields(c)}
+        skip = () if self.kind == socket.SOCK_STREAM else _CONNECTION_COUNTERS
+        return {f.name: float(getattr(c, f.name)) for f in fields(c) if f.name not in skip}
 
 
 class SyslogStreamInput(_Listening):
