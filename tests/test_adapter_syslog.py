@@ -13,6 +13,7 @@ import os
 import socket
 import stat
 import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -395,6 +396,34 @@ async def test_logger_unix_datagram_dev_log_symlink(tmp_path: Path, spool: Memor
     assert two["structured_data"]["ctx@1"] == {"user": "bob"}
     assert spool.sources == {"syslog_unix"}
     assert not any("parse_error" in r for r in recs)
+
+
+GLIBC_SYSLOG = """
+import syslog
+syslog.openlog("glibcapp", syslog.LOG_PID, syslog.LOG_LOCAL1)
+syslog.syslog(syslog.LOG_ERR, "from glibc: disk full")
+"""
+
+
+@pytest.mark.root
+async def test_glibc_syslog_through_dev_log_symlink(tmp_path: Path, spool: MemorySpool) -> None:
+    """glibc's own syslog() (Python's syslog module), in a mount namespace where /dev/log
+    is a symlink to the input's socket: the local BSD form parses, PID and all."""
+    unshare = need("unshare")
+    if os.geteuid() != 0:
+        pytest.skip("needs root: a private mount namespace with its own /dev")
+    path = tmp_path / "log.sock"
+    script = 'mount -t tmpfs tmpfs /dev && ln -s "$1" /dev/log && exec "$2" -c "$3"'
+    async with started(SyslogDatagramInput("syslog_unix", "--syslog-unix", path), spool):
+        await run(
+            unshare, "--mount", "--propagation", "private", "sh", "-c", script,
+            "sh", str(path), sys.executable, GLIBC_SYSLOG,
+        )  # fmt: skip
+        [rec] = await has(spool, 1)
+    assert (rec["facility"], rec["severity"], rec["app_name"]) == ("local1", "err", "glibcapp")
+    assert rec["procid"].isdigit() and "hostname" not in rec
+    assert rec["message"] == "from glibc: disk full"
+    assert rec["timestamp"][4] == "-"
 
 
 async def test_logger_unix_stream(tmp_path: Path, spool: MemorySpool) -> None:
