@@ -32,21 +32,24 @@ idling on 100 files uses. Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.client
 import json
 import os
 import platform
+import random
 import re
 import resource
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -528,6 +531,237 @@ def measure_throughput(
     return results
 
 
+# -- syslog TCP input: the adapter vs rsyslog imtcp vs syslog-ng network() ----------------
+
+SYSLOG_DOES = {
+    "rsyslog": "imtcp -> RFC 5424 parser -> omfile, JSON template of the same fields "
+    "(structured data as its text)",
+    "syslog-ng": "network(tcp, syslog-protocol) -> file(), format-json of the same fields "
+    "(structured data as its text)",
+}
+
+
+def syslog_payload(n: int) -> bytes:
+    """``n`` RFC 5424 messages with structured data, LF-framed (RFC 6587 non-transparent,
+    which all three programs read), as an app's syslog library sends them."""
+    return b"".join(
+        f"<{128 + 6 + (i % 20 == 19)}>1 2026-12-02T08:{i // 60_000 % 60:02d}:"
+        f"{i // 1000 % 60:02d}.{i % 1000:03d}Z web-{i % 7} shop {1000 + i % 50} ORDER "
+        f'[order@32473 id="{i}" user="u{i % 5003}"] order {i} paid seq={i}\n'.encode()
+        for i in range(n)
+    )
+
+
+def send_tcp(port: int, payload: bytes) -> None:
+    """Connect to ``port`` on loopback (retrying while it is not listening yet), send
+    ``payload`` and close."""
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            sock = socket.create_connection(("127.0.0.1", port))
+            break
+        except ConnectionRefusedError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+    with sock:
+        sock.sendall(payload)
+
+
+def timed_delivery(
+    pid: int, port: int, payload: bytes, out: Path, want: int
+) -> tuple[float, float, int, str]:
+    """Send ``payload`` to ``port`` from this process (core 0) and poll ``out`` until it
+    has ``want`` lines: wall seconds from the first byte, the program's CPU seconds during
+    that time (from /proc), the lines, and the first line as a sample."""
+    sender = threading.Thread(target=send_tcp, args=(port, payload), daemon=True)
+    cpu0 = proc_cpu(pid)
+    t0 = time.monotonic()
+    sender.start()
+    seen = 0
+    with out.open("rb") as f:
+        while seen < want and time.monotonic() - t0 < DEADLINE_S:
+            chunk = f.read(1 << 22)
+            if chunk:
+                seen += chunk.count(b"\n")
+            else:
+                time.sleep(0.005)
+    wall = time.monotonic() - t0
+    cpu = proc_cpu(pid) - cpu0
+    sender.join(timeout=30)
+    with out.open() as f:
+        sample = f.readline()
+    return wall, cpu, seen, sample
+
+
+@contextlib.contextmanager
+def running(
+    cmd: list[str], work: Path, env: dict[str, str] | None = None, stderr: Any = subprocess.DEVNULL
+) -> Iterator[subprocess.Popen[bytes]]:
+    """Run a program under test; at the end stop it and remove its work directory."""
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=stderr, env=env)
+    try:
+        yield p
+    finally:
+        p.terminate()
+        p.wait(timeout=60)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def run_adapter_syslog(payload: bytes, n: int, tmp: Path) -> tuple[float, float, int, str]:
+    """The adapter's --syslog-tcp input to a file sink (records spooled first)."""
+    work = Path(tempfile.mkdtemp(prefix="adapter-syslog-", dir=tmp))
+    out = work / "out.ndjson"
+    out.write_bytes(b"")
+    cmd = [
+        *PIN_SUT,
+        *(sys.executable, "-m", "podpatterns", "adapter", "--syslog-tcp", "127.0.0.1:0"),
+        *("--spool-dir", str(work / "spool"), "--sink", "file", "--sink-path", str(out)),
+        *("--admin", "off", "--shutdown-delay", "0", "--log-format", "json"),
+    ]
+    with running(cmd, work, stderr=subprocess.PIPE) as p:
+        assert p.stderr is not None
+        port = 0
+        for raw in p.stderr:
+            event = json.loads(raw)
+            if event.get("event") == "input_listening":
+                port = int(str(event["address"]).rsplit(":", 1)[1])
+            if event.get("event") == "adapter_started":
+                break
+        threading.Thread(target=p.stderr.read, daemon=True).start()
+        return timed_delivery(p.pid, port, payload, out, n)
+
+
+def run_rsyslog_syslog(payload: bytes, n: int, tmp: Path) -> tuple[float, float, int, str]:
+    """rsyslog: imtcp (port chosen by the kernel) -> omfile with a JSON template."""
+    work = Path(tempfile.mkdtemp(prefix="rsyslog-tcp-", dir=tmp))
+    out, portfile = work / "out.json", work / "port"
+    out.write_bytes(b"")
+    (work / "rsyslog.conf").write_text(
+        f"""global(workDirectory="{work}" maxMessageSize="64k")
+module(load="imtcp")
+template(name="out" type="list" option.jsonf="on") {{
+  property(outname="facility" name="syslogfacility-text" format="jsonf")
+  property(outname="severity" name="syslogseverity-text" format="jsonf")
+  property(outname="timestamp" name="timereported" dateFormat="rfc3339" format="jsonf")
+  property(outname="hostname" name="hostname" format="jsonf")
+  property(outname="app_name" name="app-name" format="jsonf")
+  property(outname="procid" name="procid" format="jsonf")
+  property(outname="msgid" name="msgid" format="jsonf")
+  property(outname="structured_data" name="structured-data" format="jsonf")
+  property(outname="message" name="msg" format="jsonf")
+}}
+input(type="imtcp" address="127.0.0.1" port="0" listenPortFileName="{portfile}"
+      ruleset="bench")
+ruleset(name="bench") {{
+  action(type="omfile" file="{out}" template="out" asyncWriting="off")
+}}
+"""
+    )
+    cmd = [*PIN_SUT, "rsyslogd", "-n", "-f", str(work / "rsyslog.conf"), "-i", str(work / "pid")]
+    with running(cmd, work) as p:
+        deadline = time.monotonic() + 30
+        while not (portfile.exists() and portfile.read_text().strip()):
+            if time.monotonic() > deadline or p.poll() is not None:
+                raise RuntimeError("rsyslog did not write its port file")
+            time.sleep(0.01)
+        return timed_delivery(p.pid, int(portfile.read_text()), payload, out, n)
+
+
+def run_syslog_ng_syslog(
+    root: Path, payload: bytes, n: int, tmp: Path
+) -> tuple[float, float, int, str]:
+    """syslog-ng: network(transport tcp, syslog-protocol) -> file() with format-json.
+
+    syslog-ng must be told its port: a random one below the ephemeral range, the next
+    one tried when it is taken (it then exits)."""
+    for port in random.sample(range(20000, 30000), 8):
+        work = Path(tempfile.mkdtemp(prefix="syslog-ng-tcp-", dir=tmp))
+        out = work / "out.json"
+        out.write_bytes(b"")
+        (work / "syslog-ng.conf").write_text(
+            f"""@version: 3.38
+options {{ stats-freq(0); keep-hostname(yes); }};
+source s_in {{ network(transport("tcp") ip("127.0.0.1") port({port})
+    flags(syslog-protocol) log-msg-size(65536) log-iw-size(100000) log-fetch-limit(1000)); }};
+destination d_out {{ file("{out}" template("$(format-json facility=$FACILITY
+    severity=$LEVEL timestamp=$ISODATE hostname=$HOST app_name=$PROGRAM procid=$PID
+    msgid=$MSGID structured_data=$SDATA message=$MSG)\\n")); }};
+log {{ source(s_in); destination(d_out); }};
+"""
+        )
+        env = {**os.environ, "LD_LIBRARY_PATH": str(root / "usr" / "lib" / "syslog-ng")}
+        cmd = [
+            *PIN_SUT,
+            str(root / "usr" / "sbin" / "syslog-ng"),
+            *("-F", "--no-caps", f"--module-path={root / 'usr' / 'lib' / 'syslog-ng' / '3.38'}"),
+            *("-f", str(work / "syslog-ng.conf"), "-R", str(work / "persist")),
+            *("-p", str(work / "pid"), "-c", str(work / "ctl")),
+        ]
+        with running(cmd, work, env) as p:
+            deadline = time.monotonic() + 30
+            while p.poll() is None and time.monotonic() < deadline:
+                with socket.socket() as probe:
+                    if probe.connect_ex(("127.0.0.1", port)) == 0:
+                        break
+                time.sleep(0.01)
+            if p.poll() is None:
+                return timed_delivery(p.pid, port, payload, out, n)
+            # it exited: the port was taken; try the next one
+    raise RuntimeError("syslog-ng: no free port in 8 tries")
+
+
+def measure_syslog(tmp: Path, reps: int, n: int, syslog_ng: Path | None) -> dict[str, Any]:
+    """The adapter's syslog TCP input, rsyslog imtcp and syslog-ng network(), all fed the
+    same LF-framed RFC 5424 traffic over one connection, interleaved over ``reps``."""
+    payload = syslog_payload(n)
+    progs: dict[str, Callable[[], tuple[float, float, int, str]]] = {
+        "adapter": lambda: run_adapter_syslog(payload, n, tmp)
+    }
+    if shutil.which("rsyslogd"):
+        progs["rsyslog"] = lambda: run_rsyslog_syslog(payload, n, tmp)
+    if syslog_ng is not None:
+        progs["syslog-ng"] = lambda: run_syslog_ng_syslog(syslog_ng, payload, n, tmp)
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in progs}
+    samples: dict[str, str] = {}
+    for rep in range(reps):
+        for name, run in progs.items():
+            wall, cpu, lines, sample = run()
+            assert lines == n, (name, lines)
+            runs[name].append({"wall": wall, "cpu": cpu, "lines": lines})
+            samples[name] = sample
+            load = os.getloadavg()[0]
+            print(f"rep {rep + 1}/{reps} syslog tcp {name}: {n / wall:,.0f} lines/s "
+                  f"(load {load:.2f})", file=sys.stderr)  # fmt: skip
+    return {"runs": runs, "samples": samples, "bytes": len(payload)}
+
+
+def syslog_table(result: dict[str, Any]) -> str:
+    """Median lines/s and CPU per 1M lines per program, and the adapter's ratios."""
+    runs = result["runs"]
+
+    def med(name: str, key: str) -> float:
+        return float(statistics.median(t[key] / t["lines"] for t in runs[name]))
+
+    a_lps, a_cpu = 1 / med("adapter", "wall"), med("adapter", "cpu") * 1e6
+    out = [
+        "| program | lines/s | CPU s/1M | adapter/program (lines/s) "
+        "| adapter/program (CPU) | what it does |",
+        "|---|--:|--:|--:|--:|---|",
+        f"| adapter | {a_lps:,.0f} | {a_cpu:.2f} | 1.00 | 1.00 "
+        "| --syslog-tcp -> spool (fdatasync'ed) -> file sink, structured data as a dict |",
+    ]
+    for name in runs:
+        if name == "adapter":
+            continue
+        lps, cpu = 1 / med(name, "wall"), med(name, "cpu") * 1e6
+        out.append(
+            f"| {name} | {lps:,.0f} | {cpu:.2f} | {a_lps / lps:.2f} | {a_cpu / cpu:.2f} "
+            f"| {SYSLOG_DOES[name]} |"
+        )
+    return "\n".join(out)
+
+
 STAMP = re.compile(rb"t=(\d+)")
 
 
@@ -713,6 +947,11 @@ def main() -> int:
     )
     parser.add_argument("--write-docs", action="store_true", help="update docs/ and results")
     parser.add_argument(
+        "--syslog-only",
+        action="store_true",
+        help="measure only the syslog TCP input row (results: bench/results/adapter-syslog.json)",
+    )
+    parser.add_argument(
         "--from-json", type=Path, help="measure nothing: redraw the plot from a results file"
     )
     args = parser.parse_args()
@@ -729,8 +968,28 @@ def main() -> int:
         files = write_inputs(tmp, args.lines)
         syslog_ng = args.syslog_ng_root
         if not (syslog_ng / "usr" / "sbin" / "syslog-ng").exists():
-            print(f"no syslog-ng under {syslog_ng}: HTTP rows without a peer", file=sys.stderr)
+            print(f"no syslog-ng under {syslog_ng}: rows without that peer", file=sys.stderr)
             syslog_ng = None
+        syslog = measure_syslog(tmp, args.reps, args.lines, syslog_ng)
+        print(syslog_table(syslog))
+        syslog_report = {
+            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "machine": machine(),
+            "command": cmd,
+            "load_before": load_before,
+            "load_after": os.getloadavg(),
+            "lines": args.lines,
+            "reps": args.reps,
+            **syslog,
+        }
+        if args.write_docs:
+            res = ROOT / "bench" / "results" / "adapter-syslog.json"
+            res.write_text(json.dumps(syslog_report, indent=1) + "\n")
+            (ROOT / "bench" / "results" / "adapter-syslog-table.md").write_text(
+                syslog_table(syslog) + "\n"
+            )
+        if args.syslog_only:
+            return 0
         results = measure_throughput(files, tmp, args.reps, args.lines, syslog_ng)
         latency = {
             w: measure_latency(tmp, w, args.latency_rate, args.latency_seconds)

@@ -300,7 +300,12 @@ def commands_table() -> str:
 
 def option_sections() -> dict[str, tuple[Option[Any], ...]]:
     """The option tables the docs show, by the name used in their page markers."""
-    from podpatterns.adapter.config import INPUT_OPTIONS, PROCESS_OPTIONS, SINK_OPTIONS
+    from podpatterns.adapter.config import (
+        INPUT_OPTIONS,
+        PROCESS_OPTIONS,
+        PUSH_OPTIONS,
+        SINK_OPTIONS,
+    )
     from podpatterns.ambassador.config import PROTOCOL_OPTIONS, ROUTE_OPTIONS
     from podpatterns.commands.inspect import INSPECT_OPTIONS
     from podpatterns.health.prober import PROBE_OPTIONS
@@ -314,6 +319,7 @@ def option_sections() -> dict[str, tuple[Option[Any], ...]]:
         "ambassador": ROUTE_OPTIONS,
         "ambassador-protocol": PROTOCOL_OPTIONS,
         "adapter-input": INPUT_OPTIONS,
+        "adapter-push": PUSH_OPTIONS,
         "adapter-process": PROCESS_OPTIONS,
         "adapter-sinks": SINK_OPTIONS,
         "run": RUN_OPTIONS,

@@ -10,7 +10,7 @@ import shutil
 import subprocess
 import threading
 from collections import Counter
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -18,6 +18,7 @@ from typing import Any
 
 from podpatterns.adapter import Adapter, AdapterConfig
 from tests.peers import missing
+from tests.waiting import eventually
 
 SEQ = re.compile(r"seq=(\d+)")
 
@@ -224,3 +225,39 @@ def logrotate_binary() -> str:
         if found is None:
             missing("logrotate is not installed (apt-get install logrotate)")
     return found
+
+
+async def write_until_blocked(
+    writer: asyncio.StreamWriter, line: Callable[[int], str], chunks: int = 200
+) -> int:
+    """Write chunks of 1000 numbered lines (``line(seq)``) until a drain takes longer
+    than a second: the peer stopped reading. Bounded: ``chunks`` chunks and 60 s.
+
+    Returns:
+        How many lines were written (every one of them must arrive).
+
+    Raises:
+        AssertionError: the writer never blocked.
+    """
+    total = 0
+    async with asyncio.timeout(60):
+        for _ in range(chunks):
+            writer.write("".join(line(total + i) for i in range(1000)).encode())
+            total += 1000
+            try:
+                async with asyncio.timeout(1.0):
+                    await writer.drain()
+            except TimeoutError:
+                return total
+    raise AssertionError(f"the writer never blocked ({total} lines written)")
+
+
+async def resume_until_delivered(sink: ListSink, writer: asyncio.StreamWriter, total: int) -> None:
+    """Bring the sink back up, let the blocked writer finish and close, and wait until
+    every one of ``total`` numbered lines has arrived."""
+    sink.set_down(False)
+    async with asyncio.timeout(60):
+        await writer.drain()
+    writer.close()
+    await writer.wait_closed()
+    await eventually(lambda: len(set(sink.seqs())) == total, within=60)

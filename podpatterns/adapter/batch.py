@@ -1,8 +1,9 @@
 """The batching stage: lines into batches, batches into a queue bounded in bytes.
 
 A batch carries, per file, the checkpoint mark its lines reach once the sink acknowledged
-them. The queue is bounded in bytes: when the sink is slow or down it fills, reading
-pauses, and the files themselves are the buffer.
+them (and, for records read back from the spool, per spool segment the offset they
+reach). The queue is bounded in bytes: when the sink is slow or down it fills, reading
+pauses, and the files (and the spool) are the buffer.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import asyncio
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from podpatterns.adapter.checkpoint import Entry, MarkKey
 from podpatterns.adapter.lines import Line
@@ -30,18 +31,24 @@ class Batch:
         lines: ``(path, file_id, line)`` in the order read.
         marks: per file and epoch, the entry its checkpoint moves to on acknowledgement.
         nbytes: what the batch counts against the queue's bound.
+        records: records that need no parsing (pushed, read back from the spool).
+        spool: per spool segment, the offset its checkpoint entry moves to on
+            acknowledgement.
     """
 
     lines: list[tuple[str, str, Line]] = field(default_factory=list)
     marks: dict[MarkKey, Entry] = field(default_factory=dict)
     nbytes: int = 0
+    records: list[dict[str, Any]] = field(default_factory=list)
+    spool: dict[int, int] = field(default_factory=dict)
 
 
 class ByteQueue:
     """A FIFO bounded by the bytes it holds (an item larger than the bound still fits alone).
 
-    One producer (the reader) and one consumer (the sender). Bytes are released by
-    :meth:`release` once an item was fully handled, so the bound covers what is being
+    ``producers`` producers (the file reader, the spool reader) and one consumer (the
+    sender): the stream ends once every producer called :meth:`end`. Bytes are released
+    by :meth:`release` once an item was fully handled, so the bound covers what is being
     shipped too.
 
     Args:
@@ -49,6 +56,7 @@ class ByteQueue:
         while_full: called every ``every`` seconds while :meth:`put` waits for room: the
             reader keeps following its files (renames, new generations) while paused.
         every: seconds between two calls of ``while_full``.
+        producers: how many producers call :meth:`end`.
     """
 
     def __init__(
@@ -56,10 +64,12 @@ class ByteQueue:
         max_bytes: int,
         while_full: Callable[[], object] | None = None,
         every: float = 1.0,
+        producers: int = 1,
     ) -> None:
         self.max_bytes = max_bytes
         self.while_full = while_full
         self.every = every
+        self._producers = producers
         self.bytes = 0
         self._items: deque[Batch | None] = deque()
         self._not_empty = asyncio.Event()
@@ -85,9 +95,11 @@ class ByteQueue:
         self._not_empty.set()
 
     def end(self) -> None:
-        """Mark the end of the stream (the consumer gets ``None``)."""
-        self._items.append(None)
-        self._not_empty.set()
+        """A producer ended; after the last one the consumer gets ``None``."""
+        self._producers -= 1
+        if self._producers <= 0:
+            self._items.append(None)
+            self._not_empty.set()
 
     async def get(self) -> Batch | None:
         """The next item (waits for one)."""

@@ -1,4 +1,5 @@
-"""The crash-safe checkpoint: how far each file has been shipped and acknowledged.
+"""The crash-safe checkpoint: how far each file (and each spool segment) has been shipped
+and acknowledged.
 
 Written as JSON to a temporary file in the same directory, fsync'ed, renamed over the
 current file (the current one first becomes the previous generation), and the directory
@@ -7,7 +8,10 @@ checkpoint that does not parse falls back to the previous generation, loudly.
 
 :class:`Checkpoint` is the bookkeeping both ends of the pipeline share: discovery records
 where a file starts (opened, truncated, closed, gone) and the sender records what the
-sink acknowledged. It imports no stage; the wiring hands it to the stages that need it.
+sink acknowledged. The spool's entries (:attr:`Checkpoint.spool`: per segment number, the
+offset before which every record was acknowledged) are saved in the same generation,
+under an optional ``spool`` key. It imports no stage; the wiring hands it to the stages
+that need it.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import json
 import os
 import threading
 import time
-from collections.abc import Container, Mapping
+from collections.abc import Container, Iterable, Mapping
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -95,6 +99,8 @@ class Checkpoint:
         self.store = store
         self.acked: dict[FileKey, Entry] = {}
         """The acknowledged position of each file (what is saved)."""
+        self.spool: dict[int, int] = {}
+        """Per spool segment, the offset before which every record was acknowledged."""
         self._epochs: dict[FileKey, int] = {}
         self._closed_at: dict[FileKey, int] = {}
         # (file, epoch) whose reading went on in another file (copytruncate's copy): its
@@ -114,6 +120,7 @@ class Checkpoint:
         """
         if self.store is not None:
             self.acked = await asyncio.to_thread(self.store.load)
+            self.spool = dict(self.store.loaded_spool)
 
     def first_run(self) -> bool:
         """True when no checkpoint was ever written (``--read-from end`` applies)."""
@@ -180,8 +187,16 @@ class Checkpoint:
             self.moved_at.pop(key, None)
             self._dirty = True
 
-    def acknowledge(self, marks: Mapping[MarkKey, Entry]) -> None:
-        """The sink acknowledged a batch: move each file to its mark (unless stale)."""
+    def acknowledge(
+        self, marks: Mapping[MarkKey, Entry], spool: Mapping[int, int] | None = None
+    ) -> None:
+        """The sink acknowledged a batch: move each file to its mark (unless stale), and
+        each spool segment to its offset."""
+        if spool:
+            for seq, offset in spool.items():
+                if offset > self.spool.get(seq, 0):
+                    self.spool[seq] = offset
+                    self._dirty = True
         for (key, epoch), entry in marks.items():
             if self._epochs.get(key) == epoch:
                 self.acked[key] = entry
@@ -197,6 +212,12 @@ class Checkpoint:
                     entry, path=current.path if current else entry.path, dev=new[0], ino=new[1]
                 )
                 self.moved_at[new] = time.monotonic()
+                self._dirty = True
+
+    def forget_segments(self, seqs: Iterable[int]) -> None:
+        """Spool segments that were deleted (or are gone): their entries can go."""
+        for seq in seqs:
+            if self.spool.pop(seq, None) is not None:
                 self._dirty = True
 
     def prune(self, present: Container[FileKey]) -> None:
@@ -225,7 +246,7 @@ class Checkpoint:
             return
         self._dirty = False
         snapshot = dict(self.acked)
-        await asyncio.to_thread(self.store.save, snapshot)
+        await asyncio.to_thread(self.store.save, snapshot, dict(self.spool))
 
 
 class CheckpointStore:
@@ -241,6 +262,8 @@ class CheckpointStore:
         self.previous = self.directory / (NAME + ".prev")
         self.writes = 0
         self.fallbacks = 0
+        self.loaded_spool: dict[int, int] = {}
+        """The spool entries of the generation :meth:`load` returned."""
         # save() runs in worker threads: a save still running in a cancelled task's
         # thread must not interleave with the final one on the same temporary file.
         self._lock = threading.Lock()
@@ -262,7 +285,7 @@ class CheckpointStore:
             if not path.exists():
                 continue
             try:
-                entries = _decode(path.read_bytes())
+                entries, self.loaded_spool = _decode(path.read_bytes())
             except (OSError, ValueError, TypeError, KeyError) as exc:
                 self.fallbacks += 1
                 self._log.error("checkpoint_corrupt", path=str(path), error=str(exc))
@@ -273,23 +296,31 @@ class CheckpointStore:
             return entries
         return {}
 
-    def save(self, entries: dict[tuple[int, int], Entry]) -> None:
-        """Write a new generation crash-safely (blocking: call it in a thread)."""
-        with self._lock:
-            self._save(entries)
+    def save(
+        self, entries: dict[tuple[int, int], Entry], spool: Mapping[int, int] | None = None
+    ) -> None:
+        """Write a new generation crash-safely (blocking: call it in a thread).
 
-    def _save(self, entries: dict[tuple[int, int], Entry]) -> None:
-        data = json.dumps(
-            {"version": VERSION, "files": [asdict(e) for e in entries.values()]},
-            separators=(",", ":"),
-        ).encode()
+        Args:
+            entries: the files.
+            spool: per spool segment, the acknowledged offset.
+        """
+        with self._lock:
+            self._save(entries, spool or {})
+
+    def _save(self, entries: dict[tuple[int, int], Entry], spool: Mapping[int, int]) -> None:
+        doc: dict[str, Any] = {"version": VERSION, "files": [asdict(e) for e in entries.values()]}
+        if spool:
+            # Optional: a checkpoint without spool entries reads as before.
+            doc["spool"] = {str(seq): offset for seq, offset in sorted(spool.items())}
+        data = json.dumps(doc, separators=(",", ":")).encode()
         replace_atomically(
             self.current, data, self.directory / (NAME + ".tmp"), keep_previous=self.previous
         )
         self.writes += 1
 
 
-def _decode(raw: bytes) -> dict[tuple[int, int], Entry]:
+def _decode(raw: bytes) -> tuple[dict[tuple[int, int], Entry], dict[int, int]]:
     doc: Any = json.loads(raw)
     if not isinstance(doc, dict) or doc.get("version") != VERSION:
         raise ValueError("not a version 1 checkpoint")
@@ -299,4 +330,9 @@ def _decode(raw: bytes) -> dict[tuple[int, int], Entry]:
         if not isinstance(entry.offset, int) or entry.offset < 0:
             raise ValueError(f"bad offset {entry.offset!r}")
         out[entry.key] = entry
-    return out
+    spool: dict[int, int] = {}
+    for seq, offset in doc.get("spool", {}).items():
+        if not isinstance(offset, int) or offset < 0:
+            raise ValueError(f"bad spool offset {offset!r}")
+        spool[int(seq)] = offset
+    return out, spool

@@ -17,7 +17,9 @@ from typing import Any
 
 from podpatterns.errors import ConfigError
 from podpatterns.options import (
+    HostPort,
     Option,
+    parse_bind,
     parse_bool,
     parse_choice,
     parse_duration,
@@ -122,6 +124,32 @@ def parse_rate(text: str) -> float | None:
     return value
 
 
+def parse_local_bind(text: str) -> HostPort:
+    """Parse ``HOST:PORT``, or a bare ``PORT`` on 127.0.0.1 (the Pod's loopback)."""
+    text = text.strip()
+    if text.isascii() and text.isdigit():
+        text = f"127.0.0.1:{text}"
+    return parse_bind(text)
+
+
+class FileMode(int):
+    """Permission bits, shown in octal (``0666``) in --help and the docs."""
+
+    def __str__(self) -> str:
+        return f"0{self:o}"
+
+
+def parse_file_mode(text: str) -> FileMode:
+    """Parse permission bits in octal: ``0666``, ``660``."""
+    try:
+        value = int(text.strip(), 8)
+    except ValueError:
+        raise ValueError("is not an octal file mode (e.g. 0666 or 0660)") from None
+    if not 0 <= value <= 0o777:
+        raise ValueError("is out of range (0000-0777)")
+    return FileMode(value)
+
+
 def _a(name: str, parse: Any, default: Any, help: str, **kw: Any) -> Option[Any]:
     return Option(name, parse, default, help, scope="adapter", **kw)
 
@@ -216,6 +244,99 @@ INPUT_OPTIONS: tuple[Option[Any], ...] = (
     ),
     _a("batch_max_records", parse_int(1, 1_000_000), 2000, "records per sink batch", metavar="N"),
     _a("batch_max_bytes", parse_size, 1024 * 1024, "bytes of lines per sink batch", metavar="SIZE"),
+)
+
+PUSH_OPTIONS: tuple[Option[Any], ...] = (
+    _a(
+        "http_listen",
+        parse_bind,
+        None,
+        "serve OTLP/HTTP logs (POST /v1/logs) and NDJSON (POST /v1/logs/ndjson) on "
+        "HOST:PORT, e.g. 127.0.0.1:4318 (a non-loopback address is logged as a warning)",
+        metavar="HOST:PORT",
+    ),
+    _a(
+        "http_max_body",
+        parse_size,
+        4 * 1024 * 1024,
+        "largest HTTP request body, compressed or not (413 beyond it)",
+        metavar="SIZE",
+    ),
+    _a(
+        "tcp_listen",
+        parse_bind,
+        None,
+        "accept newline-delimited records (JSON or text) on HOST:PORT",
+        metavar="HOST:PORT",
+    ),
+    _a(
+        "spool_dir",
+        parse_path,
+        None,
+        "directory of the durable spool of pushed records (required with a pushed "
+        "input; holds the checkpoint too unless --checkpoint-dir is given)",
+        metavar="DIR",
+    ),
+    _a(
+        "spool_max_bytes",
+        parse_size,
+        256 * 1024 * 1024,
+        "most bytes of pushed records spooled and not yet acknowledged; beyond it HTTP "
+        "answers 429 and stream inputs stop reading",
+        metavar="SIZE",
+    ),
+    _a(
+        "spool_segment_bytes",
+        parse_size,
+        16 * 1024 * 1024,
+        "size at which a spool segment file is closed (deleted once acknowledged)",
+        metavar="SIZE",
+    ),
+    # -- syslog inputs (podpatterns/adapter/inputs/syslog.py) --
+    _a(
+        "syslog_unix",
+        parse_path,
+        None,
+        "unix datagram socket to receive syslog on (point an app's /dev/log at it)",
+        metavar="PATH",
+    ),
+    _a(
+        "syslog_unix_stream",
+        parse_path,
+        None,
+        "unix stream socket to receive syslog on (RFC 6587 framing, backpressure)",
+        metavar="PATH",
+    ),
+    _a(
+        "syslog_tcp",
+        parse_local_bind,
+        None,
+        "TCP address to receive syslog on (RFC 6587 framing, backpressure); "
+        "a bare PORT binds 127.0.0.1",
+        metavar="HOST:PORT",
+    ),
+    _a(
+        "syslog_udp",
+        parse_local_bind,
+        None,
+        "UDP address to receive syslog on (best effort, drops counted); "
+        "a bare PORT binds 127.0.0.1",
+        metavar="HOST:PORT",
+    ),
+    _a(
+        "syslog_socket_mode",
+        parse_file_mode,
+        FileMode(0o666),
+        "permissions of the syslog unix socket files (octal)",
+        metavar="MODE",
+    ),
+    _a(
+        "syslog_max_message",
+        parse_size,
+        64 * 1024,
+        "longer syslog messages are truncated to this and marked truncated",
+        metavar="SIZE",
+    ),
 )
 
 PROCESS_OPTIONS: tuple[Option[Any], ...] = (
@@ -431,7 +552,7 @@ SINK_OPTIONS: tuple[Option[Any], ...] = (
     ),
 )
 
-ADAPTER_ONLY_OPTIONS = INPUT_OPTIONS + PROCESS_OPTIONS + SINK_OPTIONS
+ADAPTER_ONLY_OPTIONS = INPUT_OPTIONS + PUSH_OPTIONS + PROCESS_OPTIONS + SINK_OPTIONS
 ADAPTER_OPTIONS: tuple[Option[Any], ...] = RUNTIME_OPTIONS + ADAPTER_ONLY_OPTIONS
 
 
@@ -442,7 +563,7 @@ class AdapterConfig:
     Attributes mirror the options of the same names (see docs/reference.md).
     """
 
-    path: tuple[str, ...]
+    path: tuple[str, ...] = ()
     read_from: str = "beginning"
     checkpoint_dir: Path | None = None
     watch: str = "auto"
@@ -457,6 +578,18 @@ class AdapterConfig:
     queue_max_bytes: int = 8 * 1024 * 1024
     batch_max_records: int = 2000
     batch_max_bytes: int = 1024 * 1024
+    http_listen: HostPort | None = None
+    http_max_body: int = 4 * 1024 * 1024
+    tcp_listen: HostPort | None = None
+    spool_dir: Path | None = None
+    spool_max_bytes: int = 256 * 1024 * 1024
+    spool_segment_bytes: int = 16 * 1024 * 1024
+    syslog_unix: Path | None = None
+    syslog_unix_stream: Path | None = None
+    syslog_tcp: HostPort | None = None
+    syslog_udp: HostPort | None = None
+    syslog_socket_mode: int = FileMode(0o666)
+    syslog_max_message: int = 64 * 1024
     parse: str = "raw"
     regex: re.Pattern[str] | None = None
     on_parse_error: str = "raw"
@@ -498,8 +631,13 @@ class AdapterConfig:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     def __post_init__(self) -> None:
-        if not self.path:
-            raise ConfigError("--path: missing (give a glob, e.g. --path '/var/log/app/*.log')")
+        if not self.path and not self.pushed_inputs:
+            raise ConfigError(
+                "--path: missing (give a glob, e.g. --path '/var/log/app/*.log', or an input "
+                "over localhost such as --http-listen 127.0.0.1:4318)"
+            )
+        self._check_spool()
+        self._check_syslog()
         if self.parse == "regex" and self.regex is None:
             raise ConfigError("--regex: missing (--parse regex needs a pattern with named groups)")
         if self.regex is not None and not self.regex.groupindex:
@@ -544,6 +682,67 @@ class AdapterConfig:
         if self.batch_max_bytes > self.queue_max_bytes:
             raise ConfigError(
                 f"--queue-max-bytes: {self.queue_max_bytes} must be >= --batch-max-bytes"
+            )
+
+    @property
+    def pushed_inputs(self) -> tuple[str, ...]:
+        """The flags of the inputs over localhost that are configured."""
+        listens = (
+            ("--http-listen", self.http_listen),
+            ("--tcp-listen", self.tcp_listen),
+            ("--syslog-unix", self.syslog_unix),
+            ("--syslog-unix-stream", self.syslog_unix_stream),
+            ("--syslog-tcp", self.syslog_tcp),
+            ("--syslog-udp", self.syslog_udp),
+        )
+        return tuple(flag for flag, value in listens if value is not None)
+
+    @property
+    def state_dir(self) -> Path | None:
+        """Where the checkpoint lives: --checkpoint-dir, else --spool-dir."""
+        return self.checkpoint_dir if self.checkpoint_dir is not None else self.spool_dir
+
+    def _check_spool(self) -> None:
+        pushed = self.pushed_inputs
+        if pushed and self.spool_dir is None:
+            raise ConfigError(
+                f"--spool-dir: missing ({pushed[0]} needs a directory where accepted records "
+                "are kept until shipped, e.g. --spool-dir /var/lib/podpatterns/spool on a volume)"
+            )
+        if self.spool_max_bytes < 1024 * 1024:
+            raise ConfigError(
+                f"--spool-max-bytes: {self.spool_max_bytes} must be >= 1MiB (e.g. 256MiB)"
+            )
+        if self.spool_segment_bytes < 64 * 1024:
+            raise ConfigError(
+                f"--spool-segment-bytes: {self.spool_segment_bytes} must be >= 64KiB (e.g. 16MiB)"
+            )
+        if self.http_max_body < 1024:
+            raise ConfigError(f"--http-max-body: {self.http_max_body} must be >= 1KiB (e.g. 4MiB)")
+        if self.spool_dir is not None:
+            segment = str(self.spool_dir / "spool-0000000000000001.ndjson")
+            for pattern in self.path:
+                if _tailed(segment, pattern):
+                    raise ConfigError(
+                        f"--spool-dir: {str(self.spool_dir)!r} would be read by --path "
+                        f"{pattern!r}: the adapter would tail its own spool (put it elsewhere)"
+                    )
+        http = self.http_listen
+        if http is not None and http.port and http == self.tcp_listen:
+            raise ConfigError(
+                f"--tcp-listen: {http} is --http-listen's address too (choose another port)"
+            )
+
+    def _check_syslog(self) -> None:
+        if not 480 <= self.syslog_max_message <= 16 * 1024 * 1024:
+            raise ConfigError(
+                f"--syslog-max-message: {self.syslog_max_message} is out of range "
+                "(480 bytes, the least RFC 5424 allows, to 16MiB)"
+            )
+        if self.syslog_unix is not None and self.syslog_unix == self.syslog_unix_stream:
+            raise ConfigError(
+                f"--syslog-unix-stream: {str(self.syslog_unix_stream)!r} is also --syslog-unix "
+                "(give the two sockets different paths)"
             )
 
     def _check_sink_path(self) -> None:

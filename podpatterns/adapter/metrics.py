@@ -6,12 +6,14 @@ the transform chain's and the sink's own); these declarations read them at scrap
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 
 from podpatterns.adapter.checkpoint import CheckpointStore
 from podpatterns.adapter.counters import Counters
+from podpatterns.adapter.inputs import Input
 from podpatterns.adapter.lines import LineSplitter
 from podpatterns.adapter.sinks import DeadLetter, Sink
+from podpatterns.adapter.spool import Spool, SpoolCounters
 from podpatterns.adapter.transform import Counters as TransformCounters
 from podpatterns.metrics import Family, Sample, counter, gauge
 
@@ -27,6 +29,8 @@ def families(
     queue_bytes: Callable[[], int],
     lag_bytes: Callable[[], int],
     store: CheckpointStore | None,
+    spool: Spool | None = None,
+    inputs: Sequence[Input] = (),
 ) -> list[Family]:
     """The adapter's families.
 
@@ -40,6 +44,9 @@ def families(
         queue_bytes: bytes read and not yet acknowledged.
         lag_bytes: bytes in open files not yet acknowledged.
         store: the checkpoint store, if any.
+        spool: the spool of pushed records, if any.
+        inputs: the pushed inputs (each one's ``collect()`` becomes
+            ``adapter_input_events``).
 
     Returns:
         The declarations, in the order they are exposed and documented.
@@ -49,6 +56,11 @@ def families(
 
     def sink_samples() -> list[Sample]:
         return [((sink.name, k), float(v)) for k, v in sink.collect().items()]
+
+    def input_samples() -> list[Sample]:
+        return [((i.name, k), float(v)) for i in inputs for k, v in i.collect().items()]
+
+    sc = spool.counters if spool is not None else SpoolCounters()
 
     return [
         counter("adapter_lines", "lines read and handed to parsing", lambda: c.lines),
@@ -168,5 +180,54 @@ def families(
             "sink counters (requests, retries, rejected, ...)",
             ("sink", "event"),
             sink_samples,
+        ),
+        Family(
+            "counter",
+            "adapter_input_events",
+            "pushed-input counters (requests by status, records, bytes, connections, ...)",
+            ("input", "event"),
+            input_samples,
+        ),
+        counter(
+            "adapter_spool_appends",
+            "appends made durable in the spool (one per request or chunk)",
+            lambda: sc.appends,
+        ),
+        counter(
+            "adapter_spool_syncs",
+            "fdatasync calls of the spool (appends per sync: the group commit)",
+            lambda: sc.syncs,
+        ),
+        counter(
+            "adapter_spool_records", "records appended to the spool", lambda: sc.records_appended
+        ),
+        counter("adapter_spool_bytes", "bytes appended to the spool", lambda: sc.bytes_appended),
+        counter(
+            "adapter_spool_full",
+            "appends refused because the spool was full (HTTP 429, stream paused)",
+            lambda: sc.full,
+        ),
+        counter(
+            "adapter_spool_write_errors", "spool writes that failed (disk)", lambda: sc.write_errors
+        ),
+        counter(
+            "adapter_spool_torn_tails",
+            "segments found ending in a torn record after a crash (cut off)",
+            lambda: sc.torn_tails,
+        ),
+        counter(
+            "adapter_spool_corrupt_records",
+            "spool lines that did not decode (skipped)",
+            lambda: sc.corrupt_records,
+        ),
+        gauge(
+            "adapter_spool_unacked_bytes",
+            "bytes spooled and not yet acknowledged by the sink",
+            lambda: spool.unacknowledged_bytes if spool is not None else 0,
+        ),
+        gauge(
+            "adapter_spool_segments",
+            "spool segment files",
+            lambda: spool.segments() if spool is not None else 0,
         ),
     ]

@@ -14,6 +14,11 @@ batch move (:mod:`~podpatterns.adapter.checkpoint`), and the checkpoint is writt
 checkpoint never passes a record that was not acknowledged, and after a crash at most the
 one unacknowledged batch is sent again.
 
+Pushed inputs (:mod:`~podpatterns.adapter.inputs`) append what they receive to the
+durable spool (:mod:`~podpatterns.adapter.spool`); a third producer reads the spool back
+in order and puts its records, already structured (no line parser), on the same queue,
+each batch with the spool offsets the checkpoint reaches once it is acknowledged.
+
 The stages import none of each other; this module is the only one that knows them all.
 """
 
@@ -23,7 +28,7 @@ import asyncio
 import errno
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,11 +36,12 @@ import watchfiles
 
 from podpatterns import logs
 from podpatterns.adapter import metrics
-from podpatterns.adapter.batch import Batch, Batcher, ByteQueue
+from podpatterns.adapter.batch import LINE_OVERHEAD, Batch, Batcher, ByteQueue
 from podpatterns.adapter.checkpoint import NAME, Checkpoint, CheckpointStore, Entry
 from podpatterns.adapter.config import AdapterConfig
 from podpatterns.adapter.counters import Counters
 from podpatterns.adapter.cri import CriJoiner
+from podpatterns.adapter.inputs import Input
 from podpatterns.adapter.join import Joiner
 from podpatterns.adapter.lines import Line
 from podpatterns.adapter.multiline import PRESETS, Grouper
@@ -44,6 +50,7 @@ from podpatterns.adapter.reader import Reader
 from podpatterns.adapter.records import Record, RecordParser
 from podpatterns.adapter.ship import Shipper, build_sink
 from podpatterns.adapter.sinks import DeadLetter, Sink
+from podpatterns.adapter.spool import Spool
 from podpatterns.adapter.tail import FileKey
 from podpatterns.adapter.tracking import Tracked, Tracker
 from podpatterns.adapter.transform import TransformChain, load_callable, redactor
@@ -52,7 +59,35 @@ from podpatterns.errors import ConfigError
 from podpatterns.metrics import CallbackCollector
 from podpatterns.tasks import TaskSet
 
-__all__ = ["Adapter"]
+__all__ = ["Adapter", "build_inputs"]
+
+
+def _unusable(flag: str, directory: Path, exc: OSError) -> ConfigError:
+    """The error for a state directory (checkpoint, spool) that cannot be used."""
+    hint = (
+        "mount a writable volume (an emptyDir) there"
+        if exc.errno == errno.EROFS
+        else "it must be a directory this user can write; in a Pod, set fsGroup"
+    )
+    return ConfigError(f"{flag}: cannot use {directory}: {exc.strerror} ({hint})")
+
+
+def build_inputs(config: AdapterConfig) -> list[Input]:
+    """The pushed inputs ``config`` asks for (each module imported on first use)."""
+    inputs: list[Input] = []
+    if config.http_listen is not None:
+        from podpatterns.adapter.inputs.http import HttpInput
+
+        inputs.append(HttpInput(config.http_listen, max_body=config.http_max_body))
+    if config.tcp_listen is not None:
+        from podpatterns.adapter.inputs.tcp import TcpInput
+
+        inputs.append(TcpInput(config.tcp_listen, max_line=config.max_line_bytes))
+    if any(flag.startswith("--syslog-") for flag in config.pushed_inputs):
+        from podpatterns.adapter.inputs.syslog import inputs_from_config
+
+        inputs.extend(inputs_from_config(config))
+    return inputs
 
 
 class Adapter:
@@ -62,6 +97,8 @@ class Adapter:
         config: the validated configuration.
         sink: where records go (built from ``config`` when omitted).
         watcher: ``watchfiles.awatch``-compatible factory (tests inject failures).
+        inputs: the pushed inputs (built from ``config`` when omitted); they need
+            ``config.spool_dir``.
     """
 
     name = "adapter"
@@ -72,16 +109,30 @@ class Adapter:
         *,
         sink: Sink | None = None,
         watcher: WatcherFactory = watchfiles.awatch,
+        inputs: Sequence[Input] | None = None,
     ) -> None:
         self.config = config
         self.dead_letter = DeadLetter(config.dead_letter, config.dead_letter_max_bytes)
         self.sink: Sink = sink if sink is not None else build_sink(config, self.dead_letter)
         self.counters = Counters()
-        self._store = CheckpointStore(config.checkpoint_dir) if config.checkpoint_dir else None
+        self.inputs: list[Input] = list(build_inputs(config) if inputs is None else inputs)
+        self.spool: Spool | None = None
+        if self.inputs:
+            if config.spool_dir is None:
+                raise ConfigError("--spool-dir: missing (pushed inputs need a spool directory)")
+            self.spool = Spool(
+                config.spool_dir,
+                max_bytes=config.spool_max_bytes,
+                segment_bytes=config.spool_segment_bytes,
+            )
+        # Without --checkpoint-dir, the spool's directory holds the checkpoint: spooled
+        # records are acknowledged through it, so it must survive a restart with them.
+        state_dir = config.state_dir
+        self._store = CheckpointStore(state_dir) if state_dir else None
         self._checkpoint = Checkpoint(self._store)
         own_paths = [
             p
-            for p in (config.checkpoint_dir, config.sink_path, config.dead_letter)
+            for p in (state_dir, config.spool_dir, config.sink_path, config.dead_letter)
             if p is not None
         ]
         self._tracker = Tracker(
@@ -93,8 +144,8 @@ class Adapter:
             own_paths=[
                 *own_paths,
                 *(
-                    [config.checkpoint_dir / n for n in (NAME, NAME + ".prev", NAME + ".tmp")]
-                    if config.checkpoint_dir
+                    [state_dir / n for n in (NAME, NAME + ".prev", NAME + ".tmp")]
+                    if state_dir
                     else []
                 ),
             ],
@@ -103,7 +154,10 @@ class Adapter:
         # While the sink is down and the queue full, discovery goes on: files rotated
         # meanwhile are followed and opened (an fd each), so no generation is lost.
         self._queue = ByteQueue(
-            config.queue_max_bytes, self._discover_while_full, config.reconcile_interval
+            config.queue_max_bytes,
+            self._discover_while_full,
+            config.reconcile_interval,
+            producers=bool(config.path) + bool(self.spool),
         )
         self._batcher = Batcher(self._queue, config.batch_max_records, config.batch_max_bytes)
         self._parser = RecordParser(
@@ -137,7 +191,8 @@ class Adapter:
             watcher=watcher,
         )
         self._stopping = False
-        self._reader_done = False
+        self._reader_done = not config.path
+        self._spool_done = self.spool is None
         self._drained = asyncio.Event()
         self._tasks = TaskSet("adapter")
         self._started = False
@@ -162,44 +217,63 @@ class Adapter:
     # -- lifecycle ----------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Load the checkpoint, open the files and the sink, start reading.
+        """Load the checkpoint, open the files, the spool and the sink, start reading,
+        bind the pushed inputs.
 
         Raises:
-            ConfigError: a ``--transform`` cannot be imported, or the checkpoint
+            ConfigError: a ``--transform`` cannot be imported, or the checkpoint or spool
                 directory cannot be created or written.
+            BindError: an input cannot bind its address.
         """
         self._chain.user = tuple(load_callable(ref) for ref in self.config.transform)
         try:
             await self._checkpoint.load()
         except OSError as exc:
             assert self._store is not None  # nothing to load without a store
-            hint = (
-                "mount a writable volume (an emptyDir) there"
-                if exc.errno == errno.EROFS
-                else "it must be a directory this user can write; in a Pod, set fsGroup"
-            )
-            raise ConfigError(
-                f"--checkpoint-dir: cannot use {self._store.directory}: {exc.strerror} ({hint})"
-            ) from None
+            flag = "--checkpoint-dir" if self.config.checkpoint_dir else "--spool-dir"
+            raise _unusable(flag, self._store.directory, exc) from None
+        if self.spool is not None:
+            await self._open_spool(self.spool)
         self._tracker.restore(time.monotonic())
         await self.sink.start()
         # The stages end on their own (the stream drained, the watch stopped or fell back
         # to polling): returning is their normal end; raising is a death.
-        if self.mode == "watch":
-            self._tasks.spawn(self._events.run(), "adapter-watch", may_return=True)
-        self._tasks.spawn(self._read_loop(), "adapter-read", may_return=True)
+        if self.config.path:
+            if self.mode == "watch":
+                self._tasks.spawn(self._events.run(), "adapter-watch", may_return=True)
+            self._tasks.spawn(self._read_loop(), "adapter-read", may_return=True)
+        if self.spool is not None:
+            self._tasks.spawn(self.spool.run(), "adapter-spool-write", may_return=True)
+            self._tasks.spawn(self._spool_loop(self.spool), "adapter-spool-read", may_return=True)
         self._tasks.spawn(self._send_loop(), "adapter-send", may_return=True)
+        # Bound last: a peer is answered only once everything behind the input runs.
+        try:
+            for inp in self.inputs:
+                assert self.spool is not None
+                await inp.start(self.spool)
+        except BaseException:
+            await self.close()  # the runtime closes only components that started
+            raise
         self._started = True
         self._log.info(
             "adapter_started",
             paths=list(self.config.path),
             files=len(self.tracked),
+            inputs=[i.name for i in self.inputs],
             sink=self.sink.name,
             mode=self.mode,
         )
 
+    async def _open_spool(self, spool: Spool) -> None:
+        try:
+            forget = await asyncio.to_thread(spool.open, self._checkpoint.spool)
+        except OSError as exc:
+            raise _unusable("--spool-dir", spool.directory, exc) from None
+        self._checkpoint.forget_segments(forget)
+
     def is_ready(self) -> bool:
-        """Ready once started, as long as no stage failed and no task died."""
+        """Ready once started (the inputs bound), as long as no stage failed and no task
+        died."""
         return self._started and not self._failed and self._tasks.healthy
 
     def is_live(self) -> bool:
@@ -212,10 +286,24 @@ class Adapter:
         if not self._stopping:
             self._stopping = True
             self._events.stop()
+            if self.spool is not None:
+                self._tasks.spawn(self._stop_inputs(), "adapter-inputs-stop", may_return=True)
+
+    async def _stop_inputs(self) -> None:
+        """Close the inputs (requests in flight are answered), then the spool's writer: the
+        spool reader then reads to the end and finishes."""
+        await self._close_inputs()
+        if self.spool is not None:
+            await self.spool.stop()
+
+    async def _close_inputs(self) -> None:
+        for inp in self.inputs:
+            await inp.close()
 
     def in_flight(self) -> int:
-        """Batches queued or being shipped, plus one while files are still being read."""
-        return len(self._queue) + (0 if self._reader_done else 1)
+        """Batches queued or being shipped, plus one while files or the spool are still
+        being read."""
+        return len(self._queue) + (0 if self._reader_done else 1) + (0 if self._spool_done else 1)
 
     async def wait_drained(self) -> None:
         """Return once every batch read was shipped and checkpointed."""
@@ -228,13 +316,21 @@ class Adapter:
         return left
 
     async def close(self) -> None:
-        """Stop the tasks, write the final checkpoint, close files and the sink."""
+        """Stop the tasks, write the final checkpoint, close files, inputs, spool and sink."""
         self._events.stop()
         await self._tasks.aclose()
+        await self._close_inputs()
         await self._checkpoint.save(force=True)
         self._tracker.close_all()
+        if self.spool is not None:
+            self.spool.close()
         await self.sink.close()
-        self._log.info("adapter_stopped", **{k: v for k, v in vars(self.counters).items() if v})
+        spooled = {} if self.spool is None else vars(self.spool.counters)
+        self._log.info(
+            "adapter_stopped",
+            **{k: v for k, v in vars(self.counters).items() if v},
+            **{"spool_" + k: v for k, v in spooled.items() if v},
+        )
 
     # -- wiring of the stages ------------------------------------------------------------
 
@@ -280,15 +376,22 @@ class Adapter:
 
     async def _read_loop(self) -> None:
         try:
-            await self._read_until_stopped()
+            await self._produce("read", self._read_until_stopped())
+        finally:
+            self._reader_done = True
+
+    async def _produce(self, stage: str, run: Awaitable[None]) -> None:
+        """Run a producer (the file reader, the spool reader) until it ends; then tell the
+        queue, even when it failed."""
+        try:
+            await run
         except Exception:
             # A bug: readiness turns 503 and the traceback is logged; the TaskSet logs
             # the task's death too and liveness turns off.
             self._failed = True
-            self._log.exception("adapter_stage_failed", stage="read")
+            self._log.exception("adapter_stage_failed", stage=stage)
             raise
         finally:
-            self._reader_done = True
             # The sender must learn the stream ended, even when reading failed.
             self._queue.end()
 
@@ -396,6 +499,25 @@ class Adapter:
                 self._tracker.close(t, "rotated")
         return handed
 
+    # -- the spool reader task -------------------------------------------------------------
+
+    async def _spool_loop(self, spool: Spool) -> None:
+        try:
+            await self._produce("spool_read", self._read_spool(spool))
+        finally:
+            self._spool_done = True
+
+    async def _read_spool(self, spool: Spool) -> None:
+        """Read the spool back in order and queue its records (already structured)."""
+        cfg = self.config
+        while True:
+            got = await spool.read(cfg.batch_max_bytes, cfg.batch_max_records)
+            if got is None:
+                return
+            records, used, marks = got
+            batch = Batch(records=records, spool=marks, nbytes=used + LINE_OVERHEAD * len(records))
+            await self._queue.put(batch)
+
     # -- the sender task -------------------------------------------------------------------
 
     async def _send_loop(self) -> None:
@@ -418,12 +540,24 @@ class Adapter:
         records, failed = self._process(batch)
         await self._shipper.ship(records, failed)
         self.counters.batches += 1
-        self._checkpoint.acknowledge(batch.marks)
+        await self._acknowledge(batch)
+
+    async def _acknowledge(self, batch: Batch) -> None:
+        """Every sink acknowledged ``batch``: move the checkpoint (files and spool), write
+        it, then delete the spool segments it no longer needs."""
+        self._checkpoint.acknowledge(batch.marks, batch.spool)
         await self._checkpoint.save()
+        if batch.spool and self.spool is not None:
+            self.spool.acknowledged(batch.spool)
+            self._checkpoint.forget_segments(await self.spool.remove_done())
 
     def _process(self, batch: Batch) -> tuple[list[Record], list[tuple[Record, str]]]:
-        """Parse and transform a batch: the records to ship and those a transform failed on."""
-        records = self._parser.records(batch.lines)
+        """Parse and transform a batch: the records to ship and those a transform failed on.
+
+        Records from the spool skip the line parser (--parse applies to files)."""
+        records = self._parser.records(batch.lines) if batch.lines else []
+        if batch.records:
+            records += batch.records
         if self._chain.active:
             return self._chain.apply(records)
         return records, []
@@ -453,6 +587,8 @@ class Adapter:
                     queue_bytes=lambda: self._queue.bytes,
                     lag_bytes=self.lag_bytes,
                     store=self._store,
+                    spool=self.spool,
+                    inputs=self.inputs,
                 )
             )
         ]

@@ -17,9 +17,23 @@ transformed, shipped, and checkpointed only once every sink has acknowledged the
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from podpatterns.options import HostPort
 
 Record = dict[str, Any]
+
+
+def listen_warning(log: Any, flag: str, bind: HostPort) -> None:
+    """Warn when an input listens beyond loopback: anything that reaches it can push."""
+    if not bind.is_loopback:
+        log.warning(
+            "input_not_loopback",
+            input=flag,
+            address=str(bind),
+            note="reachable from outside the Pod; bind 127.0.0.1 unless that is intended",
+        )
 
 
 class SpoolFull(Exception):
@@ -36,12 +50,19 @@ class Spool(Protocol):
     async def append(self, records: list[Record], *, source: str) -> None:
         """Store ``records`` (in order) durably, tagged with the input ``source``.
 
+        The records are the spool's from then on: each gets ``input`` set to ``source``,
+        and they are shipped as they are (values JSON can hold: what is read back after
+        a restart is their JSON form).
+
         Raises:
             SpoolFull: nothing was stored; the caller tells its peer to retry.
+            OSError: the disk failed; nothing was stored.
         """
 
     async def wait_for_space(self) -> None:
-        """Return once :meth:`append` would not raise :class:`SpoolFull`."""
+        """Return at once unless an append was refused (:class:`SpoolFull`); then once
+        at most half the spool's bound is used, so an append of up to that much
+        succeeds (a stream input pauses reading on this)."""
 
 
 class Input(Protocol):
@@ -53,7 +74,10 @@ class Input(Protocol):
         """Bind the listening sockets (a bind error raises) and start serving."""
 
     async def close(self) -> None:
-        """Stop accepting; requests in flight are answered before this returns."""
+        """Stop accepting; requests in flight are answered before this returns.
+
+        May be called again (the adapter's close() calls it after a cut drain).
+        """
 
     def collect(self) -> dict[str, float]:
         """Counters for the metrics collector (name -> value)."""
