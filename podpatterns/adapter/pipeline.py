@@ -1,18 +1,23 @@
-"""Wire the stages: discovery -> read -> join -> batch -> parse -> transform -> sink -> checkpoint.
+"""Wire the stages: discovery -> read -> join -> batch -> parse -> transform -> sinks -> checkpoint.
 
-Two tasks and one bounded queue (a third task, the file watch, only wakes the reader).
+Two tasks and one bounded queue, plus a task per sink (another task, the file watch,
+only wakes the reader).
 The reader discovers files (:mod:`~podpatterns.adapter.tracking`), reads and splits them
 into lines (:mod:`~podpatterns.adapter.reader`), joins CRI partials or multiline records
 (:mod:`~podpatterns.adapter.join`) and puts batches (with, per file, the offset the
 checkpoint reaches) on a queue bounded in bytes (:mod:`~podpatterns.adapter.batch`): when
 the sink is slow or down the queue fills and reading pauses, so the files themselves are
-the buffer. The sender parses (:mod:`~podpatterns.adapter.records`), transforms
-(:mod:`~podpatterns.adapter.transform`) and ships (:mod:`~podpatterns.adapter.ship`) one
-batch at a time, then acknowledges it: only then does the checkpoint of each file in the
-batch move (:mod:`~podpatterns.adapter.checkpoint`), and the checkpoint is written
-(crash-safely) before the next batch is sent. Batches are shipped in order, so a file's
-checkpoint never passes a record that was not acknowledged, and after a crash at most the
-one unacknowledged batch is sent again.
+the buffer. The sender parses (:mod:`~podpatterns.adapter.records`) and transforms
+(:mod:`~podpatterns.adapter.transform`) each batch once and hands it to every sink's lane
+(:mod:`~podpatterns.adapter.ship`); each lane ships its batches in order. A batch is
+acknowledged once every sink has acknowledged it, in batch order: only then does the
+checkpoint of each file in the batch move (:mod:`~podpatterns.adapter.checkpoint`), and
+the checkpoint is written (crash-safely) by the lane that acknowledged it last, before
+that lane sends its next batch. So a file's checkpoint never passes a record some sink
+did not acknowledge; with one sink, after a crash at most the one unacknowledged batch
+is sent again, and with several, the batches not yet acknowledged by all of them. The
+queue's bytes are given back only when every sink has acknowledged a batch, so a sink
+that is down holds at most ``--queue-max-bytes`` while the others go on shipping.
 
 The stages import none of each other; this module is the only one that knows them all.
 """
@@ -23,7 +28,8 @@ import asyncio
 import errno
 import re
 import time
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import watchfiles
@@ -41,7 +47,7 @@ from podpatterns.adapter.multiline import PRESETS, Grouper
 from podpatterns.adapter.parse import get_parser
 from podpatterns.adapter.reader import Reader
 from podpatterns.adapter.records import Record, RecordParser
-from podpatterns.adapter.ship import Shipper, build_sink
+from podpatterns.adapter.ship import Lane, Shipment, build_sink, dead_letter_failed
 from podpatterns.adapter.sinks import DeadLetter, Sink
 from podpatterns.adapter.tail import FileKey
 from podpatterns.adapter.tracking import Tracked, Tracker
@@ -53,13 +59,18 @@ from podpatterns.tasks import TaskSet
 
 __all__ = ["Adapter"]
 
+LOOKAHEAD = 2
+"""Batches parsed ahead of the fastest sink (one being shipped, one ready)."""
+
 
 class Adapter:
     """The adapter as a :class:`~podpatterns.runtime.Component`.
 
     Args:
         config: the validated configuration.
-        sink: where records go (built from ``config`` when omitted).
+        sink: where records go (the sinks are built from ``config`` when neither this nor
+            ``sinks`` is given).
+        sinks: several sinks by name, each shipping every record.
         watcher: ``watchfiles.awatch``-compatible factory (tests inject failures).
     """
 
@@ -70,17 +81,38 @@ class Adapter:
         config: AdapterConfig,
         *,
         sink: Sink | None = None,
+        sinks: Mapping[str, Sink] | None = None,
         watcher: WatcherFactory = watchfiles.awatch,
     ) -> None:
         self.config = config
         self.dead_letter = DeadLetter(config.dead_letter, config.dead_letter_max_bytes)
-        self.sink: Sink = sink if sink is not None else build_sink(config, self.dead_letter)
         self.counters = Counters()
+        if sink is not None:
+            sinks = {sink.name: sink}
+        if sinks is not None:
+            self.lanes = [
+                Lane(n, s, self.counters, config.sink_unready_after) for n, s in sinks.items()
+            ]
+        else:
+            self.lanes = [
+                Lane(c.name, build_sink(c, self.dead_letter), self.counters, c.sink_unready_after)
+                for c in config.sinks
+            ]
+        # Shipments handed to the lanes and not yet acknowledged by all, in batch order.
+        self._inflight: deque[Shipment] = deque()
+        self._ack_lock = asyncio.Lock()
+        self._all_acked = asyncio.Event()
+        self._lane_moved = asyncio.Event()
+        self._unready_reason: str | None = None
         self._store = CheckpointStore(config.checkpoint_dir) if config.checkpoint_dir else None
         self._checkpoint = Checkpoint(self._store)
         own_paths = [
             p
-            for p in (config.checkpoint_dir, config.sink_path, config.dead_letter)
+            for p in (
+                config.checkpoint_dir,
+                config.dead_letter,
+                *(c.sink_path for c in config.sinks if c.kind == "file"),
+            )
             if p is not None
         ]
         self._tracker = Tracker(
@@ -126,7 +158,6 @@ class Adapter:
             sample=config.sample,
             rate_limit=config.rate_limit,
         )
-        self._shipper = Shipper(self.sink, self.dead_letter, self.counters)
         # Our own writes (checkpoint, file sink, dead letters) may live in a watched
         # directory: their events would only wake the reader for nothing.
         self._events = FileEvents(
@@ -142,6 +173,11 @@ class Adapter:
         self._started = False
         self._failed = False
         self._log = logs.get("adapter")
+
+    @property
+    def sink(self) -> Sink:
+        """The first sink (the only one, unless several were configured)."""
+        return self.lanes[0].sink
 
     @property
     def tracked(self) -> dict[FileKey, Tracked]:
@@ -181,25 +217,48 @@ class Adapter:
                 f"--checkpoint-dir: cannot use {self._store.directory}: {exc.strerror} ({hint})"
             ) from None
         self._tracker.restore(time.monotonic())
-        await self.sink.start()
+        for lane in self.lanes:
+            await lane.sink.start()
         # The stages end on their own (the stream drained, the watch stopped or fell back
         # to polling): returning is their normal end; raising is a death.
         if self.mode == "watch":
             self._tasks.spawn(self._events.run(), "adapter-watch", may_return=True)
         self._tasks.spawn(self._read_loop(), "adapter-read", may_return=True)
         self._tasks.spawn(self._send_loop(), "adapter-send", may_return=True)
+        for lane in self.lanes:
+            self._tasks.spawn(self._lane_loop(lane), f"adapter-sink-{lane.name}", may_return=True)
         self._started = True
         self._log.info(
             "adapter_started",
             paths=list(self.config.path),
             files=len(self.tracked),
-            sink=self.sink.name,
+            sinks=[lane.name for lane in self.lanes],
             mode=self.mode,
         )
 
     def is_ready(self) -> bool:
-        """Ready once started, as long as no stage failed and no task died."""
-        return self._started and not self._failed and self._tasks.healthy
+        """Ready once started, as long as no stage failed, no task died and no sink has
+        been failing longer than its ``--sink-unready-after``."""
+        if not (self._started and not self._failed and self._tasks.healthy):
+            return False
+        return self.unready_reason() is None
+
+    def unready_reason(self) -> str | None:
+        """Why a sink makes the adapter unready (logged once per change), or ``None``."""
+        now = time.monotonic()
+        reason = None
+        for lane in self.lanes:
+            down = lane.down_for(now)
+            if lane.unready_after is not None and down >= lane.unready_after:
+                reason = f"sink {lane.name} failing for {down:.0f}s"
+                break
+        if (reason is None) != (self._unready_reason is None):
+            if reason is None:
+                self._log.info("sinks_ready_again")
+            else:
+                self._log.warning("sink_unready", reason=reason)
+        self._unready_reason = reason
+        return reason
 
     def is_live(self) -> bool:
         """Live unless one of the adapter's tasks died (a bug: a restart may help)."""
@@ -214,7 +273,7 @@ class Adapter:
 
     def in_flight(self) -> int:
         """Batches queued or being shipped, plus one while files are still being read."""
-        return len(self._queue) + (0 if self._reader_done else 1)
+        return len(self._queue) + len(self._inflight) + (0 if self._reader_done else 1)
 
     async def wait_drained(self) -> None:
         """Return once every batch read was shipped and checkpointed."""
@@ -222,7 +281,7 @@ class Adapter:
 
     def cut(self) -> int:
         """Stop reading and shipping now; return the batches that were left."""
-        left = len(self._queue)
+        left = len(self._queue) + len(self._inflight)
         self._tasks.cancel()
         return left
 
@@ -232,7 +291,8 @@ class Adapter:
         await self._tasks.aclose()
         await self._checkpoint.save(force=True)
         self._tracker.close_all()
-        await self.sink.close()
+        for lane in self.lanes:
+            await lane.sink.close()
         self._log.info("adapter_stopped", **{k: v for k, v in vars(self.counters).items() if v})
 
     # -- wiring of the stages ------------------------------------------------------------
@@ -400,11 +460,32 @@ class Adapter:
     async def _send_loop(self) -> None:
         try:
             while True:
+                # Parsed records take more memory than the lines they come from: a batch
+                # is parsed only when some sink is about to need it, so while every sink
+                # is slow or down the backlog stays lines (bounded by --queue-max-bytes).
+                while all(lane.queued >= LOOKAHEAD for lane in self.lanes):
+                    self._lane_moved.clear()
+                    await self._lane_moved.wait()
                 batch = await self._queue.get()
                 if batch is None:
                     break
-                await self._ship(batch)
-                self._queue.release(batch.nbytes)
+                records, failed = self._process(batch)
+                await dead_letter_failed(self.dead_letter, failed)
+                item = Shipment(
+                    records,
+                    batch.nbytes,
+                    sum(len(line.data) for _, _, line in batch.lines),
+                    len(self.lanes),
+                    batch.marks,
+                )
+                self._inflight.append(item)
+                for lane in self.lanes:
+                    lane.put(item)
+            for lane in self.lanes:
+                lane.end()
+            while self._inflight:
+                self._all_acked.clear()
+                await self._all_acked.wait()
         except Exception:
             self._failed = True
             self._log.exception("adapter_stage_failed", stage="send")
@@ -413,12 +494,35 @@ class Adapter:
             if not self._failed:
                 self._drained.set()
 
-    async def _ship(self, batch: Batch) -> None:
-        records, failed = self._process(batch)
-        await self._shipper.ship(records, failed)
-        self.counters.batches += 1
-        self._checkpoint.acknowledge(batch.marks)
-        await self._checkpoint.save()
+    async def _lane_loop(self, lane: Lane) -> None:
+        try:
+            await lane.run(self._acked)
+        except Exception:
+            self._failed = True
+            self._log.exception("adapter_stage_failed", stage="sink", sink=lane.name)
+            raise
+
+    async def _acked(self, item: Shipment) -> None:
+        """A lane acknowledged ``item``: acknowledge, in batch order, every batch all sinks
+        have, and write the checkpoint before that lane sends its next batch."""
+        self._lane_moved.set()
+        item.waiting -= 1
+        if item.waiting:
+            return
+        async with self._ack_lock:
+            inflight = self._inflight
+            moved = False
+            while inflight and not inflight[0].waiting:
+                done = inflight.popleft()
+                self.counters.batches += 1
+                self.counters.records_shipped += len(done.records)
+                self._checkpoint.acknowledge(done.marks)
+                self._queue.release(done.nbytes)
+                moved = True
+            if moved:
+                await self._checkpoint.save()
+            if not inflight:
+                self._all_acked.set()
 
     def _process(self, batch: Batch) -> tuple[list[Record], list[tuple[Record, str]]]:
         """Parse and transform a batch: the records to ship and those a transform failed on."""
@@ -445,7 +549,7 @@ class Adapter:
                 metrics.families(
                     counters=self.counters,
                     transforms=self._chain.counters,
-                    sink=self.sink,
+                    lanes=self.lanes,
                     dead_letter=self.dead_letter,
                     splitters=lambda: [t.splitter for t in self.tracked.values()],
                     mode=lambda: self.mode,
