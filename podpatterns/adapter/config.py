@@ -99,6 +99,19 @@ def parse_callable_ref(text: str) -> str:
     return text.strip()
 
 
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def parse_env_field(text: str) -> tuple[str, str]:
+    """Parse ``FIELD=VARIABLE``, or ``default`` (the usual Downward API variables)."""
+    if text.strip() == "default":
+        return ("default", "*")
+    key, value = parse_pair(text)
+    if not _ENV_NAME.match(value.strip()):
+        raise ValueError(f"has {value!r}, which is not an environment variable name")
+    return key, value.strip()
+
+
 def parse_fraction(text: str) -> float:
     """Parse a fraction in (0, 1]."""
     try:
@@ -340,6 +353,24 @@ PROCESS_OPTIONS: tuple[Option[Any], ...] = (
         None,
         "records per second kept; the excess is dropped and counted",
         metavar="N",
+    ),
+    _a(
+        "k8s_env_metadata",
+        parse_env_field,
+        (),
+        "add field FIELD from the Downward API variable VARIABLE to every record; "
+        "'default': k8s_pod, k8s_namespace, k8s_node, k8s_container from POD_NAME, "
+        "POD_NAMESPACE, NODE_NAME, CONTAINER_NAME",
+        multiple=True,
+        metavar="FIELD=VARIABLE",
+    ),
+    _a(
+        "k8s_metadata_dir",
+        parse_path,
+        None,
+        "downwardAPI volume whose labels and annotations files become k8s_labels and "
+        "k8s_annotations on every record (re-read on change)",
+        metavar="DIR",
     ),
     _a(
         "transform",
@@ -673,6 +704,8 @@ class AdapterConfig(SinkSettings):
     exclude: tuple[tuple[str, re.Pattern[str]], ...] = ()
     sample: float = 1.0
     rate_limit: float | None = None
+    k8s_env_metadata: tuple[tuple[str, str], ...] = ()
+    k8s_metadata_dir: Path | None = None
     transform: tuple[str, ...] = ()
     sink: tuple[str, ...] = ("stdout",)
     dead_letter: Path | None = None

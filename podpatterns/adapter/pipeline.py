@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import os
 import re
 import time
 from collections import deque
@@ -42,6 +43,7 @@ from podpatterns.adapter.config import AdapterConfig
 from podpatterns.adapter.counters import Counters
 from podpatterns.adapter.cri import CriJoiner
 from podpatterns.adapter.join import Joiner
+from podpatterns.adapter.k8s import K8sMetadata
 from podpatterns.adapter.lines import Line
 from podpatterns.adapter.multiline import PRESETS, Grouper
 from podpatterns.adapter.parse import get_parser
@@ -158,6 +160,8 @@ class Adapter:
             sample=config.sample,
             rate_limit=config.rate_limit,
         )
+        # The Downward API's variables are the Pod's facts, read here like the volume.
+        self._k8s = K8sMetadata(config.k8s_env_metadata, os.environ, config.k8s_metadata_dir)
         # Our own writes (checkpoint, file sink, dead letters) may live in a watched
         # directory: their events would only wake the reader for nothing.
         self._events = FileEvents(
@@ -217,6 +221,9 @@ class Adapter:
                 f"--checkpoint-dir: cannot use {self._store.directory}: {exc.strerror} ({hint})"
             ) from None
         self._tracker.restore(time.monotonic())
+        if self.config.k8s_metadata_dir is not None:
+            await self._k8s.refresh()
+            self._tasks.spawn(self._k8s.watch(), "adapter-k8s-metadata")
         for lane in self.lanes:
             await lane.sink.start()
         # The stages end on their own (the stream drained, the watch stopped or fell back
@@ -527,6 +534,7 @@ class Adapter:
     def _process(self, batch: Batch) -> tuple[list[Record], list[tuple[Record, str]]]:
         """Parse and transform a batch: the records to ship and those a transform failed on."""
         records = self._parser.records(batch.lines)
+        self._k8s.apply(records)
         if self._chain.active:
             return self._chain.apply(records)
         return records, []
