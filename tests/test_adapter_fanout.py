@@ -4,7 +4,11 @@ acknowledgement; SIGKILL and restart lose nothing."""
 
 from __future__ import annotations
 
+import json
 import signal
+import subprocess
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -186,3 +190,60 @@ def test_sigkill_with_one_sink_down_loses_nothing(tmp_path: Path) -> None:
         assert entry.offset == (tmp_path / "logs" / "app.log").stat().st_size
     finally:
         receiver.close()
+
+
+def test_readyz_says_which_sink_has_been_failing(tmp_path: Path) -> None:
+    """--sink-unready-after: /readyz turns 503 and names the sink; back to 200 once it is
+    up again, while the other sink shipped all along."""
+    (tmp_path / "logs").mkdir()
+    SeqWriter(tmp_path / "logs" / "app.log").write(100)
+    receiver = Receiver()
+    receiver.down.set()
+    p = Proc(
+        "adapter",
+        "--path",
+        str(tmp_path / "logs" / "*.log"),
+        "--sink",
+        "stdout",
+        "--sink",
+        "http",
+        "--sink-url",
+        receiver.url,
+        "--sink-backoff",
+        "20ms",
+        "--sink-backoff-max",
+        "100ms",
+        "--sink-unready-after",
+        "300ms",
+        "--admin",
+        "127.0.0.1:0",
+        "--shutdown-delay",
+        "0",
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        url = p.admin_url() + "/readyz"
+        _, body = wait_until(lambda: _unready(url), "503 from /readyz")
+        reason = body["components"]["adapter"]["reason"]
+        assert reason.startswith("sink http failing for ")
+        receiver.down.clear()
+        wait_until(lambda: _ready(url)[0] == 200, "ready again")
+        wait_until(lambda: receiver.distinct() >= 100)
+        p.signal(signal.SIGTERM)
+        assert p.wait(15) == 0
+    finally:
+        p.stop()
+        receiver.close()
+
+
+def _ready(url: str) -> tuple[int, dict[str, Any]]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def _unready(url: str) -> tuple[int, dict[str, Any]] | None:
+    got = _ready(url)
+    return got if got[0] == 503 else None
