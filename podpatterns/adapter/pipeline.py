@@ -483,7 +483,7 @@ class Adapter:
                     batch.nbytes,
                     sum(len(line.data) for _, _, line in batch.lines),
                     len(self.lanes),
-                    batch.marks,
+                    batch,
                 )
                 self._inflight.append(item)
                 for lane in self.lanes:
@@ -523,13 +523,17 @@ class Adapter:
                 done = inflight.popleft()
                 self.counters.batches += 1
                 self.counters.records_shipped += len(done.records)
-                self._checkpoint.acknowledge(done.marks)
+                self._acknowledge(done.batch)
                 self._queue.release(done.nbytes)
                 moved = True
             if moved:
                 await self._checkpoint.save()
             if not inflight:
                 self._all_acked.set()
+
+    def _acknowledge(self, batch: Batch) -> None:
+        """Every sink acknowledged ``batch``: move the checkpoint (the caller writes it)."""
+        self._checkpoint.acknowledge(batch.marks)
 
     def _process(self, batch: Batch) -> tuple[list[Record], list[tuple[Record, str]]]:
         """Parse and transform a batch: the records to ship and those a transform failed on."""

@@ -39,14 +39,14 @@ class Shipment:
         nbytes: what the batch counts against ``--queue-max-bytes``.
         read_bytes: the bytes of the lines it was made of.
         waiting: how many sinks have not acknowledged it yet.
-        marks: what the wiring acknowledges once every sink has (opaque here).
+        batch: what the wiring acknowledges once every sink has (opaque here).
     """
 
     records: list[Record]
     nbytes: int
     read_bytes: int
     waiting: int
-    marks: Any = None
+    batch: Any = None
 
 
 class Lane:
