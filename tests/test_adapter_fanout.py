@@ -26,6 +26,7 @@ from tests.adapter_harness import (
     seqs_of,
 )
 from tests.proc import Proc
+from tests.test_adapter_process import adapter
 from tests.waiting import eventually, wait_until
 
 LINE_COST = len(line(0)) + 64  # a harness line at least, plus the per-line overhead
@@ -128,30 +129,17 @@ async def test_acknowledgements_are_in_batch_order_per_source(tmp_path: Path) ->
 
 
 def _adapter(tmp: Path, receiver: Receiver) -> Proc:
-    return Proc(
-        "adapter",
-        "--path",
-        str(tmp / "logs" / "*.log"),
-        "--checkpoint-dir",
-        str(tmp / "cp"),
-        "--sink",
-        "file",
+    """The process tests' adapter (a file sink), with an HTTP sink besides."""
+    return adapter(
+        tmp,
         "--sink",
         "http",
-        "--sink-path",
-        str(tmp / "out.ndjson"),
         "--sink-url",
         receiver.url,
         "--sink-backoff",
         "20ms",
         "--sink-backoff-max",
         "200ms",
-        "--admin",
-        "off",
-        "--shutdown-delay",
-        "0",
-        "--batch-max-records",
-        "200",
     )
 
 

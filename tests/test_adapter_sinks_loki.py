@@ -18,7 +18,7 @@ from aiohttp import web
 
 from podpatterns.adapter.sinks import DeadLetter
 from podpatterns.adapter.sinks.loki import OTHER, LokiSink
-from tests.adapter_harness import read_ndjson
+from tests.adapter_harness import read_ndjson, serve_post
 
 _LABEL = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -68,13 +68,7 @@ class LokiReceiver:
 
 
 async def serve(r: LokiReceiver) -> tuple[web.AppRunner, str]:
-    app = web.Application()
-    app.router.add_post("/loki/api/v1/push", r.handle)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    return runner, f"http://127.0.0.1:{runner.addresses[0][1]}/loki/api/v1/push"
+    return await serve_post("/loki/api/v1/push", r.handle)
 
 
 def ts(second: int) -> str:

@@ -19,7 +19,7 @@ from opentelemetry.proto.logs.v1.logs_pb2 import LogRecord, SeverityNumber
 from podpatterns.adapter import Adapter
 from podpatterns.adapter.sinks import DeadLetter
 from podpatterns.adapter.sinks.otlp import OtlpSink
-from tests.adapter_harness import config, read_ndjson
+from tests.adapter_harness import config, read_ndjson, serve_post
 from tests.proc import run
 from tests.waiting import eventually
 
@@ -70,13 +70,7 @@ class OtlpReceiver:
 
 
 async def serve(r: OtlpReceiver) -> tuple[web.AppRunner, str]:
-    app = web.Application()
-    app.router.add_post("/v1/logs", r.handle)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    return runner, f"http://127.0.0.1:{runner.addresses[0][1]}/v1/logs"
+    return await serve_post("/v1/logs", r.handle)
 
 
 def value(v: AnyValue) -> Any:

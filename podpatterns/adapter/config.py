@@ -18,7 +18,6 @@ from typing import Any
 from podpatterns.errors import ConfigError
 from podpatterns.options import (
     Option,
-    check_unknown_keys,
     parse_bool,
     parse_choice,
     parse_duration,
@@ -29,7 +28,7 @@ from podpatterns.options import (
     parse_path,
     parse_size,
     parse_str,
-    resolve,
+    resolve_entry,
     resolve_with_file,
     takes_off,
 )
@@ -909,8 +908,7 @@ def _sinks_from_file(
         if len(kind) != 1:
             raise ConfigError(f"{label}: sink: one kind per entry, got {len(kind)}")
         name = str(entry.pop("name", kind[0]))
-        check_unknown_keys(entry, [o.name for o in PER_SINK_OPTIONS], label)
-        own = resolve([o for o in PER_SINK_OPTIONS if o.name in entry], {}, {}, entry, label)
-        merged = {**{o.name: values[o.name] for o in PER_SINK_OPTIONS}, **own}
+        shared = {o.name: values[o.name] for o in PER_SINK_OPTIONS}
+        merged = resolve_entry(entry, PER_SINK_OPTIONS, shared, label)
         out.append(SinkConfig(name=name, kind=kind[0], **merged))
     return tuple(out)
