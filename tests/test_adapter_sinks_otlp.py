@@ -246,3 +246,35 @@ def test_without_opentelemetry_proto_the_error_says_what_to_install(tmp_path: Pa
     assert len(lines) == 1, proc.stderr
     assert "--sink: otlp needs the opentelemetry-proto package" in lines[0]
     assert "podpatterns[otlp]" in lines[0]
+
+
+async def test_kubernetes_metadata_becomes_resource_attributes(tmp_path: Path) -> None:
+    """The k8s_* fields go to the resource under their semantic-convention names, not to
+    every LogRecord; a record whose value differs keeps it as an attribute."""
+    r = OtlpReceiver()
+    runner, url = await serve(r)
+    sink = OtlpSink(url, resource=(("service.name", "shop"),))
+    meta = {
+        "k8s_pod": "shop-0",
+        "k8s_namespace": "prod",
+        "k8s_labels": {"app": "shop"},
+        "k8s_annotations": {"team": "a"},
+    }
+    await sink.start()
+    try:
+        await sink.send([{"message": "a", **meta}, {"message": "b", **meta, "k8s_pod": "other"}])
+    finally:
+        await sink.close()
+        await runner.cleanup()
+    ((_, req),) = r.requests
+    resource = {kv.key: value(kv.value) for kv in req.resource_logs[0].resource.attributes}
+    assert resource == {
+        "service.name": "shop",
+        "k8s.pod.name": "shop-0",
+        "k8s.namespace.name": "prod",
+        "k8s.pod.label.app": "shop",
+        "k8s.pod.annotation.team": "a",
+    }
+    first, second = r.log_records()
+    assert attributes(first) == {}
+    assert attributes(second) == {"k8s_pod": "other"}

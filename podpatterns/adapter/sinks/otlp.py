@@ -13,7 +13,9 @@ A record maps to one LogRecord:
   syslog severity 0-7 as ``--parse syslog`` gives it);
 - ``time_unix_nano``: the ``timestamp`` field (ISO 8601 or epoch seconds), else 0
   (unknown, as the specification allows); ``observed_time_unix_nano``: when it was sent;
-- ``attributes``: every other field, with its JSON type kept.
+- ``attributes``: every other field, with its JSON type kept; the Kubernetes metadata
+  fields (``k8s_pod``, ``k8s_labels``...) are resource attributes instead
+  (``k8s.pod.name``, ``k8s.pod.label.KEY``...).
 
 A 2xx answer whose ``partial_success`` reports rejected records is final (the
 specification forbids retrying it): the count is added to the sink's ``rejected``
@@ -66,6 +68,8 @@ _SEVERITIES: dict[str, int] = {
 }
 
 
+_UNSPECIFIED: int = SeverityNumber.SEVERITY_NUMBER_UNSPECIFIED
+
 # Syslog severities 0-7 (what --parse syslog yields) by name.
 _SYSLOG = ("emerg", "alert", "crit", "err", "warning", "notice", "info", "debug")
 
@@ -77,8 +81,8 @@ def severity(value: str | int) -> tuple[str, int]:
         if 0 <= value < len(_SYSLOG):
             name = _SYSLOG[value]
             return name, _SEVERITIES[name]
-        return str(value), SeverityNumber.SEVERITY_NUMBER_UNSPECIFIED
-    return value, _SEVERITIES.get(value.strip().lower(), SeverityNumber.SEVERITY_NUMBER_UNSPECIFIED)
+        return str(value), _UNSPECIFIED
+    return value, _SEVERITIES.get(value.strip().lower(), _UNSPECIFIED)
 
 
 def set_value(out: AnyValue, value: Any) -> None:
@@ -115,6 +119,34 @@ def _attributes(pairs: Any, into: Any) -> None:
         set_value(item.value, value)
 
 
+K8S_RESOURCE = {
+    "k8s_pod": "k8s.pod.name",
+    "k8s_namespace": "k8s.namespace.name",
+    "k8s_node": "k8s.node.name",
+    "k8s_container": "k8s.container.name",
+    "k8s_labels": "k8s.pod.label.",
+    "k8s_annotations": "k8s.pod.annotation.",
+}
+"""The adapter's Kubernetes metadata fields and their OpenTelemetry resource attributes
+(a mapping's keys are appended to the prefix)."""
+
+
+def _k8s_resource(rec: Record) -> dict[str, Any]:
+    """The Kubernetes metadata fields ``rec`` carries (the same on every record)."""
+    return {k: rec[k] for k in K8S_RESOURCE if k in rec}
+
+
+def _k8s_attributes(fields: dict[str, Any]) -> list[tuple[str, Any]]:
+    out: list[tuple[str, Any]] = []
+    for key, value in fields.items():
+        name = K8S_RESOURCE[key]
+        if isinstance(value, dict):
+            out.extend((name + str(k), v) for k, v in value.items())
+        else:
+            out.append((name, value))
+    return out
+
+
 class OtlpSink(HttpSink):
     """POST batches to an OTLP/HTTP logs endpoint.
 
@@ -146,11 +178,17 @@ class OtlpSink(HttpSink):
         self.resource = resource
 
     def request(self, records: list[Record]) -> ExportLogsServiceRequest:
-        """The export request of a batch: one resource, one scope, a LogRecord per record."""
+        """The export request of a batch: one resource, one scope, a LogRecord per record.
+
+        The Kubernetes metadata fields (``--k8s-env-metadata default``,
+        ``--k8s-metadata-dir``) are the same on every record of an adapter: they become
+        resource attributes under their semantic-convention names, once per request.
+        """
         req = ExportLogsServiceRequest()
         rl: ResourceLogs = req.resource_logs.add()
         res: Resource = rl.resource
-        _attributes(self.resource, res.attributes)
+        lifted = _k8s_resource(records[0]) if records else {}
+        _attributes((*self.resource, *_k8s_attributes(lifted)), res.attributes)
         sl: ScopeLogs = rl.scope_logs.add()
         scope: InstrumentationScope = sl.scope
         scope.name = SCOPE
@@ -172,6 +210,8 @@ class OtlpSink(HttpSink):
                     lr.severity_number = number  # type: ignore[assignment]
                 elif key == "timestamp" and (ns := unix_nanos(value)) is not None:
                     lr.time_unix_nano = ns
+                elif key in lifted and lifted[key] == value:
+                    continue  # on the resource
                 else:
                     item = lr.attributes.add()
                     item.key = key
