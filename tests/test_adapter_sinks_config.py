@@ -80,6 +80,7 @@ def test_sinks_list_gives_each_entry_its_own_settings(tmp_path: Path) -> None:
         ),
         ({}, {"sinks": [{"sink": "stdout"}, {"sink": "stdout"}]}, "name 'stdout' used twice"),
         ({}, {"sinks": [{"sink": "http", "name": "x"}]}, "sinks: 'x': --sink-url: missing"),
+        ({}, {"sinks": [{"sink": "stdout"}, {"sink": "loki"}]}, r"sinks\[1\]: --sink-url: missing"),
     ],
 )
 def test_bad_sink_settings_name_the_option(

@@ -910,5 +910,11 @@ def _sinks_from_file(
         name = str(entry.pop("name", kind[0]))
         shared = {o.name: values[o.name] for o in PER_SINK_OPTIONS}
         merged = resolve_entry(entry, PER_SINK_OPTIONS, shared, label)
-        out.append(SinkConfig(name=name, kind=kind[0], **merged))
+        try:
+            out.append(SinkConfig(name=name, kind=kind[0], **merged))
+        except ConfigError as exc:
+            # An unnamed entry's error would not say which entry it is about.
+            if name != kind[0]:
+                raise
+            raise ConfigError(f"{label}: {exc}") from None
     return tuple(out)
