@@ -117,7 +117,7 @@ async def test_push_format_labels_sorted_values_metadata_and_tenant(tmp_path: Pa
 
 async def test_line_field_and_label_values_are_bounded(tmp_path: Path) -> None:
     """--loki-line-field picks the line; past --loki-max-label-values, new values fold
-    into _other and are counted."""
+    into _other and are counted, as does a value longer than Loki takes."""
     r = LokiReceiver()
     runner, url = await serve(r)
     sink = LokiSink(url, labels=(("user", "user"),), max_label_values=2, line_field="message")
@@ -125,13 +125,14 @@ async def test_line_field_and_label_values_are_bounded(tmp_path: Path) -> None:
     try:
         await sink.send([{"user": f"u{i}", "message": f"m{i}"} for i in range(5)])
         await sink.send([{"user": "u0", "message": "again"}])
+        await sink.send([{"user": "u" * 2049, "message": "long"}])
     finally:
         await sink.close()
         await runner.cleanup()
     assert set(r.entries) == {(("user", "u0"),), (("user", "u1"),), (("user", OTHER),)}
-    assert [e[1] for e in r.entries[(("user", OTHER),)]] == ["m2", "m3", "m4"]
+    assert [e[1] for e in r.entries[(("user", OTHER),)]] == ["m2", "m3", "m4", "long"]
     assert [e[1] for e in r.entries[(("user", "u0"),)]] == ["m0", "again"]
-    assert sink.collect()["labels_folded"] == 3
+    assert sink.collect()["labels_folded"] == 4
 
 
 async def test_429_is_retried_and_out_of_order_goes_to_the_dead_letter_file(

@@ -7,7 +7,8 @@ The body is Loki's documented JSON push format::
 - **Labels** come from record fields (``--loki-label LABEL=FIELD``); a record without the
   field has no such label. Labels are what Loki indexes, so their values are bounded:
   each label keeps at most ``--loki-max-label-values`` distinct values, and a record
-  bringing a new value beyond that gets ``_other`` instead (counted in ``labels_folded``).
+  bringing a new value beyond that, or a value longer than Loki's 2048 characters, gets
+  ``_other`` instead (counted in ``labels_folded``).
   Never give a label from a field such as a peer address or an offset.
 - **The line** is the record as JSON, or the value of ``--loki-line-field``.
 - **The timestamp** is the record's ``timestamp`` field (ISO 8601 or epoch seconds) in
@@ -32,6 +33,11 @@ from podpatterns.adapter.timestamps import unix_nanos
 
 OTHER = "_other"
 """The label value records get once a label has its maximum of distinct values."""
+
+
+MAX_LABEL_VALUE = 2048
+"""Loki's default ``max_label_value_length``: a longer value would have the whole batch
+refused (400), so it is folded into :data:`OTHER` instead."""
 
 
 class LokiSink(HttpSink):
@@ -75,7 +81,7 @@ class LokiSink(HttpSink):
         seen = self._seen[label]
         if text in seen:
             return text
-        if len(seen) >= self.max_label_values:
+        if len(seen) >= self.max_label_values or len(text) > MAX_LABEL_VALUE:
             self.labels_folded += 1
             return OTHER
         seen.add(text)
