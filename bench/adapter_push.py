@@ -47,6 +47,7 @@ DEADLINE_S = 300.0
 def otlp_requests(records: int, per_request: int) -> list[bytes]:
     """Protobuf ExportLogsServiceRequests holding ``records`` log records in all."""
     from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
+    from opentelemetry.proto.logs.v1.logs_pb2 import SEVERITY_NUMBER_INFO
 
     out = []
     n = 0
@@ -60,7 +61,7 @@ def otlp_requests(records: int, per_request: int) -> list[bytes]:
         for _ in range(min(per_request, records - n)):
             lr = sl.log_records.add()
             lr.time_unix_nano = 1_764_662_400_000_000_000 + n
-            lr.severity_number = 9
+            lr.severity_number = SEVERITY_NUMBER_INFO
             lr.severity_text = "INFO"
             lr.body.string_value = f"GET /api/cart/{n} 200 12ms user=u{n % 97}"
             lr.trace_id = n.to_bytes(16, "big")

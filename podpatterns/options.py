@@ -428,6 +428,23 @@ def resolve_with_file(
     return resolve(options, flags, env, file, file_label)
 
 
+def resolve_entry(
+    entry: Mapping[str, Any],
+    options: Sequence[Option[Any]],
+    shared: Mapping[str, Any],
+    label: str,
+) -> dict[str, Any]:
+    """One entry of a config file's list (the ambassador's ``routes:``, the adapter's
+    ``sinks:``): its own keys, parsed, over the values every entry shares.
+
+    Raises:
+        ConfigError: an unknown key, or a bad value, named with ``label``.
+    """
+    check_unknown_keys(entry, [o.name for o in options], label)
+    own = resolve([o for o in options if o.name in entry], {}, {}, entry, label)
+    return {**shared, **own}
+
+
 def load_yaml(path: Path) -> dict[str, Any]:
     """Read a YAML config file that must hold a mapping.
 

@@ -10,11 +10,13 @@ import shutil
 import subprocess
 import threading
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+
+from aiohttp import web
 
 from podpatterns.adapter import Adapter, AdapterConfig
 from tests.peers import missing
@@ -149,6 +151,19 @@ async def running(cfg: AdapterConfig, sink: ListSink, **kw: Any) -> AsyncIterato
         async with asyncio.timeout(20):
             await adapter.wait_drained()
         await adapter.close()
+
+
+async def serve_post(
+    route: str, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> tuple[web.AppRunner, str]:
+    """An aiohttp server on a free loopback port answering POST ``route`` with
+    ``handler``: its runner (``cleanup()`` it) and the route's URL."""
+    app = web.Application()
+    app.router.add_post(route, handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    return runner, f"http://127.0.0.1:{runner.addresses[0][1]}{route}"
 
 
 class Receiver:

@@ -24,7 +24,7 @@ def test_flags_env_and_file_make_one_config() -> None:
     assert cfg.path == ("/a/*.log",)
     assert cfg.parse == "json"
     assert cfg.max_line_bytes == 1024
-    assert cfg.sink == "file" and cfg.redact == ("email", "ipv4")
+    assert cfg.sink == ("file",) and cfg.redact == ("email", "ipv4")
 
 
 @pytest.mark.parametrize(
@@ -33,9 +33,9 @@ def test_flags_env_and_file_make_one_config() -> None:
         ({}, "--path: missing"),
         ({"path": ["x"], "parse": "regex"}, "--regex: missing"),
         ({"path": ["x"], "regex": "(a)"}, "has no named group"),
-        ({"path": ["x"], "sink": "http"}, "--sink-url"),
-        ({"path": ["x"], "sink": "file"}, "--sink-path: missing"),
-        ({"path": ["x"], "sink": "tcp"}, "--sink-address: missing"),
+        ({"path": ["x"], "sink": ["http"]}, "--sink-url"),
+        ({"path": ["x"], "sink": ["file"]}, "--sink-path: missing"),
+        ({"path": ["x"], "sink": ["tcp"]}, "--sink-address: missing"),
         ({"path": ["x"], "multiline": "python", "multiline_start": "^a"}, "choose one"),
         ({"path": ["x"], "sample": "2"}, "--sample: '2' is out of range"),
         ({"path": ["x"], "transform": ["nocolon"]}, "package.module:function"),

@@ -564,7 +564,7 @@ async def test_a_stage_that_dies_turns_liveness_and_readiness_off(tmp_path: Path
         assert not adapter.is_ready()
         await adapter.close()
     died = [e for e in logs if e["event"] == "task_died"]
-    assert [e["task"] for e in died] == ["adapter-send"]
+    assert [e["task"] for e in died] == ["adapter-sink-list"]
 
 
 async def test_unterminated_last_line_is_shipped_at_the_final_drain(tmp_path: Path) -> None:

@@ -18,7 +18,14 @@ from podpatterns.adapter.sinks.retry import Backoff, parse_retry_after
 from podpatterns.adapter.sinks.stdout import StdoutSink, fit
 from podpatterns.adapter.sinks.tcp import TcpSink
 from podpatterns.options import HostPort
-from tests.adapter_harness import SeqWriter, check_delivery, config, read_ndjson, seqs_of
+from tests.adapter_harness import (
+    SeqWriter,
+    check_delivery,
+    config,
+    read_ndjson,
+    seqs_of,
+    serve_post,
+)
 from tests.waiting import eventually
 
 
@@ -48,14 +55,7 @@ class Collector:
 
 
 async def serve(c: Collector) -> tuple[web.AppRunner, str]:
-    app = web.Application()
-    app.router.add_post("/ingest", c.handle)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    return runner, f"http://127.0.0.1:{port}/ingest"
+    return await serve_post("/ingest", c.handle)
 
 
 async def test_http_sink_down_then_back_loses_nothing(tmp_path: Path) -> None:

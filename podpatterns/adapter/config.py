@@ -30,6 +30,7 @@ from podpatterns.options import (
     parse_path,
     parse_size,
     parse_str,
+    resolve_entry,
     resolve_with_file,
     takes_off,
 )
@@ -97,6 +98,19 @@ def parse_callable_ref(text: str) -> str:
     if not sep or not mod or not func.isidentifier():
         raise ValueError("is not package.module:function")
     return text.strip()
+
+
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def parse_env_field(text: str) -> tuple[str, str]:
+    """Parse ``FIELD=VARIABLE``, or ``default`` (the usual Downward API variables)."""
+    if text.strip() == "default":
+        return ("default", "*")
+    key, value = parse_pair(text)
+    if not _ENV_NAME.match(value.strip()):
+        raise ValueError(f"has {value!r}, which is not an environment variable name")
+    return key, value.strip()
 
 
 def parse_fraction(text: str) -> float:
@@ -461,6 +475,24 @@ PROCESS_OPTIONS: tuple[Option[Any], ...] = (
         metavar="N",
     ),
     _a(
+        "k8s_env_metadata",
+        parse_env_field,
+        (),
+        "add field FIELD from the Downward API variable VARIABLE to every record; "
+        "'default': k8s_pod, k8s_namespace, k8s_node, k8s_container from POD_NAME, "
+        "POD_NAMESPACE, NODE_NAME, CONTAINER_NAME",
+        multiple=True,
+        metavar="FIELD=VARIABLE",
+    ),
+    _a(
+        "k8s_metadata_dir",
+        parse_path,
+        None,
+        "downwardAPI volume whose labels and annotations files become k8s_labels and "
+        "k8s_annotations on every record (re-read on change)",
+        metavar="DIR",
+    ),
+    _a(
         "transform",
         parse_callable_ref,
         (),
@@ -470,14 +502,24 @@ PROCESS_OPTIONS: tuple[Option[Any], ...] = (
     ),
 )
 
-SINK_OPTIONS: tuple[Option[Any], ...] = (
-    _a(
-        "sink",
-        parse_choice("stdout", "file", "http", "tcp"),
-        "stdout",
-        "where records go: stdout, file, http or tcp",
-        metavar="SINK",
-    ),
+SINKS = ("stdout", "file", "http", "tcp", "otlp", "loki")
+URL_SINKS = ("http", "otlp", "loki")
+"""The sinks that POST to ``--sink-url`` (the HTTP sink's machinery)."""
+
+_LABEL_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def parse_label(text: str) -> tuple[str, str]:
+    """Parse ``LABEL=FIELD``: a Loki label name (``[A-Za-z_][A-Za-z0-9_]*``) and a field."""
+    key, value = parse_pair(text)
+    if not _LABEL_NAME.match(key):
+        raise ValueError(f"has label name {key!r}, which Loki refuses (use [A-Za-z_][A-Za-z0-9_]*)")
+    if not value.strip():
+        raise ValueError("names no field (LABEL=FIELD)")
+    return key, value.strip()
+
+
+PER_SINK_OPTIONS: tuple[Option[Any], ...] = (
     _a(
         "stdout_max_line",
         parse_size,
@@ -494,7 +536,7 @@ SINK_OPTIONS: tuple[Option[Any], ...] = (
     ),
     _a("sink_path", parse_path, None, "file of the file sink (NDJSON, appended)", metavar="FILE"),
     _a("sink_fsync", parse_bool, False, "fsync the file sink before acknowledging", flag=True),
-    _a("sink_url", parse_http_url, None, "URL of the HTTP sink", metavar="URL"),
+    _a("sink_url", parse_http_url, None, "URL of the http, otlp or loki sink", metavar="URL"),
     _a(
         "sink_format",
         parse_choice("ndjson", "json"),
@@ -537,6 +579,93 @@ SINK_OPTIONS: tuple[Option[Any], ...] = (
     ),
     _a("sink_backoff_max", parse_duration, 30.0, "cap of the retry backoff", metavar="DURATION"),
     _a(
+        "sink_unready_after",
+        parse_optional_duration,
+        None,
+        "readiness turns 503 once a sink has been failing this long (off by default)",
+        metavar="DURATION",
+    ),
+    _a(
+        "otlp_encoding",
+        parse_choice("protobuf", "json"),
+        "protobuf",
+        "OTLP/HTTP body: protobuf or json",
+        metavar="ENCODING",
+    ),
+    _a(
+        "otlp_body_field",
+        parse_str,
+        "message",
+        "field that becomes the OTLP log body",
+        metavar="FIELD",
+    ),
+    _a(
+        "otlp_severity_field",
+        parse_str,
+        "level",
+        "field that becomes the OTLP severity text (and number, when it names a level)",
+        metavar="FIELD",
+    ),
+    _a(
+        "otlp_resource",
+        parse_pair,
+        (),
+        "OTLP resource attribute KEY=VALUE (e.g. service.name=web)",
+        multiple=True,
+        metavar="KEY=VALUE",
+    ),
+    _a(
+        "loki_label",
+        parse_label,
+        (),
+        "Loki stream label LABEL from record field FIELD",
+        multiple=True,
+        metavar="LABEL=FIELD",
+    ),
+    _a(
+        "loki_max_label_values",
+        parse_int(1, 100_000),
+        64,
+        "distinct values kept per Loki label; later new values are folded into '_other'",
+        metavar="N",
+    ),
+    _a(
+        "loki_line_field",
+        parse_str,
+        None,
+        "field whose value is the Loki log line (default: the record as JSON)",
+        metavar="FIELD",
+    ),
+    _a(
+        "loki_metadata",
+        parse_label,
+        (),
+        "Loki structured metadata KEY from record field FIELD",
+        multiple=True,
+        metavar="KEY=FIELD",
+    ),
+    _a(
+        "loki_tenant",
+        parse_str,
+        None,
+        "Loki tenant, sent as X-Scope-OrgID",
+        metavar="TENANT",
+    ),
+)
+"""What each sink takes on its own: flags set them for every sink, and an entry of a
+config file's ``sinks:`` list sets them for its sink only."""
+
+SINK_OPTIONS: tuple[Option[Any], ...] = (
+    _a(
+        "sink",
+        parse_choice(*SINKS),
+        ("stdout",),
+        f"where records go: {', '.join(SINKS)}; repeat for several (each gets every record)",
+        multiple=True,
+        metavar="SINK",
+    ),
+    *PER_SINK_OPTIONS,
+    _a(
         "dead_letter",
         parse_path,
         None,
@@ -556,11 +685,109 @@ ADAPTER_ONLY_OPTIONS = INPUT_OPTIONS + PUSH_OPTIONS + PROCESS_OPTIONS + SINK_OPT
 ADAPTER_OPTIONS: tuple[Option[Any], ...] = RUNTIME_OPTIONS + ADAPTER_ONLY_OPTIONS
 
 
-@dataclass(frozen=True)
-class AdapterConfig:
+@dataclass(frozen=True, kw_only=True)
+class SinkSettings:
+    """What each sink takes on its own (the fields of ``PER_SINK_OPTIONS``)."""
+
+    stdout_max_line: int = 16 * 1024
+    stdout_oversize: str = "split"
+    sink_path: Path | None = None
+    sink_fsync: bool = False
+    sink_url: str | None = None
+    sink_format: str = "ndjson"
+    sink_gzip: bool = False
+    sink_header: tuple[tuple[str, str], ...] = ()
+    sink_token_file: Path | None = None
+    sink_ca: Path | None = None
+    sink_address: Any = None
+    sink_timeout: float = 30.0
+    sink_retries: int = 0
+    sink_backoff: float = 0.2
+    sink_backoff_max: float = 30.0
+    sink_unready_after: float | None = None
+    otlp_encoding: str = "protobuf"
+    otlp_body_field: str = "message"
+    otlp_severity_field: str = "level"
+    otlp_resource: tuple[tuple[str, str], ...] = ()
+    loki_label: tuple[tuple[str, str], ...] = ()
+    loki_max_label_values: int = 64
+    loki_line_field: str | None = None
+    loki_metadata: tuple[tuple[str, str], ...] = ()
+    loki_tenant: str | None = None
+
+    def settings(self) -> dict[str, Any]:
+        """The per-sink values, by option name."""
+        return {o.name: getattr(self, o.name) for o in PER_SINK_OPTIONS}
+
+
+@dataclass(frozen=True, kw_only=True)
+class SinkConfig(SinkSettings):
+    """One sink: its kind, the name its metrics and events carry, and its settings.
+
+    Attributes:
+        name: unique among the sinks (the kind, unless the config file names it).
+        kind: one of ``SINKS``.
+    """
+
+    name: str
+    kind: str
+
+    def __post_init__(self) -> None:
+        where = "" if self.name == self.kind else f"sinks: {self.name!r}: "
+        kind = self.kind
+        if kind == "file" and self.sink_path is None:
+            raise ConfigError(f"{where}--sink-path: missing (--sink file needs a file)")
+        if kind in URL_SINKS and self.sink_url is None:
+            example = {
+                "http": "http://127.0.0.1:8080/logs",
+                "otlp": "http://127.0.0.1:4318/v1/logs",
+                "loki": "http://loki:3100/loki/api/v1/push",
+            }[kind]
+            raise ConfigError(
+                f"{where}--sink-url: missing (--sink {kind} needs a URL, e.g. {example})"
+            )
+        if (
+            kind in URL_SINKS
+            and self.sink_url is not None
+            and not self.sink_url.startswith(("http://", "https://"))
+        ):
+            raise ConfigError(f"{where}--sink-url: {self.sink_url!r} must be an http(s):// URL")
+        if kind == "tcp" and self.sink_address is None:
+            raise ConfigError(f"{where}--sink-address: missing (--sink tcp needs HOST:PORT)")
+        if self.stdout_max_line < 1024:
+            raise ConfigError(f"{where}--stdout-max-line: {self.stdout_max_line} must be >= 1024")
+        if kind == "otlp":
+            _need_otlp(where)
+        if kind == "loki":
+            labels = [k for k, _ in self.loki_label]
+            dupes = sorted({k for k in labels if labels.count(k) > 1})
+            if dupes:
+                raise ConfigError(f"{where}--loki-label: label {dupes[0]!r} given twice")
+
+
+def _need_otlp(where: str) -> None:
+    """The OTLP sink's encoder is an optional extra: say how to install it, at startup."""
+    import importlib.util
+
+    try:
+        found = importlib.util.find_spec("opentelemetry.proto") is not None
+    except ModuleNotFoundError:
+        found = False
+    if not found:
+        raise ConfigError(
+            f"{where}--sink: otlp needs the opentelemetry-proto package "
+            "(pip install 'podpatterns[otlp]')"
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class AdapterConfig(SinkSettings):
     """Everything the adapter needs, validated on construction.
 
-    Attributes mirror the options of the same names (see docs/reference.md).
+    Attributes mirror the options of the same names (see docs/reference.md). The
+    per-sink fields are the settings of the sinks ``sink`` names; ``sinks`` is what the
+    adapter ships to: built from those when not given (a config file's ``sinks:`` list
+    gives each its own).
     """
 
     path: tuple[str, ...] = ()
@@ -609,25 +836,13 @@ class AdapterConfig:
     exclude: tuple[tuple[str, re.Pattern[str]], ...] = ()
     sample: float = 1.0
     rate_limit: float | None = None
+    k8s_env_metadata: tuple[tuple[str, str], ...] = ()
+    k8s_metadata_dir: Path | None = None
     transform: tuple[str, ...] = ()
-    sink: str = "stdout"
-    stdout_max_line: int = 16 * 1024
-    stdout_oversize: str = "split"
-    sink_path: Path | None = None
-    sink_fsync: bool = False
-    sink_url: str | None = None
-    sink_format: str = "ndjson"
-    sink_gzip: bool = False
-    sink_header: tuple[tuple[str, str], ...] = ()
-    sink_token_file: Path | None = None
-    sink_ca: Path | None = None
-    sink_address: Any = None
-    sink_timeout: float = 30.0
-    sink_retries: int = 0
-    sink_backoff: float = 0.2
-    sink_backoff_max: float = 30.0
+    sink: tuple[str, ...] = ("stdout",)
     dead_letter: Path | None = None
     dead_letter_max_bytes: int = 64 * 1024 * 1024
+    sinks: tuple[SinkConfig, ...] = ()
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     def __post_init__(self) -> None:
@@ -657,32 +872,28 @@ class AdapterConfig:
             raise ConfigError(f"{chosen[0]}: not with --parse cri (CRI partials are merged)")
         if self.read_chunk < 1:
             raise ConfigError(f"--read-chunk: {self.read_chunk} must be >= 1 (e.g. 256KiB)")
-        if self.sink == "file":
-            self._check_sink_path()
-        if self.sink == "http":
-            if self.sink_url is None:
-                raise ConfigError(
-                    "--sink-url: missing (--sink http needs a URL, e.g. http://127.0.0.1:8080/logs)"
-                )
-            if not self.sink_url.startswith(("http://", "https://")):
-                raise ConfigError(f"--sink-url: {self.sink_url!r} must be an http(s):// URL")
-        if self.sink != "http" and self.sink_url is not None:
-            raise ConfigError(
-                f"--sink-url: {self.sink_url!r} given with --sink {self.sink}, which does not "
-                "use it (use --sink http, or remove --sink-url)"
-            )
-        if self.sink_ca is not None:
-            _check_pem(self.sink_ca)
-        if self.sink == "tcp" and self.sink_address is None:
-            raise ConfigError("--sink-address: missing (--sink tcp needs HOST:PORT)")
-        if self.stdout_max_line < 1024:
-            raise ConfigError(f"--stdout-max-line: {self.stdout_max_line} must be >= 1024")
         if self.max_line_bytes < 1:
             raise ConfigError("--max-line-bytes: must be >= 1")
         if self.batch_max_bytes > self.queue_max_bytes:
             raise ConfigError(
                 f"--queue-max-bytes: {self.queue_max_bytes} must be >= --batch-max-bytes"
             )
+        if isinstance(self.sink, str):  # AdapterConfig(sink="file"): one sink
+            object.__setattr__(self, "sink", (self.sink,))
+        if not self.sinks:
+            object.__setattr__(self, "sinks", self._sinks_from_flags())
+        names = [s.name for s in self.sinks]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ConfigError(f"sinks: name {dupes[0]!r} used twice (give each its own name)")
+        for s in self.sinks:
+            if s.kind == "file":
+                self._check_sink_path(s)
+        if self.sink_ca is not None:
+            _check_pem(self.sink_ca)
+        for s in self.sinks:
+            if s.sink_ca is not None and s.sink_ca != self.sink_ca:
+                _check_pem(s.sink_ca)
 
     @property
     def pushed_inputs(self) -> tuple[str, ...]:
@@ -745,20 +956,43 @@ class AdapterConfig:
                 "(give the two sockets different paths)"
             )
 
-    def _check_sink_path(self) -> None:
-        path = self.sink_path
-        if path is None:
-            raise ConfigError("--sink-path: missing (--sink file needs a file)")
+    def _sinks_from_flags(self) -> tuple[SinkConfig, ...]:
+        """One sink per ``--sink``, all sharing the per-sink flags."""
+        kinds = self.sink or ("stdout",)
+        twice = sorted({k for k in kinds if kinds.count(k) > 1})
+        if twice:
+            raise ConfigError(
+                f"--sink: {twice[0]!r} given twice; two sinks of one kind need their own "
+                "settings: list them under sinks: in --config"
+            )
+        urls = [k for k in kinds if k in URL_SINKS]
+        if len(urls) > 1:
+            raise ConfigError(
+                f"--sink: {urls[0]} and {urls[1]} would share --sink-url; list them under "
+                "sinks: in --config, each with its own sink_url"
+            )
+        if not urls and self.sink_url is not None:
+            raise ConfigError(
+                f"--sink-url: {self.sink_url!r} given with --sink {','.join(kinds)}, which does "
+                "not use it (use --sink http, otlp or loki, or remove --sink-url)"
+            )
+        settings = self.settings()
+        return tuple(SinkConfig(name=k, kind=k, **settings) for k in kinds)
+
+    def _check_sink_path(self, sink: SinkConfig) -> None:
+        path = sink.sink_path
+        assert path is not None  # SinkConfig checked it
+        where = "" if sink.name == sink.kind else f"sinks: {sink.name!r}: "
         parent = path.parent
         if not parent.is_dir():
             raise ConfigError(
-                f"--sink-path: {str(path)!r}: directory {str(parent)!r} does not exist "
+                f"{where}--sink-path: {str(path)!r}: directory {str(parent)!r} does not exist "
                 "(create it, or mount a volume there)"
             )
         for pattern in self.path:
             if _tailed(str(path), pattern):
                 raise ConfigError(
-                    f"--sink-path: {str(path)!r} would be read by --path {pattern!r}: the "
+                    f"{where}--sink-path: {str(path)!r} would be read by --path {pattern!r}: the "
                     "adapter would tail its own output (write it outside the tailed files)"
                 )
 
@@ -829,10 +1063,57 @@ def build(
 ) -> AdapterConfig:
     """Build the config from flags > env > file > defaults.
 
+    A config file may list ``sinks:``: each entry a mapping with ``sink`` (the kind), an
+    optional ``name`` (default: the kind) and any per-sink key; per-sink keys set by
+    flags, environment or at the top level of the file apply to every entry that does
+    not set its own.
+
     Raises:
         ConfigError: naming the flag, environment variable or file key at fault.
     """
     file = dict(file)
+    sinks_raw = file.pop("sinks", None)
     values = resolve_with_file(ADAPTER_OPTIONS, flags, env, file, file_label)
     runtime = RuntimeConfig.from_values(values)
-    return AdapterConfig(**{o.name: values[o.name] for o in ADAPTER_ONLY_OPTIONS}, runtime=runtime)
+    own = {o.name: values[o.name] for o in ADAPTER_ONLY_OPTIONS}
+    if sinks_raw is not None:
+        if "sink" in flags or "PODPATTERNS_SINK" in env or "sink" in file:
+            raise ConfigError(
+                "--sink: cannot be combined with sinks: in the config file (list every sink there)"
+            )
+        own["sinks"] = _sinks_from_file(sinks_raw, values, file_label)
+        own["sink"] = tuple(s.kind for s in own["sinks"])
+    return AdapterConfig(**own, runtime=runtime)
+
+
+def _sinks_from_file(
+    raw: Any, values: Mapping[str, Any], file_label: str
+) -> tuple[SinkConfig, ...]:
+    """The ``sinks:`` list of a config file, each entry over the shared per-sink values."""
+    if not isinstance(raw, list) or not raw:
+        raise ConfigError(
+            f"{file_label}: sinks must be a non-empty list of mappings (each with a sink: kind)"
+        )
+    kind_option = SINK_OPTIONS[0]
+    out = []
+    for i, entry in enumerate(raw):
+        label = f"{file_label}: sinks[{i}]"
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{label}: must be a mapping (e.g. {{sink: loki, sink_url: ...}})")
+        entry = dict(entry)
+        if "sink" not in entry:
+            raise ConfigError(f"{label}: sink: missing (one of {', '.join(SINKS)})")
+        kind = kind_option.parse_from(entry.pop("sink"), f"{label}: sink")
+        if len(kind) != 1:
+            raise ConfigError(f"{label}: sink: one kind per entry, got {len(kind)}")
+        name = str(entry.pop("name", kind[0]))
+        shared = {o.name: values[o.name] for o in PER_SINK_OPTIONS}
+        merged = resolve_entry(entry, PER_SINK_OPTIONS, shared, label)
+        try:
+            out.append(SinkConfig(name=name, kind=kind[0], **merged))
+        except ConfigError as exc:
+            # An unnamed entry's error would not say which entry it is about.
+            if name != kind[0]:
+                raise
+            raise ConfigError(f"{label}: {exc}") from None
+    return tuple(out)

@@ -12,7 +12,8 @@ from podpatterns.adapter.checkpoint import CheckpointStore
 from podpatterns.adapter.counters import Counters
 from podpatterns.adapter.inputs import Input
 from podpatterns.adapter.lines import LineSplitter
-from podpatterns.adapter.sinks import DeadLetter, Sink
+from podpatterns.adapter.ship import Lane
+from podpatterns.adapter.sinks import DeadLetter
 from podpatterns.adapter.spool import Spool, SpoolCounters
 from podpatterns.adapter.transform import Counters as TransformCounters
 from podpatterns.metrics import Family, Sample, counter, gauge
@@ -22,7 +23,7 @@ def families(
     *,
     counters: Counters,
     transforms: TransformCounters,
-    sink: Sink,
+    lanes: Sequence[Lane],
     dead_letter: DeadLetter,
     splitters: Callable[[], Collection[LineSplitter]],
     mode: Callable[[], str],
@@ -37,7 +38,7 @@ def families(
     Args:
         counters: the pipeline's counters.
         transforms: the transform chain's counters.
-        sink: the sink (its ``collect()`` becomes ``adapter_sink_events``).
+        lanes: the sinks' lanes (each sink's ``collect()`` becomes ``adapter_sink_events``).
         dead_letter: the dead-letter file.
         splitters: the line splitters of the open files (one per file).
         mode: ``watch`` or ``poll``.
@@ -55,7 +56,12 @@ def families(
     chain = transforms
 
     def sink_samples() -> list[Sample]:
-        return [((sink.name, k), float(v)) for k, v in sink.collect().items()]
+        return [
+            ((lane.name, k), float(v)) for lane in lanes for k, v in lane.sink.collect().items()
+        ]
+
+    def per_sink(get: Callable[[Lane], float]) -> Callable[[], list[Sample]]:
+        return lambda: [((lane.name,), float(get(lane))) for lane in lanes]
 
     def input_samples() -> list[Sample]:
         return [((i.name, k), float(v)) for i in inputs for k, v in i.collect().items()]
@@ -66,9 +72,50 @@ def families(
         counter("adapter_lines", "lines read and handed to parsing", lambda: c.lines),
         counter("adapter_bytes_read", "bytes read from files", lambda: c.bytes_read),
         counter(
-            "adapter_records_shipped", "records the sink acknowledged", lambda: c.records_shipped
+            "adapter_records_shipped",
+            "records every sink acknowledged",
+            lambda: c.records_shipped,
         ),
-        counter("adapter_batches", "batches shipped and acknowledged", lambda: c.batches),
+        counter(
+            "adapter_batches",
+            "batches every sink acknowledged (and checkpointed)",
+            lambda: c.batches,
+        ),
+        Family(
+            "counter",
+            "adapter_sink_records",
+            "records a sink acknowledged",
+            ("sink",),
+            per_sink(lambda lane: lane.records),
+        ),
+        Family(
+            "counter",
+            "adapter_sink_bytes",
+            "bytes of the lines whose records a sink acknowledged",
+            ("sink",),
+            per_sink(lambda lane: lane.bytes),
+        ),
+        Family(
+            "counter",
+            "adapter_sink_failures",
+            "failed attempts to send a batch to a sink (each retried)",
+            ("sink",),
+            per_sink(lambda lane: lane.errors),
+        ),
+        Family(
+            "gauge",
+            "adapter_sink_failing",
+            "1 while a sink is failing (its batch being retried)",
+            ("sink",),
+            per_sink(lambda lane: lane.failing_since() is not None),
+        ),
+        Family(
+            "gauge",
+            "adapter_sink_queue_bytes",
+            "bytes of batches handed to a sink and not yet acknowledged by it",
+            ("sink",),
+            per_sink(lambda lane: lane.pending_bytes),
+        ),
         counter(
             "adapter_lines_truncated",
             "lines longer than --max-line-bytes (cut and marked)",

@@ -1,18 +1,23 @@
-"""Wire the stages: discovery -> read -> join -> batch -> parse -> transform -> sink -> checkpoint.
+"""Wire the stages: discovery -> read -> join -> batch -> parse -> transform -> sinks -> checkpoint.
 
-Two tasks and one bounded queue (a third task, the file watch, only wakes the reader).
+Two tasks and one bounded queue, plus a task per sink (another task, the file watch,
+only wakes the reader).
 The reader discovers files (:mod:`~podpatterns.adapter.tracking`), reads and splits them
 into lines (:mod:`~podpatterns.adapter.reader`), joins CRI partials or multiline records
 (:mod:`~podpatterns.adapter.join`) and puts batches (with, per file, the offset the
 checkpoint reaches) on a queue bounded in bytes (:mod:`~podpatterns.adapter.batch`): when
 the sink is slow or down the queue fills and reading pauses, so the files themselves are
-the buffer. The sender parses (:mod:`~podpatterns.adapter.records`), transforms
-(:mod:`~podpatterns.adapter.transform`) and ships (:mod:`~podpatterns.adapter.ship`) one
-batch at a time, then acknowledges it: only then does the checkpoint of each file in the
-batch move (:mod:`~podpatterns.adapter.checkpoint`), and the checkpoint is written
-(crash-safely) before the next batch is sent. Batches are shipped in order, so a file's
-checkpoint never passes a record that was not acknowledged, and after a crash at most the
-one unacknowledged batch is sent again.
+the buffer. The sender parses (:mod:`~podpatterns.adapter.records`) and transforms
+(:mod:`~podpatterns.adapter.transform`) each batch once and hands it to every sink's lane
+(:mod:`~podpatterns.adapter.ship`); each lane ships its batches in order. A batch is
+acknowledged once every sink has acknowledged it, in batch order: only then does the
+checkpoint of each file in the batch move (:mod:`~podpatterns.adapter.checkpoint`), and
+the checkpoint is written (crash-safely) by the lane that acknowledged it last, before
+that lane sends its next batch. So a file's checkpoint never passes a record some sink
+did not acknowledge; with one sink, after a crash at most the one unacknowledged batch
+is sent again, and with several, the batches not yet acknowledged by all of them. The
+queue's bytes are given back only when every sink has acknowledged a batch, so a sink
+that is down holds at most ``--queue-max-bytes`` while the others go on shipping.
 
 Pushed inputs (:mod:`~podpatterns.adapter.inputs`) append what they receive to the
 durable spool (:mod:`~podpatterns.adapter.spool`); a third producer reads the spool back
@@ -26,9 +31,11 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import os
 import re
 import time
-from collections.abc import Awaitable, Sequence
+from collections import deque
+from collections.abc import Awaitable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,12 +50,13 @@ from podpatterns.adapter.counters import Counters
 from podpatterns.adapter.cri import CriJoiner
 from podpatterns.adapter.inputs import Input
 from podpatterns.adapter.join import Joiner
+from podpatterns.adapter.k8s import K8sMetadata
 from podpatterns.adapter.lines import Line
 from podpatterns.adapter.multiline import PRESETS, Grouper
 from podpatterns.adapter.parse import get_parser
 from podpatterns.adapter.reader import Reader
 from podpatterns.adapter.records import Record, RecordParser
-from podpatterns.adapter.ship import Shipper, build_sink
+from podpatterns.adapter.ship import Lane, Shipment, build_sink, dead_letter_failed
 from podpatterns.adapter.sinks import DeadLetter, Sink
 from podpatterns.adapter.spool import Spool
 from podpatterns.adapter.tail import FileKey
@@ -90,12 +98,18 @@ def build_inputs(config: AdapterConfig) -> list[Input]:
     return inputs
 
 
+LOOKAHEAD = 2
+"""Batches parsed ahead of the fastest sink (one being shipped, one ready)."""
+
+
 class Adapter:
     """The adapter as a :class:`~podpatterns.runtime.Component`.
 
     Args:
         config: the validated configuration.
-        sink: where records go (built from ``config`` when omitted).
+        sink: where records go (the sinks are built from ``config`` when neither this nor
+            ``sinks`` is given).
+        sinks: several sinks by name, each shipping every record.
         watcher: ``watchfiles.awatch``-compatible factory (tests inject failures).
         inputs: the pushed inputs (built from ``config`` when omitted); they need
             ``config.spool_dir``.
@@ -108,13 +122,30 @@ class Adapter:
         config: AdapterConfig,
         *,
         sink: Sink | None = None,
+        sinks: Mapping[str, Sink] | None = None,
         watcher: WatcherFactory = watchfiles.awatch,
         inputs: Sequence[Input] | None = None,
     ) -> None:
         self.config = config
         self.dead_letter = DeadLetter(config.dead_letter, config.dead_letter_max_bytes)
-        self.sink: Sink = sink if sink is not None else build_sink(config, self.dead_letter)
         self.counters = Counters()
+        if sink is not None:
+            sinks = {sink.name: sink}
+        if sinks is not None:
+            self.lanes = [
+                Lane(n, s, self.counters, config.sink_unready_after) for n, s in sinks.items()
+            ]
+        else:
+            self.lanes = [
+                Lane(c.name, build_sink(c, self.dead_letter), self.counters, c.sink_unready_after)
+                for c in config.sinks
+            ]
+        # Shipments handed to the lanes and not yet acknowledged by all, in batch order.
+        self._inflight: deque[Shipment] = deque()
+        self._ack_lock = asyncio.Lock()
+        self._all_acked = asyncio.Event()
+        self._lane_moved = asyncio.Event()
+        self._unready_reason: str | None = None
         self.inputs: list[Input] = list(build_inputs(config) if inputs is None else inputs)
         self.spool: Spool | None = None
         if self.inputs:
@@ -132,7 +163,12 @@ class Adapter:
         self._checkpoint = Checkpoint(self._store)
         own_paths = [
             p
-            for p in (state_dir, config.spool_dir, config.sink_path, config.dead_letter)
+            for p in (
+                state_dir,
+                config.spool_dir,
+                config.dead_letter,
+                *(c.sink_path for c in config.sinks if c.kind == "file"),
+            )
             if p is not None
         ]
         self._tracker = Tracker(
@@ -181,7 +217,8 @@ class Adapter:
             sample=config.sample,
             rate_limit=config.rate_limit,
         )
-        self._shipper = Shipper(self.sink, self.dead_letter, self.counters)
+        # The Downward API's variables are the Pod's facts, read here like the volume.
+        self._k8s = K8sMetadata(config.k8s_env_metadata, os.environ, config.k8s_metadata_dir)
         # Our own writes (checkpoint, file sink, dead letters) may live in a watched
         # directory: their events would only wake the reader for nothing.
         self._events = FileEvents(
@@ -198,6 +235,11 @@ class Adapter:
         self._started = False
         self._failed = False
         self._log = logs.get("adapter")
+
+    @property
+    def sink(self) -> Sink:
+        """The first sink (the only one, unless several were configured)."""
+        return self.lanes[0].sink
 
     @property
     def tracked(self) -> dict[FileKey, Tracked]:
@@ -235,7 +277,11 @@ class Adapter:
         if self.spool is not None:
             await self._open_spool(self.spool)
         self._tracker.restore(time.monotonic())
-        await self.sink.start()
+        if self.config.k8s_metadata_dir is not None:
+            await self._k8s.refresh()
+            self._tasks.spawn(self._k8s.watch(), "adapter-k8s-metadata")
+        for lane in self.lanes:
+            await lane.sink.start()
         # The stages end on their own (the stream drained, the watch stopped or fell back
         # to polling): returning is their normal end; raising is a death.
         if self.config.path:
@@ -246,6 +292,8 @@ class Adapter:
             self._tasks.spawn(self.spool.run(), "adapter-spool-write", may_return=True)
             self._tasks.spawn(self._spool_loop(self.spool), "adapter-spool-read", may_return=True)
         self._tasks.spawn(self._send_loop(), "adapter-send", may_return=True)
+        for lane in self.lanes:
+            self._tasks.spawn(self._lane_loop(lane), f"adapter-sink-{lane.name}", may_return=True)
         # Bound last: a peer is answered only once everything behind the input runs.
         try:
             for inp in self.inputs:
@@ -260,7 +308,7 @@ class Adapter:
             paths=list(self.config.path),
             files=len(self.tracked),
             inputs=[i.name for i in self.inputs],
-            sink=self.sink.name,
+            sinks=[lane.name for lane in self.lanes],
             mode=self.mode,
         )
 
@@ -272,9 +320,28 @@ class Adapter:
         self._checkpoint.forget_segments(forget)
 
     def is_ready(self) -> bool:
-        """Ready once started (the inputs bound), as long as no stage failed and no task
-        died."""
-        return self._started and not self._failed and self._tasks.healthy
+        """Ready once started, as long as no stage failed, no task died and no sink has
+        been failing longer than its ``--sink-unready-after``."""
+        if not (self._started and not self._failed and self._tasks.healthy):
+            return False
+        return self.unready_reason() is None
+
+    def unready_reason(self) -> str | None:
+        """Why a sink makes the adapter unready (logged once per change), or ``None``."""
+        now = time.monotonic()
+        reason = None
+        for lane in self.lanes:
+            down = lane.down_for(now)
+            if lane.unready_after is not None and down >= lane.unready_after:
+                reason = f"sink {lane.name} failing for {down:.0f}s"
+                break
+        if (reason is None) != (self._unready_reason is None):
+            if reason is None:
+                self._log.info("sinks_ready_again")
+            else:
+                self._log.warning("sink_unready", reason=reason)
+        self._unready_reason = reason
+        return reason
 
     def is_live(self) -> bool:
         """Live unless one of the adapter's tasks died (a bug: a restart may help)."""
@@ -303,7 +370,12 @@ class Adapter:
     def in_flight(self) -> int:
         """Batches queued or being shipped, plus one while files or the spool are still
         being read."""
-        return len(self._queue) + (0 if self._reader_done else 1) + (0 if self._spool_done else 1)
+        return (
+            len(self._queue)
+            + len(self._inflight)
+            + (0 if self._reader_done else 1)
+            + (0 if self._spool_done else 1)
+        )
 
     async def wait_drained(self) -> None:
         """Return once every batch read was shipped and checkpointed."""
@@ -311,7 +383,7 @@ class Adapter:
 
     def cut(self) -> int:
         """Stop reading and shipping now; return the batches that were left."""
-        left = len(self._queue)
+        left = len(self._queue) + len(self._inflight)
         self._tasks.cancel()
         return left
 
@@ -324,7 +396,8 @@ class Adapter:
         self._tracker.close_all()
         if self.spool is not None:
             self.spool.close()
-        await self.sink.close()
+        for lane in self.lanes:
+            await lane.sink.close()
         spooled = {} if self.spool is None else vars(self.spool.counters)
         self._log.info(
             "adapter_stopped",
@@ -523,11 +596,32 @@ class Adapter:
     async def _send_loop(self) -> None:
         try:
             while True:
+                # Parsed records take more memory than the lines they come from: a batch
+                # is parsed only when some sink is about to need it, so while every sink
+                # is slow or down the backlog stays lines (bounded by --queue-max-bytes).
+                while all(lane.queued >= LOOKAHEAD for lane in self.lanes):
+                    self._lane_moved.clear()
+                    await self._lane_moved.wait()
                 batch = await self._queue.get()
                 if batch is None:
                     break
-                await self._ship(batch)
-                self._queue.release(batch.nbytes)
+                records, failed = self._process(batch)
+                await dead_letter_failed(self.dead_letter, failed)
+                item = Shipment(
+                    records,
+                    batch.nbytes,
+                    sum(len(line.data) for _, _, line in batch.lines),
+                    len(self.lanes),
+                    batch,
+                )
+                self._inflight.append(item)
+                for lane in self.lanes:
+                    lane.put(item)
+            for lane in self.lanes:
+                lane.end()
+            while self._inflight:
+                self._all_acked.clear()
+                await self._all_acked.wait()
         except Exception:
             self._failed = True
             self._log.exception("adapter_stage_failed", stage="send")
@@ -536,20 +630,41 @@ class Adapter:
             if not self._failed:
                 self._drained.set()
 
-    async def _ship(self, batch: Batch) -> None:
-        records, failed = self._process(batch)
-        await self._shipper.ship(records, failed)
-        self.counters.batches += 1
-        await self._acknowledge(batch)
+    async def _lane_loop(self, lane: Lane) -> None:
+        try:
+            await lane.run(self._acked)
+        except Exception:
+            self._failed = True
+            self._log.exception("adapter_stage_failed", stage="sink", sink=lane.name)
+            raise
 
-    async def _acknowledge(self, batch: Batch) -> None:
-        """Every sink acknowledged ``batch``: move the checkpoint (files and spool), write
-        it, then delete the spool segments it no longer needs."""
-        self._checkpoint.acknowledge(batch.marks, batch.spool)
-        await self._checkpoint.save()
-        if batch.spool and self.spool is not None:
-            self.spool.acknowledged(batch.spool)
-            self._checkpoint.forget_segments(await self.spool.remove_done())
+    async def _acked(self, item: Shipment) -> None:
+        """A lane acknowledged ``item``: acknowledge, in batch order, every batch all sinks
+        have, and write the checkpoint before that lane sends its next batch; then delete
+        the spool segments the checkpoint no longer needs."""
+        self._lane_moved.set()
+        item.waiting -= 1
+        if item.waiting:
+            return
+        async with self._ack_lock:
+            inflight = self._inflight
+            done: list[Batch] = []
+            while inflight and not inflight[0].waiting:
+                shipment = inflight.popleft()
+                self.counters.batches += 1
+                self.counters.records_shipped += len(shipment.records)
+                self._checkpoint.acknowledge(shipment.batch.marks, shipment.batch.spool)
+                self._queue.release(shipment.nbytes)
+                done.append(shipment.batch)
+            if done:
+                await self._checkpoint.save()
+                spooled = [b.spool for b in done if b.spool]
+                if spooled and self.spool is not None:
+                    for marks in spooled:
+                        self.spool.acknowledged(marks)
+                    self._checkpoint.forget_segments(await self.spool.remove_done())
+            if not inflight:
+                self._all_acked.set()
 
     def _process(self, batch: Batch) -> tuple[list[Record], list[tuple[Record, str]]]:
         """Parse and transform a batch: the records to ship and those a transform failed on.
@@ -558,6 +673,7 @@ class Adapter:
         records = self._parser.records(batch.lines) if batch.lines else []
         if batch.records:
             records += batch.records
+        self._k8s.apply(records)
         if self._chain.active:
             return self._chain.apply(records)
         return records, []
@@ -580,7 +696,7 @@ class Adapter:
                 metrics.families(
                     counters=self.counters,
                     transforms=self._chain.counters,
-                    sink=self.sink,
+                    lanes=self.lanes,
                     dead_letter=self.dead_letter,
                     splitters=lambda: [t.splitter for t in self.tracked.values()],
                     mode=lambda: self.mode,
@@ -632,8 +748,29 @@ class Adapter:
                 "fallbacks": store.fallbacks,
                 "age": await asyncio.to_thread(_age, store.current),
             }
-        failing: bool | None = getattr(self.sink, "failing", None)
-        warnings = [f"sink {self.sink.name} is failing; retrying"] if failing else []
+        now = time.monotonic()
+        sinks: list[dict[str, Any]] = []
+        warnings: list[str] = []
+        for lane in self.lanes:
+            down = lane.down_for(now)
+            if down:
+                warnings.append(f"sink {lane.name} failing for {down:.0f}s; retrying")
+            sinks.append(
+                {
+                    "name": lane.name,
+                    "failing": bool(down),
+                    "failing_for": round(down, 1),
+                    "records": lane.records,
+                    "pending_bytes": lane.pending_bytes,
+                    "counters": lane.sink.collect(),
+                }
+            )
+        spool: dict[str, Any] | None = None
+        if self.spool is not None:
+            spool = {
+                "directory": str(self.spool.directory),
+                "counters": dict(vars(self.spool.counters)),
+            }
         not_ready = []
         if not self._started:
             not_ready.append("not started")
@@ -647,12 +784,10 @@ class Adapter:
             "lag_bytes": sum(f["lag_bytes"] for f in files),
             "queue_bytes": self._queue.bytes,
             "checkpoint": checkpoint,
-            "sink": {
-                "name": self.sink.name,
-                "failing": failing,
-                "errors_retried": self.counters.sink_errors,
-                "counters": self.sink.collect(),
-            },
+            "sinks": sinks,
+            "errors_retried": self.counters.sink_errors,
+            "spool": spool,
+            "inputs": {i.name: i.collect() for i in self.inputs},
             "dead_letter": {
                 "path": str(self.dead_letter.path) if self.dead_letter.path else None,
                 "written": self.dead_letter.written,

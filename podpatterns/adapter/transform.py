@@ -13,9 +13,9 @@ import re
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
+from podpatterns.adapter.timestamps import parse_datetime
 from podpatterns.errors import ConfigError
 
 Record = dict[str, Any]
@@ -105,22 +105,8 @@ def load_callable(ref: str) -> Transform:
 
 def parse_timestamp(value: Any) -> str | None:
     """An ISO 8601 UTC timestamp from epoch seconds or an ISO/nginx-style string."""
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        try:
-            return datetime.fromtimestamp(float(value), UTC).isoformat()
-        except (OverflowError, OSError, ValueError):
-            return None
-    if not isinstance(value, str):
-        return None
-    for fmt in (None, "%d/%b/%Y:%H:%M:%S %z"):
-        try:
-            dt = datetime.fromisoformat(value) if fmt is None else datetime.strptime(value, fmt)
-        except ValueError:
-            continue
-        if dt.tzinfo is None:
-            dt = dt.replace(tzinfo=UTC)
-        return dt.astimezone(UTC).isoformat()
-    return None
+    dt = parse_datetime(value)
+    return None if dt is None else dt.isoformat()
 
 
 @dataclass

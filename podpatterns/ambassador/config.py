@@ -18,7 +18,6 @@ from podpatterns.errors import ConfigError
 from podpatterns.options import (
     HostPort,
     Option,
-    check_unknown_keys,
     parse_bind,
     parse_bool,
     parse_choice,
@@ -29,7 +28,7 @@ from podpatterns.options import (
     parse_path,
     parse_size,
     parse_str,
-    resolve,
+    resolve_entry,
     resolve_with_file,
 )
 from podpatterns.runtime import RUNTIME_OPTIONS, RuntimeConfig
@@ -513,10 +512,5 @@ def build(
             raise ConfigError(f"{label}: must be a mapping")
         entry = dict(entry)
         name = str(entry.pop("name", f"route{i}"))
-        check_unknown_keys(entry, [o.name for o in ROUTE_OPTIONS], label)
-        merged = {
-            **values,
-            **resolve([o for o in ROUTE_OPTIONS if o.name in entry], {}, {}, entry, label),
-        }
-        routes.append(_route_from(merged, name))
+        routes.append(_route_from(resolve_entry(entry, ROUTE_OPTIONS, values, label), name))
     return AmbassadorConfig(routes=tuple(routes), runtime=runtime)

@@ -598,12 +598,20 @@ def _adapter_lines(a: dict[str, Any]) -> list[str]:
         lines.append(f"    checkpoint {cp['path']}  age {_ago(cp['age'])}  writes {cp['writes']}")
     else:
         lines.append("    checkpoint: none (--checkpoint-dir not set)")
-    s = a["sink"]
-    state = {True: "FAILING, retrying", False: "ok", None: "ok"}[s["failing"]]
-    counters = ", ".join(f"{k} {v}" for k, v in s["counters"].items())
-    lines.append(
-        f"    sink {s['name']}: {state}  ({counters}; errors retried {s['errors_retried']})"
-    )
+    for s in a["sinks"]:
+        state = f"FAILING for {s['failing_for']:.0f}s, retrying" if s["failing"] else "ok"
+        counters = ", ".join(f"{k} {v}" for k, v in s["counters"].items())
+        lines.append(
+            f"    sink {s['name']}: {state}  records {s['records']}, "
+            f"pending {s['pending_bytes']} bytes  ({counters})"
+        )
+    lines.append(f"    sink errors retried: {a['errors_retried']}")
+    for name, counters in a.get("inputs", {}).items():
+        shown = ", ".join(f"{k} {v}" for k, v in counters.items())
+        lines.append(f"    input {name}: {shown}")
+    if a.get("spool"):
+        shown = ", ".join(f"{k} {v}" for k, v in a["spool"]["counters"].items())
+        lines.append(f"    spool {a['spool']['directory']}: {shown}")
     dl = a["dead_letter"]
     lines.append(
         f"    dead letters: {dl['written']} written, {dl['dropped']} dropped"

@@ -86,6 +86,17 @@ async def component_status(component: ComponentView) -> dict[str, Any]:
     return body
 
 
+def _component_body(c: ComponentView) -> dict[str, Any]:
+    """A component in a probe body; with ``reason`` when it says why it is not ready
+    (an optional ``unready_reason()`` method: the adapter's sinks use it)."""
+    body: dict[str, Any] = {"ready": c.is_ready(), "in_flight": c.in_flight()}
+    why = getattr(c, "unready_reason", None)
+    reason = why() if callable(why) else None
+    if reason is not None:
+        body["reason"] = str(reason)
+    return body
+
+
 class Probes(Protocol):
     """What the admin server reads of the runtime it serves."""
 
@@ -239,9 +250,7 @@ class AdminServer:
             "status": "ok" if ok else "unavailable",
             "check": check,
             "phase": rt.phase_name,
-            "components": {
-                c.name: {"ready": c.is_ready(), "in_flight": c.in_flight()} for c in rt.components
-            },
+            "components": {c.name: _component_body(c) for c in rt.components},
         }
         if pod is not None:
             body["containers"] = pod["containers"]

@@ -42,7 +42,7 @@ def redact_text(text: str) -> str:
     return text
 
 
-def shown(value: Any, secret: bool = False) -> Any:
+def shown(value: Any, secret: bool = False, fields: Collection[str] = ()) -> Any:
     """``value`` as JSON-ready data, secrets redacted.
 
     Args:
@@ -50,6 +50,8 @@ def shown(value: Any, secret: bool = False) -> Any:
             dataclasses).
         secret: the value itself is secret: scalars become :data:`REDACTED`; pairs
             (``NAME=VALUE`` options such as headers) keep their name.
+        fields: names of secret fields, in dataclasses nested anywhere in ``value`` (the
+            adapter's sinks each carry their own ``sink_header``).
     """
     if value is None or isinstance(value, bool):
         return value
@@ -75,13 +77,13 @@ def shown(value: Any, secret: bool = False) -> Any:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         if type(value).__str__ is not object.__str__:
             return redact_text(str(value))  # an address: HOST:PORT, unix:/path
-        return shown_config(value)
+        return shown_config(value, fields)
     if isinstance(value, Mapping):
         # Keys are data here (container names, counter names), not field names: only
         # the strings' shapes are redacted.
-        return {str(k): shown(v) for k, v in value.items()}
+        return {str(k): shown(v, fields=fields) for k, v in value.items()}
     if isinstance(value, tuple | list | set | frozenset):
-        return [shown(v) for v in value]
+        return [shown(v, fields=fields) for v in value]
     return redact_text(str(value))
 
 
@@ -94,8 +96,9 @@ def shown_config(config: Any, secret: Collection[str] = ()) -> dict[str, Any]:
 
     Args:
         config: a dataclass instance.
-        secret: names of fields whose values are secret; fields named like a password,
-            token or secret (but not ``*_file``/``*_path``) are secret too.
+        secret: names of fields whose values are secret, here and in nested dataclasses;
+            fields named like a password, token or secret (but not ``*_file``/``*_path``)
+            are secret too.
 
     Returns:
         ``{field: value}`` in field order. A field that is not a dataclass field but a
@@ -106,5 +109,5 @@ def shown_config(config: Any, secret: Collection[str] = ()) -> dict[str, Any]:
         if f.name.startswith("_"):
             continue
         value = getattr(config, f.name)
-        out[f.name] = shown(value, f.name in secret or _is_secret_name(f.name))
+        out[f.name] = shown(value, f.name in secret or _is_secret_name(f.name), secret)
     return out

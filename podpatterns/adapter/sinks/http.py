@@ -3,6 +3,10 @@
 Network errors, timeouts, 429 and 5xx are retried with capped exponential backoff and
 jitter, honouring Retry-After, without limit by default (the file is the buffer). Any
 other 4xx is a rejection for good: the batch goes to the dead-letter file.
+
+The OTLP and Loki sinks are this sink with another body (:meth:`HttpSink.encode`) and,
+for OTLP, a look at what a 2xx answer says (:meth:`HttpSink.refused_in`): the
+connection, TLS, headers, token, gzip, retries and dead letters are this one piece.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import ssl
+import time
 from pathlib import Path
 from typing import Any
 
@@ -66,11 +71,17 @@ class HttpSink:
         self.dead_letter = dead_letter or DeadLetter(None, 0)
         self.ca_file = ca_file
         self._session: aiohttp.ClientSession | None = None
-        self._log = logs.get("adapter", sink="http")
+        self._log = logs.get("adapter", sink=self.name)
         self.requests = 0
         self.retried = 0
         self.rejected = 0
-        self.failing = False
+        self.failing_since: float | None = None
+        """``time.monotonic()`` of the first failed attempt of the batch being retried."""
+
+    @property
+    def failing(self) -> bool:
+        """True while a batch is being retried."""
+        return self.failing_since is not None
 
     async def start(self) -> None:
         """Create the client session."""
@@ -83,13 +94,23 @@ class HttpSink:
             connector=aiohttp.TCPConnector(ssl=ssl_ctx),
         )
 
-    def _body(self, records: list[Record]) -> tuple[bytes, dict[str, str]]:
+    def encode(self, records: list[Record]) -> tuple[bytes, str]:
+        """The request body of a batch and its content type."""
         if self.fmt == "json":
-            body = json_array(records)
-            ctype = "application/json"
-        else:
-            body = ndjson(records)
-            ctype = "application/x-ndjson"
+            return json_array(records), "application/json"
+        return ndjson(records), "application/x-ndjson"
+
+    def refused_in(
+        self, records: list[Record], content_type: str, answer: bytes
+    ) -> tuple[int, list[tuple[Record, str]]]:
+        """What a 2xx ``answer`` says was refused: a count, and dead-letter items.
+
+        The plain HTTP sink takes a 2xx as "all accepted".
+        """
+        return 0, []
+
+    def _body(self, records: list[Record]) -> tuple[bytes, dict[str, str]]:
+        body, ctype = self.encode(records)
         headers = {"Content-Type": ctype, **self.headers}
         if self.gzip_body:
             body = gzip.compress(body, compresslevel=5)
@@ -115,17 +136,29 @@ class HttpSink:
             try:
                 self.requests += 1
                 async with self._session.post(self.url, data=body, headers=headers) as resp:
-                    text = (await resp.read())[:512].decode(errors="replace")
+                    answer = await _read_some(resp, _ANSWER_MAX)
+                    text = answer[:512].decode(errors="replace")
                     status = resp.status
+                    answer_type = resp.headers.get("Content-Type", "")
                     retry_after = parse_retry_after(resp.headers.get("Retry-After"))
             except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-                status, text = 0, f"{type(exc).__name__}: {exc}"
+                status, text, answer, answer_type = 0, f"{type(exc).__name__}: {exc}", b"", ""
             if 200 <= status < 300:
-                if self.failing:
-                    self.failing = False
+                if self.failing_since is not None:
+                    self.failing_since = None
                     self._log.info("sink_recovered", url=self.url, attempts=backoff.attempt + 1)
+                refused, why = self.refused_in(records, answer_type, answer)
+                if refused:
+                    self.rejected += refused
+                    self._log.warning(
+                        "sink_refused_some", url=self.url, refused=refused, records=len(records)
+                    )
+                    await asyncio.to_thread(
+                        self.dead_letter.write, [(r, status, reason) for r, reason in why]
+                    )
                 return
             if 400 <= status < 500 and status not in (408, 429):
+                self.failing_since = None
                 self.rejected += len(records)
                 self._log.warning(
                     "sink_rejected", url=self.url, status=status, records=len(records)
@@ -134,15 +167,15 @@ class HttpSink:
                 await asyncio.to_thread(self.dead_letter.write, items)
                 return
             if backoff.exhausted():
+                self.failing_since = None
                 self.rejected += len(records)
                 self._log.error("sink_retries_exhausted", url=self.url, **_outcome(status, text))
                 items = [(r, status or None, text) for r in records]
-
                 await asyncio.to_thread(self.dead_letter.write, items)
                 return
             delay = backoff.next_delay(retry_after)
-            if not self.failing:
-                self.failing = True
+            if self.failing_since is None:
+                self.failing_since = time.monotonic()
                 self._log.warning("sink_failing", url=self.url, **_outcome(status, text))
             self.retried += 1
             await asyncio.sleep(delay)
@@ -156,6 +189,24 @@ class HttpSink:
     def collect(self) -> dict[str, Any]:
         """Counters."""
         return {"requests": self.requests, "retries": self.retried, "rejected": self.rejected}
+
+
+# A 2xx answer is read up to this much (an OTLP partial_success is a few hundred bytes):
+# a peer answering a huge body cannot make the sink hold it.
+_ANSWER_MAX = 64 * 1024
+
+
+async def _read_some(resp: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The answer's body up to ``limit`` bytes (the rest is left unread)."""
+    parts: list[bytes] = []
+    size = 0
+    while size < limit:
+        chunk = await resp.content.read(limit - size)
+        if not chunk:
+            break
+        parts.append(chunk)
+        size += len(chunk)
+    return b"".join(parts)
 
 
 def _outcome(status: int, text: str) -> dict[str, object]:
