@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import gzip
 import json
 from pathlib import Path
 from typing import Any
 
+import structlog
 from aiohttp import web
 
 from podpatterns.adapter import Adapter
@@ -109,6 +111,27 @@ async def test_http_sink_options_and_retry_after(tmp_path: Path) -> None:
     assert headers["Content-Encoding"] == "gzip"
     assert c.records == [{"message": "a"}, {"message": "b"}]
     assert len(c.requests) == 2
+
+
+async def test_http_sink_logs_never_show_url_credentials() -> None:
+    """Basic auth in --sink-url works, and the sink's events (failing, recovered) show the
+    URL without its user:password@."""
+    c = Collector(fail=1, status=503, retry_after="0")
+    runner, url = await serve(c)
+    secret_url = url.replace("http://", "http://bob:pw-SECRET@")
+    sink = HttpSink(secret_url)
+    await sink.start()
+    try:
+        with structlog.testing.capture_logs() as logs:
+            await sink.send([{"message": "a"}])
+    finally:
+        await sink.close()
+        await runner.cleanup()
+    headers, _ = c.requests[-1]
+    assert headers["Authorization"] == "Basic " + base64.b64encode(b"bob:pw-SECRET").decode()
+    events = [e["event"] for e in logs]
+    assert "sink_failing" in events and "sink_recovered" in events, events
+    assert "pw-SECRET" not in repr(logs)
 
 
 async def test_http_4xx_goes_to_the_dead_letter_file(tmp_path: Path) -> None:

@@ -81,6 +81,25 @@ def test_sinks_list_gives_each_entry_its_own_settings(tmp_path: Path) -> None:
         ({}, {"sinks": [{"sink": "stdout"}, {"sink": "stdout"}]}, "name 'stdout' used twice"),
         ({}, {"sinks": [{"sink": "http", "name": "x"}]}, "sinks: 'x': --sink-url: missing"),
         ({}, {"sinks": [{"sink": "stdout"}, {"sink": "loki"}]}, r"sinks\[1\]: --sink-url: missing"),
+        (
+            {
+                "sink": ["http"],
+                "sink_url": "https://bob:pw-SECRET@logs.example/in",
+                "sink_token_file": "/run/token",
+            },
+            {},
+            r"--sink-url: credentials in the URL \(user:password@\) cannot be combined with "
+            "--sink-token-file",
+        ),
+        (
+            {
+                "sink": ["otlp"],
+                "sink_url": "https://bob:pw-SECRET@logs.example/v1/logs",
+                "sink_header": ["Authorization=Basic eA=="],
+            },
+            {},
+            "cannot be combined with an Authorization --sink-header",
+        ),
     ],
 )
 def test_bad_sink_settings_name_the_option(

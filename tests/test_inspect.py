@@ -325,6 +325,10 @@ def test_status_shows_pending_reload_and_redacts_url_userinfo(
     out = inspect(*pids(rl), f"--admin={rl.admin_url()}")
     assert out.returncode == 1, outputs(out)
     assert "PENDING" in out.stdout and URL_SECRET not in out.stdout
+    # nor in its logs or metrics (the notifier's label names the target in both)
+    assert URL_SECRET not in rl.log_text(last=10_000)
+    with urllib.request.urlopen(rl.admin_url() + "/metrics", timeout=10) as resp:
+        assert URL_SECRET not in resp.read().decode()
 
 
 async def test_status_answers_loopback_peers_only() -> None:

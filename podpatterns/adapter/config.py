@@ -752,6 +752,19 @@ class SinkConfig(SinkSettings):
             and not self.sink_url.startswith(("http://", "https://"))
         ):
             raise ConfigError(f"{where}--sink-url: {self.sink_url!r} must be an http(s):// URL")
+        if kind in URL_SINKS and self.sink_url is not None and _has_userinfo(self.sink_url):
+            other = (
+                "--sink-token-file"
+                if self.sink_token_file is not None
+                else "an Authorization --sink-header"
+                if any(k.lower() == "authorization" for k, _ in self.sink_header)
+                else None
+            )
+            if other is not None:
+                raise ConfigError(
+                    f"{where}--sink-url: credentials in the URL (user:password@) cannot be "
+                    f"combined with {other}: both set the Authorization header (keep one)"
+                )
         if kind == "tcp" and self.sink_address is None:
             raise ConfigError(f"{where}--sink-address: missing (--sink tcp needs HOST:PORT)")
         if self.stdout_max_line < 1024:
@@ -763,6 +776,13 @@ class SinkConfig(SinkSettings):
             dupes = sorted({k for k in labels if labels.count(k) > 1})
             if dupes:
                 raise ConfigError(f"{where}--loki-label: label {dupes[0]!r} given twice")
+
+
+def _has_userinfo(url: str) -> bool:
+    """True when ``url`` carries ``user[:password]@`` (HTTP basic authentication)."""
+    from urllib.parse import urlsplit
+
+    return "@" in urlsplit(url).netloc
 
 
 def _need_otlp(where: str) -> None:

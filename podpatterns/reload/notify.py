@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from podpatterns.runtime.status import redact_text
 from podpatterns.subproc import run_command
 
 
@@ -39,7 +40,7 @@ class HttpPost:
 
     @property
     def label(self) -> str:
-        return f"http-post {self.url}"
+        return f"http-post {redact_text(self.url)}"  # logs and metrics: no user:password@
 
     async def notify(self) -> None:
         import aiohttp  # on first use: other notifiers, and other commands, do without it
@@ -48,9 +49,10 @@ class HttpPost:
             async with aiohttp.ClientSession() as session, session.post(self.url) as resp:
                 status = resp.status
         except aiohttp.ClientError as exc:
-            raise NotifyError(f"POST {self.url}: {exc or type(exc).__name__}") from None
+            reason = redact_text(str(exc) or type(exc).__name__)
+            raise NotifyError(f"POST {redact_text(self.url)}: {reason}") from None
         if not 200 <= status < 300:
-            raise NotifyError(f"POST {self.url}: HTTP {status}")
+            raise NotifyError(f"POST {redact_text(self.url)}: HTTP {status}")
 
 
 @dataclass(frozen=True)
@@ -86,7 +88,7 @@ class Exec:
 
     @property
     def label(self) -> str:
-        return "exec " + " ".join(self.argv)
+        return redact_text("exec " + " ".join(self.argv))
 
     async def notify(self) -> None:
         code, err = await run_command(self.argv)

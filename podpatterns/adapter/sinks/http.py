@@ -23,6 +23,7 @@ import aiohttp
 from podpatterns import logs
 from podpatterns.adapter.sinks import DeadLetter, Record, json_array, ndjson
 from podpatterns.adapter.sinks.retry import Backoff, parse_retry_after
+from podpatterns.runtime.status import redact_text
 
 
 class HttpSink:
@@ -60,6 +61,8 @@ class HttpSink:
         ca_file: Path | None = None,
     ) -> None:
         self.url = url
+        # What logs show: a URL's userinfo (user:password@) never reaches them.
+        self.shown_url = redact_text(url)
         self.fmt = fmt
         self.gzip_body = gzip_body
         self.headers = dict(headers)
@@ -146,12 +149,17 @@ class HttpSink:
             if 200 <= status < 300:
                 if self.failing_since is not None:
                     self.failing_since = None
-                    self._log.info("sink_recovered", url=self.url, attempts=backoff.attempt + 1)
+                    self._log.info(
+                        "sink_recovered", url=self.shown_url, attempts=backoff.attempt + 1
+                    )
                 refused, why = self.refused_in(records, answer_type, answer)
                 if refused:
                     self.rejected += refused
                     self._log.warning(
-                        "sink_refused_some", url=self.url, refused=refused, records=len(records)
+                        "sink_refused_some",
+                        url=self.shown_url,
+                        refused=refused,
+                        records=len(records),
                     )
                     await asyncio.to_thread(
                         self.dead_letter.write, [(r, status, reason) for r, reason in why]
@@ -161,7 +169,7 @@ class HttpSink:
                 self.failing_since = None
                 self.rejected += len(records)
                 self._log.warning(
-                    "sink_rejected", url=self.url, status=status, records=len(records)
+                    "sink_rejected", url=self.shown_url, status=status, records=len(records)
                 )
                 items: list[tuple[Record, int | None, str]] = [(r, status, text) for r in records]
                 await asyncio.to_thread(self.dead_letter.write, items)
@@ -169,14 +177,16 @@ class HttpSink:
             if backoff.exhausted():
                 self.failing_since = None
                 self.rejected += len(records)
-                self._log.error("sink_retries_exhausted", url=self.url, **_outcome(status, text))
+                self._log.error(
+                    "sink_retries_exhausted", url=self.shown_url, **_outcome(status, text)
+                )
                 items = [(r, status or None, text) for r in records]
                 await asyncio.to_thread(self.dead_letter.write, items)
                 return
             delay = backoff.next_delay(retry_after)
             if self.failing_since is None:
                 self.failing_since = time.monotonic()
-                self._log.warning("sink_failing", url=self.url, **_outcome(status, text))
+                self._log.warning("sink_failing", url=self.shown_url, **_outcome(status, text))
             self.retried += 1
             await asyncio.sleep(delay)
 
