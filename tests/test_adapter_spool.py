@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 
 from podpatterns.adapter import Adapter, AdapterConfig
 from podpatterns.adapter.checkpoint import CheckpointStore
@@ -376,3 +377,33 @@ async def test_a_lone_surrogate_is_stored_and_read_back(tmp_path: Path) -> None:
     async with Running(tmp_path) as again:
         records, _ = await read_all(again)
     assert [r["m"] for r in records] == ["a\ud800b", "é"]
+
+
+async def test_a_tcp_connection_dying_of_a_bug_makes_the_adapter_not_live(
+    tmp_path: Path,
+) -> None:
+    """A connection's task is asyncio's, not a TaskSet's: a bug in it (here the spool
+    raising what it never should) is logged as task_died and turns the adapter's
+    is_live() False, so /livez answers 503 instead of the input going quietly deaf."""
+    cfg = tcp_config(tmp_path)
+    adapter = Adapter(cfg, sink=ListSink())
+    await adapter.start()
+    try:
+        spool = adapter.spool
+        assert spool is not None and adapter.is_live()
+
+        async def broken(records: list[dict[str, Any]], *, source: str) -> None:
+            raise RuntimeError("a bug")
+
+        spool.append = broken  # type: ignore[method-assign]
+        with structlog.testing.capture_logs() as logs:
+            _, writer = await asyncio.open_connection("127.0.0.1", tcp_port(adapter))
+            writer.write(b"seq=0\n")
+            await writer.drain()
+            await eventually(lambda: not adapter.is_live(), "the adapter not live")
+        assert any(e["event"] == "task_died" for e in logs), logs
+        writer.close()
+    finally:
+        adapter.stop_accepting()
+        await asyncio.wait_for(adapter.wait_drained(), 30)
+        await adapter.close()

@@ -344,8 +344,9 @@ class Adapter:
         return reason
 
     def is_live(self) -> bool:
-        """Live unless one of the adapter's tasks died (a bug: a restart may help)."""
-        return self._tasks.healthy
+        """Live unless one of the adapter's tasks, or an input's, died (a bug: a restart
+        may help)."""
+        return self._tasks.healthy and all(i.is_live() for i in self.inputs)
 
     def stop_accepting(self) -> None:
         """Look for new files one last time, then stop discovering; read every open file

@@ -79,5 +79,8 @@ class Input(Protocol):
         May be called again (the adapter's close() calls it after a cut drain).
         """
 
+    def is_live(self) -> bool:
+        """False once a task of the input died (a bug): the adapter's /livez says so."""
+
     def collect(self) -> dict[str, float]:
         """Counters for the metrics collector (name -> value)."""

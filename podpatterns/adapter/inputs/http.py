@@ -214,6 +214,11 @@ class HttpInput:
 
         return guarded
 
+    def is_live(self) -> bool:
+        """Always: aiohttp owns each request's task, and a handler that raises is answered
+        500 and logged by it, without stopping the input."""
+        return True
+
     def collect(self) -> dict[str, float]:
         """Requests by status (``status_200``...), records accepted and rejected, bytes."""
         out = {f"status_{k}": float(v) for k, v in self._status.items()}

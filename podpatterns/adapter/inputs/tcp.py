@@ -61,6 +61,7 @@ class TcpInput:
         self._spool: Spool | None = None
         self._conns: dict[asyncio.Task[Any], bool] = {}  # task -> reading (not appending)
         self._closing = False
+        self._died = False
         self._c = {
             "connections": 0,
             "connections_open": 0,
@@ -109,6 +110,10 @@ class TcpInput:
             # One connection failing is counted and logged; it never stops the input.
             c["connection_errors"] += 1
             self._log.warning("input_connection_failed", input=self.name, error=str(exc))
+        except Exception:
+            # A bug: the connection's task is asyncio's, so its death is noticed here.
+            self._died = True
+            self._log.exception("task_died", task=f"{self.name}-conn")
         finally:
             c["connections_open"] -= 1
             self._conns.pop(task, None)
@@ -175,6 +180,10 @@ class TcpInput:
                 await asyncio.wait(pending)
         if self._server is not None:
             await self._server.wait_closed()
+
+    def is_live(self) -> bool:
+        """False once a connection's task died of a bug (logged as ``task_died``)."""
+        return not self._died
 
     def collect(self) -> dict[str, float]:
         """Connections, records and bytes received, lines truncated, pauses."""
