@@ -617,6 +617,33 @@ def _seconds(runtime: RuntimeConfig) -> float:
     return runtime.shutdown_delay + runtime.drain_timeout
 
 
+COPY_IN = "/podpatterns"
+"""Where the copy-in tree lives in an app image without Python (docs/images.md)."""
+
+
+def _copied_in(pod: dict[str, Any], spec: dict[str, Any]) -> bool:
+    """``spec`` runs the copy-in tree: its command is ``/podpatterns/bin/podpatterns``, from
+    a volume mounted at ``/podpatterns`` that an init container of a podpatterns image fills
+    with ``podpatterns-copy-into``."""
+    command = [*(spec.get("command") or []), *(spec.get("args") or [])]
+    if not command or command[0] != f"{COPY_IN}/bin/podpatterns":
+        return False
+    mounts = {m.get("mountPath"): m.get("name") for m in spec.get("volumeMounts") or []}
+    volume = mounts.get(COPY_IN)
+    if volume is None:
+        return False
+    for init in pod.get("initContainers") or []:
+        argv = [*(init.get("command") or []), *(init.get("args") or [])]
+        if _image_base(str(init.get("image", ""))) not in IMAGE_ENTRYPOINTS or len(argv) != 2:
+            continue
+        if argv[0] != f"{COPY_IN}/bin/podpatterns-copy-into":
+            continue
+        into = {m.get("mountPath"): m.get("name") for m in init.get("volumeMounts") or []}
+        if into.get(argv[1]) == volume:
+            return True
+    return False
+
+
 def policy_problems(pod: dict[str, Any], where: str, found: list[Container]) -> list[str]:
     """The rules every published example follows (beyond being correct)."""
     problems = []
@@ -662,7 +689,7 @@ def policy_problems(pod: dict[str, Any], where: str, found: list[Container]) -> 
             problems.append(f"{at}: image {image!r} is not written as {base}:{version}")
         if ":" not in image.rsplit("/", 1)[-1] or image.endswith(":latest"):
             problems.append(f"{at}: image {image!r} has no fixed tag")
-        if c.invocations and base not in IMAGE_ENTRYPOINTS:
+        if c.invocations and base not in IMAGE_ENTRYPOINTS and not _copied_in(pod, spec):
             problems.append(f"{at}: runs podpatterns from {image!r}, not a podpatterns image")
         if c.invocations:
             if _effective(pod, spec, "runAsUser") != 65532:

@@ -31,7 +31,7 @@ from tests.manifests import (
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "docs" / "examples"
 PAGE = ROOT / "docs" / "examples.md"
-FILES = sorted(EXAMPLES.glob("*.yaml"))
+FILES = sorted(EXAMPLES.glob("*.yaml")) + sorted(EXAMPLES.glob("*/*.yaml"))
 EXPECTED = {
     "ambassador-postgres.yaml",
     "adapter-stdout.yaml",
@@ -39,6 +39,7 @@ EXPECTED = {
     "startup-ordering.yaml",
     "health-records.yaml",
     "config-reload.yaml",
+    "copy-in/job-with-sidecars.yaml",
 }
 K8S_VERSION = kubernetes_validate.latest_version()
 
@@ -62,7 +63,7 @@ def all_problems(docs: Docs) -> list[str]:
 
 def test_the_examples_are_all_there() -> None:
     """docs/examples/ holds exactly the six manifests the page explains."""
-    assert {f.name for f in FILES} == EXPECTED
+    assert {str(f.relative_to(EXAMPLES)) for f in FILES} == EXPECTED
 
 
 def test_schemas_know_native_sidecars() -> None:
@@ -70,7 +71,7 @@ def test_schemas_know_native_sidecars() -> None:
     assert _version(K8S_VERSION) >= (1, 29), K8S_VERSION
 
 
-@pytest.mark.parametrize("path", FILES, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", FILES, ids=lambda p: str(p.relative_to(EXAMPLES)))
 def test_valid_against_kubernetes_schema(path: Path) -> None:
     """Every document validates strictly: right types, required fields, no unknown field."""
     docs = load_documents(path.read_text())
@@ -79,7 +80,7 @@ def test_valid_against_kubernetes_schema(path: Path) -> None:
     assert not problems, "\n".join(problems)
 
 
-@pytest.mark.parametrize("path", FILES, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", FILES, ids=lambda p: str(p.relative_to(EXAMPLES)))
 def test_podpatterns_invocations_are_accepted(path: Path) -> None:
     """Every podpatterns command line, probe, record name, volume and port is consistent."""
     found, problems = document_problems(load_documents(path.read_text()))
@@ -87,7 +88,7 @@ def test_podpatterns_invocations_are_accepted(path: Path) -> None:
     assert any(c.invocations for c in found), f"{path.name}: no podpatterns container found"
 
 
-@pytest.mark.parametrize("path", FILES, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", FILES, ids=lambda p: str(p.relative_to(EXAMPLES)))
 def test_policy(path: Path) -> None:
     """Non-root, read-only, no capabilities, resources, probes, grace period, image names."""
     docs = load_documents(path.read_text())
@@ -101,7 +102,7 @@ def test_policy(path: Path) -> None:
     assert not problems, "\n".join(problems)
 
 
-@pytest.mark.parametrize("path", FILES, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", FILES, ids=lambda p: str(p.relative_to(EXAMPLES)))
 def test_header_says_how_to_use_the_images(path: Path) -> None:
     """Each file opens with comments that say to push the images and replace their names."""
     header = path.read_text().split("\napiVersion:", 1)[0]
@@ -122,12 +123,15 @@ def test_every_subcommand_is_shown() -> None:
 
 
 def test_page_includes_every_example() -> None:
-    """docs/examples.md includes each manifest with a snippet in a yaml fence, and copies none."""
+    """docs/examples.md includes each manifest with a snippet in a yaml fence (the copy-in's
+    is in docs/images.md), and copies none."""
     page = PAGE.read_text()
+    images = (ROOT / "docs" / "images.md").read_text()  # the copy-in's page
     for path in FILES:
         rel = path.relative_to(ROOT)
         fence = f'```yaml\n--8<-- "{rel}"\n```'
-        assert page.count(fence) == 1, f"{rel} is not included once in a yaml fence"
+        where = images if path.parent.name == "copy-in" else page
+        assert where.count(fence) == 1, f"{rel} is not included once in a yaml fence"
     assert "apiVersion:" not in page, "a manifest copied into the page instead of included"
 
 
@@ -209,7 +213,19 @@ def _both(*mutations: Mutation) -> Mutation:
     return mutate
 
 
+def _no_copy_in(docs: Docs) -> None:
+    """The copy-in example without the init container that fills /podpatterns."""
+    spec = _pod(docs)
+    spec["initContainers"] = [c for c in spec["initContainers"] if c["name"] != "copy-podpatterns"]
+
+
 MUTATIONS: list[tuple[str, str, Mutation, str]] = [
+    # podpatterns from an app image: only from the tree a podpatterns image copied in
+    ("copy-in-missing", "copy-in/job-with-sidecars.yaml", _no_copy_in,
+     "runs podpatterns from 'busybox:1.36', not a podpatterns image"),
+    ("copy-in-elsewhere", "copy-in/job-with-sidecars.yaml",
+     _field("copy-podpatterns", "command", ["/podpatterns/bin/podpatterns-copy-into", "/tmp"]),
+     "runs podpatterns from 'busybox:1.36', not a podpatterns image"),
     # schema
     ("unknown-field", "ambassador-postgres.yaml",
      _field("db-ambassador", "readinessProbe.periodSecond", 5), "'periodSecond' was unexpected"),
