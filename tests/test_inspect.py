@@ -285,7 +285,8 @@ def test_adapter_status_after_shipping_has_no_lag_and_a_checkpoint_age(
     assert adapter["files"][0]["lag_seconds"] == 0.0 and adapter["files"][0]["acked"] == 8
     checkpoint = adapter["checkpoint"]
     assert checkpoint["writes"] >= 1 and checkpoint["age"] is not None
-    assert adapter["sink"]["failing"] is None  # the file sink has no retry state
+    (sink,) = adapter["sinks"]
+    assert sink["name"] == "file" and sink["failing"] is False and sink["records"] == 2
     out = inspect(*pids(ad), f"--admin={ad.admin_url()}")
     assert out.returncode == 0, outputs(out)
     assert "all healthy" in out.stdout and str(logs / "app.log") in out.stdout
