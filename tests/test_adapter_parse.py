@@ -286,7 +286,7 @@ async def test_user_transform_and_dead_letter(tmp_path: Path) -> None:
     async with running(cfg, sink) as adapter:
         await eventually(lambda: len(sink.records) >= 4)
     assert [r["message"] for r in sink.records] == ["ok", "two", "two", "last"]
-    assert adapter._chain.counters.failed == 1
+    assert adapter._transform_counters.failed == 1
     dead = (tmp_path / "dead.ndjson").read_text()
     assert '"message":"bad"' in dead and "ValueError: cannot" in dead
 

@@ -863,6 +863,8 @@ class AdapterConfig(SinkSettings):
     dead_letter: Path | None = None
     dead_letter_max_bytes: int = 64 * 1024 * 1024
     sinks: tuple[SinkConfig, ...] = ()
+    sources: tuple[str, ...] = ()
+    """Names of inputs given as objects (the Python API's sources): pushed inputs too."""
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     def __post_init__(self) -> None:
@@ -926,7 +928,8 @@ class AdapterConfig(SinkSettings):
             ("--syslog-tcp", self.syslog_tcp),
             ("--syslog-udp", self.syslog_udp),
         )
-        return tuple(flag for flag, value in listens if value is not None)
+        flags = tuple(flag for flag, value in listens if value is not None)
+        return flags + tuple(f"source {name!r}" for name in self.sources)
 
     @property
     def state_dir(self) -> Path | None:

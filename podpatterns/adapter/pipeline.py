@@ -45,7 +45,7 @@ from podpatterns import logs
 from podpatterns.adapter import metrics
 from podpatterns.adapter.batch import LINE_OVERHEAD, Batch, Batcher, ByteQueue
 from podpatterns.adapter.checkpoint import NAME, Checkpoint, CheckpointStore, Entry
-from podpatterns.adapter.config import AdapterConfig
+from podpatterns.adapter.config import AdapterConfig, SinkConfig
 from podpatterns.adapter.counters import Counters
 from podpatterns.adapter.cri import CriJoiner
 from podpatterns.adapter.inputs import Input
@@ -53,7 +53,7 @@ from podpatterns.adapter.join import Joiner
 from podpatterns.adapter.k8s import K8sMetadata
 from podpatterns.adapter.lines import Line
 from podpatterns.adapter.multiline import PRESETS, Grouper
-from podpatterns.adapter.parse import get_parser
+from podpatterns.adapter.parse import Parser, get_parser
 from podpatterns.adapter.reader import Reader
 from podpatterns.adapter.records import Record, RecordParser
 from podpatterns.adapter.ship import Lane, Shipment, build_sink, dead_letter_failed
@@ -61,6 +61,7 @@ from podpatterns.adapter.sinks import DeadLetter, Sink
 from podpatterns.adapter.spool import Spool
 from podpatterns.adapter.tail import FileKey
 from podpatterns.adapter.tracking import Tracked, Tracker
+from podpatterns.adapter.transform import Counters as TransformCounters
 from podpatterns.adapter.transform import TransformChain, load_callable, redactor
 from podpatterns.adapter.watch import FileEvents, WatcherFactory
 from podpatterns.errors import ConfigError
@@ -109,10 +110,15 @@ class Adapter:
         config: the validated configuration.
         sink: where records go (the sinks are built from ``config`` when neither this nor
             ``sinks`` is given).
-        sinks: several sinks by name, each shipping every record.
+        sinks: several sinks, each shipping every record: by name, or a list of sink
+            objects and :class:`~podpatterns.adapter.config.SinkConfig` entries (built
+            here, with the dead-letter file of ``config``).
         watcher: ``watchfiles.awatch``-compatible factory (tests inject failures).
         inputs: the pushed inputs (built from ``config`` when omitted); they need
             ``config.spool_dir``.
+        parser: parses the lines of files instead of the one ``config.parse`` names.
+        transforms: the chains applied in turn to every batch, instead of the one
+            ``config``'s transform options make.
     """
 
     name = "adapter"
@@ -122,24 +128,34 @@ class Adapter:
         config: AdapterConfig,
         *,
         sink: Sink | None = None,
-        sinks: Mapping[str, Sink] | None = None,
+        sinks: Mapping[str, Sink] | Sequence[Sink | SinkConfig] | None = None,
         watcher: WatcherFactory = watchfiles.awatch,
         inputs: Sequence[Input] | None = None,
+        parser: Parser | None = None,
+        transforms: Sequence[TransformChain] | None = None,
     ) -> None:
         self.config = config
         self.dead_letter = DeadLetter(config.dead_letter, config.dead_letter_max_bytes)
         self.counters = Counters()
         if sink is not None:
             sinks = {sink.name: sink}
-        if sinks is not None:
-            self.lanes = [
-                Lane(n, s, self.counters, config.sink_unready_after) for n, s in sinks.items()
-            ]
+        self.lanes: list[Lane] = []
+        if isinstance(sinks, Mapping):
+            for name, s in sinks.items():
+                self.lanes.append(Lane(name, s, self.counters, config.sink_unready_after))
         else:
-            self.lanes = [
-                Lane(c.name, build_sink(c, self.dead_letter), self.counters, c.sink_unready_after)
-                for c in config.sinks
-            ]
+            for c in config.sinks if sinks is None else sinks:
+                if isinstance(c, SinkConfig):
+                    built = build_sink(c, self.dead_letter)
+                    self.lanes.append(Lane(c.name, built, self.counters, c.sink_unready_after))
+                else:  # the application's own: raising is how it says "not accepted"
+                    self.lanes.append(
+                        Lane(c.name, c, self.counters, config.sink_unready_after, retry_any=True)
+                    )
+        names = [lane.name for lane in self.lanes]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ConfigError(f"sinks: name {twice[0]!r} used twice (give each its own name)")
         # Shipments handed to the lanes and not yet acknowledged by all, in batch order.
         self._inflight: deque[Shipment] = deque()
         self._ack_lock = asyncio.Lock()
@@ -197,26 +213,13 @@ class Adapter:
         )
         self._batcher = Batcher(self._queue, config.batch_max_records, config.batch_max_bytes)
         self._parser = RecordParser(
-            config.parse,
-            get_parser(config.parse, config.regex),
+            config.parse if parser is None else getattr(parser, "__name__", "custom"),
+            get_parser(config.parse, config.regex) if parser is None else parser,
             drop_errors=config.on_parse_error == "drop",
             counters=self.counters,
         )
-        self._chain = TransformChain(
-            add=config.add_field,
-            rename=config.rename_field,
-            drop=config.drop_field,
-            timestamp_field=config.timestamp_field,
-            redact=(
-                redactor(config.redact, config.redact_regex)
-                if config.redact or config.redact_regex
-                else None
-            ),
-            keep=config.filter,
-            exclude=config.exclude,
-            sample=config.sample,
-            rate_limit=config.rate_limit,
-        )
+        self._chains = list(transforms) if transforms is not None else [self._config_chain()]
+        self._transform_counters = self._chains[0].counters if self._chains else TransformCounters()
         # The Downward API's variables are the Pod's facts, read here like the volume.
         self._k8s = K8sMetadata(config.k8s_env_metadata, os.environ, config.k8s_metadata_dir)
         # Our own writes (checkpoint, file sink, dead letters) may live in a watched
@@ -235,6 +238,25 @@ class Adapter:
         self._started = False
         self._failed = False
         self._log = logs.get("adapter")
+
+    def _config_chain(self) -> TransformChain:
+        """The transforms the options ask for, as one chain (applied in its fixed order)."""
+        config = self.config
+        return TransformChain(
+            add=config.add_field,
+            rename=config.rename_field,
+            drop=config.drop_field,
+            timestamp_field=config.timestamp_field,
+            redact=(
+                redactor(config.redact, config.redact_regex)
+                if config.redact or config.redact_regex
+                else None
+            ),
+            keep=config.filter,
+            exclude=config.exclude,
+            sample=config.sample,
+            rate_limit=config.rate_limit,
+        )
 
     @property
     def sink(self) -> Sink:
@@ -267,7 +289,11 @@ class Adapter:
                 directory cannot be created or written.
             BindError: an input cannot bind its address.
         """
-        self._chain.user = tuple(load_callable(ref) for ref in self.config.transform)
+        if self.config.transform:
+            if not self._chains:
+                self._chains.append(TransformChain(counters=self._transform_counters))
+            user = tuple(load_callable(ref) for ref in self.config.transform)
+            self._chains[-1].user += user
         try:
             await self._checkpoint.load()
         except OSError as exc:
@@ -675,9 +701,12 @@ class Adapter:
         if batch.records:
             records += batch.records
         self._k8s.apply(records)
-        if self._chain.active:
-            return self._chain.apply(records)
-        return records, []
+        failed: list[tuple[Record, str]] = []
+        for chain in self._chains:
+            if chain.active:
+                records, more = chain.apply(records)
+                failed += more
+        return records, failed
 
     # -- metrics -----------------------------------------------------------------------
 
@@ -696,7 +725,7 @@ class Adapter:
             CallbackCollector(
                 metrics.families(
                     counters=self.counters,
-                    transforms=self._chain.counters,
+                    transforms=self._transform_counters,
                     lanes=self.lanes,
                     dead_letter=self.dead_letter,
                     splitters=lambda: [t.splitter for t in self.tracked.values()],

@@ -11,7 +11,9 @@ reach ``--queue-max-bytes`` and reading pauses.
 A sink retries what it knows how to retry inside its own ``send`` (HTTP 5xx, a dropped
 connection); an ``OSError`` that escapes it (disk full, EPIPE) is retried here with
 backoff, without limit: the files are the buffer, and the checkpoint does not move until
-the batch is accepted.
+the batch is accepted. A sink of the application's own (the Python API) has any
+exception retried that way: raising is how it says "not accepted"; a built-in sink's
+other exceptions are bugs, which end the lane (and make the adapter not live).
 """
 
 from __future__ import annotations
@@ -58,14 +60,23 @@ class Lane:
         counters: the adapter's counters (``sink_errors``).
         unready_after: seconds of failing after which :meth:`down_for` makes the adapter
             unready; ``None``: never.
+        retry_any: retry every exception of ``sink.send``, not only ``OSError`` (a sink
+            of the application's own).
     """
 
     def __init__(
-        self, name: str, sink: Sink, counters: Counters, unready_after: float | None = None
+        self,
+        name: str,
+        sink: Sink,
+        counters: Counters,
+        unready_after: float | None = None,
+        *,
+        retry_any: bool = False,
     ) -> None:
         self.name = name
         self.sink = sink
         self.unready_after = unready_after
+        self._retried: type[BaseException] = Exception if retry_any else OSError
         self._counters = counters
         self._items: deque[Shipment | None] = deque()
         self._wake = asyncio.Event()
@@ -112,15 +123,18 @@ class Lane:
             await acked(item)
 
     async def _send(self, records: list[Record]) -> None:
-        """Send until the sink accepts; an OSError (disk full, EPIPE) is retried, not fatal."""
+        """Send until the sink accepts; an OSError (disk full, EPIPE), or with ``retry_any``
+        any exception, is retried, not fatal."""
         backoff = Backoff(0.1, 5.0)
         while True:
             try:
                 await self.sink.send(records)
-            except OSError as exc:
+            except self._retried as exc:
                 if backoff.attempt == 0:
                     self._failing_since = time.monotonic()
-                    self._log.warning("sink_failing", sink=self.name, error=str(exc))
+                    self._log.warning(
+                        "sink_failing", sink=self.name, error=f"{type(exc).__name__}: {exc}"
+                    )
                 self.os_errors += 1
                 self._counters.sink_errors += 1
                 await asyncio.sleep(backoff.next_delay())
