@@ -8,6 +8,8 @@ ties them together; split across modules, the table would no longer read as one.
 
 from __future__ import annotations
 
+import itertools
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -15,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from podpatterns.adapter.statsdmap import DEFAULT_BUCKETS, StatsdMapping, mappings_from_file
 from podpatterns.errors import ConfigError
 from podpatterns.options import (
     HostPort,
@@ -162,6 +165,19 @@ def parse_file_mode(text: str) -> FileMode:
     if not 0 <= value <= 0o777:
         raise ValueError("is out of range (0000-0777)")
     return FileMode(value)
+
+
+def parse_buckets(text: str) -> tuple[float, ...]:
+    """Comma-separated histogram bounds, ascending: ``0.01,0.1,1``."""
+    try:
+        bounds = tuple(float(b) for b in text.split(",") if b.strip())
+    except ValueError:
+        raise ValueError("is not a list of numbers (e.g. 0.01,0.1,1)") from None
+    if not bounds or any(b >= c for b, c in itertools.pairwise(bounds)):
+        raise ValueError("must be ascending numbers (e.g. 0.01,0.1,1)")
+    if not all(math.isfinite(b) for b in bounds):
+        raise ValueError("must be finite numbers (+Inf is always added)")
+    return bounds
 
 
 def _a(name: str, parse: Any, default: Any, help: str, **kw: Any) -> Option[Any]:
@@ -350,6 +366,38 @@ PUSH_OPTIONS: tuple[Option[Any], ...] = (
         64 * 1024,
         "longer syslog messages are truncated to this and marked truncated",
         metavar="SIZE",
+    ),
+)
+
+STATSD_OPTIONS: tuple[Option[Any], ...] = (
+    _a(
+        "statsd_udp",
+        parse_bind,
+        None,
+        "receive StatsD (DogStatsD tags too) on UDP HOST:PORT and expose it on /metrics "
+        "(e.g. 127.0.0.1:8125)",
+        metavar="HOST:PORT",
+    ),
+    _a(
+        "statsd_tcp",
+        parse_bind,
+        None,
+        "receive StatsD lines over TCP on HOST:PORT and expose them on /metrics",
+        metavar="HOST:PORT",
+    ),
+    _a(
+        "statsd_buckets",
+        parse_buckets,
+        DEFAULT_BUCKETS,
+        "histogram bounds of StatsD timers (in seconds) and histograms, ascending",
+        metavar="LIST",
+    ),
+    _a(
+        "statsd_max_series",
+        parse_int(1),
+        1000,
+        "label sets kept per StatsD metric; samples of new ones beyond it are dropped and counted",
+        metavar="N",
     ),
 )
 
@@ -681,7 +729,9 @@ SINK_OPTIONS: tuple[Option[Any], ...] = (
     ),
 )
 
-ADAPTER_ONLY_OPTIONS = INPUT_OPTIONS + PUSH_OPTIONS + PROCESS_OPTIONS + SINK_OPTIONS
+ADAPTER_ONLY_OPTIONS = (
+    INPUT_OPTIONS + PUSH_OPTIONS + STATSD_OPTIONS + PROCESS_OPTIONS + SINK_OPTIONS
+)
 ADAPTER_OPTIONS: tuple[Option[Any], ...] = RUNTIME_OPTIONS + ADAPTER_ONLY_OPTIONS
 
 
@@ -837,6 +887,11 @@ class AdapterConfig(SinkSettings):
     syslog_udp: HostPort | None = None
     syslog_socket_mode: int = FileMode(0o666)
     syslog_max_message: int = 64 * 1024
+    statsd_udp: HostPort | None = None
+    statsd_tcp: HostPort | None = None
+    statsd_buckets: tuple[float, ...] = DEFAULT_BUCKETS
+    statsd_max_series: int = 1000
+    statsd_mappings: tuple[StatsdMapping, ...] = ()
     parse: str = "raw"
     regex: re.Pattern[str] | None = None
     on_parse_error: str = "raw"
@@ -868,10 +923,14 @@ class AdapterConfig(SinkSettings):
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     def __post_init__(self) -> None:
-        if not self.path and not self.pushed_inputs:
+        if not self.path and not self.pushed_inputs and not self.statsd:
             raise ConfigError(
                 "--path: missing (give a glob, e.g. --path '/var/log/app/*.log', or an input "
                 "over localhost such as --http-listen 127.0.0.1:4318)"
+            )
+        if self.statsd_mappings and not self.statsd:
+            raise ConfigError(
+                "statsd_mappings: given without --statsd-udp or --statsd-tcp (add one of them)"
             )
         self._check_spool()
         self._check_syslog()
@@ -930,6 +989,12 @@ class AdapterConfig(SinkSettings):
         )
         flags = tuple(flag for flag, value in listens if value is not None)
         return flags + tuple(f"source {name!r}" for name in self.sources)
+
+    @property
+    def statsd(self) -> bool:
+        """True when a StatsD input is configured (it needs no spool: its records are
+        metrics)."""
+        return self.statsd_udp is not None or self.statsd_tcp is not None
 
     @property
     def state_dir(self) -> Path | None:
@@ -1096,6 +1161,7 @@ def build(
     """
     file = dict(file)
     sinks_raw = file.pop("sinks", None)
+    mappings_raw = file.pop("statsd_mappings", None)
     values = resolve_with_file(ADAPTER_OPTIONS, flags, env, file, file_label)
     runtime = RuntimeConfig.from_values(values)
     own = {o.name: values[o.name] for o in ADAPTER_ONLY_OPTIONS}
@@ -1106,6 +1172,8 @@ def build(
             )
         own["sinks"] = _sinks_from_file(sinks_raw, values, file_label)
         own["sink"] = tuple(s.kind for s in own["sinks"])
+    if mappings_raw is not None:
+        own["statsd_mappings"] = mappings_from_file(mappings_raw, file_label)
     return AdapterConfig(**own, runtime=runtime)
 
 
