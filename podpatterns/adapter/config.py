@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from podpatterns.adapter.scrapeconf import ScrapeConfig, scrapes_from_file
 from podpatterns.adapter.statsdmap import DEFAULT_BUCKETS, StatsdMapping, mappings_from_file
 from podpatterns.errors import ConfigError
 from podpatterns.options import (
@@ -892,6 +893,7 @@ class AdapterConfig(SinkSettings):
     statsd_buckets: tuple[float, ...] = DEFAULT_BUCKETS
     statsd_max_series: int = 1000
     statsd_mappings: tuple[StatsdMapping, ...] = ()
+    scrape: tuple[ScrapeConfig, ...] = ()
     parse: str = "raw"
     regex: re.Pattern[str] | None = None
     on_parse_error: str = "raw"
@@ -923,7 +925,7 @@ class AdapterConfig(SinkSettings):
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     def __post_init__(self) -> None:
-        if not self.path and not self.pushed_inputs and not self.statsd:
+        if not self.path and not self.pushed_inputs and not self.statsd and not self.scrape:
             raise ConfigError(
                 "--path: missing (give a glob, e.g. --path '/var/log/app/*.log', or an input "
                 "over localhost such as --http-listen 127.0.0.1:4318)"
@@ -1162,6 +1164,7 @@ def build(
     file = dict(file)
     sinks_raw = file.pop("sinks", None)
     mappings_raw = file.pop("statsd_mappings", None)
+    scrape_raw = file.pop("scrape", None)
     values = resolve_with_file(ADAPTER_OPTIONS, flags, env, file, file_label)
     runtime = RuntimeConfig.from_values(values)
     own = {o.name: values[o.name] for o in ADAPTER_ONLY_OPTIONS}
@@ -1174,6 +1177,8 @@ def build(
         own["sink"] = tuple(s.kind for s in own["sinks"])
     if mappings_raw is not None:
         own["statsd_mappings"] = mappings_from_file(mappings_raw, file_label)
+    if scrape_raw is not None:
+        own["scrape"] = scrapes_from_file(scrape_raw, file_label)
     return AdapterConfig(**own, runtime=runtime)
 
 

@@ -57,6 +57,7 @@ from podpatterns.adapter.multiline import PRESETS, Grouper
 from podpatterns.adapter.parse import Parser, get_parser
 from podpatterns.adapter.reader import Reader
 from podpatterns.adapter.records import Record, RecordParser
+from podpatterns.adapter.scrape import JsonScraper
 from podpatterns.adapter.ship import Lane, Shipment, build_sink, dead_letter_failed
 from podpatterns.adapter.sinks import DeadLetter, Sink
 from podpatterns.adapter.spool import Spool
@@ -165,6 +166,7 @@ class Adapter:
         self._lane_moved = asyncio.Event()
         self._unready_reason: str | None = None
         self.inputs: list[Input] = list(build_inputs(config) if inputs is None else inputs)
+        self.scraper = JsonScraper(config.scrape)
         self.statsd: StatsdServer | None = None
         if config.statsd:
             metrics_store = StatsdMetrics(
@@ -328,6 +330,8 @@ class Adapter:
             self._tasks.spawn(self.spool.run(), "adapter-spool-write", may_return=True)
             self._tasks.spawn(self._spool_loop(self.spool), "adapter-spool-read", may_return=True)
         self._tasks.spawn(self._send_loop(), "adapter-send", may_return=True)
+        for target in self.scraper.targets:
+            self._tasks.spawn(self.scraper.run(target), f"adapter-scrape-{target.config.name}")
         for lane in self.lanes:
             self._tasks.spawn(self._lane_loop(lane), f"adapter-sink-{lane.name}", may_return=True)
         # Bound last: a peer is answered only once everything behind the input runs.
@@ -754,7 +758,9 @@ class Adapter:
                     spool=self.spool,
                     inputs=self._counted(),
                 )
+                + self.scraper.families()
             ),
+            self.scraper,
             *([self.statsd.metrics] if self.statsd else []),
         ]
 
