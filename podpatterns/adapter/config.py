@@ -306,6 +306,30 @@ PUSH_OPTIONS: tuple[Option[Any], ...] = (
         "size at which a spool segment file is closed (deleted once acknowledged)",
         metavar="SIZE",
     ),
+    # -- Fluent forward inputs (podpatterns/adapter/inputs/forward.py) --
+    _a(
+        "forward_listen",
+        parse_local_bind,
+        None,
+        "accept the Fluent forward protocol (fluent-logger, Fluentd, Fluent Bit) on "
+        "HOST:PORT, e.g. 127.0.0.1:24224; a bare PORT binds 127.0.0.1 (needs the fluent extra)",
+        metavar="HOST:PORT",
+    ),
+    _a(
+        "forward_unix",
+        parse_path,
+        None,
+        "unix stream socket to accept the Fluent forward protocol on (mode 0666)",
+        metavar="PATH",
+    ),
+    _a(
+        "forward_max_message",
+        parse_size,
+        8 * 1024 * 1024,
+        "largest forward message, compressed or once decompressed (a larger one closes "
+        "its connection); keep Fluentd's chunk_limit_size below it",
+        metavar="SIZE",
+    ),
     # -- syslog inputs (podpatterns/adapter/inputs/syslog.py) --
     _a(
         "syslog_unix",
@@ -831,6 +855,9 @@ class AdapterConfig(SinkSettings):
     spool_dir: Path | None = None
     spool_max_bytes: int = 256 * 1024 * 1024
     spool_segment_bytes: int = 16 * 1024 * 1024
+    forward_listen: HostPort | None = None
+    forward_unix: Path | None = None
+    forward_max_message: int = 8 * 1024 * 1024
     syslog_unix: Path | None = None
     syslog_unix_stream: Path | None = None
     syslog_tcp: HostPort | None = None
@@ -873,6 +900,7 @@ class AdapterConfig(SinkSettings):
             )
         self._check_spool()
         self._check_syslog()
+        self._check_forward()
         if self.parse == "regex" and self.regex is None:
             raise ConfigError("--regex: missing (--parse regex needs a pattern with named groups)")
         if self.regex is not None and not self.regex.groupindex:
@@ -925,6 +953,8 @@ class AdapterConfig(SinkSettings):
             ("--syslog-unix-stream", self.syslog_unix_stream),
             ("--syslog-tcp", self.syslog_tcp),
             ("--syslog-udp", self.syslog_udp),
+            ("--forward-listen", self.forward_listen),
+            ("--forward-unix", self.forward_unix),
         )
         return tuple(flag for flag, value in listens if value is not None)
 
@@ -963,6 +993,32 @@ class AdapterConfig(SinkSettings):
             raise ConfigError(
                 f"--tcp-listen: {http} is --http-listen's address too (choose another port)"
             )
+
+    def _check_forward(self) -> None:
+        if self.forward_listen is None and self.forward_unix is None:
+            return
+        flag = "--forward-listen" if self.forward_listen is not None else "--forward-unix"
+        from podpatterns.adapter.inputs.forward import msgpack_available
+
+        if not msgpack_available():
+            raise ConfigError(
+                f"{flag}: the Fluent forward input needs the msgpack package "
+                "(pip install 'podpatterns[fluent]')"
+            )
+        if not 64 * 1024 <= self.forward_max_message <= 256 * 1024 * 1024:
+            raise ConfigError(
+                f"--forward-max-message: {self.forward_max_message} is out of range "
+                "(64KiB to 256MiB)"
+            )
+        fwd = self.forward_listen
+        for other, value in (
+            ("--http-listen", self.http_listen),
+            ("--tcp-listen", self.tcp_listen),
+        ):
+            if fwd is not None and fwd.port and fwd == value:
+                raise ConfigError(
+                    f"--forward-listen: {fwd} is {other}'s address too (choose another port)"
+                )
 
     def _check_syslog(self) -> None:
         if not 480 <= self.syslog_max_message <= 16 * 1024 * 1024:
