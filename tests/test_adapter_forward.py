@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gzip
+import importlib.util
 import logging
 import random
 import signal
@@ -14,7 +15,7 @@ import socket
 import threading
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -352,6 +353,11 @@ async def test_bad_input_is_counted_and_closes_the_connection(
     del reason  # the reason is checked in the event test below, for two of them
 
 
+def reason_is(reason: str) -> Callable[[dict[str, Any]], bool]:
+    """An event filter: its ``reason`` contains ``reason``."""
+    return lambda e: reason in str(e["reason"])
+
+
 async def test_bad_message_event_names_the_reason(tmp_path: Path) -> None:
     """The adapter process logs forward_bad_message with the reason, never a traceback,
     and stays alive."""
@@ -381,7 +387,7 @@ async def test_bad_message_event_names_the_reason(tmp_path: Path) -> None:
             with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
                 s.sendall(data)
                 assert s.recv(100) == b""  # closed by the adapter
-            ev = p.wait_event("forward_bad_message", lambda e, r=reason: r in str(e["reason"]))
+            ev = p.wait_event("forward_bad_message", reason_is(reason))
             assert ev["input"] == "forward"
         with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
             s.sendall(packb(["t", SECONDS, {"message": "alive"}, {"chunk": "z"}]))
@@ -446,9 +452,18 @@ def test_a_bare_port_binds_loopback() -> None:
 def test_missing_fluent_extra_is_a_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
     """Without msgpack (the fluent extra; its absence is simulated) --forward-listen is
     refused naming the extra."""
-    monkeypatch.setattr(forward, "msgpack_available", lambda: False)
+    real_find_spec = importlib.util.find_spec
+
+    def find_spec(name: str, *args: Any) -> Any:
+        return None if name == "msgpack" else real_find_spec(name, *args)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
     with pytest.raises(ConfigError, match=r"--forward-listen: .*podpatterns\[fluent\]"):
         AdapterConfig(forward_listen=LOCAL, spool_dir=Path("/s"))
+    with pytest.raises(ConfigError, match=r"--forward-unix: .*podpatterns\[fluent\]"):
+        AdapterConfig(forward_unix=Path("/s/f.sock"), spool_dir=Path("/s"))
+    monkeypatch.undo()
+    monkeypatch.setattr(forward, "msgpack_available", lambda: False)
     with pytest.raises(ConfigError, match=r"podpatterns\[fluent\]"):
         ForwardInput(LOCAL)
 

@@ -824,6 +824,21 @@ def _need_otlp(where: str) -> None:
         )
 
 
+def _need_fluent(flag: str) -> None:
+    """The forward input's msgpack decoder is an optional extra: say how to install it."""
+    import importlib.util
+
+    try:
+        found = importlib.util.find_spec("msgpack") is not None
+    except ModuleNotFoundError:
+        found = False
+    if not found:
+        raise ConfigError(
+            f"{flag}: the Fluent forward input needs the msgpack package "
+            "(pip install 'podpatterns[fluent]')"
+        )
+
+
 @dataclass(frozen=True, kw_only=True)
 class AdapterConfig(SinkSettings):
     """Everything the adapter needs, validated on construction.
@@ -998,13 +1013,7 @@ class AdapterConfig(SinkSettings):
         if self.forward_listen is None and self.forward_unix is None:
             return
         flag = "--forward-listen" if self.forward_listen is not None else "--forward-unix"
-        from podpatterns.adapter.inputs.forward import msgpack_available
-
-        if not msgpack_available():
-            raise ConfigError(
-                f"{flag}: the Fluent forward input needs the msgpack package "
-                "(pip install 'podpatterns[fluent]')"
-            )
+        _need_fluent(flag)
         if not 64 * 1024 <= self.forward_max_message <= 256 * 1024 * 1024:
             raise ConfigError(
                 f"--forward-max-message: {self.forward_max_message} is out of range "

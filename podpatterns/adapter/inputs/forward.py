@@ -47,6 +47,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import importlib
+import importlib.util
 import os
 import socket
 import time
@@ -86,10 +88,14 @@ RESERVED = frozenset({"tag", "timestamp", "input"})
 """Fields the input sets; a record's own are kept under ``record.KEY``."""
 
 
+def _msgpack() -> Any:
+    """The ``msgpack`` module, imported on first use (it ships no type information, so it
+    is typed ``Any`` here and the package type-checks without it)."""
+    return importlib.import_module("msgpack")
+
+
 def msgpack_available() -> bool:
     """True when the ``msgpack`` package (the ``fluent`` extra) can be imported."""
-    import importlib.util
-
     try:
         return importlib.util.find_spec("msgpack") is not None
     except ModuleNotFoundError:  # pragma: no cover - a parent package missing
@@ -126,7 +132,7 @@ class _Time:
 
 
 def _ext_hook(code: int, data: bytes) -> Any:
-    import msgpack
+    msgpack = _msgpack()
 
     if code == 0 and len(data) == 8:
         return _Time(int.from_bytes(data[:4]) * 1_000_000_000 + int.from_bytes(data[4:]))
@@ -134,7 +140,7 @@ def _ext_hook(code: int, data: bytes) -> Any:
 
 
 def _unpacker(max_buffer: int, unicode_errors: str) -> Any:
-    import msgpack
+    msgpack = _msgpack()
 
     return msgpack.Unpacker(
         raw=False,
@@ -295,7 +301,7 @@ def _packed(data: bytes, limit: int) -> Iterator[Any]:
     """The ``[time, record]`` entries of a PackedForward stream."""
     if not data:
         return
-    import msgpack
+    msgpack = _msgpack()
 
     unpacker = _unpacker(max(len(data), 1), "replace")
     unpacker.feed(data)
@@ -442,7 +448,7 @@ class ForwardInput:
         self._reading[task] = True
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        import msgpack
+        msgpack = _msgpack()
 
         spool = self._spool
         assert spool is not None
@@ -495,7 +501,7 @@ class ForwardInput:
 
     async def _messages(self, unpacker: Any, conn: _Connection) -> bool:
         """Decode and stage the complete messages fed so far; False after a bad one."""
-        import msgpack
+        msgpack = _msgpack()
 
         c = self.counters
         start = unpacker.tell()
@@ -604,7 +610,7 @@ class _Connection:
 
     async def flush(self) -> None:
         """Append what is pending, then acknowledge the chunks that were complete."""
-        import msgpack
+        msgpack = _msgpack()
 
         if self.pending:
             records, self.pending = self.pending, []
