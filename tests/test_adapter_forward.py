@@ -21,6 +21,7 @@ from typing import Any
 
 import msgpack
 import pytest
+import structlog
 from fluent import handler as fluent_handler
 from fluent import sender as fluent_sender
 
@@ -291,6 +292,14 @@ async def test_backpressure_pauses_the_client_nothing_lost(spool: MemorySpool) -
 
 # -- bad input ------------------------------------------------------------------------------
 
+
+def _deep(n: int) -> Any:
+    v: Any = 0
+    for _ in range(n):
+        v = [v]
+    return v
+
+
 BAD = [
     pytest.param(b"GET / HTTP/1.1\r\n\r\n", "not a forward message", id="http-garbage"),
     pytest.param(b"\xc1\xc1\xc1", "not msgpack", id="invalid-msgpack"),
@@ -302,6 +311,14 @@ BAD = [
     pytest.param(packb(["t", [[SECONDS]]]), "entry is not [time, record]", id="short-entry"),
     pytest.param(packb(["t", [["noon", {}]]]), "event time is a str", id="str-time"),
     pytest.param(packb(["t", SECONDS, {}, "opt"]), "option is a str", id="option-not-map"),
+    pytest.param(packb(["t", float("nan"), {}]), "event time nan is out of range", id="nan-time"),
+    pytest.param(packb(["t", 1e300, {}]), "out of range", id="huge-time"),
+    pytest.param(packb(["t", 2**63, {}]), "out of range", id="huge-int-time"),
+    pytest.param(
+        packb(["t", SECONDS, {"deep": _deep(500)}]),
+        "nested deeper",
+        id="deep",
+    ),
     pytest.param(packb(["t", [[SECONDS, {}]], {"size": 2}]), "option size is 2", id="size"),
     pytest.param(
         packb(["t", b"not gzip", {"compressed": "gzip"}]), "compressed entries", id="bad-gzip"
@@ -329,28 +346,31 @@ BAD = [
 async def test_bad_input_is_counted_and_closes_the_connection(
     spool: MemorySpool, data: bytes, reason: str
 ) -> None:
-    """A bad message closes its connection with a ``forward_bad_message`` event and is
-    counted; the good message before it is stored and acknowledged, nothing of the bad
-    one is, and the input goes on serving new connections."""
-    inp = ForwardInput(LOCAL, max_message=64 * 1024)
+    """A bad message closes its connection with a ``forward_bad_message`` event naming
+    the reason, and is counted; the good message before it is stored and acknowledged,
+    nothing of the bad one is, and the input goes on serving new connections."""
     good = packb(["t", SECONDS, {"message": "before"}, {"chunk": "ok"}])
-    async with started(inp, spool):
-        async with connected(inp) as (reader, writer):
-            writer.write(good + data)
-            with contextlib.suppress(OSError):  # the server may close before it all left
+    with structlog.testing.capture_logs() as logs:
+        inp = ForwardInput(LOCAL, max_message=64 * 1024)
+        async with started(inp, spool):
+            async with connected(inp) as (reader, writer):
+                writer.write(good + data)
+                with contextlib.suppress(OSError):  # the server may close before it all left
+                    await writer.drain()
+                answered = await closed_by_server(reader)
+            assert msgpack.unpackb(answered) == {"ack": "ok"}
+            assert inp.counters.bad_messages == 1
+            assert [r["message"] for r in spool.records] == ["before"]
+            async with connected(inp) as (reader, writer):
+                writer.write(packb(["t", SECONDS, {"message": "after"}, {"chunk": "2"}]))
                 await writer.drain()
-            answered = await closed_by_server(reader)
-        assert msgpack.unpackb(answered) == {"ack": "ok"}
-        assert inp.counters.bad_messages == 1
-        assert [r["message"] for r in spool.records] == ["before"]
-        async with connected(inp) as (reader, writer):
-            writer.write(packb(["t", SECONDS, {"message": "after"}, {"chunk": "2"}]))
-            await writer.drain()
-            assert await acks(reader, 1) == [{"ack": "2"}]
-        assert inp.is_live()
+                assert await acks(reader, 1) == [{"ack": "2"}]
+            assert inp.is_live()
     assert [r["message"] for r in spool.records] == ["before", "after"]
     assert inp.counters.acks == 2
-    del reason  # the reason is checked in the event test below, for two of them
+    [bad] = [e for e in logs if e["event"] == "forward_bad_message"]
+    assert reason in bad["reason"] and bad["input"] == "forward"
+    assert not [e for e in logs if e["event"] == "task_died"]
 
 
 def reason_is(reason: str) -> Callable[[dict[str, Any]], bool]:

@@ -84,6 +84,8 @@ APPEND_RECORDS = 2000
 decoded and appended in slices, so memory stays bounded)."""
 CLOSE_TIMEOUT = 10.0
 """Seconds close() waits for appends in flight before cancelling them."""
+MAX_DEPTH = 100
+"""Deepest nesting of maps and arrays kept in a record (deeper: a bad message)."""
 RESERVED = frozenset({"tag", "timestamp", "input"})
 """Fields the input sets; a record's own are kept under ``record.KEY``."""
 
@@ -133,7 +135,6 @@ class _Time:
 
 def _ext_hook(code: int, data: bytes) -> Any:
     msgpack = _msgpack()
-
     if code == 0 and len(data) == 8:
         return _Time(int.from_bytes(data[:4]) * 1_000_000_000 + int.from_bytes(data[4:]))
     return msgpack.ExtType(code, data)
@@ -141,7 +142,6 @@ def _ext_hook(code: int, data: bytes) -> Any:
 
 def _unpacker(max_buffer: int, unicode_errors: str) -> Any:
     msgpack = _msgpack()
-
     return msgpack.Unpacker(
         raw=False,
         unicode_errors=unicode_errors,
@@ -163,17 +163,25 @@ def _text(s: str) -> str:
     return s
 
 
-def _plain(v: Any) -> Any:
-    """``v`` as a value JSON can hold (str keys; bytes and ext types as text)."""
+def _plain(v: Any, depth: int = 0) -> Any:
+    """``v`` as a value JSON can hold (str keys; bytes and ext types as text).
+
+    Raises:
+        BadMessage: nested deeper than :data:`MAX_DEPTH`.
+    """
     t = type(v)
     if t is str:
         return _text(v)
     if t is int or t is float or t is bool or v is None:
         return v
-    if t is dict:
-        return {_key(k): _plain(x) for k, x in v.items()}
-    if t is list:
-        return [_plain(x) for x in v]
+    if t is dict or t is list:
+        # msgpack nests up to 1024 levels; Python's recursion (here and in the spool's
+        # JSON encoder) would fail before that.
+        if depth >= MAX_DEPTH:
+            raise BadMessage(f"record nested deeper than {MAX_DEPTH} levels")
+        if t is dict:
+            return {_key(k): _plain(x, depth + 1) for k, x in v.items()}
+        return [_plain(x, depth + 1) for x in v]
     if t is bytes:
         return v.decode("utf-8", "replace")
     if t is _Time:
@@ -200,6 +208,8 @@ def _timestamp(t: Any) -> str:
     elif type(t) is int:
         nanos = t * 1_000_000_000
     elif type(t) is float:
+        if not -1e12 < t < 1e12:  # NaN too
+            raise BadMessage(f"event time {t} is out of range")
         nanos = round(t * 1e9)
     elif t is None:
         nanos = 0
@@ -297,12 +307,11 @@ def _gunzip(data: bytes, limit: int) -> bytes:
     return b"".join(out)
 
 
-def _packed(data: bytes, limit: int) -> Iterator[Any]:
+def _packed(data: bytes) -> Iterator[Any]:
     """The ``[time, record]`` entries of a PackedForward stream."""
     if not data:
         return
     msgpack = _msgpack()
-
     unpacker = _unpacker(max(len(data), 1), "replace")
     unpacker.feed(data)
     try:
@@ -340,7 +349,7 @@ def _records(m: _Message, max_message: int) -> Iterator[Record]:
         if type(entries) is bytes:
             if m.option.get("compressed") == "gzip":
                 entries = _gunzip(entries, max_message)
-            entries = _packed(entries, max_message)
+            entries = _packed(entries)
         count = 0
         for entry in entries:
             if type(entry) is not list or len(entry) != 2:
@@ -449,7 +458,6 @@ class ForwardInput:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         msgpack = _msgpack()
-
         spool = self._spool
         assert spool is not None
         task = asyncio.current_task()
@@ -488,8 +496,7 @@ class ForwardInput:
                 try:
                     unpacker.feed(data)
                 except msgpack.BufferFull:
-                    await conn.flush()
-                    self._bad(conn, f"message larger than {self.max_message} bytes")
+                    await self._bad(conn, f"message larger than {self.max_message} bytes")
                     break
                 if not await self._messages(unpacker, conn):
                     break
@@ -502,12 +509,19 @@ class ForwardInput:
     async def _messages(self, unpacker: Any, conn: _Connection) -> bool:
         """Decode and stage the complete messages fed so far; False after a bad one."""
         msgpack = _msgpack()
-
         c = self.counters
         start = unpacker.tell()
-        try:
-            for msg in unpacker:
-                end = unpacker.tell()
+        while True:
+            try:
+                msg = next(unpacker)
+            except StopIteration:  # the rest of what was fed is an incomplete message
+                return True
+            except (ValueError, TypeError, msgpack.UnpackException) as exc:
+                # Not msgpack (msgpack's limits, derived from the buffer's, included).
+                await self._bad(conn, f"not msgpack: {exc or type(exc).__name__}")
+                return False
+            end = unpacker.tell()
+            try:
                 if end - start > self.max_message:
                     raise BadMessage(f"message larger than {self.max_message} bytes")
                 start = end
@@ -521,22 +535,18 @@ class ForwardInput:
                         conn.pending += staged
                         staged = []
                         await conn.flush()
-                conn.pending += staged
-                c.messages += 1
-                if chunk is not None:
-                    conn.acks.append(chunk)
-        except BadMessage as exc:
-            await conn.flush()
-            self._bad(conn, str(exc))
-            return False
-        except (ValueError, TypeError, msgpack.UnpackException) as exc:
-            await conn.flush()
-            self._bad(conn, f"not msgpack: {exc or type(exc).__name__}")
-            return False
-        return True
+            except BadMessage as exc:
+                await self._bad(conn, str(exc))
+                return False
+            conn.pending += staged
+            c.messages += 1
+            if chunk is not None:
+                conn.acks.append(chunk)
 
-    def _bad(self, conn: _Connection, reason: str) -> None:
-        """Count and log a bad message (its connection is then closed)."""
+    async def _bad(self, conn: _Connection, reason: str) -> None:
+        """Store and acknowledge the good messages before a bad one, then count and log
+        it (its connection is then closed)."""
+        await conn.flush()
         self.counters.bad_messages += 1
         self._log.warning("forward_bad_message", input=self.name, reason=reason[:200])
 
@@ -611,7 +621,6 @@ class _Connection:
     async def flush(self) -> None:
         """Append what is pending, then acknowledge the chunks that were complete."""
         msgpack = _msgpack()
-
         if self.pending:
             records, self.pending = self.pending, []
             if not await self.owner.append(records):
