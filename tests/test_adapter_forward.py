@@ -162,8 +162,9 @@ async def test_fluent_logger_over_a_unix_socket(tmp_path: Path, spool: MemorySpo
 
 async def test_every_mode_is_decoded_and_acknowledged(spool: MemorySpool) -> None:
     """Message, Forward, PackedForward (bin and str) and CompressedPackedForward (two gzip
-    members, as Fluentd concatenates them) with EventTime, integer and float times: every
-    event is stored, and each chunk is answered ``{"ack": chunk}``."""
+    members, as Fluentd concatenates them) with EventTime, integer and float times, and
+    Fluent Bit's ``[[time, metadata], record]`` entries: every event is stored, and each
+    chunk is answered ``{"ack": chunk}``."""
     entries = [[event_time(SECONDS, NANOS), {"message": "p0"}], [SECONDS, {"message": "p1"}]]
     packed = b"".join(packb(e) for e in entries)
     messages = [
@@ -180,6 +181,8 @@ async def test_every_mode_is_decoded_and_acknowledged(spool: MemorySpool) -> Non
             {"chunk": "c4", "size": 2, "compressed": "gzip"},
         ],
         ["t.noack", SECONDS, {"message": "n"}],
+        # Fluent Bit 2.1+ with its event metadata: [[time, metadata], record].
+        ["t.meta", [[[event_time(SECONDS, 0), {"otlp": {"k": 1}}], {"message": "md"}]]],
     ]
     # A v0 client's PackedForward: the entries as a msgpack raw str, not a bin.
     v0 = msgpack.packb(["t.v0", packed, {"chunk": "c5"}], use_bin_type=False)
@@ -188,7 +191,7 @@ async def test_every_mode_is_decoded_and_acknowledged(spool: MemorySpool) -> Non
         await writer.drain()
         got = await acks(reader, 5)
         assert got == [{"ack": f"c{i}"} for i in range(1, 6)]
-        recs = await has(spool, 10)
+        recs = await has(spool, 11)
     by_tag = [(r["tag"], r["message"]) for r in recs]
     assert by_tag == [
         ("t.msg", "m"),
@@ -199,6 +202,7 @@ async def test_every_mode_is_decoded_and_acknowledged(spool: MemorySpool) -> Non
         ("t.gzip", "p0"),
         ("t.gzip", "p1"),
         ("t.noack", "n"),
+        ("t.meta", "md"),
         ("t.v0", "p0"),
         ("t.v0", "p1"),
     ]
@@ -206,7 +210,8 @@ async def test_every_mode_is_decoded_and_acknowledged(spool: MemorySpool) -> Non
     assert recs[2]["timestamp"] == "2026-12-02T08:00:00.500000000Z"
     assert recs[4]["timestamp"] == "2026-12-02T08:00:00.000000000Z"
     c = inp.collect()
-    assert (c["messages"], c["records"], c["acks"], c["bad_messages"]) == (6, 10, 5, 0)
+    assert recs[8]["metadata"] == {"otlp": {"k": 1}}
+    assert (c["messages"], c["records"], c["acks"], c["bad_messages"]) == (7, 11, 5, 0)
 
 
 async def test_values_json_cannot_hold_become_text(spool: MemorySpool) -> None:

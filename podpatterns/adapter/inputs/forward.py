@@ -15,7 +15,8 @@ CompressedPackedForward     the same, gzip-compressed, ``option.compressed == "g
 ==========================  ==========================================================
 
 ``time`` is an EventTime (msgpack ext type 0: seconds and nanoseconds), an integer
-(seconds) or a float; ``nil`` or 0 means "now", as for Fluentd. Each event becomes a
+(seconds) or a float; ``nil`` or 0 means "now", as for Fluentd; an entry's time may be
+``[time, metadata]`` (Fluent Bit 2.1+ event metadata, kept under ``metadata``). Each event becomes a
 record: the event's record with ``tag`` (the message's tag) and ``timestamp`` (RFC 3339,
 nanoseconds, UTC) added, the way the other inputs name them; a record's own ``tag``,
 ``timestamp`` or ``input`` is kept under ``record.KEY``. msgpack binary values become
@@ -354,7 +355,18 @@ def _records(m: _Message, max_message: int) -> Iterator[Record]:
         for entry in entries:
             if type(entry) is not list or len(entry) != 2:
                 raise BadMessage("entry is not [time, record]")
-            yield _event(tag, entry[0], entry[1])
+            t = entry[0]
+            if type(t) is list:
+                # Fluent Bit 2.1+ keeps the event's metadata: [[time, metadata], record].
+                if len(t) != 2 or type(t[1]) is not dict:
+                    raise BadMessage("entry time is not [time, metadata]")
+                t, metadata = t
+                rec = _event(tag, t, entry[1])
+                if metadata:
+                    rec.setdefault("metadata", _plain(metadata))
+                yield rec
+            else:
+                yield _event(tag, t, entry[1])
             count += 1
     size = m.option.get("size")
     if size is not None and size != count:
