@@ -1023,6 +1023,7 @@ class AdapterConfig(SinkSettings):
         for other, value in (
             ("--http-listen", self.http_listen),
             ("--tcp-listen", self.tcp_listen),
+            ("--syslog-tcp", self.syslog_tcp),
         ):
             if fwd is not None and fwd.port and fwd == value:
                 raise ConfigError(
