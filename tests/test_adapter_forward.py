@@ -245,6 +245,20 @@ async def test_values_json_cannot_hold_become_text(spool: MemorySpool) -> None:
     assert got["timestamp"][:4] >= "2026"
 
 
+async def test_invalid_utf8_in_strings_is_replaced(spool: MemorySpool) -> None:
+    """Strings (msgpack str) that are not UTF-8, in any mode, are stored with the bad bytes
+    replaced; valid non-ASCII text is kept as it is."""
+    # [tag, nil, {"bad": "\xffab", "ok": "é"}] by hand: msgpack libraries pack valid text only.
+    message = b"\x93\xa1t\xc0\x82\xa3bad\xa3\xffab\xa2ok\xa2\xc3\xa9"
+    packed = b"\x92\xc0\x81\xa3bad\xa3\xffab"  # one [nil, {"bad": "\xffab"}] entry
+    async with started(ForwardInput(LOCAL), spool) as inp, connected(inp) as (_, writer):
+        writer.write(message + packb(["p", packed]))
+        await writer.drain()
+        first, second = await has(spool, 2)
+    assert first["bad"] == "\ufffdab" and first["ok"] == "é"
+    assert second["bad"] == "\ufffdab" and second["tag"] == "p"
+
+
 async def test_ack_only_after_the_events_are_stored(spool: MemorySpool) -> None:
     """While the spool is full nothing is read and nothing acknowledged; once there is
     space the events are stored, and only then is the chunk acknowledged."""

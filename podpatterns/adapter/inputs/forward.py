@@ -224,10 +224,33 @@ def _timestamp(t: Any) -> str:
         raise BadMessage(str(exc)) from None
 
 
-def _event(tag: str, t: Any, record: Any) -> Record:
+_SIMPLE = frozenset({str, int, float, bool, type(None)})
+
+
+def _event(tag: str, t: Any, record: Any, valid_text: bool) -> Record:
+    """The record of one event (``record`` is reused when it needs no conversion).
+
+    Args:
+        valid_text: the record's strings were decoded with ``replace`` (no surrogates).
+    """
     if type(record) is not dict:
         raise BadMessage(f"record is a {type(record).__name__} (a map expected)")
-    rec: Record = {}
+    # The common case, checked in one pass: text keys, plain values.
+    for k, v in record.items():
+        tv = type(v)
+        if type(k) is not str or tv not in _SIMPLE or not (valid_text or k.isascii()):
+            break
+        if tv is str and not valid_text and not v.isascii():
+            break
+    else:
+        rec: Record = record
+        if "tag" in rec or "timestamp" in rec or "input" in rec:
+            for key in RESERVED & rec.keys():
+                rec["record." + key] = rec.pop(key)
+        rec["tag"] = tag
+        rec["timestamp"] = _timestamp(t)
+        return rec
+    rec = {}
     for k, v in record.items():
         key = _key(k)
         rec["record." + key if key in RESERVED else key] = _plain(v)
@@ -341,10 +364,11 @@ def decode_message(msg: Any, max_message: int) -> tuple[Iterator[Record], str | 
 def _records(m: _Message, max_message: int) -> Iterator[Record]:
     tag = m.tag
     if m.entries is None:
-        yield _event(tag, m.time, m.record)
+        yield _event(tag, m.time, m.record, False)
         count = 1
     else:
         entries = m.entries
+        valid_text = type(entries) is not list  # decoded apart, with "replace"
         if type(entries) is str:  # v0 clients send the packed stream as a raw str
             entries = entries.encode("utf-8", "surrogateescape")
         if type(entries) is bytes:
@@ -361,12 +385,12 @@ def _records(m: _Message, max_message: int) -> Iterator[Record]:
                 if len(t) != 2 or type(t[1]) is not dict:
                     raise BadMessage("entry time is not [time, metadata]")
                 t, metadata = t
-                rec = _event(tag, t, entry[1])
+                rec = _event(tag, t, entry[1], valid_text)
                 if metadata:
                     rec.setdefault("metadata", _plain(metadata))
                 yield rec
             else:
-                yield _event(tag, t, entry[1])
+                yield _event(tag, t, entry[1], valid_text)
             count += 1
     size = m.option.get("size")
     if size is not None and size != count:
