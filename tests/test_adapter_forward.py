@@ -14,6 +14,7 @@ import signal
 import socket
 import threading
 import time
+import urllib.request
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from io import BytesIO
@@ -28,6 +29,7 @@ from fluent import sender as fluent_sender
 
 from podpatterns.adapter import AdapterConfig
 from podpatterns.adapter.inputs import forward
+from podpatterns.adapter.pipeline import build_inputs
 from podpatterns.adapter.inputs.forward import READ_CHUNK, ForwardInput
 from podpatterns.errors import ConfigError
 from podpatterns.options import HostPort
@@ -426,9 +428,9 @@ def reason_is(reason: str) -> Callable[[dict[str, Any]], bool]:
     return lambda e: reason in str(e["reason"])
 
 
-async def test_bad_message_event_names_the_reason(tmp_path: Path) -> None:
+def test_the_adapter_process_logs_bad_messages_and_counts_on_metrics(tmp_path: Path) -> None:
     """The adapter process logs forward_bad_message with the reason, never a traceback,
-    and stays alive."""
+    stays alive, and its /metrics counts bad messages, records and acks per input."""
     p = Proc(
         "adapter",
         "--forward-listen",
@@ -438,7 +440,7 @@ async def test_bad_message_event_names_the_reason(tmp_path: Path) -> None:
         "--forward-max-message",
         "64KiB",
         "--admin",
-        "off",
+        "127.0.0.1:0",
         "--shutdown-delay",
         "0",
         "--sink",
@@ -454,13 +456,22 @@ async def test_bad_message_event_names_the_reason(tmp_path: Path) -> None:
         ):
             with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
                 s.sendall(data)
-                assert s.recv(100) == b""  # closed by the adapter
+                with contextlib.suppress(ConnectionResetError):  # closed with bytes unread
+                    assert s.recv(100) == b""  # closed by the adapter
             ev = p.wait_event("forward_bad_message", reason_is(reason))
             assert ev["input"] == "forward"
         with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
             s.sendall(packb(["t", SECONDS, {"message": "alive"}, {"chunk": "z"}]))
             assert msgpack.unpackb(s.recv(100)) == {"ack": "z"}
         wait_until(lambda: len(read_ndjson(tmp_path / "out.ndjson")) == 1, "the good event")
+        with urllib.request.urlopen(p.admin_url() + "/metrics", timeout=5) as resp:
+            metrics = resp.read().decode()
+        for event, value in (("bad_messages", 2), ("acks", 1), ("records", 1)):
+            line = (
+                f'podpatterns_adapter_input_events_total{{event="{event}",input="forward"}} '
+                f"{value:.1f}"
+            )
+            assert line in metrics, [m for m in metrics.splitlines() if "input_events" in m]
         p.signal(signal.SIGTERM)
         assert p.wait(30) == 0
     finally:
@@ -506,6 +517,20 @@ def test_bad_forward_options_are_one_line_exit_2(args: tuple[str, ...], want: st
     assert done.returncode == 2, outputs(done)
     assert want in done.stderr and "Traceback" not in done.stderr, outputs(done)
     assert len(done.stderr.strip().splitlines()) == 1, outputs(done)
+
+
+def test_both_listeners_from_the_config() -> None:
+    """``--forward-listen`` and ``--forward-unix`` are two inputs, named apart (their
+    records' ``input`` and their metrics' label)."""
+    cfg = AdapterConfig(
+        forward_listen=LOCAL,
+        forward_unix=Path("/run/fluent.sock"),
+        forward_max_message=1024 * 1024,
+        spool_dir=Path("/s"),
+    )
+    inputs = build_inputs(cfg)
+    assert [i.name for i in inputs] == ["forward", "forward_unix"]
+    assert all(isinstance(i, ForwardInput) and i.max_message == 1024 * 1024 for i in inputs)
 
 
 def test_a_bare_port_binds_loopback() -> None:
