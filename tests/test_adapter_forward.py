@@ -29,8 +29,8 @@ from fluent import sender as fluent_sender
 
 from podpatterns.adapter import AdapterConfig
 from podpatterns.adapter.inputs import forward
-from podpatterns.adapter.pipeline import build_inputs
 from podpatterns.adapter.inputs.forward import READ_CHUNK, ForwardInput
+from podpatterns.adapter.pipeline import build_inputs
 from podpatterns.errors import ConfigError
 from podpatterns.options import HostPort
 from tests.adapter_harness import ListSink, read_ndjson, running
