@@ -35,6 +35,7 @@ from podpatterns.errors import ConfigError
 from podpatterns.options import HostPort
 from tests.adapter_harness import ListSink, read_ndjson, running
 from tests.proc import Proc, outputs, run
+from tests.test_adapter_inputs_http import delivered
 from tests.test_adapter_syslog import MemorySpool, has, started
 from tests.waiting import eventually, wait_until
 
@@ -638,11 +639,6 @@ class AckingSender:
         """Stop and wait for the thread."""
         self.stop.set()
         self.thread.join()
-
-
-def delivered(tmp: Path) -> list[int]:
-    """The numbers of the events in the sink's file."""
-    return [int(str(r["message"])[4:]) for r in read_ndjson(tmp / "out.ndjson")]
 
 
 @pytest.mark.parametrize("seed", [1, 2])

@@ -809,15 +809,19 @@ def _has_userinfo(url: str) -> bool:
     return "@" in urlsplit(url).netloc
 
 
-def _need_otlp(where: str) -> None:
-    """The OTLP sink's encoder is an optional extra: say how to install it, at startup."""
+def _installed(module: str) -> bool:
+    """True when ``module`` (of an optional extra) can be imported."""
     import importlib.util
 
     try:
-        found = importlib.util.find_spec("opentelemetry.proto") is not None
+        return importlib.util.find_spec(module) is not None
     except ModuleNotFoundError:
-        found = False
-    if not found:
+        return False
+
+
+def _need_otlp(where: str) -> None:
+    """The OTLP sink's encoder is an optional extra: say how to install it, at startup."""
+    if not _installed("opentelemetry.proto"):
         raise ConfigError(
             f"{where}--sink: otlp needs the opentelemetry-proto package "
             "(pip install 'podpatterns[otlp]')"
@@ -826,13 +830,7 @@ def _need_otlp(where: str) -> None:
 
 def _need_fluent(flag: str) -> None:
     """The forward input's msgpack decoder is an optional extra: say how to install it."""
-    import importlib.util
-
-    try:
-        found = importlib.util.find_spec("msgpack") is not None
-    except ModuleNotFoundError:
-        found = False
-    if not found:
+    if not _installed("msgpack"):
         raise ConfigError(
             f"{flag}: the Fluent forward input needs the msgpack package "
             "(pip install 'podpatterns[fluent]')"
