@@ -28,7 +28,10 @@ only once every event of it was appended to the spool (fsync'ed). That is what F
 acknowledged is sent again, so an acknowledged event is never lost (at least once, as
 the HTTP input's 200). Without ``chunk`` (fluent-logger-python) the guarantee is the TCP
 input's: an event is safe once appended, and the adapter reads no faster than the spool
-takes. ``option.size`` (the number of events) is checked against what was decoded.
+takes. ``option.size`` is the number of events by the specification, but
+fluent-logger-node sends the entries' byte length and Fluentd only takes it as a hint: a
+size that does not match the events decoded is counted (``size_mismatches``), never
+refused.
 
 Backpressure: a connection is read a chunk at a time; nothing more is read while the
 spool is full (the sender's writes block; it buffers or retries). A message that is not
@@ -121,6 +124,7 @@ class ForwardCounters:
     records: int = 0
     acks: int = 0
     bad_messages: int = 0
+    size_mismatches: int = 0
     paused: int = 0
     records_dropped: int = 0
 
@@ -296,9 +300,6 @@ def _shape(msg: Any) -> _Message:
     chunk = option.get("chunk")
     if chunk is not None and type(chunk) is not str:
         raise BadMessage("option chunk is not a string")
-    size = option.get("size")
-    if size is not None and (type(size) is not int or size < 0):
-        raise BadMessage("option size is not a non-negative integer")
     compressed = option.get("compressed")
     if compressed not in (None, "text", "gzip"):
         raise BadMessage(f"option compressed {compressed!r} (gzip or text expected)")
@@ -346,26 +347,26 @@ def _packed(data: bytes) -> Iterator[Any]:
         raise BadMessage("packed entries: truncated")
 
 
-def decode_message(msg: Any, max_message: int) -> tuple[Iterator[Record], str | None]:
-    """The records of one decoded forward message, and its ``chunk`` (None: no ack).
+def decode_message(msg: Any, max_message: int) -> tuple[Iterator[Record], str | None, int | None]:
+    """The records of one decoded forward message, its ``chunk`` (None: no ack) and its
+    ``size`` option (None: not given, or not an integer).
 
     The records are produced lazily (a PackedForward message is decoded entry by entry);
-    consuming them raises :class:`BadMessage` at the first bad entry, or when
-    ``option.size`` does not match.
+    consuming them raises :class:`BadMessage` at the first bad entry.
 
     Raises:
         BadMessage: the message's shape is wrong.
     """
     m = _shape(msg)
     chunk: str | None = m.option.get("chunk")
-    return _records(m, max_message), chunk
+    size = m.option.get("size")
+    return _records(m, max_message), chunk, size if type(size) is int else None
 
 
 def _records(m: _Message, max_message: int) -> Iterator[Record]:
     tag = m.tag
     if m.entries is None:
         yield _event(tag, m.time, m.record, False)
-        count = 1
     else:
         entries = m.entries
         valid_text = type(entries) is not list  # decoded apart, with "replace"
@@ -375,7 +376,6 @@ def _records(m: _Message, max_message: int) -> Iterator[Record]:
             if m.option.get("compressed") == "gzip":
                 entries = _gunzip(entries, max_message)
             entries = _packed(entries)
-        count = 0
         for entry in entries:
             if type(entry) is not list or len(entry) != 2:
                 raise BadMessage("entry is not [time, record]")
@@ -391,10 +391,6 @@ def _records(m: _Message, max_message: int) -> Iterator[Record]:
                 yield rec
             else:
                 yield _event(tag, t, entry[1], valid_text)
-            count += 1
-    size = m.option.get("size")
-    if size is not None and size != count:
-        raise BadMessage(f"option size is {size} but the message has {count} events")
 
 
 class ForwardInput:
@@ -561,11 +557,13 @@ class ForwardInput:
                 if end - start > self.max_message:
                     raise BadMessage(f"message larger than {self.max_message} bytes")
                 start = end
-                records, chunk = decode_message(msg, self.max_message)
+                records, chunk, size = decode_message(msg, self.max_message)
                 # A bad message stores nothing, unless it holds more than APPEND_RECORDS
                 # events: those before the bad one may then be stored (not acknowledged).
                 staged: list[Record] = []
+                events = 0
                 for rec in records:
+                    events += 1
                     staged.append(rec)
                     if len(staged) + len(conn.pending) >= APPEND_RECORDS:
                         conn.pending += staged
@@ -576,6 +574,8 @@ class ForwardInput:
                 return False
             conn.pending += staged
             c.messages += 1
+            if size is not None and size != events:
+                c.size_mismatches += 1
             if chunk is not None:
                 conn.acks.append(chunk)
 
