@@ -755,3 +755,26 @@ def test_sigkill_loses_no_acknowledged_chunk(tmp_path: Path, seed: int) -> None:
     assert want <= set(got)
     dupes = sum(c - 1 for c in got.values())
     assert dupes <= kills * BATCH, f"{dupes} duplicates"
+
+
+def test_sigterm_ships_every_acknowledged_event_and_exits_0(tmp_path: Path) -> None:
+    """After SIGTERM, with a client still connected, the adapter exits 0 and every event it
+    acknowledged is in the sink."""
+    p = adapter_proc(tmp_path)
+    try:
+        port = forward_port(p)
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+            unpacker = msgpack.Unpacker(raw=False)
+            for n in range(20):
+                entries = [[SECONDS, {"message": f"seq={n * 10 + i}"}] for i in range(10)]
+                s.sendall(packb(["t", entries, {"chunk": str(n)}]))
+                while not (answers := list(unpacker)):
+                    data = s.recv(4096)
+                    assert data, "closed before the ack"
+                    unpacker.feed(data)
+                assert answers == [{"ack": str(n)}]
+            p.signal(signal.SIGTERM)
+            assert p.wait(30) == 0
+    finally:
+        p.stop()
+    assert sorted(delivered(tmp_path)) == list(range(200))
