@@ -323,6 +323,30 @@ PUSH_OPTIONS: tuple[Option[Any], ...] = (
         "size at which a spool segment file is closed (deleted once acknowledged)",
         metavar="SIZE",
     ),
+    # -- Fluent forward inputs (podpatterns/adapter/inputs/forward.py) --
+    _a(
+        "forward_listen",
+        parse_local_bind,
+        None,
+        "accept the Fluent forward protocol (fluent-logger, Fluentd, Fluent Bit) on "
+        "HOST:PORT, e.g. 127.0.0.1:24224; a bare PORT binds 127.0.0.1 (needs the fluent extra)",
+        metavar="HOST:PORT",
+    ),
+    _a(
+        "forward_unix",
+        parse_path,
+        None,
+        "unix stream socket to accept the Fluent forward protocol on (mode 0666)",
+        metavar="PATH",
+    ),
+    _a(
+        "forward_max_message",
+        parse_size,
+        8 * 1024 * 1024,
+        "largest forward message, compressed or once decompressed (a larger one closes "
+        "its connection); keep Fluentd's chunk_limit_size below it",
+        metavar="SIZE",
+    ),
     # -- syslog inputs (podpatterns/adapter/inputs/syslog.py) --
     _a(
         "syslog_unix",
@@ -836,18 +860,31 @@ def _has_userinfo(url: str) -> bool:
     return "@" in urlsplit(url).netloc
 
 
-def _need_otlp(where: str) -> None:
-    """The OTLP sink's encoder is an optional extra: say how to install it, at startup."""
+def _installed(module: str) -> bool:
+    """True when ``module`` (of an optional extra) can be imported."""
     import importlib.util
 
     try:
-        found = importlib.util.find_spec("opentelemetry.proto") is not None
+        return importlib.util.find_spec(module) is not None
     except ModuleNotFoundError:
-        found = False
-    if not found:
+        return False
+
+
+def _need_otlp(where: str) -> None:
+    """The OTLP sink's encoder is an optional extra: say how to install it, at startup."""
+    if not _installed("opentelemetry.proto"):
         raise ConfigError(
             f"{where}--sink: otlp needs the opentelemetry-proto package "
             "(pip install 'podpatterns[otlp]')"
+        )
+
+
+def _need_fluent(flag: str) -> None:
+    """The forward input's msgpack decoder is an optional extra: say how to install it."""
+    if not _installed("msgpack"):
+        raise ConfigError(
+            f"{flag}: the Fluent forward input needs the msgpack package "
+            "(pip install 'podpatterns[fluent]')"
         )
 
 
@@ -882,6 +919,9 @@ class AdapterConfig(SinkSettings):
     spool_dir: Path | None = None
     spool_max_bytes: int = 256 * 1024 * 1024
     spool_segment_bytes: int = 16 * 1024 * 1024
+    forward_listen: HostPort | None = None
+    forward_unix: Path | None = None
+    forward_max_message: int = 8 * 1024 * 1024
     syslog_unix: Path | None = None
     syslog_unix_stream: Path | None = None
     syslog_tcp: HostPort | None = None
@@ -936,6 +976,7 @@ class AdapterConfig(SinkSettings):
             )
         self._check_spool()
         self._check_syslog()
+        self._check_forward()
         if self.parse == "regex" and self.regex is None:
             raise ConfigError("--regex: missing (--parse regex needs a pattern with named groups)")
         if self.regex is not None and not self.regex.groupindex:
@@ -988,6 +1029,8 @@ class AdapterConfig(SinkSettings):
             ("--syslog-unix-stream", self.syslog_unix_stream),
             ("--syslog-tcp", self.syslog_tcp),
             ("--syslog-udp", self.syslog_udp),
+            ("--forward-listen", self.forward_listen),
+            ("--forward-unix", self.forward_unix),
         )
         flags = tuple(flag for flag, value in listens if value is not None)
         return flags + tuple(f"source {name!r}" for name in self.sources)
@@ -1033,6 +1076,27 @@ class AdapterConfig(SinkSettings):
             raise ConfigError(
                 f"--tcp-listen: {http} is --http-listen's address too (choose another port)"
             )
+
+    def _check_forward(self) -> None:
+        if self.forward_listen is None and self.forward_unix is None:
+            return
+        flag = "--forward-listen" if self.forward_listen is not None else "--forward-unix"
+        _need_fluent(flag)
+        if not 64 * 1024 <= self.forward_max_message <= 256 * 1024 * 1024:
+            raise ConfigError(
+                f"--forward-max-message: {self.forward_max_message} is out of range "
+                "(64KiB to 256MiB)"
+            )
+        fwd = self.forward_listen
+        for other, value in (
+            ("--http-listen", self.http_listen),
+            ("--tcp-listen", self.tcp_listen),
+            ("--syslog-tcp", self.syslog_tcp),
+        ):
+            if fwd is not None and fwd.port and fwd == value:
+                raise ConfigError(
+                    f"--forward-listen: {fwd} is {other}'s address too (choose another port)"
+                )
 
     def _check_syslog(self) -> None:
         if not 480 <= self.syslog_max_message <= 16 * 1024 * 1024:

@@ -99,6 +99,10 @@ def build_inputs(config: AdapterConfig) -> list[Input]:
         from podpatterns.adapter.inputs.syslog import inputs_from_config
 
         inputs.extend(inputs_from_config(config))
+    if config.forward_listen is not None or config.forward_unix is not None:
+        from podpatterns.adapter.inputs import forward
+
+        inputs.extend(forward.inputs_from_config(config))
     return inputs
 
 
