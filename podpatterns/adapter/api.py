@@ -28,6 +28,7 @@ one raises :class:`~podpatterns.errors.ConfigError` naming it.
 
 from __future__ import annotations
 
+import asyncio
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Sequence
@@ -157,7 +158,8 @@ class Source(ABC):
 
     ``run`` gets ``emit``, which stores a list of records durably in the spool (waiting
     while the spool is full, so a fast source is paced by the sinks) and returns; from
-    then on the records are the pipeline's, shipped at least once even across a crash.
+    then on the records are the pipeline's, shipped at least once even across a crash. It
+    raises ``OSError`` when the spool cannot write them (disk full; nothing was stored).
     ``run`` may return (a finite source) or run until the pipeline closes it (it is
     cancelled then). If it raises, the error is logged and the adapter's ``/livez`` turns
     503.
@@ -190,6 +192,9 @@ class Source(ABC):
                 await spool.append(records, source=self.name)
             except SpoolFull:
                 await spool.wait_for_space()
+                # A stopping spool refuses at once without waiting: never spin without
+                # letting the event loop run (the pipeline cancels us meanwhile).
+                await asyncio.sleep(0)
                 continue
             self.records += len(records)
             return
@@ -380,6 +385,80 @@ def transform_chains(transforms: Sequence[BuiltinTransform | Transform]) -> list
 
 # -- the pipeline ------------------------------------------------------------------------
 
+# AdapterConfig fields an object of the pipeline stands for: given as settings, they would
+# clash with it (Files') or be ignored (the transforms', the inputs').
+_OF_FILES = frozenset(Files(paths=()).settings()) | frozenset(Multiline(preset="go").settings())
+_TRANSFORMS = frozenset(
+    {
+        "add_field",
+        "rename_field",
+        "drop_field",
+        "timestamp_field",
+        "redact",
+        "redact_regex",
+        "filter",
+        "exclude",
+        "sample",
+        "rate_limit",
+    }
+)
+_INPUTS = frozenset(
+    {
+        "http_listen",
+        "http_max_body",
+        "tcp_listen",
+        "syslog_unix",
+        "syslog_unix_stream",
+        "syslog_tcp",
+        "syslog_udp",
+        "syslog_socket_mode",
+        "syslog_max_message",
+    }
+)
+
+
+def _check_settings(settings: dict[str, Any]) -> None:
+    """Refuse the settings an object of the pipeline stands for, naming the object."""
+    for name in sorted(settings):
+        if name in _OF_FILES:
+            given = "" if name == "path" else f", {name}=..."
+            if name.startswith("multiline"):
+                given = ", multiline=Multiline(...)"
+            raise ConfigError(f"Pipeline: {name} is a setting of Files (Files(paths=[...]{given}))")
+        if name in _TRANSFORMS:
+            raise ConfigError(
+                f"Pipeline: {name} is a transform (give transforms=[Keep(...), Rename(...), ...])"
+            )
+        if name in _INPUTS:
+            raise ConfigError(
+                f"Pipeline: {name} is an input's setting (give the input object in sources, "
+                "e.g. HttpInput(...))"
+            )
+        if name == "regex":
+            raise ConfigError("Pipeline: regex: pass the compiled regex as parse=")
+
+
+def _is(obj: object, methods: tuple[str, ...]) -> bool:
+    return hasattr(obj, "name") and all(callable(getattr(obj, m, None)) for m in methods)
+
+
+def _check_items(sources: Sequence[object], sinks: Sequence[object]) -> None:
+    """Refuse a source or a sink that is neither of the kinds the pipeline takes."""
+    if isinstance(sources, str | Files) or isinstance(sinks, str | SinkConfig):
+        raise ConfigError("Pipeline: sources and sinks are lists (sources=[...], sinks=[...])")
+    for s in sources:
+        if not isinstance(s, Files) and not _is(s, ("start", "close", "is_live", "collect")):
+            raise ConfigError(
+                f"sources: {s!r} is neither Files, an input nor a Source "
+                "(Files(paths=[...]) tails files)"
+            )
+    for k in sinks:
+        if not isinstance(k, SinkConfig) and not _is(k, ("start", "send", "close", "collect")):
+            raise ConfigError(
+                f"sinks: {k!r} is neither a SinkConfig nor a sink "
+                "(SinkConfig(name=..., kind=...) or an object with the Sink methods)"
+            )
+
 
 class Pipeline(Adapter):
     """An adapter built from objects; run it like an ``Adapter`` (a runtime Component).
@@ -422,6 +501,8 @@ class Pipeline(Adapter):
         runtime: RuntimeConfig | None = None,
         **settings: Any,
     ) -> None:
+        _check_items(sources, sinks)
+        _check_settings(settings)
         files = [s for s in sources if isinstance(s, Files)]
         inputs: list[Input] = [s for s in sources if not isinstance(s, Files)]
         if len(files) > 1:
@@ -451,7 +532,7 @@ class Pipeline(Adapter):
             raise ConfigError(
                 f"parse: {parse!r} is neither a parser's name, a regex nor a function"
             )
-        unknown = sorted(set(settings) - {f.name for f in fields(AdapterConfig)} - {"regex"})
+        unknown = sorted(set(settings) - {f.name for f in fields(AdapterConfig)})
         if unknown:
             raise ConfigError(f"Pipeline: unknown setting {unknown[0]!r} (see AdapterConfig)")
         specs = tuple(s for s in sinks if isinstance(s, SinkConfig))
@@ -473,3 +554,21 @@ class Pipeline(Adapter):
             parser=parser,
             transforms=transform_chains(transforms),
         )
+        self._sources = [s for s in inputs if isinstance(s, Source)]
+
+    def cut(self) -> int:
+        """Stop reading and shipping now (the sources of your own too); return the batches
+        that were left."""
+        # With the spool's writer, a Source in emit() must stop: the stopped spool refuses
+        # its records at once, for ever.
+        for source in self._sources:
+            source._tasks.cancel()
+        return super().cut()
+
+    async def close(self) -> None:
+        """Cancel the sources of your own, then close as an ``Adapter`` does."""
+        # First: the adapter's close() stops the spool's writer before it closes the
+        # inputs, and a Source still emitting would then retry a refused append for ever.
+        for source in self._sources:
+            await source.close()
+        await super().close()
