@@ -340,3 +340,48 @@ def test_sample_of_a_record_whose_offset_is_not_a_number() -> None:
     """A source may carry its own ``offset`` (a Kafka-like one: a string); the chain raises
     ValueError out of the sender task, which ends the adapter (transform.py)."""
     assert len(apply([Sample(0.5)], [{"offset": "p0-17"}])) <= 1
+
+
+# -- a parser of our own ---------------------------------------------------------------------
+
+
+def raw(line: str) -> dict[str, Any] | None:
+    """A parser that happens to be called ``raw``."""
+    key, _, value = line.partition("=")
+    return {key: value} if value else None
+
+
+def sloppy(line: str) -> Any:
+    """A parser with a bug: returns the list it split instead of a dict, for some lines."""
+    return line.split() if " " in line else {"word": line}
+
+
+@pytest.mark.parametrize(
+    ("parse", "expect"),
+    [
+        # before: a function named raw was skipped (every line shipped as message)
+        (raw, [{"k": "v"}, {"message": "nope", "parse_error": f"{__name__}.raw"}]),
+        # before: a list where a dict belongs killed the sender (TypeError): no liveness
+        (sloppy, [{"word": "one"}, {"message": "two words", "parse_error": "sloppy"}]),
+    ],
+)
+async def test_a_parser_of_our_own_is_called_and_its_bad_results_are_parse_errors(
+    parse: Any, expect: list[Record], tmp_path: Path
+) -> None:
+    first = "k=v" if parse is raw else "one"
+    second = "nope" if parse is raw else "two words"
+    (tmp_path / "a.log").write_text(f"{first}\n{second}\n")
+    sink = ListSink()
+    pipeline = Pipeline(sources=[Files(paths=[str(tmp_path / "*.log")])], parse=parse, sinks=[sink])
+    await pipeline.start()
+    try:
+        await eventually(lambda: len(sink.records) == 2 or not pipeline.is_live(), "2 records")
+        assert pipeline.is_live()
+    finally:
+        pipeline.stop_accepting()
+        async with asyncio.timeout(30):
+            await pipeline.wait_drained()
+        await pipeline.close()
+    strip = ("file", "file_id", "offset")
+    assert [{k: v for k, v in r.items() if k not in strip} for r in sink.records] == expect
+    assert pipeline.counters.parse_errors == 1
