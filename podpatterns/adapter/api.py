@@ -438,6 +438,19 @@ def _check_settings(settings: dict[str, Any]) -> None:
             raise ConfigError("Pipeline: regex: pass the compiled regex as parse=")
 
 
+def _checked(parse: Parser) -> Parser:
+    """``parse`` with what is not a dict counted as a parse error (a list from a bug would
+    end the sender), named after it; never ``raw``, which would skip it."""
+
+    def parser(line: str) -> dict[str, Any] | None:
+        fields = parse(line)
+        return fields if isinstance(fields, dict) else None
+
+    name = getattr(parse, "__name__", "custom")
+    parser.__name__ = name if name != "raw" else f"{getattr(parse, '__module__', '')}.raw"
+    return parser
+
+
 def _is(obj: object, methods: tuple[str, ...]) -> bool:
     return hasattr(obj, "name") and all(callable(getattr(obj, m, None)) for m in methods)
 
@@ -527,7 +540,7 @@ class Pipeline(Adapter):
                 )
             settings["parse"] = parse
         elif callable(parse):
-            parser = parse
+            parser = _checked(parse)
         else:
             raise ConfigError(
                 f"parse: {parse!r} is neither a parser's name, a regex nor a function"
