@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import importlib
 import itertools
 import re
 import subprocess
@@ -385,3 +386,61 @@ async def test_a_parser_of_our_own_is_called_and_its_bad_results_are_parse_error
     strip = ("file", "file_id", "offset")
     assert [{k: v for k, v in r.items() if k not in strip} for r in sink.records] == expect
     assert pipeline.counters.parse_errors == 1
+
+
+# -- the custom adapter example (docs/examples/custom-adapter) ------------------------------
+
+EXAMPLE = ROOT / "docs" / "examples" / "custom-adapter"
+
+
+async def test_the_example_webhook_sink_drops_what_the_webhook_refuses_for_good() -> None:
+    """A 400 is never taken: counted and acknowledged, or the checkpoint (and then stdout)
+    would wait for it for ever; a 503 raises, so the batch is sent again."""
+    from aiohttp import web
+
+    sys.path.insert(0, str(EXAMPLE))
+    try:
+        webhook_sink = importlib.import_module("shop_pipeline").WebhookSink
+    finally:
+        sys.path.remove(str(EXAMPLE))
+    answers = [400, 503, 200]
+
+    async def hook(request: web.Request) -> web.Response:
+        await request.read()
+        return web.Response(status=answers.pop(0))
+
+    app = web.Application()
+    app.router.add_post("/hook", hook)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    sink = webhook_sink(f"http://127.0.0.1:{port}/hook")
+    await sink.start()
+    try:
+        batch = [{"level": "error", "message": "payment failed", "file": "/x.log"}]
+        await sink.send(batch)  # 400
+        assert sink.collect() == {"posted": 0, "rejected": 1}
+        with pytest.raises(Exception, match="503"):
+            await sink.send(batch)
+        await sink.send(batch)  # 200
+        assert sink.collect() == {"posted": 1, "rejected": 1}
+    finally:
+        await sink.close()
+        await runner.cleanup()
+
+
+def test_the_example_without_its_webhook_says_so_in_one_line(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "shop_pipeline"],
+        cwd=tmp_path,
+        env={"PYTHONPATH": f"{EXAMPLE}:{ROOT}", "ADMIN_PORT": "0", "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert "WEBHOOK_URL: missing" in proc.stderr
