@@ -444,3 +444,39 @@ def test_the_example_without_its_webhook_says_so_in_one_line(tmp_path: Path) -> 
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     assert "WEBHOOK_URL: missing" in proc.stderr
+
+
+# -- values: checked as the command line checks them -----------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("files", "settings", "message"),
+    [
+        ({"read_from": "middle"}, {}, "Files: read_from: 'middle' is not one of"),
+        ({"watch": "inotify"}, {}, "Files: watch: 'inotify' is not one of"),
+        ({"poll_interval": -1.0}, {}, "Files: poll_interval: '-1.0' is not a duration"),
+        ({}, {"on_parse_error": "skip"}, "Pipeline: on_parse_error: 'skip' is not one of"),
+        ({}, {"batch_max_records": 0}, "Pipeline: batch_max_records: '0' is out of range"),
+        ({}, {"spool_max_bytes": "lots"}, "Pipeline: spool_max_bytes: 'lots' is not a size"),
+        ({}, {"sink_unready_after": -3.0}, "Pipeline: sink_unready_after: '-3.0'"),
+    ],
+)
+def test_a_bad_value_is_a_config_error_as_on_the_command_line(
+    files: dict[str, Any], settings: dict[str, Any], message: str
+) -> None:
+    """Before: accepted (the options' parsers were the only check of these), to fail later
+    or never."""
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        Pipeline(sources=[Files(paths=["/a/*.log"], **files)], **settings)
+
+
+def test_values_may_be_written_as_on_the_command_line(tmp_path: Path) -> None:
+    pipeline = Pipeline(
+        sources=[Files(paths=[str(tmp_path / "*.log")], rotate_wait="2m")],  # type: ignore[arg-type]
+        queue_max_bytes="16MiB",
+        sink_unready_after="30s",
+        dead_letter=str(tmp_path / "dead.ndjson"),
+    )
+    config = pipeline.config
+    assert config.rotate_wait == 120.0 and config.queue_max_bytes == 16 * 1024 * 1024
+    assert config.sink_unready_after == 30.0 and config.dead_letter == tmp_path / "dead.ndjson"
