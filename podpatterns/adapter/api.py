@@ -36,7 +36,13 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from podpatterns.adapter.config import PARSERS, REDACTIONS, AdapterConfig, SinkConfig
+from podpatterns.adapter.config import (
+    ADAPTER_ONLY_OPTIONS,
+    PARSERS,
+    REDACTIONS,
+    AdapterConfig,
+    SinkConfig,
+)
 from podpatterns.adapter.inputs import Input, Record, Spool, SpoolFull
 from podpatterns.adapter.multiline import PRESETS
 from podpatterns.adapter.parse import Parser
@@ -438,6 +444,29 @@ def _check_settings(settings: dict[str, Any]) -> None:
             raise ConfigError("Pipeline: regex: pass the compiled regex as parse=")
 
 
+_SCALAR_OPTIONS = {o.name: o for o in ADAPTER_ONLY_OPTIONS if not o.multiple}
+
+
+def _values(owner: str, values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` checked by the options' own parsers (as the command line checks them);
+    a string is parsed as on the command line (``"256MiB"``, ``"30s"``).
+
+    Raises:
+        ConfigError: ``owner: name: value`` and what is expected.
+    """
+    out = dict(values)
+    for name, value in values.items():
+        opt = _SCALAR_OPTIONS.get(name)
+        if opt is None or value is None or isinstance(value, bool):
+            continue
+        where = f"{owner}: {name}"
+        if isinstance(value, str | Path | int):
+            out[name] = opt.parse_from(str(value), where)
+        elif isinstance(value, float) and not value >= 0:
+            opt.parse_from(str(value), where)  # negative or NaN: the parser's message
+    return out
+
+
 def _checked(parse: Parser) -> Parser:
     """``parse`` with what is not a dict counted as a parse error (a list from a bug would
     end the sender), named after it; never ``raw``, which would skip it."""
@@ -552,12 +581,17 @@ class Pipeline(Adapter):
         if specs:
             settings["sinks"] = specs
         config = AdapterConfig(
-            **(files[0].settings() if files else {}),
-            **settings,
+            **_values("Files", files[0].settings() if files else {}),
+            **_values(
+                "Pipeline",
+                {
+                    **settings,
+                    "on_parse_error": on_parse_error,
+                    "checkpoint_dir": checkpoint_dir,
+                    "spool_dir": spool_dir,
+                },
+            ),
             sources=tuple(names),
-            on_parse_error=on_parse_error,
-            checkpoint_dir=checkpoint_dir,
-            spool_dir=spool_dir,
             runtime=runtime or RuntimeConfig(),
         )
         super().__init__(
