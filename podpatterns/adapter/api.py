@@ -5,7 +5,9 @@ The command line builds an :class:`~podpatterns.adapter.pipeline.Adapter` from a
 adapter built from objects instead, so that a Python program can bring its own source,
 parser, transforms and sinks. The names of the settings are those of the options
 (``read_from`` is ``--read-from``) and every value is checked by the same code: a bad
-one raises :class:`~podpatterns.errors.ConfigError` naming it.
+one raises :class:`~podpatterns.errors.ConfigError` naming it (a string is read as on the
+command line: ``queue_max_bytes="16MiB"``). A setting an object stands for (a file
+option, a transform's, an input's) is refused as a keyword: give it to the object.
 
 - **sources**: at most one :class:`Files` (globs tailed from a shared volume, with their
   checkpoint), any of the inputs over localhost
@@ -265,7 +267,12 @@ class Exclude:
 
 @dataclass(frozen=True)
 class Sample:
-    """Keep this fraction of the records, chosen by offset (``--sample``)."""
+    """Keep this fraction of the records, chosen by offset (``--sample``).
+
+    The choice is a hash of a file record's ``offset``: a restart keeps the same records,
+    and ``Sample(0.5), Sample(0.5)`` keeps a half, not a quarter. Records without an
+    offset (a :class:`Source`'s, the inputs over localhost's) are all kept.
+    """
 
     fraction: float
 
