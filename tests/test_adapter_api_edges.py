@@ -480,3 +480,66 @@ def test_values_may_be_written_as_on_the_command_line(tmp_path: Path) -> None:
     config = pipeline.config
     assert config.rotate_wait == 120.0 and config.queue_max_bytes == 16 * 1024 * 1024
     assert config.sink_unready_after == 30.0 and config.dead_letter == tmp_path / "dead.ndjson"
+
+
+KILLED_WHILE_EMITTING = textwrap.dedent(
+    """
+    import asyncio, sys
+    from pathlib import Path
+    from podpatterns import logs
+    from podpatterns.adapter import Pipeline, Source
+    from tests.adapter_harness import ListSink
+
+    class Counting(Source):
+        async def run(self, emit):
+            for n in range(0, 1_000_000, 10):
+                await emit([{"n": i} for i in range(n, n + 10)])
+                print(n + 10, flush=True)  # emitted: durable from here on
+
+    async def main():
+        sink = ListSink()
+        sink.set_down(True)
+        pipeline = Pipeline(sources=[Counting("c")], sinks=[sink], spool_dir=Path(sys.argv[1]))
+        await pipeline.start()
+        await asyncio.Event().wait()
+
+    logs.configure("warning")
+    asyncio.run(main())
+    """
+)
+
+
+async def test_what_emit_returned_for_survives_sigkill(tmp_path: Path) -> None:
+    """A real crash (SIGKILL while the source emits, the sink down): a new pipeline on the
+    same spool ships every record some emit() had returned for."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        KILLED_WHILE_EMITTING,
+        str(tmp_path),
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    assert proc.stdout is not None
+    emitted = 0
+    try:
+        async with asyncio.timeout(60):
+            while emitted < 500:
+                line = await proc.stdout.readline()
+                assert line, "the process ended before emitting 500 records"
+                emitted = int(line)
+    finally:
+        proc.kill()
+        await proc.wait()
+    # what it printed after the last line we read may have been emitted too: at least once
+    up = ListSink()
+    second = Pipeline(sources=[Forever("c", 0)], sinks=[up], spool_dir=tmp_path)
+    await second.start()
+    try:
+        await eventually(lambda: len(up.records) >= emitted, f"the {emitted} records")
+    finally:
+        second.stop_accepting()
+        async with asyncio.timeout(30):
+            await second.wait_drained()
+        await second.close()
+    assert set(range(emitted)) <= {r["n"] for r in up.records}
