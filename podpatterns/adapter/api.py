@@ -5,7 +5,9 @@ The command line builds an :class:`~podpatterns.adapter.pipeline.Adapter` from a
 adapter built from objects instead, so that a Python program can bring its own source,
 parser, transforms and sinks. The names of the settings are those of the options
 (``read_from`` is ``--read-from``) and every value is checked by the same code: a bad
-one raises :class:`~podpatterns.errors.ConfigError` naming it.
+one raises :class:`~podpatterns.errors.ConfigError` naming it (a string is read as on the
+command line: ``queue_max_bytes="16MiB"``). A setting an object stands for (a file
+option, a transform's, an input's) is refused as a keyword: give it to the object.
 
 - **sources**: at most one :class:`Files` (globs tailed from a shared volume, with their
   checkpoint), any of the inputs over localhost
@@ -28,6 +30,7 @@ one raises :class:`~podpatterns.errors.ConfigError` naming it.
 
 from __future__ import annotations
 
+import asyncio
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Sequence
@@ -35,7 +38,13 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from podpatterns.adapter.config import PARSERS, REDACTIONS, AdapterConfig, SinkConfig
+from podpatterns.adapter.config import (
+    ADAPTER_ONLY_OPTIONS,
+    PARSERS,
+    REDACTIONS,
+    AdapterConfig,
+    SinkConfig,
+)
 from podpatterns.adapter.inputs import Input, Record, Spool, SpoolFull
 from podpatterns.adapter.multiline import PRESETS
 from podpatterns.adapter.parse import Parser
@@ -157,7 +166,8 @@ class Source(ABC):
 
     ``run`` gets ``emit``, which stores a list of records durably in the spool (waiting
     while the spool is full, so a fast source is paced by the sinks) and returns; from
-    then on the records are the pipeline's, shipped at least once even across a crash.
+    then on the records are the pipeline's, shipped at least once even across a crash. It
+    raises ``OSError`` when the spool cannot write them (disk full; nothing was stored).
     ``run`` may return (a finite source) or run until the pipeline closes it (it is
     cancelled then). If it raises, the error is logged and the adapter's ``/livez`` turns
     503.
@@ -190,6 +200,9 @@ class Source(ABC):
                 await spool.append(records, source=self.name)
             except SpoolFull:
                 await spool.wait_for_space()
+                # A stopping spool refuses at once without waiting: never spin without
+                # letting the event loop run (the pipeline cancels us meanwhile).
+                await asyncio.sleep(0)
                 continue
             self.records += len(records)
             return
@@ -254,7 +267,12 @@ class Exclude:
 
 @dataclass(frozen=True)
 class Sample:
-    """Keep this fraction of the records, chosen by offset (``--sample``)."""
+    """Keep this fraction of the records, chosen by offset (``--sample``).
+
+    The choice is a hash of a file record's ``offset``: a restart keeps the same records,
+    and ``Sample(0.5), Sample(0.5)`` keeps a half, not a quarter. Records without an
+    offset (a :class:`Source`'s, the inputs over localhost's) are all kept.
+    """
 
     fraction: float
 
@@ -380,6 +398,116 @@ def transform_chains(transforms: Sequence[BuiltinTransform | Transform]) -> list
 
 # -- the pipeline ------------------------------------------------------------------------
 
+# AdapterConfig fields an object of the pipeline stands for: given as settings, they would
+# clash with it (Files') or be ignored (the transforms', the inputs').
+_OF_FILES = frozenset(Files(paths=()).settings()) | frozenset(Multiline(preset="go").settings())
+_TRANSFORMS = frozenset(
+    {
+        "add_field",
+        "rename_field",
+        "drop_field",
+        "timestamp_field",
+        "redact",
+        "redact_regex",
+        "filter",
+        "exclude",
+        "sample",
+        "rate_limit",
+    }
+)
+_INPUTS = frozenset(
+    {
+        "http_listen",
+        "http_max_body",
+        "tcp_listen",
+        "syslog_unix",
+        "syslog_unix_stream",
+        "syslog_tcp",
+        "syslog_udp",
+        "syslog_socket_mode",
+        "syslog_max_message",
+    }
+)
+
+
+def _check_settings(settings: dict[str, Any]) -> None:
+    """Refuse the settings an object of the pipeline stands for, naming the object."""
+    for name in sorted(settings):
+        if name in _OF_FILES:
+            given = "" if name == "path" else f", {name}=..."
+            if name.startswith("multiline"):
+                given = ", multiline=Multiline(...)"
+            raise ConfigError(f"Pipeline: {name} is a setting of Files (Files(paths=[...]{given}))")
+        if name in _TRANSFORMS:
+            raise ConfigError(
+                f"Pipeline: {name} is a transform (give transforms=[Keep(...), Rename(...), ...])"
+            )
+        if name in _INPUTS:
+            raise ConfigError(
+                f"Pipeline: {name} is an input's setting (give the input object in sources, "
+                "e.g. HttpInput(...))"
+            )
+        if name == "regex":
+            raise ConfigError("Pipeline: regex: pass the compiled regex as parse=")
+
+
+_SCALAR_OPTIONS = {o.name: o for o in ADAPTER_ONLY_OPTIONS if not o.multiple}
+
+
+def _values(owner: str, values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` checked by the options' own parsers (as the command line checks them);
+    a string is parsed as on the command line (``"256MiB"``, ``"30s"``).
+
+    Raises:
+        ConfigError: ``owner: name: value`` and what is expected.
+    """
+    out = dict(values)
+    for name, value in values.items():
+        opt = _SCALAR_OPTIONS.get(name)
+        if opt is None or value is None or isinstance(value, bool):
+            continue
+        where = f"{owner}: {name}"
+        if isinstance(value, str | Path | int):
+            out[name] = opt.parse_from(str(value), where)
+        elif isinstance(value, float) and not value >= 0:
+            opt.parse_from(str(value), where)  # negative or NaN: the parser's message
+    return out
+
+
+def _checked(parse: Parser) -> Parser:
+    """``parse`` with what is not a dict counted as a parse error (a list from a bug would
+    end the sender), named after it; never ``raw``, which would skip it."""
+
+    def parser(line: str) -> dict[str, Any] | None:
+        fields = parse(line)
+        return fields if isinstance(fields, dict) else None
+
+    name = getattr(parse, "__name__", "custom")
+    parser.__name__ = name if name != "raw" else f"{getattr(parse, '__module__', '')}.raw"
+    return parser
+
+
+def _is(obj: object, methods: tuple[str, ...]) -> bool:
+    return hasattr(obj, "name") and all(callable(getattr(obj, m, None)) for m in methods)
+
+
+def _check_items(sources: Sequence[object], sinks: Sequence[object]) -> None:
+    """Refuse a source or a sink that is neither of the kinds the pipeline takes."""
+    if isinstance(sources, str | Files) or isinstance(sinks, str | SinkConfig):
+        raise ConfigError("Pipeline: sources and sinks are lists (sources=[...], sinks=[...])")
+    for s in sources:
+        if not isinstance(s, Files) and not _is(s, ("start", "close", "is_live", "collect")):
+            raise ConfigError(
+                f"sources: {s!r} is neither Files, an input nor a Source "
+                "(Files(paths=[...]) tails files)"
+            )
+    for k in sinks:
+        if not isinstance(k, SinkConfig) and not _is(k, ("start", "send", "close", "collect")):
+            raise ConfigError(
+                f"sinks: {k!r} is neither a SinkConfig nor a sink "
+                "(SinkConfig(name=..., kind=...) or an object with the Sink methods)"
+            )
+
 
 class Pipeline(Adapter):
     """An adapter built from objects; run it like an ``Adapter`` (a runtime Component).
@@ -422,6 +550,8 @@ class Pipeline(Adapter):
         runtime: RuntimeConfig | None = None,
         **settings: Any,
     ) -> None:
+        _check_items(sources, sinks)
+        _check_settings(settings)
         files = [s for s in sources if isinstance(s, Files)]
         inputs: list[Input] = [s for s in sources if not isinstance(s, Files)]
         if len(files) > 1:
@@ -446,24 +576,29 @@ class Pipeline(Adapter):
                 )
             settings["parse"] = parse
         elif callable(parse):
-            parser = parse
+            parser = _checked(parse)
         else:
             raise ConfigError(
                 f"parse: {parse!r} is neither a parser's name, a regex nor a function"
             )
-        unknown = sorted(set(settings) - {f.name for f in fields(AdapterConfig)} - {"regex"})
+        unknown = sorted(set(settings) - {f.name for f in fields(AdapterConfig)})
         if unknown:
             raise ConfigError(f"Pipeline: unknown setting {unknown[0]!r} (see AdapterConfig)")
         specs = tuple(s for s in sinks if isinstance(s, SinkConfig))
         if specs:
             settings["sinks"] = specs
         config = AdapterConfig(
-            **(files[0].settings() if files else {}),
-            **settings,
+            **_values("Files", files[0].settings() if files else {}),
+            **_values(
+                "Pipeline",
+                {
+                    **settings,
+                    "on_parse_error": on_parse_error,
+                    "checkpoint_dir": checkpoint_dir,
+                    "spool_dir": spool_dir,
+                },
+            ),
             sources=tuple(names),
-            on_parse_error=on_parse_error,
-            checkpoint_dir=checkpoint_dir,
-            spool_dir=spool_dir,
             runtime=runtime or RuntimeConfig(),
         )
         super().__init__(
@@ -473,3 +608,21 @@ class Pipeline(Adapter):
             parser=parser,
             transforms=transform_chains(transforms),
         )
+        self._sources = [s for s in inputs if isinstance(s, Source)]
+
+    def cut(self) -> int:
+        """Stop reading and shipping now (the sources of your own too); return the batches
+        that were left."""
+        # With the spool's writer, a Source in emit() must stop: the stopped spool refuses
+        # its records at once, for ever.
+        for source in self._sources:
+            source._tasks.cancel()
+        return super().cut()
+
+    async def close(self) -> None:
+        """Cancel the sources of your own, then close as an ``Adapter`` does."""
+        # First: the adapter's close() stops the spool's writer before it closes the
+        # inputs, and a Source still emitting would then retry a refused append for ever.
+        for source in self._sources:
+            await source.close()
+        await super().close()

@@ -14,6 +14,7 @@ import aiohttp
 
 from podpatterns.adapter import Files, Pipeline, Rename
 from podpatterns.adapter.config import SinkConfig
+from podpatterns.errors import ConfigError
 from podpatterns.options import HostPort
 from podpatterns.runtime import Runtime, RuntimeConfig
 from podpatterns.runtime.process import serve
@@ -27,6 +28,7 @@ class WebhookSink:
     def __init__(self, url: str) -> None:
         self.url = url
         self.posted = 0
+        self.rejected = 0
         self.session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
@@ -37,6 +39,9 @@ class WebhookSink:
         if errors and self.session is not None:
             text = "\n".join(f"{r.get('file')}: {r.get('message')}" for r in errors)
             async with self.session.post(self.url, json={"text": text}) as resp:
+                if 400 <= resp.status < 500 and resp.status not in (408, 429):
+                    self.rejected += len(errors)  # never taken: holding on would stop the rest
+                    return
                 resp.raise_for_status()  # raising: not accepted, the batch is sent again
             self.posted += len(errors)
 
@@ -45,11 +50,13 @@ class WebhookSink:
             await self.session.close()
 
     def collect(self) -> dict[str, float]:
-        return {"posted": self.posted}
+        return {"posted": self.posted, "rejected": self.rejected}
 
 
 def build() -> Pipeline:
     env = os.environ
+    if not env.get("WEBHOOK_URL"):
+        raise ConfigError("WEBHOOK_URL: missing (the chat webhook's address)")
     return Pipeline(
         sources=[Files(paths=[env.get("LOGS", "/var/log/app/*.log")])],
         parse="json",
