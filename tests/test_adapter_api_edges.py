@@ -328,18 +328,16 @@ def test_two_samples_in_a_row_keep_the_smaller_fraction() -> None:
     assert 800 < len(half) < 1200
 
 
-@pytest.mark.xfail(strict=True, reason="open: Sample keys on offset; pushed records have none")
 def test_sample_thins_the_records_of_a_source() -> None:
-    """A Source's (and every pushed input's) records carry no ``offset``: the sample's hash
-    of offset 0 keeps them all. (transform.py; not the API's to fix.)"""
+    """A Source's (and every pushed input's) records carry no ``offset``: they are sampled
+    by their place in the stream (it used to keep them all)."""
     records = [{"n": i} for i in range(2000)]
     assert len(apply([Sample(0.1)], records)) < 1000
 
 
-@pytest.mark.xfail(strict=True, reason="open: int(offset) raises for a record's own offset")
 def test_sample_of_a_record_whose_offset_is_not_a_number() -> None:
-    """A source may carry its own ``offset`` (a Kafka-like one: a string); the chain raises
-    ValueError out of the sender task, which ends the adapter (transform.py)."""
+    """A source may carry its own ``offset`` (a Kafka-like one: a string); it used to raise
+    ValueError out of the sender task, which ended the adapter."""
     assert len(apply([Sample(0.5)], [{"offset": "p0-17"}])) <= 1
 
 

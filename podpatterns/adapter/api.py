@@ -271,7 +271,8 @@ class Sample:
 
     The choice is a hash of a file record's ``offset``: a restart keeps the same records,
     and ``Sample(0.5), Sample(0.5)`` keeps a half, not a quarter. Records without an
-    offset (a :class:`Source`'s, the inputs over localhost's) are all kept.
+    integer offset (a :class:`Source`'s, the inputs over localhost's) are chosen by their
+    place in the stream.
     """
 
     fraction: float

@@ -132,7 +132,8 @@ class TransformChain:
         redact: applied to every top-level string field.
         keep: records must match every (field, regex).
         exclude: records matching any (field, regex) are dropped.
-        sample: the fraction kept (by offset, so a restart samples the same records).
+        sample: the fraction kept (by offset, so a restart samples the same lines of a
+            file; records without an integer offset by their place in the stream).
         rate_limit: records per second kept.
         user: user callables, in order.
     """
@@ -149,6 +150,7 @@ class TransformChain:
     user: tuple[Transform, ...] = ()
     counters: Counters = field(default_factory=Counters)
     _tokens: float = 0.0
+    _unkeyed: int = 0  # records sampled that had no integer offset
     _refilled: float = field(default_factory=time.monotonic)
     # Redaction results by input string, kept for one batch: most string fields (file,
     # file_id, level, added fields) repeat across the records of a batch, and a redactor
@@ -225,8 +227,14 @@ class TransformChain:
                 self.counters.filtered += 1
                 return False
         if self.sample < 1.0:
-            # Knuth's multiplicative hash of the offset: stable across restarts.
-            h = (int(rec.get("offset", 0)) * 2654435761) % 4294967296
+            # Knuth's multiplicative hash of the offset: stable across restarts. A record
+            # without an integer offset (pushed records, a source's own offset) is keyed
+            # by its place in the stream instead: the fraction holds, not the choice.
+            offset = rec.get("offset")
+            if not isinstance(offset, int) or isinstance(offset, bool):
+                offset = self._unkeyed
+                self._unkeyed += 1
+            h = (offset * 2654435761) % 4294967296
             if h >= self.sample * 4294967296:
                 self.counters.sampled_out += 1
                 return False
