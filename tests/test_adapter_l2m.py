@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import signal
+import subprocess
 import threading
 import time
+import urllib.parse
 import urllib.request
 from collections import Counter
+from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +26,7 @@ from podpatterns.adapter.checkpoint import NAME, CheckpointStore
 from podpatterns.adapter.config import build
 from podpatterns.adapter.l2m import MetricState, declarations
 from podpatterns.errors import ConfigError
+from tests.peers import candidate_ports, need
 from tests.proc import Proc
 from tests.waiting import wait_until
 
@@ -361,7 +367,7 @@ def _kill_run(tmp_path: Path, seed: int, kills: int) -> None:
     writer.start()
     try:
         for _ in range(kills):
-            p = adapter(tmp_path, *sink)
+            p = adapter(tmp_path, *sink, batch=200)
             try:
                 p.wait_event("adapter_started")
                 time.sleep(rng.uniform(0.05, 1.2))
@@ -374,12 +380,12 @@ def _kill_run(tmp_path: Path, seed: int, kills: int) -> None:
         writer.join()
     n = written[0]
     want = expected(n)
-    p = adapter(tmp_path, *sink, admin="127.0.0.1:0")
+    p = adapter(tmp_path, *sink, admin="127.0.0.1:0", batch=200)
     try:
         url = p.admin_url()
 
         def counted() -> float:
-            return sum(scraped(scrape(url))["requests"].values())
+            return float(sum(scraped(scrape(url))["requests"].values()))
 
         wait_until(lambda: counted() >= n, f"{n} records counted", 60.0)
         p.signal(signal.SIGTERM)
@@ -406,3 +412,105 @@ def test_counts_are_exact_across_sigkill_at_random_points(tmp_path: Path, seed: 
 def test_counts_are_exact_across_sigkill_more_seeds(tmp_path: Path, seed: int) -> None:
     """As above, with more seeds and more kills."""
     _kill_run(tmp_path, seed, kills=8)
+
+
+# -- a real Prometheus scrapes the adapter --------------------------------------------------
+
+
+@contextlib.contextmanager
+def run_prometheus(workdir: Path, target: str) -> Iterator[str]:
+    """Prometheus from the OS packages scraping ``target`` (host:port) every 250ms; yields
+    its URL once it is ours that answers (another one may hold a candidate port)."""
+    binary = need("prometheus")
+    config = workdir / "prometheus.yml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "global": {"scrape_interval": "250ms", "scrape_timeout": "200ms"},
+                "scrape_configs": [
+                    {"job_name": "adapter", "static_configs": [{"targets": [target]}]}
+                ],
+            }
+        )
+    )
+    data = workdir / "tsdb"
+    for port in candidate_ports():
+        url = f"http://127.0.0.1:{port}"
+        log = workdir / f"prometheus-{port}.log"
+        with log.open("wb") as out:
+            proc = subprocess.Popen(
+                [
+                    binary,
+                    f"--config.file={config}",
+                    f"--storage.tsdb.path={data}",
+                    f"--web.listen-address=127.0.0.1:{port}",
+                ],
+                stdout=out,
+                stderr=out,
+                start_new_session=True,
+            )
+        try:
+
+            def ours(proc: subprocess.Popen[bytes] = proc, url: str = url) -> str | None:
+                if proc.poll() is not None:
+                    return "exited"
+                try:
+                    flags = _get_json(url + "/api/v1/status/flags")
+                except OSError:
+                    return None
+                return "ready" if flags["data"].get("storage.tsdb.path") == str(data) else None
+
+            if wait_until(ours, f"prometheus on port {port}", 30.0) == "ready":
+                yield url
+                return
+            text = log.read_text(errors="replace")
+            if "address already in use" not in text.lower():
+                raise RuntimeError(f"prometheus exited {proc.returncode}:\n{text}")
+        finally:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(15)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(15)
+    raise RuntimeError("prometheus: no free port found")
+
+
+def _get_json(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        return json.loads(resp.read())
+
+
+def query(prometheus: str, promql: str) -> float | None:
+    """The value of an instant query with one result, or None while it has none."""
+    doc = _get_json(prometheus + "/api/v1/query?" + urllib.parse.urlencode({"query": promql}))
+    result = doc["data"]["result"]
+    return float(result[0]["value"][1]) if len(result) == 1 else None
+
+
+def test_a_real_prometheus_scrapes_the_declared_metrics(tmp_path: Path) -> None:
+    """Prometheus scrapes the adapter; its HTTP API answers the values computed here."""
+    write_config(tmp_path, DECLARED)
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "app.log").write_bytes(b"".join(line(i) + b"\n" for i in range(777)))
+    want = expected(777)
+    p = adapter(tmp_path, "--sink", "none", admin="127.0.0.1:0")
+    try:
+        url = p.admin_url()
+        wait_until(lambda: scraped(scrape(url)) == want, "all 777 records counted")
+        with run_prometheus(tmp_path, url.removeprefix("http://")) as prom:
+            for status, n in want["requests"].items():
+                promql = f'http_requests_total{{job="adapter",status="{status}"}}'
+                assert wait_until(partial(query, prom, promql), promql, 30.0) == n
+            cumulative = 0
+            for bound, n in zip([*BOUNDS, "+Inf"], want["buckets"], strict=True):
+                cumulative += n
+                promql = f'http_request_seconds_bucket{{le="{bound}"}}'
+                assert query(prom, promql) == cumulative, promql
+            assert query(prom, "http_request_seconds_sum") == want["sum"]
+            assert query(prom, "http_error_seconds_total") == want["errors"]
+        p.signal(signal.SIGTERM)
+        assert p.wait(30) == 0
+    finally:
+        p.stop()
