@@ -514,3 +514,17 @@ def test_a_real_prometheus_scrapes_the_declared_metrics(tmp_path: Path) -> None:
         assert p.wait(30) == 0
     finally:
         p.stop()
+
+
+def test_a_manifest_config_file_from_a_configmap_is_checked() -> None:
+    """The docs' manifest checks read a --config file from a ConfigMap of the same file: a
+    bad metric declaration in it is a problem naming the metric."""
+    from tests.manifests import document_problems, load_documents
+
+    text = (Path(__file__).parents[1] / "docs" / "adapter-metrics.md").read_text()
+    pod = next(b for b in text.split("```yaml\n")[1:] if "kind: Pod" in b).split("```")[0]
+    assert document_problems(load_documents(pod))[1] == []
+    broken = pod.replace("type: histogram", "type: summary")
+    problems = document_problems(load_documents(broken))[1]
+    assert len(problems) == 1
+    assert "metrics[1] 'http_request_duration_seconds': type: 'summary'" in problems[0]

@@ -312,7 +312,7 @@ def test_yaml_example_is_accepted(block: Block) -> None:
     assert docs and all(isinstance(d, dict) for d in docs), block.id
     if "apiVersion" not in docs[0]:
         builders = {"ambassador": amb_config.build, "adapter": adapter_config.build}
-        builders["adapter" if block.path.name == "adapter.md" else "ambassador"](
+        builders["adapter" if block.path.name.startswith("adapter") else "ambassador"](
             {}, {}, docs[0], block.id
         )
         return
