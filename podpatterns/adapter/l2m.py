@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import re
 from bisect import bisect_left
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import pairwise
@@ -227,61 +228,111 @@ def _number(value: Any) -> float | None:
 
 
 class _Metric:
-    """One declared metric's series and what it dropped."""
+    """One declared metric's series and what it dropped.
 
-    __slots__ = ("decl", "dropped", "invalid", "series")
+    A series is a list: ``[value]`` for a counter or a gauge, ``[count per bucket...,
+    sum]`` for a histogram, updated in place. A batch is grouped by the raw values of the
+    label fields first (most records of a batch fall in a few series), so the label text
+    and the cap are looked at once per series and batch, not per record.
+    """
+
+    __slots__ = ("_fields", "_raw_key", "decl", "dropped", "invalid", "series")
 
     def __init__(self, decl: MetricDecl) -> None:
         self.decl = decl
-        # counter, gauge: labels -> value; histogram: labels -> [count per bucket..., sum]
-        self.series: dict[tuple[str, ...], Any] = {}
+        self.series: dict[tuple[str, ...], list[Any]] = {}
         self.dropped = 0
         self.invalid = 0
+        fields = tuple(f for _, f in decl.labels)
+        self._fields = fields
+        raw_key: Callable[[Record], tuple[Any, ...]]
+        if not fields:
+            raw_key = _no_labels
+        elif len(fields) == 1:
+            (a,) = fields
+            raw_key = lambda r: (r.get(a),)  # noqa: E731 (the cheapest call per record)
+        elif len(fields) == 2:
+            a, b = fields
+            raw_key = lambda r: (r.get(a), r.get(b))  # noqa: E731
+        else:
+            raw_key = lambda r: tuple(map(r.get, fields))  # noqa: E731
+        self._raw_key = raw_key
+
+    def _text_key(self, rec: Record) -> tuple[Any, ...]:
+        """The label values as text (for field values that cannot be hashed as they are)."""
+        return tuple("" if (v := rec.get(f)) is None else str(v) for f in self._fields)
+
+    def _cell(self, raw: tuple[Any, ...]) -> list[Any] | None:
+        """The series of these label field values, created if the cap allows (else None)."""
+        key = tuple("" if v is None else str(v) for v in raw)
+        cell = self.series.get(key)
+        if cell is None:
+            if len(self.series) >= self.decl.max_series:
+                return None
+            hist = self.decl.kind == "histogram"
+            cell = self.series[key] = [0] * (len(self.decl.buckets) + 1) + [0.0] if hist else [0.0]
+        return cell
+
+    def _matching(self, records: Sequence[Record]) -> Sequence[Record]:
+        match = self.decl.match
+        if not match:
+            return records
+        out = []
+        for rec in records:
+            for name, pattern in match:
+                value = rec.get(name)
+                if value is None or not pattern.search(str(value)):
+                    break
+            else:
+                out.append(rec)
+        return out
 
     def observe(self, records: Sequence[Record]) -> None:
         """Count a batch (in order) into the series."""
         decl = self.decl
-        match = decl.match
-        label_fields = tuple(f for _, f in decl.labels)
+        records = self._matching(records)
+        if not records:
+            return
+        raw_key = self._raw_key
         field = decl.field
+        if field is None:  # a counter of records: group them, count per group
+            try:
+                groups = Counter(map(raw_key, records))
+            except TypeError:  # a label field holds a list or a mapping: as text
+                groups = Counter(map(self._text_key, records))
+            for raw, n in groups.items():
+                cell = self._cell(raw)
+                if cell is None:
+                    self.dropped += n
+                else:
+                    cell[0] += n
+            return
         kind = decl.kind
-        series = self.series
-        cap = decl.max_series
         bounds = decl.buckets
-        nbuckets = len(bounds) + 1
+        cells: dict[tuple[Any, ...], list[Any] | None] = {}
         for rec in records:
-            get = rec.get
-            if match:
-                ok = True
-                for name, pattern in match:
-                    value = get(name)
-                    if value is None or not pattern.search(str(value)):
-                        ok = False
-                        break
-                if not ok:
-                    continue
-            if field is None:
-                number = 1.0
-            else:
-                number_or_none = _number(get(field))
-                if number_or_none is None or (kind == "counter" and number_or_none < 0):
-                    self.invalid += 1
-                    continue
-                number = number_or_none
-            key = tuple("" if (v := get(f)) is None else str(v) for f in label_fields)
-            current: Any = series.get(key)
-            if current is None:
-                if len(series) >= cap:
-                    self.dropped += 1
-                    continue
-                current = series[key] = ([0] * nbuckets + [0.0]) if kind == "histogram" else 0.0
-            if kind == "counter":
-                series[key] = current + number
+            value = rec.get(field)
+            # ints and floats as they are; text and anything else through _number
+            number = value if type(value) is int or type(value) is float else _number(value)
+            if number is None or not math.isfinite(number) or (kind == "counter" and number < 0):
+                self.invalid += 1
+                continue
+            raw = raw_key(rec)
+            try:
+                cell = cells[raw]
+            except KeyError:
+                cell = cells[raw] = self._cell(raw)
+            except TypeError:  # unhashable label values
+                cell = self._cell(self._text_key(rec))
+            if cell is None:
+                self.dropped += 1
+            elif kind == "counter":
+                cell[0] += number
             elif kind == "gauge":
-                series[key] = number
+                cell[0] = number
             else:
-                current[bisect_left(bounds, number)] += 1
-                current[-1] += number
+                cell[bisect_left(bounds, number)] += 1
+                cell[-1] += number
 
     def family(self) -> Metric:
         """The Prometheus family of the series now."""
@@ -304,8 +355,12 @@ class _Metric:
         else:
             family = GaugeMetricFamily(decl.name, decl.help, labels=labels)
         for key, value in self.series.items():
-            family.add_metric(list(key), value)
+            family.add_metric(list(key), value[0])
         return family
+
+
+def _no_labels(rec: Record) -> tuple[Any, ...]:
+    return ()
 
 
 class MetricState(Collector):
@@ -341,7 +396,7 @@ class MetricState(Collector):
             hist = m.decl.kind == "histogram"
             out[m.decl.exposed] = {
                 "shape": m.decl.shape,
-                "series": [[list(k), list(v) if hist else v] for k, v in m.series.items()],
+                "series": [[list(k), list(v) if hist else v[0]] for k, v in m.series.items()],
                 "dropped": m.dropped,
                 "invalid": m.invalid,
             }
@@ -370,7 +425,7 @@ class MetricState(Collector):
                 continue
             hist = m.decl.kind == "histogram"
             m.series = {
-                tuple(k): (list(v) if hist else float(v)) for k, v in entry.get("series", [])
+                tuple(k): (list(v) if hist else [float(v)]) for k, v in entry.get("series", [])
             }
             m.dropped = int(entry.get("dropped", 0))
             m.invalid = int(entry.get("invalid", 0))
