@@ -347,7 +347,7 @@ def _kill_run(tmp_path: Path, seed: int, kills: int) -> None:
         rotations = 0
         next_rotation = time.monotonic() + 1.0
         while not stop.is_set():
-            k = rng.randint(1, 50)
+            k = rng.randint(1, 20)
             os.write(fd, b"".join(line(i) + b"\n" for i in range(n, n + k)))
             n += k
             time.sleep(0.001)
@@ -387,7 +387,7 @@ def _kill_run(tmp_path: Path, seed: int, kills: int) -> None:
         def counted() -> float:
             return float(sum(scraped(scrape(url))["requests"].values()))
 
-        wait_until(lambda: counted() >= n, f"{n} records counted", 60.0)
+        wait_until(lambda: counted() >= n, f"{n} records counted", 120.0)
         p.signal(signal.SIGTERM)
         assert p.wait(30) == 0
     finally:
