@@ -305,6 +305,7 @@ def option_sections() -> dict[str, tuple[Option[Any], ...]]:
         PROCESS_OPTIONS,
         PUSH_OPTIONS,
         SINK_OPTIONS,
+        STATSD_OPTIONS,
     )
     from podpatterns.ambassador.config import PROTOCOL_OPTIONS, ROUTE_OPTIONS
     from podpatterns.commands.inspect import INSPECT_OPTIONS
@@ -320,6 +321,7 @@ def option_sections() -> dict[str, tuple[Option[Any], ...]]:
         "ambassador-protocol": PROTOCOL_OPTIONS,
         "adapter-input": INPUT_OPTIONS,
         "adapter-push": PUSH_OPTIONS,
+        "adapter-statsd": STATSD_OPTIONS,
         "adapter-process": PROCESS_OPTIONS,
         "adapter-sinks": SINK_OPTIONS,
         "run": RUN_OPTIONS,

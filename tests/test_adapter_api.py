@@ -6,6 +6,7 @@ import asyncio
 import json
 import re
 import sys
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ from podpatterns.adapter import (
     Timestamp,
 )
 from podpatterns.adapter.api import transform_chains
-from podpatterns.adapter.config import SinkConfig
+from podpatterns.adapter.config import AdapterConfig, SinkConfig
 from podpatterns.adapter.inputs.tcp import TcpInput
 from podpatterns.errors import ConfigError
 from podpatterns.options import HostPort
@@ -40,12 +41,29 @@ from tests.waiting import eventually, wait_until
 EXAMPLE = Path(__file__).resolve().parent.parent / "docs" / "examples" / "custom-adapter"
 
 
+async def drain(pipeline: Pipeline) -> None:
+    """The graceful stop: no new input, ship what was read, close."""
+    pipeline.stop_accepting()
+    async with asyncio.timeout(30):
+        await pipeline.wait_drained()
+    await pipeline.close()
+
+
 def apply(transforms: list[Any], records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = records
     for chain in transform_chains(transforms):
         out, failed = chain.apply(out)
         assert not failed
     return out
+
+
+def test_the_typed_stages_default_to_the_options_defaults() -> None:
+    """Files and Multiline mirror AdapterConfig's fields: their defaults must agree."""
+    defaults = {f.name: f.default for f in fields(AdapterConfig)}
+    files = Files(paths=["/x/*.log"], multiline=Multiline(preset="python")).settings()
+    for name, value in files.items():
+        if name not in ("path", "multiline", "multiline_start", "multiline_continue"):
+            assert value == defaults[name], name
 
 
 # -- transforms, in the order given ------------------------------------------------------
@@ -219,10 +237,7 @@ async def test_files_and_sources_reach_every_sink(tmp_path: Path) -> None:
         await eventually(lambda: len(mine.records) >= 250, "all 250 records")
         assert (await pipeline.status())["inputs"]["numbers"] == {"records": 200}
     finally:
-        pipeline.stop_accepting()
-        async with asyncio.timeout(30):
-            await pipeline.wait_drained()
-        await pipeline.close()
+        await drain(pipeline)
     files = [r for r in mine.records if "file" in r]
     pushed = sorted(r["n"] for r in mine.records if r.get("input") == "numbers")
     assert len(files) == 50 and pushed == list(range(200))
@@ -250,10 +265,7 @@ async def test_emitted_records_survive_a_crash(tmp_path: Path) -> None:
     try:
         await eventually(lambda: len(up.records) >= 100, "the spooled records")
     finally:
-        second.stop_accepting()
-        async with asyncio.timeout(30):
-            await second.wait_drained()
-        await second.close()
+        await drain(second)
     assert sorted(r["n"] for r in up.records) == list(range(100))
 
 
@@ -297,10 +309,7 @@ async def test_a_sink_of_our_own_that_raises_is_retried(tmp_path: Path) -> None:
         flaky.accept.set()
         await eventually(lambda: len(flaky.records) == 30, "the flaky sink caught up")
     finally:
-        pipeline.stop_accepting()
-        async with asyncio.timeout(30):
-            await pipeline.wait_drained()
-        await pipeline.close()
+        await drain(pipeline)
     assert sorted(r["n"] for r in flaky.records) == list(range(30))
 
 
@@ -340,10 +349,7 @@ async def test_inputs_over_localhost_are_sources_too(tmp_path: Path) -> None:
         writer.close()
         await writer.wait_closed()
     finally:
-        pipeline.stop_accepting()
-        async with asyncio.timeout(30):
-            await pipeline.wait_drained()
-        await pipeline.close()
+        await drain(pipeline)
     assert [r["text"] for r in sink.records] == ["hi", "plain line"]
     assert all(r["input"] == "tcp" for r in sink.records)
 
@@ -362,10 +368,7 @@ async def test_a_regex_parses_lines(tmp_path: Path) -> None:
         await eventually(lambda: pipeline.counters.lines == 2, "both lines read")
         await eventually(lambda: len(sink.records) == 1, "the parsed one shipped")
     finally:
-        pipeline.stop_accepting()
-        async with asyncio.timeout(30):
-            await pipeline.wait_drained()
-        await pipeline.close()
+        await drain(pipeline)
     assert sink.records[0]["status"] == "200"
 
 

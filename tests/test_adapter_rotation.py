@@ -103,7 +103,7 @@ def _outage_run(tmp_path: Path, seed: int, mode: str, pattern: str) -> None:
             if mode == "create":
                 w.reopen()
             write_generation(w, rng)
-        wait_until(lambda: rx.distinct() >= w.next, f"{w.next} distinct lines", 60.0)
+        wait_until(lambda: rx.distinct() >= w.next, f"{w.next} distinct lines", 180.0)
         p.signal(signal.SIGTERM)
         assert p.wait(30) == 0
     finally:
@@ -183,7 +183,7 @@ def _stopped_run(tmp_path: Path, seed: int, how: signal.Signals, pattern: str) -
         write_generation(w, rng)
     p = file_adapter(tmp_path, pattern)
     try:
-        wait_until(lambda: len(set(delivered(tmp_path))) >= w.next, f"{w.next} lines", 30.0)
+        wait_until(lambda: len(set(delivered(tmp_path))) >= w.next, f"{w.next} lines", 90.0)
         p.signal(signal.SIGTERM)
         assert p.wait(30) == 0
     finally:
@@ -238,14 +238,14 @@ def test_more_files_than_file_descriptors(tmp_path: Path) -> None:
         preexec_fn=hard_limit,
     )
     try:
-        wait_until(lambda: len(set(delivered(tmp_path))) >= 3000, "3000 lines", 60.0)
+        wait_until(lambda: len(set(delivered(tmp_path))) >= 3000, "3000 lines", 180.0)
         p.wait_event("open_files_limited")
         # Every file again: those closed to make room are reopened by identity.
         for i, w in enumerate(writers):
             again = SeqWriter(w.path, start=3000 + i)
             again.write(1)
             again.close()
-        wait_until(lambda: len(set(delivered(tmp_path))) >= 4500, "4500 lines", 60.0)
+        wait_until(lambda: len(set(delivered(tmp_path))) >= 4500, "4500 lines", 180.0)
         p.signal(signal.SIGTERM)
         assert p.wait(30) == 0
     finally:
@@ -278,7 +278,7 @@ def _many_files_killed_run(tmp_path: Path, seed: int) -> None:
         # SIGKILL somewhere in the first round, with files closed to make room.
         first.wait_event("open_files_limited")
         at = rng.randint(BATCH, 2 * n - BATCH)
-        wait_until(lambda: len(set(delivered(tmp_path))) >= at, f"{at} lines", 60.0)
+        wait_until(lambda: len(set(delivered(tmp_path))) >= at, f"{at} lines", 180.0)
         first.signal(signal.SIGKILL)
         first.wait(30)
     finally:
@@ -289,7 +289,7 @@ def _many_files_killed_run(tmp_path: Path, seed: int) -> None:
         again.close()
     second = Proc(*argv, preexec_fn=hard_limit)
     try:
-        wait_until(lambda: len(set(delivered(tmp_path))) >= 3 * n, f"{3 * n} lines", 90.0)
+        wait_until(lambda: len(set(delivered(tmp_path))) >= 3 * n, f"{3 * n} lines", 240.0)
         second.signal(signal.SIGTERM)
         assert second.wait(30) == 0
     finally:

@@ -56,7 +56,7 @@ class ByteQueue:
         while_full: called every ``every`` seconds while :meth:`put` waits for room: the
             reader keeps following its files (renames, new generations) while paused.
         every: seconds between two calls of ``while_full``.
-        producers: how many producers call :meth:`end`.
+        producers: how many producers call :meth:`end` (0: the stream is empty).
     """
 
     def __init__(
@@ -74,6 +74,9 @@ class ByteQueue:
         self._items: deque[Batch | None] = deque()
         self._not_empty = asyncio.Event()
         self._room = asyncio.Event()
+        if producers <= 0:  # nothing will ever be put (a metrics-only adapter): ended
+            self._items.append(None)
+            self._not_empty.set()
 
     def __len__(self) -> int:
         return len(self._items)

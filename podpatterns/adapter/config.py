@@ -8,6 +8,8 @@ ties them together; split across modules, the table would no longer read as one.
 
 from __future__ import annotations
 
+import itertools
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -16,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from podpatterns.adapter.l2m import MetricDecl, declarations
+from podpatterns.adapter.scrapeconf import ScrapeConfig, scrapes_from_file
+from podpatterns.adapter.statsdmap import DEFAULT_BUCKETS, StatsdMapping, mappings_from_file
 from podpatterns.errors import ConfigError
 from podpatterns.options import (
     HostPort,
@@ -165,6 +169,19 @@ def parse_file_mode(text: str) -> FileMode:
     return FileMode(value)
 
 
+def parse_buckets(text: str) -> tuple[float, ...]:
+    """Comma-separated histogram bounds, ascending: ``0.01,0.1,1``."""
+    try:
+        bounds = tuple(float(b) for b in text.split(",") if b.strip())
+    except ValueError:
+        raise ValueError("is not a list of numbers (e.g. 0.01,0.1,1)") from None
+    if not bounds or any(b >= c for b, c in itertools.pairwise(bounds)):
+        raise ValueError("must be ascending numbers (e.g. 0.01,0.1,1)")
+    if not all(math.isfinite(b) for b in bounds):
+        raise ValueError("must be finite numbers (+Inf is always added)")
+    return bounds
+
+
 def _a(name: str, parse: Any, default: Any, help: str, **kw: Any) -> Option[Any]:
     return Option(name, parse, default, help, scope="adapter", **kw)
 
@@ -307,6 +324,30 @@ PUSH_OPTIONS: tuple[Option[Any], ...] = (
         "size at which a spool segment file is closed (deleted once acknowledged)",
         metavar="SIZE",
     ),
+    # -- Fluent forward inputs (podpatterns/adapter/inputs/forward.py) --
+    _a(
+        "forward_listen",
+        parse_local_bind,
+        None,
+        "accept the Fluent forward protocol (fluent-logger, Fluentd, Fluent Bit) on "
+        "HOST:PORT, e.g. 127.0.0.1:24224; a bare PORT binds 127.0.0.1 (needs the fluent extra)",
+        metavar="HOST:PORT",
+    ),
+    _a(
+        "forward_unix",
+        parse_path,
+        None,
+        "unix stream socket to accept the Fluent forward protocol on (mode 0666)",
+        metavar="PATH",
+    ),
+    _a(
+        "forward_max_message",
+        parse_size,
+        8 * 1024 * 1024,
+        "largest forward message, compressed or once decompressed (a larger one closes "
+        "its connection); keep Fluentd's chunk_limit_size below it",
+        metavar="SIZE",
+    ),
     # -- syslog inputs (podpatterns/adapter/inputs/syslog.py) --
     _a(
         "syslog_unix",
@@ -351,6 +392,38 @@ PUSH_OPTIONS: tuple[Option[Any], ...] = (
         64 * 1024,
         "longer syslog messages are truncated to this and marked truncated",
         metavar="SIZE",
+    ),
+)
+
+STATSD_OPTIONS: tuple[Option[Any], ...] = (
+    _a(
+        "statsd_udp",
+        parse_bind,
+        None,
+        "receive StatsD (DogStatsD tags too) on UDP HOST:PORT and expose it on /metrics "
+        "(e.g. 127.0.0.1:8125)",
+        metavar="HOST:PORT",
+    ),
+    _a(
+        "statsd_tcp",
+        parse_bind,
+        None,
+        "receive StatsD lines over TCP on HOST:PORT and expose them on /metrics",
+        metavar="HOST:PORT",
+    ),
+    _a(
+        "statsd_buckets",
+        parse_buckets,
+        DEFAULT_BUCKETS,
+        "histogram bounds of StatsD timers (in seconds) and histograms, ascending",
+        metavar="LIST",
+    ),
+    _a(
+        "statsd_max_series",
+        parse_int(1),
+        1000,
+        "label sets kept per StatsD metric; samples of new ones beyond it are dropped and counted",
+        metavar="N",
     ),
 )
 
@@ -682,7 +755,9 @@ SINK_OPTIONS: tuple[Option[Any], ...] = (
     ),
 )
 
-ADAPTER_ONLY_OPTIONS = INPUT_OPTIONS + PUSH_OPTIONS + PROCESS_OPTIONS + SINK_OPTIONS
+ADAPTER_ONLY_OPTIONS = (
+    INPUT_OPTIONS + PUSH_OPTIONS + STATSD_OPTIONS + PROCESS_OPTIONS + SINK_OPTIONS
+)
 ADAPTER_OPTIONS: tuple[Option[Any], ...] = RUNTIME_OPTIONS + ADAPTER_ONLY_OPTIONS
 
 
@@ -786,18 +861,31 @@ def _has_userinfo(url: str) -> bool:
     return "@" in urlsplit(url).netloc
 
 
-def _need_otlp(where: str) -> None:
-    """The OTLP sink's encoder is an optional extra: say how to install it, at startup."""
+def _installed(module: str) -> bool:
+    """True when ``module`` (of an optional extra) can be imported."""
     import importlib.util
 
     try:
-        found = importlib.util.find_spec("opentelemetry.proto") is not None
+        return importlib.util.find_spec(module) is not None
     except ModuleNotFoundError:
-        found = False
-    if not found:
+        return False
+
+
+def _need_otlp(where: str) -> None:
+    """The OTLP sink's encoder is an optional extra: say how to install it, at startup."""
+    if not _installed("opentelemetry.proto"):
         raise ConfigError(
             f"{where}--sink: otlp needs the opentelemetry-proto package "
             "(pip install 'podpatterns[otlp]')"
+        )
+
+
+def _need_fluent(flag: str) -> None:
+    """The forward input's msgpack decoder is an optional extra: say how to install it."""
+    if not _installed("msgpack"):
+        raise ConfigError(
+            f"{flag}: the Fluent forward input needs the msgpack package "
+            "(pip install 'podpatterns[fluent]')"
         )
 
 
@@ -832,12 +920,21 @@ class AdapterConfig(SinkSettings):
     spool_dir: Path | None = None
     spool_max_bytes: int = 256 * 1024 * 1024
     spool_segment_bytes: int = 16 * 1024 * 1024
+    forward_listen: HostPort | None = None
+    forward_unix: Path | None = None
+    forward_max_message: int = 8 * 1024 * 1024
     syslog_unix: Path | None = None
     syslog_unix_stream: Path | None = None
     syslog_tcp: HostPort | None = None
     syslog_udp: HostPort | None = None
     syslog_socket_mode: int = FileMode(0o666)
     syslog_max_message: int = 64 * 1024
+    statsd_udp: HostPort | None = None
+    statsd_tcp: HostPort | None = None
+    statsd_buckets: tuple[float, ...] = DEFAULT_BUCKETS
+    statsd_max_series: int = 1000
+    statsd_mappings: tuple[StatsdMapping, ...] = ()
+    scrape: tuple[ScrapeConfig, ...] = ()
     parse: str = "raw"
     regex: re.Pattern[str] | None = None
     on_parse_error: str = "raw"
@@ -871,13 +968,18 @@ class AdapterConfig(SinkSettings):
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     def __post_init__(self) -> None:
-        if not self.path and not self.pushed_inputs:
+        if not self.path and not self.pushed_inputs and not self.statsd and not self.scrape:
             raise ConfigError(
                 "--path: missing (give a glob, e.g. --path '/var/log/app/*.log', or an input "
                 "over localhost such as --http-listen 127.0.0.1:4318)"
             )
+        if self.statsd_mappings and not self.statsd:
+            raise ConfigError(
+                "statsd_mappings: given without --statsd-udp or --statsd-tcp (add one of them)"
+            )
         self._check_spool()
         self._check_syslog()
+        self._check_forward()
         if self.parse == "regex" and self.regex is None:
             raise ConfigError("--regex: missing (--parse regex needs a pattern with named groups)")
         if self.regex is not None and not self.regex.groupindex:
@@ -935,9 +1037,17 @@ class AdapterConfig(SinkSettings):
             ("--syslog-unix-stream", self.syslog_unix_stream),
             ("--syslog-tcp", self.syslog_tcp),
             ("--syslog-udp", self.syslog_udp),
+            ("--forward-listen", self.forward_listen),
+            ("--forward-unix", self.forward_unix),
         )
         flags = tuple(flag for flag, value in listens if value is not None)
         return flags + tuple(f"source {name!r}" for name in self.sources)
+
+    @property
+    def statsd(self) -> bool:
+        """True when a StatsD input is configured (it needs no spool: its records are
+        metrics)."""
+        return self.statsd_udp is not None or self.statsd_tcp is not None
 
     @property
     def state_dir(self) -> Path | None:
@@ -974,6 +1084,27 @@ class AdapterConfig(SinkSettings):
             raise ConfigError(
                 f"--tcp-listen: {http} is --http-listen's address too (choose another port)"
             )
+
+    def _check_forward(self) -> None:
+        if self.forward_listen is None and self.forward_unix is None:
+            return
+        flag = "--forward-listen" if self.forward_listen is not None else "--forward-unix"
+        _need_fluent(flag)
+        if not 64 * 1024 <= self.forward_max_message <= 256 * 1024 * 1024:
+            raise ConfigError(
+                f"--forward-max-message: {self.forward_max_message} is out of range "
+                "(64KiB to 256MiB)"
+            )
+        fwd = self.forward_listen
+        for other, value in (
+            ("--http-listen", self.http_listen),
+            ("--tcp-listen", self.tcp_listen),
+            ("--syslog-tcp", self.syslog_tcp),
+        ):
+            if fwd is not None and fwd.port and fwd == value:
+                raise ConfigError(
+                    f"--forward-listen: {fwd} is {other}'s address too (choose another port)"
+                )
 
     def _check_syslog(self) -> None:
         if not 480 <= self.syslog_max_message <= 16 * 1024 * 1024:
@@ -1106,6 +1237,8 @@ def build(
     file = dict(file)
     sinks_raw = file.pop("sinks", None)
     metrics_raw = file.pop("metrics", None)
+    mappings_raw = file.pop("statsd_mappings", None)
+    scrape_raw = file.pop("scrape", None)
     values = resolve_with_file(ADAPTER_OPTIONS, flags, env, file, file_label)
     runtime = RuntimeConfig.from_values(values)
     own = {o.name: values[o.name] for o in ADAPTER_ONLY_OPTIONS}
@@ -1118,6 +1251,10 @@ def build(
         own["sink"] = tuple(s.kind for s in own["sinks"])
     if metrics_raw is not None:
         own["metrics"] = declarations(metrics_raw, file_label)
+    if mappings_raw is not None:
+        own["statsd_mappings"] = mappings_from_file(mappings_raw, file_label)
+    if scrape_raw is not None:
+        own["scrape"] = scrapes_from_file(scrape_raw, file_label)
     return AdapterConfig(**own, runtime=runtime)
 
 

@@ -7,10 +7,10 @@ the transform chain's and the sink's own); these declarations read them at scrap
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Sequence
+from typing import Protocol
 
 from podpatterns.adapter.checkpoint import CheckpointStore
 from podpatterns.adapter.counters import Counters
-from podpatterns.adapter.inputs import Input
 from podpatterns.adapter.l2m import MetricState
 from podpatterns.adapter.lines import LineSplitter
 from podpatterns.adapter.ship import Lane
@@ -18,6 +18,15 @@ from podpatterns.adapter.sinks import DeadLetter
 from podpatterns.adapter.spool import Spool, SpoolCounters
 from podpatterns.adapter.transform import Counters as TransformCounters
 from podpatterns.metrics import Family, Sample, counter, gauge
+
+
+class Counted(Protocol):
+    """An input as the metrics see it: its name and its counters."""
+
+    name: str
+
+    def collect(self) -> dict[str, float]:
+        """Counters (name -> value)."""
 
 
 def families(
@@ -32,7 +41,7 @@ def families(
     lag_bytes: Callable[[], int],
     store: CheckpointStore | None,
     spool: Spool | None = None,
-    inputs: Sequence[Input] = (),
+    inputs: Sequence[Counted] = (),
     metric_state: MetricState | None = None,
 ) -> list[Family]:
     """The adapter's families.

@@ -53,13 +53,16 @@ from podpatterns.adapter.join import Joiner
 from podpatterns.adapter.k8s import K8sMetadata
 from podpatterns.adapter.l2m import MetricState
 from podpatterns.adapter.lines import Line
+from podpatterns.adapter.metrics import Counted
 from podpatterns.adapter.multiline import PRESETS, Grouper
 from podpatterns.adapter.parse import Parser, get_parser
 from podpatterns.adapter.reader import Reader
 from podpatterns.adapter.records import Record, RecordParser
+from podpatterns.adapter.scrape import JsonScraper
 from podpatterns.adapter.ship import Lane, Shipment, build_sink, dead_letter_failed
 from podpatterns.adapter.sinks import DeadLetter, Sink
 from podpatterns.adapter.spool import Spool
+from podpatterns.adapter.statsd import StatsdMetrics, StatsdServer
 from podpatterns.adapter.tail import FileKey
 from podpatterns.adapter.tracking import Tracked, Tracker
 from podpatterns.adapter.transform import Counters as TransformCounters
@@ -97,6 +100,10 @@ def build_inputs(config: AdapterConfig) -> list[Input]:
         from podpatterns.adapter.inputs.syslog import inputs_from_config
 
         inputs.extend(inputs_from_config(config))
+    if config.forward_listen is not None or config.forward_unix is not None:
+        from podpatterns.adapter.inputs import forward
+
+        inputs.extend(forward.inputs_from_config(config))
     return inputs
 
 
@@ -164,6 +171,15 @@ class Adapter:
         self._lane_moved = asyncio.Event()
         self._unready_reason: str | None = None
         self.inputs: list[Input] = list(build_inputs(config) if inputs is None else inputs)
+        self.scraper = JsonScraper(config.scrape)
+        self.statsd: StatsdServer | None = None
+        if config.statsd:
+            metrics_store = StatsdMetrics(
+                config.statsd_mappings,
+                buckets=config.statsd_buckets,
+                max_series=config.statsd_max_series,
+            )
+            self.statsd = StatsdServer(metrics_store, udp=config.statsd_udp, tcp=config.statsd_tcp)
         self.spool: Spool | None = None
         if self.inputs:
             if config.spool_dir is None:
@@ -325,10 +341,14 @@ class Adapter:
             self._tasks.spawn(self.spool.run(), "adapter-spool-write", may_return=True)
             self._tasks.spawn(self._spool_loop(self.spool), "adapter-spool-read", may_return=True)
         self._tasks.spawn(self._send_loop(), "adapter-send", may_return=True)
+        for target in self.scraper.targets:
+            self._tasks.spawn(self.scraper.run(target), f"adapter-scrape-{target.config.name}")
         for lane in self.lanes:
             self._tasks.spawn(self._lane_loop(lane), f"adapter-sink-{lane.name}", may_return=True)
         # Bound last: a peer is answered only once everything behind the input runs.
         try:
+            if self.statsd is not None:
+                await self.statsd.start()
             for inp in self.inputs:
                 assert self.spool is not None
                 await inp.start(self.spool)
@@ -400,6 +420,8 @@ class Adapter:
     async def _close_inputs(self) -> None:
         for inp in self.inputs:
             await inp.close()
+        if self.statsd is not None:
+            await self.statsd.close()
 
     def in_flight(self) -> int:
         """Batches queued or being shipped, plus one while files or the spool are still
@@ -730,6 +752,10 @@ class Adapter:
             total += max(0, t.file.size - (entry.offset if entry else 0))
         return total
 
+    def _counted(self) -> list[Counted]:
+        """The inputs whose counters are exposed, the StatsD one included."""
+        return [*self.inputs, *([self.statsd] if self.statsd is not None else [])]
+
     def collectors(self) -> Sequence[Any]:
         """The adapter's metric families."""
         return [
@@ -745,10 +771,13 @@ class Adapter:
                     lag_bytes=self.lag_bytes,
                     store=self._store,
                     spool=self.spool,
-                    inputs=self.inputs,
+                    inputs=self._counted(),
                     metric_state=self.metric_state,
                 )
+                + self.scraper.families()
             ),
+            self.scraper,
+            *([self.statsd.metrics] if self.statsd else []),
             *([self.metric_state] if self.metric_state is not None else []),
         ]
 
@@ -830,7 +859,7 @@ class Adapter:
             "sinks": sinks,
             "errors_retried": self.counters.sink_errors,
             "spool": spool,
-            "inputs": {i.name: i.collect() for i in self.inputs},
+            "inputs": {i.name: i.collect() for i in self._counted()},
             "dead_letter": {
                 "path": str(self.dead_letter.path) if self.dead_letter.path else None,
                 "written": self.dead_letter.written,

@@ -16,17 +16,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from podpatterns import logs
-from podpatterns.dirwatch import DirWatcher
+from podpatterns.dirwatch import STEP_MS, DirWatcher
 from podpatterns.errors import ConfigError
 
 if TYPE_CHECKING:
     from podpatterns.ambassador.config import RouteConfig
 
-# The watch of the TLS files may react in a fraction of a second rather than in
-# milliseconds: watchfiles' defaults of the other watches (a 5 ms step, a 0.2 s tick) cost
-# a TLS route about 17 ms of CPU per second while idle, plus a GIL hand-off with the event
-# loop at every step under load; these cost about 2 ms per second (issue 11's benchmark).
-WATCH_STEP_MS = 50
+# The watch of the TLS files may react in a second rather than at once: besides the
+# longer step every watch now has (dirwatch.STEP_MS; at 5 ms a TLS route spent about
+# 17 ms of CPU per second while idle, issue 11's benchmark), it ticks once a second.
+WATCH_STEP_MS = STEP_MS
 WATCH_TICK_SECONDS = 1.0
 
 
