@@ -16,7 +16,8 @@ What :func:`pod_problems` checks, for every podpatterns invocation of a Pod:
   the options resolve and build the same configuration objects the command builds, with
   the container's ``PODPATTERNS_*`` environment variables; paths are looked up in a
   scratch copy of the container's file system that holds only its volume mounts (and a
-  ConfigMap's keys as files, when the ConfigMap is in the same file);
+  ConfigMap's keys as files, when the ConfigMap is in the same file: a ``--config`` file
+  is checked when it is one of them);
 - every HTTP probe aimed at a podpatterns admin port asks for a path that server serves,
   and a podpatterns container's probes are aimed at its own admin port;
 - the records a Pod refers to (``/readyz/NAME``, ``wait --for ready:NAME``,
@@ -59,7 +60,7 @@ from podpatterns.commands import COMMANDS
 from podpatterns.errors import PodpatternsError
 from podpatterns.health.coordination import pod_runtime
 from podpatterns.health.targets import GrpcTarget, HttpTarget, ReadyTarget, TcpTarget
-from podpatterns.options import HostPort, parse_path, resolve
+from podpatterns.options import HostPort, load_yaml, parse_path, resolve
 from podpatterns.runtime import RuntimeConfig
 
 IMAGE_ENTRYPOINTS: dict[str, tuple[str, ...]] = {
@@ -196,9 +197,17 @@ def _configure(tool: str, flags: dict[str, Any], env: dict[str, str], root: Path
     command line calls it); raise what it would raise."""
     if tool not in (*RUNTIME_TOOLS, "run", "wait"):
         raise ManifestError(f"`podpatterns {tool}` does not belong in a Pod")
+    file: dict[str, Any] = {}
     if flags.get("config"):
-        raise ManifestError("--config: config files in manifests are not checked here")
-    flags = {k: v for k, v in flags.items() if k != "command"}
+        # Checked when it is a ConfigMap key of the same file, mounted in the container.
+        found = root / str(flags["config"]).lstrip("/")
+        if not found.is_file():
+            raise ManifestError(
+                f"--config: {flags['config']} is not a key of a ConfigMap of this file "
+                "mounted in the container (other config files are not checked here)"
+            )
+        file = load_yaml(found)
+    flags = {k: v for k, v in flags.items() if k not in ("command", "config")}
     argv = tuple(flags.get("argv") or ())
     command: tuple[str, ...] = ()
     if tool in ("run", "wait"):
@@ -215,8 +224,8 @@ def _configure(tool: str, flags: dict[str, Any], env: dict[str, str], root: Path
     scratch_env = {
         k: _in_root(root, v) if any(o.env == k for o in paths) else v for k, v in env.items()
     }
-    config = cmd.build(scratch_flags, scratch_env, {}, "config file")
-    values = resolve(cmd.options, flags, env, {})
+    config = cmd.build(scratch_flags, scratch_env, file, "config file")
+    values = resolve(cmd.options, flags, env, file)
     runtime = RuntimeConfig.from_values(values) if tool in RUNTIME_TOOLS else None
     if isinstance(config, AmbassadorConfig):
         return Invocation(tool, runtime, values, listens=tuple(r.listen for r in config.routes))
@@ -275,8 +284,8 @@ def _scratch_root(
             target.mkdir(parents=True, exist_ok=True)
             cm = (volumes.get(mount.get("name")) or {}).get("configMap")
             if cm and not mount.get("subPath"):
-                for key in config_maps.get(cm.get("name", ""), {}):
-                    (target / key).write_text("")
+                for key, value in config_maps.get(cm.get("name", ""), {}).items():
+                    (target / key).write_text(str(value))
         yield root
 
 

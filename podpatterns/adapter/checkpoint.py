@@ -10,8 +10,9 @@ checkpoint that does not parse falls back to the previous generation, loudly.
 where a file starts (opened, truncated, closed, gone) and the sender records what the
 sink acknowledged. The spool's entries (:attr:`Checkpoint.spool`: per segment number, the
 offset before which every record was acknowledged) are saved in the same generation,
-under an optional ``spool`` key. It imports no stage; the wiring hands it to the stages
-that need it.
+under an optional ``spool`` key, and so is the logs-to-metrics state
+(:attr:`Checkpoint.metrics`), under an optional ``metrics`` key. It imports no stage;
+the wiring hands it to the stages that need it.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import json
 import os
 import threading
 import time
-from collections.abc import Container, Iterable, Mapping
+from collections.abc import Callable, Container, Iterable, Mapping
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -101,6 +102,10 @@ class Checkpoint:
         """The acknowledged position of each file (what is saved)."""
         self.spool: dict[int, int] = {}
         """Per spool segment, the offset before which every record was acknowledged."""
+        self.metrics: Callable[[], dict[str, Any]] | None = None
+        """Returns the logs-to-metrics state to save with each generation (a copy)."""
+        self.loaded_metrics: dict[str, Any] | None = None
+        """The logs-to-metrics state of the generation :meth:`load` read."""
         self._epochs: dict[FileKey, int] = {}
         self._closed_at: dict[FileKey, int] = {}
         # (file, epoch) whose reading went on in another file (copytruncate's copy): its
@@ -121,6 +126,7 @@ class Checkpoint:
         if self.store is not None:
             self.acked = await asyncio.to_thread(self.store.load)
             self.spool = dict(self.store.loaded_spool)
+            self.loaded_metrics = self.store.loaded_metrics
 
     def first_run(self) -> bool:
         """True when no checkpoint was ever written (``--read-from end`` applies)."""
@@ -240,13 +246,19 @@ class Checkpoint:
             if new not in self.acked:
                 del self._moved[moved]
 
+    def touch(self) -> None:
+        """Something saved with the checkpoint (the metric state) changed."""
+        self._dirty = True
+
     async def save(self, *, force: bool = False) -> None:
         """Write a generation if anything moved since the last one (or ``force``)."""
         if self.store is None or not (self._dirty or force):
             return
         self._dirty = False
+        # Copies taken now, on the loop: the offsets and the metric state of one moment.
         snapshot = dict(self.acked)
-        await asyncio.to_thread(self.store.save, snapshot, dict(self.spool))
+        metrics = self.metrics() if self.metrics is not None else None
+        await asyncio.to_thread(self.store.save, snapshot, dict(self.spool), metrics)
 
 
 class CheckpointStore:
@@ -264,6 +276,8 @@ class CheckpointStore:
         self.fallbacks = 0
         self.loaded_spool: dict[int, int] = {}
         """The spool entries of the generation :meth:`load` returned."""
+        self.loaded_metrics: dict[str, Any] | None = None
+        """The logs-to-metrics state of the generation :meth:`load` returned."""
         # save() runs in worker threads: a save still running in a cancelled task's
         # thread must not interleave with the final one on the same temporary file.
         self._lock = threading.Lock()
@@ -285,7 +299,7 @@ class CheckpointStore:
             if not path.exists():
                 continue
             try:
-                entries, self.loaded_spool = _decode(path.read_bytes())
+                entries, self.loaded_spool, self.loaded_metrics = _decode(path.read_bytes())
             except (OSError, ValueError, TypeError, KeyError) as exc:
                 self.fallbacks += 1
                 self._log.error("checkpoint_corrupt", path=str(path), error=str(exc))
@@ -297,22 +311,33 @@ class CheckpointStore:
         return {}
 
     def save(
-        self, entries: dict[tuple[int, int], Entry], spool: Mapping[int, int] | None = None
+        self,
+        entries: dict[tuple[int, int], Entry],
+        spool: Mapping[int, int] | None = None,
+        metrics: Mapping[str, Any] | None = None,
     ) -> None:
         """Write a new generation crash-safely (blocking: call it in a thread).
 
         Args:
             entries: the files.
             spool: per spool segment, the acknowledged offset.
+            metrics: the logs-to-metrics state (JSON-able).
         """
         with self._lock:
-            self._save(entries, spool or {})
+            self._save(entries, spool or {}, metrics)
 
-    def _save(self, entries: dict[tuple[int, int], Entry], spool: Mapping[int, int]) -> None:
+    def _save(
+        self,
+        entries: dict[tuple[int, int], Entry],
+        spool: Mapping[int, int],
+        metrics: Mapping[str, Any] | None,
+    ) -> None:
         doc: dict[str, Any] = {"version": VERSION, "files": [asdict(e) for e in entries.values()]}
         if spool:
             # Optional: a checkpoint without spool entries reads as before.
             doc["spool"] = {str(seq): offset for seq, offset in sorted(spool.items())}
+        if metrics is not None:
+            doc["metrics"] = metrics  # optional too
         data = json.dumps(doc, separators=(",", ":")).encode()
         replace_atomically(
             self.current, data, self.directory / (NAME + ".tmp"), keep_previous=self.previous
@@ -320,7 +345,9 @@ class CheckpointStore:
         self.writes += 1
 
 
-def _decode(raw: bytes) -> tuple[dict[tuple[int, int], Entry], dict[int, int]]:
+def _decode(
+    raw: bytes,
+) -> tuple[dict[tuple[int, int], Entry], dict[int, int], dict[str, Any] | None]:
     doc: Any = json.loads(raw)
     if not isinstance(doc, dict) or doc.get("version") != VERSION:
         raise ValueError("not a version 1 checkpoint")
@@ -335,4 +362,7 @@ def _decode(raw: bytes) -> tuple[dict[tuple[int, int], Entry], dict[int, int]]:
         if not isinstance(offset, int) or offset < 0:
             raise ValueError(f"bad spool offset {offset!r}")
         spool[int(seq)] = offset
-    return out, spool
+    metrics = doc.get("metrics")
+    if metrics is not None and not isinstance(metrics, dict):
+        raise ValueError("bad metrics state")
+    return out, spool, metrics

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from podpatterns.adapter.l2m import MetricDecl, declarations
 from podpatterns.adapter.scrapeconf import ScrapeConfig, scrapes_from_file
 from podpatterns.adapter.statsdmap import DEFAULT_BUCKETS, StatsdMapping, mappings_from_file
 from podpatterns.errors import ConfigError
@@ -575,7 +576,7 @@ PROCESS_OPTIONS: tuple[Option[Any], ...] = (
     ),
 )
 
-SINKS = ("stdout", "file", "http", "tcp", "otlp", "loki")
+SINKS = ("stdout", "file", "http", "tcp", "otlp", "loki", "none")
 URL_SINKS = ("http", "otlp", "loki")
 """The sinks that POST to ``--sink-url`` (the HTTP sink's machinery)."""
 
@@ -960,6 +961,8 @@ class AdapterConfig(SinkSettings):
     dead_letter: Path | None = None
     dead_letter_max_bytes: int = 64 * 1024 * 1024
     sinks: tuple[SinkConfig, ...] = ()
+    metrics: tuple[MetricDecl, ...] = ()
+    """Logs-to-metrics declarations (a config file's ``metrics:`` list)."""
     sources: tuple[str, ...] = ()
     """Names of inputs given as objects (the Python API's sources): pushed inputs too."""
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
@@ -1013,6 +1016,11 @@ class AdapterConfig(SinkSettings):
         for s in self.sinks:
             if s.kind == "file":
                 self._check_sink_path(s)
+            if s.kind == "none" and not self.metrics:
+                raise ConfigError(
+                    "--sink: none discards every record; it is for a metrics-only adapter "
+                    "(declare metrics: in --config, or choose a sink)"
+                )
         if self.sink_ca is not None:
             _check_pem(self.sink_ca)
         for s in self.sinks:
@@ -1220,13 +1228,15 @@ def build(
     A config file may list ``sinks:``: each entry a mapping with ``sink`` (the kind), an
     optional ``name`` (default: the kind) and any per-sink key; per-sink keys set by
     flags, environment or at the top level of the file apply to every entry that does
-    not set its own.
+    not set its own. It may list ``metrics:`` too: the logs-to-metrics declarations
+    (:func:`~podpatterns.adapter.l2m.declarations`).
 
     Raises:
         ConfigError: naming the flag, environment variable or file key at fault.
     """
     file = dict(file)
     sinks_raw = file.pop("sinks", None)
+    metrics_raw = file.pop("metrics", None)
     mappings_raw = file.pop("statsd_mappings", None)
     scrape_raw = file.pop("scrape", None)
     values = resolve_with_file(ADAPTER_OPTIONS, flags, env, file, file_label)
@@ -1239,6 +1249,8 @@ def build(
             )
         own["sinks"] = _sinks_from_file(sinks_raw, values, file_label)
         own["sink"] = tuple(s.kind for s in own["sinks"])
+    if metrics_raw is not None:
+        own["metrics"] = declarations(metrics_raw, file_label)
     if mappings_raw is not None:
         own["statsd_mappings"] = mappings_from_file(mappings_raw, file_label)
     if scrape_raw is not None:

@@ -11,6 +11,7 @@ from typing import Protocol
 
 from podpatterns.adapter.checkpoint import CheckpointStore
 from podpatterns.adapter.counters import Counters
+from podpatterns.adapter.l2m import MetricState
 from podpatterns.adapter.lines import LineSplitter
 from podpatterns.adapter.ship import Lane
 from podpatterns.adapter.sinks import DeadLetter
@@ -41,6 +42,7 @@ def families(
     store: CheckpointStore | None,
     spool: Spool | None = None,
     inputs: Sequence[Counted] = (),
+    metric_state: MetricState | None = None,
 ) -> list[Family]:
     """The adapter's families.
 
@@ -57,6 +59,7 @@ def families(
         spool: the spool of pushed records, if any.
         inputs: the pushed inputs (each one's ``collect()`` becomes
             ``adapter_input_events``).
+        metric_state: the logs-to-metrics state, if metrics are declared.
 
     Returns:
         The declarations, in the order they are exposed and documented.
@@ -76,6 +79,10 @@ def families(
         return [((i.name, k), float(v)) for i in inputs for k, v in i.collect().items()]
 
     sc = spool.counters if spool is not None else SpoolCounters()
+    l2m = metric_state
+
+    def per_metric(get: Callable[[MetricState], list[tuple[str, int]]]) -> list[Sample]:
+        return [((name,), float(n)) for name, n in get(l2m)] if l2m is not None else []
 
     return [
         counter("adapter_lines", "lines read and handed to parsing", lambda: c.lines),
@@ -285,5 +292,19 @@ def families(
             "adapter_spool_segments",
             "spool segment files",
             lambda: spool.segments() if spool is not None else 0,
+        ),
+        Family(
+            "counter",
+            "adapter_metric_series_dropped",
+            "observations of a declared metric dropped: their series was over its max_series",
+            ("metric",),
+            lambda: per_metric(MetricState.dropped),
+        ),
+        Family(
+            "counter",
+            "adapter_metric_values_invalid",
+            "matching records a declared metric skipped: value field missing or not a number",
+            ("metric",),
+            lambda: per_metric(MetricState.invalid),
         ),
     ]

@@ -51,6 +51,7 @@ from podpatterns.adapter.cri import CriJoiner
 from podpatterns.adapter.inputs import Input
 from podpatterns.adapter.join import Joiner
 from podpatterns.adapter.k8s import K8sMetadata
+from podpatterns.adapter.l2m import MetricState
 from podpatterns.adapter.lines import Line
 from podpatterns.adapter.metrics import Counted
 from podpatterns.adapter.multiline import PRESETS, Grouper
@@ -193,6 +194,10 @@ class Adapter:
         state_dir = config.state_dir
         self._store = CheckpointStore(state_dir) if state_dir else None
         self._checkpoint = Checkpoint(self._store)
+        # Logs to metrics: counted at acknowledgement, saved in the checkpoint's generations.
+        self.metric_state = MetricState(config.metrics) if config.metrics else None
+        if self.metric_state is not None:
+            self._checkpoint.metrics = self.metric_state.dump
         own_paths = [
             p
             for p in (
@@ -316,6 +321,8 @@ class Adapter:
             assert self._store is not None  # nothing to load without a store
             flag = "--checkpoint-dir" if self.config.checkpoint_dir else "--spool-dir"
             raise _unusable(flag, self._store.directory, exc) from None
+        if self.metric_state is not None:
+            self.metric_state.restore(self._checkpoint.loaded_metrics)
         if self.spool is not None:
             await self._open_spool(self.spool)
         self._tracker.restore(time.monotonic())
@@ -703,6 +710,10 @@ class Adapter:
                 self.counters.batches += 1
                 self.counters.records_shipped += len(shipment.records)
                 self._checkpoint.acknowledge(shipment.batch.marks, shipment.batch.spool)
+                if self.metric_state is not None and shipment.records:
+                    # In the generation the save below writes, with these offsets.
+                    self.metric_state.observe(shipment.records)
+                    self._checkpoint.touch()
                 self._queue.release(shipment.nbytes)
                 done.append(shipment.batch)
             if done:
@@ -761,11 +772,13 @@ class Adapter:
                     store=self._store,
                     spool=self.spool,
                     inputs=self._counted(),
+                    metric_state=self.metric_state,
                 )
                 + self.scraper.families()
             ),
             self.scraper,
             *([self.statsd.metrics] if self.statsd else []),
+            *([self.metric_state] if self.metric_state is not None else []),
         ]
 
     async def status(self) -> dict[str, Any]:

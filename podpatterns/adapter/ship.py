@@ -216,6 +216,10 @@ def build_sink(config: SinkConfig, dead_letter: DeadLetter) -> Sink:
         from podpatterns.adapter.sinks.http import HttpSink
 
         return HttpSink(config.sink_url, fmt=config.sink_format, **http)
+    if kind == "none":
+        from podpatterns.adapter.sinks.none import NoneSink
+
+        return NoneSink()
     if kind == "tcp":
         from podpatterns.adapter.sinks.tcp import TcpSink
 

@@ -1,0 +1,438 @@
+"""Logs to metrics: counters, gauges and histograms declared in the config file, computed
+from the records every sink acknowledged.
+
+The declarations (a config file's ``metrics:`` list) are validated and compiled once
+(:func:`declarations`). :class:`MetricState` holds the series; the wiring hands it each
+acknowledged batch, in batch order, just before the checkpoint generation that moves past
+the batch is written, and that generation carries the state (:meth:`MetricState.dump`,
+under the checkpoint's ``metrics`` key). So after a crash the state and the offsets come
+from one generation and can never disagree: the records resent after a restart are those
+the state has not counted yet. It imports no stage.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from bisect import bisect_left
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from itertools import pairwise
+from typing import Any
+
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from podpatterns import logs
+from podpatterns.errors import ConfigError
+
+Record = dict[str, Any]
+
+KINDS = ("counter", "gauge", "histogram")
+MAX_SERIES = 1000
+"""Default series per metric (the cardinality cap)."""
+DEFAULT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+"""Histogram bounds when a declaration gives none (Prometheus client libraries' default)."""
+STATE_VERSION = 1
+RESERVED = ("podpatterns_", "process_")
+"""Name prefixes of the families the admin server exposes already."""
+
+_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
+_LABEL = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
+_KEYS = ("name", "type", "help", "field", "labels", "match", "buckets", "max_series")
+
+
+@dataclass(frozen=True, slots=True)
+class MetricDecl:
+    """One declared metric.
+
+    Attributes:
+        name: the exposed name (a counter's gets ``_total`` added when it lacks it).
+        kind: ``counter``, ``gauge`` or ``histogram``.
+        help: the ``# HELP`` line.
+        field: the record field whose value is added (counter), set (gauge) or observed
+            (histogram); ``None`` for a counter that counts matching records.
+        labels: (label name, record field) pairs; a missing field gives the empty value.
+        match: (field, regex) pairs every counted record must match (``re.search``, as
+            ``--filter``).
+        buckets: a histogram's upper bounds, ascending (``+Inf`` is added).
+        max_series: series kept at most; observations of further series are dropped and
+            counted.
+    """
+
+    name: str
+    kind: str
+    help: str
+    field: str | None
+    labels: tuple[tuple[str, str], ...]
+    match: tuple[tuple[str, re.Pattern[str]], ...]
+    buckets: tuple[float, ...]
+    max_series: int
+
+    @property
+    def exposed(self) -> str:
+        """The name as exposed (a counter with ``_total``)."""
+        if self.kind == "counter" and not self.name.endswith("_total"):
+            return self.name + "_total"
+        return self.name
+
+    @property
+    def shape(self) -> list[Any]:
+        """What stored state must agree with to be reloaded for this declaration."""
+        return [self.kind, [k for k, _ in self.labels], list(self.buckets)]
+
+
+def declarations(raw: Any, file_label: str = "config file") -> tuple[MetricDecl, ...]:
+    """Validate and compile a config file's ``metrics:`` list.
+
+    Raises:
+        ConfigError: one line naming the metric, the key and what was expected.
+    """
+    if not isinstance(raw, list) or not raw:
+        raise ConfigError(
+            f"{file_label}: metrics must be a non-empty list of mappings "
+            "(each with name: and type: counter, gauge or histogram)"
+        )
+    out: list[MetricDecl] = []
+    seen: set[str] = set()
+    for i, entry in enumerate(raw):
+        decl = _declaration(entry, f"{file_label}: metrics[{i}]")
+        if decl.exposed in seen:
+            raise ConfigError(
+                f"{file_label}: metrics[{i}] {decl.name!r}: name: declared twice "
+                f"(as {decl.exposed!r}; give each metric its own name)"
+            )
+        seen.add(decl.exposed)
+        out.append(decl)
+    return tuple(out)
+
+
+def _declaration(entry: Any, where: str) -> MetricDecl:
+    if not isinstance(entry, dict):
+        raise ConfigError(f"{where}: must be a mapping (e.g. {{name: requests, type: counter}})")
+    name = entry.get("name")
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise ConfigError(
+            f"{where}: name: {name!r} is not a Prometheus metric name ([a-zA-Z_:][a-zA-Z0-9_:]*)"
+        )
+    if name.startswith(RESERVED):
+        raise ConfigError(
+            f"{where} {name!r}: name: the prefixes {' and '.join(RESERVED)} are the "
+            "adapter's own (choose another name)"
+        )
+    where = f"{where} {name!r}"
+
+    def bad(key: str, value: Any, expected: str) -> ConfigError:
+        return ConfigError(f"{where}: {key}: {value!r} {expected}")
+
+    unknown = sorted(set(entry) - set(_KEYS))
+    if unknown:
+        raise bad(unknown[0], entry[unknown[0]], f"is an unknown key (known: {', '.join(_KEYS)})")
+    kind = entry.get("type")
+    if kind not in KINDS:
+        raise bad("type", kind, "must be one of counter, gauge, histogram")
+    help_ = entry.get("help", f"{name} (from log records)")
+    if not isinstance(help_, str):
+        raise bad("help", help_, "must be a string")
+    field = entry.get("field")
+    if field is not None and (not isinstance(field, str) or not field):
+        raise bad("field", field, "must be a record field name")
+    if field is None and kind != "counter":
+        raise ConfigError(f"{where}: field: missing (a {kind} takes its value from a field)")
+    labels = _labels(entry.get("labels", []), bad)
+    if kind == "histogram" and any(k == "le" for k, _ in labels):
+        raise bad("labels", "le", "is a histogram's bucket label (choose another label name)")
+    match = _match(entry.get("match", {}), bad)
+    buckets: tuple[float, ...] = ()
+    if kind == "histogram":
+        buckets = _buckets(entry.get("buckets", list(DEFAULT_BUCKETS)), bad)
+    elif "buckets" in entry:
+        raise bad("buckets", entry["buckets"], f"only a histogram has buckets, not a {kind}")
+    max_series = entry.get("max_series", MAX_SERIES)
+    if isinstance(max_series, bool) or not isinstance(max_series, int) or max_series < 1:
+        raise bad("max_series", max_series, "must be an integer >= 1 (default 1000)")
+    return MetricDecl(name, kind, help_, field, labels, match, buckets, max_series)
+
+
+def _labels(raw: Any, bad: Callable[[str, Any, str], ConfigError]) -> tuple[tuple[str, str], ...]:
+    """``[field, ...]`` (each label named as its field) or ``{label: field, ...}``."""
+    if isinstance(raw, list):
+        pairs = [(f, f) for f in raw]
+    elif isinstance(raw, dict):
+        pairs = list(raw.items())
+    else:
+        raise bad("labels", raw, "must be a list of fields or a mapping label: field")
+    out = []
+    for label, field in pairs:
+        if not isinstance(label, str) or not _LABEL.fullmatch(label) or label.startswith("__"):
+            raise bad("labels", label, "is not a label name ([a-zA-Z_][a-zA-Z0-9_]*, no __)")
+        if not isinstance(field, str) or not field:
+            raise bad("labels", field, f"must be a record field name (for label {label!r})")
+        out.append((label, field))
+    names = [k for k, _ in out]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise bad("labels", twice[0], "is given twice")
+    return tuple(out)
+
+
+def _match(
+    raw: Any, bad: Callable[[str, Any, str], ConfigError]
+) -> tuple[tuple[str, re.Pattern[str]], ...]:
+    """``{field: regex, ...}``: every one must match (``re.search``)."""
+    if not isinstance(raw, dict):
+        raise bad("match", raw, "must be a mapping field: regex")
+    out = []
+    for field, pattern in raw.items():
+        if not isinstance(pattern, str):
+            raise bad("match", pattern, f"must be a regex string (for field {field!r})")
+        try:
+            out.append((str(field), re.compile(pattern)))
+        except re.error as exc:
+            raise bad("match", pattern, f"is not a valid regex ({exc})") from None
+    return tuple(out)
+
+
+def _buckets(raw: Any, bad: Callable[[str, Any, str], ConfigError]) -> tuple[float, ...]:
+    if not isinstance(raw, list) or not raw:
+        raise bad("buckets", raw, "must be a non-empty list of ascending numbers")
+    for b in raw:
+        if isinstance(b, bool) or not isinstance(b, int | float) or not math.isfinite(b):
+            raise bad("buckets", b, "is not a finite number (+Inf is always added)")
+    bounds = tuple(float(b) for b in raw)
+    if any(a >= b for a, b in pairwise(bounds)):
+        raise bad("buckets", raw, "must be strictly ascending")
+    return bounds
+
+
+def _number(value: Any) -> float | None:
+    """A field's value as a finite number (ints, floats and numeric strings), else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        number = float(value)
+    elif isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            return None
+    else:
+        return None
+    return number if math.isfinite(number) else None
+
+
+class _Metric:
+    """One declared metric's series and what it dropped.
+
+    A series is a list: ``[value]`` for a counter or a gauge, ``[count per bucket...,
+    sum]`` for a histogram, updated in place. A batch is grouped by the raw values of the
+    label fields first (most records of a batch fall in a few series), so the label text
+    and the cap are looked at once per series and batch, not per record.
+    """
+
+    __slots__ = ("_fields", "_raw_key", "decl", "dropped", "invalid", "series")
+
+    def __init__(self, decl: MetricDecl) -> None:
+        self.decl = decl
+        self.series: dict[tuple[str, ...], list[Any]] = {}
+        self.dropped = 0
+        self.invalid = 0
+        fields = tuple(f for _, f in decl.labels)
+        self._fields = fields
+        raw_key: Callable[[Record], tuple[Any, ...]]
+        if not fields:
+            raw_key = _no_labels
+        elif len(fields) == 1:
+            (a,) = fields
+            raw_key = lambda r: (r.get(a),)  # noqa: E731 (the cheapest call per record)
+        elif len(fields) == 2:
+            a, b = fields
+            raw_key = lambda r: (r.get(a), r.get(b))  # noqa: E731
+        else:
+            raw_key = lambda r: tuple(map(r.get, fields))  # noqa: E731
+        self._raw_key = raw_key
+
+    def _text_key(self, rec: Record) -> tuple[Any, ...]:
+        """The label values as text (for field values that cannot be hashed as they are)."""
+        return tuple("" if (v := rec.get(f)) is None else str(v) for f in self._fields)
+
+    def _cell(self, raw: tuple[Any, ...]) -> list[Any] | None:
+        """The series of these label field values, created if the cap allows (else None)."""
+        key = tuple("" if v is None else str(v) for v in raw)
+        cell = self.series.get(key)
+        if cell is None:
+            if len(self.series) >= self.decl.max_series:
+                return None
+            hist = self.decl.kind == "histogram"
+            cell = self.series[key] = [0] * (len(self.decl.buckets) + 1) + [0.0] if hist else [0.0]
+        return cell
+
+    def _matching(self, records: Sequence[Record]) -> Sequence[Record]:
+        match = self.decl.match
+        if not match:
+            return records
+        out = []
+        for rec in records:
+            for name, pattern in match:
+                value = rec.get(name)
+                if value is None or not pattern.search(str(value)):
+                    break
+            else:
+                out.append(rec)
+        return out
+
+    def observe(self, records: Sequence[Record]) -> None:
+        """Count a batch (in order) into the series."""
+        decl = self.decl
+        records = self._matching(records)
+        if not records:
+            return
+        raw_key = self._raw_key
+        field = decl.field
+        if field is None:  # a counter of records: group them, count per group
+            try:
+                groups = Counter(map(raw_key, records))
+            except TypeError:  # a label field holds a list or a mapping: as text
+                groups = Counter(map(self._text_key, records))
+            for raw, n in groups.items():
+                cell = self._cell(raw)
+                if cell is None:
+                    self.dropped += n
+                else:
+                    cell[0] += n
+            return
+        kind = decl.kind
+        bounds = decl.buckets
+        cells: dict[tuple[Any, ...], list[Any] | None] = {}
+        for rec in records:
+            value = rec.get(field)
+            # ints and floats as they are; text and anything else through _number
+            number = value if type(value) is int or type(value) is float else _number(value)
+            if number is None or not math.isfinite(number) or (kind == "counter" and number < 0):
+                self.invalid += 1
+                continue
+            raw = raw_key(rec)
+            try:
+                cell = cells[raw]
+            except KeyError:
+                cell = cells[raw] = self._cell(raw)
+            except TypeError:  # unhashable label values
+                cell = self._cell(self._text_key(rec))
+            if cell is None:
+                self.dropped += 1
+            elif kind == "counter":
+                cell[0] += number
+            elif kind == "gauge":
+                cell[0] = number
+            else:
+                cell[bisect_left(bounds, number)] += 1
+                cell[-1] += number
+
+    def family(self) -> Metric:
+        """The Prometheus family of the series now."""
+        decl = self.decl
+        labels = [k for k, _ in decl.labels]
+        if decl.kind == "histogram":
+            hist = HistogramMetricFamily(decl.name, decl.help, labels=labels)
+            names = [repr(b) for b in decl.buckets] + ["+Inf"]
+            for key, value in self.series.items():
+                cumulative = 0
+                buckets = []
+                for bound, n in zip(names, value, strict=False):
+                    cumulative += n
+                    buckets.append((bound, float(cumulative)))
+                hist.add_metric(list(key), buckets, value[-1])
+            return hist
+        family: CounterMetricFamily | GaugeMetricFamily
+        if decl.kind == "counter":
+            family = CounterMetricFamily(decl.exposed, decl.help, labels=labels)
+        else:
+            family = GaugeMetricFamily(decl.name, decl.help, labels=labels)
+        for key, value in self.series.items():
+            family.add_metric(list(key), value[0])
+        return family
+
+
+def _no_labels(rec: Record) -> tuple[Any, ...]:
+    return ()
+
+
+class MetricState(Collector):
+    """The declared metrics' series: advanced by acknowledged batches, saved with the
+    checkpoint, exposed as a Prometheus collector.
+
+    Args:
+        decls: the compiled declarations.
+    """
+
+    def __init__(self, decls: Sequence[MetricDecl]) -> None:
+        self.metrics = [_Metric(d) for d in decls]
+        self._log = logs.get("adapter")
+
+    def observe(self, records: Sequence[Record]) -> None:
+        """Count an acknowledged batch into every metric."""
+        for m in self.metrics:
+            m.observe(records)
+
+    def dropped(self) -> list[tuple[str, int]]:
+        """Per metric, observations dropped by the series cap."""
+        return [(m.decl.exposed, m.dropped) for m in self.metrics]
+
+    def invalid(self) -> list[tuple[str, int]]:
+        """Per metric, matching records whose value field was missing or not a number."""
+        return [(m.decl.exposed, m.invalid) for m in self.metrics]
+
+    def dump(self) -> dict[str, Any]:
+        """A JSON-able copy of the state (taken on the event loop: the checkpoint writes
+        it from a worker thread while batches go on being counted)."""
+        out: dict[str, Any] = {}
+        for m in self.metrics:
+            hist = m.decl.kind == "histogram"
+            out[m.decl.exposed] = {
+                "shape": m.decl.shape,
+                "series": [[list(k), list(v) if hist else v[0]] for k, v in m.series.items()],
+                "dropped": m.dropped,
+                "invalid": m.invalid,
+            }
+        return {"version": STATE_VERSION, "metrics": out}
+
+    def restore(self, doc: Mapping[str, Any] | None) -> None:
+        """Go on from a state :meth:`dump` made (loaded with the checkpoint).
+
+        A metric whose declaration changed shape (type, label names, buckets) since, or
+        that was not saved, starts from zero, logged.
+        """
+        if not doc:
+            return
+        if doc.get("version") != STATE_VERSION:
+            self._log.warning("metric_state_discarded", reason="unknown version")
+            return
+        saved = doc.get("metrics", {})
+        for m in self.metrics:
+            entry = saved.get(m.decl.exposed)
+            if entry is None:
+                continue
+            if entry.get("shape") != m.decl.shape:
+                self._log.warning(
+                    "metric_state_discarded", metric=m.decl.exposed, reason="declaration changed"
+                )
+                continue
+            hist = m.decl.kind == "histogram"
+            m.series = {
+                tuple(k): (list(v) if hist else [float(v)]) for k, v in entry.get("series", [])
+            }
+            m.dropped = int(entry.get("dropped", 0))
+            m.invalid = int(entry.get("invalid", 0))
+
+    def collect(self) -> Iterator[Metric]:
+        for m in self.metrics:
+            yield m.family()
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())

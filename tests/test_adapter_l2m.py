@@ -1,0 +1,530 @@
+"""Logs to metrics: declarations, counting, the series cap, and exact counts across SIGKILL."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import signal
+import subprocess
+import threading
+import time
+import urllib.parse
+import urllib.request
+from collections import Counter
+from collections.abc import Iterator
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from podpatterns.adapter.checkpoint import NAME, CheckpointStore
+from podpatterns.adapter.config import build
+from podpatterns.adapter.l2m import MetricState, declarations
+from podpatterns.errors import ConfigError
+from tests.peers import candidate_ports, need
+from tests.proc import Proc
+from tests.waiting import wait_until
+
+# -- what the "application" writes: each line's fields are a function of its number -------
+
+STATUSES = (200, 200, 200, 404, 500)
+BOUNDS = (0.5, 1.0, 2.5, 4.0)
+
+
+def status_of(i: int) -> int:
+    """The status of line ``i``."""
+    return STATUSES[(i * 7) % len(STATUSES)]
+
+
+def rt_of(i: int) -> float:
+    """The request time of line ``i``: a multiple of 1/8, so every sum is exact in floats
+    whatever the order the values are added in."""
+    return ((i * 13) % 41) * 0.125
+
+
+def line(i: int) -> bytes:
+    """Line ``i`` of the access log (JSON)."""
+    return json.dumps({"seq": i, "status": status_of(i), "rt": rt_of(i), "method": "GET"}).encode()
+
+
+DECLARED: list[dict[str, Any]] = [
+    {"name": "http_requests", "type": "counter", "labels": ["status"]},
+    {"name": "http_request_seconds", "type": "histogram", "field": "rt", "buckets": list(BOUNDS)},
+    {
+        "name": "http_error_seconds",
+        "type": "counter",
+        "field": "rt",
+        "match": {"status": "^5"},
+    },
+]
+
+
+def expected(n: int) -> dict[str, Any]:
+    """The values the declared metrics must have after lines 0..n-1, computed here."""
+    statuses = Counter(str(status_of(i)) for i in range(n))
+    buckets = [0] * (len(BOUNDS) + 1)
+    total = 0.0
+    errors = 0.0
+    for i in range(n):
+        v = rt_of(i)
+        buckets[next((k for k, b in enumerate(BOUNDS) if v <= b), len(BOUNDS))] += 1
+        total += v
+        if status_of(i) >= 500:
+            errors += v
+    return {"requests": dict(statuses), "buckets": buckets, "sum": total, "errors": errors}
+
+
+def scraped(text: str) -> dict[str, Any]:
+    """The declared metrics' values in an exposition, shaped like :func:`expected`."""
+    out: dict[str, Any] = {"requests": {}, "buckets": [], "sum": 0.0, "errors": 0.0}
+    cumulative: list[float] = []
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == "http_requests_total":
+                out["requests"][s.labels["status"]] = s.value
+            elif s.name == "http_request_seconds_bucket":
+                cumulative.append(s.value)
+            elif s.name == "http_request_seconds_sum":
+                out["sum"] = s.value
+            elif s.name == "http_error_seconds_total":
+                out["errors"] = s.value
+    out["buckets"] = [int(c - p) for c, p in zip(cumulative, [0.0, *cumulative], strict=False)]
+    return out
+
+
+def scrape(url: str) -> str:
+    """GET /metrics."""
+    with urllib.request.urlopen(url + "/metrics", timeout=5) as resp:
+        body: bytes = resp.read()
+    return body.decode()
+
+
+def write_config(tmp: Path, metrics: list[dict[str, Any]]) -> Path:
+    """A config file declaring ``metrics``."""
+    path = tmp / "adapter.yaml"
+    path.write_text(yaml.safe_dump({"metrics": metrics}))
+    return path
+
+
+# -- declarations ---------------------------------------------------------------------------
+
+
+def config_with(metrics: Any) -> Any:
+    """The adapter config built from a file declaring ``metrics``."""
+    return build({"path": ["/var/log/app/*.log"]}, {}, {"metrics": metrics}, "adapter.yaml")
+
+
+def test_declarations_build_into_the_config() -> None:
+    """A valid metrics: list is compiled into the config, names and labels as declared."""
+    config = config_with(DECLARED)
+    names = [m.exposed for m in config.metrics]
+    assert names == ["http_requests_total", "http_request_seconds", "http_error_seconds_total"]
+    assert config.metrics[0].labels == (("status", "status"),)
+    assert config.metrics[1].buckets == BOUNDS
+
+
+@pytest.mark.parametrize(
+    ("metric", "needles"),
+    [
+        ({"name": "bad-name", "type": "counter"}, ["metrics[0]", "name", "bad-name"]),
+        ({"name": "x", "type": "summary"}, ["'x'", "type", "summary", "counter, gauge"]),
+        ({"name": "x", "type": "gauge"}, ["'x'", "field: missing"]),
+        ({"name": "x", "type": "counter", "colour": 1}, ["'x'", "colour", "unknown key"]),
+        ({"name": "x", "type": "counter", "labels": ["a-b"]}, ["'x'", "labels", "a-b"]),
+        ({"name": "x", "type": "counter", "match": {"f": "("}}, ["'x'", "match", "regex"]),
+        (
+            {"name": "x", "type": "histogram", "field": "v", "buckets": [1, 0.5]},
+            ["'x'", "buckets", "ascending"],
+        ),
+        (
+            {"name": "x", "type": "histogram", "field": "v", "labels": ["le"]},
+            ["'x'", "labels", "le"],
+        ),
+        ({"name": "x", "type": "counter", "max_series": 0}, ["'x'", "max_series", ">= 1"]),
+        ({"name": "x", "type": "gauge", "field": "v", "buckets": [1]}, ["'x'", "buckets"]),
+        ({"name": "podpatterns_x", "type": "counter"}, ["podpatterns_x", "name", "prefix"]),
+        ("x", ["metrics[0]", "mapping"]),
+    ],
+)
+def test_a_bad_declaration_is_one_line_naming_the_metric_and_key(
+    metric: Any, needles: list[str]
+) -> None:
+    """Each bad declaration: a ConfigError of one line naming the metric and the key."""
+    with pytest.raises(ConfigError) as info:
+        config_with([metric])
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith("adapter.yaml: metrics[0]")
+    for needle in needles:
+        assert needle in message, message
+
+
+def test_a_name_declared_twice_is_refused() -> None:
+    """``x`` and ``x_total`` are the same counter: refused, naming it."""
+    with pytest.raises(ConfigError, match=r"metrics\[1\] 'x_total': name: declared twice"):
+        config_with([{"name": "x", "type": "counter"}, {"name": "x_total", "type": "counter"}])
+
+
+def test_sink_none_without_metrics_is_refused() -> None:
+    """--sink none alone would discard everything: a config error saying what it is for."""
+    with pytest.raises(ConfigError, match="--sink: none discards every record"):
+        build({"path": ["/var/log/app/*.log"], "sink": ["none"]}, {}, {}, "adapter.yaml")
+
+
+def test_a_bad_declaration_exits_2_with_one_line(tmp_path: Path) -> None:
+    """The real command: exit 2, one line naming the metric and the key, no traceback."""
+    cfg = write_config(
+        tmp_path, [{"name": "lat", "type": "histogram", "field": "rt", "buckets": []}]
+    )
+    p = Proc("adapter", "--config", str(cfg), "--path", str(tmp_path / "*.log"), "--admin", "off")
+    try:
+        assert p.wait(30) == 2
+    finally:
+        p.stop()
+    errors = [ln for ln in p.lines if ln.strip() and not ln.startswith("{")]
+    assert len(errors) == 1, p.lines
+    assert "metrics[0] 'lat': buckets: []" in errors[0]
+    assert "Traceback" not in "\n".join(p.lines)
+
+
+# -- counting -------------------------------------------------------------------------------
+
+
+def test_histogram_buckets_equal_values_computed_here() -> None:
+    """Histogram buckets, sum and counters equal what the test computes from the records."""
+    state = MetricState(declarations(DECLARED))
+    records = [json.loads(line(i)) for i in range(997)]
+    for start in range(0, len(records), 100):  # batches, as acknowledged
+        state.observe(records[start : start + 100])
+    text = _exposition(state)
+    assert scraped(text) == expected(997)
+
+
+def test_values_as_strings_gauges_and_invalid_values() -> None:
+    """Numeric strings count (nginx's $request_time is text); a gauge holds the last value;
+    a missing or non-numeric value, or a negative one for a counter, is skipped and counted."""
+    state = MetricState(
+        declarations(
+            [
+                {"name": "bytes", "type": "counter", "field": "n", "labels": {"m": "method"}},
+                {"name": "depth", "type": "gauge", "field": "n"},
+            ]
+        )
+    )
+    state.observe(
+        [
+            {"n": "1.5", "method": "GET"},
+            {"n": 2, "method": "POST"},
+            {"n": "x", "method": "GET"},
+            {"method": "GET"},
+            {"n": -1, "method": "GET"},
+            {"n": "4"},
+        ]
+    )
+    families = {f.name: f for f in text_string_to_metric_families(_exposition(state))}
+    values = {tuple(s.labels.items()): s.value for s in families["bytes"].samples}
+    assert values == {(("m", "GET"),): 1.5, (("m", "POST"),): 2.0, (("m", ""),): 4.0}
+    assert [s.value for s in families["depth"].samples] == [4.0]
+    assert dict(state.invalid()) == {"bytes_total": 3, "depth": 2}
+
+
+def test_series_over_the_cap_are_dropped_and_counted() -> None:
+    """max_series 3: the first 3 label sets are kept; every observation of another is dropped
+    and counted; kept series go on counting."""
+    state = MetricState(
+        declarations([{"name": "hits", "type": "counter", "labels": ["u"], "max_series": 3}])
+    )
+    users = [f"u{i % 10}" for i in range(100)]
+    state.observe([{"u": u} for u in users])
+    families = {f.name: f for f in text_string_to_metric_families(_exposition(state))}
+    kept = {s.labels["u"]: s.value for s in families["hits"].samples}
+    assert kept == {"u0": 10.0, "u1": 10.0, "u2": 10.0}
+    assert dict(state.dropped()) == {"hits_total": 70}
+
+
+def test_state_round_trips_and_a_changed_declaration_starts_from_zero() -> None:
+    """dump -> restore gives the same exposition; a metric whose labels changed starts at 0."""
+    decls = declarations(DECLARED)
+    state = MetricState(decls)
+    state.observe([json.loads(line(i)) for i in range(50)])
+    saved = json.loads(json.dumps(state.dump()))
+    again = MetricState(decls)
+    again.restore(saved)
+    assert _exposition(again) == _exposition(state)
+    changed = [{**DECLARED[0], "labels": ["status", "method"]}, *DECLARED[1:]]
+    other = MetricState(declarations(changed))
+    other.restore(saved)
+    assert other.metrics[0].series == {}
+    assert other.metrics[1].series == state.metrics[1].series
+
+
+def test_a_checkpoint_without_metrics_still_loads(tmp_path: Path) -> None:
+    """Checkpoints written before logs-to-metrics (no metrics key) load as before."""
+    (tmp_path / NAME).write_text(json.dumps({"version": 1, "files": []}))
+    store = CheckpointStore(tmp_path)
+    assert store.load() == {}
+    assert store.loaded_metrics is None
+    assert store.fallbacks == 0
+
+
+def _exposition(state: MetricState) -> str:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    registry = CollectorRegistry(auto_describe=True)
+    registry.register(state)
+    return generate_latest(registry).decode()
+
+
+# -- real processes -------------------------------------------------------------------------
+
+
+def adapter(tmp: Path, *extra: str, admin: str = "off", batch: int = 50) -> Proc:
+    """``podpatterns adapter`` with the declared metrics, tailing tmp/logs/*.log."""
+    return Proc(
+        "adapter",
+        "--config",
+        str(tmp / "adapter.yaml"),
+        "--path",
+        str(tmp / "logs" / "*.log"),
+        "--parse",
+        "json",
+        "--checkpoint-dir",
+        str(tmp / "cp"),
+        "--admin",
+        admin,
+        "--shutdown-delay",
+        "0",
+        "--reconcile-interval",
+        "50ms",
+        "--rotate-wait",
+        "300ms",
+        "--batch-max-records",
+        str(batch),
+        *extra,
+    )
+
+
+def test_metrics_only_adapter_serves_declared_metrics(tmp_path: Path) -> None:
+    """--sink none: the declared metrics and the series-dropped counter on /metrics."""
+    write_config(tmp_path, [*DECLARED, {"name": "by_seq", "type": "counter", "labels": ["seq"]}])
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "app.log").write_bytes(b"".join(line(i) + b"\n" for i in range(1500)))
+    p = adapter(tmp_path, "--sink", "none", admin="127.0.0.1:0")
+    try:
+        url = p.admin_url()
+        want = expected(1500)
+        wait_until(lambda: scraped(scrape(url)) == want, "all 1500 records counted")
+        text = scrape(url)
+        assert (
+            'podpatterns_adapter_metric_series_dropped_total{metric="by_seq_total"} 500.0' in text
+        )
+        assert text.count("by_seq_total{") == 1000  # the default cap
+        p.signal(signal.SIGTERM)
+        assert p.wait(30) == 0
+    finally:
+        p.stop()
+
+
+def _kill_run(tmp_path: Path, seed: int, kills: int) -> None:
+    """Write and rotate an access log while the adapter is SIGKILLed at random points, then
+    check the counters against what was written: not one lost, not one counted twice."""
+    rng = random.Random(seed)
+    write_config(tmp_path, DECLARED)
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    log = logs / "app.log"
+    stop = threading.Event()
+    written = [0]
+
+    def app() -> None:
+        fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        n = 0
+        rotations = 0
+        next_rotation = time.monotonic() + 1.0
+        while not stop.is_set():
+            k = rng.randint(1, 20)
+            os.write(fd, b"".join(line(i) + b"\n" for i in range(n, n + k)))
+            n += k
+            time.sleep(0.001)
+            if time.monotonic() >= next_rotation:
+                rotations += 1
+                os.rename(log, logs / f"app.log.{rotations}")
+                os.write(fd, b"".join(line(i) + b"\n" for i in range(n, n + 10)))
+                n += 10
+                os.close(fd)
+                fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+                next_rotation = time.monotonic() + 1.0
+        os.close(fd)
+        written[0] = n
+
+    sink = ("--sink", "file", "--sink-path", str(tmp_path / "out.ndjson"))
+    writer = threading.Thread(target=app)
+    writer.start()
+    try:
+        for _ in range(kills):
+            p = adapter(tmp_path, *sink, batch=200)
+            try:
+                p.wait_event("adapter_started")
+                time.sleep(rng.uniform(0.05, 1.2))
+                p.p.kill()
+                p.wait()
+            finally:
+                p.stop()
+    finally:
+        stop.set()
+        writer.join()
+    n = written[0]
+    want = expected(n)
+    p = adapter(tmp_path, *sink, admin="127.0.0.1:0", batch=200)
+    try:
+        url = p.admin_url()
+
+        def counted() -> float:
+            return float(sum(scraped(scrape(url))["requests"].values()))
+
+        wait_until(lambda: counted() >= n, f"{n} records counted", 120.0)
+        p.signal(signal.SIGTERM)
+        assert p.wait(30) == 0
+    finally:
+        p.stop()
+    # The last generation's state, as the next start would restore it.
+    state = MetricState(declarations(DECLARED))
+    store = CheckpointStore(tmp_path / "cp")
+    store.load()
+    state.restore(store.loaded_metrics)
+    assert scraped(_exposition(state)) == want
+
+
+@pytest.mark.parametrize("seed", [11, 12])
+def test_counts_are_exact_across_sigkill_at_random_points(tmp_path: Path, seed: int) -> None:
+    """SIGKILL at random points while writing and rotating: counters and histogram buckets
+    equal what was written (never reset, never double-counted)."""
+    _kill_run(tmp_path, seed, kills=4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [13, 14, 15, 16])
+def test_counts_are_exact_across_sigkill_more_seeds(tmp_path: Path, seed: int) -> None:
+    """As above, with more seeds and more kills."""
+    _kill_run(tmp_path, seed, kills=8)
+
+
+# -- a real Prometheus scrapes the adapter --------------------------------------------------
+
+
+@contextlib.contextmanager
+def run_prometheus(workdir: Path, target: str) -> Iterator[str]:
+    """Prometheus from the OS packages scraping ``target`` (host:port) every 250ms; yields
+    its URL once it is ours that answers (another one may hold a candidate port)."""
+    binary = need("prometheus")
+    config = workdir / "prometheus.yml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "global": {"scrape_interval": "250ms", "scrape_timeout": "200ms"},
+                "scrape_configs": [
+                    {"job_name": "adapter", "static_configs": [{"targets": [target]}]}
+                ],
+            }
+        )
+    )
+    data = workdir / "tsdb"
+    for port in candidate_ports():
+        url = f"http://127.0.0.1:{port}"
+        log = workdir / f"prometheus-{port}.log"
+        with log.open("wb") as out:
+            proc = subprocess.Popen(
+                [
+                    binary,
+                    f"--config.file={config}",
+                    f"--storage.tsdb.path={data}",
+                    f"--web.listen-address=127.0.0.1:{port}",
+                ],
+                stdout=out,
+                stderr=out,
+                start_new_session=True,
+            )
+        try:
+
+            def ours(proc: subprocess.Popen[bytes] = proc, url: str = url) -> str | None:
+                if proc.poll() is not None:
+                    return "exited"
+                try:
+                    flags = _get_json(url + "/api/v1/status/flags")
+                except OSError:
+                    return None
+                return "ready" if flags["data"].get("storage.tsdb.path") == str(data) else None
+
+            if wait_until(ours, f"prometheus on port {port}", 30.0) == "ready":
+                yield url
+                return
+            text = log.read_text(errors="replace")
+            if "address already in use" not in text.lower():
+                raise RuntimeError(f"prometheus exited {proc.returncode}:\n{text}")
+        finally:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(15)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(15)
+    raise RuntimeError("prometheus: no free port found")
+
+
+def _get_json(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        return json.loads(resp.read())
+
+
+def query(prometheus: str, promql: str) -> float | None:
+    """The value of an instant query with one result, or None while it has none."""
+    doc = _get_json(prometheus + "/api/v1/query?" + urllib.parse.urlencode({"query": promql}))
+    result = doc["data"]["result"]
+    return float(result[0]["value"][1]) if len(result) == 1 else None
+
+
+def test_a_real_prometheus_scrapes_the_declared_metrics(tmp_path: Path) -> None:
+    """Prometheus scrapes the adapter; its HTTP API answers the values computed here."""
+    write_config(tmp_path, DECLARED)
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "app.log").write_bytes(b"".join(line(i) + b"\n" for i in range(777)))
+    want = expected(777)
+    p = adapter(tmp_path, "--sink", "none", admin="127.0.0.1:0")
+    try:
+        url = p.admin_url()
+        wait_until(lambda: scraped(scrape(url)) == want, "all 777 records counted")
+        with run_prometheus(tmp_path, url.removeprefix("http://")) as prom:
+            for status, n in want["requests"].items():
+                promql = f'http_requests_total{{job="adapter",status="{status}"}}'
+                assert wait_until(partial(query, prom, promql), promql, 30.0) == n
+            cumulative = 0
+            for bound, n in zip([*BOUNDS, "+Inf"], want["buckets"], strict=True):
+                cumulative += n
+                promql = f'http_request_seconds_bucket{{le="{bound}"}}'
+                assert query(prom, promql) == cumulative, promql
+            assert query(prom, "http_request_seconds_sum") == want["sum"]
+            assert query(prom, "http_error_seconds_total") == want["errors"]
+        p.signal(signal.SIGTERM)
+        assert p.wait(30) == 0
+    finally:
+        p.stop()
+
+
+def test_a_manifest_config_file_from_a_configmap_is_checked() -> None:
+    """The docs' manifest checks read a --config file from a ConfigMap of the same file: a
+    bad metric declaration in it is a problem naming the metric."""
+    from tests.manifests import document_problems, load_documents
+
+    text = (Path(__file__).parents[1] / "docs" / "adapter-metrics.md").read_text()
+    pod = next(b for b in text.split("```yaml\n")[1:] if "kind: Pod" in b).split("```")[0]
+    assert document_problems(load_documents(pod))[1] == []
+    broken = pod.replace("type: histogram", "type: summary")
+    problems = document_problems(load_documents(broken))[1]
+    assert len(problems) == 1
+    assert "metrics[1] 'http_request_duration_seconds': type: 'summary'" in problems[0]
