@@ -201,3 +201,17 @@ async def test_an_app_status_endpoint_through_outages() -> None:
         hang.set()
         await runtime.shutdown()
         await runner.cleanup()
+
+
+def test_one_name_is_one_metric() -> None:
+    """A scraped value may not take a name declared under metrics:; StatsD refuses both."""
+    scrape = [{"url": "http://127.0.0.1:1/", "metrics": [{"name": "app_requests", "path": "x"}]}]
+    declared = [{"name": "app_requests_total", "type": "counter"}]
+    with pytest.raises(ConfigError, match="metric 'app_requests' is also declared by metrics:"):
+        build({"path": ["/x/*.log"]}, {}, {"metrics": declared, "scrape": scrape}, "a.yaml")
+    config = build({"statsd_udp": HostPort("127.0.0.1", 0)}, {}, {"scrape": scrape}, "a.yaml")
+    adapter = Adapter(config)
+    assert adapter.statsd is not None
+    adapter.statsd.metrics.feed(b"app_requests:1|c\nother:1|c\n")
+    assert set(adapter.statsd.metrics.families) == {"other"}
+    assert adapter.statsd.metrics.invalid == {"reserved_name": 1}

@@ -1016,11 +1016,12 @@ class AdapterConfig(SinkSettings):
         for s in self.sinks:
             if s.kind == "file":
                 self._check_sink_path(s)
-            if s.kind == "none" and not self.metrics:
+            if s.kind == "none" and not (self.metrics or self.statsd or self.scrape):
                 raise ConfigError(
                     "--sink: none discards every record; it is for a metrics-only adapter "
                     "(declare metrics: in --config, or choose a sink)"
                 )
+        self._check_metric_names()
         if self.sink_ca is not None:
             _check_pem(self.sink_ca)
         for s in self.sinks:
@@ -1042,6 +1043,30 @@ class AdapterConfig(SinkSettings):
         )
         flags = tuple(flag for flag, value in listens if value is not None)
         return flags + tuple(f"source {name!r}" for name in self.sources)
+
+    def _check_metric_names(self) -> None:
+        """One name, one family: logs-to-metrics declarations and scraped values may not
+        share a name (StatsD refuses the declared names at run time)."""
+        seen: dict[str, str] = {}
+        named = [(d.name.removesuffix("_total"), "metrics:") for d in self.metrics]
+        named += [
+            (m.name.removesuffix("_total"), f"scrape: {c.name!r}")
+            for c in self.scrape
+            for m in c.metrics
+        ]
+        for name, where in named:
+            if name in seen:
+                raise ConfigError(
+                    f"{where}: metric {name!r} is also declared by {seen[name]} (one name, "
+                    "one metric: rename one of them)"
+                )
+            seen[name] = where
+
+    def declared_metric_names(self) -> frozenset[str]:
+        """The names (without ``_total``) of the metrics the config declares."""
+        names = {d.name.removesuffix("_total") for d in self.metrics}
+        names |= {m.name.removesuffix("_total") for c in self.scrape for m in c.metrics}
+        return frozenset(names)
 
     @property
     def statsd(self) -> bool:

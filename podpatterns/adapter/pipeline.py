@@ -178,6 +178,7 @@ class Adapter:
                 config.statsd_mappings,
                 buckets=config.statsd_buckets,
                 max_series=config.statsd_max_series,
+                reserved=config.declared_metric_names(),
             )
             self.statsd = StatsdServer(metrics_store, udp=config.statsd_udp, tcp=config.statsd_tcp)
         self.spool: Spool | None = None

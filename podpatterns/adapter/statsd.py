@@ -195,8 +195,10 @@ class StatsdMetrics(Collector):
         buckets: Sequence[float] = DEFAULT_BUCKETS,
         max_series: int = 1000,
         max_metrics: int = 1000,
+        reserved: frozenset[str] = frozenset(),
     ) -> None:
         self.mappings = tuple(mappings)
+        self.reserved = reserved  # names the config declares otherwise (logs, scrapes)
         self.buckets = tuple(buckets)
         self._les = tuple(_le(b) for b in self.buckets)
         self.max_series = max_series
@@ -250,8 +252,10 @@ class StatsdMetrics(Collector):
                 break
         else:
             found = (_name(name), ())
-        if found[0].startswith("podpatterns_"):
-            found = None  # the adapter's own namespace
+        if found[0].startswith(("podpatterns_", "process_")) or (
+            found[0].removesuffix("_total") in self.reserved
+        ):
+            found = None  # the adapter's own namespace, or a metric declared otherwise
         if len(self._names) < 4 * self.max_metrics:  # bounded: names can be unbounded
             self._names[key] = found
         return found
@@ -260,7 +264,10 @@ class StatsdMetrics(Collector):
         """Apply one sample."""
         named = self._named(s.name, s.kind)
         if named is None:
-            self._bad("reserved_name", f"{s.name!r} is in the podpatterns_ namespace")
+            self._bad(
+                "reserved_name",
+                f"{s.name!r} is the adapter's own or a metric the config declares",
+            )
             return
         name, fixed = named
         kind = TYPES[s.kind]
