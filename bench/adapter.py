@@ -942,8 +942,9 @@ def main() -> int:
     parser.add_argument(
         "--syslog-ng-root",
         type=Path,
-        default=Path("/opt/syslog-ng-3.38"),
-        help="unpacked syslog-ng-core + syslog-ng-mod-http 3.38 .debs (the HTTP peer)",
+        default=ROOT / ".cache" / "syslog-ng" / "root",
+        help="unpacked syslog-ng-core + syslog-ng-mod-http 3.38 .debs (./dev bench-adapter "
+        "puts them under .cache/syslog-ng/root)",
     )
     parser.add_argument("--write-docs", action="store_true", help="update docs/ and results")
     parser.add_argument(
