@@ -280,3 +280,34 @@ def test_sigkill_then_restart_delivers_every_spooled_syslog_message(tmp_path: Pa
     # raw chunk (a TCP read: 256 KiB, about 4,000 of these messages).
     assert dupes <= 4_500, (dupes, before)
     assert set(got) == set(range(n))
+
+
+async def test_otlp_protobuf_bodies_spooled_raw_read_back_as_records(tmp_path: Path) -> None:
+    """An OTLP protobuf body appended raw reads back as the records from_protobuf gives
+    (``input`` set), from memory and, after a restart, from disk."""
+    from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
+
+    from podpatterns.adapter.inputs import otlp
+
+    req = ExportLogsServiceRequest()
+    rl = req.resource_logs.add()
+    kv = rl.resource.attributes.add()
+    kv.key, kv.value.string_value = "service.name", "shop"
+    lrs = rl.scope_logs.add().log_records
+    for i in range(30):
+        lr = lrs.add()
+        lr.time_unix_nano = 1_796_198_400_000_000_000 + i
+        lr.body.string_value = f"seq={i}"
+        lr.severity_number = 9  # type: ignore[assignment]  # INFO; protobuf has no stubs
+    body = req.SerializeToString()
+    assert otlp.check_protobuf(body) == 30
+    want = [{**r, "input": "otlp"} for r in otlp.from_protobuf(body)]
+    async with Running(tmp_path) as spool:
+        await spool.append_raw(
+            body, source="otlp", kind="otlp-protobuf", count=30, decode=otlp.decode_block
+        )
+        hot = await read_batches(spool, max_records=20)
+    async with Running(tmp_path) as again:
+        cold = await read_batches(again, max_records=20)
+    assert [r for b, _ in hot for r in b] == want == [r for b, _ in cold for r in b]
+    assert want[0]["resource.service.name"] == "shop" and want[0]["severity"] == "INFO"
