@@ -181,16 +181,32 @@ async def test_raw_lines_read_back_as_records_from_memory_and_disk(tmp_path: Pat
 
 async def test_a_raw_line_larger_than_a_batch_is_split_and_marked_once(tmp_path: Path) -> None:
     """A raw line of 25 messages with batches of 10: three batches, only the last carries
-    the line's offset (the checkpoint covers the line once all of it is acknowledged)."""
+    the line's offset (the checkpoint covers the line once all of it is acknowledged);
+    the record appended next, in memory too, joins the last one."""
     async with Running(tmp_path) as spool:
         await append_raw(spool, lines(0, 25))
         await spool.append([{"message": "seq=25"}], source="other")
         batches = await read_batches(spool, max_records=10)
-    assert [len(b) for b, _ in batches] == [10, 10, 5, 1]
-    assert [bool(m) for _, m in batches] == [False, False, True, True]
+    assert [len(b) for b, _ in batches] == [10, 10, 6]
+    assert [bool(m) for _, m in batches] == [False, False, True]
     assert seqs(batches) == list(range(26))
-    line_end = (tmp_path / segment_name(1)).read_bytes().index(b"\n") + 1
-    assert batches[2][1] == {1: line_end}
+    assert batches[2][1] == {1: (tmp_path / segment_name(1)).stat().st_size}
+
+
+async def test_raw_lines_in_memory_are_gathered_into_full_batches(tmp_path: Path) -> None:
+    """Raw lines of 7 messages with batches of 10: the reader gathers them from memory
+    into full batches, each marked at the last line it completes."""
+    async with Running(tmp_path) as spool:
+        for i in range(6):
+            await append_raw(spool, lines(i * 7, 7))
+        data = (tmp_path / segment_name(1)).read_bytes()
+        ends = [i + 1 for i, b in enumerate(data) if b == 0x0A]
+        batches = await read_batches(spool, max_records=10)
+    assert [len(b) for b, _ in batches] == [10, 10, 10, 10, 2]
+    # Batch k ends with message 10k + 9: the lines of 7 it completes end before that.
+    want = [{1: ends[0]}, {1: ends[1]}, {1: ends[3]}, {1: ends[4]}, {1: ends[5]}]
+    assert [m for _, m in batches] == want
+    assert seqs(batches) == list(range(42))
 
 
 async def test_torn_raw_line_is_cut_and_the_checkpoint_resumes_mid_segment(

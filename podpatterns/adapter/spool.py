@@ -457,21 +457,54 @@ class Spool:
         """The next records synced and not read yet: about ``max_bytes`` of them, at most
         ``max_records``.
 
-        Waits for some; ``None`` once stopped and everything was read.
+        Waits for some; ``None`` once stopped and everything was read. Appends still in
+        memory are gathered into one batch; the records of a raw line continue in the
+        next batch when they do not fit.
 
         Returns:
             The records, the bytes they took in the spool, and per segment read, the
-            offset the checkpoint reaches once they are acknowledged (empty while the
-            records of one raw line continue in the next batch).
+            offset the checkpoint reaches once they are acknowledged: the end of the
+            last line all of whose records are in this batch or an earlier one (empty
+            when this batch holds only part of a raw line).
         """
-        if self._rest:
-            records = self._rest[:max_records]
-            del self._rest[:max_records]
-            self.counters.records_read += len(records)
+        records: list[Record] = []
+        marks: dict[int, int] = {}
+        used = 0
+        while len(records) < max_records:
             if self._rest:
-                return records, 0, {}
-            seq, pos = self._rest_mark
-            return records, 0, {seq: pos}
+                room = max_records - len(records)
+                records += self._rest[:room]
+                del self._rest[:room]
+                if not self._rest:
+                    seq, pos = self._rest_mark
+                    marks[seq] = pos
+                continue
+            if (records or marks) and (used >= max_bytes or not self._next_cached()):
+                break  # more only if it is at hand in memory
+            got = await self._read_lines(max_bytes - used, max_records)
+            if got is None:
+                if not (records or marks):
+                    return None
+                break
+            self._rest, n = got
+            used += n
+            self._rest_mark = (self._read_seq, self._read_pos)
+            if not self._rest:
+                marks[self._read_seq] = self._read_pos
+        self.counters.records_read += len(records)
+        return records, used, marks
+
+    def _next_cached(self) -> bool:
+        """Whether the next append to read is in memory."""
+        cache = self._cache
+        return bool(cache) and (cache[0][0], cache[0][1]) == (self._read_seq, self._read_pos)
+
+    async def _read_lines(
+        self, max_bytes: int, max_records: int
+    ) -> tuple[list[Record], int] | None:
+        """The records of the next lines (a raw line alone, decoded) and their bytes; the
+        reader's position moves past them. Waits for some; ``None`` once stopped and
+        everything was read."""
         while True:
             seg = self._segments.get(self._read_seq)
             if seg is None:  # removed: every record of it was acknowledged
@@ -496,32 +529,18 @@ class Spool:
             self._read_pos += used
             records = self._expand(items)
             self.counters.records_from_memory += len(records)
-            return self._hand_out(records, used, seg.seq, max_records)
+            return records, used
         if self._read_fd < 0:
             self._read_fd = await asyncio.to_thread(os.open, seg.path, os.O_RDONLY)
         want = min(seg.size - self._read_pos, max(max_bytes, 1))
         items, used = await asyncio.to_thread(
-            self._decode, self._read_fd, self._read_pos, want, seg.size, max_records
+            self._decode, self._read_fd, self._read_pos, want, seg.size, max(max_records, 1)
         )
         if not used:  # cannot happen with segments we wrote: skip the bytes, counted
             self.counters.corrupt_records += 1
             used = want
         self._read_pos += used
-        return self._hand_out(self._expand(items), used, seg.seq, max_records)
-
-    def _hand_out(
-        self, records: list[Record], used: int, seq: int, max_records: int
-    ) -> tuple[list[Record], int, dict[int, int]]:
-        """``records`` up to ``max_records`` with the mark of where the reader is now; the
-        rest (of a raw line) is kept for the next reads, the last of which has the mark."""
-        if len(records) > max_records:
-            self._rest = records[max_records:]
-            self._rest_mark = (seq, self._read_pos)
-            records = records[:max_records]
-            self.counters.records_read += len(records)
-            return records, used, {}
-        self.counters.records_read += len(records)
-        return records, used, {seq: self._read_pos}
+        return self._expand(items), used
 
     def _expand(self, items: list[Record] | RawBlock) -> list[Record]:
         """The records of ``items``: decoded, for a raw block (on the event loop: the
