@@ -128,16 +128,15 @@ def _parse_sd(text: str) -> dict[str, dict[str, str]]:
     out: dict[str, dict[str, str]] = {}
     if "\\" not in text:
         # No escapes (the common case): '"' and ']' occur only as the grammar (checked
-        # already) places them, so plain searches take it apart, faster than the scan.
+        # already) places them, so plain splits take it apart, faster than the scan:
+        # 'a="1" b="2"' without its last '"' splits at '"' into 'a=', '1', ' b=', '2'.
         for element in text[1:-1].split("]["):
             sd_id, _, rest = element.partition(" ")
             found = out.setdefault(sd_id, {})
-            pos, end = 0, len(rest)
-            while pos < end:  # NAME="VALUE" separated by spaces; a value holds no '"'
-                eq = rest.index('="', pos)
-                close = rest.index('"', eq + 2)
-                found[rest[pos:eq]] = rest[eq + 2 : close]
-                pos = close + 2
+            if rest:
+                parts = iter(rest[:-1].split('"'))
+                for name, value in zip(parts, parts, strict=False):
+                    found[name.lstrip(" ")[:-1]] = value
         return out
     return _sd_scan(text)
 
