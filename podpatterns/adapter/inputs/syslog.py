@@ -745,7 +745,9 @@ class SyslogStreamInput(_Listening):
                     continue
                 if block is not None:
                     continue
-                messages = framer.feed(data) if data else []
+                # At the end, feed() first: what take() held may start with a digit
+                # (octet counting), which only feed() frames.
+                messages = framer.feed(data)
                 if not data:
                     last = framer.flush()
                     if last is not None:
