@@ -597,10 +597,14 @@ def timed_delivery(
 
 @contextlib.contextmanager
 def running(
-    cmd: list[str], work: Path, env: dict[str, str] | None = None, stderr: Any = subprocess.DEVNULL
+    cmd: list[str],
+    work: Path,
+    env: dict[str, str] | None = None,
+    stderr: Any = subprocess.DEVNULL,
+    cwd: Path | None = None,
 ) -> Iterator[subprocess.Popen[bytes]]:
     """Run a program under test; at the end stop it and remove its work directory."""
-    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=stderr, env=env)
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=stderr, env=env, cwd=cwd)
     try:
         yield p
     finally:
@@ -623,8 +627,9 @@ def run_adapter_syslog(
         *("--spool-dir", str(work / "spool"), "--sink", "file", "--sink-path", str(out)),
         *("--admin", "off", "--shutdown-delay", "0", "--log-format", "json"),
     ]
+    # python -m puts its working directory first on sys.path: run in the checkout.
     env = None if src is None else {**os.environ, "PYTHONPATH": str(src)}
-    with running(cmd, work, env=env, stderr=subprocess.PIPE) as p:
+    with running(cmd, work, env=env, stderr=subprocess.PIPE, cwd=src or ROOT) as p:
         assert p.stderr is not None
         port = 0
         for raw in p.stderr:
