@@ -145,19 +145,26 @@ def _any(v: Any) -> Any:
     return None
 
 
+_PROTO: list[Any] = []  # the request class and DecodeError, imported on first use
+
+
 def _parse(body: bytes) -> Any:
     """The ``ExportLogsServiceRequest`` message of ``body``.
 
     Raises:
         BadRequest: the body does not decode.
     """
-    from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
+    if not _PROTO:
+        from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import (
+            ExportLogsServiceRequest,
+        )
 
-    # Looked up, not imported: protobuf ships no type stubs (types-protobuf is not a
-    # dependency), and this keeps mypy quiet wherever the package is type-checked.
-    decode_error: type[Exception] = importlib.import_module("google.protobuf.message").DecodeError
-
-    request = ExportLogsServiceRequest()
+        # Looked up, not imported: protobuf ships no type stubs (types-protobuf is not a
+        # dependency), and this keeps mypy quiet wherever the package is type-checked.
+        error = importlib.import_module("google.protobuf.message").DecodeError
+        _PROTO[:] = [ExportLogsServiceRequest, error]
+    request_type, decode_error = _PROTO
+    request = request_type()
     try:
         request.ParseFromString(body)
     except decode_error as exc:
@@ -235,7 +242,13 @@ def from_protobuf(body: bytes) -> list[Record]:
                     rec["flags"] = lr.flags
                 if lr.event_name:
                     rec["event_name"] = lr.event_name
-                out.append(_finish(rec, ((kv.key, _any(kv.value)) for kv in lr.attributes), shared))
+                for kv in lr.attributes:  # as _finish(), inlined: it is per record
+                    key = kv.key
+                    rec["attributes." + key if key in RESERVED or key in rec else key] = _any(
+                        kv.value
+                    )
+                rec.update(shared)
+                out.append(rec)
     return out
 
 
