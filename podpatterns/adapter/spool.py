@@ -554,6 +554,7 @@ class Spool:
             return decode(items.data, items.source)
         except Exception as exc:  # a decoder bug: counted and logged, the reader goes on
             self.counters.raw_undecodable += 1
+            self.counters.corrupt_records += 1  # the metric of lines that did not decode
             self._log.error(
                 "spool_raw_undecodable",
                 kind=items.kind,
