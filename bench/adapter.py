@@ -17,7 +17,8 @@ every program in turn), measures for each case:
     ``omfile`` to a temporary file;
   - syslog-ng 3.38 for the HTTP cases (Debian 12 has no rsyslog ``omhttp``):
     ``file()`` -> ``json-parser()`` -> ``http()``. ``syslog-ng-core`` conflicts with
-    rsyslog as a Debian package, so it runs from the unpacked .debs (``--syslog-ng-root``).
+    rsyslog as a Debian package, so it runs from the unpacked .debs (``--syslog-ng-root``,
+    by default ``.cache/syslog-ng/root``, which ``./dev bench-adapter`` prepares).
 
 HTTP cases ship to ``bench/http_receiver.py``, a process of its own on core 0 that
 decompresses and counts records; every line must arrive, and its CPU share is recorded.
