@@ -17,7 +17,8 @@ every program in turn), measures for each case:
     ``omfile`` to a temporary file;
   - syslog-ng 3.38 for the HTTP cases (Debian 12 has no rsyslog ``omhttp``):
     ``file()`` -> ``json-parser()`` -> ``http()``. ``syslog-ng-core`` conflicts with
-    rsyslog as a Debian package, so it runs from the unpacked .debs (``--syslog-ng-root``).
+    rsyslog as a Debian package, so it runs from the unpacked .debs (``--syslog-ng-root``,
+    by default ``.cache/syslog-ng/root``, which ``./dev bench-adapter`` prepares).
 
 HTTP cases ship to ``bench/http_receiver.py``, a process of its own on core 0 that
 decompresses and counts records; every line must arrive, and its CPU share is recorded.
@@ -534,6 +535,7 @@ def measure_throughput(
 # -- syslog TCP input: the adapter vs rsyslog imtcp vs syslog-ng network() ----------------
 
 SYSLOG_DOES = {
+    "adapter (baseline)": "the same, the adapter of the --baseline checkout",
     "rsyslog": "imtcp -> RFC 5424 parser -> omfile, JSON template of the same fields "
     "(structured data as its text)",
     "syslog-ng": "network(tcp, syslog-protocol) -> file(), format-json of the same fields "
@@ -596,10 +598,14 @@ def timed_delivery(
 
 @contextlib.contextmanager
 def running(
-    cmd: list[str], work: Path, env: dict[str, str] | None = None, stderr: Any = subprocess.DEVNULL
+    cmd: list[str],
+    work: Path,
+    env: dict[str, str] | None = None,
+    stderr: Any = subprocess.DEVNULL,
+    cwd: Path | None = None,
 ) -> Iterator[subprocess.Popen[bytes]]:
     """Run a program under test; at the end stop it and remove its work directory."""
-    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=stderr, env=env)
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=stderr, env=env, cwd=cwd)
     try:
         yield p
     finally:
@@ -608,8 +614,11 @@ def running(
         shutil.rmtree(work, ignore_errors=True)
 
 
-def run_adapter_syslog(payload: bytes, n: int, tmp: Path) -> tuple[float, float, int, str]:
-    """The adapter's --syslog-tcp input to a file sink (records spooled first)."""
+def run_adapter_syslog(
+    payload: bytes, n: int, tmp: Path, src: Path | None = None
+) -> tuple[float, float, int, str]:
+    """The adapter's --syslog-tcp input to a file sink (records spooled first); ``src``:
+    the ``podpatterns`` of that checkout instead of this one."""
     work = Path(tempfile.mkdtemp(prefix="adapter-syslog-", dir=tmp))
     out = work / "out.ndjson"
     out.write_bytes(b"")
@@ -619,7 +628,9 @@ def run_adapter_syslog(payload: bytes, n: int, tmp: Path) -> tuple[float, float,
         *("--spool-dir", str(work / "spool"), "--sink", "file", "--sink-path", str(out)),
         *("--admin", "off", "--shutdown-delay", "0", "--log-format", "json"),
     ]
-    with running(cmd, work, stderr=subprocess.PIPE) as p:
+    # python -m puts its working directory first on sys.path: run in the checkout.
+    env = None if src is None else {**os.environ, "PYTHONPATH": str(src)}
+    with running(cmd, work, env=env, stderr=subprocess.PIPE, cwd=src or ROOT) as p:
         assert p.stderr is not None
         port = 0
         for raw in p.stderr:
@@ -711,13 +722,18 @@ log {{ source(s_in); destination(d_out); }};
     raise RuntimeError("syslog-ng: no free port in 8 tries")
 
 
-def measure_syslog(tmp: Path, reps: int, n: int, syslog_ng: Path | None) -> dict[str, Any]:
+def measure_syslog(
+    tmp: Path, reps: int, n: int, syslog_ng: Path | None, baseline: Path | None = None
+) -> dict[str, Any]:
     """The adapter's syslog TCP input, rsyslog imtcp and syslog-ng network(), all fed the
-    same LF-framed RFC 5424 traffic over one connection, interleaved over ``reps``."""
+    same LF-framed RFC 5424 traffic over one connection, interleaved over ``reps``; and
+    the adapter of the ``baseline`` checkout, if given."""
     payload = syslog_payload(n)
     progs: dict[str, Callable[[], tuple[float, float, int, str]]] = {
         "adapter": lambda: run_adapter_syslog(payload, n, tmp)
     }
+    if baseline is not None:
+        progs["adapter (baseline)"] = lambda: run_adapter_syslog(payload, n, tmp, baseline)
     if shutil.which("rsyslogd"):
         progs["rsyslog"] = lambda: run_rsyslog_syslog(payload, n, tmp)
     if syslog_ng is not None:
@@ -942,8 +958,9 @@ def main() -> int:
     parser.add_argument(
         "--syslog-ng-root",
         type=Path,
-        default=Path("/opt/syslog-ng-3.38"),
-        help="unpacked syslog-ng-core + syslog-ng-mod-http 3.38 .debs (the HTTP peer)",
+        default=ROOT / ".cache" / "syslog-ng" / "root",
+        help="unpacked syslog-ng-core + syslog-ng-mod-http 3.38 .debs (./dev bench-adapter "
+        "puts them under .cache/syslog-ng/root)",
     )
     parser.add_argument("--write-docs", action="store_true", help="update docs/ and results")
     parser.add_argument(
@@ -953,6 +970,11 @@ def main() -> int:
     )
     parser.add_argument(
         "--from-json", type=Path, help="measure nothing: redraw the plot from a results file"
+    )
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        help="a checkout of another version: its adapter joins the syslog rounds (interleaved)",
     )
     args = parser.parse_args()
     if args.from_json is not None:
@@ -970,7 +992,7 @@ def main() -> int:
         if not (syslog_ng / "usr" / "sbin" / "syslog-ng").exists():
             print(f"no syslog-ng under {syslog_ng}: rows without that peer", file=sys.stderr)
             syslog_ng = None
-        syslog = measure_syslog(tmp, args.reps, args.lines, syslog_ng)
+        syslog = measure_syslog(tmp, args.reps, args.lines, syslog_ng, args.baseline)
         print(syslog_table(syslog))
         syslog_report = {
             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

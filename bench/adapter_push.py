@@ -12,9 +12,13 @@ group commit.
   ``--appends`` appends of one record from N concurrent appenders: appends/s and appends
   per fdatasync.
 
+With ``--baseline DIR`` (a checkout of another version, e.g. ``git worktree add
+/tmp/base main``), that version's adapter runs too, interleaved round by round with this
+one, and the table gives this one's figures against it (same run, same load).
+
 Usage::
 
-    .venv/bin/python bench/adapter_push.py [--records N] [--reps N]
+    .venv/bin/python bench/adapter_push.py [--records N] [--reps N] [--baseline DIR]
 """
 
 from __future__ import annotations
@@ -115,8 +119,11 @@ async def post_all(url: str, bodies: list[bytes], ctype: str, clients: int) -> N
         await asyncio.gather(*(client() for _ in range(clients)))
 
 
-def run_http(kind: str, records: int, per_request: int, clients: int) -> dict[str, float]:
-    """One run: the adapter on core 1, the client here; wall and adapter CPU seconds."""
+def run_http(
+    kind: str, records: int, per_request: int, clients: int, src: Path | None = None
+) -> dict[str, float]:
+    """One run: the adapter on core 1, the client here; wall and adapter CPU seconds.
+    ``src``: run the ``podpatterns`` of that checkout instead of this one."""
     bodies = (
         otlp_requests(records, per_request)
         if kind == "otlp"
@@ -147,7 +154,8 @@ def run_http(kind: str, records: int, per_request: int, clients: int) -> dict[st
             "--log-format",
             "json",
         ]
-        p = subprocess.Popen(cmd, stderr=subprocess.PIPE, cwd=ROOT)
+        env = None if src is None else {**os.environ, "PYTHONPATH": str(src)}
+        p = subprocess.Popen(cmd, stderr=subprocess.PIPE, cwd=src or ROOT, env=env)
         try:
             assert p.stderr is not None
             port = 0
@@ -209,29 +217,48 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--appends", type=int, default=4000)
+    parser.add_argument(
+        "--baseline", type=Path, help="a checkout whose adapter runs interleaved, to compare"
+    )
     args = parser.parse_args()
     rows: list[tuple[str, Any, Any, Any]] = []
+    print(f"load before: {os.getloadavg()}", file=sys.stderr)
+    versions: list[Path | None] = [None] if args.baseline is None else [None, args.baseline]
     for kind in ("otlp", "ndjson"):
-        runs = [
-            run_http(kind, args.records, args.per_request, args.clients) for _ in range(args.reps)
-        ]
-        wall = statistics.median(r["wall"] for r in runs)
-        cpu = statistics.median(r["cpu"] for r in runs)
-        rows.append(
-            (
-                f"{kind} -> spool -> file sink",
-                f"{args.records / wall:,.0f} records/s",
-                f"{args.records / cpu:,.0f} records per CPU s",
-                f"{cpu / args.records * 1e6:.1f} µs CPU/record",
+        runs: dict[Path | None, list[dict[str, float]]] = {v: [] for v in versions}
+        for rep in range(args.reps):
+            for v in versions:
+                r = run_http(kind, args.records, args.per_request, args.clients, v)
+                runs[v].append(r)
+                rate = args.records / r["cpu"]
+                load = os.getloadavg()[0]
+                print(
+                    f"rep {rep + 1} {kind} {v or 'this'}: {rate:,.0f} records per CPU s "
+                    f"(load {load:.2f})",
+                    file=sys.stderr,
+                )
+        for v in versions:
+            wall = statistics.median(r["wall"] for r in runs[v])
+            cpu = statistics.median(r["cpu"] for r in runs[v])
+            vs = ""
+            if v is None and args.baseline is not None:
+                base = statistics.median(r["cpu"] for r in runs[args.baseline])
+                vs = f" ({base / cpu:.2f}x the baseline's records per CPU s)"
+            rows.append(
+                (
+                    f"{kind} -> spool -> file sink" + ("" if v is None else f" [{v}]"),
+                    f"{args.records / wall:,.0f} records/s",
+                    f"{args.records / cpu:,.0f} records per CPU s{vs}",
+                    f"{cpu / args.records * 1e6:.1f} µs CPU/record",
+                )
             )
-        )
     for conc in (1, 8, 64):
-        runs = [group_commit(args.appends, conc) for _ in range(args.reps)]
+        commits = [group_commit(args.appends, conc) for _ in range(args.reps)]
         rows.append(
             (
                 f"spool appends, {conc} concurrent",
-                f"{statistics.median(r['appends_per_s'] for r in runs):,.0f} appends/s",
-                f"{statistics.median(r['appends_per_sync'] for r in runs):.1f} appends/sync",
+                f"{statistics.median(r['appends_per_s'] for r in commits):,.0f} appends/s",
+                f"{statistics.median(r['appends_per_sync'] for r in commits):.1f} appends/sync",
                 "",
             )
         )

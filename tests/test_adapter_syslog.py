@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +85,22 @@ class MemorySpool:
         self.sources.add(source)
         if self.capacity is not None and len(self.records) >= self.capacity:
             self.full = True
+
+    async def append_raw(
+        self,
+        data: bytes,
+        *,
+        source: str,
+        kind: str,
+        count: int,
+        decode: Callable[[bytes, str], list[Record]],
+    ) -> None:
+        # Decoded at once (the real spool decodes when it reads back); ``input`` is the
+        # real spool's, as append() leaves it out here.
+        assert kind == "syslog" and count == data.count(b"\n")
+        records = decode(data, source)
+        assert all(r.pop("input") == source for r in records)
+        await self.append(records, source=source)
 
     async def wait_for_space(self) -> None:
         self.waiting += 1

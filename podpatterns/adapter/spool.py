@@ -23,20 +23,33 @@ acknowledged is read again (at most the one unacknowledged batch is sent twice).
 keeps this check cheap (a torn line has no newline; a corrupt one does not parse) and the
 segments readable with ``jq``.
 
+An input whose messages are cheaper to keep as they arrived than as JSON (a chunk of
+syslog frames read from TCP, an OTLP protobuf body) appends them raw
+(:meth:`Spool.append_raw`): one line ``["raw",KIND,INPUT,"BASE64"]`` for the whole
+chunk, written and synced like any other, and turned into records only when read back,
+by the decoder of its kind (:data:`DECODERS`, or the one the input registered with the
+append). The chunk must decode the same alone: an input appends only whole messages. A
+raw line turns into more records than a batch holds: the reader hands them out in
+batches of at most ``max_records``, and only the last one carries the line's offset for
+the checkpoint (after a crash, the whole chunk is read again: at most once more).
+
 Every file operation runs in a worker thread, never on the event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
+import importlib
 import json
 import math
 import os
 import re
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,10 +58,31 @@ from podpatterns import logs
 from podpatterns.adapter.inputs import Record, SpoolFull
 from podpatterns.atomicfile import fsync_directory
 
-__all__ = ["Spool", "SpoolCounters", "segment_name"]
+__all__ = ["DECODERS", "Decoder", "RawBlock", "Spool", "SpoolCounters", "segment_name"]
 
 _SEGMENT = re.compile(r"spool-(\d{16})\.ndjson")
 _BLOCK = 64 * 1024
+
+
+Decoder = Callable[[bytes, str], list[Record]]
+"""Raw bytes an input appended, and its name -> the records (``input`` set)."""
+
+DECODERS: dict[str, str] = {
+    "syslog": "podpatterns.adapter.inputs.syslog:decode_block",
+    "otlp-protobuf": "podpatterns.adapter.inputs.otlp:decode_block",
+}
+"""Raw kinds -> the decoder used when no input registered one (after a restart with
+another configuration): ``module:function``, imported when first needed."""
+
+
+@dataclass(frozen=True)
+class RawBlock:
+    """Bytes appended raw: decoded into records when read back."""
+
+    kind: str
+    source: str
+    data: bytes
+    count: int  # messages in it, as the input counted them (0: unknown)
 
 
 def segment_name(seq: int) -> str:
@@ -67,6 +101,8 @@ class SpoolCounters:
     full: int = 0
     write_errors: int = 0
     records_read: int = 0
+    raw_appends: int = 0
+    raw_undecodable: int = 0
     records_from_memory: int = 0
     torn_tails: int = 0
     torn_bytes: int = 0
@@ -105,11 +141,11 @@ class Spool:
         self._active: _Segment | None = None
         self._fd = -1  # the active segment, for appending
         self._unacked = 0  # bytes appended (or being appended) and not acknowledged
-        self._pending: list[tuple[bytes, list[Record], asyncio.Future[None]]] = []
+        self._pending: list[tuple[bytes, list[Record] | RawBlock, asyncio.Future[None]]] = []
         # The records of the latest appends, as appended (segment, offset, records, bytes):
         # the reader takes them from here instead of decoding the segment again, as long
         # as they are next to read; bounded in bytes, the disk is the fallback.
-        self._cache: deque[tuple[int, int, list[Record], int]] = deque()
+        self._cache: deque[tuple[int, int, list[Record] | RawBlock, int]] = deque()
         self._cache_bytes = 0
         self.cache_max_bytes = min(max_bytes, 4 * 1024 * 1024)
         self._wake = asyncio.Event()
@@ -126,6 +162,11 @@ class Spool:
         self._read_seq = 0
         self._read_pos = 0
         self._read_fd = -1
+        # Records of a raw line beyond a batch: handed out first, then the line's mark.
+        self._rest: list[Record] = []
+        self._rest_mark: tuple[int, int] = (0, 0)
+        self.decoders: dict[str, Decoder] = {}
+        """Input name -> its decoder of raw appends (set by :meth:`append_raw`)."""
         self._log = logs.get("adapter")
 
     # -- opening ---------------------------------------------------------------------------
@@ -237,7 +278,31 @@ class Spool:
         """
         if not records:
             return
-        data = encode(records, source)
+        await self._append(encode(records, source), records)
+
+    async def append_raw(
+        self, data: bytes, *, source: str, kind: str, count: int, decode: Decoder
+    ) -> None:
+        """Store ``data`` durably as it is: whole messages of ``kind`` that ``decode``
+        turns into records when they are read back (:class:`SpoolFull`, :class:`OSError`
+        as :meth:`append`).
+
+        Args:
+            data: the bytes, decodable alone.
+            source: the input's name.
+            kind: a key of :data:`DECODERS` (the decoder after a restart).
+            count: how many messages ``data`` holds, for the counters (0: unknown).
+            decode: the input's decoder (counting into its counters).
+        """
+        if not data:
+            return
+        self.decoders[source] = decode
+        line = f'["raw",{json.dumps(kind)},{json.dumps(source)},"'.encode()
+        line += base64.b64encode(data) + b'"]\n'
+        self.counters.raw_appends += 1
+        await self._append(line, RawBlock(kind, source, data, count))
+
+    async def _append(self, data: bytes, records: list[Record] | RawBlock) -> None:
         n = len(data)
         if self._stopped:
             raise SpoolFull(1.0)
@@ -289,7 +354,7 @@ class Spool:
         confirmed (:class:`SpoolFull`: the peer retries; what the last write had put on
         disk is then stored twice, at least once), so no caller waits forever.
         """
-        group: list[tuple[bytes, list[Record], asyncio.Future[None]]] = []
+        group: list[tuple[bytes, list[Record] | RawBlock, asyncio.Future[None]]] = []
         try:
             while True:
                 await self._wake.wait()
@@ -319,7 +384,7 @@ class Spool:
             self._synced.set()
 
     async def _write_group(
-        self, group: list[tuple[bytes, list[Record], asyncio.Future[None]]]
+        self, group: list[tuple[bytes, list[Record] | RawBlock, asyncio.Future[None]]]
     ) -> None:
         data = b"".join(d for d, _, _ in group)
         active = self._active
@@ -345,7 +410,9 @@ class Spool:
         c = self.counters
         c.syncs += 1
         c.appends += len(group)
-        c.records_appended += sum(len(r) for _, r, _ in group)
+        c.records_appended += sum(
+            r.count if isinstance(r, RawBlock) else len(r) for _, r, _ in group
+        )
         c.bytes_appended += len(data)
         cache = self._cache
         for d, records, _ in group:
@@ -390,12 +457,54 @@ class Spool:
         """The next records synced and not read yet: about ``max_bytes`` of them, at most
         ``max_records``.
 
-        Waits for some; ``None`` once stopped and everything was read.
+        Waits for some; ``None`` once stopped and everything was read. Appends still in
+        memory are gathered into one batch; the records of a raw line continue in the
+        next batch when they do not fit.
 
         Returns:
             The records, the bytes they took in the spool, and per segment read, the
-            offset the checkpoint reaches once they are acknowledged.
+            offset the checkpoint reaches once they are acknowledged: the end of the
+            last line all of whose records are in this batch or an earlier one (empty
+            when this batch holds only part of a raw line).
         """
+        records: list[Record] = []
+        marks: dict[int, int] = {}
+        used = 0
+        while len(records) < max_records:
+            if self._rest:
+                room = max_records - len(records)
+                records += self._rest[:room]
+                del self._rest[:room]
+                if not self._rest:
+                    seq, pos = self._rest_mark
+                    marks[seq] = pos
+                continue
+            if (records or marks) and (used >= max_bytes or not self._next_cached()):
+                break  # more only if it is at hand in memory
+            got = await self._read_lines(max_bytes - used, max_records)
+            if got is None:
+                if not (records or marks):
+                    return None
+                break
+            self._rest, n = got
+            used += n
+            self._rest_mark = (self._read_seq, self._read_pos)
+            if not self._rest:
+                marks[self._read_seq] = self._read_pos
+        self.counters.records_read += len(records)
+        return records, used, marks
+
+    def _next_cached(self) -> bool:
+        """Whether the next append to read is in memory."""
+        cache = self._cache
+        return bool(cache) and (cache[0][0], cache[0][1]) == (self._read_seq, self._read_pos)
+
+    async def _read_lines(
+        self, max_bytes: int, max_records: int
+    ) -> tuple[list[Record], int] | None:
+        """The records of the next lines (a raw line alone, decoded) and their bytes; the
+        reader's position moves past them. Waits for some; ``None`` once stopped and
+        everything was read."""
         while True:
             seg = self._segments.get(self._read_seq)
             if seg is None:  # removed: every record of it was acknowledged
@@ -416,28 +525,50 @@ class Spool:
             await self._synced.wait()
         cached = self._from_cache(seg.seq, max_bytes, max_records)
         if cached is not None:
-            records, used = cached
+            items, used = cached
             self._read_pos += used
-            self.counters.records_read += len(records)
+            records = self._expand(items)
             self.counters.records_from_memory += len(records)
-            return records, used, {seg.seq: self._read_pos}
+            return records, used
         if self._read_fd < 0:
             self._read_fd = await asyncio.to_thread(os.open, seg.path, os.O_RDONLY)
         want = min(seg.size - self._read_pos, max(max_bytes, 1))
-        records, used = await asyncio.to_thread(
-            self._decode, self._read_fd, self._read_pos, want, seg.size, max_records
+        items, used = await asyncio.to_thread(
+            self._decode, self._read_fd, self._read_pos, want, seg.size, max(max_records, 1)
         )
         if not used:  # cannot happen with segments we wrote: skip the bytes, counted
             self.counters.corrupt_records += 1
             used = want
         self._read_pos += used
-        self.counters.records_read += len(records)
-        return records, used, {seg.seq: self._read_pos}
+        return self._expand(items), used
+
+    def _expand(self, items: list[Record] | RawBlock) -> list[Record]:
+        """The records of ``items``: decoded, for a raw block (on the event loop: the
+        decoders count into their input's counters)."""
+        if not isinstance(items, RawBlock):
+            return items
+        decode = self.decoders.get(items.source) or _default_decoder(items.kind)
+        try:
+            if decode is None:
+                raise LookupError(f"no decoder for raw kind {items.kind!r}")
+            return decode(items.data, items.source)
+        except Exception as exc:  # a decoder bug: counted and logged, the reader goes on
+            self.counters.raw_undecodable += 1
+            self.counters.corrupt_records += 1  # the metric of lines that did not decode
+            self._log.error(
+                "spool_raw_undecodable",
+                kind=items.kind,
+                input=items.source,
+                bytes=len(items.data),
+                error=f"{type(exc).__name__}: {exc}",
+            )
+            return []
 
     def _from_cache(
         self, seq: int, max_bytes: int, max_records: int
-    ) -> tuple[list[Record], int] | None:
-        """The appends next to read, whole, if they are still cached; and their bytes."""
+    ) -> tuple[list[Record] | RawBlock, int] | None:
+        """The appends next to read, whole, if they are still cached; and their bytes.
+        A raw append comes alone."""
         cache = self._cache
         pos = self._read_pos
         while cache and (cache[0][0], cache[0][1]) < (seq, pos):
@@ -448,6 +579,12 @@ class Spool:
             cseq, at, recs, size = cache[0]
             if cseq != seq or at != pos + used:
                 break
+            if isinstance(recs, RawBlock):
+                if records:
+                    break
+                cache.popleft()
+                self._cache_bytes -= size
+                return recs, size
             if records and (len(records) + len(recs) > max_records or used >= max_bytes):
                 break
             if not records and len(recs) > max_records:
@@ -466,8 +603,9 @@ class Spool:
 
     def _decode(
         self, fd: int, pos: int, want: int, size: int, max_records: int
-    ) -> tuple[list[Record], int]:
-        """Records of whole lines from ``pos`` (blocking); and the bytes they used."""
+    ) -> tuple[list[Record] | RawBlock, int]:
+        """Records of whole lines from ``pos`` (blocking); and the bytes they used. A raw
+        line comes alone: the records before it are returned first."""
         data = os.pread(fd, want, pos)
         end = data.rfind(b"\n") + 1
         while end == 0 and pos + len(data) < size:  # one record longer than ``want``
@@ -478,6 +616,15 @@ class Spool:
         start = lines = 0
         while start < end and lines < max_records:
             nl = data.index(b"\n", start)
+            if data.startswith(b'["raw",', start):
+                if records:
+                    break
+                block = _raw_line(data[start:nl])
+                start = nl + 1
+                if block is None:
+                    self.counters.corrupt_records += 1
+                    continue
+                return block, start
             try:
                 rec = loads(data[start:nl])
             except ValueError:
@@ -549,6 +696,32 @@ class Spool:
     def segments(self) -> int:
         """How many segment files there are."""
         return len(self._segments)
+
+
+def _raw_line(line: bytes) -> RawBlock | None:
+    """A raw line's block; ``None`` if it is not one (corrupt)."""
+    try:
+        tag, kind, source, data = json.loads(line)
+        if tag != "raw" or not isinstance(kind, str) or not isinstance(source, str):
+            return None
+        return RawBlock(kind, source, base64.b64decode(data, validate=True), 0)
+    except (ValueError, TypeError, binascii.Error):
+        return None
+
+
+_DEFAULT_DECODERS: dict[str, Decoder | None] = {}
+
+
+def _default_decoder(kind: str) -> Decoder | None:
+    """The decoder :data:`DECODERS` names for ``kind`` (``None``: unknown kind)."""
+    if kind not in _DEFAULT_DECODERS:
+        where = DECODERS.get(kind)
+        fn: Decoder | None = None
+        if where is not None:
+            module, _, name = where.partition(":")
+            fn = getattr(importlib.import_module(module), name)
+        _DEFAULT_DECODERS[kind] = fn
+    return _DEFAULT_DECODERS[kind]
 
 
 def _consume(fut: asyncio.Future[None]) -> None:

@@ -20,6 +20,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from podpatterns.options import HostPort
 
 Record = dict[str, Any]
@@ -53,6 +55,25 @@ class Spool(Protocol):
         The records are the spool's from then on: each gets ``input`` set to ``source``,
         and they are shipped as they are (values JSON can hold: what is read back after
         a restart is their JSON form).
+
+        Raises:
+            SpoolFull: nothing was stored; the caller tells its peer to retry.
+            OSError: the disk failed; nothing was stored.
+        """
+
+    async def append_raw(
+        self,
+        data: bytes,
+        *,
+        source: str,
+        kind: str,
+        count: int,
+        decode: Callable[[bytes, str], list[Record]],
+    ) -> None:
+        """Store ``data`` durably as it arrived: whole messages that ``decode(data,
+        source)`` turns into records when they are read back (after a restart, the
+        decoder registered for ``kind``). Cheaper than :meth:`append` for an input whose
+        messages are small: no record is built or encoded before the data is durable.
 
         Raises:
             SpoolFull: nothing was stored; the caller tells its peer to retry.

@@ -268,9 +268,11 @@ class HttpInput:
         if isinstance(body, web.Response):
             return body
         rejected, reason = 0, ""
+        records: list[Record] | int
         try:
             if ctype == PROTOBUF:
-                records = otlp.from_protobuf(body)
+                # Checked now, flattened into records when the spool is read back.
+                records = otlp.check_protobuf(body)
             else:
                 try:
                     doc = json.loads(body)
@@ -279,7 +281,10 @@ class HttpInput:
                 records, rejected, reason = otlp.from_json(doc)
         except otlp.BadRequest as exc:
             return self._error(request, 400, str(exc))
-        stored = await self._store(request, records, "otlp")
+        if isinstance(records, int):
+            stored = await self._store(request, records, "otlp", raw=body)
+        else:
+            stored = await self._store(request, records, "otlp")
         if stored is not None:
             return stored
         self._c["records_rejected"] += rejected
@@ -296,13 +301,29 @@ class HttpInput:
         return self._answer(200, resp)
 
     async def _store(
-        self, request: web.Request, records: list[Record], source: str
+        self,
+        request: web.Request,
+        records: list[Record] | int,
+        source: str,
+        raw: bytes = b"",
     ) -> web.Response | None:
-        """Append to the spool; None when stored, else the answer (429, 503)."""
+        """Append ``records`` to the spool, or ``raw``, an OTLP protobuf body of
+        ``records`` log records; None when stored, else the answer (429, 503)."""
         spool = self._spool
         assert spool is not None
         try:
-            await spool.append(records, source=source)
+            if isinstance(records, int):
+                if not records:  # a valid request without log records: nothing to store
+                    return None
+                await spool.append_raw(
+                    raw,
+                    source=source,
+                    kind="otlp-protobuf",
+                    count=records,
+                    decode=otlp.decode_block,
+                )
+            else:
+                await spool.append(records, source=source)
         except SpoolFull as full:
             resp = self._error(request, 429, "the adapter's spool is full; retry later")
             resp.headers["Retry-After"] = str(max(1, round(full.retry_after)))
@@ -311,7 +332,7 @@ class HttpInput:
             resp = self._error(request, 503, f"cannot store the records: {exc.strerror}")
             resp.headers["Retry-After"] = "5"
             return resp
-        self._c["records"] += len(records)
+        self._c["records"] += records if isinstance(records, int) else len(records)
         return None
 
     def _answer(self, status: int, resp: web.Response) -> web.Response:

@@ -36,7 +36,14 @@ from typing import Any
 
 from podpatterns.adapter.inputs import Record
 
-__all__ = ["BadRequest", "from_json", "from_protobuf", "protobuf_available"]
+__all__ = [
+    "BadRequest",
+    "check_protobuf",
+    "decode_block",
+    "from_json",
+    "from_protobuf",
+    "protobuf_available",
+]
 
 RESERVED = frozenset(
     {
@@ -138,23 +145,66 @@ def _any(v: Any) -> Any:
     return None
 
 
+_PROTO: list[Any] = []  # the request class and DecodeError, imported on first use
+
+
+def _parse(body: bytes) -> Any:
+    """The ``ExportLogsServiceRequest`` message of ``body``.
+
+    Raises:
+        BadRequest: the body does not decode.
+    """
+    if not _PROTO:
+        from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import (
+            ExportLogsServiceRequest,
+        )
+
+        # Looked up, not imported: protobuf ships no type stubs (types-protobuf is not a
+        # dependency), and this keeps mypy quiet wherever the package is type-checked.
+        error = importlib.import_module("google.protobuf.message").DecodeError
+        _PROTO[:] = [ExportLogsServiceRequest, error]
+    request_type, decode_error = _PROTO
+    request = request_type()
+    try:
+        request.ParseFromString(body)
+    except decode_error as exc:
+        raise BadRequest(f"not an OTLP ExportLogsServiceRequest (protobuf): {exc}") from None
+    return request
+
+
+def check_protobuf(body: bytes) -> int:
+    """How many log records a protobuf ``ExportLogsServiceRequest`` holds: a body that
+    decodes here gives records in :func:`from_protobuf` (no field of a decoded request
+    can fail there: the largest fixed64 timestamp is a date), so the HTTP input checks
+    the body with this, spools it raw and flattens it when the spool is read back.
+
+    Raises:
+        BadRequest: the body does not decode.
+    """
+    request = _parse(body)
+    return sum(len(sl.log_records) for rl in request.resource_logs for sl in rl.scope_logs)
+
+
+def decode_block(data: bytes, source: str) -> list[Record]:
+    """The records of a protobuf body the spool kept raw, ``input`` set to ``source``.
+
+    Raises:
+        BadRequest: the body does not decode (never for a body :func:`check_protobuf`
+            accepted).
+    """
+    records = from_protobuf(data)
+    for rec in records:
+        rec["input"] = source
+    return records
+
+
 def from_protobuf(body: bytes) -> list[Record]:
     """The records of a protobuf ``ExportLogsServiceRequest``.
 
     Raises:
         BadRequest: the body does not decode.
     """
-    from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
-
-    # Looked up, not imported: protobuf ships no type stubs (types-protobuf is not a
-    # dependency), and this keeps mypy quiet wherever the package is type-checked.
-    decode_error: type[Exception] = importlib.import_module("google.protobuf.message").DecodeError
-
-    request = ExportLogsServiceRequest()
-    try:
-        request.ParseFromString(body)
-    except decode_error as exc:
-        raise BadRequest(f"not an OTLP ExportLogsServiceRequest (protobuf): {exc}") from None
+    request = _parse(body)
     out: list[Record] = []
     for rl in request.resource_logs:
         resource = {"resource." + kv.key: _any(kv.value) for kv in rl.resource.attributes}
@@ -192,7 +242,13 @@ def from_protobuf(body: bytes) -> list[Record]:
                     rec["flags"] = lr.flags
                 if lr.event_name:
                     rec["event_name"] = lr.event_name
-                out.append(_finish(rec, ((kv.key, _any(kv.value)) for kv in lr.attributes), shared))
+                for kv in lr.attributes:  # as _finish(), inlined: it is per record
+                    key = kv.key
+                    rec["attributes." + key if key in RESERVED or key in rec else key] = _any(
+                        kv.value
+                    )
+                rec.update(shared)
+                out.append(rec)
     return out
 
 

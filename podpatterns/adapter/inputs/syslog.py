@@ -5,13 +5,18 @@ parsed (RFC 5424, else RFC 3164 as apps and ``glibc``'s ``syslog()`` write it) i
 record and handed to the spool; a message that does not parse is kept raw, marked
 ``parse_error``, and counted.
 
-- **Stream inputs** (TCP, unix stream) read a chunk, append its records, and await
+- **Stream inputs** (TCP, unix stream) read a chunk, append its messages, and await
   :meth:`~podpatterns.adapter.inputs.Spool.wait_for_space` before reading the next one:
   while the spool is full nothing is read, the socket buffers fill and the app's writes
   block (backpressure, nothing lost). Framing is detected per message as rsyslog's
   ``imtcp`` does (RFC 6587): a frame starting with a digit is octet-counted
   (``LEN SP MSG``), anything else runs to the next LF (or NUL, which ``glibc`` ends
-  stream messages with).
+  stream messages with). The common stream, LF-framed messages, is appended as it
+  arrived (:meth:`~podpatterns.adapter.inputs.Spool.append_raw`, the complete frames of
+  the chunk; an incomplete last one waits for the next chunk) and parsed when the spool
+  is read back (:func:`decode_block`): the spool makes the bytes durable without a record
+  built or encoded first. Anything else (octet counting, NUL delimiters, an over-long
+  frame) is framed and parsed first and appended as records.
 - **Datagram inputs** (UDP, unix datagram) cannot push back: received messages are
   batched and appended by one task; what the spool refuses (:class:`SpoolFull`) or what
   exceeds the pending bound while an append is in flight is dropped and counted.
@@ -23,12 +28,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import re
 import socket
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -50,6 +56,7 @@ __all__ = [
     "SyslogDatagramInput",
     "SyslogStreamInput",
     "bind_unix",
+    "decode_block",
     "inputs_from_config",
     "parse_message",
 ]
@@ -118,6 +125,24 @@ def _parse_sd(text: str) -> dict[str, dict[str, str]]:
     ``[id k="v" k2="v\\"2"][id2]`` becomes ``{"id": {"k": "v", "k2": 'v"2'}, "id2": {}}``
     (PARAM-VALUE escapes undone).
     """
+    out: dict[str, dict[str, str]] = {}
+    if "\\" not in text:
+        # No escapes (the common case): '"' and ']' occur only as the grammar (checked
+        # already) places them, so plain splits take it apart, faster than the scan:
+        # 'a="1" b="2"' without its last '"' splits at '"' into 'a=', '1', ' b=', '2'.
+        for element in text[1:-1].split("]["):
+            sd_id, _, rest = element.partition(" ")
+            found = out.setdefault(sd_id, {})
+            if rest:
+                parts = iter(rest[:-1].split('"'))
+                for name, value in zip(parts, parts, strict=False):
+                    found[name.lstrip(" ")[:-1]] = value
+        return out
+    return _sd_scan(text)
+
+
+def _sd_scan(text: str) -> dict[str, dict[str, str]]:
+    """:func:`_parse_sd` by a scan of tokens: for any STRUCTURED-DATA, escapes too."""
     out: dict[str, dict[str, str]] = {}
     params: dict[str, str] = {}
     # One scan: an SD-ID opens an element, each NAME="VALUE" after it belongs to it.
@@ -318,6 +343,31 @@ class Framer:
         del buf[:pos]
         return out
 
+    def take(self, data: bytes) -> bytes | None:
+        """The fast path for LF-framed streams: add ``data``; return the complete frames
+        held as they arrived (``b""`` if none is complete yet).
+
+        A new :class:`Framer` with the same ``max_message`` splits what this returns into
+        the very messages :meth:`feed` would have returned (:func:`decode_block`); the
+        incomplete last frame is held. Returns ``None``, and takes nothing, when the
+        stream needs :meth:`feed`: inside an over-long frame, a NUL, a frame that starts
+        with a digit (octet counting may follow), an incomplete frame longer than
+        ``max_message``.
+        """
+        if self._skip or self._skip_line:
+            return None
+        whole = bytes(self._buf) + data if self._buf else data
+        end = whole.rfind(b"\n") + 1
+        if (
+            len(whole) - end > self.max_message
+            or b"\0" in whole
+            or _DIGIT_FIRST.match(whole)
+            or _DIGIT_NEXT.search(whole, 0, end)
+        ):
+            return None
+        self._buf = bytearray(whole[end:])
+        return whole[:end]
+
     def _lf_frames(self, buf: bytearray, out: list[tuple[bytes, bool]]) -> int:
         """The fast path for the common stream, LF-framed messages only: split at once,
         up to the first frame that starts with a digit (octet counting may follow: the
@@ -353,6 +403,11 @@ class Framer:
         self._skip = 0
         self._skip_line = False
         return (data[: self.max_message], len(data) > self.max_message) if data else None
+
+
+# A frame starting with a digit (after spaces or CRs), first in a chunk or after an LF.
+_DIGIT_FIRST = re.compile(rb"[ \r]*[0-9]")
+_DIGIT_NEXT = re.compile(rb"\n[ \r]*[0-9]")
 
 
 def _delimiter(buf: bytearray, pos: int) -> int:
@@ -402,6 +457,18 @@ class _Records:
     def __init__(self, counters: SyslogCounters) -> None:
         self.counters = counters
 
+    def decode(self, data: bytes, source: str, max_message: int) -> list[Record]:
+        """The records of complete frames taken by :meth:`Framer.take`, ``input`` set."""
+        framer = Framer(max_message)
+        messages = framer.feed(data)
+        last = framer.flush()
+        if last is not None:  # not from take(): a block always ends with its LF
+            messages.append(last)
+        out = self.make(messages)
+        for rec in out:
+            rec["input"] = source
+        return out
+
     def make(self, messages: list[tuple[bytes, bool]]) -> list[Record]:
         c = self.counters
         now = time.localtime()
@@ -426,6 +493,13 @@ class _Records:
             out.append(rec)
         c.messages += len(out)
         return out
+
+
+def decode_block(data: bytes, source: str) -> list[Record]:
+    """The records of a raw syslog block in the spool, when no input registered its own
+    decoder (after a restart without that input): counted nowhere, default maximum
+    message size."""
+    return _Records(SyslogCounters()).decode(data, source, 64 * 1024)
 
 
 # -- sockets --------------------------------------------------------------------------
@@ -652,14 +726,39 @@ class SyslogStreamInput(_Listening):
                     data = b""
                 self._reading[task] = False
                 c.bytes_read += len(data)
-                messages = framer.feed(data) if data else []
+                block = framer.take(data) if data else None
+                if block:
+                    count = block.count(b"\n")
+                    if not await _append_waiting(
+                        functools.partial(
+                            spool.append_raw,
+                            block,
+                            source=self.name,
+                            kind="syslog",
+                            count=count,
+                            decode=self._decode,
+                        ),
+                        spool,
+                        self._is_closing,
+                    ):
+                        c.dropped += count
+                    continue
+                if block is not None:
+                    continue
+                # At the end, feed() first: what take() held may start with a digit
+                # (octet counting), which only feed() frames.
+                messages = framer.feed(data)
                 if not data:
                     last = framer.flush()
                     if last is not None:
                         messages.append(last)
                 if messages:
                     records = self._records.make(messages)
-                    if not await _append_waiting(spool, records, self.name, self._is_closing):
+                    if not await _append_waiting(
+                        functools.partial(spool.append, records, source=self.name),
+                        spool,
+                        self._is_closing,
+                    ):
                         c.dropped += len(records)
                 if not data:
                     break
@@ -670,6 +769,9 @@ class SyslogStreamInput(_Listening):
 
     def _is_closing(self) -> bool:
         return self._closing
+
+    def _decode(self, data: bytes, source: str) -> list[Record]:
+        return self._records.decode(data, source, self.max_message)
 
     async def close(self) -> None:
         """Stop accepting; connections idle in a read end, appends in flight finish
@@ -690,14 +792,15 @@ class SyslogStreamInput(_Listening):
 
 
 async def _append_waiting(
-    spool: Spool, records: list[Record], source: str, closing: Callable[[], bool]
+    append: Callable[[], Awaitable[None]], spool: Spool, closing: Callable[[], bool]
 ) -> bool:
-    """Append, waiting while the spool is full (a stream pushes back); retry a failing
-    disk. Returns False when shutting down with the spool full (nothing makes room)."""
+    """Append (``append()``), waiting while the spool is full (a stream pushes back);
+    retry a failing disk. Returns False when shutting down with the spool full (nothing
+    makes room)."""
     delay = 0.05
     while True:
         try:
-            await spool.append(records, source=source)
+            await append()
             return True
         except SpoolFull:
             if closing():
