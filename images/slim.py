@@ -283,7 +283,8 @@ def main() -> None:
     # The entry points: #! scripts, which the kernel runs without a shell.
     shebang = f"#!{prefix}/bin/python3\n"
     scripts = {
-        "podpatterns": "import sys\nfrom podpatterns.cli import main\nsys.exit(main())\n",
+        # the console script's own entry point, which holds SIGTERM while importing
+        "podpatterns": "from podpatterns.__main__ import main\nmain()\n",
         "podpatterns-copy-into": args.copy_into.read_text(),
     }
     for name, body in scripts.items():
