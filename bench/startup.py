@@ -14,7 +14,11 @@ Runs are interleaved across components; medians (and min-max) of ``--runs`` runs
 The 1-minute load average before and after is printed: the wall times mean little
 above a load of about 1 on 2 cores. Usage::
 
-    .venv/bin/python bench/startup.py [--runs 7] [--root DIR] [--core 1]
+    .venv/bin/python bench/startup.py [--runs 7] [--root DIR]... [--core 1] [--idle 10]
+
+With ``--idle S``, the first run of each component stays up S seconds after ready and its
+VmRSS is reported (the images' RSS when DIR is an image's root: same interpreter,
+libraries and bytecode).
 """
 
 from __future__ import annotations
@@ -63,8 +67,19 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICK
 
 
-def one_start(command: list[str], port: int, within: float = 30.0) -> tuple[float, float]:
-    """Start ``command``; (CPU seconds, wall seconds) at its first 200 from /startupz."""
+def rss_mib(pid: int) -> float:
+    """VmRSS of ``pid`` in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def one_start(
+    command: list[str], port: int, within: float = 30.0, idle: float = 0.0
+) -> tuple[float, float, float]:
+    """Start ``command``; (CPU seconds, wall seconds) at its first 200 from /startupz,
+    and its RSS in MiB ``idle`` seconds later."""
     started = time.monotonic()
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
@@ -74,7 +89,9 @@ def one_start(command: list[str], port: int, within: float = 30.0) -> tuple[floa
                 sys.exit(f"startup: {command} exited {proc.returncode}: {err[-2000:]}")
             if startupz(port) == 200:
                 wall = time.monotonic() - started
-                return cpu_seconds(proc.pid), wall
+                cpu = cpu_seconds(proc.pid)
+                time.sleep(idle)  # a measured idle window, not a wait for an event
+                return cpu, wall, rss_mib(proc.pid)
             time.sleep(0.005)
         sys.exit(f"startup: no 200 from /startupz of {command} within {within} s")
     finally:
@@ -98,6 +115,9 @@ def main() -> None:
     )
     parser.add_argument("--core", help="pin the component to this CPU (taskset -c)")
     parser.add_argument("--only", choices=sorted(COMPONENTS), action="append")
+    parser.add_argument(
+        "--idle", type=float, default=0.0, help="also report RSS this many seconds after ready"
+    )
     args = parser.parse_args()
     pin: list[str] = ["taskset", "-c", args.core] if args.core else []
     # (label, command prefix, podpatterns path, data dir as the command names it, as here)
@@ -116,7 +136,7 @@ def main() -> None:
     for *_, host_data in setups:
         host_data.chmod(0o777)
     names = args.only or sorted(COMPONENTS)
-    results: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    results: dict[tuple[str, str], list[tuple[float, float, float]]] = {}
     print(f"load average before: {os.getloadavg()[0]:.2f}", flush=True)
     try:
         for _ in range(args.runs):
@@ -125,7 +145,10 @@ def main() -> None:
                     port, listen = free_port(), free_port()
                     words = [w.format(listen=listen, data=data) for w in COMPONENTS[name]]
                     command = [*prefix, podpatterns, *words, "--admin", f"127.0.0.1:{port}"]
-                    results.setdefault((where, name), []).append(one_start(command, port))
+                    idle = args.idle if not results.get((where, name)) else 0.0  # first run
+                    results.setdefault((where, name), []).append(
+                        one_start(command, port, idle=idle)
+                    )
     finally:
         for *_, host_data in setups:
             shutil.rmtree(host_data, ignore_errors=True)
@@ -137,6 +160,7 @@ def main() -> None:
             f"{where} {name}: CPU to ready median {statistics.median(cpu):.0f} ms"
             f" ({cpu[0]:.0f}-{cpu[-1]:.0f}), wall median {statistics.median(wall):.0f} ms"
             f" ({wall[0]:.0f}-{wall[-1]:.0f}), {len(runs)} runs"
+            + (f"; RSS {runs[0][2]:.1f} MiB {args.idle:g} s after ready" if args.idle else "")
         )
 
 

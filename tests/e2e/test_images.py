@@ -30,6 +30,9 @@ from tests.e2e.test_pods import events, json_lines, pod_name, podify
 from tests.peers import PostgresServer, candidate_ports
 from tests.waiting import wait_until
 
+# the postgres fixture of the copy-in test, also when this file runs alone
+pytest_plugins = ("tests.peer_fixtures",)
+
 # As readOnlyRootFilesystem: podman's --read-only alone would still mount writable tmpfs
 # on /tmp, /var/tmp and /run.
 LOCKED_DOWN = (
