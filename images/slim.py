@@ -11,9 +11,12 @@ the app container mounts there):
                        PREFIX/lib/ld-linux-*.so.* and its RPATH to PREFIX/lib, so it starts
                        where no loader or shared library is installed: a scratch image
     bin/podpatterns    the entry point, a ``#!PREFIX/bin/python3`` script: the kernel
-                       runs a ``#!`` line itself, no shell is needed
+                       runs a ``#!`` line itself, no shell is needed (see ENTRY)
     bin/podpatterns-copy-into DEST
                        copies the tree into DEST (the copy-in init container)
+    etc/ssl/ca-certificates.crt
+                       the CA certificates (--ca-bundle), for the copy-in in an app
+                       image that has none
     lib/               the loader and the shared libraries that python3 and the extension
                        modules need (their ldd closure), stripped
     lib/pythonX.Y/     the part of the standard library that podpatterns and its
@@ -39,6 +42,7 @@ import json
 import os
 import py_compile
 import shutil
+import ssl
 import stat
 import subprocess
 import sys
@@ -78,6 +82,41 @@ for top in list(names):
         load(info.name)
 json.dump({n: getattr(m, "__file__", None) for n, m in list(sys.modules.items())}, sys.stdout)
 """
+
+
+# bin/podpatterns. The same as the console script (podpatterns.__main__, which holds
+# SIGTERM and SIGINT while importing: held here from the first line), plus CA certificates
+# for a process in which OpenSSL would find none: the copy-in, in an app image without
+# OpenSSL's default files. Then, unless SSL_CERT_FILE or SSL_CERT_DIR is set, the app
+# image's /etc/ssl/certs/ca-certificates.crt is used if it has one, else the tree's own
+# bundle, for every default context (``load_default_certs``) of this process only: the
+# environment the app's command inherits is left as it is. In the images, and in app
+# images with OpenSSL's default files, nothing changes.
+ENTRY = """\
+import signal
+
+signal.pthread_sigmask(signal.SIG_BLOCK, {{signal.SIGTERM, signal.SIGINT}})
+
+import os
+
+if not (os.environ.get("SSL_CERT_FILE") or os.environ.get("SSL_CERT_DIR")) and not any(
+    os.path.exists(p) for p in {openssl!r}
+):
+    _bundle = next((p for p in {bundles!r} if os.path.isfile(p)), None)
+    if _bundle:
+        import ssl
+
+        def _set_default_verify_paths(self, cafile=_bundle):
+            self.load_verify_locations(cafile=cafile)
+
+        ssl.SSLContext.set_default_verify_paths = _set_default_verify_paths
+
+from podpatterns.__main__ import main
+
+main()
+"""
+# Where most app images keep their CA certificates (Debian, Ubuntu, Alpine, distroless).
+APP_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 
 
 def imported_names(site: Path) -> tuple[list[str], list[str]]:
@@ -182,6 +221,12 @@ def main() -> None:
         " that import others); tests, tkinter, idlelib and the like are never kept",
     )
     parser.add_argument("--copy-into", type=Path, default=Path(__file__).with_name("copy_into.py"))
+    parser.add_argument(
+        "--ca-bundle",
+        type=Path,
+        default=Path(APP_BUNDLE),
+        help="the CA certificates the tree carries (default: this system's)",
+    )
     args = parser.parse_args()
     venv, out, prefix = args.venv.resolve(), args.out, args.prefix
     venv_python = venv / "bin" / "python3"
@@ -280,10 +325,19 @@ def main() -> None:
         check=True, timeout=120,
     )  # fmt: skip
 
+    # The CA certificates, for the copy-in in an app image without any (see ENTRY).
+    bundle = out / "etc" / "ssl" / "ca-certificates.crt"
+    bundle.parent.mkdir(parents=True)
+    shutil.copy2(args.ca_bundle, bundle)
+    paths = ssl.get_default_verify_paths()
+
     # The entry points: #! scripts, which the kernel runs without a shell.
     shebang = f"#!{prefix}/bin/python3\n"
     scripts = {
-        "podpatterns": "import sys\nfrom podpatterns.cli import main\nsys.exit(main())\n",
+        "podpatterns": ENTRY.format(
+            openssl=(paths.openssl_cafile, paths.openssl_capath),
+            bundles=(APP_BUNDLE, str(prefix / bundle.relative_to(out))),
+        ),
         "podpatterns-copy-into": args.copy_into.read_text(),
     }
     for name, body in scripts.items():

@@ -1,6 +1,10 @@
 """The command line: argparse built from :data:`podpatterns.commands.COMMANDS`, dispatch,
 and errors mapped to exit codes (see :mod:`podpatterns.errors`).
 
+``podpatterns NAME ...`` builds the parser of that one subcommand and imports only its
+module: the others' options and dependencies are not part of its start-up time. Anything
+else (``--help``, ``--version``, an unknown command) builds the full parser.
+
 This and the command modules are the only places that read argv and the environment;
 signal handlers and logging are set up by each command's ``main``.
 """
@@ -12,8 +16,8 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-from podpatterns import __version__
-from podpatterns.commands import COMMANDS
+from podpatterns import __version__, commands
+from podpatterns.commands import Command
 from podpatterns.errors import EXIT_MEANINGS, ExitCode, PodpatternsError
 from podpatterns.options import add_arguments, environ
 from podpatterns.runtime.process import release_stop_signals
@@ -44,8 +48,10 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(ExitCode.CONFIG)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``podpatterns`` parser with one sub-command per entry of ``COMMANDS``."""
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The ``podpatterns`` parser with one sub-command per entry of ``COMMANDS``, or with
+    the sub-command ``only`` alone (what ``podpatterns ONLY ...`` parses with)."""
+    chosen = [commands.load(only)] if only else list(commands.COMMANDS.values())
     parser = _Parser(
         prog="podpatterns", description="Ambassador, adapter and sidecar coordination for Pods."
     )
@@ -53,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(
         dest="command", required=True, metavar="COMMAND", parser_class=_Parser
     )
-    for command in COMMANDS.values():
+    for command in chosen:
         p = sub.add_parser(
             command.name,
             help=command.help,
@@ -74,8 +80,10 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
 
 def run(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv``, run the command, return the exit code."""
-    args = build_parser().parse_args(argv)
-    command = COMMANDS[args.command]
+    words = sys.argv[1:] if argv is None else list(argv)
+    only = words[0] if words and words[0] in commands.NAMES else None
+    args = build_parser(only).parse_args(words)
+    command: Command = commands.load(args.command)
     flags = {k: v for k, v in vars(args).items() if k != "command"}
     if not command.handles_signals:
         release_stop_signals()  # held by the entry point; this command sets no handlers

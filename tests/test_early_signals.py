@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import sys
 from pathlib import Path
 
 import pytest
@@ -43,9 +44,17 @@ def _masks(status: str) -> dict[str, int]:
 
 def _starting_with_sigterm_held(p: Proc) -> int | None:
     """The PID of podpatterns (unshare's child, PID 1 inside) while it holds SIGTERM
-    and has no handler for it yet: the moment a lost signal used to be lost."""
+    and has no handler for it yet: the moment a lost signal used to be lost.
+
+    Only once the child runs the interpreter: between its fork and its exec it is still
+    unshare, with unshare's own mask (SIGTERM blocked, no handler), which it restores
+    before the exec; a SIGTERM sent then is delivered to a PID 1 without a handler and
+    dropped, whatever podpatterns does."""
+    interpreter = os.path.realpath(sys.executable)
     for pid in _descendants(p.p.pid):
         try:
+            if os.path.realpath(f"/proc/{pid}/exe") != interpreter:
+                continue
             masks = _masks(Path(f"/proc/{pid}/status").read_text())
         except OSError:
             continue

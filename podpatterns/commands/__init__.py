@@ -5,28 +5,46 @@ options, a public ``build(flags, env, file, file_label) -> config`` that turns t
 sources into the command's typed config (the CLI, the manifest checks in the tests and the
 generated reference all call it), and ``main(config) -> int`` that runs it.
 
-To add a command: write ``podpatterns/commands/NAME.py`` with its ``COMMAND`` and add it to
-:data:`COMMANDS` below (see docs/architecture.md).
+To add a command: write ``podpatterns/commands/NAME.py`` with its ``COMMAND`` and add its
+name to :data:`NAMES` below (see docs/architecture.md).
+
+The command modules are imported on first use: ``podpatterns ambassador`` imports only
+``podpatterns.commands.ambassador`` (:func:`load`), not the options and dependencies of
+the seven others, which is part of every container's start-up time. :data:`COMMANDS`
+imports them all, for ``--help`` and the generated reference.
 """
 
 from __future__ import annotations
 
-from podpatterns.commands import adapter, ambassador, demo, health, inspect, reload, run, wait
+import importlib
+from typing import TYPE_CHECKING
+
 from podpatterns.commands.common import Command
 
-COMMANDS: dict[str, Command] = {
-    c.name: c
-    for c in (
-        ambassador.COMMAND,
-        adapter.COMMAND,
-        demo.COMMAND,
-        run.COMMAND,
-        wait.COMMAND,
-        health.COMMAND,
-        reload.COMMAND,
-        inspect.COMMAND,
-    )
-}
-"""Every subcommand by name, in the order ``--help`` lists them."""
+NAMES = ("ambassador", "adapter", "demo", "run", "wait", "health", "reload", "inspect")
+"""Every subcommand, in the order ``--help`` lists them (its module is ``commands.NAME``)."""
 
-__all__ = ["COMMANDS", "Command"]
+
+def load(name: str) -> Command:
+    """The :class:`Command` of subcommand ``name`` (one of :data:`NAMES`), imported now."""
+    if name not in NAMES:
+        raise KeyError(name)
+    command: Command = importlib.import_module(f"{__name__}.{name}").COMMAND
+    return command
+
+
+if TYPE_CHECKING:
+    COMMANDS: dict[str, Command]
+    """Every subcommand by name, in the order ``--help`` lists them."""
+
+
+def __getattr__(attr: str) -> dict[str, Command]:
+    """``COMMANDS``, built (every command module imported) on first access."""
+    if attr != "COMMANDS":
+        raise AttributeError(f"module {__name__!r} has no attribute {attr!r}")
+    commands = {name: load(name) for name in NAMES}
+    globals()["COMMANDS"] = commands
+    return commands
+
+
+__all__ = ["COMMANDS", "NAMES", "Command", "load"]

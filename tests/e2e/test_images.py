@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import http.server
 import json
 import re
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Iterator
@@ -20,12 +22,16 @@ from concurrent import futures
 from pathlib import Path
 
 import pytest
+import trustme
 
 from tests.e2e import examples
 from tests.e2e.engine import ROOT, VERSION, Engine, build, build_local, kube_play, podman_build
 from tests.e2e.test_pods import events, json_lines, pod_name, podify
 from tests.peers import PostgresServer, candidate_ports
 from tests.waiting import wait_until
+
+# the postgres fixture of the copy-in test, also when this file runs alone
+pytest_plugins = ("tests.peer_fixtures",)
 
 # As readOnlyRootFilesystem: podman's --read-only alone would still mount writable tmpfs
 # on /tmp, /var/tmp and /run.
@@ -483,6 +489,117 @@ def test_copy_in_runs_podpatterns_in_an_app_image_without_python(
     tree = tmp_path / "volumes" / "podpatterns"
     size = sum(p.stat().st_size for p in tree.rglob("*") if p.is_file() and not p.is_symlink())
     print(f"copy-in: {size / 1e6:.1f} MB in the emptyDir")
+
+
+class _Ok(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def https_server(ca: trustme.CA) -> Iterator[int]:
+    """An HTTPS server on 127.0.0.1 (200 to every GET) with a certificate that ``ca``
+    issued for 127.0.0.1, in a thread; yields its port."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ca.issue_cert("127.0.0.1").configure_cert(context)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Ok)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+def test_copy_in_verifies_tls_in_an_app_image_without_ca_certificates(
+    podman: Engine, images: dict[str, str], base: str, tmp_path: Path
+) -> None:
+    """In an app image with no CA certificates, the copied tree's podpatterns verifies
+    TLS with the tree's own bundle, or with the app image's
+    /etc/ssl/certs/ca-certificates.crt if it has one; SSL_CERT_FILE set in the container
+    wins over both, and the app's command inherits no SSL_* variable from podpatterns."""
+    app = build_local(podman, Path(__file__).with_name("staticapp.Containerfile"), base)
+    tree = tmp_path / "podpatterns"
+    tree.mkdir()
+    tree.chmod(0o777)
+    podman.run(
+        "run", "--rm", *LOCKED_DOWN, *NO_NETWORK, "-v", f"{tree}:/copy",
+        "--entrypoint", "/podpatterns/bin/podpatterns-copy-into", images["tools"], "/copy",
+    )  # fmt: skip
+    bundle = tree / "etc" / "ssl" / "ca-certificates.crt"
+    assert bundle.read_text().count("BEGIN CERTIFICATE") > 100  # the builder's bundle
+    # The tree's bundle and the app image's are each a CA of the test's own, so that
+    # verifying the server of one CA shows which bundle was used.
+    tree_ca, app_ca = trustme.CA(), trustme.CA()
+    tree_ca.cert_pem.write_to_path(str(bundle))
+    app_bundle = tmp_path / "app-ca.pem"
+    app_ca.cert_pem.write_to_path(str(app_bundle))
+
+    def wait_for(port: int, *options: str, timeout: str = "20s") -> tuple[int, str, str]:
+        done = podman.run(
+            "run", "--rm", "--network", "host", *LOCKED_DOWN,
+            "-v", f"{tree}:/podpatterns:ro", *options, app,
+            "/podpatterns/bin/podpatterns", "wait", f"--for=https://127.0.0.1:{port}/",
+            f"--timeout={timeout}", "--", "/bin/env",
+            check=False,
+        )  # fmt: skip
+        return done.returncode, done.stdout, done.stderr
+
+    with https_server(tree_ca) as tree_port, https_server(app_ca) as app_port:
+        code, env, err = wait_for(tree_port)
+        assert code == 0, err
+        assert "SSL_" not in env
+        code, _, err = wait_for(app_port, timeout="2s")
+        assert code != 0 and "CERTIFICATE_VERIFY_FAILED" in err, err
+        # the app image's own bundle, where it keeps one, is used instead of the tree's
+        app_mount = ("-v", f"{app_bundle}:/etc/ssl/certs/ca-certificates.crt:ro")
+        code, _, err = wait_for(app_port, *app_mount)
+        assert code == 0, err
+        code, _, err = wait_for(tree_port, *app_mount, timeout="2s")
+        assert code != 0 and "CERTIFICATE_VERIFY_FAILED" in err, err
+        # an explicit SSL_CERT_FILE is not overridden (here: one without the tree's CA)
+        code, _, err = wait_for(tree_port, "-e", "SSL_CERT_FILE=/nonexistent.pem", timeout="2s")
+        assert code != 0 and "CERTIFICATE_VERIFY_FAILED" in err, err
+
+
+def test_stdlib_all_keeps_the_whole_standard_library(
+    podman: Engine, images: dict[str, str], base: str
+) -> None:
+    """--build-arg STDLIB=all (docs/images.md: for transforms that import other standard
+    modules) keeps modules the default subset leaves out, and stays within 60 MB."""
+    probe = (
+        "import importlib.util as u\n"
+        "names = ('sqlite3', 'xml.etree.ElementTree', 'zoneinfo', 'unicodedata', 'tomllib')\n"
+        "print([n for n in names if u.find_spec(n) is None])\n"
+        "import sqlite3, unicodedata, xml.etree.ElementTree as et\n"
+        "print(sqlite3.connect(':memory:').execute('select 1').fetchone()[0],"
+        " unicodedata.name('a'), et.fromstring('<a/>').tag)\n"
+    )
+    lean = podman.run(
+        "run", "--rm", *NO_NETWORK, "--entrypoint", "python3", images["tools"], "-c",
+        "import importlib.util as u; print(u.find_spec('sqlite3') is None)",
+    )  # fmt: skip
+    assert lean.stdout.strip() == "True"  # the default subset has no sqlite3: the probe can fail
+    tag = "localhost/podpatterns-tools-stdlib-all:test"
+    try:
+        build(podman, "tools", base, tag, "--build-arg", "STDLIB=all")
+        size = podman.size(tag)
+        print(f"image sizes (MB): {tag} {size / 1e6:.1f}")
+        assert size <= MAX_IMAGE_BYTES, size
+        done = podman.run(
+            "run", "--rm", *LOCKED_DOWN, *NO_NETWORK, "--entrypoint", "python3", tag, "-c", probe
+        )
+        assert done.stdout.split("\n")[:2] == ["[]", "1 LATIN SMALL LETTER A a"], done.stdout
+    finally:
+        podman.run("rmi", "-f", tag, check=False)
 
 
 @contextlib.contextmanager
