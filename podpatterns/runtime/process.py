@@ -108,9 +108,14 @@ async def _serve(make: Callable[[], Runtime]) -> int:
         # The work is done: a later SIGTERM (a kubelet or podman repeating it, a Pod's
         # preStop racing the stop) must not turn the clean exit into a death by signal
         # (143) while the interpreter tears down. remove_signal_handler() restores the
-        # default action, so ignore the signals right after it.
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(sig)
-            signal.signal(sig, signal.SIG_IGN)
+        # default action, so ignore the signals right after it, with them held between
+        # the two (one arriving in that gap would kill the process).
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+                signal.signal(sig, signal.SIG_IGN)
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     request = runtime.shutdown_request
     return ExitCode.OK if request is None else request.exit_code
