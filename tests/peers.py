@@ -243,6 +243,22 @@ def pg_tls(ca: trustme.CA) -> PostgresTLS:
 PG_MD5_ROLE = "app_md5"
 PG_CLEARTEXT_ROLE = "app_cleartext"
 
+
+def pg_route_args(ca: Path, *extra: str) -> list[str]:
+    """The ambassador flags of a postgres route to a TLS-only server, verified
+    (verify-full) with ``ca`` for :data:`PG_SERVER_NAME`, then ``extra``."""
+    return [
+        "--protocol",
+        "postgres",
+        "--upstream-tls",
+        "--tls-ca",
+        str(ca),
+        "--tls-server-name",
+        PG_SERVER_NAME,
+        *extra,
+    ]
+
+
 # hostssl only: TCP without TLS matches no line, so the server itself refuses it
 # ("no pg_hba.conf entry ... no encryption"); the unix socket is for the fixtures.
 _TLS_HBA = f"""\

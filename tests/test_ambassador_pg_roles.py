@@ -11,7 +11,6 @@ duration.
 
 from __future__ import annotations
 
-import tempfile
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,9 +24,9 @@ from podpatterns.ambassador.upstreams import Endpoint
 from podpatterns.options import HostPort
 from tests.ambassador_process import AmbassadorProcess, run_ambassador
 from tests.peers import (
-    PG_SERVER_NAME,
     PostgresServer,
     ReplicatedPostgres,
+    pg_route_args,
     pg_tls,
     run_replicated_postgres,
 )
@@ -103,23 +102,16 @@ def pair(pg_ca: trustme.CA) -> Iterator[ReplicatedPostgres]:
         yield servers
 
 
-@pytest.fixture(scope="module")
-def ca_file(pg_ca: trustme.CA) -> Iterator[Path]:
-    with tempfile.TemporaryDirectory(prefix="podpatterns-pgca-") as tmp:
-        path = Path(tmp) / "ca.crt"
-        pg_ca.cert_pem.write_to_path(str(path))
-        yield path
+@pytest.fixture
+def ca_file(pg_ca_file: Path) -> Path:
+    return pg_ca_file
 
 
 def role_args(ca: Path, password_file: Path, target: str, *extra: str) -> list[str]:
-    return [
-        "--protocol",
-        "postgres",
-        "--upstream-tls",
-        "--tls-ca",
-        str(ca),
-        "--tls-server-name",
-        PG_SERVER_NAME,
+    """A verified postgres route with credentials, role routing to ``target`` and
+    role checks every 0.3 s."""
+    return pg_route_args(
+        ca,
         "--pg-password-file",
         str(password_file),
         "--pg-target-session-attrs",
@@ -131,7 +123,7 @@ def role_args(ca: Path, password_file: Path, target: str, *extra: str) -> list[s
         "--connect-retries",
         "0",
         *extra,
-    ]
+    )
 
 
 def ep(server: PostgresServer) -> str:
