@@ -602,6 +602,11 @@ def test_token_command_runs_once_for_concurrent_connections(
         assert amb.metric("podpatterns_ambassador_pg_password_command_runs_total") == 1
         amb.wait_event("pg_password_command_refreshed", lambda e: e.get("size") == len(token))
         assert_not_leaked(amb, token)
+        # a command line may carry a credential: /status shows it redacted
+        status = json.loads(status_text(amb))
+        config = status["components"]["ambassador"]["routes"][0]["config"]
+        assert config["pg_password_command"] == "<redacted>"
+        assert str(runs.parent) not in status_text(amb)
 
 
 @peer
