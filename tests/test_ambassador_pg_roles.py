@@ -11,6 +11,9 @@ duration.
 
 from __future__ import annotations
 
+import asyncio
+import socket
+import ssl
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,11 +22,15 @@ import psycopg
 import pytest
 import trustme
 
+from podpatterns.ambassador.pgauth import Credentials, PasswordFile, startup_message
 from podpatterns.ambassador.pgroles import Role, Roles, matches, parse_role_reply
+from podpatterns.ambassador.postgres import PostgresHandler
+from podpatterns.ambassador.protocol import Failure
 from podpatterns.ambassador.upstreams import Endpoint
 from podpatterns.options import HostPort
 from tests.ambassador_process import AmbassadorProcess, run_ambassador
 from tests.peers import (
+    PG_SERVER_NAME,
     PostgresServer,
     ReplicatedPostgres,
     pg_route_args,
@@ -234,3 +241,46 @@ def test_close_on_role_change_ends_sessions_with_admin_shutdown(
         assert "no endpoint is standby" in str(info.value), info.value
         assert other.metric("podpatterns_ambassador_connections_failed_total", reason="role") == 1
         amb.wait_event("connection_closed", lambda e: e.get("reason") == "role_changed")
+
+
+@peer
+def test_a_server_connection_with_no_app_is_refused_on_the_wrong_role(
+    pair: ReplicatedPostgres, ca_file: Path, password_file: Path
+) -> None:
+    """open_server (a pool's connection) to a standby under read-write: Failure role,
+    and the standby's role recorded; the role check itself is not refused."""
+    ctx = ssl.create_default_context(cafile=str(ca_file))
+    secret = PasswordFile(password_file)
+    secret.load()
+    roles = Roles("read-write")
+    handler = PostgresHandler(
+        lambda: ctx,
+        sslmode="verify-full",
+        server_name=PG_SERVER_NAME,
+        credentials=Credentials(secret, {"scram-sha-256"}),
+        roles=roles,
+    )
+    standby = Endpoint(HostPort(pair.standby.host, pair.standby.port))
+
+    async def open_standby(check_role: bool) -> str:
+        sock = socket.create_connection((pair.standby.host, pair.standby.port), timeout=5)
+        sock.setblocking(False)
+        tls = None
+        try:
+            _, tls, session = await handler.open_server(
+                sock, standby, startup_message("app", "postgres"), check_role=check_role
+            )
+            return session.parameters["in_hot_standby"]
+        except Failure as failure:
+            await asyncio.sleep(0)  # open_server aborted its TLS leg: let it close
+            return failure.kind
+        finally:
+            if tls is not None:
+                tls.transport.abort()
+                await asyncio.sleep(0)  # let the transport close its socket
+            else:
+                sock.close()
+
+    assert asyncio.run(open_standby(True)) == "role"
+    assert roles.get(standby) == STANDBY
+    assert asyncio.run(open_standby(False)) == "on"

@@ -66,7 +66,9 @@ class RoleCheck:
                 tls: TLSStream | None = None
                 try:
                     await loop.sock_connect(sock, addr)
-                    stream, tls, session = await self.handler.open_server(sock, ep, self.startup)
+                    stream, tls, session = await self.handler.open_server(
+                        sock, ep, self.startup, check_role=False
+                    )
                     role = Role.from_parameters(session.parameters)
                     if role is None:
                         role = await self._ask(stream)

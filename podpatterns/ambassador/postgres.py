@@ -235,7 +235,12 @@ class PostgresHandler:
         return PostgresSession(self, client, label)
 
     async def open_server(
-        self, upstream: socket.socket, endpoint: Endpoint, startup: bytes
+        self,
+        upstream: socket.socket,
+        endpoint: Endpoint,
+        startup: bytes,
+        *,
+        check_role: bool = True,
     ) -> tuple[Stream, TLSStream | None, ServerSession]:
         """A server connection with no app attached (a pool's, a health check's): TLS
         as the route says, ``startup`` sent (:func:`.pgauth.startup_message`), then
@@ -245,6 +250,10 @@ class PostgresHandler:
             upstream: a connected, non-blocking socket to ``endpoint``.
             endpoint: the endpoint it reaches.
             startup: the StartupMessage to send.
+            check_role: with ``--pg-target-session-attrs``, refuse (Failure ``role``) a
+                server whose startup reports a role that does not serve the target (a
+                pooled connection must not land on a standby); the role is recorded
+                either way. The role check itself passes False.
 
         Returns:
             The stream to use from here (the TLS leg, or the plaintext socket), the TLS
@@ -263,10 +272,32 @@ class PostgresHandler:
             else await self.negotiate_tls(plain, upstream, endpoint)
         )
         stream: Stream = tls if tls is not None else plain
-        await stream.write(startup)
-        user = startup_parameters(startup).get("user", "")
-        session = await self.credentials.authenticate(stream, user, str(endpoint))
+        try:
+            await stream.write(startup)
+            user = startup_parameters(startup).get("user", "")
+            session = await self.credentials.authenticate(stream, user, str(endpoint))
+            if check_role:
+                self.check_role(endpoint, session)
+        except BaseException:
+            if tls is not None:
+                tls.transport.abort()  # the caller never saw the leg: close it here
+            raise
         return stream, tls, session
+
+    def check_role(self, endpoint: Endpoint, session: ServerSession) -> None:
+        """Record the role a server's startup reported (``--pg-target-session-attrs``);
+        raise Failure ``role`` when it does not serve the route's target."""
+        roles = self.roles
+        role = Role.from_parameters(session.parameters)
+        if roles is None or role is None:
+            return
+        roles.update(endpoint, role, "session")
+        if not matches(roles.target, role):
+            raise Failure(
+                "role",
+                f"podpatterns ambassador: {endpoint} is {role.name}, not "
+                f"{roles.target} (--pg-target-session-attrs)",
+            )
 
     async def negotiate_tls(
         self, plain: SocketStream, upstream: socket.socket, endpoint: Endpoint
@@ -520,7 +551,12 @@ class PostgresSession:
         assert self.startup is not None
         await stream.write(self.startup)
         if self.handler.credentials is not None:
-            leftover = await self._authenticate_here(stream, endpoint, self.handler.credentials)
+            try:
+                leftover = await self._authenticate_here(stream, endpoint, self.handler.credentials)
+            except Failure as failure:
+                if failure.kind == "role" and tls is not None:
+                    tls.transport.abort()  # the route dials again: leave nothing behind
+                raise
         else:
             leftover = await self._authenticate(stream, endpoint)
         if leftover is None:
@@ -572,17 +608,9 @@ class PostgresSession:
             )
             await self.client.write(exc.raw)
             return None
-        roles = self.handler.roles
-        role = Role.from_parameters(session.parameters)
-        if roles is not None and role is not None:
-            roles.update(endpoint, role, "session")
-            if not matches(roles.target, role):
-                # before the app hears anything: the route dials again (Startup.run)
-                raise Failure(
-                    "role",
-                    f"podpatterns ambassador: {endpoint} is {role.name}, not "
-                    f"{roles.target} (--pg-target-session-attrs)",
-                )
+        # a role that does not serve the target is refused before the app hears
+        # anything: the route dials again (Startup.run)
+        self.handler.check_role(endpoint, session)
         key = session.key
         if key is not None and KEY_MIN <= len(key) - 4 <= KEY_MAX:
             self.key = key
