@@ -663,3 +663,12 @@ def test_server_error_keeps_the_raw_message() -> None:
     raw = error_response("28P01", 'password authentication failed for user "x"')
     exc = ServerError(raw)
     assert exc.raw == raw and exc.sqlstate == "28P01"
+
+
+def test_tls_detail_of_an_ssl_error_made_in_python() -> None:
+    """An SSLError raised by tlsleg itself (no OpenSSL reason) is described, not a crash
+    of the health loop that met it (a server stopping during the handshake)."""
+    from podpatterns.ambassador.postgres import _tls_detail
+
+    exc = ssl.SSLEOFError("upstream closed the connection during TLS handshake")
+    assert _tls_detail(exc) == "upstream closed the connection during TLS handshake"

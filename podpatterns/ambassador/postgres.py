@@ -93,7 +93,11 @@ def _tls_detail(exc: BaseException) -> str:
     if isinstance(exc, ssl.SSLCertVerificationError):
         return f"certificate verify failed: {exc.verify_message}"
     if isinstance(exc, ssl.SSLError):
-        return exc.reason or str(exc)
+        # an SSLError made in Python (tlsleg's EOF during the handshake) has no reason
+        reason = getattr(exc, "reason", None)
+        if reason:
+            return str(reason)
+        return str(exc.args[-1]) if exc.args else type(exc).__name__
     if isinstance(exc, TimeoutError):
         return "TLS handshake timed out"
     return str(exc) or type(exc).__name__
