@@ -240,7 +240,8 @@ def test_password_command_runs_once_for_concurrent_gets_and_refreshes_before_exp
 
 
 def test_password_command_failure_keeps_a_valid_token_and_names_no_secret(tmp_path: Path) -> None:
-    """A failing refresh keeps the valid token; with none, the error names the command."""
+    """A failing refresh keeps the valid token; with none, the error names the command,
+    and the command is not run again per connection but after a pause."""
     flag = tmp_path / "fail"
     script = tmp_path / "tok.py"
     script.write_text(
@@ -262,6 +263,16 @@ def test_password_command_failure_keeps_a_valid_token_and_names_no_secret(tmp_pa
         with pytest.raises(SecretError) as info:
             await source.get()
         assert "exited 3" in str(info.value) and "sekrit" not in str(info.value)
+        assert source.runs == 3
+        now[0] += 1  # failed just now: no run per connection, the same error
+        for _ in range(5):
+            with pytest.raises(SecretError):
+                await source.get()
+        assert source.runs == 3
+        flag.unlink()
+        now[0] += 5  # after the pause: run again
+        assert await source.get() == "sekrit-token"
+        assert source.runs == 4
 
     asyncio.run(scenario())
 

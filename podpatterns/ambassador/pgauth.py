@@ -318,7 +318,8 @@ class PasswordCommand:
         command: the command line, split like a shell would (no shell runs it).
         ttl: seconds a token is used when the output names no expiry.
         margin: refresh this long before the expiry (at most a quarter of the lifetime).
-        min_interval: the least time between two runs.
+        min_interval: the least time between two runs while a token is valid.
+        retry_pause: the least time between a failed run and the next one.
         timeout: seconds a run may take.
         clock: wall-clock seconds (expiries are wall-clock times).
 
@@ -333,6 +334,7 @@ class PasswordCommand:
         *,
         margin: float = 300.0,
         min_interval: float = 60.0,
+        retry_pause: float = 5.0,
         timeout: float = 30.0,
         clock: Callable[[], float] = time.time,
         option: str = "--pg-password-command",
@@ -346,6 +348,7 @@ class PasswordCommand:
         self.ttl = ttl
         self.margin = margin
         self.min_interval = min_interval
+        self.retry_pause = retry_pause
         self.timeout = timeout
         self.option = option
         self.runs = 0
@@ -355,6 +358,7 @@ class PasswordCommand:
         self._expires = 0.0
         self._refresh_at = 0.0
         self._last_run: float | None = None
+        self._last_error = ""  # why the last run failed; "" when it gave a token
         self._lock: asyncio.Lock | None = None
         self._log = logs.get("ambassador")
 
@@ -382,18 +386,17 @@ class PasswordCommand:
             if self._fresh(now) and self._token is not None:
                 return self._token  # refreshed by the run this one waited for
             last = self._last_run
-            if (
-                self._token is None
-                and last is not None
-                and now - last < self.min_interval
-                and self.failures
-            ):
-                # the last run failed just now: do not hammer the issuer per connection
-                raise SecretError(f"{self.option}: the last run failed; retried after a pause")
+            if self._last_error and last is not None and now - last < self.retry_pause:
+                # the last run failed just now: never a run per connection while the
+                # issuer is down; the previous token while it is valid, else the error
+                if self._token is not None and now < self._expires:
+                    return self._token
+                raise SecretError(f"{self.option}: {self.argv[0]} {self._last_error}")
             return await self._run(now)
 
     async def _run(self, now: float) -> str:
         self._last_run = now
+        self._last_error = ""
         self.runs += 1
         try:
             async with asyncio.timeout(self.timeout):
@@ -423,6 +426,7 @@ class PasswordCommand:
                 )
                 return token
         self.failures += 1
+        self._last_error = why
         self._log.warning("pg_password_command_failed", command=self.argv[0], error=why)
         if self._token is not None and now < self._expires:
             return self._token  # still valid: keep serving while the issuer recovers
