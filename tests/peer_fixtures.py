@@ -8,7 +8,9 @@ has already imported as a plugin.
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import trustme
@@ -54,3 +56,12 @@ def postgres_tls_2(pg_ca: trustme.CA) -> Iterator[PostgresServer]:
     """A second such server (routing between two servers)."""
     with run_postgres(pg_tls(pg_ca)) as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def pg_ca_file(pg_ca: trustme.CA) -> Iterator[Path]:
+    """The TLS-only servers' root CA as a PEM file, for --tls-ca."""
+    with tempfile.TemporaryDirectory(prefix="podpatterns-pgca-") as tmp:
+        path = Path(tmp) / "ca.crt"
+        pg_ca.cert_pem.write_to_path(str(path))
+        yield path

@@ -309,6 +309,8 @@ class Ambassador:
                 ("route",),
                 per_route(lambda r: r.tls.reload_failures if r.tls else 0),
             ),
+            *_credential_families(routes),
+            *_role_families(routes),
         ]
 
     async def status(self) -> dict[str, Any]:
@@ -382,6 +384,108 @@ class Ambassador:
                 }
             )
         return {"routes": routes, "not_ready": reasons, "warnings": _warnings(routes)}
+
+
+def _credential_families(routes: list[Route]) -> list[Family]:
+    """The metrics of the routes whose app holds no password (``--pg-password-*``)."""
+
+    def creds(r: Route) -> Any:
+        return getattr(r.handler, "credentials", None)
+
+    def auths() -> list[Sample]:
+        return [
+            ((r.cfg.name, method, result), float(n))
+            for r in routes
+            if creds(r) is not None
+            for (method, result), n in creds(r).auths.items()
+        ]
+
+    def per_route(fn: Any) -> Any:
+        return lambda: [((r.cfg.name,), float(fn(creds(r)))) for r in routes if creds(r)]
+
+    a = "ambassador_pg_"
+    return [
+        Family(
+            "counter",
+            a + "upstream_auth_total",
+            "authentications to the server with the ambassador's secret, by method "
+            "(scram-sha-256-plus, scram-sha-256, md5, password, trust; server, none when "
+            "there was none) and result (ok, rejected by the server, failed here)",
+            ("route", "method", "result"),
+            auths,
+        ),
+        Family(
+            "counter",
+            a + "password_rotations_total",
+            "changes of --pg-password-file's content seen (applied to new server connections)",
+            ("route",),
+            per_route(lambda c: c.rotations),
+        ),
+        Family(
+            "counter",
+            a + "password_command_runs_total",
+            "runs of --pg-password-command",
+            ("route",),
+            per_route(lambda c: c.command_runs[0]),
+        ),
+        Family(
+            "counter",
+            a + "password_command_failures_total",
+            "runs of --pg-password-command that gave no token",
+            ("route",),
+            per_route(lambda c: c.command_runs[1]),
+        ),
+        Family(
+            "counter",
+            a + "client_auth_failures_total",
+            "app connections refused for a wrong password (--pg-client-auth password-file)",
+            ("route",),
+            per_route(lambda c: c.client_rejected),
+        ),
+    ]
+
+
+def _role_families(routes: list[Route]) -> list[Family]:
+    """The metrics of role-aware routing (``--pg-target-session-attrs``)."""
+
+    def roles(r: Route) -> Any:
+        return getattr(r.handler, "roles", None)
+
+    def role_samples() -> list[Sample]:
+        return [
+            ((r.cfg.name, str(e), roles(r).roles[e].name), 1.0)
+            for r in routes
+            if roles(r) is not None
+            for e in r.pool.endpoints
+            if e in roles(r).roles
+        ]
+
+    def changes() -> list[Sample]:
+        return [
+            ((r.cfg.name, str(e)), float(roles(r).changes.get(e, 0)))
+            for r in routes
+            if roles(r) is not None
+            for e in r.pool.endpoints
+        ]
+
+    a = "ambassador_pg_"
+    return [
+        Family(
+            "gauge",
+            a + "endpoint_role",
+            "1 for the role each endpoint last reported (primary, standby, read-only); "
+            "no sample while it is not known",
+            ("route", "endpoint", "role"),
+            role_samples,
+        ),
+        Family(
+            "counter",
+            a + "role_changes_total",
+            "role changes seen per endpoint (a promotion, a demotion)",
+            ("route", "endpoint"),
+            changes,
+        ),
+    ]
 
 
 CERT_WARNING = 7 * 24 * 3600.0

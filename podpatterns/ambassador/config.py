@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from podpatterns.ambassador.pgauth import METHODS as PG_AUTH_METHODS
+from podpatterns.ambassador.pgroles import TARGETS as PG_TARGETS
 from podpatterns.ambassador.postgres import SSLMODES
 from podpatterns.errors import ConfigError
 from podpatterns.options import (
@@ -313,11 +315,120 @@ PROTOCOL_OPTIONS: tuple[Option[Any], ...] = (
         "this long, its text with every literal replaced by ? (off by default)",
         metavar="DURATION",
     ),
+    _r(
+        "pg_password_file",
+        parse_path,
+        None,
+        "the app holds no password: the ambassador authenticates to the server with the "
+        "password in this file (a Secret volume; re-read when it changes, for new server "
+        "connections)",
+        metavar="FILE",
+    ),
+    _r(
+        "pg_password_command",
+        parse_str,
+        None,
+        "the app holds no password: the ambassador authenticates with the token this "
+        "command prints (plain, or JSON with token and expiry), cached until shortly "
+        "before it expires and run at most once a minute",
+        metavar="CMD",
+    ),
+    _r(
+        "pg_password_command_ttl",
+        parse_duration,
+        600.0,
+        "how long a token of --pg-password-command is used when its output names no expiry",
+        metavar="DURATION",
+    ),
+    _r(
+        "pg_auth_methods",
+        parse_choice(*PG_AUTH_METHODS),
+        (),
+        "upstream authentication methods the ambassador answers with its secret "
+        "(repeat, or comma-separated): scram-sha-256, md5, password (cleartext: verified "
+        "TLS only); default scram-sha-256, plus md5 over verified TLS",
+        multiple=True,
+        metavar="METHOD",
+    ),
+    _r(
+        "pg_client_auth",
+        parse_choice("trust", "password-file"),
+        "trust",
+        "with --pg-password-*, how the app is authenticated on the loopback leg: trust "
+        "(any app in the Pod) or password-file (the app's own password, "
+        "--pg-client-password-file, asked in cleartext)",
+        metavar="MODE",
+    ),
+    _r(
+        "pg_client_password_file",
+        parse_path,
+        None,
+        "the password the app must give with --pg-client-auth password-file (re-read "
+        "when it changes)",
+        metavar="FILE",
+    ),
+    _r(
+        "pg_target_session_attrs",
+        parse_choice(*PG_TARGETS),
+        "any",
+        "which server a new session goes to, as libpq's target_session_attrs: any, "
+        "read-write, read-only, primary, standby or prefer-standby; the roles come from "
+        "the ambassador's own health connection to each endpoint (needs "
+        "--health-check-interval, --pg-health-user and --pg-password-*)",
+        metavar="ATTRS",
+    ),
+    _r(
+        "pg_health_user",
+        parse_str,
+        None,
+        "the role of the ambassador's health connections (role-aware routing); "
+        "authenticated with --pg-password-file or --pg-password-command",
+        metavar="USER",
+    ),
+    _r(
+        "pg_health_database",
+        parse_str,
+        "postgres",
+        "the database of the ambassador's health connections",
+        metavar="NAME",
+    ),
+    _r(
+        "pg_close_on_role_change",
+        parse_bool,
+        False,
+        "end the sessions on an endpoint whose role stops matching "
+        "--pg-target-session-attrs (a demoted primary) with FATAL 57P01 at their next "
+        "transaction boundary",
+        flag=True,
+    ),
 )
 
 ROUTE_OPTIONS = ROUTE_OPTIONS + PROTOCOL_OPTIONS
 
 AMBASSADOR_OPTIONS: tuple[Option[Any], ...] = RUNTIME_OPTIONS + ROUTE_OPTIONS
+
+
+#: The sslmodes that verify the server's certificate.
+VERIFIED_SSLMODES = ("verify-ca", "verify-full")
+
+#: The options that take effect only with --pg-password-file or --pg-password-command.
+_CREDENTIAL_DEFAULTS: tuple[tuple[str, Any], ...] = (
+    ("pg_password_file", None),
+    ("pg_password_command", None),
+    ("pg_password_command_ttl", 600.0),
+    ("pg_auth_methods", ()),
+    ("pg_client_auth", "trust"),
+    ("pg_client_password_file", None),
+)
+
+
+#: The options of role-aware routing, --pg-target-session-attrs first.
+_ROLE_DEFAULTS: tuple[tuple[str, Any], ...] = (
+    ("pg_target_session_attrs", "any"),
+    ("pg_health_user", None),
+    ("pg_health_database", "postgres"),
+    ("pg_close_on_role_change", False),
+)
 
 
 @dataclass(frozen=True)
@@ -367,6 +478,16 @@ class RouteConfig:
     pg_drain: str = "transaction"
     pg_metrics: bool = False
     pg_slow_query: float | None = None
+    pg_password_file: Path | None = None
+    pg_password_command: str | None = None
+    pg_password_command_ttl: float = 600.0
+    pg_auth_methods: tuple[str, ...] = ()
+    pg_client_auth: str = "trust"
+    pg_client_password_file: Path | None = None
+    pg_target_session_attrs: str = "any"
+    pg_health_user: str | None = None
+    pg_health_database: str = "postgres"
+    pg_close_on_role_change: bool = False
 
     @property
     def sslmode(self) -> str:
@@ -421,6 +542,8 @@ class RouteConfig:
                 ("pg_drain", "transaction"),
                 ("pg_metrics", False),
                 ("pg_slow_query", None),
+                *_CREDENTIAL_DEFAULTS,
+                *_ROLE_DEFAULTS,
             ):
                 if getattr(self, name) != default:
                     raise ConfigError(
@@ -447,6 +570,62 @@ class RouteConfig:
             raise ConfigError(
                 f"{where}--pg-tls-negotiation: 'direct' needs TLS (--upstream-tls with "
                 "--pg-sslmode require, verify-ca or verify-full)"
+            )
+        self._check_credentials(where)
+        self._check_roles(where)
+
+    def _check_roles(self, where: str) -> None:
+        """--pg-target-session-attrs and its health connection."""
+        if self.pg_target_session_attrs == "any":
+            for name, default in _ROLE_DEFAULTS[1:]:
+                if getattr(self, name) != default:
+                    raise ConfigError(
+                        f"{where}--{name.replace('_', '-')}: only applies with "
+                        "--pg-target-session-attrs (other than any)"
+                    )
+            return
+        needs = f"{where}--pg-target-session-attrs {self.pg_target_session_attrs}: needs"
+        if self.pg_password_file is None and self.pg_password_command is None:
+            raise ConfigError(
+                f"{needs} --pg-password-file or --pg-password-command (the ambassador's "
+                "own health connection learns each server's role)"
+            )
+        if not self.pg_health_user:
+            raise ConfigError(f"{needs} --pg-health-user (the role of its health connections)")
+        if not self.health_check_interval:
+            raise ConfigError(
+                f"{needs} --health-check-interval (how often each server's role is checked, "
+                "e.g. 2s)"
+            )
+
+    def _check_credentials(self, where: str) -> None:
+        """--pg-password-* and what depends on them (docs/ambassador-postgres.md)."""
+        if self.pg_password_file is not None and self.pg_password_command is not None:
+            raise ConfigError(
+                f"{where}--pg-password-file and --pg-password-command: give one of them"
+            )
+        if self.pg_password_file is None and self.pg_password_command is None:
+            for name, default in _CREDENTIAL_DEFAULTS:
+                if getattr(self, name) != default:
+                    raise ConfigError(
+                        f"{where}--{name.replace('_', '-')}: only applies with "
+                        "--pg-password-file or --pg-password-command"
+                    )
+            return
+        if self.pg_password_command is not None and not self.pg_password_command.strip():
+            raise ConfigError(f"{where}--pg-password-command: empty command")
+        if self.pg_password_command_ttl <= 0:
+            raise ConfigError(f"{where}--pg-password-command-ttl: must be > 0")
+        if "password" in self.pg_auth_methods and self.sslmode not in VERIFIED_SSLMODES:
+            raise ConfigError(
+                f"{where}--pg-auth-methods: 'password' (cleartext) needs verified TLS to "
+                f"the server, not --pg-sslmode {self.sslmode} (use --upstream-tls with "
+                "--pg-sslmode verify-full or verify-ca, or drop 'password')"
+            )
+        if (self.pg_client_auth == "password-file") != (self.pg_client_password_file is not None):
+            raise ConfigError(
+                f"{where}--pg-client-password-file: give it exactly with "
+                "--pg-client-auth password-file"
             )
 
 

@@ -24,11 +24,20 @@ from typing import Any
 from prometheus_client import Histogram
 
 from podpatterns.ambassador import splice
-from podpatterns.ambassador.config import RouteConfig
+from podpatterns.ambassador.config import VERIFIED_SSLMODES, RouteConfig
 from podpatterns.ambassador.connection import Connection, abandon, discard_input
 from podpatterns.ambassador.dial import Dialer, DialError, DialPolicy
+from podpatterns.ambassador.pgauth import (
+    Credentials,
+    PasswordFile,
+    SecretError,
+    allowed_methods,
+    password_source,
+)
 from podpatterns.ambassador.pgdrain import DRAIN_MESSAGE, TransactionWatch
+from podpatterns.ambassador.pghealth import RoleCheck
 from podpatterns.ambassador.pgmetrics import QueryMetrics, SlowQueries
+from podpatterns.ambassador.pgroles import ROLE_CHANGED_MESSAGE, Roles
 from podpatterns.ambassador.postgres import PostgresHandler
 from podpatterns.ambassador.protocol import (
     Established,
@@ -102,7 +111,45 @@ def make_handler(
         route=cfg.name,
         watch=session_watch(cfg.pg_drain == "transaction", queries, cfg.pg_slow_query, log),
         listen_context=(lambda: listen_tls.context) if listen_tls is not None else None,
+        credentials=make_credentials(cfg, log),
+        roles=Roles(cfg.pg_target_session_attrs, cfg.name)
+        if cfg.pg_target_session_attrs != "any"
+        else None,
     )
+
+
+def make_credentials(cfg: RouteConfig, log: Any) -> Credentials | None:
+    """The route's credentials (``--pg-password-file`` or ``--pg-password-command``),
+    the files read once now; None when the app authenticates itself (relayed).
+
+    Raises:
+        ConfigError: a file cannot be read or is empty, or the command line cannot be
+            split (exit 2 at start).
+    """
+    from podpatterns.errors import ConfigError
+
+    where = "" if cfg.name == "default" else f"route {cfg.name!r}: "
+    try:
+        secret = password_source(
+            cfg.pg_password_file, cfg.pg_password_command, cfg.pg_password_command_ttl
+        )
+        if secret is None:
+            return None
+        client = None
+        if cfg.pg_client_password_file is not None:
+            client = PasswordFile(cfg.pg_client_password_file, "--pg-client-password-file")
+            client.load()
+    except SecretError as exc:
+        raise ConfigError(f"{where}{exc}") from None
+    verified = cfg.sslmode in VERIFIED_SSLMODES
+    methods = allowed_methods(cfg.pg_auth_methods or None, verified)
+    if "md5" in methods and not verified:
+        log.warning(
+            "pg_md5_without_verified_tls",
+            note="--pg-auth-methods md5 over a leg that is not verified TLS: a man in the "
+            "middle can replay the hash to this server",
+        )
+    return Credentials(secret, methods, client)
 
 
 def session_watch(
@@ -174,6 +221,47 @@ class Startup:
         self._pipes = pipes
         self._connect_seconds = connect_seconds
         self._log = log
+        #: The route's active health check when it is not a TCP connect: PostgreSQL's
+        #: role check (--pg-target-session-attrs), or None.
+        self.health_check: RoleCheck | None = None
+        self.roles: Roles | None = None
+        if isinstance(handler, PostgresHandler) and handler.roles is not None:
+            self.roles = handler.roles
+            assert cfg.pg_health_user is not None  # RouteConfig checked it
+            self.health_check = RoleCheck(
+                handler, pool, handler.roles, cfg.pg_health_user, cfg.pg_health_database, cfg.name
+            )
+            if cfg.pg_close_on_role_change:
+                handler.roles.on_mismatch = self.end_sessions_on
+
+    def end_sessions_on(self, ep: Endpoint) -> None:
+        """``ep``'s role stopped matching the target (--pg-close-on-role-change): each of
+        its sessions ends at its next transaction boundary with FATAL 57P01; a session
+        relayed without a watch (--pg-drain off) is left to the server."""
+        ended = 0
+        for conn, watch in list(self.watches.items()):
+            if conn.endpoint is ep and isinstance(watch, TransactionWatch) and watch.drains:
+                watch.message = ROLE_CHANGED_MESSAGE
+                watch.end_reason = "role_changed"
+                watch.drain()
+                ended += 1
+        self._log.warning("pg_role_sessions_ended", upstream=str(ep), sessions=ended)
+
+    def _check_roles(self) -> None:
+        """Raise Failure ``role`` when every endpoint's role is known and none serves
+        the target (all standbys, for read-write)."""
+        assert self.roles is not None
+        if not self._role_candidates():
+            raise Failure(
+                "role",
+                f"podpatterns ambassador: no endpoint is {self.roles.target} "
+                f"({self.roles.describe(self.pool.endpoints)})",
+            )
+
+    def _role_candidates(self) -> list[Endpoint]:
+        """The pool's order, narrowed to the endpoints that serve the target role."""
+        assert self.roles is not None
+        return self.roles.order(self.pool.candidates())
 
     def finished(self, conn: Connection) -> None:
         """``conn`` has ended: its session forgets its state."""
@@ -218,7 +306,15 @@ class Startup:
             else:
                 done.set_exception(exc or DialError("error", "no endpoint"))
 
-        dialer = Dialer(loop, self.pool, self.dial_policy, dialed, self._connect_failed, only)
+        dialer = Dialer(
+            loop,
+            self.pool,
+            self.dial_policy,
+            dialed,
+            self._connect_failed,
+            only,
+            self._role_candidates if self.roles is not None else None,
+        )
         dialer.start()
         try:
             return await done
@@ -245,16 +341,36 @@ class Startup:
                         abandon(conn, csock, None, reset=False)
                         return
                     upstream_phase = True
-                    try:
-                        usock, ep = await self._dial(session.pinned)
-                    except DialError as exc:
-                        self._dial_failed(conn, exc)
-                        raise Failure("unreachable", unreachable_message(exc, self.cfg)) from exc
-                    conn.endpoint = ep
-                    conn.upstream = str(ep)
-                    ep.active += 1
-                    self._send_proxy_header(csock, usock, peer)
-                    established = await session.connect(usock, ep)
+                    tries = len(self.pool.endpoints)
+                    while True:
+                        if self.roles is not None and session.pinned is None:
+                            self._check_roles()
+                        try:
+                            usock, ep = await self._dial(session.pinned)
+                        except DialError as exc:
+                            self._dial_failed(conn, exc)
+                            raise Failure(
+                                "unreachable", unreachable_message(exc, self.cfg)
+                            ) from exc
+                        conn.endpoint = ep
+                        conn.upstream = str(ep)
+                        ep.active += 1
+                        self._send_proxy_header(csock, usock, peer)
+                        try:
+                            established = await session.connect(usock, ep)
+                        except Failure as failure:
+                            # the server's role changed since its last check (its own
+                            # startup said so; nothing reached the app): dial again
+                            tries -= 1
+                            if failure.kind != "role" or tries <= 0:
+                                raise
+                            self._log.info("pg_role_redial", conn=conn.id, upstream=str(ep))
+                            usock.close()
+                            usock = None
+                            ep.active -= 1
+                            conn.endpoint = None
+                            continue
+                        break
                     # no await from here to the relays: a drain no longer cancels this
                     del self._starting[conn]
             except TimeoutError:
