@@ -54,3 +54,15 @@ def postgres_tls_2(pg_ca: trustme.CA) -> Iterator[PostgresServer]:
     """A second such server (routing between two servers)."""
     with run_postgres(pg_tls(pg_ca)) as server:
         yield server
+
+
+#: The role :func:`postgres_tls_trust` lets in over TLS without a password (--pg-pool tests).
+POOL_USER = "pooler"
+
+
+@pytest.fixture(scope="session")
+def postgres_tls_trust(pg_ca: trustme.CA) -> Iterator[PostgresServer]:
+    """A TLS-only server like :func:`postgres_tls` that also trusts :data:`POOL_USER`
+    over TLS (no password), the upstream of pooled connections before a password source."""
+    with run_postgres(pg_tls(pg_ca), trusted=(POOL_USER,)) as server:
+        yield server

@@ -201,6 +201,9 @@ class PostgresHandler:
         self.watch = watch
         self.listen_context = listen_context
         self.keys = CancelKeys()
+        #: With ``--pg-pool``: the server (endpoint, its own key) a CancelRequest carrying a
+        #: key the ambassador issued must reach; None when no such app connection holds one.
+        self.cancel_target: Callable[[bytes], tuple[Endpoint, bytes] | None] | None = None
         self.cancels = 0  # cancel requests forwarded
         self.cancels_unknown = 0  # cancel requests for a key no session holds
         self.log = logs.get("ambassador", route=route)
@@ -280,6 +283,11 @@ class PostgresSession:
                 if not KEY_MIN <= len(key) - 4 <= KEY_MAX:
                     return False  # the server ignores a malformed cancel too
                 self.cancel = key
+                pooled = self.handler.cancel_target
+                target = pooled(key) if pooled is not None else None
+                if target is not None:  # --pg-pool: the key is ours; the server's own
+                    self._pinned, self.cancel = target
+                    return True
                 self._pinned = self.handler.keys.get(key)
                 if self._pinned is None:
                     self.handler.cancels_unknown += 1
@@ -357,80 +365,11 @@ class PostgresSession:
         self, plain: SocketStream, upstream: socket.socket, endpoint: Endpoint
     ) -> TLSStream | None:
         """Start TLS on the upstream; None when ``prefer`` settles for plaintext."""
-        handler = self.handler
-        assert handler.context is not None
-        if handler.negotiation == "postgres":
-            await plain.write(SSL_REQUEST_PACKET)
-            answer = await plain.read()
-            if not answer:
-                raise Failure(
-                    "upstream_closed",
-                    f"podpatterns ambassador: {endpoint} closed the connection after SSLRequest",
-                )
-            if answer[:1] == b"N":
-                if len(answer) > 1:
-                    raise self._injected(endpoint, len(answer) - 1, "N")
-                if handler.sslmode == "prefer":
-                    handler.log.warning(
-                        "pg_tls_refused_plaintext",
-                        upstream=str(endpoint),
-                        note="--pg-sslmode prefer: continuing WITHOUT TLS",
-                    )
-                    return None
-                raise Failure(
-                    "tls",
-                    f"podpatterns ambassador: {endpoint} does not accept TLS "
-                    "(it answered N to SSLRequest); not falling back to plaintext",
-                )
-            if answer[:1] != b"S":
-                # An 'E' here comes from an unauthenticated peer: not trusted, not shown.
-                raise Failure(
-                    "protocol",
-                    f"podpatterns ambassador: {endpoint} answered SSLRequest with "
-                    f"{answer[:1]!r}, not S or N",
-                )
-            # CVE-2021-23222: bytes after 'S' and before the server's handshake are
-            # plaintext that a man in the middle may have injected; never read them as
-            # part of the session. What arrived with the 'S' or already waits is refused.
-            if len(answer) > 1:
-                raise self._injected(endpoint, len(answer) - 1, "S")
-            try:
-                waiting = upstream.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-            except BlockingIOError:
-                waiting = b""
-            if waiting:
-                raise self._injected(endpoint, 1, "S")
-        name = handler.server_name or endpoint.address.host
-        try:
-            leg = await tlsleg.connect(
-                upstream,
-                handler.context(),
-                server_hostname=name,
-                handshake_timeout=handler.handshake_timeout,
-            )
-        except (ssl.SSLError, TimeoutError, ConnectionError) as exc:
-            raise Failure(
-                "tls", f"podpatterns ambassador: TLS to {endpoint} failed: {_tls_detail(exc)}"
-            ) from exc
-        if handler.negotiation == "direct":
-            ssl_object = leg.get_extra_info("ssl_object")
-            if ssl_object is None or ssl_object.selected_alpn_protocol() != ALPN:
-                leg.abort()
-                raise Failure(
-                    "tls",
-                    f"podpatterns ambassador: {endpoint} did not select ALPN {ALPN!r} "
-                    "for direct TLS (PostgreSQL 17 or later needed; or use "
-                    "--pg-tls-negotiation postgres)",
-                )
-        return TLSStream(leg)
+        return await negotiate_tls(self.handler, plain, upstream, endpoint)
 
     @staticmethod
     def _injected(endpoint: Endpoint, n: int, answer: str) -> Failure:
-        return Failure(
-            "protocol",
-            f"podpatterns ambassador: {endpoint} sent {n} unexpected byte(s) after "
-            f"{answer!r} to SSLRequest (possible injection, CVE-2021-23222); connection aborted",
-        )
+        return _injected(endpoint, n, answer)
 
     async def _forward_cancel(self, stream: Stream, endpoint: Endpoint) -> None:
         """Send the CancelRequest and wait until the server closes (as libpq does)."""
@@ -546,3 +485,83 @@ class PostgresSession:
         tls, self._client_tls = self._client_tls, None
         if tls is not None and not tls.handed_over and not tls.transport.is_closing():
             tls.transport.abort()  # a relay never took it (refuse() closed it otherwise)
+
+
+async def negotiate_tls(
+    handler: PostgresHandler, plain: SocketStream, upstream: socket.socket, endpoint: Endpoint
+) -> TLSStream | None:
+    """Start TLS on a connected upstream as ``handler`` says; None when ``prefer``
+    settles for plaintext. Raises :class:`~.protocol.Failure`."""
+    assert handler.context is not None
+    if handler.negotiation == "postgres":
+        await plain.write(SSL_REQUEST_PACKET)
+        answer = await plain.read()
+        if not answer:
+            raise Failure(
+                "upstream_closed",
+                f"podpatterns ambassador: {endpoint} closed the connection after SSLRequest",
+            )
+        if answer[:1] == b"N":
+            if len(answer) > 1:
+                raise _injected(endpoint, len(answer) - 1, "N")
+            if handler.sslmode == "prefer":
+                handler.log.warning(
+                    "pg_tls_refused_plaintext",
+                    upstream=str(endpoint),
+                    note="--pg-sslmode prefer: continuing WITHOUT TLS",
+                )
+                return None
+            raise Failure(
+                "tls",
+                f"podpatterns ambassador: {endpoint} does not accept TLS "
+                "(it answered N to SSLRequest); not falling back to plaintext",
+            )
+        if answer[:1] != b"S":
+            # An 'E' here comes from an unauthenticated peer: not trusted, not shown.
+            raise Failure(
+                "protocol",
+                f"podpatterns ambassador: {endpoint} answered SSLRequest with "
+                f"{answer[:1]!r}, not S or N",
+            )
+        # CVE-2021-23222: bytes after 'S' and before the server's handshake are
+        # plaintext that a man in the middle may have injected; never read them as
+        # part of the session. What arrived with the 'S' or already waits is refused.
+        if len(answer) > 1:
+            raise _injected(endpoint, len(answer) - 1, "S")
+        try:
+            waiting = upstream.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            waiting = b""
+        if waiting:
+            raise _injected(endpoint, 1, "S")
+    name = handler.server_name or endpoint.address.host
+    try:
+        leg = await tlsleg.connect(
+            upstream,
+            handler.context(),
+            server_hostname=name,
+            handshake_timeout=handler.handshake_timeout,
+        )
+    except (ssl.SSLError, TimeoutError, ConnectionError) as exc:
+        raise Failure(
+            "tls", f"podpatterns ambassador: TLS to {endpoint} failed: {_tls_detail(exc)}"
+        ) from exc
+    if handler.negotiation == "direct":
+        ssl_object = leg.get_extra_info("ssl_object")
+        if ssl_object is None or ssl_object.selected_alpn_protocol() != ALPN:
+            leg.abort()
+            raise Failure(
+                "tls",
+                f"podpatterns ambassador: {endpoint} did not select ALPN {ALPN!r} "
+                "for direct TLS (PostgreSQL 17 or later needed; or use "
+                "--pg-tls-negotiation postgres)",
+            )
+    return TLSStream(leg)
+
+
+def _injected(endpoint: Endpoint, n: int, answer: str) -> Failure:
+    return Failure(
+        "protocol",
+        f"podpatterns ambassador: {endpoint} sent {n} unexpected byte(s) after "
+        f"{answer!r} to SSLRequest (possible injection, CVE-2021-23222); connection aborted",
+    )
