@@ -14,6 +14,7 @@ import pytest
 import trustme
 
 from tests.peers import (
+    POOL_USER,
     PostgresServer,
     RedisServer,
     pg_tls,
@@ -54,10 +55,6 @@ def postgres_tls_2(pg_ca: trustme.CA) -> Iterator[PostgresServer]:
     """A second such server (routing between two servers)."""
     with run_postgres(pg_tls(pg_ca)) as server:
         yield server
-
-
-#: The role :func:`postgres_tls_trust` lets in over TLS without a password (--pg-pool tests).
-POOL_USER = "pooler"
 
 
 @pytest.fixture(scope="session")

@@ -212,6 +212,9 @@ def _postmaster_pid(data: Path, proc: subprocess.Popen[bytes]) -> int | None:
     return pid if pid == proc.pid or ppid == proc.pid else None
 
 
+#: The role ``postgres_tls_trust`` lets in over TLS without a password (--pg-pool tests).
+POOL_USER = "pooler"
+
 #: The name in the TLS-only servers' certificates (not the address they listen on).
 PG_SERVER_NAME = "db.test"
 
@@ -355,7 +358,8 @@ def run_postgres(
                 if server.query(role) is None:
                     raise RuntimeError(f"postgres: cannot create role {tls.user}")
                 for user in trusted:
-                    if server.query(f"create role {user} login") is None:
+                    create = f"create role {user} login; grant create on schema public to {user}"
+                    if server.query(create) is None:
                         raise RuntimeError(f"postgres: cannot create role {user}")
                 server = dataclasses.replace(server, user=tls.user, password=tls.password)
             yield server

@@ -98,8 +98,8 @@ _FEATURES = re.compile(
       | (?P<listen>listen\b)
       | (?P<temp_table>create\s+(?:(?:global|local)\s+)?temp(?:orary)?\b)
       | (?P<prepare>prepare\s)
-      | (?P<with_hold>declare\b[^;]*\bwith\s+hold\b)
     )
+    | (?P<with_hold>\bdeclare\b[^;]*\bwith\s+hold\b)
     | (?P<advisory_lock>\bpg_(?:try_)?advisory_lock(?:_shared)?\s*\()
     """,
     re.I | re.X | re.S,
