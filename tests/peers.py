@@ -241,10 +241,17 @@ def pg_tls(ca: trustme.CA) -> PostgresTLS:
     )
 
 
+#: Roles that tests may create on a TLS-only server to authenticate with md5 or a
+#: cleartext password instead of SCRAM (tests/test_ambassador_pg_auth.py).
+PG_MD5_ROLE = "app_md5"
+PG_CLEARTEXT_ROLE = "app_cleartext"
+
 # hostssl only: TCP without TLS matches no line, so the server itself refuses it
 # ("no pg_hba.conf entry ... no encryption"); the unix socket is for the fixtures.
-_TLS_HBA = """\
+_TLS_HBA = f"""\
 local all all trust
+hostssl all {PG_MD5_ROLE} 127.0.0.1/32 md5
+hostssl all {PG_CLEARTEXT_ROLE} 127.0.0.1/32 password
 hostssl all all 127.0.0.1/32 scram-sha-256
 hostssl all all ::1/128 scram-sha-256
 """

@@ -467,7 +467,9 @@ def test_transaction_mode_pgbench_prepared(
         )
         assert done.returncode == 0, done.stderr
         assert "number of failed transactions: 0" in done.stdout, done.stdout
-        closed = [(labels, v) for n, labels, v in amb.metrics() if n == POOL + "server_closed_total"]
+        closed = [
+            (labels, v) for n, labels, v in amb.metrics() if n == POOL + "server_closed_total"
+        ]
         assert amb.metric(POOL + "server_opened_total") <= 2, closed
         assert amb.terminate() == 0, amb.log_text()
 

@@ -316,6 +316,7 @@ class Ambassador:
                 ("route",),
                 per_route(lambda r: r.tls.reload_failures if r.tls else 0),
             ),
+            *_credential_families(routes),
         ]
 
     async def status(self) -> dict[str, Any]:
@@ -389,6 +390,65 @@ class Ambassador:
                 }
             )
         return {"routes": routes, "not_ready": reasons, "warnings": _warnings(routes)}
+
+
+def _credential_families(routes: list[Route]) -> list[Family]:
+    """The metrics of the routes whose app holds no password (``--pg-password-*``)."""
+
+    def creds(r: Route) -> Any:
+        return getattr(r.handler, "credentials", None)
+
+    def auths() -> list[Sample]:
+        return [
+            ((r.cfg.name, method, result), float(n))
+            for r in routes
+            if creds(r) is not None
+            for (method, result), n in creds(r).auths.items()
+        ]
+
+    def per_route(fn: Any) -> Any:
+        return lambda: [((r.cfg.name,), float(fn(creds(r)))) for r in routes if creds(r)]
+
+    a = "ambassador_pg_"
+    return [
+        Family(
+            "counter",
+            a + "upstream_auth_total",
+            "authentications to the server with the ambassador's secret, by method "
+            "(scram-sha-256-plus, scram-sha-256, md5, password, trust; server, none when "
+            "there was none) and result (ok, rejected by the server, failed here)",
+            ("route", "method", "result"),
+            auths,
+        ),
+        Family(
+            "counter",
+            a + "password_rotations_total",
+            "changes of --pg-password-file's content seen (applied to new server connections)",
+            ("route",),
+            per_route(lambda c: c.rotations),
+        ),
+        Family(
+            "counter",
+            a + "password_command_runs_total",
+            "runs of --pg-password-command",
+            ("route",),
+            per_route(lambda c: c.command_runs[0]),
+        ),
+        Family(
+            "counter",
+            a + "password_command_failures_total",
+            "runs of --pg-password-command that gave no token",
+            ("route",),
+            per_route(lambda c: c.command_runs[1]),
+        ),
+        Family(
+            "counter",
+            a + "client_auth_failures_total",
+            "app connections refused for a wrong password (--pg-client-auth password-file)",
+            ("route",),
+            per_route(lambda c: c.client_rejected),
+        ),
+    ]
 
 
 CERT_WARNING = 7 * 24 * 3600.0

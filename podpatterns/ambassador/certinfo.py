@@ -97,3 +97,31 @@ def expiry(path: Path, *, now: float | None = None) -> dict[str, Any]:
         "not_after": soonest,
         "expires_in": round(soonest - now, 1),
     }
+
+
+def signature_oid(der: bytes) -> str:
+    """The dotted OID of a DER certificate's ``signatureAlgorithm`` (for SCRAM channel
+    binding, whose hash follows the certificate's signature hash: RFC 5929 section 4.1).
+
+    Raises:
+        ValueError: the bytes are not a certificate this walk understands.
+    """
+    _, cert, _ = _tlv(der, 0)  # Certificate
+    _, _, at = _tlv(der, cert)  # TBSCertificate, skipped
+    tag, start, _ = _tlv(der, at)  # signatureAlgorithm: AlgorithmIdentifier
+    if tag != 0x30:
+        raise ValueError("no signature algorithm")
+    tag, ostart, oend = _tlv(der, start)
+    if tag != 0x06:
+        raise ValueError("no algorithm OID")
+    raw = der[ostart:oend]
+    if not raw:
+        raise ValueError("empty OID")
+    parts = [raw[0] // 40, raw[0] % 40] if raw[0] < 80 else [2, raw[0] - 80]
+    value = 0
+    for byte in raw[1:]:
+        value = (value << 7) | (byte & 0x7F)
+        if not byte & 0x80:
+            parts.append(value)
+            value = 0
+    return ".".join(str(p) for p in parts)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from podpatterns.ambassador.pgauth import METHODS as PG_AUTH_METHODS
 from podpatterns.ambassador.pgpool import POOL_MODES, PoolSettings
 from podpatterns.ambassador.postgres import SSLMODES
 from podpatterns.errors import ConfigError
@@ -314,6 +315,58 @@ PROTOCOL_OPTIONS: tuple[Option[Any], ...] = (
         "this long, its text with every literal replaced by ? (off by default)",
         metavar="DURATION",
     ),
+    _r(
+        "pg_password_file",
+        parse_path,
+        None,
+        "the app holds no password: the ambassador authenticates to the server with the "
+        "password in this file (a Secret volume; re-read when it changes, for new server "
+        "connections)",
+        metavar="FILE",
+    ),
+    _r(
+        "pg_password_command",
+        parse_str,
+        None,
+        "the app holds no password: the ambassador authenticates with the token this "
+        "command prints (plain, or JSON with token and expiry), cached until shortly "
+        "before it expires and run at most once a minute",
+        metavar="CMD",
+    ),
+    _r(
+        "pg_password_command_ttl",
+        parse_duration,
+        600.0,
+        "how long a token of --pg-password-command is used when its output names no expiry",
+        metavar="DURATION",
+    ),
+    _r(
+        "pg_auth_methods",
+        parse_choice(*PG_AUTH_METHODS),
+        (),
+        "upstream authentication methods the ambassador answers with its secret "
+        "(repeat, or comma-separated): scram-sha-256, md5, password (cleartext: verified "
+        "TLS only); default scram-sha-256, plus md5 over verified TLS",
+        multiple=True,
+        metavar="METHOD",
+    ),
+    _r(
+        "pg_client_auth",
+        parse_choice("trust", "password-file"),
+        "trust",
+        "with --pg-password-*, how the app is authenticated on the loopback leg: trust "
+        "(any app in the Pod) or password-file (the app's own password, "
+        "--pg-client-password-file, asked in cleartext)",
+        metavar="MODE",
+    ),
+    _r(
+        "pg_client_password_file",
+        parse_path,
+        None,
+        "the password the app must give with --pg-client-auth password-file (re-read "
+        "when it changes)",
+        metavar="FILE",
+    ),
 )
 
 # --pg-pool (issue 14, docs/ambassador-postgres.md "Pooling")
@@ -388,6 +441,20 @@ ROUTE_OPTIONS = ROUTE_OPTIONS + PROTOCOL_OPTIONS + POOL_OPTIONS
 AMBASSADOR_OPTIONS: tuple[Option[Any], ...] = RUNTIME_OPTIONS + ROUTE_OPTIONS
 
 
+#: The sslmodes that verify the server's certificate.
+VERIFIED_SSLMODES = ("verify-ca", "verify-full")
+
+#: The options that take effect only with --pg-password-file or --pg-password-command.
+_CREDENTIAL_DEFAULTS: tuple[tuple[str, Any], ...] = (
+    ("pg_password_file", None),
+    ("pg_password_command", None),
+    ("pg_password_command_ttl", 600.0),
+    ("pg_auth_methods", ()),
+    ("pg_client_auth", "trust"),
+    ("pg_client_password_file", None),
+)
+
+
 @dataclass(frozen=True)
 class RouteConfig:
     """One listener and the upstream endpoints it forwards to. Validated on construction.
@@ -435,6 +502,12 @@ class RouteConfig:
     pg_drain: str = "transaction"
     pg_metrics: bool = False
     pg_slow_query: float | None = None
+    pg_password_file: Path | None = None
+    pg_password_command: str | None = None
+    pg_password_command_ttl: float = 600.0
+    pg_auth_methods: tuple[str, ...] = ()
+    pg_client_auth: str = "trust"
+    pg_client_password_file: Path | None = None
     pg_pool: str = "off"
     pg_pool_size: int = 20
     pg_pool_min_idle: int = 0
@@ -512,6 +585,7 @@ class RouteConfig:
                 ("pg_slow_query", None),
                 ("pg_pool", "off"),
                 ("pg_upstream_trust", False),
+                *_CREDENTIAL_DEFAULTS,
             ):
                 if getattr(self, name) != default:
                     raise ConfigError(
@@ -540,19 +614,47 @@ class RouteConfig:
                 f"{where}--pg-tls-negotiation: 'direct' needs TLS (--upstream-tls with "
                 "--pg-sslmode require, verify-ca or verify-full)"
             )
+        self._check_credentials(where)
+
+    def _check_credentials(self, where: str) -> None:
+        """--pg-password-* and what depends on them (docs/ambassador-postgres.md)."""
+        if self.pg_password_file is not None and self.pg_password_command is not None:
+            raise ConfigError(
+                f"{where}--pg-password-file and --pg-password-command: give one of them"
+            )
+        if self.pg_password_file is None and self.pg_password_command is None:
+            for name, default in _CREDENTIAL_DEFAULTS:
+                if getattr(self, name) != default:
+                    raise ConfigError(
+                        f"{where}--{name.replace('_', '-')}: only applies with "
+                        "--pg-password-file or --pg-password-command"
+                    )
+            return
+        if self.pg_password_command is not None and not self.pg_password_command.strip():
+            raise ConfigError(f"{where}--pg-password-command: empty command")
+        if self.pg_password_command_ttl <= 0:
+            raise ConfigError(f"{where}--pg-password-command-ttl: must be > 0")
+        if "password" in self.pg_auth_methods and self.sslmode not in VERIFIED_SSLMODES:
+            raise ConfigError(
+                f"{where}--pg-auth-methods: 'password' (cleartext) needs verified TLS to "
+                f"the server, not --pg-sslmode {self.sslmode} (use --upstream-tls with "
+                "--pg-sslmode verify-full or verify-ca, or drop 'password')"
+            )
+        if (self.pg_client_auth == "password-file") != (self.pg_client_password_file is not None):
+            raise ConfigError(
+                f"{where}--pg-client-password-file: give it exactly with "
+                "--pg-client-auth password-file"
+            )
 
     def _check_pool(self, where: str) -> None:
         if self.pg_pool == "off":
             return
-        sources = [
-            name
-            for name in ("pg_password_file", "pg_password_command")
-            if getattr(self, name, None) is not None
-        ]
-        if not sources and not self.pg_upstream_trust:
+        sources = (self.pg_password_file, self.pg_password_command)
+        if all(source is None for source in sources) and not self.pg_upstream_trust:
             raise ConfigError(
                 f"{where}--pg-pool: {self.pg_pool!r} needs the ambassador to log in to the "
-                "server itself: give a password source, or --pg-upstream-trust when the "
+                "server itself: give --pg-password-file or --pg-password-command, or "
+                "--pg-upstream-trust when the "
                 "server's pg_hba trusts the ambassador (trust or cert)"
             )
         if self.pg_pool_min_idle > self.pg_pool_size:

@@ -51,15 +51,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from podpatterns.ambassador.connection import Connection, reset_socket
+from podpatterns.ambassador.pgauth import ServerError, startup_parameters
 from podpatterns.ambassador.postgres import (
     KEY_MAX,
     KEY_MIN,
     MAX_MESSAGE,
     PostgresHandler,
     error_response,
-    negotiate_tls,
 )
-from podpatterns.ambassador.protocol import Failure, SocketStream, Stream, TLSStream
+from podpatterns.ambassador.protocol import Failure, SocketStream, Stream
 from podpatterns.ambassador.upstreams import Endpoint
 from podpatterns.metrics import (
     LATENCY_BUCKETS,
@@ -121,19 +121,6 @@ class PoolSettings:
     connect_timeout: float = 30.0
 
 
-class ServerRefused(Exception):
-    """The server ended a pooled connection's startup with an ErrorResponse.
-
-    Attributes:
-        response: the server's ErrorResponse message, passed on to the app unchanged (a
-            wrong password reaches the app as the server's own 28P01).
-    """
-
-    def __init__(self, response: bytes) -> None:
-        super().__init__("the server refused the connection")
-        self.response = response
-
-
 class PoolTimeout(Exception):
     """No server connection became free within ``--pg-pool-wait``."""
 
@@ -157,22 +144,12 @@ def _messages(buf: bytes) -> Iterator[tuple[int, bytes]]:
         pos += 1 + length
 
 
-def startup_parameters(startup: bytes) -> dict[str, str]:
-    """The name/value pairs of a StartupMessage (length, version, then pairs)."""
-    parts = startup[8:].split(b"\0")
-    out: dict[str, str] = {}
-    for i in range(0, len(parts) - 1, 2):
-        if parts[i]:
-            out[parts[i].decode("utf-8", "replace")] = parts[i + 1].decode("utf-8", "replace")
-    return out
-
-
 async def trust_only(stream: Stream, user: str, endpoint: Endpoint) -> bytes:
     """The server's messages from after the StartupMessage up to ReadyForQuery, when the
     server asks for no password (pg_hba ``trust`` or ``cert``).
 
     Raises:
-        ServerRefused: the server answered with an ErrorResponse.
+        ServerError: the server answered with an ErrorResponse.
         Failure: the server asks for a password, or broke the protocol.
     """
     buf = b""
@@ -187,7 +164,7 @@ async def trust_only(stream: Stream, user: str, endpoint: Endpoint) -> bytes:
             if end > len(buf):
                 break
             if kind == ord("E"):
-                raise ServerRefused(buf[pos:end])
+                raise ServerError(buf[pos:end])
             if kind == ord("R") and buf[pos + 5 : end] != b"\0\0\0\0":
                 raise Failure(
                     "protocol",
@@ -206,11 +183,6 @@ async def trust_only(stream: Stream, user: str, endpoint: Endpoint) -> bytes:
             )
         buf += data
 
-
-#: Runs a pooled server connection's authentication: called on the server stream just
-#: after the StartupMessage was sent, returns the server's messages up to and including
-#: ReadyForQuery; raises :class:`ServerRefused` with the server's ErrorResponse.
-Authenticate = Callable[[Stream, str, Endpoint], Awaitable[bytes]]
 
 #: Dials an endpoint of the route (balancing, retries, health), as for any connection.
 Dial = Callable[[], Awaitable[tuple[socket.socket, Endpoint]]]
@@ -489,7 +461,6 @@ class Pools:
         settings: the route's ``--pg-pool*`` options.
         handler: the route's PostgreSQL handler (its TLS settings for the server side).
         dial: connects to an endpoint of the route.
-        authenticate: runs the server's authentication (:data:`Authenticate`).
         route: the route's name, for the metrics.
         log: the route's logger.
     """
@@ -499,7 +470,6 @@ class Pools:
         settings: PoolSettings,
         handler: PostgresHandler,
         dial: Dial,
-        authenticate: Authenticate = trust_only,
         *,
         route: str = "default",
         log: Any = None,
@@ -507,7 +477,6 @@ class Pools:
         self.settings = settings
         self.handler = handler
         self.dial = dial
-        self.authenticate = authenticate
         self.route = route
         self.log = log if log is not None else handler.log
         self.by_key: dict[bytes, Pool] = {}
@@ -557,7 +526,7 @@ class Pools:
                 server = await self.open_server(pool)
         except Exception as exc:  # each failure goes to a waiting app
             self.open_failures += 1
-            if not isinstance(exc, ServerRefused | Failure | OSError | TimeoutError):
+            if not isinstance(exc, ServerError | Failure | OSError | TimeoutError):
                 self.log.error("pg_pool_open_bug", error=repr(exc), exc_info=exc)
             else:
                 self.log.warning("pg_pool_open_failed", error=_describe(exc))
@@ -574,15 +543,21 @@ class Pools:
 
     async def open_server(self, pool: Pool) -> ServerConn:
         """Dial, TLS as the route says, the StartupMessage, authentication."""
+        handler = self.handler
         usock, endpoint = await self.dial()
         try:
-            plain = SocketStream(usock)
-            tls: TLSStream | None = None
-            if self.handler.sslmode != "disable":
-                tls = await negotiate_tls(self.handler, plain, usock, endpoint)
-            stream: Stream = tls if tls is not None else plain
-            await stream.write(pool.startup)
-            messages = await self.authenticate(stream, pool.user, endpoint)
+            if handler.credentials is not None:  # --pg-password-file, --pg-password-command
+                stream, tls, session = await handler.open_server(usock, endpoint, pool.startup)
+                messages = session.messages
+                stream.take_buffered()  # nothing is read past ReadyForQuery
+            else:  # --pg-upstream-trust
+                plain = SocketStream(usock)
+                tls = None
+                if handler.sslmode != "disable":
+                    tls = await handler.negotiate_tls(plain, usock, endpoint)
+                stream = tls if tls is not None else plain
+                await stream.write(pool.startup)
+                messages = await trust_only(stream, pool.user, endpoint)
         except BaseException:
             usock.close()
             raise
@@ -597,11 +572,10 @@ class Pools:
             pos += 5 + len(body)
         server = ServerConn(pool, endpoint, key, b"".join(params), self.settings.max_lifetime)
         endpoint.active += 1
+        leftover = stream.take_buffered()
         if tls is not None:
-            leftover = tls.take_buffered()
             tls.hand_over(server)
         else:
-            leftover = plain.take_buffered()
             loop = asyncio.get_running_loop()
             await loop.create_connection(lambda: server, sock=usock)
         if leftover:  # the server speaks unasked: not a session to lend
@@ -640,7 +614,7 @@ class Pools:
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, Failure):
         return exc.message
-    if isinstance(exc, ServerRefused):
+    if isinstance(exc, ServerError):
         return "the server refused the connection (ErrorResponse)"
     return str(exc) or type(exc).__name__
 
@@ -848,8 +822,8 @@ class ClientSession(asyncio.Protocol):
         if isinstance(exc, PoolTimeout):
             self._fail(TOO_MANY_CONNECTIONS, pool_timeout_message(self.pools.settings))
             return
-        if isinstance(exc, ServerRefused):
-            self._fail_with(exc.response)
+        if isinstance(exc, ServerError):
+            self._fail_with(exc.raw)
             return
         if exc is not None:
             self._fail(CONNECTION_FAILURE, f"podpatterns ambassador: {_describe(exc)}")

@@ -22,6 +22,7 @@ and protocol-message-formats.html.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import ssl
 import struct
@@ -29,6 +30,15 @@ from collections.abc import Callable
 
 from podpatterns import logs
 from podpatterns.ambassador import tlsleg
+from podpatterns.ambassador.pgauth import (
+    AUTH_CLEARTEXT_MESSAGE,
+    AUTH_OK_MESSAGE,
+    Credentials,
+    SecretError,
+    ServerError,
+    ServerSession,
+    startup_parameters,
+)
 from podpatterns.ambassador.protocol import (
     Established,
     Failure,
@@ -60,6 +70,8 @@ SQLSTATE = {
     "upstream_closed": "08006",  # connection_failure
     "limit": "53300",  # too_many_connections
     "shutdown": "57P01",  # admin_shutdown
+    "auth": "28000",  # invalid_authorization_specification
+    "credentials": "08001",  # a secret that may come back: the app retries
 }
 
 SSLMODES = ("disable", "prefer", "require", "verify-ca", "verify-full")
@@ -173,6 +185,10 @@ class PostgresHandler:
         listen_context: the listener's TLS server context (``--listen-tls-cert``), a
             callable for reloads; with it the app's SSLRequest is answered ``S`` and its
             TLS terminated here. None answers ``N``.
+        credentials: with ``--pg-password-file`` or ``--pg-password-command``: the app
+            holds no password; the ambassador answers the app's startup itself (after
+            ``--pg-client-auth``) and authenticates to the server with these
+            (:mod:`.pgauth`). None relays the authentication exchange.
     """
 
     name = "postgres"
@@ -188,6 +204,7 @@ class PostgresHandler:
         route: str = "default",
         watch: Callable[[Endpoint], SessionWatch] | None = None,
         listen_context: Callable[[], ssl.SSLContext] | None = None,
+        credentials: Credentials | None = None,
     ) -> None:
         if sslmode not in SSLMODES:
             raise ValueError(f"sslmode {sslmode!r}: not one of {SSLMODES}")
@@ -200,6 +217,7 @@ class PostgresHandler:
         self.handshake_timeout = handshake_timeout
         self.watch = watch
         self.listen_context = listen_context
+        self.credentials = credentials
         self.keys = CancelKeys()
         #: With ``--pg-pool``: the server (endpoint, its own key) a CancelRequest carrying a
         #: key the ambassador issued must reach; None when no such app connection holds one.
@@ -211,6 +229,124 @@ class PostgresHandler:
     def open(self, client: SocketStream, label: str) -> PostgresSession:
         """A session for a connection just accepted."""
         return PostgresSession(self, client, label)
+
+    async def open_server(
+        self, upstream: socket.socket, endpoint: Endpoint, startup: bytes
+    ) -> tuple[Stream, TLSStream | None, ServerSession]:
+        """A server connection with no app attached (a pool's, a health check's): TLS
+        as the route says, ``startup`` sent (:func:`.pgauth.startup_message`), then
+        authenticated with the route's credentials up to ReadyForQuery.
+
+        Args:
+            upstream: a connected, non-blocking socket to ``endpoint``.
+            endpoint: the endpoint it reaches.
+            startup: the StartupMessage to send.
+
+        Returns:
+            The stream to use from here (the TLS leg, or the plaintext socket), the TLS
+            leg or None, and what the server said up to ReadyForQuery.
+
+        Raises:
+            Failure, ServerError: as :meth:`.pgauth.Credentials.authenticate`;
+                ConnectionError when the server went away.
+        """
+        if self.credentials is None:
+            raise ValueError("open_server needs credentials (--pg-password-*)")
+        plain = SocketStream(upstream)
+        tls = (
+            None
+            if self.sslmode == "disable"
+            else await self.negotiate_tls(plain, upstream, endpoint)
+        )
+        stream: Stream = tls if tls is not None else plain
+        await stream.write(startup)
+        user = startup_parameters(startup).get("user", "")
+        session = await self.credentials.authenticate(stream, user, str(endpoint))
+        return stream, tls, session
+
+    async def negotiate_tls(
+        self, plain: SocketStream, upstream: socket.socket, endpoint: Endpoint
+    ) -> TLSStream | None:
+        """Start TLS on a connected upstream socket as ``sslmode`` and ``negotiation``
+        say; None when ``prefer`` settles for plaintext.
+
+        Raises:
+            Failure: TLS refused or failed, or bytes injected before the handshake.
+        """
+        handler = self
+        assert handler.context is not None
+        if handler.negotiation == "postgres":
+            await plain.write(SSL_REQUEST_PACKET)
+            answer = await plain.read()
+            if not answer:
+                raise Failure(
+                    "upstream_closed",
+                    f"podpatterns ambassador: {endpoint} closed the connection after SSLRequest",
+                )
+            if answer[:1] == b"N":
+                if len(answer) > 1:
+                    raise self._injected(endpoint, len(answer) - 1, "N")
+                if handler.sslmode == "prefer":
+                    handler.log.warning(
+                        "pg_tls_refused_plaintext",
+                        upstream=str(endpoint),
+                        note="--pg-sslmode prefer: continuing WITHOUT TLS",
+                    )
+                    return None
+                raise Failure(
+                    "tls",
+                    f"podpatterns ambassador: {endpoint} does not accept TLS "
+                    "(it answered N to SSLRequest); not falling back to plaintext",
+                )
+            if answer[:1] != b"S":
+                # An 'E' here comes from an unauthenticated peer: not trusted, not shown.
+                raise Failure(
+                    "protocol",
+                    f"podpatterns ambassador: {endpoint} answered SSLRequest with "
+                    f"{answer[:1]!r}, not S or N",
+                )
+            # CVE-2021-23222: bytes after 'S' and before the server's handshake are
+            # plaintext that a man in the middle may have injected; never read them as
+            # part of the session. What arrived with the 'S' or already waits is refused.
+            if len(answer) > 1:
+                raise self._injected(endpoint, len(answer) - 1, "S")
+            try:
+                waiting = upstream.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                waiting = b""
+            if waiting:
+                raise self._injected(endpoint, 1, "S")
+        name = handler.server_name or endpoint.address.host
+        try:
+            leg = await tlsleg.connect(
+                upstream,
+                handler.context(),
+                server_hostname=name,
+                handshake_timeout=handler.handshake_timeout,
+            )
+        except (ssl.SSLError, TimeoutError, ConnectionError) as exc:
+            raise Failure(
+                "tls", f"podpatterns ambassador: TLS to {endpoint} failed: {_tls_detail(exc)}"
+            ) from exc
+        if handler.negotiation == "direct":
+            ssl_object = leg.get_extra_info("ssl_object")
+            if ssl_object is None or ssl_object.selected_alpn_protocol() != ALPN:
+                leg.abort()
+                raise Failure(
+                    "tls",
+                    f"podpatterns ambassador: {endpoint} did not select ALPN {ALPN!r} "
+                    "for direct TLS (PostgreSQL 17 or later needed; or use "
+                    "--pg-tls-negotiation postgres)",
+                )
+        return TLSStream(leg)
+
+    @staticmethod
+    def _injected(endpoint: Endpoint, n: int, answer: str) -> Failure:
+        return Failure(
+            "protocol",
+            f"podpatterns ambassador: {endpoint} sent {n} unexpected byte(s) after "
+            f"{answer!r} to SSLRequest (possible injection, CVE-2021-23222); connection aborted",
+        )
 
 
 class PostgresSession:
@@ -241,10 +377,48 @@ class PostgresSession:
         """Answer SSLRequest/GSSENCRequest with ``N``; read the StartupMessage or a
         CancelRequest. False when the client left, or cancelled an unknown session."""
         try:
-            return await self._accept()
+            accepted = await self._accept()
         except BaseException:
             self._interrupted = True  # mid-packet, perhaps: the boundary is unknown
             raise
+        creds = self.handler.credentials
+        if accepted and self.startup is not None and creds and creds.client_password:
+            return await self._check_client_password(creds)
+        return accepted
+
+    async def _check_client_password(self, creds: Credentials) -> bool:
+        """``--pg-client-auth password-file``: ask the app for its own password.
+
+        Cleartext, as PostgreSQL's ``password`` method: the leg is loopback or a unix
+        socket inside the Pod (or the app's TLS with ``--listen-tls-cert``). A wrong
+        password gets the server's own words for it, FATAL 28P01.
+        """
+        assert creds.client_password is not None and self.startup is not None
+        user = startup_parameters(self.startup).get("user", "")
+        await self.client.write(AUTH_CLEARTEXT_MESSAGE)
+        try:
+            head = await self.client.read_exactly(5)
+            (length,) = struct.unpack_from("!i", head, 1)
+            if head[:1] != b"p" or not 5 <= length <= MAX_STARTUP_PACKET:
+                raise Failure(
+                    "protocol",
+                    f"podpatterns ambassador: expected a password message, got "
+                    f"type {head[:1]!r} length {length}",
+                )
+            body = await self.client.read_exactly(length - 4)
+        except ConnectionError:
+            return False  # libpq without a password closes here (fe_sendauth)
+        given = body.rstrip(b"\0").decode("utf-8", "replace")
+        expected = creds.client_password
+        with contextlib.suppress(SecretError):  # the file went: the last password holds
+            await expected.get()  # re-read if the Secret changed
+        if expected.check(given):
+            return True
+        creds.client_rejected += 1
+        self.handler.log.info("pg_client_auth_failed", client=self.label, user=user)
+        message = f'password authentication failed for user "{user}"'
+        await self.client.write(error_response("28P01", message))
+        return False
 
     async def _accept(self) -> bool:
         client = self.client
@@ -339,14 +513,17 @@ class PostgresSession:
         if self.handler.sslmode == "disable":
             stream = plain
         else:
-            tls = await self._negotiate_tls(plain, upstream, endpoint)
+            tls = await self.handler.negotiate_tls(plain, upstream, endpoint)
             stream = tls if tls is not None else plain
         if self.cancel is not None:
             await self._forward_cancel(stream, endpoint)
             return None
         assert self.startup is not None
         await stream.write(self.startup)
-        leftover = await self._authenticate(stream, endpoint)
+        if self.handler.credentials is not None:
+            leftover = await self._authenticate_here(stream, endpoint, self.handler.credentials)
+        else:
+            leftover = await self._authenticate(stream, endpoint)
         if leftover is None:
             return None
         if self.key is not None:
@@ -361,16 +538,6 @@ class PostgresSession:
             client=self._client_tls,
         )
 
-    async def _negotiate_tls(
-        self, plain: SocketStream, upstream: socket.socket, endpoint: Endpoint
-    ) -> TLSStream | None:
-        """Start TLS on the upstream; None when ``prefer`` settles for plaintext."""
-        return await negotiate_tls(self.handler, plain, upstream, endpoint)
-
-    @staticmethod
-    def _injected(endpoint: Endpoint, n: int, answer: str) -> Failure:
-        return _injected(endpoint, n, answer)
-
     async def _forward_cancel(self, stream: Stream, endpoint: Endpoint) -> None:
         """Send the CancelRequest and wait until the server closes (as libpq does)."""
         assert self.cancel is not None
@@ -382,6 +549,35 @@ class PostgresSession:
         except ConnectionError:
             pass  # the server is done with it either way
         self.handler.cancels += 1
+
+    async def _authenticate_here(
+        self, upstream: Stream, endpoint: Endpoint, creds: Credentials
+    ) -> bytes | None:
+        """Authenticate to the server with the route's secret; then give the app
+        AuthenticationOk and the server's messages up to ReadyForQuery.
+
+        None when the server refused (its ErrorResponse, 28P01 for a wrong password,
+        is passed on to the app exactly as sent; the server closes next).
+        """
+        assert self.startup is not None
+        user = startup_parameters(self.startup).get("user", "")
+        try:
+            session = await creds.authenticate(upstream, user, str(endpoint))
+        except ServerError as exc:
+            self.handler.log.warning(
+                "pg_upstream_auth_rejected",
+                upstream=str(endpoint),
+                user=user,
+                sqlstate=exc.sqlstate,
+                error=exc.fields.get("M", ""),
+            )
+            await self.client.write(exc.raw)
+            return None
+        key = session.key
+        if key is not None and KEY_MIN <= len(key) - 4 <= KEY_MAX:
+            self.key = key
+        await self.client.write(AUTH_OK_MESSAGE + session.messages)
+        return session.leftover
 
     async def _authenticate(self, upstream: Stream, endpoint: Endpoint) -> bytes | None:
         """Relay the authentication until ReadyForQuery; the bytes read past it.
@@ -485,83 +681,3 @@ class PostgresSession:
         tls, self._client_tls = self._client_tls, None
         if tls is not None and not tls.handed_over and not tls.transport.is_closing():
             tls.transport.abort()  # a relay never took it (refuse() closed it otherwise)
-
-
-async def negotiate_tls(
-    handler: PostgresHandler, plain: SocketStream, upstream: socket.socket, endpoint: Endpoint
-) -> TLSStream | None:
-    """Start TLS on a connected upstream as ``handler`` says; None when ``prefer``
-    settles for plaintext. Raises :class:`~.protocol.Failure`."""
-    assert handler.context is not None
-    if handler.negotiation == "postgres":
-        await plain.write(SSL_REQUEST_PACKET)
-        answer = await plain.read()
-        if not answer:
-            raise Failure(
-                "upstream_closed",
-                f"podpatterns ambassador: {endpoint} closed the connection after SSLRequest",
-            )
-        if answer[:1] == b"N":
-            if len(answer) > 1:
-                raise _injected(endpoint, len(answer) - 1, "N")
-            if handler.sslmode == "prefer":
-                handler.log.warning(
-                    "pg_tls_refused_plaintext",
-                    upstream=str(endpoint),
-                    note="--pg-sslmode prefer: continuing WITHOUT TLS",
-                )
-                return None
-            raise Failure(
-                "tls",
-                f"podpatterns ambassador: {endpoint} does not accept TLS "
-                "(it answered N to SSLRequest); not falling back to plaintext",
-            )
-        if answer[:1] != b"S":
-            # An 'E' here comes from an unauthenticated peer: not trusted, not shown.
-            raise Failure(
-                "protocol",
-                f"podpatterns ambassador: {endpoint} answered SSLRequest with "
-                f"{answer[:1]!r}, not S or N",
-            )
-        # CVE-2021-23222: bytes after 'S' and before the server's handshake are
-        # plaintext that a man in the middle may have injected; never read them as
-        # part of the session. What arrived with the 'S' or already waits is refused.
-        if len(answer) > 1:
-            raise _injected(endpoint, len(answer) - 1, "S")
-        try:
-            waiting = upstream.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-        except BlockingIOError:
-            waiting = b""
-        if waiting:
-            raise _injected(endpoint, 1, "S")
-    name = handler.server_name or endpoint.address.host
-    try:
-        leg = await tlsleg.connect(
-            upstream,
-            handler.context(),
-            server_hostname=name,
-            handshake_timeout=handler.handshake_timeout,
-        )
-    except (ssl.SSLError, TimeoutError, ConnectionError) as exc:
-        raise Failure(
-            "tls", f"podpatterns ambassador: TLS to {endpoint} failed: {_tls_detail(exc)}"
-        ) from exc
-    if handler.negotiation == "direct":
-        ssl_object = leg.get_extra_info("ssl_object")
-        if ssl_object is None or ssl_object.selected_alpn_protocol() != ALPN:
-            leg.abort()
-            raise Failure(
-                "tls",
-                f"podpatterns ambassador: {endpoint} did not select ALPN {ALPN!r} "
-                "for direct TLS (PostgreSQL 17 or later needed; or use "
-                "--pg-tls-negotiation postgres)",
-            )
-    return TLSStream(leg)
-
-
-def _injected(endpoint: Endpoint, n: int, answer: str) -> Failure:
-    return Failure(
-        "protocol",
-        f"podpatterns ambassador: {endpoint} sent {n} unexpected byte(s) after "
-        f"{answer!r} to SSLRequest (possible injection, CVE-2021-23222); connection aborted",
-    )

@@ -43,6 +43,8 @@ FAILURE_KINDS = (
     "timeout",  # the startup took longer than --startup-timeout
     "limit",  # --max-connections reached with --on-limit reject
     "shutdown",  # the ambassador is shutting down
+    "auth",  # the ambassador cannot authenticate upstream as configured (a method refused)
+    "credentials",  # the ambassador has no secret to authenticate with (file, command)
 )
 
 

@@ -24,9 +24,17 @@ from typing import Any
 from prometheus_client import Histogram
 
 from podpatterns.ambassador import splice
-from podpatterns.ambassador.config import RouteConfig
+from podpatterns.ambassador.config import VERIFIED_SSLMODES, RouteConfig
 from podpatterns.ambassador.connection import Connection, abandon, discard_input
 from podpatterns.ambassador.dial import Dialer, DialError, DialPolicy
+from podpatterns.ambassador.pgauth import (
+    Credentials,
+    PasswordFile,
+    SecretError,
+    ServerError,
+    allowed_methods,
+    password_source,
+)
 from podpatterns.ambassador.pgdrain import DRAIN_MESSAGE, TransactionWatch
 from podpatterns.ambassador.pgmetrics import QueryMetrics, SlowQueries
 from podpatterns.ambassador.pgpool import (
@@ -35,7 +43,6 @@ from podpatterns.ambassador.pgpool import (
     Pools,
     PoolTimeout,
     ServerConn,
-    ServerRefused,
     issue_key,
     pool_timeout_message,
     startup_answer,
@@ -114,7 +121,42 @@ def make_handler(
         route=cfg.name,
         watch=session_watch(cfg.pg_drain == "transaction", queries, cfg.pg_slow_query, log),
         listen_context=(lambda: listen_tls.context) if listen_tls is not None else None,
+        credentials=make_credentials(cfg, log),
     )
+
+
+def make_credentials(cfg: RouteConfig, log: Any) -> Credentials | None:
+    """The route's credentials (``--pg-password-file`` or ``--pg-password-command``),
+    the files read once now; None when the app authenticates itself (relayed).
+
+    Raises:
+        ConfigError: a file cannot be read or is empty, or the command line cannot be
+            split (exit 2 at start).
+    """
+    from podpatterns.errors import ConfigError
+
+    where = "" if cfg.name == "default" else f"route {cfg.name!r}: "
+    try:
+        secret = password_source(
+            cfg.pg_password_file, cfg.pg_password_command, cfg.pg_password_command_ttl
+        )
+        if secret is None:
+            return None
+        client = None
+        if cfg.pg_client_password_file is not None:
+            client = PasswordFile(cfg.pg_client_password_file, "--pg-client-password-file")
+            client.load()
+    except SecretError as exc:
+        raise ConfigError(f"{where}{exc}") from None
+    verified = cfg.sslmode in VERIFIED_SSLMODES
+    methods = allowed_methods(cfg.pg_auth_methods or None, verified)
+    if "md5" in methods and not verified:
+        log.warning(
+            "pg_md5_without_verified_tls",
+            note="--pg-auth-methods md5 over a leg that is not verified TLS: a man in the "
+            "middle can replay the hash to this server",
+        )
+    return Credentials(secret, methods, client)
 
 
 def session_watch(
@@ -305,12 +347,12 @@ class Startup:
             await self._hand_off(conn, csock, established)
         except Failure as failure:
             await self._refuse(conn, session, failure, csock, usock, upstream_phase)
-        except ServerRefused as refused:  # --pg-pool: the server's own words, to the app
+        except ServerError as refused:  # --pg-pool: the server's own words, to the app
             self._failed["refused"] += 1
             conn.note_end("proxy", "upstream_refused")
             try:
                 async with asyncio.timeout(self.cfg.startup_timeout):
-                    await session.client.write(refused.response)  # type: ignore[attr-defined]
+                    await session.client.write(refused.raw)  # type: ignore[attr-defined]
             except (OSError, TimeoutError):
                 pass
             finally:
@@ -341,7 +383,7 @@ class Startup:
 
         Raises:
             Failure: no server connection (``limit`` after ``--pg-pool-wait``: 53300).
-            ServerRefused: the server refused the connection opened for this app.
+            ServerError: the server refused the connection opened for this app.
         """
         assert session.startup is not None
         pool = pools.pool_for(session.startup)
