@@ -321,6 +321,57 @@ def test_psycopg_asyncpg_and_pgbench_through_a_session_pool(
         assert amb.terminate() == 0, amb.log_text()
 
 
+def scram_args(ca: Path, password_file: Path, mode: str, *extra: str) -> list[str]:
+    """A verified postgres route whose pool logs in with SCRAM from ``password_file``."""
+    return [
+        "--protocol",
+        "postgres",
+        "--upstream-tls",
+        "--tls-ca",
+        str(ca),
+        "--tls-server-name",
+        PG_SERVER_NAME,
+        "--pg-pool",
+        mode,
+        "--pg-password-file",
+        str(password_file),
+        *extra,
+    ]
+
+
+def test_session_pool_logs_in_with_scram_once_for_many_apps(
+    postgres_tls: PostgresServer, ca_file: Path, tmp_path: Path
+) -> None:
+    """With --pg-password-file the pool logs in with SCRAM once; apps hold no password."""
+    secret = tmp_path / "password"
+    assert postgres_tls.password is not None
+    secret.write_text(postgres_tls.password)
+    app = replace(postgres_tls, password=None)
+    args = scram_args(ca_file, secret, "session")
+    with run_ambassador([f"{app.host}:{app.port}"], *args) as amb:
+        pids = {pid_and(app, amb.listen.port, "select 1")[0] for _ in range(3)}
+        assert len(pids) == 1
+        assert amb.metric(POOL + "server_opened_total") == 1
+        assert amb.terminate() == 0, amb.log_text()
+
+
+def test_wrong_password_reaches_the_app_as_28p01(
+    postgres_tls: PostgresServer, ca_file: Path, tmp_path: Path
+) -> None:
+    """A wrong secret: the app gets the server's own FATAL 28P01; nothing is pooled."""
+    secret = tmp_path / "password"
+    secret.write_text("not-the-password")
+    app = replace(postgres_tls, password=None)
+    args = scram_args(ca_file, secret, "session")
+    with run_ambassador([f"{app.host}:{app.port}"], *args) as amb:
+        done = psql(app, amb.listen.port, "select 1")
+        assert done.returncode != 0
+        assert "password authentication failed" in done.stderr, done.stderr
+        assert "not-the-password" not in amb.log_text(500)
+        assert amb.metric(POOL + "server_opened_total") == 0
+        assert amb.metric(POOL + "server_open_failures_total") == 1
+
+
 # -- transaction mode ------------------------------------------------------------------------
 
 
