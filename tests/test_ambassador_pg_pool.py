@@ -274,6 +274,29 @@ def test_cancel_request_reaches_the_pooled_backend(server: PostgresServer, ca_fi
         assert conn.execute("select pg_backend_pid()").fetchone() == pid
 
 
+def test_backend_terminated_by_the_server_is_not_reused(
+    server: PostgresServer, ca_file: Path
+) -> None:
+    """pg_terminate_backend on a lent backend: the app gets the server's FATAL, the pool
+    counts the close and opens a new backend for the next app."""
+    with run_ambassador(
+        [f"{server.host}:{server.port}"], *pool_args(server, ca_file, "session")
+    ) as amb:
+        port = amb.listen.port
+        with connect(server, port, autocommit=True) as conn:
+            row = conn.execute("select pg_backend_pid()").fetchone()
+            assert row is not None
+            assert server.query(f"select pg_terminate_backend({row[0]})") == "t"
+            with pytest.raises(psycopg.OperationalError) as err:
+                conn.execute("select 1")
+            assert "terminating connection" in str(err.value), err.value
+        amb.wait_metric(POOL + "server_closed_total", lambda n: n == 1, "1")
+        with connect(server, port, autocommit=True) as conn:
+            again = conn.execute("select pg_backend_pid()").fetchone()
+        assert again is not None and again != row
+        assert amb.metric(POOL + "server_opened_total") == 2
+
+
 def test_psycopg_asyncpg_and_pgbench_through_a_session_pool(
     server: PostgresServer, ca_file: Path, tmp_path: Path
 ) -> None:

@@ -657,6 +657,11 @@ class RouteConfig:
                 "--pg-upstream-trust when the "
                 "server's pg_hba trusts the ambassador (trust or cert)"
             )
+        if self.pg_metrics:
+            raise ConfigError(
+                f"{where}--pg-metrics: not available with --pg-pool yet (the pool relays "
+                "its own way); use one or the other"
+            )
         if self.pg_pool_min_idle > self.pg_pool_size:
             raise ConfigError(
                 f"{where}--pg-pool-min-idle: {self.pg_pool_min_idle} is more than "

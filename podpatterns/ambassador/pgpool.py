@@ -257,6 +257,7 @@ class ServerConn(asyncio.Protocol):
             return
         self.closed = True
         self.pool.lost(self, reason)
+        self.owner = None  # what the server still sends is no app's any more
         if self.timer is not None:
             self.timer.cancel()
         transport = self.transport
@@ -534,6 +535,7 @@ class Pools:
             return
         if self.closing:
             pool.opening -= 1
+            server.endpoint.active -= 1
             server.closed = True
             server.transport.write(_TERMINATE)
             server.transport.close()
