@@ -11,6 +11,7 @@ process ID (``pg_backend_pid()``).
 from __future__ import annotations
 
 import asyncio
+import socket
 import subprocess
 import tempfile
 import threading
@@ -579,6 +580,35 @@ def test_transaction_mode_detects_session_state(server: PostgresServer, ca_file:
         }
         logged = [e["feature"] for e in amb.events if e.get("event") == "pg_pool_session_state"]
         assert sorted(logged) == sorted(counts)
+
+
+def test_unreachable_server_is_the_apps_connect_error(tmp_path: Path) -> None:
+    """No server at the upstream: the waiting app gets 08001 naming the cause, no bug."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))  # bound, never listening: connects are refused
+    port = listener.getsockname()[1]
+    try:
+        args = ["--protocol", "postgres", "--pg-pool", "session", "--pg-upstream-trust"]
+        with run_ambassador([f"127.0.0.1:{port}"], *args, "--connect-retries", "0") as amb:
+
+            async def app() -> None:
+                await asyncpg.connect(
+                    host="127.0.0.1",
+                    port=amb.listen.port,
+                    user=POOL_USER,
+                    database="postgres",
+                    ssl=False,
+                    timeout=10,
+                )
+
+            with pytest.raises(asyncpg.PostgresError) as err:
+                asyncio.run(app())
+            assert err.value.sqlstate == "08001", err.value
+            assert "cannot reach" in str(err.value)
+            assert amb.metric(POOL + "server_open_failures_total") == 1
+            assert amb.find("pg_pool_open_bug") < 0, amb.log_text()
+    finally:
+        listener.close()
 
 
 # -- configuration ---------------------------------------------------------------------------

@@ -51,6 +51,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from podpatterns.ambassador.connection import Connection, reset_socket
+from podpatterns.ambassador.dial import DialError
 from podpatterns.ambassador.pgauth import ServerError, startup_parameters
 from podpatterns.ambassador.postgres import (
     KEY_MAX,
@@ -104,7 +105,6 @@ _FEATURES = re.compile(
     """,
     re.I | re.X | re.S,
 )
-FEATURES = ("set", "listen", "temp_table", "prepare", "with_hold", "advisory_lock")
 
 
 @dataclass(frozen=True)
@@ -527,7 +527,7 @@ class Pools:
                 server = await self.open_server(pool)
         except Exception as exc:  # each failure goes to a waiting app
             self.open_failures += 1
-            if not isinstance(exc, ServerError | Failure | OSError | TimeoutError):
+            if not isinstance(exc, ServerError | Failure | DialError | OSError | TimeoutError):
                 self.log.error("pg_pool_open_bug", error=repr(exc), exc_info=exc)
             else:
                 self.log.warning("pg_pool_open_failed", error=_describe(exc))
