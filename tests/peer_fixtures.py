@@ -8,7 +8,9 @@ has already imported as a plugin.
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import trustme
@@ -63,3 +65,12 @@ def postgres_tls_trust(pg_ca: trustme.CA) -> Iterator[PostgresServer]:
     over TLS (no password), the upstream of pooled connections before a password source."""
     with run_postgres(pg_tls(pg_ca), trusted=(POOL_USER,)) as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def pg_ca_file(pg_ca: trustme.CA) -> Iterator[Path]:
+    """The TLS-only servers' root CA as a PEM file, for --tls-ca."""
+    with tempfile.TemporaryDirectory(prefix="podpatterns-pgca-") as tmp:
+        path = Path(tmp) / "ca.crt"
+        pg_ca.cert_pem.write_to_path(str(path))
+        yield path

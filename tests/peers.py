@@ -246,6 +246,22 @@ def pg_tls(ca: trustme.CA) -> PostgresTLS:
 PG_MD5_ROLE = "app_md5"
 PG_CLEARTEXT_ROLE = "app_cleartext"
 
+
+def pg_route_args(ca: Path, *extra: str) -> list[str]:
+    """The ambassador flags of a postgres route to a TLS-only server, verified
+    (verify-full) with ``ca`` for :data:`PG_SERVER_NAME`, then ``extra``."""
+    return [
+        "--protocol",
+        "postgres",
+        "--upstream-tls",
+        "--tls-ca",
+        str(ca),
+        "--tls-server-name",
+        PG_SERVER_NAME,
+        *extra,
+    ]
+
+
 # hostssl only: TCP without TLS matches no line, so the server itself refuses it
 # ("no pg_hba.conf entry ... no encryption"); the unix socket is for the fixtures.
 _TLS_HBA = f"""\
@@ -370,6 +386,157 @@ def run_postgres(
                         raise RuntimeError(f"postgres: cannot create role {user}")
                 server = dataclasses.replace(server, user=tls.user, password=tls.password)
             yield server
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class ReplicatedPostgres:
+    """A primary and a streaming-replication standby (TLS-only, as :func:`run_postgres`
+    with ``tls``), for role changes: :meth:`promote` the standby, :meth:`stop_primary`."""
+
+    primary: PostgresServer
+    standby: PostgresServer
+    primary_data: Path
+    standby_data: Path
+
+    def _pg_ctl(self, *args: str) -> None:
+        done = subprocess.run(
+            [*_as_postgres(), need(PG_BIN / "pg_ctl"), *args],
+            capture_output=True,
+            timeout=60,
+            check=False,
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"pg_ctl {args[0]} exited {done.returncode}:\n{done.stderr!r}")
+
+    def promote(self) -> None:
+        """``pg_ctl promote`` the standby and wait until it is a primary."""
+        self._pg_ctl("promote", "-D", str(self.standby_data), "-w", "-t", "30")
+
+    def stop_primary(self) -> None:
+        """Stop the primary (fast shutdown: its sessions get 57P01) and wait for it."""
+        self._pg_ctl("stop", "-D", str(self.primary_data), "-m", "fast", "-w", "-t", "30")
+
+
+@contextlib.contextmanager
+def run_replicated_postgres(tls: PostgresTLS) -> Iterator[ReplicatedPostgres]:
+    """A primary (initdb) and its standby (``pg_basebackup -R``: ``standby.signal`` and
+    ``primary_conninfo`` over the unix socket), both PostgreSQL 15 with ``ssl = on`` and
+    the TLS-only pg_hba, ``tls.user`` created on the primary (replicated). Stopped and
+    deleted on exit."""
+    postgres = need(PG_BIN / "postgres")
+    initdb = need(PG_BIN / "initdb")
+    basebackup = need(PG_BIN / "pg_basebackup")
+    prefix = _as_postgres()
+    tmp = Path(tempfile.mkdtemp(prefix="podpatterns-pgrepl-"))
+    try:
+        if prefix:
+            shutil.chown(tmp, "postgres", "postgres")
+        primary_data, standby_data = tmp / "primary", tmp / "standby"
+        args = ["-D", str(primary_data), "-A", "trust", "-U", "postgres", "-E", "UTF8"]
+        done = subprocess.run(
+            [*prefix, initdb, *args, "--locale=C", "--no-sync", "--no-instructions"],
+            capture_output=True,
+            timeout=120,
+            check=False,
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"initdb exited {done.returncode}:\n{done.stderr.decode()}")
+        (primary_data / "server.crt").write_bytes(tls.cert_chain)
+        (primary_data / "server.key").write_bytes(tls.key)
+        (primary_data / "server.key").chmod(0o600)
+        (primary_data / "pg_hba.conf").write_text(_TLS_HBA + "local replication all trust\n")
+        if prefix:
+            for name in ("server.crt", "server.key", "pg_hba.conf"):
+                shutil.chown(primary_data / name, "postgres", "postgres")
+        settings = [
+            "ssl=on",
+            "ssl_cert_file=server.crt",
+            "ssl_key_file=server.key",
+            "password_encryption=scram-sha-256",
+            "listen_addresses=127.0.0.1",
+            f"unix_socket_directories={tmp}",
+            "fsync=off",
+            "synchronous_commit=off",
+            "full_page_writes=on",
+        ]
+
+        def starter(data: Path) -> Starter:
+            def start(port: int, log: Path) -> subprocess.Popen[bytes]:
+                flags = [arg for setting in settings for arg in ("-c", setting)]
+                with log.open("wb") as out:
+                    return subprocess.Popen(
+                        [*prefix, postgres, "-D", str(data), "-c", f"port={port}", *flags],
+                        stdout=out,
+                        stderr=subprocess.STDOUT,
+                        start_new_session=True,
+                    )
+
+            return start
+
+        admin = PostgresServer(0, PG_BIN, socket_dir=tmp)
+
+        def ready_of(data: Path) -> Callable[[int, subprocess.Popen[bytes]], bool]:
+            def ready(port: int, proc: subprocess.Popen[bytes]) -> bool:
+                found = dataclasses.replace(admin, port=port).query(
+                    "show data_directory", connect_timeout=1
+                )
+                return found == str(data)
+
+            return ready
+
+        def stopper(data: Path) -> Callable[[subprocess.Popen[bytes]], None]:
+            return lambda proc: _stop(proc, signal.SIGINT, _postmaster_pid(data, proc))
+
+        primary_cm = serve_on_free_port(
+            "primary", starter(primary_data), ready_of(primary_data), stopper(primary_data), tmp
+        )
+        with primary_cm as primary_port:
+            primary = dataclasses.replace(admin, port=primary_port)
+            role = f"create role {tls.user} login password '{tls.password}'"
+            if primary.query(role) is None:
+                raise RuntimeError(f"postgres: cannot create role {tls.user}")
+            done = subprocess.run(
+                [
+                    *prefix,
+                    basebackup,
+                    "-D",
+                    str(standby_data),
+                    "-R",
+                    "-X",
+                    "stream",
+                    "-c",
+                    "fast",
+                    "-h",
+                    str(tmp),
+                    "-p",
+                    str(primary_port),
+                    "-U",
+                    "postgres",
+                ],
+                capture_output=True,
+                timeout=120,
+                check=False,
+            )
+            if done.returncode != 0:
+                raise RuntimeError(f"pg_basebackup exited {done.returncode}:\n{done.stderr!r}")
+            standby_cm = serve_on_free_port(
+                "standby",
+                starter(standby_data),
+                ready_of(standby_data),
+                stopper(standby_data),
+                tmp,
+            )
+            with standby_cm as standby_port:
+                yield ReplicatedPostgres(
+                    dataclasses.replace(primary, user=tls.user, password=tls.password),
+                    dataclasses.replace(
+                        admin, port=standby_port, user=tls.user, password=tls.password
+                    ),
+                    primary_data,
+                    standby_data,
+                )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

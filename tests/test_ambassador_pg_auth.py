@@ -18,11 +18,9 @@ import socket
 import ssl
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import asyncpg
@@ -45,7 +43,13 @@ from podpatterns.ambassador.postgres import PostgresHandler
 from podpatterns.ambassador.upstreams import Endpoint
 from podpatterns.options import HostPort
 from tests.ambassador_process import AmbassadorProcess, run_ambassador
-from tests.peers import PG_CLEARTEXT_ROLE, PG_MD5_ROLE, PG_SERVER_NAME, PostgresServer
+from tests.peers import (
+    PG_CLEARTEXT_ROLE,
+    PG_MD5_ROLE,
+    PG_SERVER_NAME,
+    PostgresServer,
+    pg_route_args,
+)
 from tests.proc import run
 
 pytest_plugins = ("tests.peer_fixtures",)
@@ -58,27 +62,15 @@ WHO = "select current_user"
 # -- helpers ------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def ca_file(pg_ca: trustme.CA) -> Iterator[Path]:
+@pytest.fixture
+def ca_file(pg_ca_file: Path) -> Path:
     """The servers' root CA as a PEM file, for --tls-ca."""
-    with tempfile.TemporaryDirectory(prefix="podpatterns-pgca-") as tmp:
-        path = Path(tmp) / "ca.crt"
-        pg_ca.cert_pem.write_to_path(str(path))
-        yield path
+    return pg_ca_file
 
 
 def tls_args(ca: Path, *extra: str) -> list[str]:
     """The ambassador flags of a verified postgres route."""
-    return [
-        "--protocol",
-        "postgres",
-        "--upstream-tls",
-        "--tls-ca",
-        str(ca),
-        "--tls-server-name",
-        PG_SERVER_NAME,
-        *extra,
-    ]
+    return pg_route_args(ca, *extra)
 
 
 def upstream(server: PostgresServer) -> str:
@@ -610,6 +602,11 @@ def test_token_command_runs_once_for_concurrent_connections(
         assert amb.metric("podpatterns_ambassador_pg_password_command_runs_total") == 1
         amb.wait_event("pg_password_command_refreshed", lambda e: e.get("size") == len(token))
         assert_not_leaked(amb, token)
+        # a command line may carry a credential: /status shows it redacted
+        status = json.loads(status_text(amb))
+        config = status["components"]["ambassador"]["routes"][0]["config"]
+        assert config["pg_password_command"] == "<redacted>"
+        assert str(runs.parent) not in status_text(amb)
 
 
 @peer

@@ -317,6 +317,7 @@ class Ambassador:
                 per_route(lambda r: r.tls.reload_failures if r.tls else 0),
             ),
             *_credential_families(routes),
+            *_role_families(routes),
         ]
 
     async def status(self) -> dict[str, Any]:
@@ -447,6 +448,49 @@ def _credential_families(routes: list[Route]) -> list[Family]:
             "app connections refused for a wrong password (--pg-client-auth password-file)",
             ("route",),
             per_route(lambda c: c.client_rejected),
+        ),
+    ]
+
+
+def _role_families(routes: list[Route]) -> list[Family]:
+    """The metrics of role-aware routing (``--pg-target-session-attrs``)."""
+
+    def roles(r: Route) -> Any:
+        return getattr(r.handler, "roles", None)
+
+    def role_samples() -> list[Sample]:
+        return [
+            ((r.cfg.name, str(e), roles(r).roles[e].name), 1.0)
+            for r in routes
+            if roles(r) is not None
+            for e in r.pool.endpoints
+            if e in roles(r).roles
+        ]
+
+    def changes() -> list[Sample]:
+        return [
+            ((r.cfg.name, str(e)), float(roles(r).changes.get(e, 0)))
+            for r in routes
+            if roles(r) is not None
+            for e in r.pool.endpoints
+        ]
+
+    a = "ambassador_pg_"
+    return [
+        Family(
+            "gauge",
+            a + "endpoint_role",
+            "1 for the role each endpoint last reported (primary, standby, read-only); "
+            "no sample while it is not known",
+            ("route", "endpoint", "role"),
+            role_samples,
+        ),
+        Family(
+            "counter",
+            a + "role_changes_total",
+            "role changes seen per endpoint (a promotion, a demotion)",
+            ("route", "endpoint"),
+            changes,
         ),
     ]
 

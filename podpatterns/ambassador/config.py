@@ -15,6 +15,7 @@ from typing import Any
 
 from podpatterns.ambassador.pgauth import METHODS as PG_AUTH_METHODS
 from podpatterns.ambassador.pgpool import POOL_MODES, PoolSettings
+from podpatterns.ambassador.pgroles import TARGETS as PG_TARGETS
 from podpatterns.ambassador.postgres import SSLMODES
 from podpatterns.errors import ConfigError
 from podpatterns.options import (
@@ -367,6 +368,40 @@ PROTOCOL_OPTIONS: tuple[Option[Any], ...] = (
         "when it changes)",
         metavar="FILE",
     ),
+    _r(
+        "pg_target_session_attrs",
+        parse_choice(*PG_TARGETS),
+        "any",
+        "which server a new session goes to, as libpq's target_session_attrs: any, "
+        "read-write, read-only, primary, standby or prefer-standby; the roles come from "
+        "the ambassador's own health connection to each endpoint (needs "
+        "--health-check-interval, --pg-health-user and --pg-password-*)",
+        metavar="ATTRS",
+    ),
+    _r(
+        "pg_health_user",
+        parse_str,
+        None,
+        "the role of the ambassador's health connections (role-aware routing); "
+        "authenticated with --pg-password-file or --pg-password-command",
+        metavar="USER",
+    ),
+    _r(
+        "pg_health_database",
+        parse_str,
+        "postgres",
+        "the database of the ambassador's health connections",
+        metavar="NAME",
+    ),
+    _r(
+        "pg_close_on_role_change",
+        parse_bool,
+        False,
+        "end the sessions on an endpoint whose role stops matching "
+        "--pg-target-session-attrs (a demoted primary) with FATAL 57P01 at their next "
+        "transaction boundary",
+        flag=True,
+    ),
 )
 
 # --pg-pool (issue 14, docs/ambassador-postgres.md "Pooling")
@@ -455,6 +490,15 @@ _CREDENTIAL_DEFAULTS: tuple[tuple[str, Any], ...] = (
 )
 
 
+#: The options of role-aware routing, --pg-target-session-attrs first.
+_ROLE_DEFAULTS: tuple[tuple[str, Any], ...] = (
+    ("pg_target_session_attrs", "any"),
+    ("pg_health_user", None),
+    ("pg_health_database", "postgres"),
+    ("pg_close_on_role_change", False),
+)
+
+
 @dataclass(frozen=True)
 class RouteConfig:
     """One listener and the upstream endpoints it forwards to. Validated on construction.
@@ -530,6 +574,11 @@ class RouteConfig:
             connect_timeout=self.startup_timeout,
         )
 
+    pg_target_session_attrs: str = "any"
+    pg_health_user: str | None = None
+    pg_health_database: str = "postgres"
+    pg_close_on_role_change: bool = False
+
     @property
     def sslmode(self) -> str:
         """The PostgreSQL sslmode in effect: --pg-sslmode, else verify-full with
@@ -586,6 +635,7 @@ class RouteConfig:
                 ("pg_pool", "off"),
                 ("pg_upstream_trust", False),
                 *_CREDENTIAL_DEFAULTS,
+                *_ROLE_DEFAULTS,
             ):
                 if getattr(self, name) != default:
                     raise ConfigError(
@@ -615,6 +665,31 @@ class RouteConfig:
                 "--pg-sslmode require, verify-ca or verify-full)"
             )
         self._check_credentials(where)
+        self._check_roles(where)
+
+    def _check_roles(self, where: str) -> None:
+        """--pg-target-session-attrs and its health connection."""
+        if self.pg_target_session_attrs == "any":
+            for name, default in _ROLE_DEFAULTS[1:]:
+                if getattr(self, name) != default:
+                    raise ConfigError(
+                        f"{where}--{name.replace('_', '-')}: only applies with "
+                        "--pg-target-session-attrs (other than any)"
+                    )
+            return
+        needs = f"{where}--pg-target-session-attrs {self.pg_target_session_attrs}: needs"
+        if self.pg_password_file is None and self.pg_password_command is None:
+            raise ConfigError(
+                f"{needs} --pg-password-file or --pg-password-command (the ambassador's "
+                "own health connection learns each server's role)"
+            )
+        if not self.pg_health_user:
+            raise ConfigError(f"{needs} --pg-health-user (the role of its health connections)")
+        if not self.health_check_interval:
+            raise ConfigError(
+                f"{needs} --health-check-interval (how often each server's role is checked, "
+                "e.g. 2s)"
+            )
 
     def _check_credentials(self, where: str) -> None:
         """--pg-password-* and what depends on them (docs/ambassador-postgres.md)."""
@@ -656,6 +731,11 @@ class RouteConfig:
                 "server itself: give --pg-password-file or --pg-password-command, or "
                 "--pg-upstream-trust when the "
                 "server's pg_hba trusts the ambassador (trust or cert)"
+            )
+        if self.pg_target_session_attrs != "any":
+            raise ConfigError(
+                f"{where}--pg-target-session-attrs: not available with --pg-pool yet (pooled "
+                "server connections do not follow the roles); use one or the other"
             )
         if self.pg_metrics:
             raise ConfigError(

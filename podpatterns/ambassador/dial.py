@@ -96,6 +96,7 @@ class Dialer:
     __slots__ = (
         "_addrs",
         "_ai",
+        "_candidates",
         "_ei",
         "_eps",
         "_fd",
@@ -121,9 +122,12 @@ class Dialer:
         on_done: DoneHook,
         on_failure: FailureHook | None = None,
         only: Endpoint | None = None,
+        candidates: Callable[[], list[Endpoint]] | None = None,
     ) -> None:
         self._loop = loop
         self._only = only  # try this endpoint alone (a request bound to one server)
+        # the endpoints of each round, when not the pool's order (PostgreSQL roles)
+        self._candidates = candidates if candidates is not None else pool.candidates
         self._pool = pool
         self._policy = policy
         self._on_done: DoneHook | None = on_done
@@ -164,9 +168,12 @@ class Dialer:
 
     def _new_round(self) -> None:
         self._timer = None
-        self._eps = self._pool.candidates() if self._only is None else [self._only]
+        self._eps = self._candidates() if self._only is None else [self._only]
         self._ei = 0
         self._addrs = None
+        if not self._eps:
+            self._done(None, None, DialError("unreachable", "no endpoint to try"))
+            return
         self._advance()
 
     def _advance(self) -> None:

@@ -676,7 +676,7 @@ async def authenticate(
     method = "trust"
     while True:
         kind, message = await reader.next()
-        if kind == b"v":  # NegotiateProtocolVersion: minor version or _pq_ options
+        if kind in (b"v", b"N"):  # NegotiateProtocolVersion; a NoticeResponse
             continue
         code = _auth_code(kind, message, endpoint)
         if code == AUTH_OK:

@@ -170,6 +170,10 @@ class TransactionWatch:
         self.drains = drains
         self.draining = False
         self.ended = False
+        # what the app is told, and the close reason: drain() may be asked for another
+        # cause than shutdown (--pg-close-on-role-change)
+        self.message = DRAIN_MESSAGE
+        self.end_reason = "drained"
         self.relay: ProtocolRelay | None = None
         self.stats = stats
         if stats is None:
@@ -284,9 +288,9 @@ class TransactionWatch:
         if relay.client.eof or relay.upstream.eof or client.is_closing() or upstream.is_closing():
             return  # the session is ending by itself (a Terminate and FIN, say)
         self.ended = True
-        relay.conn.end_by_proxy("drained")
+        relay.conn.end_by_proxy(self.end_reason)
         # The server's own fast shutdown says this, and pools know it: discard, reconnect.
-        client.write(error_response(ADMIN_SHUTDOWN, DRAIN_MESSAGE))
+        client.write(error_response(ADMIN_SHUTDOWN, self.message))
         upstream.write(TERMINATE)
         client.close()  # after the bytes it holds, then a FIN
         upstream.close()

@@ -39,6 +39,7 @@ from podpatterns.ambassador.pgauth import (
     ServerSession,
     startup_parameters,
 )
+from podpatterns.ambassador.pgroles import Role, Roles, matches
 from podpatterns.ambassador.protocol import (
     Established,
     Failure,
@@ -72,6 +73,7 @@ SQLSTATE = {
     "shutdown": "57P01",  # admin_shutdown
     "auth": "28000",  # invalid_authorization_specification
     "credentials": "08001",  # a secret that may come back: the app retries
+    "role": "08001",  # as libpq's "could not make a readable-writable connection"
 }
 
 SSLMODES = ("disable", "prefer", "require", "verify-ca", "verify-full")
@@ -189,6 +191,9 @@ class PostgresHandler:
             holds no password; the ambassador answers the app's startup itself (after
             ``--pg-client-auth``) and authenticates to the server with these
             (:mod:`.pgauth`). None relays the authentication exchange.
+        roles: with ``--pg-target-session-attrs``, the endpoints' roles: each session's
+            startup reports its server's role, and a session on a server that does not
+            serve the target is refused (``role``) before the app hears of it.
     """
 
     name = "postgres"
@@ -205,6 +210,7 @@ class PostgresHandler:
         watch: Callable[[Endpoint], SessionWatch] | None = None,
         listen_context: Callable[[], ssl.SSLContext] | None = None,
         credentials: Credentials | None = None,
+        roles: Roles | None = None,
     ) -> None:
         if sslmode not in SSLMODES:
             raise ValueError(f"sslmode {sslmode!r}: not one of {SSLMODES}")
@@ -218,6 +224,7 @@ class PostgresHandler:
         self.watch = watch
         self.listen_context = listen_context
         self.credentials = credentials
+        self.roles = roles
         self.keys = CancelKeys()
         #: With ``--pg-pool``: the server (endpoint, its own key) a CancelRequest carrying a
         #: key the ambassador issued must reach; None when no such app connection holds one.
@@ -573,6 +580,17 @@ class PostgresSession:
             )
             await self.client.write(exc.raw)
             return None
+        roles = self.handler.roles
+        role = Role.from_parameters(session.parameters)
+        if roles is not None and role is not None:
+            roles.update(endpoint, role, "session")
+            if not matches(roles.target, role):
+                # before the app hears anything: the route dials again (Startup.run)
+                raise Failure(
+                    "role",
+                    f"podpatterns ambassador: {endpoint} is {role.name}, not "
+                    f"{roles.target} (--pg-target-session-attrs)",
+                )
         key = session.key
         if key is not None and KEY_MIN <= len(key) - 4 <= KEY_MAX:
             self.key = key

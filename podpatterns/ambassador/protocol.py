@@ -45,6 +45,7 @@ FAILURE_KINDS = (
     "shutdown",  # the ambassador is shutting down
     "auth",  # the ambassador cannot authenticate upstream as configured (a method refused)
     "credentials",  # the ambassador has no secret to authenticate with (file, command)
+    "role",  # no endpoint has the role the route targets (PostgreSQL: a primary)
 )
 
 

@@ -182,7 +182,11 @@ class Route:
             self._spawn(self.pool.refresh_loop(), "refresh")
         cfg = self.cfg
         if cfg.health_check_interval:
-            checks = self.pool.health_loop(cfg.health_check_interval, cfg.health_check_timeout)
+            # a protocol's own check when it has one (PostgreSQL roles), else TCP
+            check = self._startup.health_check if self._startup is not None else None
+            checks = self.pool.health_loop(
+                cfg.health_check_interval, cfg.health_check_timeout, check
+            )
             self._spawn(checks, HEALTH_LOOP)
         if self.tls is not None and self.tls.watched_dirs():
             self._spawn(self.tls.watch(), "tls_watch")

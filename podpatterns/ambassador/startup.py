@@ -36,6 +36,7 @@ from podpatterns.ambassador.pgauth import (
     password_source,
 )
 from podpatterns.ambassador.pgdrain import DRAIN_MESSAGE, TransactionWatch
+from podpatterns.ambassador.pghealth import RoleCheck
 from podpatterns.ambassador.pgmetrics import QueryMetrics, SlowQueries
 from podpatterns.ambassador.pgpool import (
     ClientSession,
@@ -47,6 +48,7 @@ from podpatterns.ambassador.pgpool import (
     pool_timeout_message,
     startup_answer,
 )
+from podpatterns.ambassador.pgroles import ROLE_CHANGED_MESSAGE, Roles
 from podpatterns.ambassador.postgres import PostgresHandler, PostgresSession
 from podpatterns.ambassador.protocol import (
     Established,
@@ -122,6 +124,9 @@ def make_handler(
         watch=session_watch(cfg.pg_drain == "transaction", queries, cfg.pg_slow_query, log),
         listen_context=(lambda: listen_tls.context) if listen_tls is not None else None,
         credentials=make_credentials(cfg, log),
+        roles=Roles(cfg.pg_target_session_attrs, cfg.name)
+        if cfg.pg_target_session_attrs != "any"
+        else None,
     )
 
 
@@ -236,10 +241,52 @@ class Startup:
             )
             handler.cancel_target = self.pools.cancel_target
 
+        #: The route's active health check when it is not a TCP connect: PostgreSQL's
+        #: role check (--pg-target-session-attrs), or None.
+        self.health_check: RoleCheck | None = None
+        self.roles: Roles | None = None
+        if isinstance(handler, PostgresHandler) and handler.roles is not None:
+            self.roles = handler.roles
+            assert cfg.pg_health_user is not None  # RouteConfig checked it
+            self.health_check = RoleCheck(
+                handler, pool, handler.roles, cfg.pg_health_user, cfg.pg_health_database, cfg.name
+            )
+            if cfg.pg_close_on_role_change:
+                handler.roles.on_mismatch = self.end_sessions_on
+
     async def close(self) -> None:
         """Close the pooled server connections (``--pg-pool``)."""
         if self.pools is not None:
             await self.pools.close()
+
+    def end_sessions_on(self, ep: Endpoint) -> None:
+        """``ep``'s role stopped matching the target (--pg-close-on-role-change): each of
+        its sessions ends at its next transaction boundary with FATAL 57P01; a session
+        relayed without a watch (--pg-drain off) is left to the server."""
+        ended = 0
+        for conn, watch in list(self.watches.items()):
+            if conn.endpoint is ep and isinstance(watch, TransactionWatch) and watch.drains:
+                watch.message = ROLE_CHANGED_MESSAGE
+                watch.end_reason = "role_changed"
+                watch.drain()
+                ended += 1
+        self._log.warning("pg_role_sessions_ended", upstream=str(ep), sessions=ended)
+
+    def _check_roles(self) -> None:
+        """Raise Failure ``role`` when every endpoint's role is known and none serves
+        the target (all standbys, for read-write)."""
+        assert self.roles is not None
+        if not self._role_candidates():
+            raise Failure(
+                "role",
+                f"podpatterns ambassador: no endpoint is {self.roles.target} "
+                f"({self.roles.describe(self.pool.endpoints)})",
+            )
+
+    def _role_candidates(self) -> list[Endpoint]:
+        """The pool's order, narrowed to the endpoints that serve the target role."""
+        assert self.roles is not None
+        return self.roles.order(self.pool.candidates())
 
     def finished(self, conn: Connection) -> None:
         """``conn`` has ended: its session forgets its state."""
@@ -286,7 +333,15 @@ class Startup:
             else:
                 done.set_exception(exc or DialError("error", "no endpoint"))
 
-        dialer = Dialer(loop, self.pool, self.dial_policy, dialed, self._connect_failed, only)
+        dialer = Dialer(
+            loop,
+            self.pool,
+            self.dial_policy,
+            dialed,
+            self._connect_failed,
+            only,
+            self._role_candidates if self.roles is not None else None,
+        )
         dialer.start()
         try:
             return await done
@@ -322,16 +377,36 @@ class Startup:
                         del self._starting[conn]
                         await self._pool_hand_off(conn, csock, session, *pooled)
                         return
-                    try:
-                        usock, ep = await self._dial(session.pinned)
-                    except DialError as exc:
-                        self._dial_failed(conn, exc)
-                        raise Failure("unreachable", unreachable_message(exc, self.cfg)) from exc
-                    conn.endpoint = ep
-                    conn.upstream = str(ep)
-                    ep.active += 1
-                    self._send_proxy_header(csock, usock, peer)
-                    established = await session.connect(usock, ep)
+                    tries = len(self.pool.endpoints)
+                    while True:
+                        if self.roles is not None and session.pinned is None:
+                            self._check_roles()
+                        try:
+                            usock, ep = await self._dial(session.pinned)
+                        except DialError as exc:
+                            self._dial_failed(conn, exc)
+                            raise Failure(
+                                "unreachable", unreachable_message(exc, self.cfg)
+                            ) from exc
+                        conn.endpoint = ep
+                        conn.upstream = str(ep)
+                        ep.active += 1
+                        self._send_proxy_header(csock, usock, peer)
+                        try:
+                            established = await session.connect(usock, ep)
+                        except Failure as failure:
+                            # the server's role changed since its last check (its own
+                            # startup said so; nothing reached the app): dial again
+                            tries -= 1
+                            if failure.kind != "role" or tries <= 0:
+                                raise
+                            self._log.info("pg_role_redial", conn=conn.id, upstream=str(ep))
+                            usock.close()
+                            usock = None
+                            ep.active -= 1
+                            conn.endpoint = None
+                            continue
+                        break
                     # no await from here to the relays: a drain no longer cancels this
                     del self._starting[conn]
             except TimeoutError:

@@ -213,8 +213,14 @@ class UpstreamPool:
                     # keep the previous addresses: a resolver hiccup is not a new answer
                     self._log.warning("upstream_resolve_failed", upstream=str(ep), error=str(exc))
 
-    async def health_loop(self, interval: float, check_timeout: float) -> None:
-        """Active TCP health checks of every endpoint (runs until cancelled).
+    async def health_loop(
+        self,
+        interval: float,
+        check_timeout: float,
+        check: Callable[[Endpoint], Awaitable[bool]] | None = None,
+    ) -> None:
+        """Active health checks of every endpoint (runs until cancelled): a TCP connect,
+        or ``check`` (a protocol's own: PostgreSQL's role check, :mod:`.pghealth`).
 
         Build the pool with ``active_checks=True`` when this runs: its endpoints then
         start unchecked (see :meth:`any_healthy`), and the first verdict is always logged.
@@ -226,21 +232,27 @@ class UpstreamPool:
         while True:
             async with asyncio.TaskGroup() as round_:
                 for ep in self.endpoints:
-                    round_.create_task(self._check(ep, check_timeout))
+                    round_.create_task(self._check(ep, check_timeout, check or self._tcp))
             await asyncio.sleep(interval)
 
-    async def _check(self, ep: Endpoint, check_timeout: float) -> None:
+    async def _tcp(self, ep: Endpoint) -> bool:
+        """The TCP check: some address of ``ep`` takes a connection."""
+        for family, addr in await self.addresses(ep):
+            try:
+                _, writer = await asyncio.open_connection(addr[0], addr[1], family=family)
+            except OSError:
+                continue
+            writer.close()
+            return True
+        return False
+
+    async def _check(
+        self, ep: Endpoint, check_timeout: float, check: Callable[[Endpoint], Awaitable[bool]]
+    ) -> None:
         ok = False
         try:
             async with asyncio.timeout(check_timeout):
-                for family, addr in await self.addresses(ep):
-                    try:
-                        _, writer = await asyncio.open_connection(addr[0], addr[1], family=family)
-                    except OSError:
-                        continue
-                    writer.close()
-                    ok = True
-                    break
+                ok = await check(ep)
         except (OSError, TimeoutError):
             ok = False
         if ok != ep.healthy:
