@@ -13,16 +13,13 @@ from __future__ import annotations
 import asyncio
 import socket
 import subprocess
-import tempfile
 import threading
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
 import asyncpg
 import psycopg
 import pytest
-import trustme
 
 from tests.ambassador_process import AmbassadorProcess, run_ambassador
 from tests.peers import PG_SERVER_NAME, POOL_USER, PostgresServer, need
@@ -34,15 +31,6 @@ pytestmark = pytest.mark.peer
 
 CLIENT_TIMEOUT = 60.0
 POOL = "podpatterns_ambassador_pg_pool_"
-
-
-@pytest.fixture(scope="module")
-def ca_file(pg_ca: trustme.CA) -> Iterator[Path]:
-    """The server's root CA as a PEM file, for --tls-ca."""
-    with tempfile.TemporaryDirectory(prefix="podpatterns-pgca-") as tmp:
-        path = Path(tmp) / "ca.crt"
-        pg_ca.cert_pem.write_to_path(str(path))
-        yield path
 
 
 @pytest.fixture
@@ -114,11 +102,11 @@ def pid_and(server: PostgresServer, port: int, sql: str) -> tuple[str, str]:
 
 
 def test_session_pool_reuses_the_server_connection_over_tls(
-    server: PostgresServer, ca_file: Path
+    server: PostgresServer, pg_ca_file: Path
 ) -> None:
     """Two psql sessions one after the other get the same TLS server backend, opened once."""
     with run_ambassador(
-        [f"{server.host}:{server.port}"], *pool_args(server, ca_file, "session")
+        [f"{server.host}:{server.port}"], *pool_args(server, pg_ca_file, "session")
     ) as amb:
         port = amb.listen.port
         first = pid_and(server, port, "select ssl from pg_stat_ssl where pid = pg_backend_pid()")
@@ -131,11 +119,11 @@ def test_session_pool_reuses_the_server_connection_over_tls(
 
 
 def test_discard_all_keeps_a_set_from_leaking_to_the_next_app(
-    server: PostgresServer, ca_file: Path
+    server: PostgresServer, pg_ca_file: Path
 ) -> None:
     """A SET of one app is reset (DISCARD ALL) before the next app gets the backend."""
     with run_ambassador(
-        [f"{server.host}:{server.port}"], *pool_args(server, ca_file, "session")
+        [f"{server.host}:{server.port}"], *pool_args(server, pg_ca_file, "session")
     ) as amb:
         port = amb.listen.port
         first, default = pid_and(server, port, "show work_mem")
@@ -155,11 +143,11 @@ def test_discard_all_keeps_a_set_from_leaking_to_the_next_app(
 
 
 def test_app_leaving_inside_a_transaction_is_rolled_back_and_reused(
-    server: PostgresServer, ca_file: Path
+    server: PostgresServer, pg_ca_file: Path
 ) -> None:
     """An app that leaves inside BEGIN: its work is rolled back, the backend reused."""
     with run_ambassador(
-        [f"{server.host}:{server.port}"], *pool_args(server, ca_file, "session")
+        [f"{server.host}:{server.port}"], *pool_args(server, pg_ca_file, "session")
     ) as amb:
         port = amb.listen.port
         with connect(server, port, autocommit=True) as conn:
@@ -177,9 +165,13 @@ def test_app_leaving_inside_a_transaction_is_rolled_back_and_reused(
         assert again == (row[0], 0)
 
 
-def test_exhausted_pool_answers_53300_after_the_wait(server: PostgresServer, ca_file: Path) -> None:
+def test_exhausted_pool_answers_53300_after_the_wait(
+    server: PostgresServer, pg_ca_file: Path
+) -> None:
     """With --pg-pool-size 1 held, the next app gets 53300 after --pg-pool-wait."""
-    args = pool_args(server, ca_file, "session", "--pg-pool-size", "1", "--pg-pool-wait", "300ms")
+    args = pool_args(
+        server, pg_ca_file, "session", "--pg-pool-size", "1", "--pg-pool-wait", "300ms"
+    )
     with run_ambassador([f"{server.host}:{server.port}"], *args) as amb:
         port = amb.listen.port
 
@@ -224,10 +216,10 @@ def test_exhausted_pool_answers_53300_after_the_wait(server: PostgresServer, ca_
 
 
 def test_waiting_app_gets_the_connection_an_app_returns(
-    server: PostgresServer, ca_file: Path
+    server: PostgresServer, pg_ca_file: Path
 ) -> None:
     """An app waiting for the only server connection gets it when the holder leaves."""
-    args = pool_args(server, ca_file, "session", "--pg-pool-size", "1", "--pg-pool-wait", "20s")
+    args = pool_args(server, pg_ca_file, "session", "--pg-pool-size", "1", "--pg-pool-wait", "20s")
     with run_ambassador([f"{server.host}:{server.port}"], *args) as amb:
         port = amb.listen.port
         held = connect(server, port, autocommit=True)
@@ -247,11 +239,38 @@ def test_waiting_app_gets_the_connection_an_app_returns(
         assert result == [pid]
 
 
-def test_cancel_request_reaches_the_pooled_backend(server: PostgresServer, ca_file: Path) -> None:
+def test_idle_timeout_closes_beyond_min_idle(server: PostgresServer, pg_ca_file: Path) -> None:
+    """Idle past --pg-pool-idle-timeout: closed, except --pg-pool-min-idle of them."""
+    args = pool_args(
+        server,
+        pg_ca_file,
+        "session",
+        "--pg-pool-size",
+        "3",
+        "--pg-pool-min-idle",
+        "1",
+        "--pg-pool-idle-timeout",
+        "300ms",
+    )
+    with run_ambassador([f"{server.host}:{server.port}"], *args) as amb:
+        conns = [connect(server, amb.listen.port) for _ in range(3)]
+        pids = {c.execute("select pg_backend_pid()").fetchone() for c in conns}
+        assert len(pids) == 3
+        for c in conns:
+            c.close()
+        amb.wait_metric(POOL + "server_closed_total", lambda n: n == 2, "2")
+        assert amb.metric(POOL + "server_closed_total", reason="idle_timeout") == 2
+        idle_is(amb, 1)
+        assert amb.metric(POOL + "server_opened_total") == 3
+
+
+def test_cancel_request_reaches_the_pooled_backend(
+    server: PostgresServer, pg_ca_file: Path
+) -> None:
     """psycopg's cancel (our BackendKeyData) cancels the query on the pooled backend."""
     with (
         run_ambassador(
-            [f"{server.host}:{server.port}"], *pool_args(server, ca_file, "session")
+            [f"{server.host}:{server.port}"], *pool_args(server, pg_ca_file, "session")
         ) as amb,
         connect(server, amb.listen.port, autocommit=True) as conn,
     ):
@@ -276,12 +295,12 @@ def test_cancel_request_reaches_the_pooled_backend(server: PostgresServer, ca_fi
 
 
 def test_backend_terminated_by_the_server_is_not_reused(
-    server: PostgresServer, ca_file: Path
+    server: PostgresServer, pg_ca_file: Path
 ) -> None:
     """pg_terminate_backend on a lent backend: the app gets the server's FATAL, the pool
     counts the close and opens a new backend for the next app."""
     with run_ambassador(
-        [f"{server.host}:{server.port}"], *pool_args(server, ca_file, "session")
+        [f"{server.host}:{server.port}"], *pool_args(server, pg_ca_file, "session")
     ) as amb:
         port = amb.listen.port
         with connect(server, port, autocommit=True) as conn:
@@ -299,11 +318,11 @@ def test_backend_terminated_by_the_server_is_not_reused(
 
 
 def test_psycopg_asyncpg_and_pgbench_through_a_session_pool(
-    server: PostgresServer, ca_file: Path, tmp_path: Path
+    server: PostgresServer, pg_ca_file: Path, tmp_path: Path
 ) -> None:
     """psycopg, asyncpg and pgbench -C through a session pool (a pool key per library)."""
     pgbench = need(server.tool("pgbench"))
-    args = pool_args(server, ca_file, "session", "--pg-pool-size", "2")
+    args = pool_args(server, pg_ca_file, "session", "--pg-pool-size", "2")
     with run_ambassador([f"{server.host}:{server.port}"], *args) as amb:
         port = amb.listen.port
         with connect(server, port) as conn:
@@ -364,14 +383,14 @@ def scram_args(ca: Path, password_file: Path, mode: str, *extra: str) -> list[st
 
 
 def test_session_pool_logs_in_with_scram_once_for_many_apps(
-    postgres_tls: PostgresServer, ca_file: Path, tmp_path: Path
+    postgres_tls: PostgresServer, pg_ca_file: Path, tmp_path: Path
 ) -> None:
     """With --pg-password-file the pool logs in with SCRAM once; apps hold no password."""
     secret = tmp_path / "password"
     assert postgres_tls.password is not None
     secret.write_text(postgres_tls.password)
     app = replace(postgres_tls, password=None)
-    args = scram_args(ca_file, secret, "session")
+    args = scram_args(pg_ca_file, secret, "session")
     with run_ambassador([f"{app.host}:{app.port}"], *args) as amb:
         pids = {pid_and(app, amb.listen.port, "select 1")[0] for _ in range(3)}
         assert len(pids) == 1
@@ -380,13 +399,13 @@ def test_session_pool_logs_in_with_scram_once_for_many_apps(
 
 
 def test_wrong_password_reaches_the_app_as_28p01(
-    postgres_tls: PostgresServer, ca_file: Path, tmp_path: Path
+    postgres_tls: PostgresServer, pg_ca_file: Path, tmp_path: Path
 ) -> None:
     """A wrong secret: the app gets the server's own FATAL 28P01; nothing is pooled."""
     secret = tmp_path / "password"
     secret.write_text("not-the-password")
     app = replace(postgres_tls, password=None)
-    args = scram_args(ca_file, secret, "session")
+    args = scram_args(pg_ca_file, secret, "session")
     with run_ambassador([f"{app.host}:{app.port}"], *args) as amb:
         done = psql(app, amb.listen.port, "select 1")
         assert done.returncode != 0
@@ -400,10 +419,10 @@ def test_wrong_password_reaches_the_app_as_28p01(
 
 
 def test_transaction_mode_shares_backends_between_apps(
-    server: PostgresServer, ca_file: Path
+    server: PostgresServer, pg_ca_file: Path
 ) -> None:
     """Three apps inside their transactions need three backends; between them, one."""
-    args = pool_args(server, ca_file, "transaction", "--pg-pool-size", "3")
+    args = pool_args(server, pg_ca_file, "transaction", "--pg-pool-size", "3")
     with run_ambassador([f"{server.host}:{server.port}"], *args) as amb:
         port = amb.listen.port
         conns = [connect(server, port) for _ in range(3)]
@@ -425,10 +444,10 @@ def test_transaction_mode_shares_backends_between_apps(
 
 
 def test_transaction_mode_prepared_statements_of_asyncpg(
-    server: PostgresServer, ca_file: Path
+    server: PostgresServer, pg_ca_file: Path
 ) -> None:
     """asyncpg's statement cache works while its queries move between backends."""
-    args = pool_args(server, ca_file, "transaction", "--pg-pool-size", "2")
+    args = pool_args(server, pg_ca_file, "transaction", "--pg-pool-size", "2")
     with run_ambassador([f"{server.host}:{server.port}"], *args) as amb:
         port = amb.listen.port
 
@@ -466,10 +485,10 @@ def test_transaction_mode_prepared_statements_of_asyncpg(
 
 
 def test_transaction_mode_prepared_statements_of_psycopg(
-    server: PostgresServer, ca_file: Path
+    server: PostgresServer, pg_ca_file: Path
 ) -> None:
     """psycopg 3 with prepare_threshold=0 (every query prepared) across backends."""
-    args = pool_args(server, ca_file, "transaction", "--pg-pool-size", "2")
+    args = pool_args(server, pg_ca_file, "transaction", "--pg-pool-size", "2")
     with run_ambassador([f"{server.host}:{server.port}"], *args) as amb:
         port = amb.listen.port
         a = connect(server, port, autocommit=True, prepare_threshold=0)
@@ -495,9 +514,9 @@ def test_transaction_mode_prepared_statements_of_psycopg(
         assert amb.terminate() == 0, amb.log_text()
 
 
-def test_transaction_mode_statement_named_commit(server: PostgresServer, ca_file: Path) -> None:
+def test_transaction_mode_statement_named_commit(server: PostgresServer, pg_ca_file: Path) -> None:
     """A statement named ``commit`` (a libpq prepare) is kept apart from SQL COMMIT."""
-    args = pool_args(server, ca_file, "transaction", "--pg-pool-size", "2")
+    args = pool_args(server, pg_ca_file, "transaction", "--pg-pool-size", "2")
     with run_ambassador([f"{server.host}:{server.port}"], *args) as amb:
         with connect(server, amb.listen.port, autocommit=True) as conn:
             pgconn = conn.pgconn
@@ -518,7 +537,7 @@ def test_transaction_mode_statement_named_commit(server: PostgresServer, ca_file
 
 
 def test_transaction_mode_pgbench_prepared(
-    server: PostgresServer, ca_file: Path, tmp_path: Path
+    server: PostgresServer, pg_ca_file: Path, tmp_path: Path
 ) -> None:
     """pgbench -M prepared with more clients than backends: no failed transaction.
 
@@ -526,7 +545,7 @@ def test_transaction_mode_pgbench_prepared(
     that blocks the others' transactions, which hold the backends it waits for.
     """
     pgbench = need(server.tool("pgbench"))
-    args = pool_args(server, ca_file, "transaction", "--pg-pool-size", "2")
+    args = pool_args(server, pg_ca_file, "transaction", "--pg-pool-size", "2")
     with run_ambassador([f"{server.host}:{server.port}"], *args) as amb:
         script = tmp_path / "tx.sql"
         script.write_text("\\set n random(1, 1000)\nbegin;\nselect :n + 1;\nselect :n;\nend;\n")
@@ -549,9 +568,9 @@ def test_transaction_mode_pgbench_prepared(
         assert amb.terminate() == 0, amb.log_text()
 
 
-def test_transaction_mode_detects_session_state(server: PostgresServer, ca_file: Path) -> None:
+def test_transaction_mode_detects_session_state(server: PostgresServer, pg_ca_file: Path) -> None:
     """SET, LISTEN, advisory locks, temp tables, WITH HOLD: counted, logged once per app."""
-    args = pool_args(server, ca_file, "transaction")
+    args = pool_args(server, pg_ca_file, "transaction")
     with run_ambassador([f"{server.host}:{server.port}"], *args) as amb:
         done = psql(
             server,

@@ -208,7 +208,9 @@ class ServerConn(asyncio.Protocol):
         self.prepared: set[bytes] = set()  # the ambassador's statement names prepared here
         now = time.monotonic()
         self.expires = now + lifetime * (1 - random.uniform(0, LIFETIME_JITTER))
-        self.timer: asyncio.TimerHandle | None = None
+        self.timer: asyncio.TimerHandle | None = None  # a reset's deadline
+        self.idle_since = now
+        self.label = str(endpoint)
         self.closed = False
         self._reset_left = 0  # ReadyForQuery still awaited by a reset
         self._reset_ok = True
@@ -324,6 +326,7 @@ class Pool:
         self.resetting = 0
         self.waiters: deque[asyncio.Future[ServerConn]] = deque()
         self.params: bytes | None = None  # ParameterStatus messages of the first connection
+        self._sweep: asyncio.TimerHandle | None = None  # the idle connections' timeouts
         self.top_up()
 
     def total(self) -> int:
@@ -334,9 +337,6 @@ class Pool:
         now = time.monotonic()
         while self.idle:
             server = self.idle.pop()  # the most recently used: the others may time out
-            if server.timer is not None:
-                server.timer.cancel()
-                server.timer = None
             if server.expired(now):
                 server.close("max_lifetime")
                 continue
@@ -408,22 +408,47 @@ class Pool:
         if self.pools.closing:
             server.close("shutdown")
             return
+        server.idle_since = time.monotonic()
         self.idle.append(server)
-        loop = asyncio.get_running_loop()
-        delay = min(self.settings.idle_timeout, max(0.0, server.expires - time.monotonic()))
-        server.timer = loop.call_later(delay, self._idle_expired, server)
+        if self._sweep is None:
+            self._arm_sweep(server.idle_since)
 
-    def _idle_expired(self, server: ServerConn) -> None:
-        server.timer = None
-        if server not in self.idle:
+    def _arm_sweep(self, now: float) -> None:
+        """One timer per pool for the idle connections' timeouts, not one per lend: a
+        transaction-mode pool returns a connection after every transaction."""
+        if not self.idle:
             return
-        if server.expired(time.monotonic()):
-            server.close("max_lifetime")
-        elif len(self.idle) > self.settings.min_idle:
-            server.close("idle_timeout")
-        else:  # kept for --pg-pool-min-idle; until its lifetime ends
-            delay = max(0.0, server.expires - time.monotonic())
-            server.timer = asyncio.get_running_loop().call_later(delay, self._idle_expired, server)
+        timeout = self.settings.idle_timeout
+        due = min(
+            s.expires if now - s.idle_since >= timeout else min(s.expires, s.idle_since + timeout)
+            for s in self.idle
+        )
+        loop = asyncio.get_running_loop()
+        self._sweep = loop.call_later(max(0.05, due - now), self._sweep_idle)
+
+    def close_idle(self) -> None:
+        """Shutdown: close the idle connections, stop the sweep."""
+        for server in list(self.idle):
+            server.close("shutdown")
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
+
+    def _sweep_idle(self) -> None:
+        """Close the idle connections past their lifetime, and those idle for longer than
+        ``--pg-pool-idle-timeout`` beyond ``--pg-pool-min-idle`` (the oldest first)."""
+        self._sweep = None
+        now = time.monotonic()
+        for server in list(self.idle):  # the least recently used first
+            if server.expired(now):
+                server.close("max_lifetime")
+            elif (
+                now - server.idle_since >= self.settings.idle_timeout
+                and len(self.idle) > self.settings.min_idle
+            ):
+                server.close("idle_timeout")
+        self._arm_sweep(now)
+        self.top_up()
 
     def returning(self, server: ServerConn) -> None:
         """``server`` leaves its app connection, to be reset (:meth:`ServerConn.reset`)."""
@@ -603,8 +628,7 @@ class Pools:
             for fut in pool.waiters:
                 if not fut.done():
                     fut.set_exception(PoolTimeout())
-            for server in list(pool.idle):
-                server.close("shutdown")
+            pool.close_idle()
         await self.tasks.aclose()
 
     def drain(self) -> None:
@@ -845,7 +869,7 @@ class ClientSession(asyncio.Protocol):
         self._closes.clear()
         if self._server_paused:
             server.transport.pause_reading()
-        self.conn.upstream = str(server.endpoint)
+        self.conn.upstream = server.label
 
     # -- transaction mode: statements under the ambassador's names ------------------------
 
