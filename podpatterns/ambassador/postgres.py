@@ -93,7 +93,8 @@ def _tls_detail(exc: BaseException) -> str:
     if isinstance(exc, ssl.SSLCertVerificationError):
         return f"certificate verify failed: {exc.verify_message}"
     if isinstance(exc, ssl.SSLError):
-        return exc.reason or str(exc)
+        # tlsleg raises SSLEOFError("...") itself: such an error has no reason attribute
+        return getattr(exc, "reason", None) or str(exc)
     if isinstance(exc, TimeoutError):
         return "TLS handshake timed out"
     return str(exc) or type(exc).__name__
