@@ -1524,9 +1524,10 @@ def metadata(argv: Sequence[str]) -> dict[str, Any]:
     }
 
 
-#: Sections of docs/benchmarks.md that other benchmarks write (bench/postgres.py); a
-#: rewrite of the file by this one keeps them, in their order, after its own.
-OTHER_SECTIONS = ("## PostgreSQL through the ambassador",)
+#: Sections of docs/benchmarks.md that other benchmarks write (bench/postgres.py,
+#: bench/pgpool.py); a rewrite of the file by this one keeps them, in their order, after
+#: its own.
+OTHER_SECTIONS = ("## PostgreSQL through the ambassador", "## PostgreSQL connection pooling")
 
 
 def doc_section(text: str, heading: str) -> tuple[int, int] | None:

@@ -568,9 +568,10 @@ def section(cfg: Settings, raw: Raw, meta: dict[str, Any]) -> str:
     return "\n".join(out) + "\n"
 
 
-def write_section(text: str) -> None:
+def write_section(text: str, heading: str = HEADING) -> None:
+    """Put ``text`` in place of the section ``heading`` of docs/benchmarks.md (or last)."""
     doc = DOC_PATH.read_text()
-    where = doc_section(doc, HEADING)
+    where = doc_section(doc, heading)
     if where is None:
         doc = doc.rstrip("\n") + "\n\n" + text
     else:

@@ -16,6 +16,7 @@ import pytest
 import trustme
 
 from tests.peers import (
+    POOL_USER,
     PostgresServer,
     RedisServer,
     pg_tls,
@@ -55,6 +56,14 @@ def postgres_tls(pg_ca: trustme.CA) -> Iterator[PostgresServer]:
 def postgres_tls_2(pg_ca: trustme.CA) -> Iterator[PostgresServer]:
     """A second such server (routing between two servers)."""
     with run_postgres(pg_tls(pg_ca)) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def postgres_tls_trust(pg_ca: trustme.CA) -> Iterator[PostgresServer]:
+    """A TLS-only server like :func:`postgres_tls` that also trusts :data:`POOL_USER`
+    over TLS (no password), the upstream of pooled connections before a password source."""
+    with run_postgres(pg_tls(pg_ca), trusted=(POOL_USER,)) as server:
         yield server
 
 

@@ -212,6 +212,9 @@ def _postmaster_pid(data: Path, proc: subprocess.Popen[bytes]) -> int | None:
     return pid if pid == proc.pid or ppid == proc.pid else None
 
 
+#: The role ``postgres_tls_trust`` lets in over TLS without a password (--pg-pool tests).
+POOL_USER = "pooler"
+
 #: The name in the TLS-only servers' certificates (not the address they listen on).
 PG_SERVER_NAME = "db.test"
 
@@ -271,12 +274,15 @@ hostssl all all ::1/128 scram-sha-256
 
 
 @contextlib.contextmanager
-def run_postgres(tls: PostgresTLS | None = None) -> Iterator[PostgresServer]:
+def run_postgres(
+    tls: PostgresTLS | None = None, trusted: tuple[str, ...] = ()
+) -> Iterator[PostgresServer]:
     """Start a throw-away PostgreSQL 15 cluster; stop it and delete it on exit.
 
     With ``tls``: ``ssl = on`` with that certificate, ``hostssl``-only pg_hba with
     SCRAM (``password_encryption = scram-sha-256``) and ``tls.user`` created with
-    ``tls.password``.
+    ``tls.password``. ``trusted`` login roles are created too, and let in over TLS
+    without a password (``hostssl ... trust``: the pooling tests' upstream).
     """
     postgres = need(PG_BIN / "postgres")
     initdb = need(PG_BIN / "initdb")
@@ -316,7 +322,8 @@ def run_postgres(tls: PostgresTLS | None = None) -> Iterator[PostgresServer]:
             (data / "server.crt").write_bytes(tls.cert_chain)
             (data / "server.key").write_bytes(tls.key)
             (data / "server.key").chmod(0o600)  # postgres refuses a key others can read
-            (data / "pg_hba.conf").write_text(_TLS_HBA)
+            trust = "".join(f"hostssl all {user} 127.0.0.1/32 trust\n" for user in trusted)
+            (data / "pg_hba.conf").write_text(_TLS_HBA.replace("hostssl", trust + "hostssl", 1))
             if prefix:
                 for name in ("server.crt", "server.key", "pg_hba.conf"):
                     shutil.chown(data / name, "postgres", "postgres")
@@ -373,6 +380,10 @@ def run_postgres(tls: PostgresTLS | None = None) -> Iterator[PostgresServer]:
                 role = f"create role {tls.user} login password '{tls.password}'"
                 if server.query(role) is None:
                     raise RuntimeError(f"postgres: cannot create role {tls.user}")
+                for user in trusted:
+                    create = f"create role {user} login; grant create on schema public to {user}"
+                    if server.query(create) is None:
+                        raise RuntimeError(f"postgres: cannot create role {user}")
                 server = dataclasses.replace(server, user=tls.user, password=tls.password)
             yield server
     finally:

@@ -82,11 +82,20 @@ SAMPLES: dict[str, str] = {
     "pg_health_user": "app",
     "pg_health_database": "app",
     "pg_close_on_role_change": "true",
+    "pg_pool": "transaction",  # see ALTERNATIVES
+    "pg_pool_size": "5",
+    "pg_pool_min_idle": "1",
+    "pg_pool_idle_timeout": "30s",
+    "pg_pool_max_lifetime": "10m",
+    "pg_pool_wait": "2s",
+    "pg_pool_reset_query": "RESET ALL",
+    "pg_upstream_trust": "true",
 }
 
 #: Sampled options that exclude another sample (--pg-password-command and
-#: --pg-password-file), left out of the one config built from all the samples.
-ALTERNATIVES = ("pg_password_command",)
+#: --pg-password-file; --pg-pool and --pg-metrics or --pg-target-session-attrs), left out
+#: of the one config built from all the samples.
+ALTERNATIVES = ("pg_password_command", "pg_pool")
 
 
 def _flags(argv: list[str]) -> dict[str, Any]:

@@ -33,6 +33,7 @@ from podpatterns.ambassador.config import (
     UnixAddress,
 )
 from podpatterns.ambassador.pgmetrics import query_collector
+from podpatterns.ambassador.pgpool import pool_collector
 from podpatterns.ambassador.protocol import ProtocolHandler
 from podpatterns.ambassador.route import Route
 from podpatterns.ambassador.upstreams import Resolver, system_resolver
@@ -182,7 +183,13 @@ class Ambassador:
         """The connect-time histogram, the per-route and per-endpoint metrics, and the
         PostgreSQL query metrics of the routes with ``--pg-metrics``."""
         pg = [(r.cfg.name, r.queries) for r in self.routes if r.queries is not None]
-        return [self._connect_seconds, CallbackCollector(self._families()), query_collector(pg)]
+        pools = [(r.cfg.name, r.pg_pools) for r in self.routes if r.pg_pools is not None]
+        return [
+            self._connect_seconds,
+            CallbackCollector(self._families()),
+            query_collector(pg),
+            pool_collector(pools),
+        ]
 
     def _families(self) -> list[Family]:
         routes = self.routes

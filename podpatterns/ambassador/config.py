@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from podpatterns.ambassador.pgauth import METHODS as PG_AUTH_METHODS
+from podpatterns.ambassador.pgpool import POOL_MODES, PoolSettings
 from podpatterns.ambassador.pgroles import TARGETS as PG_TARGETS
 from podpatterns.ambassador.postgres import SSLMODES
 from podpatterns.errors import ConfigError
@@ -403,7 +404,74 @@ PROTOCOL_OPTIONS: tuple[Option[Any], ...] = (
     ),
 )
 
-ROUTE_OPTIONS = ROUTE_OPTIONS + PROTOCOL_OPTIONS
+# --pg-pool (issue 14, docs/ambassador-postgres.md "Pooling")
+POOL_OPTIONS: tuple[Option[Any], ...] = (
+    _r(
+        "pg_pool",
+        parse_choice(*POOL_MODES),
+        "off",
+        "PostgreSQL connection pooling: off, session (a server connection per app "
+        "connection, reset with --pg-pool-reset-query and reused after it) or transaction "
+        "(a server connection per transaction); the ambassador authenticates to the server",
+        metavar="MODE",
+    ),
+    _r(
+        "pg_pool_size",
+        parse_int(1, 10000),
+        20,
+        "with --pg-pool, the most server connections per pool key (user, database and the "
+        "other startup parameters)",
+        metavar="N",
+    ),
+    _r(
+        "pg_pool_min_idle",
+        parse_int(0, 10000),
+        0,
+        "with --pg-pool, idle server connections kept open per pool key once it was used",
+        metavar="N",
+    ),
+    _r(
+        "pg_pool_idle_timeout",
+        parse_duration,
+        60.0,
+        "with --pg-pool, close a server connection idle this long (beyond --pg-pool-min-idle)",
+        metavar="DURATION",
+    ),
+    _r(
+        "pg_pool_max_lifetime",
+        parse_duration,
+        3600.0,
+        "with --pg-pool, close a server connection when it is returned after this long "
+        "(minus up to 10% random jitter, so that connections do not all end together)",
+        metavar="DURATION",
+    ),
+    _r(
+        "pg_pool_wait",
+        parse_duration,
+        5.0,
+        "with --pg-pool, how long an app waits for a free server connection before it "
+        "gets ErrorResponse 53300 (too_many_connections)",
+        metavar="DURATION",
+    ),
+    _r(
+        "pg_pool_reset_query",
+        str,
+        "DISCARD ALL",
+        "with --pg-pool session, the SQL run on a server connection when its app leaves "
+        "(empty: none)",
+        metavar="SQL",
+    ),
+    _r(
+        "pg_upstream_trust",
+        parse_bool,
+        False,
+        "the server lets the ambassador in without a password (pg_hba trust or cert): "
+        "what --pg-pool needs when no password source is given",
+        flag=True,
+    ),
+)
+
+ROUTE_OPTIONS = ROUTE_OPTIONS + PROTOCOL_OPTIONS + POOL_OPTIONS
 
 AMBASSADOR_OPTIONS: tuple[Option[Any], ...] = RUNTIME_OPTIONS + ROUTE_OPTIONS
 
@@ -484,6 +552,28 @@ class RouteConfig:
     pg_auth_methods: tuple[str, ...] = ()
     pg_client_auth: str = "trust"
     pg_client_password_file: Path | None = None
+    pg_pool: str = "off"
+    pg_pool_size: int = 20
+    pg_pool_min_idle: int = 0
+    pg_pool_idle_timeout: float = 60.0
+    pg_pool_max_lifetime: float = 3600.0
+    pg_pool_wait: float = 5.0
+    pg_pool_reset_query: str = "DISCARD ALL"
+    pg_upstream_trust: bool = False
+
+    def pool_settings(self) -> PoolSettings:
+        """The ``--pg-pool*`` options, for :class:`~.pgpool.Pools`."""
+        return PoolSettings(
+            mode=self.pg_pool,
+            size=self.pg_pool_size,
+            min_idle=self.pg_pool_min_idle,
+            idle_timeout=self.pg_pool_idle_timeout,
+            max_lifetime=self.pg_pool_max_lifetime,
+            wait=self.pg_pool_wait,
+            reset_query=self.pg_pool_reset_query.strip(),
+            connect_timeout=self.startup_timeout,
+        )
+
     pg_target_session_attrs: str = "any"
     pg_health_user: str | None = None
     pg_health_database: str = "postgres"
@@ -542,6 +632,8 @@ class RouteConfig:
                 ("pg_drain", "transaction"),
                 ("pg_metrics", False),
                 ("pg_slow_query", None),
+                ("pg_pool", "off"),
+                ("pg_upstream_trust", False),
                 *_CREDENTIAL_DEFAULTS,
                 *_ROLE_DEFAULTS,
             ):
@@ -552,6 +644,7 @@ class RouteConfig:
             return
         if self.pg_slow_query is not None and not self.pg_metrics:
             raise ConfigError(f"{where}--pg-slow-query: only applies with --pg-metrics")
+        self._check_pool(where)
         mode = self.sslmode
         if mode == "disable" and self.upstream_tls:
             raise ConfigError(
@@ -626,6 +719,41 @@ class RouteConfig:
             raise ConfigError(
                 f"{where}--pg-client-password-file: give it exactly with "
                 "--pg-client-auth password-file"
+            )
+
+    def _check_pool(self, where: str) -> None:
+        if self.pg_pool == "off":
+            return
+        sources = (self.pg_password_file, self.pg_password_command)
+        if all(source is None for source in sources) and not self.pg_upstream_trust:
+            raise ConfigError(
+                f"{where}--pg-pool: {self.pg_pool!r} needs the ambassador to log in to the "
+                "server itself: give --pg-password-file or --pg-password-command, or "
+                "--pg-upstream-trust when the "
+                "server's pg_hba trusts the ambassador (trust or cert)"
+            )
+        if self.pg_target_session_attrs != "any":
+            raise ConfigError(
+                f"{where}--pg-target-session-attrs: not available with --pg-pool yet (pooled "
+                "server connections do not follow the roles); use one or the other"
+            )
+        if self.pg_metrics:
+            raise ConfigError(
+                f"{where}--pg-metrics: not available with --pg-pool yet (the pool relays "
+                "its own way); use one or the other"
+            )
+        if self.pg_pool_min_idle > self.pg_pool_size:
+            raise ConfigError(
+                f"{where}--pg-pool-min-idle: {self.pg_pool_min_idle} is more than "
+                f"--pg-pool-size {self.pg_pool_size}"
+            )
+        for name in ("pg_pool_idle_timeout", "pg_pool_max_lifetime", "pg_pool_wait"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{where}--{name.replace('_', '-')}: must be > 0")
+        if self.pg_pool_wait >= self.startup_timeout:
+            raise ConfigError(
+                f"{where}--pg-pool-wait: {self.pg_pool_wait:g}s must be shorter than "
+                f"--startup-timeout {self.startup_timeout:g}s"
             )
 
 

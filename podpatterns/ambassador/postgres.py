@@ -230,6 +230,9 @@ class PostgresHandler:
         self.credentials = credentials
         self.roles = roles
         self.keys = CancelKeys()
+        #: With ``--pg-pool``: the server (endpoint, its own key) a CancelRequest carrying a
+        #: key the ambassador issued must reach; None when no such app connection holds one.
+        self.cancel_target: Callable[[bytes], tuple[Endpoint, bytes] | None] | None = None
         self.cancels = 0  # cancel requests forwarded
         self.cancels_unknown = 0  # cancel requests for a key no session holds
         self.log = logs.get("ambassador", route=route)
@@ -496,6 +499,11 @@ class PostgresSession:
                 if not KEY_MIN <= len(key) - 4 <= KEY_MAX:
                     return False  # the server ignores a malformed cancel too
                 self.cancel = key
+                pooled = self.handler.cancel_target
+                target = pooled(key) if pooled is not None else None
+                if target is not None:  # --pg-pool: the key is ours; the server's own
+                    self._pinned, self.cancel = target
+                    return True
                 self._pinned = self.handler.keys.get(key)
                 if self._pinned is None:
                     self.handler.cancels_unknown += 1

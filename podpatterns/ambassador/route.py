@@ -150,6 +150,8 @@ class Route:
                 connect_seconds=self._connect_seconds,
                 log=self._log,
             )
+        # --pg-pool: the route's pooled server connections, for the metrics
+        self.pg_pools = self._startup.pools if self._startup is not None else None
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -270,6 +272,8 @@ class Route:
             self.listener.close()
         self._abort_all("closed")  # cancels the connection setups too
         await self._tasks.aclose()
+        if self._startup is not None:
+            await self._startup.close()
         if self._refusing:  # a moment to finish answering, then cancelled
             await asyncio.wait(list(self._refusing), timeout=REFUSAL_GRACE)
             for task in self._refusing:

@@ -31,14 +31,25 @@ from podpatterns.ambassador.pgauth import (
     Credentials,
     PasswordFile,
     SecretError,
+    ServerError,
     allowed_methods,
     password_source,
 )
 from podpatterns.ambassador.pgdrain import DRAIN_MESSAGE, TransactionWatch
 from podpatterns.ambassador.pghealth import RoleCheck
 from podpatterns.ambassador.pgmetrics import QueryMetrics, SlowQueries
+from podpatterns.ambassador.pgpool import (
+    ClientSession,
+    Pool,
+    Pools,
+    PoolTimeout,
+    ServerConn,
+    issue_key,
+    pool_timeout_message,
+    startup_answer,
+)
 from podpatterns.ambassador.pgroles import ROLE_CHANGED_MESSAGE, Roles
-from podpatterns.ambassador.postgres import PostgresHandler
+from podpatterns.ambassador.postgres import PostgresHandler, PostgresSession
 from podpatterns.ambassador.protocol import (
     Established,
     Failure,
@@ -46,6 +57,7 @@ from podpatterns.ambassador.protocol import (
     ProtocolSession,
     SessionWatch,
     SocketStream,
+    TLSStream,
 )
 from podpatterns.ambassador.relay import Leg, ProtocolRelay
 from podpatterns.ambassador.tls import TLSContextProvider
@@ -221,6 +233,14 @@ class Startup:
         self._pipes = pipes
         self._connect_seconds = connect_seconds
         self._log = log
+        # --pg-pool: server connections kept and lent (docs/ambassador-postgres.md, Pooling)
+        self.pools: Pools | None = None
+        if cfg.pg_pool != "off" and isinstance(handler, PostgresHandler):
+            self.pools = Pools(
+                cfg.pool_settings(), handler, lambda: self._dial(None), route=cfg.name, log=log
+            )
+            handler.cancel_target = self.pools.cancel_target
+
         #: The route's active health check when it is not a TCP connect: PostgreSQL's
         #: role check (--pg-target-session-attrs), or None.
         self.health_check: RoleCheck | None = None
@@ -233,6 +253,11 @@ class Startup:
             )
             if cfg.pg_close_on_role_change:
                 handler.roles.on_mismatch = self.end_sessions_on
+
+    async def close(self) -> None:
+        """Close the pooled server connections (``--pg-pool``)."""
+        if self.pools is not None:
+            await self.pools.close()
 
     def end_sessions_on(self, ep: Endpoint) -> None:
         """``ep``'s role stopped matching the target (--pg-close-on-role-change): each of
@@ -284,6 +309,8 @@ class Startup:
         self.draining = True
         for watch in list(self.watches.values()):
             watch.drain()
+        if self.pools is not None:
+            self.pools.drain()
         if self.cfg.pg_drain == "transaction":
             for conn, task in list(self._starting.items()):
                 conn.end_by_proxy("drained")
@@ -341,6 +368,15 @@ class Startup:
                         abandon(conn, csock, None, reset=False)
                         return
                     upstream_phase = True
+                    if (
+                        self.pools is not None
+                        and isinstance(session, PostgresSession)
+                        and session.cancel is None
+                    ):
+                        pooled = await self._pool_acquire(conn, session, self.pools)
+                        del self._starting[conn]
+                        await self._pool_hand_off(conn, csock, session, *pooled)
+                        return
                     tries = len(self.pool.endpoints)
                     while True:
                         if self.roles is not None and session.pinned is None:
@@ -386,6 +422,16 @@ class Startup:
             await self._hand_off(conn, csock, established)
         except Failure as failure:
             await self._refuse(conn, session, failure, csock, usock, upstream_phase)
+        except ServerError as refused:  # --pg-pool: the server's own words, to the app
+            self._failed["refused"] += 1
+            conn.note_end("proxy", "upstream_refused")
+            try:
+                async with asyncio.timeout(self.cfg.startup_timeout):
+                    await session.client.write(refused.raw)  # type: ignore[attr-defined]
+            except (OSError, TimeoutError):
+                pass
+            finally:
+                abandon(conn, csock, None, reset=False)
         except asyncio.CancelledError:
             # drain(), cut() or close(): the ambassador is shutting down. Tell the client,
             # briefly.
@@ -403,6 +449,74 @@ class Startup:
             abandon(conn, csock, usock)
         finally:
             self._starting.pop(conn, None)
+
+    async def _pool_acquire(
+        self, conn: Connection, session: PostgresSession, pools: Pools
+    ) -> tuple[Pool, ServerConn | None, bytes]:
+        """The app's pool and, in session mode, the server connection lent to it; the
+        ParameterStatus messages to answer its startup with.
+
+        Raises:
+            Failure: no server connection (``limit`` after ``--pg-pool-wait``: 53300).
+            ServerError: the server refused the connection opened for this app.
+        """
+        assert session.startup is not None
+        pool = pools.pool_for(session.startup)
+        transaction = pools.settings.mode == "transaction"
+        if transaction and pool.params is not None:
+            return pool, None, pool.params
+        server = pool.take()
+        if server is None:
+            fut = pool.wait()
+            try:
+                server = await fut
+            except PoolTimeout:
+                raise Failure("limit", pool_timeout_message(pools.settings)) from None
+            except DialError as exc:
+                self._dial_failed(conn, exc)
+                raise Failure("unreachable", unreachable_message(exc, self.cfg)) from exc
+            except asyncio.CancelledError:
+                if fut.done() and not fut.cancelled() and fut.exception() is None:
+                    lent = fut.result()  # granted just before the cancel: give it back
+                    pool.returning(lent)
+                    pool.release(lent)
+                raise
+        if transaction:  # it was needed for the parameters only
+            pool.returning(server)
+            pool.release(server)
+            return pool, None, server.params
+        return pool, server, server.params
+
+    async def _pool_hand_off(
+        self,
+        conn: Connection,
+        csock: socket.socket,
+        session: PostgresSession,
+        pool: Pool,
+        server: ServerConn | None,
+        params: bytes,
+    ) -> None:
+        """Answer the app's startup and let its :class:`~.pgpool.ClientSession` run."""
+        assert self.pools is not None
+        key = issue_key()
+        client = ClientSession(self.pools, pool, conn, server, key, startup_answer(params, key))
+        conn.relay = client
+        conn.upstream = str(server.endpoint) if server is not None else "pool"
+        leftover = session.client.take_buffered()
+        try:
+            if isinstance(session.client, TLSStream):
+                session.client.hand_over(client)
+            else:
+                loop = asyncio.get_running_loop()
+                await loop.connect_accepted_socket(lambda: client, csock)
+        except BaseException:
+            client.abort()
+            raise
+        if leftover:
+            client.data_received(leftover)
+        if self.draining:
+            client.drain()
+        self._connect_seconds.observe(time.monotonic() - conn.started)
 
     async def _refuse(
         self,

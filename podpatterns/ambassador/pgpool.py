@@ -1,0 +1,1220 @@
+"""PostgreSQL connection pooling in the ambassador (``--pg-pool session|transaction``).
+
+Without a pool every app connection costs the ambassador a TCP connect, a TLS handshake
+and an authentication exchange with the server. With one, the ambassador answers the
+app's startup itself (AuthenticationOk, the server's ParameterStatus set, a
+BackendKeyData it issues, ReadyForQuery) and lends the app a server connection it keeps:
+
+* ``session``: one server connection per app connection, for as long as the app stays
+  connected; when the app leaves, the server connection is reset (``--pg-pool-reset-query``,
+  ``DISCARD ALL`` by default; a ``ROLLBACK`` first when the app left inside a transaction)
+  and returned to the pool. A connection the app left mid-request is closed, not reused.
+* ``transaction``: a server connection only for the length of a transaction; the
+  server's ReadyForQuery ``I`` with nothing outstanding returns it. Named prepared
+  statements (Parse/Bind/Describe/Close) are tracked per app connection and prepared
+  again, under a name of the ambassador's, on whichever server connection serves the
+  next transaction (pgbouncer 1.21's ``max_prepared_statements`` design).
+
+Server connections are kept per pool key: the app's StartupMessage parameters (user,
+database, application_name and the rest), so that two apps with different settings never
+share a server session. Each key has at most ``--pg-pool-size`` connections; an app that
+finds none free waits at most ``--pg-pool-wait`` and then gets ErrorResponse 53300.
+
+How an answer from a server is matched to what the app asked: every message the
+ambassador sends is answered in order, ParseComplete (``1``) only by a Parse and
+CloseComplete (``3``) only by a Close, and after an error the server skips to the next
+Sync. So each Parse and Close sent is queued with the Sync group it belongs to; a
+ParseComplete for a Parse the ambassador added is dropped, and a CloseComplete for a
+stand-in Close (a Close of a statement name no one uses, which PostgreSQL answers without
+error) is turned into the ParseComplete the app expects for a statement the server
+connection already had. At each ReadyForQuery the entries of its group left unanswered
+are dropped.
+
+Reference: https://www.postgresql.org/docs/current/protocol-flow.html,
+https://www.pgbouncer.org/config.html#max_prepared_statements.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import re
+import socket
+import struct
+import time
+from bisect import bisect_left
+from collections import Counter, deque
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from podpatterns.ambassador.connection import Connection, reset_socket
+from podpatterns.ambassador.dial import DialError
+from podpatterns.ambassador.pgauth import ServerError, startup_parameters
+from podpatterns.ambassador.postgres import (
+    KEY_MAX,
+    KEY_MIN,
+    MAX_MESSAGE,
+    PostgresHandler,
+    error_response,
+)
+from podpatterns.ambassador.protocol import Failure, SocketStream, Stream
+from podpatterns.ambassador.upstreams import Endpoint
+from podpatterns.metrics import (
+    LATENCY_BUCKETS,
+    CallbackCollector,
+    Family,
+    Histogram,
+    HistogramSample,
+    Sample,
+)
+from podpatterns.tasks import TaskSet
+
+POOL_MODES = ("off", "session", "transaction")
+TOO_MANY_CONNECTIONS = "53300"
+CONNECTION_FAILURE = "08006"
+ADMIN_SHUTDOWN = "57P01"
+RESET_TIMEOUT = 5.0  # seconds a reset (ROLLBACK, DISCARD ALL) may take before the close
+MAX_CLIENT_MESSAGE = 64 << 20  # a larger message from the app ends its connection
+LIFETIME_JITTER = 0.1  # each server connection lives (1 - U(0, this)) * --pg-pool-max-lifetime
+
+_UNPACK = struct.Struct("!i").unpack_from
+_AUTH_OK = b"R\0\0\0\x08\0\0\0\0"
+_TERMINATE = b"X\0\0\0\x04"
+_PARSE_COMPLETE = b"1\0\0\0\x04"
+_READY_IDLE = b"Z\0\0\0\x05I"
+_NO_STATEMENT = b"podpatterns_none"  # a Close of it is answered, and changes nothing
+_Q, _S, _F, _X, _P, _B, _D, _C, _Z = (ord(c) for c in "QSFXPBDCZ")
+_IDLE = ord("I")
+_REQUESTS = frozenset((_Q, _S, _F))  # each answered by one ReadyForQuery
+_PARSE_DONE, _CLOSE_DONE = ord("1"), ord("3")
+
+# Session state a transaction-mode server connection does not keep for the app: what the
+# app's SQL says, checked at the start of each Query and Parse text (issue 14).
+_FEATURES = re.compile(
+    rb"""\A\s*(?:
+        (?P<set>set\s+(?!local\b|transaction\b|constraints\b))
+      | (?P<listen>listen\b)
+      | (?P<temp_table>create\s+(?:(?:global|local)\s+)?temp(?:orary)?\b)
+      | (?P<prepare>prepare\s)
+    )
+    | (?P<with_hold>\bdeclare\b[^;]*\bwith\s+hold\b)
+    | (?P<advisory_lock>\bpg_(?:try_)?advisory_lock(?:_shared)?\s*\()
+    """,
+    re.I | re.X | re.S,
+)
+
+
+@dataclass(frozen=True)
+class PoolSettings:
+    """One route's pool settings (the ``--pg-pool*`` options)."""
+
+    mode: str = "session"
+    size: int = 20
+    min_idle: int = 0
+    idle_timeout: float = 60.0
+    max_lifetime: float = 3600.0
+    wait: float = 5.0
+    reset_query: str = "DISCARD ALL"
+    connect_timeout: float = 30.0
+
+
+class PoolTimeout(Exception):
+    """No server connection became free within ``--pg-pool-wait``."""
+
+
+def query_message(sql: str) -> bytes:
+    """A simple-protocol Query message."""
+    body = sql.encode() + b"\0"
+    return b"Q" + struct.pack("!i", len(body) + 4) + body
+
+
+def _message(kind: bytes, body: bytes) -> bytes:
+    return kind + struct.pack("!i", len(body) + 4) + body
+
+
+def _messages(buf: bytes) -> Iterator[tuple[int, bytes]]:
+    """The whole messages in ``buf`` (type, body)."""
+    pos = 0
+    while len(buf) - pos >= 5:
+        (length,) = _UNPACK(buf, pos + 1)
+        yield buf[pos], buf[pos + 5 : pos + 1 + length]
+        pos += 1 + length
+
+
+async def trust_only(stream: Stream, user: str, endpoint: Endpoint) -> bytes:
+    """The server's messages from after the StartupMessage up to ReadyForQuery, when the
+    server asks for no password (pg_hba ``trust`` or ``cert``).
+
+    Raises:
+        ServerError: the server answered with an ErrorResponse.
+        Failure: the server asks for a password, or broke the protocol.
+    """
+    buf = b""
+    while True:
+        pos = 0
+        while len(buf) - pos >= 5:
+            kind = buf[pos]
+            (length,) = _UNPACK(buf, pos + 1)
+            if not 4 <= length <= MAX_MESSAGE:
+                raise Failure("protocol", f"podpatterns ambassador: {endpoint} broke the protocol")
+            end = pos + 1 + length
+            if end > len(buf):
+                break
+            if kind == ord("E"):
+                raise ServerError(buf[pos:end])
+            if kind == ord("R") and buf[pos + 5 : end] != b"\0\0\0\0":
+                raise Failure(
+                    "protocol",
+                    f"podpatterns ambassador: {endpoint} asks user {user!r} for a password; "
+                    "pooled server connections are opened by the ambassador, which needs a "
+                    "password source for that (see docs/ambassador-postgres.md, Pooling)",
+                )
+            if kind == _Z:
+                return buf[:end]
+            pos = end
+        data = await stream.read()
+        if not data:
+            raise Failure(
+                "upstream_closed",
+                f"podpatterns ambassador: {endpoint} closed the connection during startup",
+            )
+        buf += data
+
+
+#: Dials an endpoint of the route (balancing, retries, health), as for any connection.
+Dial = Callable[[], Awaitable[tuple[socket.socket, Endpoint]]]
+
+
+class ServerConn(asyncio.Protocol):
+    """One pooled server connection: its transport's protocol for its whole life.
+
+    While lent, what the server sends goes to the app's :class:`ClientSession`; while
+    being reset, to the reset's walk; while idle, any message ends it (a server that
+    speaks unasked is terminating the session: ``idle_session_timeout``, an admin).
+    """
+
+    def __init__(
+        self, pool: Pool, endpoint: Endpoint, key: bytes, params: bytes, lifetime: float
+    ) -> None:
+        self.pool = pool
+        self.endpoint = endpoint
+        self.key = key  # the server's BackendKeyData (process ID, secret key)
+        self.params = params  # its ParameterStatus messages, as the startup gave them
+        self.transport: Any = None
+        self.owner: ClientSession | None = None
+        self.prepared: set[bytes] = set()  # the ambassador's statement names prepared here
+        now = time.monotonic()
+        self.expires = now + lifetime * (1 - random.uniform(0, LIFETIME_JITTER))
+        self.timer: asyncio.TimerHandle | None = None  # a reset's deadline
+        self.idle_since = now
+        self.label = str(endpoint)
+        self.closed = False
+        self._reset_left = 0  # ReadyForQuery still awaited by a reset
+        self._reset_ok = True
+        self._reset_buf = b""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        owner = self.owner
+        if owner is not None:
+            owner.server_data(data)
+        elif self._reset_left:
+            self._reset_data(data)
+        else:
+            self.close("server_message")
+
+    def eof_received(self) -> bool:
+        return False
+
+    def pause_writing(self) -> None:
+        if self.owner is not None and self.owner.transport is not None:
+            self.owner.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.owner is not None and self.owner.transport is not None:
+            self.owner.transport.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        already = self.closed
+        self.closed = True
+        if not already:
+            self.pool.lost(self, "server_closed" if exc is None else "server_error")
+        owner, self.owner = self.owner, None
+        if owner is not None:
+            owner.server_lost(self)
+
+    def expired(self, now: float) -> bool:
+        return now >= self.expires
+
+    def close(self, reason: str) -> None:
+        """Terminate the session and close, counted under ``reason``."""
+        if self.closed:
+            return
+        self.closed = True
+        self.pool.lost(self, reason)
+        self.owner = None  # what the server still sends is no app's any more
+        if self.timer is not None:
+            self.timer.cancel()
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(_TERMINATE)
+            transport.close()
+
+    def reset(self, queries: list[bytes]) -> None:
+        """Run ``queries`` (Query messages), then return to the pool if all went well."""
+        if not queries:
+            self.pool.release(self)
+            return
+        self._reset_left = len(queries)
+        self._reset_ok = True
+        self._reset_buf = b""
+        self.transport.resume_reading()
+        self.transport.write(b"".join(queries))
+        self.timer = asyncio.get_running_loop().call_later(
+            RESET_TIMEOUT, self.close, "reset_timeout"
+        )
+
+    def _reset_data(self, data: bytes) -> None:
+        buf = self._reset_buf + data
+        pos = 0
+        while len(buf) - pos >= 5:
+            kind = buf[pos]
+            (length,) = _UNPACK(buf, pos + 1)
+            if not 4 <= length <= MAX_MESSAGE:
+                self.close("protocol_error")
+                return
+            end = pos + 1 + length
+            if end > len(buf):
+                break
+            if kind == ord("E"):
+                self._reset_ok = False
+            elif kind == _Z:
+                self._reset_left -= 1
+                if not self._reset_left:
+                    if self.timer is not None:
+                        self.timer.cancel()
+                        self.timer = None
+                    status = buf[pos + 5] if length == 5 else 0
+                    if self._reset_ok and status == _IDLE and end == len(buf):
+                        self._reset_buf = b""
+                        self.pool.release(self)
+                    else:
+                        self.close("reset_failed")
+                    return
+            pos = end
+        self._reset_buf = buf[pos:]
+
+
+class Pool:
+    """The server connections of one pool key (user, database, startup parameters)."""
+
+    def __init__(self, pools: Pools, startup: bytes) -> None:
+        self.pools = pools
+        self.settings = pools.settings
+        self.startup = startup
+        self.user = startup_parameters(startup).get("user", "")
+        self.idle: deque[ServerConn] = deque()
+        self.in_use = 0
+        self.opening = 0
+        self.resetting = 0
+        self.waiters: deque[asyncio.Future[ServerConn]] = deque()
+        self.params: bytes | None = None  # ParameterStatus messages of the first connection
+        self._sweep: asyncio.TimerHandle | None = None  # the idle connections' timeouts
+        self.top_up()
+
+    def total(self) -> int:
+        return len(self.idle) + self.in_use + self.opening + self.resetting
+
+    def take(self) -> ServerConn | None:
+        """An idle server connection, now, or None (counted as a wait of 0 s)."""
+        now = time.monotonic()
+        while self.idle:
+            server = self.idle.pop()  # the most recently used: the others may time out
+            if server.expired(now):
+                server.close("max_lifetime")
+                continue
+            self.in_use += 1
+            self.pools.observe_wait(0.0)
+            return server
+        return None
+
+    def wait(self) -> asyncio.Future[ServerConn]:
+        """A future server connection: raises :class:`PoolTimeout` after ``--pg-pool-wait``,
+        or the error of the connection opened for it."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[ServerConn] = loop.create_future()
+        started = time.monotonic()
+        self.waiters.append(fut)
+        timer = loop.call_later(self.settings.wait, self._timed_out, fut)
+
+        def done(f: asyncio.Future[ServerConn]) -> None:
+            timer.cancel()
+            if f.cancelled() or f.exception() is None:
+                self.pools.observe_wait(time.monotonic() - started)
+            with contextlib.suppress(ValueError):
+                self.waiters.remove(f)
+
+        fut.add_done_callback(done)
+        self._open_for_waiters()
+        return fut
+
+    def _timed_out(self, fut: asyncio.Future[ServerConn]) -> None:
+        if not fut.done():
+            self.pools.wait_timeouts += 1
+            fut.set_exception(PoolTimeout())
+
+    def _open_for_waiters(self) -> None:
+        live = sum(1 for f in self.waiters if not f.done())
+        while self.opening < live and self.total() < self.settings.size:
+            self.pools.spawn_open(self)
+
+    def top_up(self) -> None:
+        """Open connections until ``--pg-pool-min-idle`` are idle or opening."""
+        while (
+            len(self.idle) + self.opening < self.settings.min_idle
+            and self.total() < self.settings.size
+            and not self.pools.closing
+        ):
+            self.pools.spawn_open(self)
+
+    def opened(self, server: ServerConn) -> None:
+        self.opening -= 1
+        if self.params is None:
+            self.params = server.params
+        self._give(server)
+
+    def open_failed(self, exc: BaseException) -> None:
+        self.opening -= 1
+        for fut in self.waiters:
+            if not fut.done():
+                fut.set_exception(exc)
+                break
+        self._open_for_waiters()
+
+    def _give(self, server: ServerConn) -> None:
+        """A free server connection: to the first waiter, or idle."""
+        for fut in self.waiters:
+            if not fut.done():
+                self.in_use += 1
+                fut.set_result(server)
+                return
+        if self.pools.closing:
+            server.close("shutdown")
+            return
+        server.idle_since = time.monotonic()
+        self.idle.append(server)
+        if self._sweep is None:
+            self._arm_sweep(server.idle_since)
+
+    def _arm_sweep(self, now: float) -> None:
+        """One timer per pool for the idle connections' timeouts, not one per lend: a
+        transaction-mode pool returns a connection after every transaction."""
+        if not self.idle:
+            return
+        timeout = self.settings.idle_timeout
+        due = min(
+            s.expires if now - s.idle_since >= timeout else min(s.expires, s.idle_since + timeout)
+            for s in self.idle
+        )
+        loop = asyncio.get_running_loop()
+        self._sweep = loop.call_later(max(0.05, due - now), self._sweep_idle)
+
+    def close_idle(self) -> None:
+        """Shutdown: close the idle connections, stop the sweep."""
+        for server in list(self.idle):
+            server.close("shutdown")
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
+
+    def _sweep_idle(self) -> None:
+        """Close the idle connections past their lifetime, and those idle for longer than
+        ``--pg-pool-idle-timeout`` beyond ``--pg-pool-min-idle`` (the oldest first)."""
+        self._sweep = None
+        now = time.monotonic()
+        for server in list(self.idle):  # the least recently used first
+            if server.expired(now):
+                server.close("max_lifetime")
+            elif (
+                now - server.idle_since >= self.settings.idle_timeout
+                and len(self.idle) > self.settings.min_idle
+            ):
+                server.close("idle_timeout")
+        self._arm_sweep(now)
+        self.top_up()
+
+    def returning(self, server: ServerConn) -> None:
+        """``server`` leaves its app connection, to be reset (:meth:`ServerConn.reset`)."""
+        self.in_use -= 1
+        self.resetting += 1
+        server.owner = None
+
+    def release(self, server: ServerConn) -> None:
+        """``server`` is free again (after its reset)."""
+        self.resetting -= 1
+        if server.expired(time.monotonic()):
+            server.close("max_lifetime")
+            return
+        self._give(server)
+
+    def lost(self, server: ServerConn, reason: str) -> None:
+        """``server`` closed (``reason``): count it, and open for who waits."""
+        self.pools.closed[reason] += 1
+        if server in self.idle:
+            self.idle.remove(server)
+        elif server.owner is not None:
+            self.in_use -= 1
+        else:
+            self.resetting -= 1
+        if server.endpoint.active > 0:
+            server.endpoint.active -= 1
+        if not self.pools.closing:
+            self._open_for_waiters()
+            self.top_up()
+
+
+class Pools:
+    """One route's pools, keyed by the app's StartupMessage parameters.
+
+    Args:
+        settings: the route's ``--pg-pool*`` options.
+        handler: the route's PostgreSQL handler (its TLS settings for the server side).
+        dial: connects to an endpoint of the route.
+        route: the route's name, for the metrics.
+        log: the route's logger.
+    """
+
+    def __init__(
+        self,
+        settings: PoolSettings,
+        handler: PostgresHandler,
+        dial: Dial,
+        *,
+        route: str = "default",
+        log: Any = None,
+    ) -> None:
+        self.settings = settings
+        self.handler = handler
+        self.dial = dial
+        self.route = route
+        self.log = log if log is not None else handler.log
+        self.by_key: dict[bytes, Pool] = {}
+        self.clients: dict[bytes, ClientSession] = {}  # by the BackendKeyData we issued
+        self.statement_names: dict[bytes, bytes] = {}  # Parse body -> our statement name
+        self.statement_bodies: dict[bytes, bytes] = {}  # our statement name -> Parse body
+        self.closing = False
+        self.tasks = TaskSet("ambassador")
+        # metrics: plain numbers read at scrape time
+        self.opened = 0
+        self.closed: Counter[str] = Counter()
+        self.open_failures = 0
+        self.wait_timeouts = 0
+        self.wait_buckets = [0] * (len(LATENCY_BUCKETS) + 1)
+        self.wait_seconds = 0.0
+        self.features: Counter[str] = Counter()
+
+    def pool_for(self, startup: bytes) -> Pool:
+        """The pool of the app's StartupMessage (its parameters are the key)."""
+        key = startup[8:]
+        pool = self.by_key.get(key)
+        if pool is None:
+            pool = self.by_key[key] = Pool(self, startup)
+        return pool
+
+    def observe_wait(self, seconds: float) -> None:
+        self.wait_seconds += seconds
+        self.wait_buckets[bisect_left(LATENCY_BUCKETS, seconds)] += 1
+
+    def counts(self) -> tuple[int, int, int, int]:
+        """(in use, idle, opening or being reset, waiting apps) over all keys."""
+        in_use = idle = other = waiting = 0
+        for pool in self.by_key.values():
+            in_use += pool.in_use
+            idle += len(pool.idle)
+            other += pool.opening + pool.resetting
+            waiting += sum(1 for f in pool.waiters if not f.done())
+        return in_use, idle, other, waiting
+
+    def spawn_open(self, pool: Pool) -> None:
+        pool.opening += 1
+        self.tasks.spawn(self._open(pool), f"{self.route}/pg_pool_open", may_return=True)
+
+    async def _open(self, pool: Pool) -> None:
+        try:
+            async with asyncio.timeout(self.settings.connect_timeout):
+                server = await self.open_server(pool)
+        except Exception as exc:  # each failure goes to a waiting app
+            self.open_failures += 1
+            if not isinstance(exc, ServerError | Failure | DialError | OSError | TimeoutError):
+                self.log.error("pg_pool_open_bug", error=repr(exc), exc_info=exc)
+            else:
+                self.log.warning("pg_pool_open_failed", error=_describe(exc))
+            pool.open_failed(exc)
+            return
+        if self.closing:
+            pool.opening -= 1
+            server.endpoint.active -= 1
+            server.closed = True
+            server.transport.write(_TERMINATE)
+            server.transport.close()
+            return
+        self.opened += 1
+        pool.opened(server)
+
+    async def open_server(self, pool: Pool) -> ServerConn:
+        """Dial, TLS as the route says, the StartupMessage, authentication."""
+        handler = self.handler
+        usock, endpoint = await self.dial()
+        try:
+            if handler.credentials is not None:  # --pg-password-file, --pg-password-command
+                stream, tls, session = await handler.open_server(usock, endpoint, pool.startup)
+                messages = session.messages
+                stream.take_buffered()  # nothing is read past ReadyForQuery
+            else:  # --pg-upstream-trust
+                plain = SocketStream(usock)
+                tls = None
+                if handler.sslmode != "disable":
+                    tls = await handler.negotiate_tls(plain, usock, endpoint)
+                stream = tls if tls is not None else plain
+                await stream.write(pool.startup)
+                messages = await trust_only(stream, pool.user, endpoint)
+        except BaseException:
+            usock.close()
+            raise
+        params: list[bytes] = []
+        key = b""
+        pos = 0
+        for kind, body in _messages(messages):
+            if kind == ord("S"):
+                params.append(_message(b"S", body))
+            elif kind == ord("K") and KEY_MIN <= len(body) - 4 <= KEY_MAX:
+                key = body
+            pos += 5 + len(body)
+        server = ServerConn(pool, endpoint, key, b"".join(params), self.settings.max_lifetime)
+        endpoint.active += 1
+        leftover = stream.take_buffered()
+        if tls is not None:
+            tls.hand_over(server)
+        else:
+            loop = asyncio.get_running_loop()
+            await loop.create_connection(lambda: server, sock=usock)
+        if leftover:  # the server speaks unasked: not a session to lend
+            server.close("protocol_error")
+            raise Failure("protocol", f"podpatterns ambassador: {endpoint} sent data unasked")
+        return server
+
+    def cancel_target(self, key: bytes) -> tuple[Endpoint, bytes] | None:
+        """The server a CancelRequest with our BackendKeyData ``key`` must reach, and
+        that server's own key; None when the app holds no server connection now."""
+        client = self.clients.get(key)
+        if client is None or client.server is None or not client.server.key:
+            return None
+        return client.server.endpoint, client.server.key
+
+    def feature_used(self, name: str) -> None:
+        self.features[name] += 1
+
+    async def close(self) -> None:
+        """Close every server connection; cancel the opens under way."""
+        self.closing = True
+        for pool in self.by_key.values():
+            for fut in pool.waiters:
+                if not fut.done():
+                    fut.set_exception(PoolTimeout())
+            pool.close_idle()
+        await self.tasks.aclose()
+
+    def drain(self) -> None:
+        """Draining starts: each app connection ends at its next rest."""
+        for client in list(self.clients.values()):
+            client.drain()
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, Failure):
+        return exc.message
+    if isinstance(exc, ServerError):
+        return "the server refused the connection (ErrorResponse)"
+    return str(exc) or type(exc).__name__
+
+
+def startup_answer(params: bytes, key: bytes) -> bytes:
+    """What the ambassador answers an app's StartupMessage with in pool mode."""
+    return _AUTH_OK + params + _message(b"K", key) + _READY_IDLE
+
+
+def issue_key() -> bytes:
+    """A BackendKeyData body for an app connection: process ID and secret key."""
+    pid = random.getrandbits(31) | 1
+    return struct.pack("!i", pid) + os.urandom(4)
+
+
+class ClientSession(asyncio.Protocol):
+    """One app connection in pool mode: its transport's protocol, and the
+    connection's :class:`~.connection.Relay`.
+
+    Args:
+        pools: the route's pools.
+        pool: the pool of the app's startup parameters.
+        conn: the connection's accounting.
+        server: the server connection lent (session mode), or None (transaction mode).
+        key: the BackendKeyData issued to the app.
+        greeting: bytes to send the app first (the startup answer).
+    """
+
+    def __init__(
+        self,
+        pools: Pools,
+        pool: Pool,
+        conn: Connection,
+        server: ServerConn | None,
+        key: bytes,
+        greeting: bytes,
+    ) -> None:
+        self.pools = pools
+        self.pool = pool
+        self.conn = conn
+        self.transaction_mode = pools.settings.mode == "transaction"
+        self.server: ServerConn | None = None
+        self.key = key
+        self.transport: Any = None
+        self._greeting = greeting
+        self._inbuf = bytearray()
+        self.nbytes_up = 0
+        self.nbytes_down = 0
+        self.outstanding = 0  # requests sent to the server not yet answered by Z
+        self.in_batch = False  # extended-protocol messages sent since the last Sync
+        self.status = _IDLE
+        self._skip = 0  # bytes of the server's current message still to pass
+        self._carry = b""  # the start of a server message header split across reads
+        self.statements: dict[bytes, bytes] = {}  # the app's statement name -> ours
+        self._parses: deque[tuple[int, bytes, bool]] = deque()  # (group, name, to app)
+        self._closes: deque[tuple[int, bool]] = deque()  # (group, answers a Parse)
+        self._sent_groups = 0  # Sync, Query, FunctionCall sent to the current server
+        self._done_groups = 0  # their ReadyForQuery received
+        self._waiting: asyncio.Future[ServerConn] | None = None
+        self._eof_client = False
+        self.ended = False
+        self.draining = False
+        self._features: set[str] = set()
+        self._server_paused = False
+        pools.clients[key] = self
+        if server is not None:
+            self._attach(server)
+
+    # -- Relay (what the route needs) -------------------------------------------------------
+
+    def counts(self) -> tuple[int, int]:
+        return self.nbytes_up, self.nbytes_down
+
+    def half_closed(self) -> bool:
+        return False
+
+    def abort(self) -> None:
+        self.conn.note_end("proxy", self.conn.reason or "aborted")
+        self._end(reuse=False)
+        if self.transport is not None and not self.transport.is_closing():
+            reset_socket(self.transport.get_extra_info("socket"))
+            self.transport.abort()
+
+    def close(self) -> None:
+        self.conn.note_end("proxy", self.conn.reason or "closed")
+        self._end(reuse=True)
+        if self.transport is not None:
+            self.transport.close()
+
+    # -- the app's side -------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+        transport.set_write_buffer_limits(high=256 * 1024)  # type: ignore[attr-defined]
+        transport.write(self._greeting)  # type: ignore[attr-defined]
+        self.nbytes_down += len(self._greeting)
+
+    def data_received(self, data: bytes) -> None:
+        self.nbytes_up += len(data)
+        self._inbuf += data
+        self._pump()
+
+    def eof_received(self) -> bool:
+        self._eof_client = True
+        self.conn.note_end("client", "eof")
+        self._end(reuse=True)
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if exc is not None:
+            self.conn.note_end(
+                "client", "reset" if isinstance(exc, ConnectionResetError) else "error"
+            )
+        else:
+            self.conn.note_end("client", "closed")
+        self._end(reuse=True)
+        self.conn.bytes_up = self.nbytes_up
+        self.conn.bytes_down = self.nbytes_down
+        self.conn.finish()
+
+    def pause_writing(self) -> None:
+        server = self.server
+        if server is not None and server.transport is not None:
+            self._server_paused = True
+            server.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        server = self.server
+        self._server_paused = False
+        if server is not None and server.transport is not None:
+            server.transport.resume_reading()
+
+    def _pump(self) -> None:
+        """Pass on the app's whole messages (rewritten in transaction mode)."""
+        if self.ended or self._waiting is not None:
+            return
+        buf = self._inbuf
+        n = len(buf)
+        pos = 0
+        out: list[bytes] = []
+        while n - pos >= 5:
+            kind = buf[pos]
+            (length,) = _UNPACK(buf, pos + 1)
+            if not 4 <= length <= MAX_CLIENT_MESSAGE:
+                self._fail("08P01", "podpatterns ambassador: invalid message from the client")
+                return
+            end = pos + 1 + length
+            if end > n:
+                break
+            if kind == _X:
+                del buf[:]
+                self._flush(out)
+                self.conn.note_end("client", "terminate")
+                self._end(reuse=True)
+                if self.transport is not None:
+                    self.transport.close()
+                return
+            if self.server is None and not self._acquire(out):
+                del buf[:pos]
+                return
+            if self.transaction_mode:
+                out.append(self._rewrite(kind, bytes(buf[pos:end])))
+            else:
+                out.append(bytes(buf[pos:end]))
+            if kind in _REQUESTS:
+                self.outstanding += 1
+                self._sent_groups += 1
+                self.in_batch = False
+            elif kind not in b"dcf":  # COPY data is not a batch of its own
+                self.in_batch = True
+            pos = end
+        del buf[:pos]
+        self._flush(out)
+
+    def _flush(self, out: list[bytes]) -> None:
+        if out and self.server is not None:
+            self.server.transport.write(b"".join(out))
+            out.clear()
+
+    def _acquire(self, out: list[bytes]) -> bool:
+        """A server connection for the next transaction; False while waiting for one."""
+        self._flush(out)
+        server = self.pool.take()
+        if server is not None:
+            self._attach(server)
+            return True
+        if self.transport is not None:
+            self.transport.pause_reading()
+        fut = self.pool.wait()
+        self._waiting = fut
+        fut.add_done_callback(self._granted)
+        return False
+
+    def _granted(self, fut: asyncio.Future[ServerConn]) -> None:
+        self._waiting = None
+        if fut.cancelled():
+            return
+        exc = fut.exception()
+        if self.ended:
+            if exc is None:
+                server = fut.result()
+                self.pool.returning(server)
+                self.pool.release(server)
+            return
+        if isinstance(exc, PoolTimeout):
+            self._fail(TOO_MANY_CONNECTIONS, pool_timeout_message(self.pools.settings))
+            return
+        if isinstance(exc, ServerError):
+            self._fail_with(exc.raw)
+            return
+        if exc is not None:
+            self._fail(CONNECTION_FAILURE, f"podpatterns ambassador: {_describe(exc)}")
+            return
+        self._attach(fut.result())
+        if self.transport is not None:
+            self.transport.resume_reading()
+        self._pump()
+
+    def _attach(self, server: ServerConn) -> None:
+        server.owner = self
+        self.server = server
+        self._skip = 0
+        self._carry = b""
+        self._sent_groups = self._done_groups = 0
+        self._parses.clear()
+        self._closes.clear()
+        if self._server_paused:
+            server.transport.pause_reading()
+        self.conn.upstream = server.label
+
+    # -- transaction mode: statements under the ambassador's names ------------------------
+
+    def _rewrite(self, kind: int, msg: bytes) -> bytes:
+        """One app message for the current server connection (transaction mode)."""
+        if kind == _Q:
+            self._detect(msg[5:])
+            return msg
+        server = self.server
+        assert server is not None
+        group = self._sent_groups
+        if kind == _P:
+            name, _, rest = msg[5:].partition(b"\0")
+            self._detect(rest)
+            if not name:
+                self._parses.append((group, b"", True))
+                return msg
+            ours = self.pools.statement_names.get(rest)
+            if ours is None:
+                ours = b"podpatterns_%d" % len(self.pools.statement_names)
+                self.pools.statement_names[rest] = ours
+                self.pools.statement_bodies[ours] = rest
+            self.statements[name] = ours
+            if ours in server.prepared:
+                # a stand-in whose CloseComplete becomes the app's ParseComplete
+                self._closes.append((group, True))
+                return _message(b"C", b"S" + _NO_STATEMENT + b"\0")
+            server.prepared.add(ours)
+            self._parses.append((group, ours, True))
+            return _message(b"P", ours + b"\0" + rest)
+        if kind == _B:
+            portal, _, rest = msg[5:].partition(b"\0")
+            name, _, tail = rest.partition(b"\0")
+            ours = self.statements.get(name) if name else None
+            if ours is None:
+                return msg
+            return self._prepared(ours) + _message(b"B", portal + b"\0" + ours + b"\0" + tail)
+        if kind in (_D, _C):
+            what, name = msg[5:6], msg[6:-1]
+            if what == b"S" and name:
+                ours = self.statements.get(name)
+                if kind == _C:
+                    self.statements.pop(name, None)
+                    self._closes.append((group, False))
+                    # shared by every app that prepared the same text: never closed here
+                    return _message(b"C", b"S" + _NO_STATEMENT + b"\0")
+                if ours is not None:
+                    return self._prepared(ours) + _message(b"D", b"S" + ours + b"\0")
+            elif kind == _C:
+                self._closes.append((group, False))
+            return msg
+        return msg
+
+    def _prepared(self, ours: bytes) -> bytes:
+        """A Parse of statement ``ours`` when the server connection lacks it (its
+        ParseComplete is not the app's), else nothing."""
+        server = self.server
+        assert server is not None
+        if ours in server.prepared:
+            return b""
+        body = self.pools.statement_bodies[ours]
+        server.prepared.add(ours)
+        self._parses.append((self._sent_groups, ours, False))
+        return _message(b"P", ours + b"\0" + body)
+
+    def _detect(self, text: bytes) -> None:
+        """Count and log (once per app connection) session state transaction mode loses."""
+        found = _FEATURES.search(text, 0, 4096)
+        if found is None or found.lastgroup is None:
+            return
+        feature = found.lastgroup
+        self.pools.feature_used(feature)
+        if feature not in self._features:
+            self._features.add(feature)
+            self.pools.log.warning(
+                "pg_pool_session_state",
+                conn=self.conn.id,
+                client=self.conn.client,
+                feature=feature,
+                note="--pg-pool transaction: the next transaction may run on another "
+                "server connection, without this state",
+            )
+
+    # -- the server's side ------------------------------------------------------------------
+
+    def server_data(self, data: bytes) -> None:
+        """What the lent server connection sent: to the app, less what was not its."""
+        n = len(data)
+        self.nbytes_down += n
+        if self._carry:
+            data = self._carry + data
+            n = len(data)
+            self._carry = b""
+            pos = 0
+        else:
+            pos = self._skip
+            if pos >= n:
+                self._skip -= n
+                self.transport.write(data)
+                return
+        cuts: list[tuple[int, bytes]] = []  # (position, replacement) of 5-byte messages
+        rest = False
+        while pos < n:
+            kind = data[pos]
+            if n - pos < (6 if kind == _Z else 5):
+                self._carry = data[pos:]
+                break
+            (length,) = _UNPACK(data, pos + 1)
+            if length < 4:
+                self._fail(CONNECTION_FAILURE, "podpatterns ambassador: invalid server message")
+                return
+            if kind == _Z:
+                rest = self._ready(data[pos + 5])
+            elif kind == _PARSE_DONE and self._parses:
+                _, _, to_app = self._parses.popleft()
+                if not to_app:
+                    cuts.append((pos, b""))
+            elif kind == _CLOSE_DONE and self._closes:
+                _, as_parse = self._closes.popleft()
+                if as_parse:
+                    cuts.append((pos, _PARSE_COMPLETE))
+            pos += 1 + length
+        self._skip = pos - n if pos > n else 0
+        end = n - len(self._carry)
+        if cuts:
+            parts: list[bytes] = []
+            last = 0
+            for at, replacement in cuts:
+                parts.append(data[last:at])
+                parts.append(replacement)
+                last = at + 5
+            parts.append(data[last:end])
+            out = b"".join(parts)
+        else:
+            out = data if end == n else data[:end]
+        if out and self.transport is not None:
+            self.transport.write(out)
+        if rest and not self._skip and not self._carry:
+            if self.draining:
+                self._drained()
+            elif self.transaction_mode:
+                self._release()
+
+    def _ready(self, status: int) -> bool:
+        """A ReadyForQuery: True when the session is at rest (nothing asked, idle)."""
+        self.status = status
+        self.outstanding -= 1
+        group = self._done_groups
+        self._done_groups += 1
+        # what its group asked and the server skipped after an error
+        while self._parses and self._parses[0][0] <= group:
+            _, name, _ = self._parses.popleft()
+            if name and self.server is not None:
+                self.server.prepared.discard(name)
+        while self._closes and self._closes[0][0] <= group:
+            self._closes.popleft()
+        return status == _IDLE and self.outstanding <= 0 and not self.in_batch
+
+    def _release(self) -> None:
+        server, self.server = self.server, None
+        if server is None:
+            return
+        self.outstanding = 0
+        if self._server_paused:
+            server.transport.resume_reading()
+        self.pool.returning(server)
+        self.pool.release(server)
+
+    def server_lost(self, server: ServerConn) -> None:
+        """The lent server connection closed: so does the app's (what the server said
+        before closing, a FATAL ErrorResponse, was passed on)."""
+        if server is not self.server:
+            return
+        self.server = None
+        self.conn.note_end("upstream", "closed")
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+        self.ended = True
+
+    # -- ends ---------------------------------------------------------------------------------
+
+    def _end(self, reuse: bool) -> None:
+        """The app connection ends: the server connection goes back (reset) or closes."""
+        if self.ended:
+            return
+        self.ended = True
+        self.pools.clients.pop(self.key, None)
+        if self._waiting is not None:
+            self._waiting.cancel()
+            self._waiting = None
+        server, self.server = self.server, None
+        if server is None:
+            return
+        whole = not self._skip and not self._carry and not self.in_batch
+        if not reuse or not whole or self.outstanding > 0 or self.pools.closing:
+            server.close("client_gone_busy" if reuse else "aborted")
+            return
+        queries: list[bytes] = []
+        if self.status != _IDLE:
+            queries.append(query_message("ROLLBACK"))
+        if not self.transaction_mode and self.pools.settings.reset_query:
+            queries.append(query_message(self.pools.settings.reset_query))
+        if self._server_paused:
+            server.transport.resume_reading()
+        self.pool.returning(server)
+        server.reset(queries)
+
+    def drain(self) -> None:
+        """End the app's connection at its next rest (FATAL 57P01, as a fast shutdown)."""
+        self.draining = True
+        at_rest = (
+            self.status == _IDLE
+            and self.outstanding <= 0
+            and not self.in_batch
+            and not self._skip
+            and not self._carry
+        )
+        if at_rest:
+            self._drained()
+
+    def _drained(self) -> None:
+        from podpatterns.ambassador.pgdrain import DRAIN_MESSAGE
+
+        self.conn.end_by_proxy("drained")
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(error_response(ADMIN_SHUTDOWN, DRAIN_MESSAGE))
+        self._end(reuse=True)
+        if self.transport is not None:
+            self.transport.close()
+
+    def _fail(self, sqlstate: str, message: str) -> None:
+        self._fail_with(error_response(sqlstate, message))
+
+    def _fail_with(self, response: bytes) -> None:
+        self.conn.end_by_proxy("pool_error")
+        self._end(reuse=False)
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(response)
+            self.transport.close()
+
+
+def pool_timeout_message(settings: PoolSettings) -> str:
+    """What an app that waited ``--pg-pool-wait`` in vain is told (with SQLSTATE 53300)."""
+    return (
+        f"podpatterns ambassador: no pooled server connection free within --pg-pool-wait "
+        f"{settings.wait:g}s (--pg-pool-size {settings.size} in use)"
+    )
+
+
+def pool_collector(routes: Iterable[tuple[str, Pools]]) -> CallbackCollector:
+    """The pool metric families of every route with ``--pg-pool``."""
+    pairs = tuple(routes)
+
+    def states() -> Iterator[Sample]:
+        for name, pools in pairs:
+            in_use, idle, other, _ = pools.counts()
+            yield (name, "in_use"), float(in_use)
+            yield (name, "idle"), float(idle)
+            yield (name, "opening_or_reset"), float(other)
+
+    def waiting() -> Iterator[Sample]:
+        for name, pools in pairs:
+            yield (name,), float(pools.counts()[3])
+
+    def closed() -> Iterator[Sample]:
+        for name, pools in pairs:
+            for reason, n in pools.closed.items():
+                yield (name, reason), float(n)
+
+    def features() -> Iterator[Sample]:
+        for name, pools in pairs:
+            for feature, n in pools.features.items():
+                yield (name, feature), float(n)
+
+    def per_route(attr: str) -> Callable[[], Iterator[Sample]]:
+        def samples() -> Iterator[Sample]:
+            for name, pools in pairs:
+                yield (name,), float(getattr(pools, attr))
+
+        return samples
+
+    def waits() -> Iterator[HistogramSample]:
+        for name, pools in pairs:
+            yield (name,), pools.wait_buckets, pools.wait_seconds
+
+    p = "ambassador_pg_pool_"
+    return CallbackCollector(
+        [
+            Family(
+                "gauge",
+                p + "connections",
+                "pooled server connections (--pg-pool) by state: in_use, idle, opening_or_reset",
+                ("route", "state"),
+                states,
+            ),
+            Family(
+                "gauge",
+                p + "waiting_clients",
+                "app connections waiting for a pooled server connection",
+                ("route",),
+                waiting,
+            ),
+            Histogram(
+                p + "wait_seconds",
+                "time an app connection waited for a pooled server connection (0 when "
+                "one was idle)",
+                ("route",),
+                LATENCY_BUCKETS,
+                waits,
+            ),
+            Family(
+                "counter",
+                p + "server_opened",
+                "pooled server connections opened",
+                ("route",),
+                per_route("opened"),
+            ),
+            Family(
+                "counter",
+                p + "server_open_failures",
+                "pooled server connections that could not be opened",
+                ("route",),
+                per_route("open_failures"),
+            ),
+            Family(
+                "counter",
+                p + "server_closed",
+                "pooled server connections closed, by reason",
+                ("route", "reason"),
+                closed,
+            ),
+            Family(
+                "counter",
+                p + "wait_timeouts",
+                "app connections refused with 53300 after --pg-pool-wait",
+                ("route",),
+                per_route("wait_timeouts"),
+            ),
+            Family(
+                "counter",
+                p + "session_state",
+                "statements using session state that --pg-pool transaction does not keep, "
+                "by feature",
+                ("route", "feature"),
+                features,
+            ),
+        ]
+    )

@@ -1,0 +1,651 @@
+"""``--pg-pool session|transaction`` in front of a real PostgreSQL 15 that takes only TLS.
+
+The server (tests/peer_fixtures.py ``postgres_tls_trust``) runs with ``ssl = on`` and a
+``hostssl``-only pg_hba: the role ``pooler`` is trusted over TLS, which is how the
+ambassador opens its pooled server connections here (``--pg-upstream-trust``). The apps
+(psql, pgbench, psycopg 3, asyncpg) connect in plaintext to the ambassador with no
+password, as an app in the Pod does. Server connection reuse is shown by the backend's
+process ID (``pg_backend_pid()``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import subprocess
+import threading
+from dataclasses import replace
+from pathlib import Path
+
+import asyncpg
+import psycopg
+import pytest
+
+from tests.ambassador_process import AmbassadorProcess, run_ambassador
+from tests.peers import PG_SERVER_NAME, POOL_USER, PostgresServer, need
+from tests.proc import run
+from tests.waiting import wait_until
+
+pytest_plugins = ("tests.peer_fixtures",)
+pytestmark = pytest.mark.peer
+
+CLIENT_TIMEOUT = 60.0
+POOL = "podpatterns_ambassador_pg_pool_"
+
+
+@pytest.fixture
+def server(postgres_tls_trust: PostgresServer) -> PostgresServer:
+    """The server, seen as the pooled role (no password: the ambassador logs in)."""
+    return replace(postgres_tls_trust, user=POOL_USER, password=None)
+
+
+def pool_args(server: PostgresServer, ca: Path, mode: str, *extra: str) -> list[str]:
+    """The flags of a verified postgres route with a pool."""
+    return [
+        "--protocol",
+        "postgres",
+        "--upstream-tls",
+        "--tls-ca",
+        str(ca),
+        "--tls-server-name",
+        PG_SERVER_NAME,
+        "--pg-pool",
+        mode,
+        "--pg-upstream-trust",
+        *extra,
+    ]
+
+
+def psql(server: PostgresServer, port: int, *sql: str) -> subprocess.CompletedProcess[str]:
+    """psql -c SQL ... against the ambassador (unaligned, tuples only, no password)."""
+    env = server.env(port)
+    env.update(PGSSLMODE="disable")
+    env.pop("PGPASSWORD", None)
+    commands = [arg for command in sql for arg in ("-c", command)]
+    return subprocess.run(
+        [server.tool("psql"), "-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", *commands],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=CLIENT_TIMEOUT,
+        check=False,
+    )
+
+
+def connect(server: PostgresServer, port: int, **kw: object) -> psycopg.Connection:
+    """A psycopg 3 connection through the ambassador, without a password."""
+    return psycopg.connect(
+        host="127.0.0.1",
+        port=port,
+        user=server.user,
+        dbname="postgres",
+        sslmode="disable",
+        connect_timeout=10,
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+def idle_is(amb: AmbassadorProcess, n: int) -> None:
+    """Wait until ``n`` pooled server connections are idle (a returned one was reset)."""
+    wait_until(lambda: amb.metric(POOL + "connections", state="idle") == n, f"{n} idle connections")
+
+
+def pid_and(server: PostgresServer, port: int, sql: str) -> tuple[str, str]:
+    """The backend's process ID and the answer to ``sql``, in one psql session."""
+    done = psql(server, port, "select pg_backend_pid()", sql)
+    assert done.returncode == 0, done.stderr
+    pid, answer = done.stdout.split()[:2]
+    return pid, answer
+
+
+# -- session mode ----------------------------------------------------------------------------
+
+
+def test_session_pool_reuses_the_server_connection_over_tls(
+    server: PostgresServer, pg_ca_file: Path
+) -> None:
+    """Two psql sessions one after the other get the same TLS server backend, opened once."""
+    with run_ambassador(
+        [f"{server.host}:{server.port}"], *pool_args(server, pg_ca_file, "session")
+    ) as amb:
+        port = amb.listen.port
+        first = pid_and(server, port, "select ssl from pg_stat_ssl where pid = pg_backend_pid()")
+        idle_is(amb, 1)
+        second = pid_and(server, port, "select ssl from pg_stat_ssl where pid = pg_backend_pid()")
+        assert first == second
+        assert first[1] == "t"
+        assert amb.metric(POOL + "server_opened_total") == 1
+        assert amb.terminate() == 0, amb.log_text()
+
+
+def test_discard_all_keeps_a_set_from_leaking_to_the_next_app(
+    server: PostgresServer, pg_ca_file: Path
+) -> None:
+    """A SET of one app is reset (DISCARD ALL) before the next app gets the backend."""
+    with run_ambassador(
+        [f"{server.host}:{server.port}"], *pool_args(server, pg_ca_file, "session")
+    ) as amb:
+        port = amb.listen.port
+        first, default = pid_and(server, port, "show work_mem")
+        done = psql(server, port, "set work_mem = '7MB'", "prepare p as select 1")
+        assert done.returncode == 0, done.stderr
+        idle_is(amb, 1)
+        again = psql(
+            server,
+            port,
+            "select pg_backend_pid()",
+            "show work_mem",
+            "select count(*) from pg_prepared_statements",
+        )
+        assert again.returncode == 0, again.stderr
+        assert again.stdout.split() == [first, default, "0"]
+        assert default != "7MB"
+
+
+def test_app_leaving_inside_a_transaction_is_rolled_back_and_reused(
+    server: PostgresServer, pg_ca_file: Path
+) -> None:
+    """An app that leaves inside BEGIN: its work is rolled back, the backend reused."""
+    with run_ambassador(
+        [f"{server.host}:{server.port}"], *pool_args(server, pg_ca_file, "session")
+    ) as amb:
+        port = amb.listen.port
+        with connect(server, port, autocommit=True) as conn:
+            conn.execute("create table if not exists left_open (n int)")
+        idle_is(amb, 1)
+        with connect(server, port) as conn:  # not autocommit: BEGIN is implicit
+            row = conn.execute("select pg_backend_pid()").fetchone()
+            conn.execute("insert into left_open values (1)")
+            # psycopg's close on leaving sends a Terminate without COMMIT
+            conn.close()
+        assert row is not None
+        idle_is(amb, 1)
+        with connect(server, port) as conn:
+            again = conn.execute("select pg_backend_pid(), count(*) from left_open").fetchone()
+        assert again == (row[0], 0)
+
+
+def test_exhausted_pool_answers_53300_after_the_wait(
+    server: PostgresServer, pg_ca_file: Path
+) -> None:
+    """With --pg-pool-size 1 held, the next app gets 53300 after --pg-pool-wait."""
+    args = pool_args(
+        server, pg_ca_file, "session", "--pg-pool-size", "1", "--pg-pool-wait", "300ms"
+    )
+    with run_ambassador([f"{server.host}:{server.port}"], *args) as amb:
+        port = amb.listen.port
+
+        async def apps() -> None:
+            # the same client library for both: the pool key is the startup parameters
+            held = await asyncpg.connect(
+                host="127.0.0.1",
+                port=port,
+                user=server.user,
+                database="postgres",
+                ssl=False,
+                timeout=10,
+            )
+            try:
+                with pytest.raises(asyncpg.TooManyConnectionsError) as err:  # SQLSTATE 53300
+                    await asyncpg.connect(
+                        host="127.0.0.1",
+                        port=port,
+                        user=server.user,
+                        database="postgres",
+                        ssl=False,
+                        timeout=10,
+                    )
+                assert err.value.sqlstate == "53300"
+                assert "--pg-pool-wait" in str(err.value)
+            finally:
+                await held.close()
+            # the held connection is back: the next app gets it
+            again = await asyncpg.connect(
+                host="127.0.0.1",
+                port=port,
+                user=server.user,
+                database="postgres",
+                ssl=False,
+                timeout=10,
+            )
+            assert await again.fetchval("select 1") == 1
+            await again.close()
+
+        asyncio.run(apps())
+        assert amb.metric(POOL + "wait_timeouts_total") == 1
+
+
+def test_waiting_app_gets_the_connection_an_app_returns(
+    server: PostgresServer, pg_ca_file: Path
+) -> None:
+    """An app waiting for the only server connection gets it when the holder leaves."""
+    args = pool_args(server, pg_ca_file, "session", "--pg-pool-size", "1", "--pg-pool-wait", "20s")
+    with run_ambassador([f"{server.host}:{server.port}"], *args) as amb:
+        port = amb.listen.port
+        held = connect(server, port, autocommit=True)
+        pid = held.execute("select pg_backend_pid()").fetchone()
+        result: list[object] = []
+
+        def wait() -> None:
+            with connect(server, port, autocommit=True) as conn:
+                result.append(conn.execute("select pg_backend_pid()").fetchone())
+
+        waiter = threading.Thread(target=wait, daemon=True)
+        waiter.start()
+        amb.wait_metric(POOL + "waiting_clients", lambda n: n == 1, "1")
+        held.close()
+        waiter.join(CLIENT_TIMEOUT)
+        assert pid is not None
+        assert result == [pid]
+
+
+def test_idle_timeout_closes_beyond_min_idle(server: PostgresServer, pg_ca_file: Path) -> None:
+    """Idle past --pg-pool-idle-timeout: closed, except --pg-pool-min-idle of them."""
+    args = pool_args(
+        server,
+        pg_ca_file,
+        "session",
+        "--pg-pool-size",
+        "3",
+        "--pg-pool-min-idle",
+        "1",
+        "--pg-pool-idle-timeout",
+        "300ms",
+    )
+    with run_ambassador([f"{server.host}:{server.port}"], *args) as amb:
+        conns = [connect(server, amb.listen.port) for _ in range(3)]
+        pids = {c.execute("select pg_backend_pid()").fetchone() for c in conns}
+        assert len(pids) == 3
+        for c in conns:
+            c.close()
+        amb.wait_metric(POOL + "server_closed_total", lambda n: n == 2, "2")
+        assert amb.metric(POOL + "server_closed_total", reason="idle_timeout") == 2
+        idle_is(amb, 1)
+        assert amb.metric(POOL + "server_opened_total") == 3
+
+
+def test_cancel_request_reaches_the_pooled_backend(
+    server: PostgresServer, pg_ca_file: Path
+) -> None:
+    """psycopg's cancel (our BackendKeyData) cancels the query on the pooled backend."""
+    with (
+        run_ambassador(
+            [f"{server.host}:{server.port}"], *pool_args(server, pg_ca_file, "session")
+        ) as amb,
+        connect(server, amb.listen.port, autocommit=True) as conn,
+    ):
+        pid = conn.execute("select pg_backend_pid()").fetchone()
+        assert pid is not None
+        assert conn.info.backend_pid != pid[0]  # the key the app got is ours
+
+        def running() -> bool:
+            state = server.query(f"select state from pg_stat_activity where pid = {pid[0]}")
+            return state == "active"
+
+        def cancel() -> None:
+            wait_until(running, "the sleep to run")
+            conn.cancel()
+
+        canceller = threading.Thread(target=cancel, daemon=True)
+        canceller.start()
+        with pytest.raises(psycopg.errors.QueryCanceled):
+            conn.execute("select pg_sleep(60)")
+        canceller.join(CLIENT_TIMEOUT)
+        assert conn.execute("select pg_backend_pid()").fetchone() == pid
+
+
+def test_backend_terminated_by_the_server_is_not_reused(
+    server: PostgresServer, pg_ca_file: Path
+) -> None:
+    """pg_terminate_backend on a lent backend: the app gets the server's FATAL, the pool
+    counts the close and opens a new backend for the next app."""
+    with run_ambassador(
+        [f"{server.host}:{server.port}"], *pool_args(server, pg_ca_file, "session")
+    ) as amb:
+        port = amb.listen.port
+        with connect(server, port, autocommit=True) as conn:
+            row = conn.execute("select pg_backend_pid()").fetchone()
+            assert row is not None
+            assert server.query(f"select pg_terminate_backend({row[0]})") == "t"
+            with pytest.raises(psycopg.OperationalError) as err:
+                conn.execute("select 1")
+            assert "terminating connection" in str(err.value), err.value
+        amb.wait_metric(POOL + "server_closed_total", lambda n: n == 1, "1")
+        with connect(server, port, autocommit=True) as conn:
+            again = conn.execute("select pg_backend_pid()").fetchone()
+        assert again is not None and again != row
+        assert amb.metric(POOL + "server_opened_total") == 2
+
+
+def test_psycopg_asyncpg_and_pgbench_through_a_session_pool(
+    server: PostgresServer, pg_ca_file: Path, tmp_path: Path
+) -> None:
+    """psycopg, asyncpg and pgbench -C through a session pool (a pool key per library)."""
+    pgbench = need(server.tool("pgbench"))
+    args = pool_args(server, pg_ca_file, "session", "--pg-pool-size", "2")
+    with run_ambassador([f"{server.host}:{server.port}"], *args) as amb:
+        port = amb.listen.port
+        with connect(server, port) as conn:
+            big = conn.execute("select repeat('x', 1000000)").fetchone()
+            assert big is not None and len(big[0]) == 1000000
+
+        async def with_asyncpg() -> object:
+            conn = await asyncpg.connect(
+                host="127.0.0.1",
+                port=port,
+                user=server.user,
+                database="postgres",
+                ssl=False,
+                timeout=10,
+            )
+            try:
+                return await conn.fetchval("select $1::int + 1", 41)
+            finally:
+                await conn.close()
+
+        assert asyncio.run(with_asyncpg()) == 42
+        assert amb.metric(POOL + "server_opened_total") == 2  # one per client library
+        script = tmp_path / "select.sql"
+        script.write_text("select 1;\n")
+        env = server.env(port)
+        env["PGSSLMODE"] = "disable"
+        done = subprocess.run(
+            [pgbench, "-n", "-C", "-c", "2", "-t", "50", "-f", str(script)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=CLIENT_TIMEOUT,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+        assert "number of failed transactions: 0" in done.stdout
+        # 100 pgbench connections, at most --pg-pool-size 2 server connections for them
+        assert amb.metric(POOL + "server_opened_total") <= 4
+        assert amb.terminate() == 0, amb.log_text()
+
+
+def scram_args(ca: Path, password_file: Path, mode: str, *extra: str) -> list[str]:
+    """A verified postgres route whose pool logs in with SCRAM from ``password_file``."""
+    return [
+        "--protocol",
+        "postgres",
+        "--upstream-tls",
+        "--tls-ca",
+        str(ca),
+        "--tls-server-name",
+        PG_SERVER_NAME,
+        "--pg-pool",
+        mode,
+        "--pg-password-file",
+        str(password_file),
+        *extra,
+    ]
+
+
+def test_session_pool_logs_in_with_scram_once_for_many_apps(
+    postgres_tls: PostgresServer, pg_ca_file: Path, tmp_path: Path
+) -> None:
+    """With --pg-password-file the pool logs in with SCRAM once; apps hold no password."""
+    secret = tmp_path / "password"
+    assert postgres_tls.password is not None
+    secret.write_text(postgres_tls.password)
+    app = replace(postgres_tls, password=None)
+    args = scram_args(pg_ca_file, secret, "session")
+    with run_ambassador([f"{app.host}:{app.port}"], *args) as amb:
+        pids = {pid_and(app, amb.listen.port, "select 1")[0] for _ in range(3)}
+        assert len(pids) == 1
+        assert amb.metric(POOL + "server_opened_total") == 1
+        assert amb.terminate() == 0, amb.log_text()
+
+
+def test_wrong_password_reaches_the_app_as_28p01(
+    postgres_tls: PostgresServer, pg_ca_file: Path, tmp_path: Path
+) -> None:
+    """A wrong secret: the app gets the server's own FATAL 28P01; nothing is pooled."""
+    secret = tmp_path / "password"
+    secret.write_text("not-the-password")
+    app = replace(postgres_tls, password=None)
+    args = scram_args(pg_ca_file, secret, "session")
+    with run_ambassador([f"{app.host}:{app.port}"], *args) as amb:
+        done = psql(app, amb.listen.port, "select 1")
+        assert done.returncode != 0
+        assert "password authentication failed" in done.stderr, done.stderr
+        assert "not-the-password" not in amb.log_text(500)
+        assert amb.metric(POOL + "server_opened_total") == 0
+        assert amb.metric(POOL + "server_open_failures_total") == 1
+
+
+# -- transaction mode ------------------------------------------------------------------------
+
+
+def test_transaction_mode_shares_backends_between_apps(
+    server: PostgresServer, pg_ca_file: Path
+) -> None:
+    """Three apps inside their transactions need three backends; between them, one."""
+    args = pool_args(server, pg_ca_file, "transaction", "--pg-pool-size", "3")
+    with run_ambassador([f"{server.host}:{server.port}"], *args) as amb:
+        port = amb.listen.port
+        conns = [connect(server, port) for _ in range(3)]
+        try:
+            pids = {c.execute("select pg_backend_pid()").fetchone() for c in conns}  # in BEGIN
+            assert len(pids) == 3
+            for c in conns:
+                c.commit()
+            amb.wait_metric(POOL + "connections", lambda n: n == 3, "3")
+            assert amb.metric(POOL + "connections", state="idle") == 3
+            # autocommit statements one after the other reuse the most recent backend
+            for c in conns:
+                c.autocommit = True
+            after = {c.execute("select pg_backend_pid()").fetchone() for c in conns}
+            assert len(after) == 1
+        finally:
+            for c in conns:
+                c.close()
+
+
+def test_transaction_mode_prepared_statements_of_asyncpg(
+    server: PostgresServer, pg_ca_file: Path
+) -> None:
+    """asyncpg's statement cache works while its queries move between backends."""
+    args = pool_args(server, pg_ca_file, "transaction", "--pg-pool-size", "2")
+    with run_ambassador([f"{server.host}:{server.port}"], *args) as amb:
+        port = amb.listen.port
+
+        async def app(n: int) -> tuple[list[int], set[int]]:
+            conn = await asyncpg.connect(
+                host="127.0.0.1",
+                port=port,
+                user=server.user,
+                database="postgres",
+                ssl=False,
+                timeout=10,
+            )
+            try:
+                answers: list[int] = []
+                pids: set[int] = set()
+                for i in range(40):  # the same statements again: asyncpg's cache
+                    answers.append(await conn.fetchval("select $1::int * 2", i + n))
+                    pids.add(await conn.fetchval("select pg_backend_pid()"))
+                    async with conn.transaction():
+                        await conn.execute("select $1::text", str(i))
+                return answers, pids
+            finally:
+                await conn.close()
+
+        async def apps() -> list[tuple[list[int], set[int]]]:
+            return await asyncio.gather(*(app(n * 1000) for n in range(4)))
+
+        results = asyncio.run(apps())
+        for n, (answers, _) in enumerate(results):
+            assert answers == [(i + n * 1000) * 2 for i in range(40)]
+        seen = set().union(*(pids for _, pids in results))
+        assert 1 <= len(seen) <= 2
+        assert amb.metric(POOL + "server_opened_total") <= 2
+        assert amb.terminate() == 0, amb.log_text()
+
+
+def test_transaction_mode_prepared_statements_of_psycopg(
+    server: PostgresServer, pg_ca_file: Path
+) -> None:
+    """psycopg 3 with prepare_threshold=0 (every query prepared) across backends."""
+    args = pool_args(server, pg_ca_file, "transaction", "--pg-pool-size", "2")
+    with run_ambassador([f"{server.host}:{server.port}"], *args) as amb:
+        port = amb.listen.port
+        a = connect(server, port, autocommit=True, prepare_threshold=0)
+        b = connect(server, port, autocommit=True, prepare_threshold=0)
+        try:
+            hold = connect(server, port)  # in a transaction: holds one backend
+            hold.execute("select 1")
+            for i in range(20):
+                conn = a if i % 2 else b
+                row = conn.execute("select %s::int + 1, pg_backend_pid()", (i,)).fetchone()
+                assert row is not None and row[0] == i + 1
+            hold.rollback()
+            hold.close()
+            # now two backends are free; the statements are prepared again where needed
+            pids = set()
+            for i in range(20):
+                row = a.execute("select %s::int + 1, pg_backend_pid()", (i,)).fetchone()
+                assert row is not None and row[0] == i + 1
+                pids.add(row[1])
+        finally:
+            a.close()
+            b.close()
+        assert amb.terminate() == 0, amb.log_text()
+
+
+def test_transaction_mode_statement_named_commit(server: PostgresServer, pg_ca_file: Path) -> None:
+    """A statement named ``commit`` (a libpq prepare) is kept apart from SQL COMMIT."""
+    args = pool_args(server, pg_ca_file, "transaction", "--pg-pool-size", "2")
+    with run_ambassador([f"{server.host}:{server.port}"], *args) as amb:
+        with connect(server, amb.listen.port, autocommit=True) as conn:
+            pgconn = conn.pgconn
+            result = pgconn.prepare(b"commit", b"select 40 + $1::int")
+            assert result.error_message == b""
+            result = pgconn.prepare(b"COMMIT", b"commit")
+            assert result.error_message == b""
+            for i in range(3):
+                result = pgconn.exec_prepared(b"commit", [str(i).encode()])
+                assert result.get_value(0, 0) == str(40 + i).encode()
+            result = pgconn.exec_(b"begin")
+            result = pgconn.exec_prepared(b"commit", [b"2"])
+            assert result.get_value(0, 0) == b"42"
+            result = pgconn.exec_prepared(b"COMMIT", [])  # the SQL COMMIT, prepared
+            assert result.error_message == b"", result.error_message
+            assert conn.execute("select 1").fetchone() == (1,)
+        assert amb.terminate() == 0, amb.log_text()
+
+
+def test_transaction_mode_pgbench_prepared(
+    server: PostgresServer, pg_ca_file: Path, tmp_path: Path
+) -> None:
+    """pgbench -M prepared with more clients than backends: no failed transaction.
+
+    ``-j 6``: pgbench 15 prepares a statement synchronously (PQprepare); on one thread
+    that blocks the others' transactions, which hold the backends it waits for.
+    """
+    pgbench = need(server.tool("pgbench"))
+    args = pool_args(server, pg_ca_file, "transaction", "--pg-pool-size", "2")
+    with run_ambassador([f"{server.host}:{server.port}"], *args) as amb:
+        script = tmp_path / "tx.sql"
+        script.write_text("\\set n random(1, 1000)\nbegin;\nselect :n + 1;\nselect :n;\nend;\n")
+        env = server.env(amb.listen.port)
+        env["PGSSLMODE"] = "disable"
+        done = subprocess.run(
+            [pgbench, "-n", "-M", "prepared", "-c", "6", "-j", "6", "-t", "100", "-f", str(script)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=CLIENT_TIMEOUT,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+        assert "number of failed transactions: 0" in done.stdout, done.stdout
+        closed = [
+            (labels, v) for n, labels, v in amb.metrics() if n == POOL + "server_closed_total"
+        ]
+        assert amb.metric(POOL + "server_opened_total") <= 2, closed
+        assert amb.terminate() == 0, amb.log_text()
+
+
+def test_transaction_mode_detects_session_state(server: PostgresServer, pg_ca_file: Path) -> None:
+    """SET, LISTEN, advisory locks, temp tables, WITH HOLD: counted, logged once per app."""
+    args = pool_args(server, pg_ca_file, "transaction")
+    with run_ambassador([f"{server.host}:{server.port}"], *args) as amb:
+        done = psql(
+            server,
+            amb.listen.port,
+            "set work_mem = '8MB'",
+            "set work_mem = '9MB'",
+            "begin; set local work_mem = '9MB'; commit",
+            "listen somewhere",
+            "select pg_advisory_lock(7)",
+            "select pg_advisory_xact_lock(8)",
+            "create temp table scratch (n int)",
+            "begin; declare c cursor with hold for select 1; commit",
+        )
+        assert done.returncode == 0, done.stderr
+        counts = {
+            labels["feature"]: value
+            for name, labels, value in amb.metrics()
+            if name == POOL + "session_state_total"
+        }
+        assert counts == {
+            "set": 2,
+            "listen": 1,
+            "advisory_lock": 1,
+            "temp_table": 1,
+            "with_hold": 1,
+        }
+        logged = [e["feature"] for e in amb.events if e.get("event") == "pg_pool_session_state"]
+        assert sorted(logged) == sorted(counts)
+
+
+def test_unreachable_server_is_the_apps_connect_error(tmp_path: Path) -> None:
+    """No server at the upstream: the waiting app gets 08001 naming the cause, no bug."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))  # bound, never listening: connects are refused
+    port = listener.getsockname()[1]
+    try:
+        args = ["--protocol", "postgres", "--pg-pool", "session", "--pg-upstream-trust"]
+        with run_ambassador([f"127.0.0.1:{port}"], *args, "--connect-retries", "0") as amb:
+
+            async def app() -> None:
+                await asyncpg.connect(
+                    host="127.0.0.1",
+                    port=amb.listen.port,
+                    user=POOL_USER,
+                    database="postgres",
+                    ssl=False,
+                    timeout=10,
+                )
+
+            with pytest.raises(asyncpg.PostgresError) as err:
+                asyncio.run(app())
+            assert err.value.sqlstate == "08001", err.value
+            assert "cannot reach" in str(err.value)
+            assert amb.metric(POOL + "server_open_failures_total") == 1
+            assert amb.find("pg_pool_open_bug") < 0, amb.log_text()
+    finally:
+        listener.close()
+
+
+# -- configuration ---------------------------------------------------------------------------
+
+
+def test_pool_without_a_way_to_log_in_is_a_config_error() -> None:
+    """--pg-pool without a password source or --pg-upstream-trust: exit 2, one line."""
+    done = run(
+        "ambassador",
+        "--listen",
+        "127.0.0.1:0",
+        "--upstream",
+        "127.0.0.1:5432",
+        "--protocol",
+        "postgres",
+        "--pg-pool",
+        "session",
+    )
+    assert done.returncode == 2, (done.stdout, done.stderr)
+    assert "--pg-pool" in done.stderr and "--pg-upstream-trust" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
