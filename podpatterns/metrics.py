@@ -30,9 +30,24 @@ def new_registry() -> CollectorRegistry:
     return registry
 
 
+OPENMETRICS_CONTENT_TYPE = "application/openmetrics-text; version=1.0.0; charset=utf-8"
+
+
 def exposition(registry: CollectorRegistry) -> bytes:
     """Render ``registry`` in the Prometheus text format."""
     return generate_latest(registry)
+
+
+def negotiate(registry: CollectorRegistry, accept: str) -> tuple[bytes, str]:
+    """The exposition a scraper asked for with ``Accept``, and its content type:
+    OpenMetrics when it accepts ``application/openmetrics-text`` (Prometheus does,
+    first), else the Prometheus text format."""
+    if "application/openmetrics-text" in accept:
+        from prometheus_client.openmetrics.exposition import generate_latest as openmetrics
+
+        body: bytes = openmetrics(registry)  # type: ignore[no-untyped-call]
+        return body, OPENMETRICS_CONTENT_TYPE
+    return generate_latest(registry), CONTENT_TYPE
 
 
 LATENCY_BUCKETS = (

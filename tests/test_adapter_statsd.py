@@ -281,3 +281,40 @@ def test_nc_to_a_running_adapter_process(tmp_path: Path) -> None:
         assert proc.terminate() == 0
     finally:
         proc.stop()
+
+
+async def test_openmetrics_when_the_scraper_asks_for_it(tmp_path: Path) -> None:
+    """Prometheus asks for OpenMetrics first: the app's metrics (StatsD and declared ones)
+    and the adapter's own parse as OpenMetrics; without the Accept header, text format."""
+    from prometheus_client.openmetrics.parser import (
+        text_string_to_metric_families as openmetrics_families,
+    )
+
+    config = build(
+        {"statsd_udp": HostPort("127.0.0.1", 0), "path": [str(tmp_path / "*.log")]},
+        {},
+        {"metrics": [{"name": "lines", "type": "counter"}]},
+        "adapter.yaml",
+    )
+    adapter = Adapter(config)
+    runtime = Runtime(RuntimeConfig(admin=HostPort("127.0.0.1", 0), shutdown_delay=0.0), [adapter])
+    await runtime.start()
+    try:
+        assert adapter.statsd is not None
+        adapter.statsd.metrics.feed(b"hits:2|c\nqueue:3|g\nlat:5|ms\nusers:ann|s\n")
+        url = f"http://{runtime.admin_address}/metrics"
+        accept = "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5"
+        async with aiohttp.ClientSession() as s:
+            async with s.get(url, headers={"Accept": accept}) as resp:
+                kind, text = resp.headers["Content-Type"], await resp.text()
+            async with s.get(url) as resp:
+                plain = resp.headers["Content-Type"]
+        assert kind.startswith("application/openmetrics-text") and text.endswith("# EOF\n")
+        assert plain.startswith("text/plain; version=0.0.4")
+        families = {f.name: f for f in openmetrics_families(text)}  # type: ignore[no-untyped-call]
+        assert families["hits"].type == "counter"
+        assert families["hits"].samples[0].value == 2.0
+        assert {"queue", "lat", "users", "lines"} <= set(families)
+        assert "podpatterns_adapter_input_events" in families
+    finally:
+        await runtime.shutdown()

@@ -5,7 +5,7 @@
 | ``GET /livez`` | 200 while the process runs |
 | ``GET /startupz`` | 200 once every component has bound, 503 before |
 | ``GET /readyz`` | 200 when ready to serve, 503 while starting, saturated or draining |
-| ``GET /metrics`` | Prometheus text format |
+| ``GET /metrics`` | Prometheus text format, or OpenMetrics when the scraper accepts it |
 | ``POST /quitquitquit`` | starts a graceful shutdown; loopback peers only (403), POST only (405) |
 | ``GET /status`` | live state and config as JSON, secrets redacted; loopback peers only (403) |
 
@@ -280,10 +280,10 @@ class AdminServer:
         return self._probe(self._runtime.is_started(), "startupz")
 
     async def _metrics(self, request: web.Request) -> web.Response:
-        return web.Response(
-            body=metrics.exposition(self._runtime.registry),
-            headers={"Content-Type": metrics.CONTENT_TYPE},
+        body, content_type = metrics.negotiate(
+            self._runtime.registry, request.headers.get("Accept", "")
         )
+        return web.Response(body=body, headers={"Content-Type": content_type})
 
     async def status(self) -> dict[str, Any]:
         """The body of ``GET /status``: the runtime's phase and probes, why it is not
