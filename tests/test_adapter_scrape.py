@@ -194,7 +194,9 @@ async def test_an_app_status_endpoint_through_outages() -> None:
             assert got[up] == 0.0 and ("app_queue_depth", ()) not in got, mode
         hang.set()
         state["mode"] = "ok"
-        state["doc"] = json.loads(json.dumps(STATUS)) | {"queue": {"depth": 9}}
+        # a document of several hundred KiB arrives in many chunks: read whole
+        padding = {"history": [{"id": i, "note": "x" * 100} for i in range(3000)]}
+        state["doc"] = json.loads(json.dumps(STATUS)) | {"queue": {"depth": 9}} | padding
         got = await until(admin, lambda g: g.get(("app_queue_depth", ())) == 9.0)
         assert got[up] == 1.0
     finally:

@@ -137,7 +137,11 @@ class JsonScraper(Collector):
                 if resp.status != 200:
                     reason, detail = "http_status", f"HTTP {resp.status}"
                 else:
-                    body = await resp.content.read(MAX_BODY + 1)
+                    body = bytearray()
+                    async for chunk in resp.content.iter_chunked(65536):
+                        body += chunk
+                        if len(body) > MAX_BODY:
+                            break
                     if len(body) > MAX_BODY:
                         reason, detail = "too_large", f"more than {MAX_BODY} bytes"
                     else:
