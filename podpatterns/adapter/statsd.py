@@ -226,15 +226,16 @@ class StatsdMetrics(Collector):
             try:
                 samples = parse_line(raw.decode())
             except UnicodeDecodeError:
-                self._bad("bad_utf8", "not UTF-8")
+                self.count_invalid("bad_utf8", "not UTF-8")
                 continue
             except BadLine as exc:
-                self._bad(exc.reason, str(exc))
+                self.count_invalid(exc.reason, str(exc))
                 continue
             for sample in samples:
                 self.observe(sample)
 
-    def _bad(self, reason: str, detail: str) -> None:
+    def count_invalid(self, reason: str, detail: str) -> None:
+        """Count a dropped line by ``reason``; the first of each reason is logged."""
         first = reason not in self.invalid
         self.invalid[reason] = self.invalid.get(reason, 0) + 1
         if first:  # once per reason: a misbehaving client must not flood the log
@@ -264,7 +265,7 @@ class StatsdMetrics(Collector):
         """Apply one sample."""
         named = self._named(s.name, s.kind)
         if named is None:
-            self._bad(
+            self.count_invalid(
                 "reserved_name",
                 f"{s.name!r} is the adapter's own or a metric the config declares",
             )
@@ -445,7 +446,7 @@ class StatsdServer:
                 end = held.rfind(b"\n")
                 if end < 0:
                     if len(held) > MAX_LINE:
-                        self.metrics._bad("line_too_long", f"over {MAX_LINE} bytes")
+                        self.metrics.count_invalid("line_too_long", f"over {MAX_LINE} bytes")
                         held = b""
                     continue
                 self.metrics.feed(held[:end])
