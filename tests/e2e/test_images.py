@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 import trustme
+from fluent import sender as fluent_sender
 
 from tests.e2e import examples
 from tests.e2e.engine import ROOT, VERSION, Engine, build, build_local, kube_play, podman_build
@@ -227,6 +228,47 @@ def test_component_ready_soon_after_start(
         took = ready - started_at(podman, cid)
         print(f"ready: {target} {took * 1000:.0f} ms from container start to /startupz 200")
         assert 0 < took < MAX_READY_SECONDS, took
+
+
+def test_adapter_image_takes_the_fluent_forward_protocol(
+    podman: Engine, images: dict[str, str], tmp_path: Path
+) -> None:
+    """The default extras carry msgpack: the adapter image, locked down, accepts events
+    from fluent-logger on ``--forward-listen`` and writes them to its sink."""
+    listen, admin = candidate_ports(2)
+    data = health_volume(tmp_path)
+    with container(
+        podman,
+        "--network",
+        "host",
+        *LOCKED_DOWN,
+        "-v",
+        f"{data}:/data",
+        images["adapter"],
+        "--forward-listen",
+        f"127.0.0.1:{listen}",
+        "--sink",
+        "stdout",
+        "--spool-dir",
+        "/data/spool",
+        "--admin",
+        f"127.0.0.1:{admin}",
+        "--log-format",
+        "json",
+    ) as cid:
+        wait_until(lambda: http_status(admin, "/readyz") == 200 or None, "adapter ready", 30)
+        sender = fluent_sender.FluentSender("app", host="127.0.0.1", port=listen)
+        try:
+            assert sender.emit("web", {"message": "from fluent-logger", "n": 7}), sender.last_error
+        finally:
+            sender.close()
+
+        def arrived() -> dict[str, object] | None:
+            found = [r for r in json_lines(podman.logs(cid)) if r.get("tag") == "app.web"]
+            return found[0] if found else None
+
+        record = wait_until(arrived, "the forwarded event on stdout", within=30)
+        assert record["message"] == "from fluent-logger" and record["n"] == 7
 
 
 def test_ambassador_runs_locked_down_and_drains_on_sigterm(
