@@ -468,10 +468,17 @@ class Proxy:
     peak_rss: bool = True  # False when the work happens in forked children
 
 
+def podpatterns_argv(tree: Path = ROOT) -> list[str]:
+    """The command that runs podpatterns from the source tree ``tree`` (this checkout by
+    default), whichever checkout the virtualenv's editable install points at: ``-P``
+    keeps the working directory off ``sys.path``, ``PYTHONPATH`` puts ``tree`` first."""
+    return ["env", f"PYTHONPATH={tree}", sys.executable, "-P", "-m", "podpatterns"]
+
+
 def _podpatterns(splice: str) -> Callable[[int, int, Path], list[str]]:
     def argv(listen: int, upstream: int, tmp: Path) -> list[str]:
         return [
-            str(VENV_BIN / "podpatterns"),
+            *podpatterns_argv(),
             "ambassador",
             "--listen",
             f"{HOST}:{listen}",
