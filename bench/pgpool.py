@@ -82,6 +82,7 @@ HEADING = "## PostgreSQL connection pooling"
 PLOT_PATH = ROOT / "docs" / "img" / "pgpool-bench.png"
 PROXY_CORE = "1"
 POOL_SIZE = 20  # both pools: pgbouncer's default_pool_size, the ambassador's --pg-pool-size
+MAX_CONNECTIONS = 300  # the server's max_connections
 
 
 @dataclass(frozen=True)
@@ -244,7 +245,9 @@ def run(cfg: Settings, tmp: Path, baseline: Path | None = None) -> Raw:
     procs = Procs(tmp)
     ports = Ports()
     every = contenders(baseline=baseline)
-    with run_postgres(pg_tls(ca)) as server:  # inherits this process's affinity: core 0
+    # inherits this process's affinity: core 0. Up to POOL_SIZE server connections per
+    # pool (six with --baseline), direct-tls's 16 and no-pool's 8: over the default 100.
+    with run_postgres(pg_tls(ca), settings=(f"max_connections={MAX_CONNECTIONS}",)) as server:
         try:
             assert server.password is not None
             (tmp / "secret").mkdir()
