@@ -38,8 +38,8 @@ from bench.ambassador import (
     FOREIGN_MAX_SHARE,
     LOAD_CORE,
     RESULTS_DIR,
-    ROOT,
     Foreign,
+    code_commit,
     doc_section,
     fmt,
     log,
@@ -289,22 +289,12 @@ def plot(
 
 def metadata(script: str, argv: Sequence[str], versions: dict[str, str]) -> dict[str, Any]:
     """Command, date, machine, the commit of podpatterns/, the load, peer versions."""
-
-    def git(*args: str) -> str:
-        res = subprocess.run(
-            ["git", "-C", str(ROOT), *args], capture_output=True, text=True, check=False
-        )
-        return res.stdout.strip() or "?"
-
-    commit = git("log", "-1", "--format=%h", "--", "podpatterns")
-    if git("status", "--porcelain", "--", "podpatterns") != "?":
-        commit += " + uncommitted changes"
     return {
         "command": shlex.join([".venv/bin/python", f"bench/{script}.py", *argv]),
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "cpus": os.cpu_count(),
         "kernel": os.uname().release,
-        "commit": commit,
+        "commit": code_commit(),
         "load_before": ", ".join(f"{x:.2f}" for x in os.getloadavg()),
         "versions": versions,
     }
