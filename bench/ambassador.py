@@ -468,10 +468,17 @@ class Proxy:
     peak_rss: bool = True  # False when the work happens in forked children
 
 
+def podpatterns_argv(tree: Path = ROOT) -> list[str]:
+    """The command that runs podpatterns from the source tree ``tree`` (this checkout by
+    default), whichever checkout the virtualenv's editable install points at: ``-P``
+    keeps the working directory off ``sys.path``, ``PYTHONPATH`` puts ``tree`` first."""
+    return ["env", f"PYTHONPATH={tree}", sys.executable, "-P", "-m", "podpatterns"]
+
+
 def _podpatterns(splice: str) -> Callable[[int, int, Path], list[str]]:
     def argv(listen: int, upstream: int, tmp: Path) -> list[str]:
         return [
-            str(VENV_BIN / "podpatterns"),
+            *podpatterns_argv(),
             "ambassador",
             "--listen",
             f"{HOST}:{listen}",
@@ -1477,6 +1484,23 @@ def plot(med: Med, path: Path) -> None:
 # -- main -----------------------------------------------------------------------------------
 
 
+def git(*args: str) -> str:
+    """The output of a git command in this checkout, or ``?``."""
+    res = subprocess.run(
+        ["git", "-C", str(ROOT), *args], capture_output=True, text=True, check=False
+    )
+    return res.stdout.strip() or "?"
+
+
+def code_commit() -> str:
+    """The code under test: the last commit touching podpatterns/ in this checkout, and
+    whether podpatterns/ has uncommitted changes."""
+    commit = git("log", "-1", "--format=%h", "--", "podpatterns")
+    if git("status", "--porcelain", "--", "podpatterns") != "?":
+        commit += " + uncommitted changes"
+    return commit
+
+
 def metadata(argv: Sequence[str]) -> dict[str, Any]:
     from podpatterns.ambassador import route
 
@@ -1491,16 +1515,7 @@ def metadata(argv: Sequence[str]) -> dict[str, Any]:
                 cpu = line.split(":", 1)[1].strip()
                 break
 
-    def git(*args: str) -> str:
-        res = subprocess.run(
-            ["git", "-C", str(ROOT), *args], capture_output=True, text=True, check=False
-        )
-        return res.stdout.strip() or "?"
-
-    # the code under test: the last commit touching podpatterns/, and whether it is edited
-    commit = git("log", "-1", "--format=%h", "--", "podpatterns")
-    if git("status", "--porcelain", "--", "podpatterns") != "?":
-        commit += " + uncommitted changes"
+    commit = code_commit()
     return {
         "command": shlex.join(["./dev", "bench", *argv]),
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),

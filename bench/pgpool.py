@@ -2,7 +2,7 @@
 
 Everything runs on 127.0.0.1. pgbench and the PostgreSQL 15 server are pinned to core 0,
 the proxy under test alone to core 1 (/work/shared/BENCHMARKS.md's method, as in
-bench/postgres.py, whose helpers this imports). The server takes only TLS with SCRAM
+bench/postgres.py; the shared parts are bench/pgcommon.py). The server takes only TLS with SCRAM
 (``ssl = on``, a trustme-made chain, ``hostssl`` only): the case a pool is for, where
 every new server connection costs a TLS handshake and a SCRAM exchange.
 
@@ -24,27 +24,24 @@ contender); ``select`` is ``pgbench -n -S -c 16`` over persistent connections
 Each repetition runs every contender once per test, round-robin with the starting
 contender rotated; ratios are paired within a repetition, then the median is taken.
 
-Usage: ``.venv/bin/python bench/pgpool.py [--reps N] [--seconds S] [--write-docs]``
-(``./dev bench-pgpool``); writes bench/results/pgpool-latest.json, and with
-``--write-docs`` the section "PostgreSQL connection pooling" of docs/benchmarks.md and
-docs/img/pgpool-bench.png. ``--render JSON`` reports a saved run again.
+With ``--baseline DIR`` (another checkout, e.g. ``git worktree add /tmp/base main``) the
+session and transaction pools of that checkout's ambassador run too, as contenders
+``session-base`` and ``transaction-base`` in the same rounds, and the report compares
+this checkout with it (same run, same load).
+
+Usage: ``.venv/bin/python bench/pgpool.py [--reps N] [--seconds S] [--baseline DIR]
+[--write-docs]`` (``./dev bench-pgpool``); writes bench/results/pgpool-latest.json, and
+with ``--write-docs`` the section "PostgreSQL connection pooling" of docs/benchmarks.md
+and docs/img/pgpool-bench.png. ``--render JSON`` reports a saved run again.
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import datetime as dt
-import json
 import os
 import shlex
 import shutil
-import signal
-import subprocess
 import sys
-import tempfile
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,34 +52,28 @@ if str(ROOT) not in sys.path:  # run as a script: bench/ is on the path, the rep
 
 import trustme  # noqa: E402
 
+from bench import pgcommon  # noqa: E402
 from bench.ambassador import (  # noqa: E402
     DOC_PATH,
-    FOREIGN_MAX_SHARE,
     HOST,
-    LOAD_CORE,
-    RESULTS_DIR,
-    VENV_BIN,
-    Foreign,
     Ports,
     Procs,
     fmt,
-    log,
     median,
-    proxy_cpu,
+    podpatterns_argv,
     tool_version,
 )
-from bench.postgres import (  # noqa: E402
-    FAILED,
-    PROCESSED,
-    TPS,
+from bench.pgcommon import (  # noqa: E402
+    Argv,
+    Endpoint,
     Raw,
+    busy,
     ca_path,
     init_pgbench,
     med,
     pgbench_env,
     ratios,
     rfmt,
-    write_section,
     xfmt,
 )
 from tests.peers import PG_SERVER_NAME, pg_tls, run_postgres  # noqa: E402
@@ -91,8 +82,7 @@ HEADING = "## PostgreSQL connection pooling"
 PLOT_PATH = ROOT / "docs" / "img" / "pgpool-bench.png"
 PROXY_CORE = "1"
 POOL_SIZE = 20  # both pools: pgbouncer's default_pool_size, the ambassador's --pg-pool-size
-
-Argv = Callable[[int, int, Path], list[str]]
+MAX_CONNECTIONS = 300  # the server's max_connections
 
 
 @dataclass(frozen=True)
@@ -103,10 +93,12 @@ class Contender:
     tests: tuple[str, ...] = ("connect", "select")
 
 
-def _ambassador(*extra: str) -> Argv:
+def _ambassador(*extra: str, tree: Path = ROOT) -> Argv:
+    """The ambassador of the checkout ``tree`` with the pool flags ``extra``."""
+
     def argv(listen: int, upstream: int, tmp: Path) -> list[str]:
         return [
-            str(VENV_BIN / "podpatterns"),
+            *podpatterns_argv(tree),
             "ambassador",
             "--listen",
             f"{HOST}:{listen}",
@@ -200,8 +192,33 @@ CONTENDERS: tuple[Contender, ...] = (
         "pgbouncer-transaction", "pgbouncer 1.18 pool_mode transaction", _pgbouncer("transaction")
     ),
 )
-BY_KEY = {c.key: c for c in CONTENDERS}
 TESTS = ("connect", "select")
+
+
+def baseline_contenders(tree: Path) -> tuple[Contender, ...]:
+    """The session and transaction pools of the ``--baseline`` checkout ``tree``."""
+    return (
+        Contender(
+            "session-base",
+            "ambassador --pg-pool session, --baseline",
+            _ambassador("--pg-pool", "session", tree=tree),
+        ),
+        Contender(
+            "transaction-base",
+            "ambassador --pg-pool transaction, --baseline",
+            _ambassador("--pg-pool", "transaction", tree=tree),
+        ),
+    )
+
+
+def contenders(raw: Raw | None = None, baseline: Path | None = None) -> list[Contender]:
+    """This run's contenders: the baseline's too when there is one (or ``raw`` has them)."""
+    out = list(CONTENDERS)
+    base = baseline_contenders(baseline or ROOT)
+    saved = raw is not None and any(c.key in raw.get(t, {}) for t in TESTS for c in base)
+    if baseline is not None or saved:
+        out[4:4] = base  # after the pools of this checkout, before pgbouncer
+    return out
 
 
 @dataclass(frozen=True)
@@ -220,53 +237,24 @@ class Settings:
         return [*argv, "-C"] if test == "connect" else argv
 
 
-def pgbench(cfg: Settings, test: str, env: dict[str, str], tool: str) -> dict[str, Any]:
-    argv = [tool, *cfg.pgbench(test)]
-    res = subprocess.run(
-        ["taskset", "-c", LOAD_CORE, *argv],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=cfg.seconds + 60,
-        check=False,
-    )
-    if res.returncode != 0:
-        raise RuntimeError(f"{shlex.join(argv)} exited {res.returncode}: {res.stderr[-800:]}")
-    tps, done = TPS.search(res.stdout), PROCESSED.search(res.stdout)
-    if tps is None or done is None:
-        raise RuntimeError(f"pgbench: unexpected output {res.stdout[-500:]!r}")
-    failed = FAILED.search(res.stdout)
-    return {
-        "tps": float(tps.group(1)),
-        "transactions": int(done.group(1)),
-        "failed": int(failed.group(1)) if failed else 0,
-    }
-
-
-@dataclass
-class Endpoint:
-    port: int
-    pid: int | None
-    env: dict[str, str]
-
-
-def run(cfg: Settings, tmp: Path) -> Raw:
+def run(cfg: Settings, tmp: Path, baseline: Path | None = None) -> Raw:
     """Every repetition of every test through every contender; the raw results."""
     ca = trustme.CA()
     ca_path(tmp).parent.mkdir()
     ca.cert_pem.write_to_path(str(ca_path(tmp)))
     procs = Procs(tmp)
     ports = Ports()
-    foreign = Foreign(FOREIGN_MAX_SHARE)
-    raw: Raw = {}
-    with run_postgres(pg_tls(ca)) as server:  # inherits this process's affinity: core 0
+    every = contenders(baseline=baseline)
+    # inherits this process's affinity: core 0. Up to POOL_SIZE server connections per
+    # pool (six with --baseline), direct-tls's 16 and no-pool's 8: over the default 100.
+    with run_postgres(pg_tls(ca), settings=(f"max_connections={MAX_CONNECTIONS}",)) as server:
         try:
             assert server.password is not None
             (tmp / "secret").mkdir()
             (tmp / "secret" / "password").write_text(server.password)
             init_pgbench(server, cfg.scale)
             eps: dict[str, Endpoint] = {}
-            for c in CONTENDERS:
+            for c in every:
                 if c.argv is None:
                     env = pgbench_env(server, server.port, True, ca_path(tmp))
                     eps[c.key] = Endpoint(server.port, None, env)
@@ -277,39 +265,15 @@ def run(cfg: Settings, tmp: Path) -> Raw:
                 env = pgbench_env(server, listen, False, tmp)
                 env.pop("PGPASSWORD", None)  # the app holds no password
                 eps[c.key] = Endpoint(listen, proc.pid, env)
-            tool = server.tool("pgbench")
-            warm = dataclasses.replace(cfg, seconds=1)
-            for key, ep in eps.items():  # also fills each pool before the first run
-                pgbench(warm, "select", ep.env, tool)
-                log(f"warm-up {key} ok")
-            for rep in range(cfg.reps):
-                for test in TESTS:
-                    order = [c.key for c in CONTENDERS if test in c.tests]
-                    shift = rep % len(order)
-                    for key in order[shift:] + order[:shift]:
-                        ep = eps[key]
-                        before = foreign.snapshot()
-                        start = time.monotonic()
-                        res: dict[str, Any] = {}
-                        with proxy_cpu(ep.pid, res):
-                            res.update(pgbench(cfg, test, ep.env, tool))
-                        res["foreign_cpu_share"] = round(
-                            foreign.used(before, foreign.snapshot()) / (time.monotonic() - start),
-                            3,
-                        )
-                        cpu = res["cpu_s"]
-                        res["cpu_us_per_txn"] = (
-                            None if cpu is None else cpu / max(1, res["transactions"]) * 1e6
-                        )
-                        res["rep"] = rep
-                        raw.setdefault(test, {}).setdefault(key, []).append(res)
-                    log(
-                        f"rep {rep + 1}/{cfg.reps} {test}: "
-                        + ", ".join(f"{k} {raw[test][k][-1]['tps']:.0f}" for k in order)
-                    )
+            return pgcommon.measure(
+                cfg,
+                eps,
+                lambda test: [c.key for c in every if test in c.tests],
+                TESTS,
+                server.tool("pgbench"),
+            )
         finally:
             procs.stop_all()
-    return raw
 
 
 #: (test, what, contender, the contender it is divided by, goal): issue 14's targets
@@ -372,17 +336,16 @@ def table(raw: Raw, test: str) -> list[str]:
         "| path | tps | tps ÷ direct-tls | proxy CPU us/txn | runs (foreign > 10%) |",
         "|---|---|---|---|---|",
     ]
-    for c in CONTENDERS:
+    for c in contenders(raw):
         runs = raw.get(test, {}).get(c.key)
         if not runs:
             continue
-        busy = sum(r["foreign_cpu_share"] > FOREIGN_MAX_SHARE for r in runs)
         direct = (
             "—" if c.argv is None else rfmt(median(ratios(raw, test, c.key, "direct-tls", "tps")))
         )
         lines.append(
             f"| {c.label} | {fmt(med(raw, test, c.key, 'tps'))} | {direct} "
-            f"| {fmt(med(raw, test, c.key, 'cpu_us_per_txn'))} | {len(runs)} ({busy}) |"
+            f"| {fmt(med(raw, test, c.key, 'cpu_us_per_txn'))} | {len(runs)} ({busy(runs)}) |"
         )
     return lines
 
@@ -450,6 +413,8 @@ def section(cfg: Settings, raw: Raw, meta: dict[str, Any]) -> str:
         out.append(
             f"| {test} | {name} | {xfmt(median(rs))} | {', '.join(f'{x:.2f}' for x in rs)} |"
         )
+    if meta.get("baseline"):
+        out += ["", *baseline_table(raw, meta["baseline"])]
     out += [
         "",
         "Raw per-run figures: `bench/results/pgpool-latest.json`.",
@@ -457,67 +422,65 @@ def section(cfg: Settings, raw: Raw, meta: dict[str, Any]) -> str:
     return "\n".join(out) + "\n"
 
 
-def plot(raw: Raw, path: Path) -> None:
-    import matplotlib
+#: (test, this checkout's contender, the baseline's, pgbouncer's) for --baseline
+VERSUS_BASELINE = (
+    ("connect", "session", "session-base", "pgbouncer-session"),
+    ("connect", "transaction", "transaction-base", "pgbouncer-transaction"),
+    ("select", "session", "session-base", "pgbouncer-session"),
+    ("select", "transaction", "transaction-base", "pgbouncer-transaction"),
+)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    colors = {
-        "direct-tls": "#999999",
-        "no-pool": "#6baed6",
-        "session": "#1f77b4",
-        "transaction": "#08306b",
-        "pgbouncer-session": "#d62728",
-        "pgbouncer-transaction": "#ff9896",
-    }
-    panels = [
-        ("connect", "tps", "pgbench -S -C tps (higher is better)"),
-        ("connect", "cpu_us_per_txn", "proxy CPU us per transaction, -C (lower is better)"),
-        ("select", "tps", "pgbench -S -c 16 tps, persistent (higher is better)"),
-        ("select", "cpu_us_per_txn", "proxy CPU us per transaction, -S (lower is better)"),
+def baseline_table(raw: Raw, baseline: str) -> list[str]:
+    """This checkout's pools against the ``--baseline`` checkout's, run in the same
+    rounds: tps and CPU per transaction, and each against pgbouncer."""
+    lines = [
+        f"### This checkout vs `--baseline {baseline}`",
+        "",
+        "| test | pool | tps ÷ baseline | CPU/txn ÷ baseline | ÷ pgbouncer, this "
+        "| ÷ pgbouncer, baseline | per repetition (this ÷ pgbouncer) |",
+        "|---|---|---|---|---|---|---|",
     ]
-    fig, axes = plt.subplots(1, 4, figsize=(18, 4.8))
-    for ax, (test, metric, title) in zip(axes.flat, panels, strict=True):
-        keys = [c.key for c in CONTENDERS if test in c.tests]
-        vals = [med(raw, test, k, metric) for k in keys]
-        xs = [i for i, v in enumerate(vals) if v is not None]
-        ys = [v for v in vals if v is not None]
-        bars = ax.bar(xs, ys, color=[colors[keys[i]] for i in xs])
-        ax.bar_label(bars, labels=[fmt(y) for y in ys], fontsize=8)
-        ax.set_xticks(range(len(keys)), keys, fontsize=7, rotation=30, ha="right")
-        ax.set_title(title, fontsize=9)
-    fig.suptitle("PostgreSQL pools: podpatterns ambassador vs pgbouncer 1.18, TLS + SCRAM server")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def metadata(argv: Sequence[str]) -> dict[str, Any]:
-    def git(*args: str) -> str:
-        res = subprocess.run(
-            ["git", "-C", str(ROOT), *args], capture_output=True, text=True, check=False
+    for test, key, base, peer in VERSUS_BASELINE:
+        if key not in raw.get(test, {}) or base not in raw.get(test, {}):
+            continue
+        each = ", ".join(f"{x:.2f}" for x in ratios(raw, test, key, peer, "tps"))
+        lines.append(
+            f"| {test} | {key} | {xfmt(median(ratios(raw, test, key, base, 'tps')))} "
+            f"| {xfmt(median(ratios(raw, test, key, base, 'cpu_us_per_txn')))} "
+            f"| {xfmt(median(ratios(raw, test, key, peer, 'tps')))} "
+            f"| {xfmt(median(ratios(raw, test, base, peer, 'tps')))} | {each} |"
         )
-        return res.stdout.strip() or "?"
+    return lines
 
-    commit = git("log", "-1", "--format=%h", "--", "podpatterns")
-    if git("status", "--porcelain", "--", "podpatterns") != "?":
-        commit += " + uncommitted changes"
-    pg = "/usr/lib/postgresql/15/bin"
-    return {
-        "command": shlex.join([".venv/bin/python", "bench/pgpool.py", *argv]),
-        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "cpus": os.cpu_count(),
-        "kernel": os.uname().release,
-        "commit": commit,
-        "load_before": ", ".join(f"{x:.2f}" for x in os.getloadavg()),
-        "versions": {
-            "pgbouncer": tool_version(["pgbouncer", "--version"]),
-            "pgbench": tool_version([f"{pg}/pgbench", "--version"]),
-            "postgres": tool_version([f"{pg}/postgres", "--version"]),
-        },
-    }
+
+COLORS = {
+    "direct-tls": "#999999",
+    "no-pool": "#6baed6",
+    "session": "#1f77b4",
+    "transaction": "#08306b",
+    "session-base": "#9ecae1",
+    "transaction-base": "#4292c6",
+    "pgbouncer-session": "#d62728",
+    "pgbouncer-transaction": "#ff9896",
+}
+
+
+def plot(raw: Raw, path: Path) -> None:
+    pgcommon.plot(
+        raw,
+        path,
+        [
+            ("connect", "tps", "pgbench -S -C tps (higher is better)"),
+            ("connect", "cpu_us_per_txn", "proxy CPU us per transaction, -C (lower is better)"),
+            ("select", "tps", "pgbench -S -c 16 tps, persistent (higher is better)"),
+            ("select", "cpu_us_per_txn", "proxy CPU us per transaction, -S (lower is better)"),
+        ],
+        lambda test: [c.key for c in contenders(raw) if test in c.tests],
+        COLORS,
+        "PostgreSQL pools: podpatterns ambassador vs pgbouncer 1.18, TLS + SCRAM server",
+        9,
+    )
 
 
 def finish(cfg: Settings, raw: Raw, meta: dict[str, Any], write_docs: bool) -> None:
@@ -525,57 +488,30 @@ def finish(cfg: Settings, raw: Raw, meta: dict[str, Any], write_docs: bool) -> N
     meta["targets"] = targets(raw)
     text = section(cfg, raw, meta)
     if write_docs:
-        write_section(text, HEADING)
+        pgcommon.write_section(text, HEADING)
         plot(raw, PLOT_PATH)
     sys.stdout.write(text)
 
 
+SCRIPT = pgcommon.Script(
+    name="pgpool",
+    doc=__doc__,
+    dev="./dev bench-pgpool",
+    peers=("pgbouncer",),
+    tests=TESTS,
+    versions=lambda: {
+        "pgbouncer": tool_version(["pgbouncer", "--version"]),
+        **pgcommon.tool_versions(),
+    },
+    run=run,
+    settings=Settings,
+    finish=finish,
+    baseline_help="another checkout: its session and transaction pools run in the same rounds",
+)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("--reps", type=int, default=3, help="repetitions (default 3)")
-    parser.add_argument("--seconds", type=int, default=10, help="pgbench -T (default 10)")
-    parser.add_argument(
-        "--write-docs", action="store_true", help="write docs/benchmarks.md and the plot"
-    )
-    parser.add_argument(
-        "--render", type=Path, metavar="JSON", help="no run: report a saved run again"
-    )
-    args_list = list(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(args_list)
-    if args.reps < 1 or args.seconds < 1:
-        parser.error("--reps and --seconds must be positive")
-    missing = [t for t in ("pgbouncer", "taskset") if shutil.which(t) is None]
-    if missing or not (VENV_BIN / "podpatterns").exists():
-        raise SystemExit(
-            f"bench: missing {' '.join(missing) or 'podpatterns'} (./dev bench-pgpool)"
-        )
-    if len(os.sched_getaffinity(0)) < 2:
-        raise SystemExit("bench: needs two CPUs (load on core 0, proxy on core 1)")
-    if args.render is not None:
-        saved = json.loads(args.render.read_text())
-        finish(Settings(**saved["settings"]), saved["raw"], saved["meta"], args.write_docs)
-        return 0
-    cfg = Settings(reps=args.reps, seconds=args.seconds)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind: stop our processes
-    os.sched_setaffinity(0, {int(LOAD_CORE)})  # pgbench and the server inherit core 0
-    meta = metadata(args_list)
-    started = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="podpatterns-pgpool-") as tmpname:
-        os.chmod(tmpname, 0o755)  # pgbouncer runs as postgres and reads its files here
-        raw = run(cfg, Path(tmpname))
-    meta["load_after"] = ", ".join(f"{x:.2f}" for x in os.getloadavg())
-    meta["elapsed_s"] = round(time.monotonic() - started, 1)
-    runs = [r for t in TESTS for reps in raw[t].values() for r in reps]
-    meta["runs"] = len(runs)
-    meta["busy_runs"] = sum(r["foreign_cpu_share"] > FOREIGN_MAX_SHARE for r in runs)
-    meta["failed_transactions"] = sum(r["failed"] for r in runs)
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    out = RESULTS_DIR / "pgpool-latest.json"
-    results = {"meta": meta, "settings": dataclasses.asdict(cfg), "raw": raw}
-    out.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
-    finish(cfg, raw, meta, args.write_docs)
-    log(f"done in {meta['elapsed_s']} s; results in {out}")
-    return 0
+    return pgcommon.main(SCRIPT, argv)
 
 
 if __name__ == "__main__":

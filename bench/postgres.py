@@ -34,20 +34,9 @@ reports a saved run again without measuring.
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import datetime as dt
-import json
-import os
-import re
 import shlex
-import shutil
-import signal
-import subprocess
 import sys
-import tempfile
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,31 +47,33 @@ if str(ROOT) not in sys.path:  # run as a script: bench/ is on the path, the rep
 
 import trustme  # noqa: E402
 
+from bench import pgcommon  # noqa: E402
 from bench.ambassador import (  # noqa: E402
     DOC_PATH,
     FOREIGN_MAX_SHARE,
-    LOAD_CORE,
-    RESULTS_DIR,
-    VENV_BIN,
-    Foreign,
     Ports,
     Procs,
     _haproxy,
     _podpatterns,
     cpu_seconds,
-    doc_section,
     fmt,
-    log,
     median,
-    proxy_cpu,
     tool_version,
 )
-from tests.peers import (  # noqa: E402
-    PG_SERVER_NAME,
-    PostgresServer,
-    pg_tls,
-    run_postgres,
+from bench.pgcommon import (  # noqa: E402
+    Argv,
+    Endpoint,
+    Raw,
+    ca_path,
+    init_pgbench,
+    med,
+    paired,
+    pgbench_env,
+    ratios,
+    rfmt,
+    xfmt,
 )
+from tests.peers import PG_SERVER_NAME, pg_tls, run_postgres  # noqa: E402
 
 HEADING = "## PostgreSQL through the ambassador"
 PLOT_PATH = ROOT / "docs" / "img" / "postgres-bench.png"
@@ -96,13 +87,12 @@ class Contender:
     key: str
     label: str
     server: str  # "plain" or "tls": which cluster it reaches
-    # builds the proxy's argv for (listen, upstream port, tmp); None: pgbench goes direct
-    argv: Callable[[int, int, Path], list[str]] | None
+    argv: Argv | None  # the proxy's argv for (listen, upstream port, tmp); None: direct
     peer: str | None  # the row its ratio is taken against
     tests: tuple[str, ...] = ("select", "connect")
 
 
-def _ambassador(*extra: str) -> Callable[[int, int, Path], list[str]]:
+def _ambassador(*extra: str) -> Argv:
     base = _podpatterns("auto")
 
     def argv(listen: int, upstream: int, tmp: Path) -> list[str]:
@@ -111,13 +101,7 @@ def _ambassador(*extra: str) -> Callable[[int, int, Path], list[str]]:
     return argv
 
 
-def ca_path(tmp: Path) -> Path:
-    """The CA file, alone in its directory as in a mounted Secret: the ambassador watches
-    that directory, and the proxies' logs in ``tmp`` must not wake it."""
-    return tmp / "tls" / "ca.pem"
-
-
-def _ambassador_tls(*extra: str) -> Callable[[int, int, Path], list[str]]:
+def _ambassador_tls(*extra: str) -> Argv:
     def argv(listen: int, upstream: int, tmp: Path) -> list[str]:
         return _ambassador(
             "--protocol",
@@ -200,92 +184,17 @@ class Settings:
         return [*argv, "-C"] if test == "connect" else argv
 
 
-# -- servers --------------------------------------------------------------------------------
-
-
-def pgbench_env(server: PostgresServer, port: int, tls_direct: bool, ca: Path) -> dict[str, str]:
-    env = server.env(port)
-    env["PGAPPNAME"] = "podpatterns-bench"
-    if tls_direct:
-        # libpq verifies the name in host= and connects to hostaddr=
-        env.update(
-            PGHOST=PG_SERVER_NAME,
-            PGHOSTADDR=server.host,
-            PGSSLMODE="verify-full",
-            PGSSLROOTCERT=str(ca),
-        )
-    else:
-        env["PGSSLMODE"] = "disable"
-    return env
-
-
-def init_pgbench(server: PostgresServer, scale: int) -> None:
-    """pgbench's tables as the superuser (unix socket on the TLS server); the login role
-    of the TLS server may read them."""
-    pgbench = server.tool("pgbench")
-    done = subprocess.run(
-        [pgbench, "-i", "-q", "-s", str(scale)],
-        env=server.admin_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"pgbench -i exited {done.returncode}: {done.stderr[-500:]}")
-    if server.user != "postgres":
-        grant = f"grant select on all tables in schema public to {server.user}"
-        if server.query(grant) is None:
-            raise RuntimeError("cannot grant the pgbench tables")
-
-
-TPS = re.compile(r"^tps = ([0-9.]+)", re.M)
-PROCESSED = re.compile(r"^number of transactions actually processed: (\d+)", re.M)
-FAILED = re.compile(r"^number of failed transactions: (\d+)", re.M)
-
-
-def pgbench(cfg: Settings, test: str, env: dict[str, str], tool: str) -> dict[str, Any]:
-    argv = [tool, *cfg.pgbench(test)]
-    res = subprocess.run(
-        ["taskset", "-c", LOAD_CORE, *argv],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=cfg.seconds + 60,
-        check=False,
-    )
-    if res.returncode != 0:
-        raise RuntimeError(f"{shlex.join(argv)} exited {res.returncode}: {res.stderr[-800:]}")
-    tps, done = TPS.search(res.stdout), PROCESSED.search(res.stdout)
-    if tps is None or done is None:
-        raise RuntimeError(f"pgbench: unexpected output {res.stdout[-500:]!r}")
-    failed = FAILED.search(res.stdout)
-    return {
-        "tps": float(tps.group(1)),
-        "transactions": int(done.group(1)),
-        "failed": int(failed.group(1)) if failed else 0,
-    }
-
-
 # -- the run -------------------------------------------------------------------------------
 
 
-@dataclass
-class Endpoint:
-    port: int
-    pid: int | None
-    env: dict[str, str]
-
-
-def run(cfg: Settings, tmp: Path) -> tuple[dict[str, dict[str, list[dict[str, Any]]]], float]:
+def run(cfg: Settings, tmp: Path, baseline: Path | None = None) -> Raw:
     """Every repetition of every test through every contender; the raw results."""
+    del baseline  # (no --baseline option here)
     ca = trustme.CA()
     ca_path(tmp).parent.mkdir()
     ca.cert_pem.write_to_path(str(ca_path(tmp)))
     procs = Procs(tmp)
     ports = Ports()
-    foreign = Foreign(FOREIGN_MAX_SHARE)
-    raw: dict[str, dict[str, list[dict[str, Any]]]] = {}
     # the servers inherit this process's affinity: core 0
     with run_postgres() as plain, run_postgres(pg_tls(ca)) as tls:
         try:
@@ -303,78 +212,23 @@ def run(cfg: Settings, tmp: Path) -> tuple[dict[str, dict[str, list[dict[str, An
                 proc = procs.start(c.key, c.argv(listen, server.port, tmp), "1")
                 procs.wait_listening(c.key, proc, listen)
                 eps[c.key] = Endpoint(listen, proc.pid, pgbench_env(server, listen, False, tmp))
-            tool = plain.tool("pgbench")
-            # one short warm-up through each, so that no run pays for a cold cache
-            warm = dataclasses.replace(cfg, seconds=1)
-            for key, ep in eps.items():
-                pgbench(warm, "select", ep.env, tool)
-                log(f"warm-up {key} ok")
-            for rep in range(cfg.reps):
-                for test in TESTS:
-                    order = [c.key for c in CONTENDERS if test in c.tests]
-                    shift = rep % len(order)
-                    for key in order[shift:] + order[:shift]:
-                        ep = eps[key]
-                        before = foreign.snapshot()
-                        start = time.monotonic()
-                        res: dict[str, Any] = {}
-                        with proxy_cpu(ep.pid, res):
-                            res.update(pgbench(cfg, test, ep.env, tool))
-                        res["foreign_cpu_share"] = round(
-                            foreign.used(before, foreign.snapshot()) / (time.monotonic() - start),
-                            3,
-                        )
-                        cpu = res["cpu_s"]
-                        res["cpu_us_per_txn"] = (
-                            None if cpu is None else cpu / max(1, res["transactions"]) * 1e6
-                        )
-                        res["rep"] = rep
-                        raw.setdefault(test, {}).setdefault(key, []).append(res)
-                    log(
-                        f"rep {rep + 1}/{cfg.reps} {test}: "
-                        + ", ".join(
-                            f"{k} {raw[test][k][-1]['tps']:.0f}" for k in order if k in raw[test]
-                        )
-                    )
+            raw = pgcommon.measure(
+                cfg,
+                eps,
+                lambda test: [c.key for c in CONTENDERS if test in c.tests],
+                TESTS,
+                plain.tool("pgbench"),
+            )
             # the proxies' total CPU, as a sanity check on the per-run figures
             for key, ep in eps.items():
                 if ep.pid is not None:
                     raw.setdefault("total_cpu_s", {})[key] = [{"cpu_s": cpu_seconds(ep.pid)}]
         finally:
             procs.stop_all()
-    return raw, foreign.waited_s
+    return raw
 
 
 # -- aggregation and report ----------------------------------------------------------------
-
-Raw = dict[str, dict[str, list[dict[str, Any]]]]
-
-
-def med(raw: Raw, test: str, key: str, metric: str) -> float | None:
-    return median([r.get(metric) for r in raw.get(test, {}).get(key, [])])
-
-
-def ratios(raw: Raw, test: str, key: str, base: str, metric: str) -> list[float]:
-    """``key``'s figure divided by ``base``'s in the same repetition, per repetition."""
-    by_rep = {r["rep"]: r.get(metric) for r in raw.get(test, {}).get(base, [])}
-    return [
-        r[metric] / by_rep[r["rep"]]
-        for r in raw.get(test, {}).get(key, [])
-        if r.get(metric) is not None and by_rep.get(r["rep"])
-    ]
-
-
-def paired(raw: Raw, test: str, key: str, base: str, metric: str) -> float | None:
-    """The median over repetitions of :func:`ratios`."""
-    return median(ratios(raw, test, key, base, metric))
-
-
-def rfmt(v: float | None) -> str:
-    return "—" if v is None else f"{v:.3f}"
-
-
-def xfmt(v: float | None) -> str:
-    return "—" if v is None else f"{v:.3f}x"
 
 
 def table(raw: Raw, test: str) -> list[str]:
@@ -568,129 +422,33 @@ def section(cfg: Settings, raw: Raw, meta: dict[str, Any]) -> str:
     return "\n".join(out) + "\n"
 
 
-def write_section(text: str, heading: str = HEADING) -> None:
-    """Put ``text`` in place of the section ``heading`` of docs/benchmarks.md (or last)."""
-    doc = DOC_PATH.read_text()
-    where = doc_section(doc, heading)
-    if where is None:
-        doc = doc.rstrip("\n") + "\n\n" + text
-    else:
-        doc = doc[: where[0]] + text + ("\n" + doc[where[1] :] if where[1] < len(doc) else "")
-    DOC_PATH.write_text(doc)
+COLORS = {
+    "direct": "#999999",
+    "direct-tls": "#cccccc",
+    "tcp": "#6baed6",
+    "postgres": "#1f77b4",
+    "postgres-tls": "#08306b",
+    "postgres-metrics": "#2ca02c",
+    "postgres-tls-metrics": "#176117",
+    "haproxy": "#d62728",
+    "haproxy-tuned": "#ff9896",
+}
 
 
 def plot(raw: Raw, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    colors = {
-        "direct": "#999999",
-        "direct-tls": "#cccccc",
-        "tcp": "#6baed6",
-        "postgres": "#1f77b4",
-        "postgres-tls": "#08306b",
-        "postgres-metrics": "#2ca02c",
-        "postgres-tls-metrics": "#176117",
-        "haproxy": "#d62728",
-        "haproxy-tuned": "#ff9896",
-    }
-    panels = [
-        ("select", "tps", "pgbench -S tps (higher is better)"),
-        ("select", "cpu_us_per_txn", "proxy CPU us per transaction, -S (lower is better)"),
-        ("connect", "tps", "pgbench -S -C tps, new connection each (higher is better)"),
-    ]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.8))
-    for ax, (test, metric, title) in zip(axes.flat, panels, strict=True):
-        keys = [c.key for c in CONTENDERS if test in c.tests]
-        vals = [med(raw, test, k, metric) for k in keys]
-        xs = [i for i, v in enumerate(vals) if v is not None]
-        ys = [v for v in vals if v is not None]
-        bars = ax.bar(xs, ys, color=[colors[keys[i]] for i in xs])
-        ax.bar_label(bars, labels=[fmt(y) for y in ys], fontsize=8)
-        ax.set_xticks(range(len(keys)), keys, fontsize=7, rotation=30, ha="right")
-        ax.set_title(title, fontsize=10)
-    fig.suptitle("pgbench through the podpatterns ambassador, loopback, 2 vCPU (medians)")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def metadata(argv: Sequence[str]) -> dict[str, Any]:
-    def git(*args: str) -> str:
-        res = subprocess.run(
-            ["git", "-C", str(ROOT), *args], capture_output=True, text=True, check=False
-        )
-        return res.stdout.strip() or "?"
-
-    commit = git("log", "-1", "--format=%h", "--", "podpatterns")
-    if git("status", "--porcelain", "--", "podpatterns") != "?":
-        commit += " + uncommitted changes"
-    pg = "/usr/lib/postgresql/15/bin"
-    return {
-        "command": shlex.join([".venv/bin/python", "bench/postgres.py", *argv]),
-        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "cpus": os.cpu_count(),
-        "kernel": os.uname().release,
-        "commit": commit,
-        "load_before": ", ".join(f"{x:.2f}" for x in os.getloadavg()),
-        "versions": {
-            "haproxy": tool_version(["haproxy", "-v"]).split(" - ")[0],
-            "pgbench": tool_version([f"{pg}/pgbench", "--version"]),
-            "postgres": tool_version([f"{pg}/postgres", "--version"]),
-        },
-    }
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("--reps", type=int, default=3, help="repetitions (default 3)")
-    parser.add_argument("--seconds", type=int, default=10, help="pgbench -T (default 10)")
-    parser.add_argument(
-        "--write-docs", action="store_true", help="write docs/benchmarks.md and the plot"
+    pgcommon.plot(
+        raw,
+        path,
+        [
+            ("select", "tps", "pgbench -S tps (higher is better)"),
+            ("select", "cpu_us_per_txn", "proxy CPU us per transaction, -S (lower is better)"),
+            ("connect", "tps", "pgbench -S -C tps, new connection each (higher is better)"),
+        ],
+        lambda test: [c.key for c in CONTENDERS if test in c.tests],
+        COLORS,
+        "pgbench through the podpatterns ambassador, loopback, 2 vCPU (medians)",
+        10,
     )
-    parser.add_argument(
-        "--render",
-        type=Path,
-        metavar="JSON",
-        help="no run: report a saved bench/results/postgres-latest.json again",
-    )
-    args_list = list(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(args_list)
-    if args.reps < 1 or args.seconds < 1:
-        parser.error("--reps and --seconds must be positive")
-    missing = [t for t in ("haproxy", "taskset") if shutil.which(t) is None]
-    if missing or not (VENV_BIN / "podpatterns").exists():
-        raise SystemExit(f"bench: missing {' '.join(missing) or 'podpatterns'} (./dev bench)")
-    if len(os.sched_getaffinity(0)) < 2:
-        raise SystemExit("bench: needs two CPUs (load on core 0, proxy on core 1)")
-    if args.render is not None:  # the report again, from a saved run
-        saved = json.loads(args.render.read_text())
-        finish(Settings(**saved["settings"]), saved["raw"], saved["meta"], args.write_docs)
-        return 0
-    cfg = Settings(reps=args.reps, seconds=args.seconds)
-    # A SIGTERM unwinds like Ctrl-C, so every process we started is stopped by PID.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    os.sched_setaffinity(0, {int(LOAD_CORE)})  # pgbench and the servers inherit core 0
-    meta = metadata(args_list)
-    started = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="podpatterns-pgbench-") as tmpname:
-        raw, _ = run(cfg, Path(tmpname))
-    meta["load_after"] = ", ".join(f"{x:.2f}" for x in os.getloadavg())
-    meta["elapsed_s"] = round(time.monotonic() - started, 1)
-    runs = [r for t in TESTS for reps in raw[t].values() for r in reps]
-    meta["runs"] = len(runs)
-    meta["busy_runs"] = sum(r["foreign_cpu_share"] > FOREIGN_MAX_SHARE for r in runs)
-    meta["failed_transactions"] = sum(r["failed"] for r in runs)
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    out = RESULTS_DIR / "postgres-latest.json"
-    results = {"meta": meta, "settings": dataclasses.asdict(cfg), "raw": raw}
-    out.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
-    finish(cfg, raw, meta, args.write_docs)
-    log(f"done in {meta['elapsed_s']} s; results in {out}")
-    return 0
 
 
 def finish(cfg: Settings, raw: Raw, meta: dict[str, Any], write_docs: bool) -> None:
@@ -698,9 +456,29 @@ def finish(cfg: Settings, raw: Raw, meta: dict[str, Any], write_docs: bool) -> N
     meta["targets"] = targets(raw)
     text = section(cfg, raw, meta)
     if write_docs:
-        write_section(text)
+        pgcommon.write_section(text, HEADING)
         plot(raw, PLOT_PATH)
     sys.stdout.write(text)
+
+
+SCRIPT = pgcommon.Script(
+    name="postgres",
+    doc=__doc__,
+    dev="./dev bench-pg",
+    peers=("haproxy",),
+    tests=TESTS,
+    versions=lambda: {
+        "haproxy": tool_version(["haproxy", "-v"]).split(" - ")[0],
+        **pgcommon.tool_versions(),
+    },
+    run=run,
+    settings=Settings,
+    finish=finish,
+)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return pgcommon.main(SCRIPT, argv)
 
 
 if __name__ == "__main__":

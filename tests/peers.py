@@ -275,7 +275,9 @@ hostssl all all ::1/128 scram-sha-256
 
 @contextlib.contextmanager
 def run_postgres(
-    tls: PostgresTLS | None = None, trusted: tuple[str, ...] = ()
+    tls: PostgresTLS | None = None,
+    trusted: tuple[str, ...] = (),
+    settings: tuple[str, ...] = (),
 ) -> Iterator[PostgresServer]:
     """Start a throw-away PostgreSQL 15 cluster; stop it and delete it on exit.
 
@@ -283,6 +285,8 @@ def run_postgres(
     SCRAM (``password_encryption = scram-sha-256``) and ``tls.user`` created with
     ``tls.password``. ``trusted`` login roles are created too, and let in over TLS
     without a password (``hostssl ... trust``: the pooling tests' upstream).
+    ``settings``: more ``name=value`` server settings (bench/pgpool.py's
+    ``max_connections``).
     """
     postgres = need(PG_BIN / "postgres")
     initdb = need(PG_BIN / "initdb")
@@ -317,7 +321,7 @@ def run_postgres(
         )
         if done.returncode != 0:
             raise RuntimeError(f"initdb exited {done.returncode}:\n{done.stderr.decode()}")
-        settings: list[str] = []
+        flags: list[str] = [arg for setting in settings for arg in ("-c", setting)]
         if tls is not None:
             (data / "server.crt").write_bytes(tls.cert_chain)
             (data / "server.key").write_bytes(tls.key)
@@ -333,7 +337,7 @@ def run_postgres(
                 "ssl_key_file=server.key",
                 "password_encryption=scram-sha-256",
             ):
-                settings += ["-c", setting]
+                flags += ["-c", setting]
         admin = PostgresServer(0, PG_BIN, socket_dir=tmp if tls is not None else None)
 
         def start(port: int, log: Path) -> subprocess.Popen[bytes]:
@@ -356,7 +360,7 @@ def run_postgres(
                         "synchronous_commit=off",
                         "-c",
                         "full_page_writes=off",
-                        *settings,
+                        *flags,
                     ],
                     stdout=out,
                     stderr=subprocess.STDOUT,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import struct
 import subprocess
 import threading
 from dataclasses import replace
@@ -140,6 +141,47 @@ def test_discard_all_keeps_a_set_from_leaking_to_the_next_app(
         assert again.returncode == 0, again.stderr
         assert again.stdout.split() == [first, default, "0"]
         assert default != "7MB"
+
+
+def raw_session(port: int, user: str, app: str, *queries: str) -> None:
+    """One app session on a bare socket: StartupMessage (``application_name`` ``app``),
+    up to ReadyForQuery, each query in turn up to its ReadyForQuery, Terminate."""
+    params = b"".join(
+        k + b"\0" + v.encode() + b"\0"
+        for k, v in ((b"user", user), (b"database", "postgres"), (b"application_name", app))
+    )
+    body = struct.pack("!i", 3 << 16) + params + b"\0"
+    with socket.create_connection(("127.0.0.1", port), timeout=CLIENT_TIMEOUT) as sock:
+        sock.sendall(struct.pack("!i", 4 + len(body)) + body)
+        for sql in (None, *queries):
+            if sql is not None:
+                text = sql.encode() + b"\0"
+                sock.sendall(b"Q" + struct.pack("!i", 4 + len(text)) + text)
+            got = b""
+            while not got.endswith(b"Z\0\0\0\x05I"):
+                data = sock.recv(65536)
+                assert data, f"closed before ReadyForQuery: {got!r}"
+                got += data
+            assert not got.startswith(b"E"), got
+        sock.sendall(b"X\0\0\0\x04")
+
+
+def test_session_that_sent_nothing_is_not_reset(server: PostgresServer, pg_ca_file: Path) -> None:
+    """An app that leaves without sending the server anything returns its backend with
+    no DISCARD ALL; one that ran a query has its backend reset."""
+    with run_ambassador(
+        [f"{server.host}:{server.port}"], *pool_args(server, pg_ca_file, "session")
+    ) as amb:
+        port = amb.listen.port
+        last = "select query from pg_stat_activity where application_name = 'pp-reset'"
+        raw_session(port, server.user, "pp-reset")
+        idle_is(amb, 1)
+        assert server.query(last) == ""  # the backend never ran a statement
+        raw_session(port, server.user, "pp-reset", "select 1")
+        idle_is(amb, 1)
+        assert server.query(last) == "DISCARD ALL"
+        assert amb.metric(POOL + "server_opened_total") == 1
+        assert amb.terminate() == 0, amb.log_text()
 
 
 def test_app_leaving_inside_a_transaction_is_rolled_back_and_reused(

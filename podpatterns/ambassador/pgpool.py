@@ -7,8 +7,9 @@ BackendKeyData it issues, ReadyForQuery) and lends the app a server connection i
 
 * ``session``: one server connection per app connection, for as long as the app stays
   connected; when the app leaves, the server connection is reset (``--pg-pool-reset-query``,
-  ``DISCARD ALL`` by default; a ``ROLLBACK`` first when the app left inside a transaction)
-  and returned to the pool. A connection the app left mid-request is closed, not reused.
+  ``DISCARD ALL`` by default; a ``ROLLBACK`` first when the app left inside a transaction;
+  none when the app sent the server nothing) and returned to the pool. A connection the
+  app left mid-request is closed, not reused.
 * ``transaction``: a server connection only for the length of a transaction; the
   server's ReadyForQuery ``I`` with nothing outstanding returns it. Named prepared
   statements (Parse/Bind/Describe/Close) are tracked per app connection and prepared
@@ -204,6 +205,7 @@ class ServerConn(asyncio.Protocol):
         self.key = key  # the server's BackendKeyData (process ID, secret key)
         self.params = params  # its ParameterStatus messages, as the startup gave them
         self.transport: Any = None
+        self._loop = asyncio.get_running_loop()
         self.owner: ClientSession | None = None
         self.prepared: set[bytes] = set()  # the ambassador's statement names prepared here
         now = time.monotonic()
@@ -277,9 +279,7 @@ class ServerConn(asyncio.Protocol):
         self._reset_buf = b""
         self.transport.resume_reading()
         self.transport.write(b"".join(queries))
-        self.timer = asyncio.get_running_loop().call_later(
-            RESET_TIMEOUT, self.close, "reset_timeout"
-        )
+        self.timer = self._loop.call_later(RESET_TIMEOUT, self.close, "reset_timeout")
 
     def _reset_data(self, data: bytes) -> None:
         buf = self._reset_buf + data
@@ -510,6 +510,7 @@ class Pools:
         self.statement_names: dict[bytes, bytes] = {}  # Parse body -> our statement name
         self.statement_bodies: dict[bytes, bytes] = {}  # our statement name -> Parse body
         self.closing = False
+        self.reset_message = query_message(settings.reset_query) if settings.reset_query else b""
         self.tasks = TaskSet("ambassador")
         # metrics: plain numbers read at scrape time
         self.opened = 0
@@ -650,10 +651,21 @@ def startup_answer(params: bytes, key: bytes) -> bytes:
     return _AUTH_OK + params + _message(b"K", key) + _READY_IDLE
 
 
+_KEY_BYTES = 4096  # read from os.urandom at once: one system call per 512 app connections
+_key_pool = bytearray()
+
+
 def issue_key() -> bytes:
-    """A BackendKeyData body for an app connection: process ID and secret key."""
-    pid = random.getrandbits(31) | 1
-    return struct.pack("!i", pid) + os.urandom(4)
+    """A BackendKeyData body for an app connection: process ID and secret key.
+
+    The secret comes from ``os.urandom`` (another process on the Pod's loopback must
+    not guess it and cancel the app's queries), read in blocks rather than per key.
+    """
+    if len(_key_pool) < 8:
+        _key_pool.extend(os.urandom(_KEY_BYTES))
+    key = bytes(_key_pool[-8:])
+    del _key_pool[-8:]
+    return struct.pack("!i", (int.from_bytes(key[:4]) >> 1) | 1) + key[4:]
 
 
 class ClientSession(asyncio.Protocol):
@@ -692,6 +704,7 @@ class ClientSession(asyncio.Protocol):
         self.outstanding = 0  # requests sent to the server not yet answered by Z
         self.in_batch = False  # extended-protocol messages sent since the last Sync
         self.status = _IDLE
+        self.used = False  # session mode: a message reached the server (its state may differ)
         self._skip = 0  # bytes of the server's current message still to pass
         self._carry = b""  # the start of a server message header split across reads
         self.statements: dict[bytes, bytes] = {}  # the app's statement name -> ours
@@ -805,6 +818,7 @@ class ClientSession(asyncio.Protocol):
                 out.append(self._rewrite(kind, bytes(buf[pos:end])))
             else:
                 out.append(bytes(buf[pos:end]))
+                self.used = True
             if kind in _REQUESTS:
                 self.outstanding += 1
                 self._sent_groups += 1
@@ -1070,8 +1084,10 @@ class ClientSession(asyncio.Protocol):
         queries: list[bytes] = []
         if self.status != _IDLE:
             queries.append(query_message("ROLLBACK"))
-        if not self.transaction_mode and self.pools.settings.reset_query:
-            queries.append(query_message(self.pools.settings.reset_query))
+        # An app that sent the server nothing changed nothing (a connection check, a
+        # client that gave up): its server connection goes back without a reset.
+        if not self.transaction_mode and self.used and self.pools.reset_message:
+            queries.append(self.pools.reset_message)
         if self._server_paused:
             server.transport.resume_reading()
         self.pool.returning(server)

@@ -92,10 +92,10 @@ class SocketStream:
     messages with it leaves what follows in the kernel, for the relay.
     """
 
-    def __init__(self, sock: socket.socket, read_size: int = 65536) -> None:
+    def __init__(self, sock: socket.socket, read_size: int = 65536, ahead: bytes = b"") -> None:
         self.sock = sock
         self._loop = asyncio.get_running_loop()
-        self._buf = bytearray()
+        self._buf = bytearray(ahead)  # what the caller read from ``sock`` already
         self._read_size = read_size
         #: True while :meth:`write` runs: if it is cut short (cancelled), the peer's
         #: stream stops inside a message, and nothing more may be sent on it.

@@ -339,7 +339,7 @@ class Route:
             conn.finish()
             return
         if self._startup is not None:
-            self._start_task(self._startup.run(conn, csock, peer), conn)
+            self._start_task(self._startup.begin(conn, csock, peer), conn)
             return
         dialer = Dialer(
             self._loop,

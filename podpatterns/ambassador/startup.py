@@ -16,9 +16,10 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
+import struct
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from prometheus_client import Histogram
@@ -49,7 +50,7 @@ from podpatterns.ambassador.pgpool import (
     startup_answer,
 )
 from podpatterns.ambassador.pgroles import ROLE_CHANGED_MESSAGE, Roles
-from podpatterns.ambassador.postgres import PostgresHandler, PostgresSession
+from podpatterns.ambassador.postgres import MAX_STARTUP_PACKET, PostgresHandler, PostgresSession
 from podpatterns.ambassador.protocol import (
     Established,
     Failure,
@@ -62,6 +63,10 @@ from podpatterns.ambassador.protocol import (
 from podpatterns.ambassador.relay import Leg, ProtocolRelay
 from podpatterns.ambassador.tls import TLSContextProvider
 from podpatterns.ambassador.upstreams import Endpoint, UpstreamPool
+
+#: What :meth:`Startup.begin` reads at once: a StartupMessage is far smaller.
+STARTUP_READ = 4096
+_HEAD = struct.Struct("!ii")  # a startup packet's length and protocol code
 
 _DIAL_WORDS = {
     "refused": "connection refused",
@@ -349,9 +354,76 @@ class Startup:
             dialer.cancel()
             raise
 
-    async def run(self, conn: Connection, csock: socket.socket, peer: Any) -> None:
-        """Accept -> client startup -> dial -> upstream startup -> the relays."""
-        session = self.handler.open(SocketStream(csock), conn.client)
+    def begin(self, conn: Connection, csock: socket.socket, peer: Any) -> Coroutine[Any, Any, None]:
+        """What the route's task for a new connection runs: :meth:`run`, or with
+        ``--pg-pool`` the short way when it applies.
+
+        The short way (issue 14's ``pgbench -C`` target: the work per new connection is
+        what a pool's throughput depends on): the app's StartupMessage is in the socket
+        already, alone (no SSLRequest, no CancelRequest), nothing more is asked of the
+        app (no ``--pg-client-auth``, no ``--listen-tls-cert``) and a server connection
+        is idle (session mode) or the server's parameters are known (transaction mode).
+        Then the pool is answered here, without the startup's coroutines, and the task
+        only attaches the app's socket. Otherwise what was read goes to :meth:`run`.
+        """
+        pools = self.pools
+        if pools is None or self.draining:
+            return self.run(conn, csock, peer)
+        handler = pools.handler
+        creds = handler.credentials
+        if handler.listen_context is not None or (creds is not None and creds.client_password):
+            return self.run(conn, csock, peer)
+        try:
+            ahead = csock.recv(STARTUP_READ)
+        except OSError:  # nothing yet (BlockingIOError), or an error run() meets again
+            return self.run(conn, csock, peer)
+        if not ahead:
+            return self.run(conn, csock, peer, ahead)  # EOF: run() sees it again
+        if len(ahead) < 8:
+            return self.run(conn, csock, peer, ahead)
+        length, code = _HEAD.unpack_from(ahead)
+        if length != len(ahead) or code >> 16 != 3 or length > MAX_STARTUP_PACKET:
+            return self.run(conn, csock, peer, ahead)  # more, less, or not a startup
+        pool = pools.pool_for(ahead)
+        if pools.settings.mode == "transaction":
+            if pool.params is None:
+                return self.run(conn, csock, peer, ahead)
+            server, params = None, pool.params
+        else:
+            server = pool.take()
+            if server is None:  # run() waits for one, within --pg-pool-wait
+                return self.run(conn, csock, peer, ahead)
+            params = server.params
+        key = issue_key()
+        client = ClientSession(pools, pool, conn, server, key, startup_answer(params, key))
+        conn.relay = client
+        conn.upstream = server.label if server is not None else "pool"
+        return self._pool_attach(conn, csock, client)
+
+    async def _pool_attach(
+        self, conn: Connection, csock: socket.socket, client: ClientSession
+    ) -> None:
+        """The short way's end: the app's socket to its :class:`~.pgpool.ClientSession`."""
+        try:
+            await asyncio.get_running_loop().connect_accepted_socket(lambda: client, csock)
+        except BaseException as exc:
+            conn.note_end("proxy", "cancelled")
+            abandon(conn, csock, None)  # the server connection is closed, not reused
+            if not isinstance(exc, OSError | asyncio.CancelledError):
+                raise
+            return
+        if self.draining:
+            client.drain()
+        self._connect_seconds.observe(time.monotonic() - conn.started)
+
+    async def run(
+        self, conn: Connection, csock: socket.socket, peer: Any, ahead: bytes = b""
+    ) -> None:
+        """Accept -> client startup -> dial -> upstream startup -> the relays.
+
+        ``ahead``: what :meth:`begin` read from ``csock`` already.
+        """
+        session = self.handler.open(SocketStream(csock, ahead=ahead), conn.client)
         self.sessions[conn] = session
         usock: socket.socket | None = None
         upstream_phase = False
