@@ -53,6 +53,7 @@ from typing import Any
 from podpatterns.ambassador.connection import Connection, reset_socket
 from podpatterns.ambassador.dial import DialError
 from podpatterns.ambassador.pgauth import ServerError, startup_parameters
+from podpatterns.ambassador.pgroles import ROLE_CHANGED_MESSAGE, Roles
 from podpatterns.ambassador.postgres import (
     KEY_MAX,
     KEY_MIN,
@@ -79,6 +80,7 @@ ADMIN_SHUTDOWN = "57P01"
 RESET_TIMEOUT = 5.0  # seconds a reset (ROLLBACK, DISCARD ALL) may take before the close
 MAX_CLIENT_MESSAGE = 64 << 20  # a larger message from the app ends its connection
 LIFETIME_JITTER = 0.1  # each server connection lives (1 - U(0, this)) * --pg-pool-max-lifetime
+ROLE_RETRY = 0.25  # seconds between opens while no endpoint of the target role answers
 
 _UNPACK = struct.Struct("!i").unpack_from
 _AUTH_OK = b"R\0\0\0\x08\0\0\0\0"
@@ -325,7 +327,10 @@ class Pool:
         self.opening = 0
         self.resetting = 0
         self.waiters: deque[asyncio.Future[ServerConn]] = deque()
-        self.params: bytes | None = None  # ParameterStatus messages of the first connection
+        self.params: bytes | None = None  # ParameterStatus messages of the last connection
+        # why the last open failed while apps waited (roles: no endpoint of the target
+        # role yet); what a wait that runs out is told instead of 53300
+        self.open_error: BaseException | None = None
         self._sweep: asyncio.TimerHandle | None = None  # the idle connections' timeouts
         self.top_up()
 
@@ -336,10 +341,11 @@ class Pool:
         """An idle server connection, now, or None (counted as a wait of 0 s)."""
         now = time.monotonic()
         while self.idle:
-            server = self.idle.pop()  # the most recently used: the others may time out
+            server = self.idle[-1]  # the most recently used: the others may time out
             if server.expired(now):
-                server.close("max_lifetime")
+                server.close("max_lifetime")  # lost() takes it off the idle list
                 continue
+            self.idle.pop()
             self.in_use += 1
             self.pools.observe_wait(0.0)
             return server
@@ -367,6 +373,9 @@ class Pool:
 
     def _timed_out(self, fut: asyncio.Future[ServerConn]) -> None:
         if not fut.done():
+            if self.open_error is not None:  # the cause, not "none free" (roles)
+                fut.set_exception(self.open_error)
+                return
             self.pools.wait_timeouts += 1
             fut.set_exception(PoolTimeout())
 
@@ -384,10 +393,15 @@ class Pool:
         ):
             self.pools.spawn_open(self)
 
+    def has_waiters(self) -> bool:
+        """True while an app waits for a server connection of this key."""
+        return any(not f.done() for f in self.waiters)
+
     def opened(self, server: ServerConn) -> None:
         self.opening -= 1
-        if self.params is None:
-            self.params = server.params
+        self.open_error = None
+        # the latest: after a failover, the new primary's (in_hot_standby and the rest)
+        self.params = server.params
         self._give(server)
 
     def open_failed(self, exc: BaseException) -> None:
@@ -457,11 +471,15 @@ class Pool:
         server.owner = None
 
     def release(self, server: ServerConn) -> None:
-        """``server`` is free again (after its reset)."""
-        self.resetting -= 1
+        """``server`` is free again (after its reset): to a waiter or idle, unless it is
+        past its lifetime or its endpoint no longer serves the target role."""
         if server.expired(time.monotonic()):
-            server.close("max_lifetime")
+            server.close("max_lifetime")  # lost() counts it out of resetting
             return
+        if self.pools.role_mismatch(server.endpoint):
+            server.close("role_changed")
+            return
+        self.resetting -= 1
         self._give(server)
 
     def lost(self, server: ServerConn, reason: str) -> None:
@@ -519,6 +537,10 @@ class Pools:
         self.wait_buckets = [0] * (len(LATENCY_BUCKETS) + 1)
         self.wait_seconds = 0.0
         self.features: Counter[str] = Counter()
+        # --pg-target-session-attrs: the endpoints' roles (None: any endpoint serves)
+        self.roles: Roles | None = handler.roles
+        self._role_news: asyncio.Future[None] | None = None  # resolved at a role change
+        self._role_epoch = 0  # role changes seen
 
     def pool_for(self, startup: bytes) -> Pool:
         """The pool of the app's StartupMessage (its parameters are the key)."""
@@ -549,7 +571,7 @@ class Pools:
     async def _open(self, pool: Pool) -> None:
         try:
             async with asyncio.timeout(self.settings.connect_timeout):
-                server = await self.open_server(pool)
+                server = await self._open_for_role(pool)
         except Exception as exc:  # each failure goes to a waiting app
             self.open_failures += 1
             if not isinstance(exc, ServerError | Failure | DialError | OSError | TimeoutError):
@@ -609,6 +631,85 @@ class Pools:
             server.close("protocol_error")
             raise Failure("protocol", f"podpatterns ambassador: {endpoint} sent data unasked")
         return server
+
+    # -- roles (--pg-target-session-attrs) -------------------------------------------------
+
+    async def _open_for_role(self, pool: Pool) -> ServerConn:
+        """:meth:`open_server`; with roles, tried again while apps wait and no endpoint
+        of the target role could be had (a failover under way): at once when the roles
+        changed meanwhile, else at the next role change or after :data:`ROLE_RETRY`.
+
+        Raises:
+            as :meth:`open_server`: the last error, once no app waits any more, or for
+            an error roles do not explain (a wrong password, TLS).
+        """
+        waiting = False
+        try:
+            while True:
+                epoch = self._role_epoch
+                try:
+                    return await self.open_server(pool)
+                except (Failure, DialError) as exc:
+                    role = isinstance(exc, DialError) or exc.kind == "role"
+                    if self.roles is None or not role or self.closing or not pool.has_waiters():
+                        raise
+                    self.open_failures += 1
+                    pool.open_error = exc
+                    if not waiting:
+                        waiting = True
+                        self.log.warning(
+                            "pg_pool_open_waiting_for_role",
+                            target=self.roles.target,
+                            error=_describe(exc),
+                        )
+                if epoch == self._role_epoch:
+                    await self._next_role_change(ROLE_RETRY)
+        finally:
+            pool.open_error = None
+
+    async def _next_role_change(self, within: float) -> None:
+        """Return at the next role change, or after ``within`` seconds."""
+        if self._role_news is None:
+            self._role_news = asyncio.get_running_loop().create_future()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(within):
+                await asyncio.shield(self._role_news)  # shared by every open that waits
+
+    def role_mismatch(self, endpoint: Endpoint) -> bool:
+        """True when ``endpoint``'s known role does not serve the target: its server
+        connections are closed rather than lent again."""
+        return self.roles is not None and self.roles.mismatches(endpoint)
+
+    def role_changed(self, endpoint: Endpoint) -> None:
+        """``endpoint``'s role was learned or changed (:attr:`.pgroles.Roles.on_change`):
+        its idle server connections are closed when it no longer serves the target (those
+        lent are closed when returned), and the opens that wait for a role try again."""
+        self._role_epoch += 1
+        news, self._role_news = self._role_news, None
+        if news is not None and not news.done():
+            news.set_result(None)
+        if not self.role_mismatch(endpoint):
+            return
+        closed = 0
+        for pool in self.by_key.values():
+            for server in [s for s in pool.idle if s.endpoint is endpoint]:
+                server.close("role_changed")
+                closed += 1
+        if closed:
+            self.log.info("pg_pool_role_changed", upstream=str(endpoint), idle_closed=closed)
+
+    def end_sessions_on(self, endpoint: Endpoint) -> int:
+        """``--pg-close-on-role-change`` in session mode: each app connection holding a
+        server connection to ``endpoint`` ends at its next rest with FATAL 57P01 (in
+        transaction mode no app holds one between transactions: nothing to end).
+        Returns how many will end."""
+        ended = 0
+        for client in list(self.clients.values()):
+            server = client.server
+            if not client.transaction_mode and server is not None and server.endpoint is endpoint:
+                client.drain(ROLE_CHANGED_MESSAGE, "role_changed")
+                ended += 1
+        return ended
 
     def cancel_target(self, key: bytes) -> tuple[Endpoint, bytes] | None:
         """The server a CancelRequest with our BackendKeyData ``key`` must reach, and
@@ -703,6 +804,8 @@ class ClientSession(asyncio.Protocol):
         self._eof_client = False
         self.ended = False
         self.draining = False
+        self._drain_message: str | None = None  # None: the shutdown drain's (pgdrain)
+        self._drain_reason = "drained"
         self._features: set[str] = set()
         self._server_paused = False
         pools.clients[key] = self
@@ -850,6 +953,9 @@ class ClientSession(asyncio.Protocol):
             return
         if isinstance(exc, ServerError):
             self._fail_with(exc.raw)
+            return
+        if isinstance(exc, Failure):  # no endpoint of the target role (--pg-pool-wait)
+            self._fail(CONNECTION_FAILURE, exc.message)
             return
         if exc is not None:
             self._fail(CONNECTION_FAILURE, f"podpatterns ambassador: {_describe(exc)}")
@@ -1077,8 +1183,11 @@ class ClientSession(asyncio.Protocol):
         self.pool.returning(server)
         server.reset(queries)
 
-    def drain(self) -> None:
-        """End the app's connection at its next rest (FATAL 57P01, as a fast shutdown)."""
+    def drain(self, message: str | None = None, reason: str = "drained") -> None:
+        """End the app's connection at its next rest (FATAL 57P01, as a fast shutdown;
+        ``message`` instead of the drain's, ``reason`` for the connection's end)."""
+        if not self.draining or message is None:
+            self._drain_message, self._drain_reason = message, reason
         self.draining = True
         at_rest = (
             self.status == _IDLE
@@ -1093,9 +1202,10 @@ class ClientSession(asyncio.Protocol):
     def _drained(self) -> None:
         from podpatterns.ambassador.pgdrain import DRAIN_MESSAGE
 
-        self.conn.end_by_proxy("drained")
+        self.conn.end_by_proxy(self._drain_reason)
+        message = self._drain_message or DRAIN_MESSAGE
         if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(error_response(ADMIN_SHUTDOWN, DRAIN_MESSAGE))
+            self.transport.write(error_response(ADMIN_SHUTDOWN, message))
         self._end(reuse=True)
         if self.transport is not None:
             self.transport.close()
