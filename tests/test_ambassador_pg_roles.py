@@ -16,6 +16,7 @@ import socket
 import ssl
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import psycopg
@@ -395,33 +396,59 @@ def test_pool_closes_what_a_role_change_strands_and_keeps_its_counts() -> None:
 def test_transaction_pool_writes_follow_the_primary_across_a_failover(
     pair: ReplicatedPostgres, ca_file: Path, password_file: Path
 ) -> None:
-    """--pg-pool transaction, read-write: an app connection kept open while the primary
-    stops and the standby is promoted goes on writing, on the new primary, without an
-    error; the server connection to the old primary is not lent again."""
+    """--pg-pool transaction, read-write, the primary stopped and the standby promoted:
+    an app connection idle meanwhile goes on writing on the new primary without an error;
+    one whose statement was running gets an ERROR for it (not FATAL) and goes on; one
+    idle inside a transaction block gets an ERROR at its next statement, ROLLBACK works,
+    and it goes on. No app connection is closed."""
     upstreams = [ep(pair.primary), ep(pair.standby)]
     args = pool_role_args(ca_file, password_file, "read-write", "transaction")
     made = pair.primary.query("create table writes (n int); grant all on writes to app")
     assert made is not None
     wait_until(lambda: pair.standby.query("select count(*) from writes") == "0", "replicated")
-    with run_ambassador(upstreams, *args) as amb:
+    sleeping = "select count(*) from pg_stat_activity where query = 'select pg_sleep(120)'"
+    with (
+        run_ambassador(upstreams, *args) as amb,
+        app_conn(amb.listen.port) as conn,
+        app_conn(amb.listen.port) as running,
+        app_conn(amb.listen.port, autocommit=False) as block,
+        ThreadPoolExecutor(1) as pool,
+    ):
         wait_role(amb, pair.primary, "primary")
         wait_role(amb, pair.standby, "standby")
-        with app_conn(amb.listen.port) as conn:
-            conn.execute("insert into writes values (1)")
-            assert conn.execute(WHERE).fetchone() == (pair.primary.port, False)
-            mark = amb.mark()
-            pair.stop_primary()
-            pair.promote()
-            # the app's next transactions: no error, on the promoted server
-            conn.execute("insert into writes values (2), (3)")
-            with conn.transaction():
-                conn.execute("insert into writes values (4)")
-                row = conn.execute(WHERE).fetchone()
-            assert row == (pair.standby.port, False)
-            assert conn.execute("select count(*) from writes").fetchone() == (4,)
+        conn.execute("insert into writes values (1)")
+        assert conn.execute(WHERE).fetchone() == (pair.primary.port, False)
+        block.execute("insert into writes values (100)")  # BEGIN: a block left open
+        slept = pool.submit(running.execute, "select pg_sleep(120)")
+        wait_until(lambda: pair.primary.query(sleeping) == "1", "the statement running")
+        mark = amb.mark()
+        pair.stop_primary()
+        pair.promote()
+        # idle meanwhile: the next transactions run on the promoted server, no error
+        conn.execute("insert into writes values (2), (3)")
+        with conn.transaction():
+            conn.execute("insert into writes values (4)")
+            row = conn.execute(WHERE).fetchone()
+        assert row == (pair.standby.port, False)
+        assert conn.execute("select count(*) from writes").fetchone() == (4,)
+        # running when the primary stopped: that statement failed, the connection did not
+        with pytest.raises(psycopg.errors.AdminShutdown) as lost:
+            slept.result(timeout=60)
+        assert "this transaction did not complete" in str(lost.value), lost.value
+        assert running.execute(WHERE).fetchone() == (pair.standby.port, False)
+        # inside a block: told at its next statement, which is not run elsewhere
+        with pytest.raises(psycopg.errors.AdminShutdown):
+            block.execute("insert into writes values (101)")
+        with pytest.raises(psycopg.errors.InFailedSqlTransaction):
+            block.execute("insert into writes values (102)")
+        block.rollback()
+        assert block.execute(WHERE).fetchone() == (pair.standby.port, False)
+        block.commit()
+        assert conn.execute("select count(*) from writes where n > 4").fetchone() == (0,)
         wait_role(amb, pair.standby, "primary", after=mark)
-        assert amb.metric(POOL + "server_opened_total") == 2
-        assert amb.find("pg_pool_open_bug") < 0, amb.log_text()
+        assert amb.metric(POOL + "transactions_lost_total") == 2
+        assert not any(c.closed for c in (conn, running, block))
+    assert amb.find("pg_pool_open_bug") < 0, amb.log_text()
 
 
 @peer

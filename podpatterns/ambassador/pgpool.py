@@ -20,6 +20,25 @@ database, application_name and the rest), so that two apps with different settin
 share a server session. Each key has at most ``--pg-pool-size`` connections; an app that
 finds none free waits at most ``--pg-pool-wait`` and then gets ErrorResponse 53300.
 
+With ``--pg-target-session-attrs`` (:mod:`.pgroles`) the pooled connections follow the
+roles. The endpoint is *not* part of the pool key: the app asks for a role, not a
+server, so one key's connections may live on several endpoints (the standbys of a
+``read-only`` route), one ``--pg-pool-size`` bounds them all, and a failover moves the
+pool rather than splitting it. Instead the role is checked where a connection enters or
+re-enters the pool:
+
+* a new connection is dialled as an app's session is: to an endpoint of the target role,
+  and refused by its own startup when the role changed since the last check; while apps
+  wait and no endpoint of the role answers (a failover under way), the open is tried
+  again at the next role change or after :data:`ROLE_RETRY`, within their
+  ``--pg-pool-wait``, and a wait that runs out is told why instead of 53300;
+* when an endpoint's role stops serving the target (:attr:`.pgroles.Roles.on_change`,
+  from the health connection or any startup), its idle connections are closed at once,
+  and a lent one is closed when it comes back (``role_changed``), never lent again;
+* so in transaction mode the app's next transaction runs on the new primary, and in
+  session mode the app stays where it is until it leaves, or with
+  ``--pg-close-on-role-change`` gets FATAL 57P01 at its next rest.
+
 How an answer from a server is matched to what the app asked: every message the
 ambassador sends is answered in order, ParseComplete (``1``) only by a Parse and
 CloseComplete (``3``) only by a Close, and after an error the server skips to the next
@@ -77,6 +96,7 @@ POOL_MODES = ("off", "session", "transaction")
 TOO_MANY_CONNECTIONS = "53300"
 CONNECTION_FAILURE = "08006"
 ADMIN_SHUTDOWN = "57P01"
+CANNOT_CONNECT_NOW = "57P03"  # the database system is shutting down, starting up...
 RESET_TIMEOUT = 5.0  # seconds a reset (ROLLBACK, DISCARD ALL) may take before the close
 MAX_CLIENT_MESSAGE = 64 << 20  # a larger message from the app ends its connection
 LIFETIME_JITTER = 0.1  # each server connection lives (1 - U(0, this)) * --pg-pool-max-lifetime
@@ -89,9 +109,13 @@ _PARSE_COMPLETE = b"1\0\0\0\x04"
 _READY_IDLE = b"Z\0\0\0\x05I"
 _NO_STATEMENT = b"podpatterns_none"  # a Close of it is answered, and changes nothing
 _Q, _S, _F, _X, _P, _B, _D, _C, _Z = (ord(c) for c in "QSFXPBDCZ")
-_IDLE = ord("I")
+_IDLE, _FAILED = ord("I"), ord("E")
+_ERROR = ord("E")  # ErrorResponse, from the server
 _REQUESTS = frozenset((_Q, _S, _F))  # each answered by one ReadyForQuery
 _PARSE_DONE, _CLOSE_DONE = ord("1"), ord("3")
+_ROLLBACK_DONE = b"C\0\0\0\x0dROLLBACK\0"
+_TRANSACTION_ENDS = re.compile(rb"\s*(?:rollback|abort|commit|end)\b(?!\s+to\b)", re.I)
+ABORTED_MESSAGE = "current transaction is aborted, commands ignored until end of transaction block"
 
 # Session state a transaction-mode server connection does not keep for the app: what the
 # app's SQL says, checked at the start of each Query and Parse text (issue 14).
@@ -537,6 +561,7 @@ class Pools:
         self.wait_buckets = [0] * (len(LATENCY_BUCKETS) + 1)
         self.wait_seconds = 0.0
         self.features: Counter[str] = Counter()
+        self.lost_transactions = 0  # app transactions lost with their server connection
         # --pg-target-session-attrs: the endpoints' roles (None: any endpoint serves)
         self.roles: Roles | None = handler.roles
         self._role_news: asyncio.Future[None] | None = None  # resolved at a role change
@@ -649,9 +674,10 @@ class Pools:
                 epoch = self._role_epoch
                 try:
                     return await self.open_server(pool)
-                except (Failure, DialError) as exc:
-                    role = isinstance(exc, DialError) or exc.kind == "role"
-                    if self.roles is None or not role or self.closing or not pool.has_waiters():
+                except (Failure, DialError, ServerError) as exc:
+                    if self.roles is None or not _failover(exc):
+                        raise
+                    if self.closing or not pool.has_waiters():
                         raise
                     self.open_failures += 1
                     pool.open_error = exc
@@ -738,6 +764,14 @@ class Pools:
             client.drain()
 
 
+def _failover(exc: Failure | DialError | ServerError) -> bool:
+    """Whether an open failed as it does during a failover: no endpoint of the role,
+    none reachable, or a server shutting down or starting up (57P03)."""
+    if isinstance(exc, ServerError):
+        return exc.sqlstate == CANNOT_CONNECT_NOW
+    return isinstance(exc, DialError) or exc.kind == "role"
+
+
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, Failure):
         return exc.message
@@ -808,6 +842,11 @@ class ClientSession(asyncio.Protocol):
         self._drain_reason = "drained"
         self._features: set[str] = set()
         self._server_paused = False
+        # after a lent server connection was lost mid-transaction (transaction mode): the
+        # status the app is answered with locally (I or E) until its transaction ends
+        self._local: int | None = None
+        self._local_error = b""  # the ErrorResponse the next batch answered locally gets
+        self._local_errored = False  # the current batch got it
         pools.clients[key] = self
         if server is not None:
             self._attach(server)
@@ -901,6 +940,12 @@ class ClientSession(asyncio.Protocol):
                 if self.transport is not None:
                     self.transport.close()
                 return
+            if self._local is not None:  # the transaction was lost with its server
+                self._answer_locally(kind, buf, pos)
+                pos = end
+                if self.ended:  # a drain waited for the lost transaction's end
+                    return
+                continue
             if self.server is None and not self._acquire(out):
                 del buf[:pos]
                 return
@@ -1078,9 +1123,10 @@ class ClientSession(asyncio.Protocol):
                 return
         cuts: list[tuple[int, bytes]] = []  # (position, replacement) of 5-byte messages
         rest = False
+        fatal = -1  # where a FATAL ErrorResponse starts (transaction mode)
         while pos < n:
             kind = data[pos]
-            if n - pos < (6 if kind == _Z else 5):
+            if n - pos < (6 if kind == _Z else 12 if kind == _ERROR else 5):
                 self._carry = data[pos:]
                 break
             (length,) = _UNPACK(data, pos + 1)
@@ -1089,6 +1135,10 @@ class ClientSession(asyncio.Protocol):
                 return
             if kind == _Z:
                 rest = self._ready(data[pos + 5])
+            elif kind == _ERROR and self.transaction_mode and data[pos + 5 : pos + 12] in _ENDING:
+                fatal = pos  # the server ends the session: held back, see _server_failed
+                self._carry = b""
+                break
             elif kind == _PARSE_DONE and self._parses:
                 _, _, to_app = self._parses.popleft()
                 if not to_app:
@@ -1098,8 +1148,8 @@ class ClientSession(asyncio.Protocol):
                 if as_parse:
                     cuts.append((pos, _PARSE_COMPLETE))
             pos += 1 + length
-        self._skip = pos - n if pos > n else 0
-        end = n - len(self._carry)
+        self._skip = pos - n if pos > n and fatal < 0 else 0
+        end = fatal if fatal >= 0 else n - len(self._carry)
         if cuts:
             parts: list[bytes] = []
             last = 0
@@ -1113,6 +1163,9 @@ class ClientSession(asyncio.Protocol):
             out = data if end == n else data[:end]
         if out and self.transport is not None:
             self.transport.write(out)
+        if fatal >= 0:
+            self._server_failed(data[fatal:])
+            return
         if rest and not self._skip and not self._carry:
             if self.draining:
                 self._drained()
@@ -1146,14 +1199,112 @@ class ClientSession(asyncio.Protocol):
 
     def server_lost(self, server: ServerConn) -> None:
         """The lent server connection closed: so does the app's (what the server said
-        before closing, a FATAL ErrorResponse, was passed on)."""
+        before closing, a FATAL ErrorResponse, was passed on), except in transaction
+        mode (:meth:`_server_failed`)."""
         if server is not self.server:
+            return
+        if self._survives():
+            self._server_failed(b"")
             return
         self.server = None
         self.conn.note_end("upstream", "closed")
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
         self.ended = True
+
+    # -- a server connection lost mid-transaction (transaction mode) ---------------------------
+
+    def _survives(self) -> bool:
+        """Whether the app's connection outlives its lent server connection: in
+        transaction mode, when what the app was sent stops at a message boundary."""
+        return self.transaction_mode and not self.ended and not self._skip and not self._carry
+
+    def _server_failed(self, fatal: bytes) -> None:
+        """The lent server connection ends mid-transaction (a primary stopping for a
+        failover sends FATAL 57P01, ``fatal`` here, then closes). In transaction mode only
+        the transaction is lost, not the app's connection: each request in flight is
+        answered with the server's error as an ERROR, and ReadyForQuery ``I``, or ``E``
+        when the app was inside a transaction block, which is then answered here
+        (25P02) until the app ends it; its next transaction gets another server
+        connection (issue 14: writes follow the primary). Otherwise the FATAL goes on
+        and the app's connection closes, as before."""
+        server = self.server
+        if server is None:
+            return
+        if not self._survives():
+            self.transport.write(fatal)  # the server's own words; its close follows
+            return
+        if not server.closed:
+            server.close("server_closed")  # counted while still lent (Pool.lost)
+        self.server = None
+        self.pools.lost_transactions += 1
+        fields = _error_fields(fatal)
+        lost = error_response(
+            fields.get("C", CONNECTION_FAILURE),
+            f"{fields.get('M', 'the server connection was lost')} (podpatterns ambassador: "
+            "this transaction did not complete; the connection goes on, the next "
+            "transaction runs on another server connection)",
+            "ERROR",
+        )
+        status = _IDLE if self.status == _IDLE else _FAILED
+        ready = _message(b"Z", bytes((status,)))
+        aborted = error_response("25P02", ABORTED_MESSAGE, "ERROR")
+        answers = b"".join(
+            (lost if i == 0 else aborted if status == _FAILED else lost) + ready
+            for i in range(max(self.outstanding, 0))
+        )
+        self._local_error = aborted if answers and status == _FAILED else lost
+        self._local_errored = False
+        if self.in_batch or status == _FAILED:
+            self._local = status
+        self.outstanding = 0
+        self.status = status
+        self.pools.log.info(
+            "pg_pool_transaction_lost",
+            conn=self.conn.id,
+            upstream=server.label,
+            in_block=status == _FAILED,
+        )
+        if self.transport is not None:
+            self.transport.write(answers)
+            self.nbytes_down += len(answers)
+            self.transport.resume_reading()  # a paused server no longer holds it back
+        self._server_paused = False
+        if self.draining and self._local is None:
+            self._drained()
+
+    def _answer_locally(self, kind: int, buf: bytearray, pos: int) -> None:
+        """Answer one app message as the server would after the error of a lost
+        transaction: the error once per batch, ReadyForQuery at its end; a ROLLBACK
+        (COMMIT, END, ABORT) ends the failed block."""
+        status = self._local
+        assert status is not None
+        out = b""
+        if kind == _Q and status == _FAILED and _TRANSACTION_ENDS.match(buf, pos + 5):
+            out = _ROLLBACK_DONE + _READY_IDLE
+            self._local = None
+        elif kind in _REQUESTS:
+            if not self._local_errored:
+                out = self._local_error
+            out += _message(b"Z", bytes((status,)))
+            self._local_errored = False
+            if status == _IDLE:
+                self._local = None
+        elif kind not in b"dcf" and not self._local_errored:  # COPY data: ignored
+            out = self._local_error
+            self._local_errored = True
+        if kind in _REQUESTS or self._local_errored:
+            self._local_error = error_response("25P02", ABORTED_MESSAGE, "ERROR")
+        self.status = _IDLE if self._local is None else status
+        if kind in _REQUESTS:
+            self.in_batch = False
+        elif kind not in b"dcf":
+            self.in_batch = True
+        if out and self.transport is not None:
+            self.transport.write(out)
+            self.nbytes_down += len(out)
+        if self._local is None and self.draining:
+            self._drained()
 
     # -- ends ---------------------------------------------------------------------------------
 
@@ -1219,6 +1370,19 @@ class ClientSession(asyncio.Protocol):
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(response)
             self.transport.close()
+
+
+_ENDING = (b"SFATAL\0", b"SPANIC\0")  # the first field of an ErrorResponse that ends it
+
+
+def _error_fields(message: bytes) -> dict[str, str]:
+    """The fields of an ErrorResponse (type, length, then code and text pairs), as far
+    as ``message`` holds them."""
+    fields: dict[str, str] = {}
+    for item in message[5:].split(b"\0"):
+        if len(item) > 1:
+            fields.setdefault(chr(item[0]), item[1:].decode("utf-8", "replace"))
+    return fields
 
 
 def pool_timeout_message(settings: PoolSettings) -> str:
@@ -1310,6 +1474,14 @@ def pool_collector(routes: Iterable[tuple[str, Pools]]) -> CallbackCollector:
                 "pooled server connections closed, by reason",
                 ("route", "reason"),
                 closed,
+            ),
+            Family(
+                "counter",
+                p + "transactions_lost",
+                "app transactions lost with their server connection in transaction mode "
+                "(answered with an error; the app's connection goes on)",
+                ("route",),
+                per_route("lost_transactions"),
             ),
             Family(
                 "counter",

@@ -14,7 +14,10 @@ one client, but learned ahead of the connection:
   the next one routed by the new role);
 * when an endpoint's role stops matching the target (the primary demoted, a standby
   promoted under ``standby``), ``--pg-close-on-role-change`` ends the route's sessions on
-  it at their next transaction boundary with FATAL 57P01, as a drain does.
+  it at their next transaction boundary with FATAL 57P01, as a drain does;
+* with ``--pg-pool``, the pooled server connections follow the same roles
+  (:mod:`.pgpool`): opened on an endpoint of the target role, closed when theirs stops
+  serving it.
 
 Readiness does not depend on roles: an endpoint that answers is healthy whatever its role
 (``--ready-requires-upstream`` counts it), so a failover never makes the Pod unready.
