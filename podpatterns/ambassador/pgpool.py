@@ -1126,7 +1126,7 @@ class ClientSession(asyncio.Protocol):
         fatal = -1  # where a FATAL ErrorResponse starts (transaction mode)
         while pos < n:
             kind = data[pos]
-            if n - pos < (6 if kind == _Z else 12 if kind == _ERROR else 5):
+            if n - pos < (6 if kind == _Z else 5):
                 self._carry = data[pos:]
                 break
             (length,) = _UNPACK(data, pos + 1)
@@ -1135,10 +1135,13 @@ class ClientSession(asyncio.Protocol):
                 return
             if kind == _Z:
                 rest = self._ready(data[pos + 5])
-            elif kind == _ERROR and self.transaction_mode and data[pos + 5 : pos + 12] in _ENDING:
-                fatal = pos  # the server ends the session: held back, see _server_failed
-                self._carry = b""
-                break
+            elif kind == _ERROR and self.transaction_mode and length <= MAX_MESSAGE:
+                if n - pos < 1 + length:  # read whole: is it the session's end?
+                    self._carry = data[pos:]
+                    break
+                if _ends_session(data[pos + 5 : pos + 1 + length]):
+                    fatal = pos  # held back: _server_failed answers the app
+                    break
             elif kind == _PARSE_DONE and self._parses:
                 _, _, to_app = self._parses.popleft()
                 if not to_app:
@@ -1372,7 +1375,13 @@ class ClientSession(asyncio.Protocol):
             self.transport.close()
 
 
-_ENDING = (b"SFATAL\0", b"SPANIC\0")  # the first field of an ErrorResponse that ends it
+def _ends_session(body: bytes) -> bool:
+    """Whether an ErrorResponse's fields say FATAL or PANIC (the non-localized ``V``
+    field, PostgreSQL 9.6 and later, or the severity ``S``): the server closes next."""
+    return any(item in _SESSION_ENDS for item in body.split(b"\0"))
+
+
+_SESSION_ENDS = frozenset((b"VFATAL", b"VPANIC", b"SFATAL", b"SPANIC"))
 
 
 def _error_fields(message: bytes) -> dict[str, str]:
