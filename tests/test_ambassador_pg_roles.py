@@ -152,11 +152,43 @@ def wait_role(amb: AmbassadorProcess, server: PostgresServer, role: str, after: 
 
 def where(port: int) -> tuple[int, bool]:
     """(server port, in recovery) of a new session through the ambassador, no password."""
-    conninfo = f"host=127.0.0.1 port={port} user=app dbname=postgres sslmode=disable"
-    with psycopg.connect(conninfo, connect_timeout=10) as conn:
+    with app_conn(port) as conn:
         row = conn.execute(WHERE).fetchone()
     assert row is not None
     return int(row[0]), bool(row[1])
+
+
+POOL = "podpatterns_ambassador_pg_pool_"
+
+
+def pool_role_args(ca: Path, password_file: Path, target: str, mode: str, *extra: str) -> list[str]:
+    """:func:`role_args` with ``--pg-pool mode``; a generous --pg-pool-wait, so that an
+    app's transaction waits out a failover on a loaded machine."""
+    return role_args(
+        ca,
+        password_file,
+        target,
+        "--pg-pool",
+        mode,
+        "--pg-pool-wait",
+        "20s",
+        "--startup-timeout",
+        "30s",
+        *extra,
+    )
+
+
+def app_conn(port: int, autocommit: bool = True) -> psycopg.Connection:
+    """A psycopg 3 connection through the ambassador, no password (the pool logs in)."""
+    return psycopg.connect(
+        f"host=127.0.0.1 port={port} user=app dbname=postgres sslmode=disable",
+        connect_timeout=30,
+        autocommit=autocommit,
+    )
+
+
+def closed_for_role(amb: AmbassadorProcess) -> float:
+    return amb.metric(POOL + "server_closed_total", reason="role_changed")
 
 
 @pytest.fixture
@@ -208,25 +240,25 @@ def test_failover_new_sessions_follow_the_primary(
 
 
 @peer
+@pytest.mark.parametrize("pool", ["off", "session"])
 def test_close_on_role_change_ends_sessions_with_admin_shutdown(
-    pair: ReplicatedPostgres, ca_file: Path, password_file: Path
+    pair: ReplicatedPostgres, ca_file: Path, password_file: Path, pool: str
 ) -> None:
     """--pg-close-on-role-change: a session on the standby (target standby) gets FATAL
-    57P01 when the standby is promoted; without the flag it goes on."""
+    57P01 when the standby is promoted; without the flag it goes on. With --pg-pool
+    session, the same, and either way the pooled server connection is closed when the
+    app leaves (role_changed), never lent again."""
     upstreams = [ep(pair.primary), ep(pair.standby)]
-    closing = role_args(ca_file, password_file, "standby", "--pg-close-on-role-change")
-    keeping = role_args(ca_file, password_file, "standby")
-    conninfo = "host=127.0.0.1 port={} user=app dbname=postgres sslmode=disable"
+    pooled = ("--pg-pool", pool, "--pg-pool-wait", "2s") if pool != "off" else ()
+    closing = role_args(ca_file, password_file, "standby", "--pg-close-on-role-change", *pooled)
+    keeping = role_args(ca_file, password_file, "standby", *pooled)
     with (
         run_ambassador(upstreams, *closing) as amb,
         run_ambassador(upstreams, *keeping) as other,
     ):
         for a in (amb, other):
             wait_role(a, pair.standby, "standby")
-        with (
-            psycopg.connect(conninfo.format(amb.listen.port), autocommit=True) as conn,
-            psycopg.connect(conninfo.format(other.listen.port), autocommit=True) as kept,
-        ):
+        with app_conn(amb.listen.port) as conn, app_conn(other.listen.port) as kept:
             assert conn.execute(WHERE).fetchone() == (pair.standby.port, True)
             assert kept.execute(WHERE).fetchone() == (pair.standby.port, True)
             mark = amb.mark()
@@ -239,6 +271,12 @@ def test_close_on_role_change_ends_sessions_with_admin_shutdown(
             assert "the server's role changed" in str(info.value), info.value
             wait_role(other, pair.standby, "primary", after=0)
             assert kept.execute(WHERE).fetchone() == (pair.standby.port, False)
+            if pool != "off":
+                wait_until(lambda: closed_for_role(amb) == 1, "the ended session's server closed")
+                assert closed_for_role(other) == 0  # still lent
+        if pool != "off":
+            wait_until(lambda: closed_for_role(other) == 1, "the kept session's server closed")
+            assert other.metric(POOL + "connections", state="idle") == 0
         # both are primaries now: a new session has no standby to go to, and is told so
         with pytest.raises(psycopg.OperationalError) as info:
             where(other.listen.port)
@@ -291,38 +329,6 @@ def test_a_server_connection_with_no_app_is_refused_on_the_wrong_role(
 
 
 # -- pooled server connections follow the roles (--pg-pool with roles) ---------------------
-
-POOL = "podpatterns_ambassador_pg_pool_"
-
-
-def pool_role_args(ca: Path, password_file: Path, target: str, mode: str, *extra: str) -> list[str]:
-    """:func:`role_args` with ``--pg-pool mode``; a generous --pg-pool-wait, so that an
-    app's transaction waits out a failover on a loaded machine."""
-    return role_args(
-        ca,
-        password_file,
-        target,
-        "--pg-pool",
-        mode,
-        "--pg-pool-wait",
-        "20s",
-        "--startup-timeout",
-        "30s",
-        *extra,
-    )
-
-
-def app_conn(port: int, autocommit: bool = True) -> psycopg.Connection:
-    """A psycopg 3 connection through the ambassador, no password (the pool logs in)."""
-    return psycopg.connect(
-        f"host=127.0.0.1 port={port} user=app dbname=postgres sslmode=disable",
-        connect_timeout=30,
-        autocommit=autocommit,
-    )
-
-
-def closed_for_role(amb: AmbassadorProcess) -> float:
-    return amb.metric(POOL + "server_closed_total", reason="role_changed")
 
 
 def test_pool_with_roles_is_accepted(tmp_path: Path) -> None:
@@ -481,42 +487,3 @@ def test_transaction_pool_closes_connections_of_an_endpoint_that_changed_role(
                 idle.execute("select 1")
             assert "no endpoint is read-only" in str(info.value), info.value
         assert amb.metric(POOL + "wait_timeouts_total") == 0
-
-
-@peer
-def test_session_pool_keeps_or_ends_sessions_on_a_role_change(
-    pair: ReplicatedPostgres, ca_file: Path, password_file: Path
-) -> None:
-    """--pg-pool session, target standby, the standby promoted: with
-    --pg-close-on-role-change the app's session gets FATAL 57P01 at its next rest;
-    without, it goes on where it is. Either way the server connection is closed when
-    the app leaves, not lent again."""
-    upstreams = [ep(pair.primary), ep(pair.standby)]
-    closing = pool_role_args(
-        ca_file, password_file, "standby", "session", "--pg-close-on-role-change"
-    )
-    keeping = pool_role_args(ca_file, password_file, "standby", "session")
-    with (
-        run_ambassador(upstreams, *closing) as amb,
-        run_ambassador(upstreams, *keeping) as other,
-    ):
-        for a in (amb, other):
-            wait_role(a, pair.standby, "standby")
-        with app_conn(amb.listen.port) as conn, app_conn(other.listen.port) as kept:
-            assert conn.execute(WHERE).fetchone() == (pair.standby.port, True)
-            assert kept.execute(WHERE).fetchone() == (pair.standby.port, True)
-            mark = amb.mark()
-            pair.promote()
-            amb.wait_event(
-                "pg_role_sessions_ended", lambda e: e.get("sessions") == 1, after=mark, timeout=30
-            )
-            with pytest.raises(psycopg.OperationalError) as info:
-                conn.execute("select 1")
-            assert "the server's role changed" in str(info.value), info.value
-            wait_until(lambda: closed_for_role(amb) == 1, "the ended session's connection closed")
-            wait_role(other, pair.standby, "primary", after=0)
-            assert kept.execute(WHERE).fetchone() == (pair.standby.port, False)
-            assert closed_for_role(other) == 0  # still lent
-        wait_until(lambda: closed_for_role(other) == 1, "the kept session's connection closed")
-        assert other.metric(POOL + "connections", state="idle") == 0
-        amb.wait_event("connection_closed", lambda e: e.get("reason") == "role_changed")
