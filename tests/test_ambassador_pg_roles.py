@@ -405,8 +405,8 @@ def test_transaction_pool_writes_follow_the_primary_across_a_failover(
     """--pg-pool transaction, read-write, the primary stopped and the standby promoted:
     an app connection idle meanwhile goes on writing on the new primary without an error;
     one whose statement was running gets an ERROR for it (not FATAL) and goes on; one
-    idle inside a transaction block gets an ERROR at its next statement, ROLLBACK works,
-    and it goes on. No app connection is closed."""
+    idle inside a transaction block gets an ERROR at its next statement, ROLLBACK (simple
+    or extended protocol) works, and it goes on. No app connection is closed."""
     upstreams = [ep(pair.primary), ep(pair.standby)]
     args = pool_role_args(ca_file, password_file, "read-write", "transaction")
     made = pair.primary.query("create table writes (n int); grant all on writes to app")
@@ -418,6 +418,8 @@ def test_transaction_pool_writes_follow_the_primary_across_a_failover(
         app_conn(amb.listen.port) as conn,
         app_conn(amb.listen.port) as running,
         app_conn(amb.listen.port, autocommit=False) as block,
+        app_conn(amb.listen.port, autocommit=False) as extended,
+        app_conn(amb.listen.port, autocommit=False) as unnamed,
         ThreadPoolExecutor(1) as pool,
     ):
         wait_role(amb, pair.primary, "primary")
@@ -425,6 +427,8 @@ def test_transaction_pool_writes_follow_the_primary_across_a_failover(
         conn.execute("insert into writes values (1)")
         assert conn.execute(WHERE).fetchone() == (pair.primary.port, False)
         block.execute("insert into writes values (100)")  # BEGIN: a block left open
+        extended.execute("insert into writes values (200)")
+        unnamed.execute("insert into writes values (300)")
         slept = pool.submit(running.execute, "select pg_sleep(120)")
         wait_until(lambda: pair.primary.query(sleeping) == "1", "the statement running")
         mark = amb.mark()
@@ -450,10 +454,22 @@ def test_transaction_pool_writes_follow_the_primary_across_a_failover(
         block.rollback()
         assert block.execute(WHERE).fetchone() == (pair.standby.port, False)
         block.commit()
+        # the same, ended by a ROLLBACK in the extended protocol (a named statement)
+        with pytest.raises(psycopg.errors.AdminShutdown):
+            extended.execute("insert into writes values (%s)", (201,))
+        extended.execute("rollback", prepare=True)
+        assert extended.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+        assert extended.execute(WHERE, prepare=True).fetchone() == (pair.standby.port, False)
+        extended.commit()
+        with pytest.raises(psycopg.errors.AdminShutdown):
+            unnamed.execute("select 1")
+        unnamed.execute("rollback", binary=True)  # Parse, Bind, Describe, Execute, Sync
+        assert unnamed.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+        assert unnamed.execute(WHERE).fetchone() == (pair.standby.port, False)
         assert conn.execute("select count(*) from writes where n > 4").fetchone() == (0,)
         wait_role(amb, pair.standby, "primary", after=mark)
-        assert amb.metric(POOL + "transactions_lost_total") == 2
-        assert not any(c.closed for c in (conn, running, block))
+        assert amb.metric(POOL + "transactions_lost_total") == 4
+        assert not any(c.closed for c in (conn, running, block, extended, unnamed))
     assert amb.find("pg_pool_open_bug") < 0, amb.log_text()
 
 

@@ -114,6 +114,10 @@ _ERROR = ord("E")  # ErrorResponse, from the server
 _REQUESTS = frozenset((_Q, _S, _F))  # each answered by one ReadyForQuery
 _PARSE_DONE, _CLOSE_DONE = ord("1"), ord("3")
 _ROLLBACK_DONE = b"C\0\0\0\x0dROLLBACK\0"
+_BIND_COMPLETE = b"2\0\0\0\x04"
+_CLOSE_COMPLETE = b"3\0\0\0\x04"
+_NO_DATA = b"n\0\0\0\x04"
+_NO_PARAMETERS = b"t\0\0\0\x06\0\0"  # ParameterDescription: no parameters
 _TRANSACTION_ENDS = re.compile(rb"\s*(?:rollback|abort|commit|end)\b(?!\s+to\b)", re.I)
 ABORTED_MESSAGE = "current transaction is aborted, commands ignored until end of transaction block"
 
@@ -847,6 +851,10 @@ class ClientSession(asyncio.Protocol):
         self._local: int | None = None
         self._local_error = b""  # the ErrorResponse the next batch answered locally gets
         self._local_errored = False  # the current batch got it
+        self._local_ending = False  # the current batch has a ROLLBACK (extended)
+        self._local_rolled_back = False  # ...and executed it: Sync answers I
+        self._local_owed = False  # the batch under way when the server was lost
+        self._local_unnamed = b""  # the last unnamed Parse answered locally (text, types)
         pools.clients[key] = self
         if server is not None:
             self._attach(server)
@@ -1258,6 +1266,7 @@ class ClientSession(asyncio.Protocol):
         )
         self._local_error = aborted if answers and status == _FAILED else lost
         self._local_errored = False
+        self._local_owed = self.in_batch
         if self.in_batch or status == _FAILED:
             self._local = status
         self.outstanding = 0
@@ -1278,36 +1287,93 @@ class ClientSession(asyncio.Protocol):
 
     def _answer_locally(self, kind: int, buf: bytearray, pos: int) -> None:
         """Answer one app message as the server would after the error of a lost
-        transaction: the error once per batch, ReadyForQuery at its end; a ROLLBACK
-        (COMMIT, END, ABORT) ends the failed block."""
+        transaction: the error once per batch (the rest skipped until Sync, COPY data
+        ignored), ReadyForQuery at its end; a ROLLBACK (COMMIT, END, ABORT), simple or
+        extended, ends the failed block."""
         status = self._local
         assert status is not None
         out = b""
-        if kind == _Q and status == _FAILED and _TRANSACTION_ENDS.match(buf, pos + 5):
-            out = _ROLLBACK_DONE + _READY_IDLE
-            self._local = None
-        elif kind in _REQUESTS:
-            if not self._local_errored:
-                out = self._local_error
-            out += _message(b"Z", bytes((status,)))
-            self._local_errored = False
+        if kind in _REQUESTS:
+            owed = self._local_owed and not self._local_errored  # the batch's error
+            if kind == _S and self._local_rolled_back and not self._local_errored:
+                out = _READY_IDLE
+                self._local = None
+            elif kind == _S:  # the batch's messages were answered (an error skips the rest)
+                out = (self._local_error if owed else b"") + _message(b"Z", bytes((status,)))
+            elif (
+                kind == _Q
+                and status == _FAILED
+                and not owed
+                and _TRANSACTION_ENDS.match(buf, pos + 5)
+            ):
+                out = _ROLLBACK_DONE + _READY_IDLE
+                self._local = None
+            else:  # a Query or FunctionCall: refused, or skipped after the batch's error
+                out = b"" if self._local_errored else self._local_error
+                out += _message(b"Z", bytes((status,)))
             if status == _IDLE:
                 self._local = None
-        elif kind not in b"dcf" and not self._local_errored:  # COPY data: ignored
-            out = self._local_error
-            self._local_errored = True
-        if kind in _REQUESTS or self._local_errored:
+            self._local_errored = self._local_ending = self._local_rolled_back = False
+            self._local_owed = False
             self._local_error = error_response("25P02", ABORTED_MESSAGE, "ERROR")
-        self.status = _IDLE if self._local is None else status
-        if kind in _REQUESTS:
             self.in_batch = False
-        elif kind not in b"dcf":
+        elif not self._local_errored and kind not in b"dcf":
+            (length,) = _UNPACK(buf, pos + 1)
+            body = bytes(buf[pos + 5 : pos + 1 + length])
+            reply = self._ending(kind, body) if not self._local_owed else None
+            if reply is None:
+                out = self._local_error
+                self._local_errored = True
+                self._local_error = error_response("25P02", ABORTED_MESSAGE, "ERROR")
+            else:
+                out = reply
             self.in_batch = True
+        self.status = _IDLE if self._local is None else status
         if out and self.transport is not None:
             self.transport.write(out)
             self.nbytes_down += len(out)
         if self._local is None and self.draining:
             self._drained()
+
+    def _ending(self, kind: int, body: bytes) -> bytes | None:
+        """The server's answer to an extended-protocol message that ends a failed block
+        (Parse, Bind, Describe, Execute of ROLLBACK...; Close; Flush), or None when the
+        message does not end it (the server answers 25P02)."""
+        if kind == _P:
+            name, _, rest = body.partition(b"\0")
+            if not _TRANSACTION_ENDS.match(rest.partition(b"\0")[0]):
+                return None
+            if name:  # the app's statement: prepared on the next server that needs it
+                ours = self.pools.statement_names.get(rest)
+                if ours is None:
+                    ours = b"podpatterns_%d" % len(self.pools.statement_names)
+                    self.pools.statement_names[rest] = ours
+                    self.pools.statement_bodies[ours] = rest
+                self.statements[name] = ours
+            else:
+                self._local_unnamed = rest
+            self._local_ending = True
+            return _PARSE_COMPLETE
+        if kind == _B:
+            name = body.partition(b"\0")[2].partition(b"\0")[0]
+            ours = self.statements.get(name) if name else None
+            text = self.pools.statement_bodies.get(ours, b"") if ours else self._local_unnamed
+            if not _TRANSACTION_ENDS.match(text.partition(b"\0")[0]):
+                return None
+            self._local_ending = True
+            return _BIND_COMPLETE
+        if kind == _D and self._local_ending:
+            return (_NO_PARAMETERS if body[:1] == b"S" else b"") + _NO_DATA
+        if kind == ord("E") and self._local_ending:  # Execute
+            self._local_rolled_back = True
+            return _ROLLBACK_DONE
+        if kind == _C:
+            if body[:1] == b"S" and len(body) > 2:
+                self.statements.pop(body[1:-1], None)
+            return _CLOSE_COMPLETE
+        if kind == ord("H"):  # Flush
+            return b""
+        return None
 
     # -- ends ---------------------------------------------------------------------------------
 
