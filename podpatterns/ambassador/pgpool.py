@@ -1243,7 +1243,8 @@ class ClientSession(asyncio.Protocol):
         if server is None:
             return
         if not self._survives():
-            self.transport.write(fatal)  # the server's own words; its close follows
+            if self.transport is not None and not self.transport.is_closing():
+                self.transport.write(fatal)  # the server's own words; its close follows
             return
         if not server.closed:
             server.close("server_closed")  # counted while still lent (Pool.lost)
