@@ -732,11 +732,6 @@ class RouteConfig:
                 "--pg-upstream-trust when the "
                 "server's pg_hba trusts the ambassador (trust or cert)"
             )
-        if self.pg_target_session_attrs != "any":
-            raise ConfigError(
-                f"{where}--pg-target-session-attrs: not available with --pg-pool yet (pooled "
-                "server connections do not follow the roles); use one or the other"
-            )
         if self.pg_metrics:
             raise ConfigError(
                 f"{where}--pg-metrics: not available with --pg-pool yet (the pool relays "

@@ -21,6 +21,25 @@ database, application_name and the rest), so that two apps with different settin
 share a server session. Each key has at most ``--pg-pool-size`` connections; an app that
 finds none free waits at most ``--pg-pool-wait`` and then gets ErrorResponse 53300.
 
+With ``--pg-target-session-attrs`` (:mod:`.pgroles`) the pooled connections follow the
+roles. The endpoint is *not* part of the pool key: the app asks for a role, not a
+server, so one key's connections may live on several endpoints (the standbys of a
+``read-only`` route), one ``--pg-pool-size`` bounds them all, and a failover moves the
+pool rather than splitting it. Instead the role is checked where a connection enters or
+re-enters the pool:
+
+* a new connection is dialled as an app's session is: to an endpoint of the target role,
+  and refused by its own startup when the role changed since the last check; while apps
+  wait and no endpoint of the role answers (a failover under way), the open is tried
+  again at the next role change or after :data:`ROLE_RETRY`, within their
+  ``--pg-pool-wait``, and a wait that runs out is told why instead of 53300;
+* when an endpoint's role stops serving the target (:attr:`.pgroles.Roles.on_change`,
+  from the health connection or any startup), its idle connections are closed at once,
+  and a lent one is closed when it comes back (``role_changed``), never lent again;
+* so in transaction mode the app's next transaction runs on the new primary, and in
+  session mode the app stays where it is until it leaves, or with
+  ``--pg-close-on-role-change`` gets FATAL 57P01 at its next rest.
+
 How an answer from a server is matched to what the app asked: every message the
 ambassador sends is answered in order, ParseComplete (``1``) only by a Parse and
 CloseComplete (``3``) only by a Close, and after an error the server skips to the next
@@ -54,6 +73,7 @@ from typing import Any
 from podpatterns.ambassador.connection import Connection, reset_socket
 from podpatterns.ambassador.dial import DialError
 from podpatterns.ambassador.pgauth import ServerError, startup_parameters
+from podpatterns.ambassador.pgroles import ROLE_CHANGED_MESSAGE, Roles
 from podpatterns.ambassador.postgres import (
     KEY_MAX,
     KEY_MIN,
@@ -77,9 +97,11 @@ POOL_MODES = ("off", "session", "transaction")
 TOO_MANY_CONNECTIONS = "53300"
 CONNECTION_FAILURE = "08006"
 ADMIN_SHUTDOWN = "57P01"
+CANNOT_CONNECT_NOW = "57P03"  # the database system is shutting down, starting up...
 RESET_TIMEOUT = 5.0  # seconds a reset (ROLLBACK, DISCARD ALL) may take before the close
 MAX_CLIENT_MESSAGE = 64 << 20  # a larger message from the app ends its connection
 LIFETIME_JITTER = 0.1  # each server connection lives (1 - U(0, this)) * --pg-pool-max-lifetime
+ROLE_RETRY = 0.25  # seconds between opens while no endpoint of the target role answers
 
 _UNPACK = struct.Struct("!i").unpack_from
 _AUTH_OK = b"R\0\0\0\x08\0\0\0\0"
@@ -88,9 +110,17 @@ _PARSE_COMPLETE = b"1\0\0\0\x04"
 _READY_IDLE = b"Z\0\0\0\x05I"
 _NO_STATEMENT = b"podpatterns_none"  # a Close of it is answered, and changes nothing
 _Q, _S, _F, _X, _P, _B, _D, _C, _Z = (ord(c) for c in "QSFXPBDCZ")
-_IDLE = ord("I")
+_IDLE, _FAILED = ord("I"), ord("E")
+_ERROR = ord("E")  # ErrorResponse, from the server
 _REQUESTS = frozenset((_Q, _S, _F))  # each answered by one ReadyForQuery
 _PARSE_DONE, _CLOSE_DONE = ord("1"), ord("3")
+_ROLLBACK_DONE = b"C\0\0\0\x0dROLLBACK\0"
+_BIND_COMPLETE = b"2\0\0\0\x04"
+_CLOSE_COMPLETE = b"3\0\0\0\x04"
+_NO_DATA = b"n\0\0\0\x04"
+_NO_PARAMETERS = b"t\0\0\0\x06\0\0"  # ParameterDescription: no parameters
+_TRANSACTION_ENDS = re.compile(rb"\s*(?:rollback|abort|commit|end)\b(?!\s+to\b)", re.I)
+ABORTED_MESSAGE = "current transaction is aborted, commands ignored until end of transaction block"
 
 # Session state a transaction-mode server connection does not keep for the app: what the
 # app's SQL says, checked at the start of each Query and Parse text (issue 14).
@@ -325,7 +355,10 @@ class Pool:
         self.opening = 0
         self.resetting = 0
         self.waiters: deque[asyncio.Future[ServerConn]] = deque()
-        self.params: bytes | None = None  # ParameterStatus messages of the first connection
+        self.params: bytes | None = None  # ParameterStatus messages of the last connection
+        # why the last open failed while apps waited (roles: no endpoint of the target
+        # role yet); what a wait that runs out is told instead of 53300
+        self.open_error: BaseException | None = None
         self._sweep: asyncio.TimerHandle | None = None  # the idle connections' timeouts
         self.top_up()
 
@@ -336,10 +369,11 @@ class Pool:
         """An idle server connection, now, or None (counted as a wait of 0 s)."""
         now = time.monotonic()
         while self.idle:
-            server = self.idle.pop()  # the most recently used: the others may time out
+            server = self.idle[-1]  # the most recently used: the others may time out
             if server.expired(now):
-                server.close("max_lifetime")
+                server.close("max_lifetime")  # lost() takes it off the idle list
                 continue
+            self.idle.pop()
             self.in_use += 1
             self.pools.observe_wait(0.0)
             return server
@@ -367,6 +401,9 @@ class Pool:
 
     def _timed_out(self, fut: asyncio.Future[ServerConn]) -> None:
         if not fut.done():
+            if self.open_error is not None:  # the cause, not "none free" (roles)
+                fut.set_exception(self.open_error)
+                return
             self.pools.wait_timeouts += 1
             fut.set_exception(PoolTimeout())
 
@@ -384,10 +421,15 @@ class Pool:
         ):
             self.pools.spawn_open(self)
 
+    def has_waiters(self) -> bool:
+        """True while an app waits for a server connection of this key."""
+        return any(not f.done() for f in self.waiters)
+
     def opened(self, server: ServerConn) -> None:
         self.opening -= 1
-        if self.params is None:
-            self.params = server.params
+        self.open_error = None
+        # the latest: after a failover, the new primary's (in_hot_standby and the rest)
+        self.params = server.params
         self._give(server)
 
     def open_failed(self, exc: BaseException) -> None:
@@ -457,11 +499,15 @@ class Pool:
         server.owner = None
 
     def release(self, server: ServerConn) -> None:
-        """``server`` is free again (after its reset)."""
-        self.resetting -= 1
+        """``server`` is free again (after its reset): to a waiter or idle, unless it is
+        past its lifetime or its endpoint no longer serves the target role."""
         if server.expired(time.monotonic()):
-            server.close("max_lifetime")
+            server.close("max_lifetime")  # lost() counts it out of resetting
             return
+        if self.pools.role_mismatch(server.endpoint):
+            server.close("role_changed")
+            return
+        self.resetting -= 1
         self._give(server)
 
     def lost(self, server: ServerConn, reason: str) -> None:
@@ -520,6 +566,11 @@ class Pools:
         self.wait_buckets = [0] * (len(LATENCY_BUCKETS) + 1)
         self.wait_seconds = 0.0
         self.features: Counter[str] = Counter()
+        self.lost_transactions = 0  # app transactions lost with their server connection
+        # --pg-target-session-attrs: the endpoints' roles (None: any endpoint serves)
+        self.roles: Roles | None = handler.roles
+        self._role_news: asyncio.Future[None] | None = None  # resolved at a role change
+        self._role_epoch = 0  # role changes seen
 
     def pool_for(self, startup: bytes) -> Pool:
         """The pool of the app's StartupMessage (its parameters are the key)."""
@@ -550,7 +601,7 @@ class Pools:
     async def _open(self, pool: Pool) -> None:
         try:
             async with asyncio.timeout(self.settings.connect_timeout):
-                server = await self.open_server(pool)
+                server = await self._open_for_role(pool)
         except Exception as exc:  # each failure goes to a waiting app
             self.open_failures += 1
             if not isinstance(exc, ServerError | Failure | DialError | OSError | TimeoutError):
@@ -611,6 +662,86 @@ class Pools:
             raise Failure("protocol", f"podpatterns ambassador: {endpoint} sent data unasked")
         return server
 
+    # -- roles (--pg-target-session-attrs) -------------------------------------------------
+
+    async def _open_for_role(self, pool: Pool) -> ServerConn:
+        """:meth:`open_server`; with roles, tried again while apps wait and no endpoint
+        of the target role could be had (a failover under way): at once when the roles
+        changed meanwhile, else at the next role change or after :data:`ROLE_RETRY`.
+
+        Raises:
+            as :meth:`open_server`: the last error, once no app waits any more, or for
+            an error roles do not explain (a wrong password, TLS).
+        """
+        waiting = False
+        try:
+            while True:
+                epoch = self._role_epoch
+                try:
+                    return await self.open_server(pool)
+                except (Failure, DialError, ServerError) as exc:
+                    if self.roles is None or not _failover(exc):
+                        raise
+                    if self.closing or not pool.has_waiters():
+                        raise
+                    self.open_failures += 1
+                    pool.open_error = exc
+                    if not waiting:
+                        waiting = True
+                        self.log.warning(
+                            "pg_pool_open_waiting_for_role",
+                            target=self.roles.target,
+                            error=_describe(exc),
+                        )
+                if epoch == self._role_epoch:
+                    await self._next_role_change(ROLE_RETRY)
+        finally:
+            pool.open_error = None
+
+    async def _next_role_change(self, within: float) -> None:
+        """Return at the next role change, or after ``within`` seconds."""
+        if self._role_news is None:
+            self._role_news = asyncio.get_running_loop().create_future()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(within):
+                await asyncio.shield(self._role_news)  # shared by every open that waits
+
+    def role_mismatch(self, endpoint: Endpoint) -> bool:
+        """True when ``endpoint``'s known role does not serve the target: its server
+        connections are closed rather than lent again."""
+        return self.roles is not None and self.roles.mismatches(endpoint)
+
+    def role_changed(self, endpoint: Endpoint) -> None:
+        """``endpoint``'s role was learned or changed (:attr:`.pgroles.Roles.on_change`):
+        its idle server connections are closed when it no longer serves the target (those
+        lent are closed when returned), and the opens that wait for a role try again."""
+        self._role_epoch += 1
+        news, self._role_news = self._role_news, None
+        if news is not None and not news.done():
+            news.set_result(None)
+        if not self.role_mismatch(endpoint):
+            return
+        closed = 0
+        for pool in self.by_key.values():
+            for server in [s for s in pool.idle if s.endpoint is endpoint]:
+                server.close("role_changed")
+                closed += 1
+        if closed:
+            self.log.info("pg_pool_role_changed", upstream=str(endpoint), idle_closed=closed)
+
+    def end_sessions_on(self, endpoint: Endpoint) -> int:
+        """``--pg-close-on-role-change`` in session mode: each app connection holding a
+        server connection to ``endpoint`` ends at its next rest with FATAL 57P01 (in
+        transaction mode no app holds one between transactions: nothing to end).
+        Returns how many will end."""
+        ended = 0
+        for client in list(self.clients.values()):
+            server = client.server
+            if not client.transaction_mode and server is not None and server.endpoint is endpoint:
+                client.drain(ROLE_CHANGED_MESSAGE, "role_changed")
+                ended += 1
+        return ended
+
     def cancel_target(self, key: bytes) -> tuple[Endpoint, bytes] | None:
         """The server a CancelRequest with our BackendKeyData ``key`` must reach, and
         that server's own key; None when the app holds no server connection now."""
@@ -636,6 +767,14 @@ class Pools:
         """Draining starts: each app connection ends at its next rest."""
         for client in list(self.clients.values()):
             client.drain()
+
+
+def _failover(exc: Failure | DialError | ServerError) -> bool:
+    """Whether an open failed as it does during a failover: no endpoint of the role,
+    none reachable, or a server shutting down or starting up (57P03)."""
+    if isinstance(exc, ServerError):
+        return exc.sqlstate == CANNOT_CONNECT_NOW
+    return isinstance(exc, DialError) or exc.kind == "role"
 
 
 def _describe(exc: BaseException) -> str:
@@ -716,8 +855,19 @@ class ClientSession(asyncio.Protocol):
         self._eof_client = False
         self.ended = False
         self.draining = False
+        self._drain_message: str | None = None  # None: the shutdown drain's (pgdrain)
+        self._drain_reason = "drained"
         self._features: set[str] = set()
         self._server_paused = False
+        # after a lent server connection was lost mid-transaction (transaction mode): the
+        # status the app is answered with locally (I or E) until its transaction ends
+        self._local: int | None = None
+        self._local_error = b""  # the ErrorResponse the next batch answered locally gets
+        self._local_errored = False  # the current batch got it
+        self._local_ending = False  # the current batch has a ROLLBACK (extended)
+        self._local_rolled_back = False  # ...and executed it: Sync answers I
+        self._local_owed = False  # the batch under way when the server was lost
+        self._local_unnamed = b""  # the last unnamed Parse answered locally (text, types)
         pools.clients[key] = self
         if server is not None:
             self._attach(server)
@@ -811,6 +961,12 @@ class ClientSession(asyncio.Protocol):
                 if self.transport is not None:
                     self.transport.close()
                 return
+            if self._local is not None:  # the transaction was lost with its server
+                self._answer_locally(kind, buf, pos)
+                pos = end
+                if self.ended:  # a drain waited for the lost transaction's end
+                    return
+                continue
             if self.server is None and not self._acquire(out):
                 del buf[:pos]
                 return
@@ -864,6 +1020,9 @@ class ClientSession(asyncio.Protocol):
             return
         if isinstance(exc, ServerError):
             self._fail_with(exc.raw)
+            return
+        if isinstance(exc, Failure):  # no endpoint of the target role (--pg-pool-wait)
+            self._fail(CONNECTION_FAILURE, exc.message)
             return
         if exc is not None:
             self._fail(CONNECTION_FAILURE, f"podpatterns ambassador: {_describe(exc)}")
@@ -986,6 +1145,7 @@ class ClientSession(asyncio.Protocol):
                 return
         cuts: list[tuple[int, bytes]] = []  # (position, replacement) of 5-byte messages
         rest = False
+        fatal = -1  # where a FATAL ErrorResponse starts (transaction mode)
         while pos < n:
             kind = data[pos]
             if n - pos < (6 if kind == _Z else 5):
@@ -997,6 +1157,13 @@ class ClientSession(asyncio.Protocol):
                 return
             if kind == _Z:
                 rest = self._ready(data[pos + 5])
+            elif kind == _ERROR and self.transaction_mode and length <= MAX_MESSAGE:
+                if n - pos < 1 + length:  # read whole: is it the session's end?
+                    self._carry = data[pos:]
+                    break
+                if _ends_session(data[pos + 5 : pos + 1 + length]):
+                    fatal = pos  # held back: _server_failed answers the app
+                    break
             elif kind == _PARSE_DONE and self._parses:
                 _, _, to_app = self._parses.popleft()
                 if not to_app:
@@ -1006,8 +1173,8 @@ class ClientSession(asyncio.Protocol):
                 if as_parse:
                     cuts.append((pos, _PARSE_COMPLETE))
             pos += 1 + length
-        self._skip = pos - n if pos > n else 0
-        end = n - len(self._carry)
+        self._skip = pos - n if pos > n and fatal < 0 else 0
+        end = fatal if fatal >= 0 else n - len(self._carry)
         if cuts:
             parts: list[bytes] = []
             last = 0
@@ -1021,6 +1188,9 @@ class ClientSession(asyncio.Protocol):
             out = data if end == n else data[:end]
         if out and self.transport is not None:
             self.transport.write(out)
+        if fatal >= 0:
+            self._server_failed(data[fatal:])
+            return
         if rest and not self._skip and not self._carry:
             if self.draining:
                 self._drained()
@@ -1054,14 +1224,171 @@ class ClientSession(asyncio.Protocol):
 
     def server_lost(self, server: ServerConn) -> None:
         """The lent server connection closed: so does the app's (what the server said
-        before closing, a FATAL ErrorResponse, was passed on)."""
+        before closing, a FATAL ErrorResponse, was passed on), except in transaction
+        mode (:meth:`_server_failed`)."""
         if server is not self.server:
+            return
+        if self._survives():
+            self._server_failed(b"")
             return
         self.server = None
         self.conn.note_end("upstream", "closed")
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
         self.ended = True
+
+    # -- a server connection lost mid-transaction (transaction mode) ---------------------------
+
+    def _survives(self) -> bool:
+        """Whether the app's connection outlives its lent server connection: in
+        transaction mode, when what the app was sent stops at a message boundary."""
+        return self.transaction_mode and not self.ended and not self._skip and not self._carry
+
+    def _server_failed(self, fatal: bytes) -> None:
+        """The lent server connection ends mid-transaction (a primary stopping for a
+        failover sends FATAL 57P01, ``fatal`` here, then closes). In transaction mode only
+        the transaction is lost, not the app's connection: each request in flight is
+        answered with the server's error as an ERROR, and ReadyForQuery ``I``, or ``E``
+        when the app was inside a transaction block, which is then answered here
+        (25P02) until the app ends it; its next transaction gets another server
+        connection (issue 14: writes follow the primary). Otherwise the FATAL goes on
+        and the app's connection closes, as before."""
+        server = self.server
+        if server is None:
+            return
+        if not self._survives():
+            if self.transport is not None and not self.transport.is_closing():
+                self.transport.write(fatal)  # the server's own words; its close follows
+            return
+        if not server.closed:
+            server.close("server_closed")  # counted while still lent (Pool.lost)
+        self.server = None
+        self.pools.lost_transactions += 1
+        fields = _error_fields(fatal)
+        lost = error_response(
+            fields.get("C", CONNECTION_FAILURE),
+            f"{fields.get('M', 'the server connection was lost')} (podpatterns ambassador: "
+            "this transaction did not complete; the connection goes on, the next "
+            "transaction runs on another server connection)",
+            "ERROR",
+        )
+        status = _IDLE if self.status == _IDLE else _FAILED
+        ready = _message(b"Z", bytes((status,)))
+        aborted = error_response("25P02", ABORTED_MESSAGE, "ERROR")
+        answers = b"".join(
+            (lost if i == 0 else aborted if status == _FAILED else lost) + ready
+            for i in range(max(self.outstanding, 0))
+        )
+        self._local_error = aborted if answers and status == _FAILED else lost
+        self._local_errored = False
+        self._local_owed = self.in_batch
+        if self.in_batch or status == _FAILED:
+            self._local = status
+        self.outstanding = 0
+        self.status = status
+        self.pools.log.info(
+            "pg_pool_transaction_lost",
+            conn=self.conn.id,
+            upstream=server.label,
+            in_block=status == _FAILED,
+        )
+        if self.transport is not None:
+            self.transport.write(answers)
+            self.nbytes_down += len(answers)
+            self.transport.resume_reading()  # a paused server no longer holds it back
+        self._server_paused = False
+        if self.draining and self._local is None:
+            self._drained()
+
+    def _answer_locally(self, kind: int, buf: bytearray, pos: int) -> None:
+        """Answer one app message as the server would after the error of a lost
+        transaction: the error once per batch (the rest skipped until Sync, COPY data
+        ignored), ReadyForQuery at its end; a ROLLBACK (COMMIT, END, ABORT), simple or
+        extended, ends the failed block."""
+        status = self._local
+        assert status is not None
+        out = b""
+        if kind in _REQUESTS:
+            owed = self._local_owed and not self._local_errored  # the batch's error
+            if kind == _S and self._local_rolled_back and not self._local_errored:
+                out = _READY_IDLE
+                self._local = None
+            elif kind == _S:  # the batch's messages were answered (an error skips the rest)
+                out = (self._local_error if owed else b"") + _message(b"Z", bytes((status,)))
+            elif (
+                kind == _Q
+                and status == _FAILED
+                and not owed
+                and _TRANSACTION_ENDS.match(buf, pos + 5)
+            ):
+                out = _ROLLBACK_DONE + _READY_IDLE
+                self._local = None
+            else:  # a Query or FunctionCall: refused, or skipped after the batch's error
+                out = b"" if self._local_errored else self._local_error
+                out += _message(b"Z", bytes((status,)))
+            if status == _IDLE:
+                self._local = None
+            self._local_errored = self._local_ending = self._local_rolled_back = False
+            self._local_owed = False
+            self._local_error = error_response("25P02", ABORTED_MESSAGE, "ERROR")
+            self.in_batch = False
+        elif not self._local_errored and kind not in b"dcf":
+            (length,) = _UNPACK(buf, pos + 1)
+            body = bytes(buf[pos + 5 : pos + 1 + length])
+            reply = self._ending(kind, body) if not self._local_owed else None
+            if reply is None:
+                out = self._local_error
+                self._local_errored = True
+                self._local_error = error_response("25P02", ABORTED_MESSAGE, "ERROR")
+            else:
+                out = reply
+            self.in_batch = True
+        self.status = _IDLE if self._local is None else status
+        if out and self.transport is not None:
+            self.transport.write(out)
+            self.nbytes_down += len(out)
+        if self._local is None and self.draining:
+            self._drained()
+
+    def _ending(self, kind: int, body: bytes) -> bytes | None:
+        """The server's answer to an extended-protocol message that ends a failed block
+        (Parse, Bind, Describe, Execute of ROLLBACK...; Close; Flush), or None when the
+        message does not end it (the server answers 25P02)."""
+        if kind == _P:
+            name, _, rest = body.partition(b"\0")
+            if not _TRANSACTION_ENDS.match(rest.partition(b"\0")[0]):
+                return None
+            if name:  # the app's statement: prepared on the next server that needs it
+                ours = self.pools.statement_names.get(rest)
+                if ours is None:
+                    ours = b"podpatterns_%d" % len(self.pools.statement_names)
+                    self.pools.statement_names[rest] = ours
+                    self.pools.statement_bodies[ours] = rest
+                self.statements[name] = ours
+            else:
+                self._local_unnamed = rest
+            self._local_ending = True
+            return _PARSE_COMPLETE
+        if kind == _B:
+            name = body.partition(b"\0")[2].partition(b"\0")[0]
+            ours = self.statements.get(name) if name else None
+            text = self.pools.statement_bodies.get(ours, b"") if ours else self._local_unnamed
+            if not _TRANSACTION_ENDS.match(text.partition(b"\0")[0]):
+                return None
+            self._local_ending = True
+            return _BIND_COMPLETE
+        if kind == _D and self._local_ending:
+            return (_NO_PARAMETERS if body[:1] == b"S" else b"") + _NO_DATA
+        if kind == ord("E") and self._local_ending:  # Execute
+            self._local_rolled_back = True
+            return _ROLLBACK_DONE
+        if kind == _C:
+            if body[:1] == b"S" and len(body) > 2:
+                self.statements.pop(body[1:-1], None)
+            return _CLOSE_COMPLETE
+        if kind == ord("H"):  # Flush
+            return b""
+        return None
 
     # -- ends ---------------------------------------------------------------------------------
 
@@ -1093,8 +1420,11 @@ class ClientSession(asyncio.Protocol):
         self.pool.returning(server)
         server.reset(queries)
 
-    def drain(self) -> None:
-        """End the app's connection at its next rest (FATAL 57P01, as a fast shutdown)."""
+    def drain(self, message: str | None = None, reason: str = "drained") -> None:
+        """End the app's connection at its next rest (FATAL 57P01, as a fast shutdown;
+        ``message`` instead of the drain's, ``reason`` for the connection's end)."""
+        if not self.draining or message is None:
+            self._drain_message, self._drain_reason = message, reason
         self.draining = True
         at_rest = (
             self.status == _IDLE
@@ -1109,9 +1439,10 @@ class ClientSession(asyncio.Protocol):
     def _drained(self) -> None:
         from podpatterns.ambassador.pgdrain import DRAIN_MESSAGE
 
-        self.conn.end_by_proxy("drained")
+        self.conn.end_by_proxy(self._drain_reason)
+        message = self._drain_message or DRAIN_MESSAGE
         if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(error_response(ADMIN_SHUTDOWN, DRAIN_MESSAGE))
+            self.transport.write(error_response(ADMIN_SHUTDOWN, message))
         self._end(reuse=True)
         if self.transport is not None:
             self.transport.close()
@@ -1125,6 +1456,25 @@ class ClientSession(asyncio.Protocol):
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(response)
             self.transport.close()
+
+
+def _ends_session(body: bytes) -> bool:
+    """Whether an ErrorResponse's fields say FATAL or PANIC (the non-localized ``V``
+    field, PostgreSQL 9.6 and later, or the severity ``S``): the server closes next."""
+    return any(item in _SESSION_ENDS for item in body.split(b"\0"))
+
+
+_SESSION_ENDS = frozenset((b"VFATAL", b"VPANIC", b"SFATAL", b"SPANIC"))
+
+
+def _error_fields(message: bytes) -> dict[str, str]:
+    """The fields of an ErrorResponse (type, length, then code and text pairs), as far
+    as ``message`` holds them."""
+    fields: dict[str, str] = {}
+    for item in message[5:].split(b"\0"):
+        if len(item) > 1:
+            fields.setdefault(chr(item[0]), item[1:].decode("utf-8", "replace"))
+    return fields
 
 
 def pool_timeout_message(settings: PoolSettings) -> str:
@@ -1216,6 +1566,14 @@ def pool_collector(routes: Iterable[tuple[str, Pools]]) -> CallbackCollector:
                 "pooled server connections closed, by reason",
                 ("route", "reason"),
                 closed,
+            ),
+            Family(
+                "counter",
+                p + "transactions_lost",
+                "app transactions lost with their server connection in transaction mode "
+                "(answered with an error; the app's connection goes on)",
+                ("route",),
+                per_route("lost_transactions"),
             ),
             Family(
                 "counter",

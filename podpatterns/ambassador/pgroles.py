@@ -14,7 +14,10 @@ one client, but learned ahead of the connection:
   the next one routed by the new role);
 * when an endpoint's role stops matching the target (the primary demoted, a standby
   promoted under ``standby``), ``--pg-close-on-role-change`` ends the route's sessions on
-  it at their next transaction boundary with FATAL 57P01, as a drain does.
+  it at their next transaction boundary with FATAL 57P01, as a drain does;
+* with ``--pg-pool``, the pooled server connections follow the same roles
+  (:mod:`.pgpool`): opened on an endpoint of the target role, closed when theirs stops
+  serving it.
 
 Readiness does not depend on roles: an endpoint that answers is healthy whatever its role
 (``--ready-requires-upstream`` counts it), so a failover never makes the Pod unready.
@@ -122,6 +125,9 @@ class Roles:
     Attributes:
         on_mismatch: called with an endpoint whose role stopped matching the target
             (``--pg-close-on-role-change`` ends its sessions), or None.
+        on_change: called with an endpoint whose role was learned or changed (a pool
+            closes its idle connections to an endpoint that no longer serves the
+            target, and tries again to open one), or None.
         changes: role changes seen, by endpoint.
     """
 
@@ -133,6 +139,7 @@ class Roles:
         self.seen_at: dict[Endpoint, float] = {}
         self.changes: dict[Endpoint, int] = {}
         self.on_mismatch: Callable[[Endpoint], None] | None = None
+        self.on_change: Callable[[Endpoint], None] | None = None
         self._log = logs.get("ambassador", route=route)
 
     def get(self, ep: Endpoint) -> Role | None:
@@ -157,6 +164,8 @@ class Roles:
             source=source,
             serves_target=matches(self.target, role),
         )
+        if self.on_change is not None:
+            self.on_change(ep)
         if (
             old is not None
             and matches(self.target, old)
@@ -164,6 +173,12 @@ class Roles:
             and self.on_mismatch is not None
         ):
             self.on_mismatch(ep)
+
+    def mismatches(self, ep: Endpoint) -> bool:
+        """True when ``ep``'s role is known and does not serve the target (an unknown
+        role is not held against it: its last health check may just have failed)."""
+        role = self.roles.get(ep)
+        return role is not None and not matches(self.target, role)
 
     def forget(self, ep: Endpoint) -> None:
         """The endpoint did not answer its health check: its role is unknown now."""

@@ -242,7 +242,7 @@ class Startup:
         self.pools: Pools | None = None
         if cfg.pg_pool != "off" and isinstance(handler, PostgresHandler):
             self.pools = Pools(
-                cfg.pool_settings(), handler, lambda: self._dial(None), route=cfg.name, log=log
+                cfg.pool_settings(), handler, self._pool_dial, route=cfg.name, log=log
             )
             handler.cancel_target = self.pools.cancel_target
 
@@ -258,6 +258,8 @@ class Startup:
             )
             if cfg.pg_close_on_role_change:
                 handler.roles.on_mismatch = self.end_sessions_on
+            if self.pools is not None:  # pooled connections follow the roles too
+                handler.roles.on_change = self.pools.role_changed
 
     async def close(self) -> None:
         """Close the pooled server connections (``--pg-pool``)."""
@@ -266,8 +268,9 @@ class Startup:
 
     def end_sessions_on(self, ep: Endpoint) -> None:
         """``ep``'s role stopped matching the target (--pg-close-on-role-change): each of
-        its sessions ends at its next transaction boundary with FATAL 57P01; a session
-        relayed without a watch (--pg-drain off) is left to the server."""
+        its sessions ends at its next transaction boundary with FATAL 57P01, pooled ones
+        in session mode too (:meth:`.pgpool.Pools.end_sessions_on`); a session relayed
+        without a watch (--pg-drain off) is left to the server."""
         ended = 0
         for conn, watch in list(self.watches.items()):
             if conn.endpoint is ep and isinstance(watch, TransactionWatch) and watch.drains:
@@ -275,6 +278,8 @@ class Startup:
                 watch.end_reason = "role_changed"
                 watch.drain()
                 ended += 1
+        if self.pools is not None:
+            ended += self.pools.end_sessions_on(ep)
         self._log.warning("pg_role_sessions_ended", upstream=str(ep), sessions=ended)
 
     def _check_roles(self) -> None:
@@ -287,6 +292,13 @@ class Startup:
                 f"podpatterns ambassador: no endpoint is {self.roles.target} "
                 f"({self.roles.describe(self.pool.endpoints)})",
             )
+
+    async def _pool_dial(self) -> tuple[socket.socket, Endpoint]:
+        """Dial for a pooled server connection: as for an app's session, an endpoint of
+        the target role (Failure ``role`` when every role is known and none serves)."""
+        if self.roles is not None:
+            self._check_roles()
+        return await self._dial(None)
 
     def _role_candidates(self) -> list[Endpoint]:
         """The pool's order, narrowed to the endpoints that serve the target role."""
