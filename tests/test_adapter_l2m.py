@@ -132,7 +132,19 @@ def test_declarations_build_into_the_config() -> None:
     ("metric", "needles"),
     [
         ({"name": "bad-name", "type": "counter"}, ["metrics[0]", "name", "bad-name"]),
-        ({"name": "x", "type": "summary"}, ["'x'", "type", "summary", "counter, gauge"]),
+        ({"name": "x", "type": "timer"}, ["'x'", "type", "timer", "counter, gauge"]),
+        (
+            {"name": "x", "type": "summary"},
+            ["'x'", "type: 'summary'", "not supported", "type: histogram", "histogram_quantile"],
+        ),
+        (
+            {"name": "x", "type": "counter", "expire_after": "soon"},
+            ["'x'", "expire_after", "'soon'", "not a duration"],
+        ),
+        (
+            {"name": "x", "type": "counter", "expire_after": [30]},
+            ["'x'", "expire_after", "single value"],
+        ),
         ({"name": "x", "type": "gauge"}, ["'x'", "field: missing"]),
         ({"name": "x", "type": "counter", "colour": 1}, ["'x'", "colour", "unknown key"]),
         ({"name": "x", "type": "counter", "labels": ["a-b"]}, ["'x'", "labels", "a-b"]),
@@ -278,6 +290,170 @@ def _exposition(state: MetricState) -> str:
     registry = CollectorRegistry(auto_describe=True)
     registry.register(state)
     return generate_latest(registry).decode()
+
+
+# -- idle-series expiry (time driven through an injected clock) ------------------------------
+
+
+class Clock:
+    """A wall clock the test moves: seconds since the epoch, as ``time.time``."""
+
+    def __init__(self, now: float = 1_700_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def series_of(state: MetricState, name: str) -> dict[str, float]:
+    """The exposed samples of ``name`` (one label ``u``, or none) as {label value: value}."""
+    return {
+        s.labels.get("u", ""): s.value
+        for family in text_string_to_metric_families(_exposition(state))
+        for s in family.samples
+        if s.name == name
+    }
+
+
+HITS = {"name": "hits", "type": "counter", "labels": ["u"]}
+
+
+def test_idle_series_expire_and_a_returning_one_starts_from_zero() -> None:
+    """expire_after 60s: a series not updated for 60s leaves /metrics and is counted; one
+    updated meanwhile stays; an expired series that comes back starts again from zero."""
+    clock = Clock()
+    state = MetricState(declarations([{**HITS, "expire_after": "1m"}]), clock)
+    state.observe([{"u": "a"}, {"u": "b"}, {"u": "b"}])
+    clock.now += 30
+    state.observe([{"u": "a"}])
+    clock.now += 29.9
+    assert series_of(state, "hits_total") == {"a": 2.0, "b": 2.0}  # b idle 59.9s: kept
+    clock.now += 0.1
+    assert series_of(state, "hits_total") == {"a": 2.0}  # b idle 60s: gone
+    assert dict(state.expired()) == {"hits_total": 1}
+    state.observe([{"u": "b"}])
+    assert series_of(state, "hits_total") == {"a": 2.0, "b": 1.0}
+    clock.now += 30
+    assert series_of(state, "hits_total") == {"b": 1.0}
+    assert dict(state.expired()) == {"hits_total": 2}
+    assert dict(state.series_count()) == {"hits_total": 1}
+
+
+def test_every_kind_expires_and_expiry_is_off_by_default() -> None:
+    """Gauges and histograms expire like counters; a metric without expire_after keeps its
+    series however long they are idle."""
+    clock = Clock()
+    state = MetricState(
+        declarations(
+            [
+                {"name": "depth", "type": "gauge", "field": "v", "labels": ["u"]},
+                {"name": "lat", "type": "histogram", "field": "v", "labels": ["u"]},
+                HITS,
+            ],
+            expire_after=10.0,
+        )
+        + declarations([{**HITS, "name": "kept"}]),
+        clock,
+    )
+    state.observe([{"u": "a", "v": 0.5}])
+    clock.now += 10
+    assert dict(state.expired()) == {"depth": 1, "lat": 1, "hits_total": 1, "kept_total": 0}
+    clock.now += 86400 * 365
+    assert series_of(state, "kept_total") == {"a": 1.0}
+    assert [len(m.series) for m in state.metrics] == [0, 0, 0, 1]
+
+
+def test_expiry_frees_a_slot_under_the_cap() -> None:
+    """max_series 2: a third label set is dropped while two are live; once one of them has
+    expired, the third gets its slot (a label churn does not lock the cap)."""
+    clock = Clock()
+    state = MetricState(declarations([{**HITS, "max_series": 2, "expire_after": "10s"}]), clock)
+    state.observe([{"u": "a"}, {"u": "b"}])
+    clock.now += 5
+    state.observe([{"u": "b"}, {"u": "c"}, {"u": "c"}])
+    assert series_of(state, "hits_total") == {"a": 1.0, "b": 2.0}
+    assert dict(state.dropped()) == {"hits_total": 2}
+    clock.now += 5  # a idle 10s
+    state.observe([{"u": "c"}])
+    assert series_of(state, "hits_total") == {"b": 2.0, "c": 1.0}
+    assert dict(state.dropped()) == {"hits_total": 2}
+    assert dict(state.expired()) == {"hits_total": 1}
+
+
+def test_idleness_survives_a_restart_by_the_saved_wall_clock() -> None:
+    """The state saved with the checkpoint carries each series' last update: restored
+    later, a series idle since before the save expires on time (at once if its time has
+    passed), a live one does not, and the expired count goes on."""
+    clock = Clock()
+    decls = declarations([{**HITS, "expire_after": "1m"}])
+    state = MetricState(decls, clock)
+    state.observe([{"u": "old"}])
+    clock.now += 30
+    state.observe([{"u": "gone"}, {"u": "live"}])
+    clock.now += 30  # old expires now
+    state.observe([{"u": "live"}])
+    clock.now += 30  # gone expires now
+    state.observe([{"u": "live"}])
+    saved = json.loads(json.dumps(state.dump()))  # what the generation holds
+    assert dict(state.expired()) == {"hits_total": 2}
+    assert saved["metrics"]["hits_total"]["expired"] == 2
+
+    clock.now += 30  # the restart, 30s later: live idle 30s
+    again = MetricState(decls, clock)
+    again.restore(saved)
+    assert series_of(again, "hits_total") == {"live": 3.0}
+    clock.now += 29.9
+    again.observe([])
+    assert series_of(again, "hits_total") == {"live": 3.0}
+    clock.now += 0.1
+    assert series_of(again, "hits_total") == {}
+    assert dict(again.expired()) == {"hits_total": 3}
+
+    # The same generation restored by a process started an hour later: expired at start.
+    late = MetricState(decls, Clock(clock.now + 3600))
+    late.restore(saved)
+    assert series_of(late, "hits_total") == {}
+    assert dict(late.expired()) == {"hits_total": 3}
+
+
+def test_series_saved_without_times_are_idle_from_the_restore() -> None:
+    """A state saved before expiry was turned on (no times), or with a time in the future
+    (the clock was set back), counts as updated at the restore: never expired early."""
+    clock = Clock()
+    plain = MetricState(declarations([HITS]), clock)
+    plain.observe([{"u": "a"}])
+    saved = json.loads(json.dumps(plain.dump()))
+    assert "touched" not in saved["metrics"]["hits_total"]
+    clock.now += 3600
+    state = MetricState(declarations([{**HITS, "expire_after": "1m"}]), clock)
+    state.restore(saved)
+    assert series_of(state, "hits_total") == {"a": 1.0}
+    clock.now += 60
+    assert series_of(state, "hits_total") == {}
+
+    future = MetricState(declarations([{**HITS, "expire_after": "1m"}]), Clock(clock.now + 600))
+    future.observe([{"u": "a"}])
+    ahead = json.loads(json.dumps(future.dump()))
+    state = MetricState(declarations([{**HITS, "expire_after": "1m"}]), clock)
+    state.restore(ahead)
+    clock.now += 60
+    assert series_of(state, "hits_total") == {}
+
+
+def test_expire_after_defaults_to_the_option_and_a_metric_may_override_it() -> None:
+    """metrics_expire_after applies to every metric without its own expire_after; a
+    metric's own (off included, unquoted in YAML) wins; the default is off."""
+    text = """
+metrics_expire_after: 30m
+metrics:
+  - {name: a, type: counter}
+  - {name: b, type: counter, expire_after: off}
+  - {name: c, type: counter, expire_after: 10s}
+  - {name: d, type: counter, expire_after: 90}
+"""
+    config = build({"path": ["/var/log/app/*.log"]}, {}, yaml.safe_load(text), "adapter.yaml")
+    assert [m.expire_after for m in config.metrics] == [1800.0, None, 10.0, 90.0]
+    assert config_with([HITS]).metrics[0].expire_after is None
 
 
 # -- real processes -------------------------------------------------------------------------
