@@ -506,6 +506,152 @@ def test_metrics_only_adapter_serves_declared_metrics(tmp_path: Path) -> None:
         p.stop()
 
 
+def labelled(text: str, name: str, label: str) -> dict[str, float]:
+    """The samples ``name`` of an exposition as {value of ``label``: value}."""
+    return {
+        s.labels[label]: s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == name
+    }
+
+
+def own(text: str, name: str, metric: str = "hits_total") -> float | None:
+    """The adapter's own per-metric sample ``name`` (``podpatterns_adapter_...``)."""
+    return labelled(text, name, "metric").get(metric)
+
+
+EXPIRED = "podpatterns_adapter_metric_series_expired_total"
+
+
+def append(log: Path, *values: str) -> None:
+    """Append one JSON line per value (``{"u": value}``) to ``log``."""
+    with log.open("ab") as f:
+        f.write(b"".join(json.dumps({"u": v}).encode() + b"\n" for v in values))
+
+
+def test_an_idle_series_leaves_the_metrics_of_a_running_adapter(tmp_path: Path) -> None:
+    """expire_after 2s on a real adapter: a label set no longer logged leaves /metrics and
+    is counted as expired; one logged on stays, its count exact."""
+    write_config(tmp_path, [{**HITS, "expire_after": "2s"}])
+    (tmp_path / "logs").mkdir()
+    log = tmp_path / "logs" / "app.log"
+    append(log, "idle", "live")
+    p = adapter(tmp_path, "--sink", "none", admin="127.0.0.1:0")
+    try:
+        url = p.admin_url()
+        wait_until(
+            lambda: labelled(scrape(url), "hits_total", "u") == {"idle": 1.0, "live": 1.0},
+            "both series counted",
+        )
+        written = [1]
+
+        def idle_gone() -> bool:
+            append(log, "live")  # the live series goes on being updated
+            written[0] += 1
+            text = scrape(url)
+            return "idle" not in labelled(text, "hits_total", "u") and bool(own(text, EXPIRED))
+
+        wait_until(idle_gone, "the idle series expired")
+        want = {"live": float(written[0])}
+        wait_until(lambda: labelled(scrape(url), "hits_total", "u") == want, "live counted")
+        text = scrape(url)
+        assert own(text, EXPIRED) == 1.0
+        assert own(text, "podpatterns_adapter_metric_series") == 1.0
+        p.signal(signal.SIGTERM)
+        assert p.wait(30) == 0
+    finally:
+        p.stop()
+
+
+def test_idleness_survives_sigkill_and_restart(tmp_path: Path) -> None:
+    """A series idle since before a SIGKILL is expired when the restarted adapter finds its
+    saved last update older than expire_after (by the wall clock, not from the restart);
+    a series updated shortly before the kill survives with its exact count, which goes on."""
+    expire = 6.0
+    write_config(tmp_path, [{**HITS, "expire_after": f"{expire:g}s"}])
+    (tmp_path / "logs").mkdir()
+    log = tmp_path / "logs" / "app.log"
+    append(log, "idle", "idle", "idle", "live")
+    written = 1
+
+    def saved() -> dict[str, Any]:
+        store = CheckpointStore(tmp_path / "cp")
+        store.load()
+        if store.loaded_metrics is None:
+            return {}  # counted before the first generation is written
+        entry: dict[str, Any] = store.loaded_metrics["metrics"]["hits_total"]
+        return {k[0]: t for (k, _), t in zip(entry["series"], entry["touched"], strict=True)}
+
+    a = adapter(tmp_path, "--sink", "none", admin="127.0.0.1:0")
+    try:
+        url = a.admin_url()
+        wait_until(
+            lambda: labelled(scrape(url), "hits_total", "u") == {"idle": 3.0, "live": 1.0},
+            "both series counted",
+        )
+        idle_at = wait_until(lambda: saved().get("idle"), "idle's last update saved")
+
+        def live_updated_late() -> bool:
+            nonlocal written
+            if labelled(scrape(url), "hits_total", "u").get("live") == written:
+                if time.time() >= idle_at + expire - 2.0:
+                    return True
+                append(log, "live")
+                written += 1
+            return False
+
+        wait_until(live_updated_late, "live updated until 2s before idle expires", 30.0)
+        a.p.kill()
+        a.wait()
+    finally:
+        a.stop()
+    times = saved()
+    assert times["idle"] == idle_at  # killed while idle was still kept
+    assert times["live"] > idle_at + expire - 3.0
+    # The restart comes once idle has been idle for expire_after by the wall clock.
+    wait_until(lambda: time.time() >= idle_at + expire, "idle for expire_after", 30.0)
+    b = adapter(tmp_path, "--sink", "none", admin="127.0.0.1:0")
+    try:
+        b.wait_event("metric_series_expired_at_start")
+        url = b.admin_url()
+        text = scrape(url)
+        assert labelled(text, "hits_total", "u") == {"live": float(written)}
+        assert own(text, EXPIRED) == 1.0
+        append(log, "live", "live")
+        want = {"live": float(written + 2)}
+        wait_until(lambda: labelled(scrape(url), "hits_total", "u") == want, "live goes on")
+        b.signal(signal.SIGTERM)
+        assert b.wait(30) == 0
+    finally:
+        b.stop()
+
+
+@pytest.mark.parametrize(
+    ("args", "metric", "needle"),
+    [
+        ((), {**HITS, "expire_after": "soon"}, "metrics[0] 'hits': expire_after: 'soon'"),
+        (("--metrics-expire-after", "soon"), HITS, "--metrics-expire-after: 'soon'"),
+    ],
+)
+def test_a_bad_expire_after_exits_2_with_one_line(
+    tmp_path: Path, args: tuple[str, ...], metric: dict[str, Any], needle: str
+) -> None:
+    """A bad duration (a metric's own or the default): exit 2, one line, no traceback."""
+    cfg = write_config(tmp_path, [metric])
+    p = Proc(
+        "adapter", "--config", str(cfg), "--path", str(tmp_path / "*.log"), "--admin", "off", *args
+    )
+    try:
+        assert p.wait(30) == 2
+    finally:
+        p.stop()
+    errors = [ln for ln in p.lines if ln.strip() and not ln.startswith("{")]
+    assert len(errors) == 1, p.lines
+    assert needle in errors[0] and "not a duration" in errors[0], errors[0]
+    assert "Traceback" not in "\n".join(p.lines)
+
+
 def _kill_run(tmp_path: Path, seed: int, kills: int) -> None:
     """Write and rotate an access log while the adapter is SIGKILLed at random points, then
     check the counters against what was written: not one lost, not one counted twice."""
