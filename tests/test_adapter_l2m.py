@@ -188,19 +188,42 @@ def test_sink_none_without_metrics_is_refused() -> None:
         build({"path": ["/var/log/app/*.log"], "sink": ["none"]}, {}, {}, "adapter.yaml")
 
 
-def test_a_bad_declaration_exits_2_with_one_line(tmp_path: Path) -> None:
-    """The real command: exit 2, one line naming the metric and the key, no traceback."""
-    cfg = write_config(
-        tmp_path, [{"name": "lat", "type": "histogram", "field": "rt", "buckets": []}]
+@pytest.mark.parametrize(
+    ("args", "metric", "needle"),
+    [
+        (
+            (),
+            {"name": "lat", "type": "histogram", "field": "rt", "buckets": []},
+            "metrics[0] 'lat': buckets: []",
+        ),
+        (
+            (),
+            {"name": "hits", "type": "counter", "expire_after": "soon"},
+            "metrics[0] 'hits': expire_after: 'soon' is not a duration",
+        ),
+        (
+            ("--metrics-expire-after", "soon"),
+            {"name": "hits", "type": "counter"},
+            "--metrics-expire-after: 'soon' is not a duration",
+        ),
+    ],
+)
+def test_a_bad_declaration_exits_2_with_one_line(
+    tmp_path: Path, args: tuple[str, ...], metric: dict[str, Any], needle: str
+) -> None:
+    """The real command: exit 2, one line naming the metric and the key (or the option),
+    no traceback."""
+    cfg = write_config(tmp_path, [metric])
+    p = Proc(
+        "adapter", "--config", str(cfg), "--path", str(tmp_path / "*.log"), "--admin", "off", *args
     )
-    p = Proc("adapter", "--config", str(cfg), "--path", str(tmp_path / "*.log"), "--admin", "off")
     try:
         assert p.wait(30) == 2
     finally:
         p.stop()
     errors = [ln for ln in p.lines if ln.strip() and not ln.startswith("{")]
     assert len(errors) == 1, p.lines
-    assert "metrics[0] 'lat': buckets: []" in errors[0]
+    assert needle in errors[0], errors[0]
     assert "Traceback" not in "\n".join(p.lines)
 
 
@@ -530,20 +553,28 @@ def append(log: Path, *values: str) -> None:
         f.write(b"".join(json.dumps({"u": v}).encode() + b"\n" for v in values))
 
 
-def test_an_idle_series_leaves_the_metrics_of_a_running_adapter(tmp_path: Path) -> None:
-    """expire_after 2s on a real adapter: a label set no longer logged leaves /metrics and
-    is counted as expired; one logged on stays, its count exact."""
-    write_config(tmp_path, [{**HITS, "expire_after": "2s"}])
-    (tmp_path / "logs").mkdir()
-    log = tmp_path / "logs" / "app.log"
-    append(log, "idle", "live")
+def expiring(tmp_path: Path, expire_after: float, want: dict[str, float]) -> tuple[Proc, str]:
+    """A metrics-only adapter counting ``hits`` by ``u`` with ``expire_after``, once it has
+    counted ``want`` (that many lines of each value, written first); and its admin URL."""
+    write_config(tmp_path, [{**HITS, "expire_after": f"{expire_after:g}s"}])
+    (tmp_path / "logs").mkdir(exist_ok=True)
+    append(tmp_path / "logs" / "app.log", *(u for u, n in want.items() for _ in range(int(n))))
     p = adapter(tmp_path, "--sink", "none", admin="127.0.0.1:0")
     try:
         url = p.admin_url()
-        wait_until(
-            lambda: labelled(scrape(url), "hits_total", "u") == {"idle": 1.0, "live": 1.0},
-            "both series counted",
-        )
+        wait_until(lambda: labelled(scrape(url), "hits_total", "u") == want, f"{want} counted")
+    except BaseException:
+        p.stop()
+        raise
+    return p, url
+
+
+def test_an_idle_series_leaves_the_metrics_of_a_running_adapter(tmp_path: Path) -> None:
+    """expire_after 2s on a real adapter: a label set no longer logged leaves /metrics and
+    is counted as expired; one logged on stays, its count exact."""
+    log = tmp_path / "logs" / "app.log"
+    p, url = expiring(tmp_path, 2.0, {"idle": 1.0, "live": 1.0})
+    try:
         written = [1]
 
         def idle_gone() -> bool:
@@ -569,10 +600,7 @@ def test_idleness_survives_sigkill_and_restart(tmp_path: Path) -> None:
     saved last update older than expire_after (by the wall clock, not from the restart);
     a series updated shortly before the kill survives with its exact count, which goes on."""
     expire = 6.0
-    write_config(tmp_path, [{**HITS, "expire_after": f"{expire:g}s"}])
-    (tmp_path / "logs").mkdir()
     log = tmp_path / "logs" / "app.log"
-    append(log, "idle", "idle", "idle", "live")
     written = 1
 
     def saved() -> dict[str, Any]:
@@ -583,13 +611,8 @@ def test_idleness_survives_sigkill_and_restart(tmp_path: Path) -> None:
         entry: dict[str, Any] = store.loaded_metrics["metrics"]["hits_total"]
         return {k[0]: t for (k, _), t in zip(entry["series"], entry["touched"], strict=True)}
 
-    a = adapter(tmp_path, "--sink", "none", admin="127.0.0.1:0")
+    a, url = expiring(tmp_path, expire, {"idle": 3.0, "live": 1.0})
     try:
-        url = a.admin_url()
-        wait_until(
-            lambda: labelled(scrape(url), "hits_total", "u") == {"idle": 3.0, "live": 1.0},
-            "both series counted",
-        )
         idle_at = wait_until(lambda: saved().get("idle"), "idle's last update saved")
 
         def live_updated_late() -> bool:
@@ -625,31 +648,6 @@ def test_idleness_survives_sigkill_and_restart(tmp_path: Path) -> None:
         assert b.wait(30) == 0
     finally:
         b.stop()
-
-
-@pytest.mark.parametrize(
-    ("args", "metric", "needle"),
-    [
-        ((), {**HITS, "expire_after": "soon"}, "metrics[0] 'hits': expire_after: 'soon'"),
-        (("--metrics-expire-after", "soon"), HITS, "--metrics-expire-after: 'soon'"),
-    ],
-)
-def test_a_bad_expire_after_exits_2_with_one_line(
-    tmp_path: Path, args: tuple[str, ...], metric: dict[str, Any], needle: str
-) -> None:
-    """A bad duration (a metric's own or the default): exit 2, one line, no traceback."""
-    cfg = write_config(tmp_path, [metric])
-    p = Proc(
-        "adapter", "--config", str(cfg), "--path", str(tmp_path / "*.log"), "--admin", "off", *args
-    )
-    try:
-        assert p.wait(30) == 2
-    finally:
-        p.stop()
-    errors = [ln for ln in p.lines if ln.strip() and not ln.startswith("{")]
-    assert len(errors) == 1, p.lines
-    assert needle in errors[0] and "not a duration" in errors[0], errors[0]
-    assert "Traceback" not in "\n".join(p.lines)
 
 
 def _kill_run(tmp_path: Path, seed: int, kills: int) -> None:
