@@ -464,13 +464,15 @@ class MetricState(Collector):
     def observe(self, records: Sequence[Record]) -> None:
         """Count an acknowledged batch into every metric."""
         now = self._clock()
+        self.expire(now)
         for m in self.metrics:
-            m.expire(now)
             m.observe(records, now)
 
-    def expire(self) -> int:
-        """Remove the idle series of every metric now; how many."""
-        now = self._clock()
+    def expire(self, now: float | None = None) -> int:
+        """Remove the idle series of every metric at ``now`` (default: the clock's now);
+        how many."""
+        if now is None:
+            now = self._clock()
         n = 0
         for m in self.metrics:
             gone = m.expire(now)

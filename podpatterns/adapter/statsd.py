@@ -23,9 +23,10 @@ Bounded: each metric keeps at most ``max_series`` label sets; samples of new one
 it are dropped and counted, as are lines that do not parse and samples whose type
 disagrees with the metric's first type. With ``expire_after`` (``--statsd-expire-after``,
 off by default), a series not updated for that long is removed and counted, freeing its
-slot; a metric left without series is removed too. UDP is best effort (a datagram the kernel drops
-is not seen); every drop the adapter makes is counted. Counts start at zero when the
-process starts: a restart is a counter reset to Prometheus, as with statsd_exporter.
+slot; a metric left without series is removed too. UDP is best effort (a datagram the
+kernel drops is not seen); every drop the adapter makes is counted. Counts start at zero
+when the process starts: a restart is a counter reset to Prometheus, as with
+statsd_exporter.
 """
 
 from __future__ import annotations
