@@ -302,6 +302,7 @@ def option_sections() -> dict[str, tuple[Option[Any], ...]]:
     """The option tables the docs show, by the name used in their page markers."""
     from podpatterns.adapter.config import (
         INPUT_OPTIONS,
+        METRICS_OPTIONS,
         PROCESS_OPTIONS,
         PUSH_OPTIONS,
         SINK_OPTIONS,
@@ -322,6 +323,7 @@ def option_sections() -> dict[str, tuple[Option[Any], ...]]:
         "adapter-input": INPUT_OPTIONS,
         "adapter-push": PUSH_OPTIONS,
         "adapter-statsd": STATSD_OPTIONS,
+        "adapter-metrics": METRICS_OPTIONS,
         "adapter-process": PROCESS_OPTIONS,
         "adapter-sinks": SINK_OPTIONS,
         "run": RUN_OPTIONS,

@@ -132,7 +132,19 @@ def test_declarations_build_into_the_config() -> None:
     ("metric", "needles"),
     [
         ({"name": "bad-name", "type": "counter"}, ["metrics[0]", "name", "bad-name"]),
-        ({"name": "x", "type": "summary"}, ["'x'", "type", "summary", "counter, gauge"]),
+        ({"name": "x", "type": "timer"}, ["'x'", "type", "timer", "counter, gauge"]),
+        (
+            {"name": "x", "type": "summary"},
+            ["'x'", "type: 'summary'", "not supported", "type: histogram", "histogram_quantile"],
+        ),
+        (
+            {"name": "x", "type": "counter", "expire_after": "soon"},
+            ["'x'", "expire_after", "'soon'", "not a duration"],
+        ),
+        (
+            {"name": "x", "type": "counter", "expire_after": [30]},
+            ["'x'", "expire_after", "single value"],
+        ),
         ({"name": "x", "type": "gauge"}, ["'x'", "field: missing"]),
         ({"name": "x", "type": "counter", "colour": 1}, ["'x'", "colour", "unknown key"]),
         ({"name": "x", "type": "counter", "labels": ["a-b"]}, ["'x'", "labels", "a-b"]),
@@ -176,19 +188,42 @@ def test_sink_none_without_metrics_is_refused() -> None:
         build({"path": ["/var/log/app/*.log"], "sink": ["none"]}, {}, {}, "adapter.yaml")
 
 
-def test_a_bad_declaration_exits_2_with_one_line(tmp_path: Path) -> None:
-    """The real command: exit 2, one line naming the metric and the key, no traceback."""
-    cfg = write_config(
-        tmp_path, [{"name": "lat", "type": "histogram", "field": "rt", "buckets": []}]
+@pytest.mark.parametrize(
+    ("args", "metric", "needle"),
+    [
+        (
+            (),
+            {"name": "lat", "type": "histogram", "field": "rt", "buckets": []},
+            "metrics[0] 'lat': buckets: []",
+        ),
+        (
+            (),
+            {"name": "hits", "type": "counter", "expire_after": "soon"},
+            "metrics[0] 'hits': expire_after: 'soon' is not a duration",
+        ),
+        (
+            ("--metrics-expire-after", "soon"),
+            {"name": "hits", "type": "counter"},
+            "--metrics-expire-after: 'soon' is not a duration",
+        ),
+    ],
+)
+def test_a_bad_declaration_exits_2_with_one_line(
+    tmp_path: Path, args: tuple[str, ...], metric: dict[str, Any], needle: str
+) -> None:
+    """The real command: exit 2, one line naming the metric and the key (or the option),
+    no traceback."""
+    cfg = write_config(tmp_path, [metric])
+    p = Proc(
+        "adapter", "--config", str(cfg), "--path", str(tmp_path / "*.log"), "--admin", "off", *args
     )
-    p = Proc("adapter", "--config", str(cfg), "--path", str(tmp_path / "*.log"), "--admin", "off")
     try:
         assert p.wait(30) == 2
     finally:
         p.stop()
     errors = [ln for ln in p.lines if ln.strip() and not ln.startswith("{")]
     assert len(errors) == 1, p.lines
-    assert "metrics[0] 'lat': buckets: []" in errors[0]
+    assert needle in errors[0], errors[0]
     assert "Traceback" not in "\n".join(p.lines)
 
 
@@ -280,6 +315,170 @@ def _exposition(state: MetricState) -> str:
     return generate_latest(registry).decode()
 
 
+# -- idle-series expiry (time driven through an injected clock) ------------------------------
+
+
+class Clock:
+    """A wall clock the test moves: seconds since the epoch, as ``time.time``."""
+
+    def __init__(self, now: float = 1_700_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def series_of(state: MetricState, name: str) -> dict[str, float]:
+    """The exposed samples of ``name`` (one label ``u``, or none) as {label value: value}."""
+    return {
+        s.labels.get("u", ""): s.value
+        for family in text_string_to_metric_families(_exposition(state))
+        for s in family.samples
+        if s.name == name
+    }
+
+
+HITS = {"name": "hits", "type": "counter", "labels": ["u"]}
+
+
+def test_idle_series_expire_and_a_returning_one_starts_from_zero() -> None:
+    """expire_after 60s: a series not updated for 60s leaves /metrics and is counted; one
+    updated meanwhile stays; an expired series that comes back starts again from zero."""
+    clock = Clock()
+    state = MetricState(declarations([{**HITS, "expire_after": "1m"}]), clock)
+    state.observe([{"u": "a"}, {"u": "b"}, {"u": "b"}])
+    clock.now += 30
+    state.observe([{"u": "a"}])
+    clock.now += 29.9
+    assert series_of(state, "hits_total") == {"a": 2.0, "b": 2.0}  # b idle 59.9s: kept
+    clock.now += 0.1
+    assert series_of(state, "hits_total") == {"a": 2.0}  # b idle 60s: gone
+    assert dict(state.expired()) == {"hits_total": 1}
+    state.observe([{"u": "b"}])
+    assert series_of(state, "hits_total") == {"a": 2.0, "b": 1.0}
+    clock.now += 30
+    assert series_of(state, "hits_total") == {"b": 1.0}
+    assert dict(state.expired()) == {"hits_total": 2}
+    assert dict(state.series_count()) == {"hits_total": 1}
+
+
+def test_every_kind_expires_and_expiry_is_off_by_default() -> None:
+    """Gauges and histograms expire like counters; a metric without expire_after keeps its
+    series however long they are idle."""
+    clock = Clock()
+    state = MetricState(
+        declarations(
+            [
+                {"name": "depth", "type": "gauge", "field": "v", "labels": ["u"]},
+                {"name": "lat", "type": "histogram", "field": "v", "labels": ["u"]},
+                HITS,
+            ],
+            expire_after=10.0,
+        )
+        + declarations([{**HITS, "name": "kept"}]),
+        clock,
+    )
+    state.observe([{"u": "a", "v": 0.5}])
+    clock.now += 10
+    assert dict(state.expired()) == {"depth": 1, "lat": 1, "hits_total": 1, "kept_total": 0}
+    clock.now += 86400 * 365
+    assert series_of(state, "kept_total") == {"a": 1.0}
+    assert [len(m.series) for m in state.metrics] == [0, 0, 0, 1]
+
+
+def test_expiry_frees_a_slot_under_the_cap() -> None:
+    """max_series 2: a third label set is dropped while two are live; once one of them has
+    expired, the third gets its slot (a label churn does not lock the cap)."""
+    clock = Clock()
+    state = MetricState(declarations([{**HITS, "max_series": 2, "expire_after": "10s"}]), clock)
+    state.observe([{"u": "a"}, {"u": "b"}])
+    clock.now += 5
+    state.observe([{"u": "b"}, {"u": "c"}, {"u": "c"}])
+    assert series_of(state, "hits_total") == {"a": 1.0, "b": 2.0}
+    assert dict(state.dropped()) == {"hits_total": 2}
+    clock.now += 5  # a idle 10s
+    state.observe([{"u": "c"}])
+    assert series_of(state, "hits_total") == {"b": 2.0, "c": 1.0}
+    assert dict(state.dropped()) == {"hits_total": 2}
+    assert dict(state.expired()) == {"hits_total": 1}
+
+
+def test_idleness_survives_a_restart_by_the_saved_wall_clock() -> None:
+    """The state saved with the checkpoint carries each series' last update: restored
+    later, a series idle since before the save expires on time (at once if its time has
+    passed), a live one does not, and the expired count goes on."""
+    clock = Clock()
+    decls = declarations([{**HITS, "expire_after": "1m"}])
+    state = MetricState(decls, clock)
+    state.observe([{"u": "old"}])
+    clock.now += 30
+    state.observe([{"u": "gone"}, {"u": "live"}])
+    clock.now += 30  # old expires now
+    state.observe([{"u": "live"}])
+    clock.now += 30  # gone expires now
+    state.observe([{"u": "live"}])
+    saved = json.loads(json.dumps(state.dump()))  # what the generation holds
+    assert dict(state.expired()) == {"hits_total": 2}
+    assert saved["metrics"]["hits_total"]["expired"] == 2
+
+    clock.now += 30  # the restart, 30s later: live idle 30s
+    again = MetricState(decls, clock)
+    again.restore(saved)
+    assert series_of(again, "hits_total") == {"live": 3.0}
+    clock.now += 29.9
+    again.observe([])
+    assert series_of(again, "hits_total") == {"live": 3.0}
+    clock.now += 0.1
+    assert series_of(again, "hits_total") == {}
+    assert dict(again.expired()) == {"hits_total": 3}
+
+    # The same generation restored by a process started an hour later: expired at start.
+    late = MetricState(decls, Clock(clock.now + 3600))
+    late.restore(saved)
+    assert series_of(late, "hits_total") == {}
+    assert dict(late.expired()) == {"hits_total": 3}
+
+
+def test_series_saved_without_times_are_idle_from_the_restore() -> None:
+    """A state saved before expiry was turned on (no times), or with a time in the future
+    (the clock was set back), counts as updated at the restore: never expired early."""
+    clock = Clock()
+    plain = MetricState(declarations([HITS]), clock)
+    plain.observe([{"u": "a"}])
+    saved = json.loads(json.dumps(plain.dump()))
+    assert "touched" not in saved["metrics"]["hits_total"]
+    clock.now += 3600
+    state = MetricState(declarations([{**HITS, "expire_after": "1m"}]), clock)
+    state.restore(saved)
+    assert series_of(state, "hits_total") == {"a": 1.0}
+    clock.now += 60
+    assert series_of(state, "hits_total") == {}
+
+    future = MetricState(declarations([{**HITS, "expire_after": "1m"}]), Clock(clock.now + 600))
+    future.observe([{"u": "a"}])
+    ahead = json.loads(json.dumps(future.dump()))
+    state = MetricState(declarations([{**HITS, "expire_after": "1m"}]), clock)
+    state.restore(ahead)
+    clock.now += 60
+    assert series_of(state, "hits_total") == {}
+
+
+def test_expire_after_defaults_to_the_option_and_a_metric_may_override_it() -> None:
+    """metrics_expire_after applies to every metric without its own expire_after; a
+    metric's own (off included, unquoted in YAML) wins; the default is off."""
+    text = """
+metrics_expire_after: 30m
+metrics:
+  - {name: a, type: counter}
+  - {name: b, type: counter, expire_after: off}
+  - {name: c, type: counter, expire_after: 10s}
+  - {name: d, type: counter, expire_after: 90}
+"""
+    config = build({"path": ["/var/log/app/*.log"]}, {}, yaml.safe_load(text), "adapter.yaml")
+    assert [m.expire_after for m in config.metrics] == [1800.0, None, 10.0, 90.0]
+    assert config_with([HITS]).metrics[0].expire_after is None
+
+
 # -- real processes -------------------------------------------------------------------------
 
 
@@ -328,6 +527,129 @@ def test_metrics_only_adapter_serves_declared_metrics(tmp_path: Path) -> None:
         assert p.wait(30) == 0
     finally:
         p.stop()
+
+
+def labelled(text: str, name: str, label: str) -> dict[str, float]:
+    """The samples ``name`` of an exposition as {value of ``label``: value}."""
+    return {
+        s.labels[label]: s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == name
+    }
+
+
+def own(text: str, name: str, metric: str = "hits_total") -> float | None:
+    """The adapter's own per-metric sample ``name`` (``podpatterns_adapter_...``)."""
+    return labelled(text, name, "metric").get(metric)
+
+
+EXPIRED = "podpatterns_adapter_metric_series_expired_total"
+
+
+def append(log: Path, *values: str) -> None:
+    """Append one JSON line per value (``{"u": value}``) to ``log``."""
+    with log.open("ab") as f:
+        f.write(b"".join(json.dumps({"u": v}).encode() + b"\n" for v in values))
+
+
+def expiring(tmp_path: Path, expire_after: float, want: dict[str, float]) -> tuple[Proc, str]:
+    """A metrics-only adapter counting ``hits`` by ``u`` with ``expire_after``, once it has
+    counted ``want`` (that many lines of each value, written first); and its admin URL."""
+    write_config(tmp_path, [{**HITS, "expire_after": f"{expire_after:g}s"}])
+    (tmp_path / "logs").mkdir(exist_ok=True)
+    append(tmp_path / "logs" / "app.log", *(u for u, n in want.items() for _ in range(int(n))))
+    p = adapter(tmp_path, "--sink", "none", admin="127.0.0.1:0")
+    try:
+        url = p.admin_url()
+        wait_until(lambda: labelled(scrape(url), "hits_total", "u") == want, f"{want} counted")
+    except BaseException:
+        p.stop()
+        raise
+    return p, url
+
+
+def test_an_idle_series_leaves_the_metrics_of_a_running_adapter(tmp_path: Path) -> None:
+    """expire_after 2s on a real adapter: a label set no longer logged leaves /metrics and
+    is counted as expired; one logged on stays, its count exact."""
+    log = tmp_path / "logs" / "app.log"
+    p, url = expiring(tmp_path, 2.0, {"idle": 1.0, "live": 1.0})
+    try:
+        written = [1]
+
+        def idle_gone() -> bool:
+            append(log, "live")  # the live series goes on being updated
+            written[0] += 1
+            text = scrape(url)
+            return "idle" not in labelled(text, "hits_total", "u") and bool(own(text, EXPIRED))
+
+        wait_until(idle_gone, "the idle series expired")
+        want = {"live": float(written[0])}
+        wait_until(lambda: labelled(scrape(url), "hits_total", "u") == want, "live counted")
+        text = scrape(url)
+        assert own(text, EXPIRED) == 1.0
+        assert own(text, "podpatterns_adapter_metric_series") == 1.0
+        p.signal(signal.SIGTERM)
+        assert p.wait(30) == 0
+    finally:
+        p.stop()
+
+
+def test_idleness_survives_sigkill_and_restart(tmp_path: Path) -> None:
+    """A series idle since before a SIGKILL is expired when the restarted adapter finds its
+    saved last update older than expire_after (by the wall clock, not from the restart);
+    a series updated shortly before the kill survives with its exact count, which goes on."""
+    expire = 8.0  # live is idle some 3s at the restart, plus its start-up
+    log = tmp_path / "logs" / "app.log"
+    written = 1
+
+    def saved() -> dict[str, Any]:
+        store = CheckpointStore(tmp_path / "cp")
+        store.load()
+        if store.loaded_metrics is None:
+            return {}  # counted before the first generation is written
+        entry: dict[str, Any] = store.loaded_metrics["metrics"]["hits_total"]
+        return {k[0]: t for (k, _), t in zip(entry["series"], entry["touched"], strict=True)}
+
+    a, url = expiring(tmp_path, expire, {"idle": 3.0, "live": 1.0})
+    try:
+        idle_at = wait_until(lambda: saved().get("idle"), "idle's last update saved")
+
+        def live_updated_late() -> bool:
+            nonlocal written
+            if labelled(scrape(url), "hits_total", "u").get("live") == written:
+                if time.time() >= idle_at + expire - 3.0:
+                    return True
+                append(log, "live")
+                written += 1
+            return False
+
+        wait_until(live_updated_late, "live updated until 3s before idle expires", 30.0)
+        a.p.kill()
+        a.wait()
+    finally:
+        a.stop()
+    times = saved()
+    assert times["idle"] == idle_at  # killed while idle was still kept
+    assert times["live"] > idle_at + expire - 4.5
+    # The restart comes once idle has been idle for expire_after by the wall clock.
+    wait_until(lambda: time.time() >= idle_at + expire, "idle for expire_after", 30.0)
+    b = adapter(tmp_path, "--sink", "none", admin="127.0.0.1:0")
+    try:
+        assert b.wait_event("metric_series_expired_at_start")["series"] == 1  # idle only
+        url = b.admin_url()
+        # The metrics advance just before their generation is written: a batch the kill
+        # caught between the two is read and counted again, once.
+        want = {"live": float(written)}
+        wait_until(lambda: labelled(scrape(url), "hits_total", "u") == want, "live exact")
+        assert own(scrape(url), EXPIRED) == 1.0
+        append(log, "live", "live")
+        want = {"live": float(written + 2)}
+        wait_until(lambda: labelled(scrape(url), "hits_total", "u") == want, "live goes on")
+        b.signal(signal.SIGTERM)
+        assert b.wait(30) == 0
+    finally:
+        b.stop()
 
 
 def _kill_run(tmp_path: Path, seed: int, kills: int) -> None:

@@ -145,6 +145,30 @@ def test_bounds_conflicts_and_reserved_names_are_counted() -> None:
     assert events["invalid_bad_utf8"] == 1
 
 
+def test_idle_series_expire_and_free_their_slot() -> None:
+    """--statsd-expire-after 10s: a label set without a sample for 10s leaves /metrics and
+    is counted, freeing its slot under max_series; a metric left without series goes; a
+    counter that comes back starts from zero (as with statsd_exporter's ttl)."""
+    now = [100.0]
+    store = StatsdMetrics(max_series=2, expire_after=10.0, clock=lambda: now[0])
+    store.feed(b"req:1|c|#u:a\nreq:1|c|#u:b\nq:5|g\n")
+    now[0] += 5
+    store.feed(b"req:2|c|#u:b\nreq:1|c|#u:c\n")  # c: over the cap, dropped
+    assert store.collect_events()["series_dropped"] == 1
+    now[0] += 5  # a and q idle 10s
+    store.feed(b"req:1|c|#u:c\n")  # a's slot is free again
+    got = samples(store)
+    assert got == {("req_total", (("u", "b"),)): 3.0, ("req_total", (("u", "c"),)): 1.0}
+    assert "q" not in store.families
+    assert store.collect_events()["series_expired"] == 2
+    now[0] += 10
+    assert samples(store) == {}
+    store.feed(b"req:1|c|#u:b\n")
+    assert samples(store) == {("req_total", (("u", "b"),)): 1.0}
+    assert store.collect_events()["series_expired"] == 4
+    assert StatsdMetrics().expire_after is None  # off by default
+
+
 @pytest.mark.parametrize(
     ("raw", "message"),
     [
@@ -180,6 +204,14 @@ def test_bad_buckets_are_usage_errors(value: str) -> None:
     proc = run("adapter", "--statsd-udp", "127.0.0.1:0", "--statsd-buckets", value)
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "--statsd-buckets" in proc.stderr, proc.stderr
+
+
+def test_a_bad_expire_after_is_a_usage_error() -> None:
+    """--statsd-expire-after that is not a duration: exit 2, one line naming it."""
+    proc = run("adapter", "--statsd-udp", "127.0.0.1:0", "--statsd-expire-after", "soon")
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1, proc.stderr
+    assert "--statsd-expire-after" in proc.stderr and "'soon'" in proc.stderr, proc.stderr
 
 
 # -- with real clients ----------------------------------------------------------------------
@@ -249,6 +281,38 @@ async def test_the_statsd_client_library_over_udp_and_tcp(tmp_path: Path) -> Non
             if name == "podpatterns_adapter_input_events_total"
         }
         assert events[(("event", "lines"), ("input", "statsd"))] >= 19
+    finally:
+        await runtime.shutdown()
+
+
+async def test_an_idle_series_leaves_the_scrape_of_a_running_adapter() -> None:
+    """--statsd-expire-after on a running adapter: a label set the client stops sending
+    leaves /metrics and is counted as expired; one it goes on sending stays."""
+    adapter = Adapter(AdapterConfig(statsd_udp=HostPort("127.0.0.1", 0), statsd_expire_after=2.0))
+    runtime = Runtime(RuntimeConfig(admin=HostPort("127.0.0.1", 0), shutdown_delay=0.0), [adapter])
+    await runtime.start()
+    try:
+        assert adapter.statsd is not None and adapter.statsd.udp_address
+        admin = str(runtime.admin_address)
+        client = statsd.StatsClient(*adapter.statsd.udp_address)
+        client.incr("jobs,kind=once")  # InfluxDB-style tags
+        sent = 0
+        expired = ("podpatterns_adapter_input_events_total", (("event", "series_expired"),))
+        async with asyncio.timeout(TIMEOUT):
+            while True:
+                client.incr("jobs,kind=live")
+                sent += 1
+                got = await scrape(admin)
+                events = {
+                    (name, tuple(kv for kv in labels if kv[0] != "input")): v
+                    for (name, labels), v in got.items()
+                }
+                if events.get(expired) and ("jobs_total", (("kind", "once"),)) not in got:
+                    break
+                await asyncio.sleep(POLL_MAX)  # the client's next sample
+        client.close()
+        assert events[expired] == 1.0
+        assert got[("jobs_total", (("kind", "live"),))] >= 1.0
     finally:
         await runtime.shutdown()
 

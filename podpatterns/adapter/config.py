@@ -425,6 +425,25 @@ STATSD_OPTIONS: tuple[Option[Any], ...] = (
         "label sets kept per StatsD metric; samples of new ones beyond it are dropped and counted",
         metavar="N",
     ),
+    _a(
+        "statsd_expire_after",
+        parse_optional_duration,
+        None,
+        "remove a StatsD series (a metric's label set) not updated for this long, freeing its "
+        "slot under --statsd-max-series; off: never",
+        metavar="DURATION",
+    ),
+)
+
+METRICS_OPTIONS: tuple[Option[Any], ...] = (
+    _a(
+        "metrics_expire_after",
+        parse_optional_duration,
+        None,
+        "remove a series of a declared metric (metrics: in --config) not updated for this "
+        "long, freeing its slot under max_series; a metric's own expire_after wins; off: never",
+        metavar="DURATION",
+    ),
 )
 
 PROCESS_OPTIONS: tuple[Option[Any], ...] = (
@@ -756,7 +775,7 @@ SINK_OPTIONS: tuple[Option[Any], ...] = (
 )
 
 ADAPTER_ONLY_OPTIONS = (
-    INPUT_OPTIONS + PUSH_OPTIONS + STATSD_OPTIONS + PROCESS_OPTIONS + SINK_OPTIONS
+    INPUT_OPTIONS + PUSH_OPTIONS + STATSD_OPTIONS + METRICS_OPTIONS + PROCESS_OPTIONS + SINK_OPTIONS
 )
 ADAPTER_OPTIONS: tuple[Option[Any], ...] = RUNTIME_OPTIONS + ADAPTER_ONLY_OPTIONS
 
@@ -933,6 +952,8 @@ class AdapterConfig(SinkSettings):
     statsd_tcp: HostPort | None = None
     statsd_buckets: tuple[float, ...] = DEFAULT_BUCKETS
     statsd_max_series: int = 1000
+    statsd_expire_after: float | None = None
+    metrics_expire_after: float | None = None
     statsd_mappings: tuple[StatsdMapping, ...] = ()
     scrape: tuple[ScrapeConfig, ...] = ()
     parse: str = "raw"
@@ -1275,7 +1296,7 @@ def build(
         own["sinks"] = _sinks_from_file(sinks_raw, values, file_label)
         own["sink"] = tuple(s.kind for s in own["sinks"])
     if metrics_raw is not None:
-        own["metrics"] = declarations(metrics_raw, file_label)
+        own["metrics"] = declarations(metrics_raw, file_label, own["metrics_expire_after"])
     if mappings_raw is not None:
         own["statsd_mappings"] = mappings_from_file(mappings_raw, file_label)
     if scrape_raw is not None:

@@ -7,13 +7,19 @@ acknowledged batch, in batch order, just before the checkpoint generation that m
 the batch is written, and that generation carries the state (:meth:`MetricState.dump`,
 under the checkpoint's ``metrics`` key). So after a crash the state and the offsets come
 from one generation and can never disagree: the records resent after a restart are those
-the state has not counted yet. It imports no stage.
+the state has not counted yet.
+
+Idle series may expire (``expire_after``, off by default): a series not updated for that
+long, by the wall clock of the acknowledgements that updated it, is removed and counted.
+The times are saved with the state, so a restart judges idleness by the same clock: a
+series idle before the restart expires on time, a live one does not. It imports no stage.
 """
 
 from __future__ import annotations
 
 import math
 import re
+import time
 from bisect import bisect_left
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -30,7 +36,9 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from podpatterns import logs
+from podpatterns.adapter.expiry import IdleSeries
 from podpatterns.errors import ConfigError
+from podpatterns.options import Option, parse_optional_duration
 
 Record = dict[str, Any]
 
@@ -45,7 +53,24 @@ RESERVED = ("podpatterns_", "process_")
 
 _NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
 _LABEL = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
-_KEYS = ("name", "type", "help", "field", "labels", "match", "buckets", "max_series")
+_KEYS = (
+    "name",
+    "type",
+    "help",
+    "field",
+    "labels",
+    "match",
+    "buckets",
+    "max_series",
+    "expire_after",
+)
+_EXPIRE_AFTER = Option(
+    "expire_after",
+    parse_optional_duration,
+    None,
+    "remove a series not updated for this long (off: never)",
+    scope="adapter",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +89,8 @@ class MetricDecl:
         buckets: a histogram's upper bounds, ascending (``+Inf`` is added).
         max_series: series kept at most; observations of further series are dropped and
             counted.
+        expire_after: seconds without an update after which a series is removed and
+            counted (its slot under ``max_series`` freed); ``None``: never.
     """
 
     name: str
@@ -74,6 +101,7 @@ class MetricDecl:
     match: tuple[tuple[str, re.Pattern[str]], ...]
     buckets: tuple[float, ...]
     max_series: int
+    expire_after: float | None = None
 
     @property
     def exposed(self) -> str:
@@ -88,8 +116,16 @@ class MetricDecl:
         return [self.kind, [k for k, _ in self.labels], list(self.buckets)]
 
 
-def declarations(raw: Any, file_label: str = "config file") -> tuple[MetricDecl, ...]:
+def declarations(
+    raw: Any, file_label: str = "config file", expire_after: float | None = None
+) -> tuple[MetricDecl, ...]:
     """Validate and compile a config file's ``metrics:`` list.
+
+    Args:
+        raw: the list as the YAML file gave it.
+        file_label: how errors name the file.
+        expire_after: the ``expire_after`` of the metrics that do not set their own
+            (``--metrics-expire-after``).
 
     Raises:
         ConfigError: one line naming the metric, the key and what was expected.
@@ -102,7 +138,7 @@ def declarations(raw: Any, file_label: str = "config file") -> tuple[MetricDecl,
     out: list[MetricDecl] = []
     seen: set[str] = set()
     for i, entry in enumerate(raw):
-        decl = _declaration(entry, f"{file_label}: metrics[{i}]")
+        decl = _declaration(entry, f"{file_label}: metrics[{i}]", expire_after)
         if decl.exposed in seen:
             raise ConfigError(
                 f"{file_label}: metrics[{i}] {decl.name!r}: name: declared twice "
@@ -113,7 +149,7 @@ def declarations(raw: Any, file_label: str = "config file") -> tuple[MetricDecl,
     return tuple(out)
 
 
-def _declaration(entry: Any, where: str) -> MetricDecl:
+def _declaration(entry: Any, where: str, expire_after: float | None) -> MetricDecl:
     if not isinstance(entry, dict):
         raise ConfigError(f"{where}: must be a mapping (e.g. {{name: requests, type: counter}})")
     name = entry.get("name")
@@ -135,6 +171,14 @@ def _declaration(entry: Any, where: str) -> MetricDecl:
     if unknown:
         raise bad(unknown[0], entry[unknown[0]], f"is an unknown key (known: {', '.join(_KEYS)})")
     kind = entry.get("type")
+    if kind == "summary":
+        # Not built, on purpose: see "Summaries" in docs/adapter-metrics.md.
+        raise bad(
+            "type",
+            kind,
+            "is not supported: declare a histogram (type: histogram, with buckets) and take "
+            "quantiles with histogram_quantile(), which aggregates across Pods and restarts",
+        )
     if kind not in KINDS:
         raise bad("type", kind, "must be one of counter, gauge, histogram")
     help_ = entry.get("help", f"{name} (from log records)")
@@ -157,7 +201,9 @@ def _declaration(entry: Any, where: str) -> MetricDecl:
     max_series = entry.get("max_series", MAX_SERIES)
     if isinstance(max_series, bool) or not isinstance(max_series, int) or max_series < 1:
         raise bad("max_series", max_series, "must be an integer >= 1 (default 1000)")
-    return MetricDecl(name, kind, help_, field, labels, match, buckets, max_series)
+    if "expire_after" in entry:
+        expire_after = _EXPIRE_AFTER.parse_from(entry["expire_after"], f"{where}: expire_after")
+    return MetricDecl(name, kind, help_, field, labels, match, buckets, max_series, expire_after)
 
 
 def _labels(raw: Any, bad: Callable[[str, Any, str], ConfigError]) -> tuple[tuple[str, str], ...]:
@@ -234,15 +280,33 @@ class _Metric:
     sum]`` for a histogram, updated in place. A batch is grouped by the raw values of the
     label fields first (most records of a batch fall in a few series), so the label text
     and the cap are looked at once per series and batch, not per record.
+
+    With ``expire_after``, :attr:`idle` holds when each series was last updated (the
+    batch's time, set by :meth:`observe`); :meth:`expire` removes the idle ones.
     """
 
-    __slots__ = ("_fields", "_raw_key", "decl", "dropped", "invalid", "series")
+    __slots__ = (
+        "_fields",
+        "_now",
+        "_raw_key",
+        "decl",
+        "dropped",
+        "expired",
+        "idle",
+        "invalid",
+        "series",
+    )
 
     def __init__(self, decl: MetricDecl) -> None:
         self.decl = decl
         self.series: dict[tuple[str, ...], list[Any]] = {}
         self.dropped = 0
         self.invalid = 0
+        self.expired = 0
+        self.idle: IdleSeries[tuple[str, ...]] | None = (
+            IdleSeries(decl.expire_after) if decl.expire_after else None
+        )
+        self._now = 0.0
         fields = tuple(f for _, f in decl.labels)
         self._fields = fields
         raw_key: Callable[[Record], tuple[Any, ...]]
@@ -263,7 +327,8 @@ class _Metric:
         return tuple("" if (v := rec.get(f)) is None else str(v) for f in self._fields)
 
     def _cell(self, raw: tuple[Any, ...]) -> list[Any] | None:
-        """The series of these label field values, created if the cap allows (else None)."""
+        """The series of these label field values, created if the cap allows (else None),
+        marked updated now (called once per series and batch)."""
         key = tuple("" if v is None else str(v) for v in raw)
         cell = self.series.get(key)
         if cell is None:
@@ -271,7 +336,19 @@ class _Metric:
                 return None
             hist = self.decl.kind == "histogram"
             cell = self.series[key] = [0] * (len(self.decl.buckets) + 1) + [0.0] if hist else [0.0]
+        if self.idle is not None:
+            self.idle.touch(key, self._now)
         return cell
+
+    def expire(self, now: float) -> int:
+        """Remove the series not updated for ``expire_after`` at ``now``; how many."""
+        if self.idle is None:
+            return 0
+        gone = self.idle.due(now)
+        for key in gone:
+            del self.series[key]
+        self.expired += len(gone)
+        return len(gone)
 
     def _matching(self, records: Sequence[Record]) -> Sequence[Record]:
         match = self.decl.match
@@ -287,8 +364,9 @@ class _Metric:
                 out.append(rec)
         return out
 
-    def observe(self, records: Sequence[Record]) -> None:
-        """Count a batch (in order) into the series."""
+    def observe(self, records: Sequence[Record], now: float = 0.0) -> None:
+        """Count a batch (in order) into the series, acknowledged at ``now``."""
+        self._now = now
         decl = self.decl
         records = self._matching(records)
         if not records:
@@ -367,18 +445,41 @@ class MetricState(Collector):
     """The declared metrics' series: advanced by acknowledged batches, saved with the
     checkpoint, exposed as a Prometheus collector.
 
+    Idle series expire (the metrics with ``expire_after``) whenever the state is looked
+    at: before a batch is counted (so an expired series comes back from zero and frees
+    its slot under the cap first), at each scrape, when the state is saved and when it
+    is restored.
+
     Args:
         decls: the compiled declarations.
+        clock: the wall clock (seconds since the epoch) idleness is judged by; saved
+            with the state, so it must mean the same after a restart.
     """
 
-    def __init__(self, decls: Sequence[MetricDecl]) -> None:
+    def __init__(self, decls: Sequence[MetricDecl], clock: Callable[[], float] = time.time) -> None:
         self.metrics = [_Metric(d) for d in decls]
+        self._clock = clock
         self._log = logs.get("adapter")
 
     def observe(self, records: Sequence[Record]) -> None:
         """Count an acknowledged batch into every metric."""
+        now = self._clock()
+        self.expire(now)
         for m in self.metrics:
-            m.observe(records)
+            m.observe(records, now)
+
+    def expire(self, now: float | None = None) -> int:
+        """Remove the idle series of every metric at ``now`` (default: the clock's now);
+        how many."""
+        if now is None:
+            now = self._clock()
+        n = 0
+        for m in self.metrics:
+            gone = m.expire(now)
+            if gone:
+                self._log.debug("metric_series_expired", metric=m.decl.exposed, series=gone)
+            n += gone
+        return n
 
     def dropped(self) -> list[tuple[str, int]]:
         """Per metric, observations dropped by the series cap."""
@@ -388,25 +489,49 @@ class MetricState(Collector):
         """Per metric, matching records whose value field was missing or not a number."""
         return [(m.decl.exposed, m.invalid) for m in self.metrics]
 
+    def expired(self) -> list[tuple[str, int]]:
+        """Per metric, series removed because they were idle for ``expire_after``."""
+        self.expire()
+        return [(m.decl.exposed, m.expired) for m in self.metrics]
+
+    def series_count(self) -> list[tuple[str, int]]:
+        """Per metric, the series kept now."""
+        self.expire()
+        return [(m.decl.exposed, len(m.series)) for m in self.metrics]
+
     def dump(self) -> dict[str, Any]:
         """A JSON-able copy of the state (taken on the event loop: the checkpoint writes
-        it from a worker thread while batches go on being counted)."""
+        it from a worker thread while batches go on being counted).
+
+        Idle series expire first. With ``expire_after``, ``touched`` holds each series'
+        last update (wall clock, in the order of ``series``): a key of its own, which a
+        version without expiry ignores.
+        """
+        self.expire()
         out: dict[str, Any] = {}
         for m in self.metrics:
             hist = m.decl.kind == "histogram"
-            out[m.decl.exposed] = {
+            entry: dict[str, Any] = {
                 "shape": m.decl.shape,
                 "series": [[list(k), list(v) if hist else v[0]] for k, v in m.series.items()],
                 "dropped": m.dropped,
                 "invalid": m.invalid,
+                "expired": m.expired,
             }
+            if m.idle is not None:
+                touched = m.idle.touched
+                entry["touched"] = [round(touched[k], 3) for k in m.series]
+            out[m.decl.exposed] = entry
         return {"version": STATE_VERSION, "metrics": out}
 
     def restore(self, doc: Mapping[str, Any] | None) -> None:
         """Go on from a state :meth:`dump` made (loaded with the checkpoint).
 
         A metric whose declaration changed shape (type, label names, buckets) since, or
-        that was not saved, starts from zero, logged.
+        that was not saved, starts from zero, logged. With ``expire_after``, each series
+        goes on from its saved last update (one saved without it, by a version or a
+        declaration without expiry, from now), and those idle for ``expire_after``
+        already are removed and counted now.
         """
         if not doc:
             return
@@ -429,8 +554,24 @@ class MetricState(Collector):
             }
             m.dropped = int(entry.get("dropped", 0))
             m.invalid = int(entry.get("invalid", 0))
+            m.expired = int(entry.get("expired", 0))
+            if m.idle is not None:
+                self._restore_times(m, entry.get("touched"))
+        gone = self.expire()
+        if gone:
+            self._log.info("metric_series_expired_at_start", series=gone)
+
+    def _restore_times(self, m: _Metric, saved: Any) -> None:
+        assert m.idle is not None
+        now = self._clock()
+        if not isinstance(saved, list) or len(saved) != len(m.series):
+            saved = [now] * len(m.series)
+        for key, t in zip(m.series, saved, strict=True):
+            ok = isinstance(t, int | float) and not isinstance(t, bool) and math.isfinite(t)
+            m.idle.restore(key, float(t) if ok else now, now)
 
     def collect(self) -> Iterator[Metric]:
+        self.expire()
         for m in self.metrics:
             yield m.family()
 

@@ -307,4 +307,18 @@ def families(
             ("metric",),
             lambda: per_metric(MetricState.invalid),
         ),
+        Family(
+            "counter",
+            "adapter_metric_series_expired",
+            "series of a declared metric removed: not updated for its expire_after",
+            ("metric",),
+            lambda: per_metric(MetricState.expired),
+        ),
+        Family(
+            "gauge",
+            "adapter_metric_series",
+            "series a declared metric keeps now (at most its max_series)",
+            ("metric",),
+            lambda: per_metric(MetricState.series_count),
+        ),
     ]

@@ -179,6 +179,7 @@ class Adapter:
                 buckets=config.statsd_buckets,
                 max_series=config.statsd_max_series,
                 reserved=config.declared_metric_names(),
+                expire_after=config.statsd_expire_after,
             )
             self.statsd = StatsdServer(metrics_store, udp=config.statsd_udp, tcp=config.statsd_tcp)
         self.spool: Spool | None = None

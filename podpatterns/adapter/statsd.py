@@ -21,9 +21,12 @@ Prometheus names (other characters become ``_``).
 
 Bounded: each metric keeps at most ``max_series`` label sets; samples of new ones beyond
 it are dropped and counted, as are lines that do not parse and samples whose type
-disagrees with the metric's first type. UDP is best effort (a datagram the kernel drops
-is not seen); every drop the adapter makes is counted. Counts start at zero when the
-process starts: a restart is a counter reset to Prometheus, as with statsd_exporter.
+disagrees with the metric's first type. With ``expire_after`` (``--statsd-expire-after``,
+off by default), a series not updated for that long is removed and counted, freeing its
+slot; a metric left without series is removed too. UDP is best effort (a datagram the
+kernel drops is not seen); every drop the adapter makes is counted. Counts start at zero
+when the process starts: a restart is a counter reset to Prometheus, as with
+statsd_exporter.
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ from __future__ import annotations
 import asyncio
 import math
 import re
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +44,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from podpatterns import logs
+from podpatterns.adapter.expiry import IdleSeries
 from podpatterns.adapter.inputs import listen_warning
 from podpatterns.adapter.statsdmap import DEFAULT_BUCKETS, StatsdMapping, label_name
 from podpatterns.errors import BindError
@@ -171,11 +176,12 @@ class _Histogram:
 
 
 class _Family:
-    __slots__ = ("kind", "series")
+    __slots__ = ("idle", "kind", "series")
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, expire_after: float | None) -> None:
         self.kind = kind  # counter, gauge, histogram or set
         self.series: dict[Labels, Any] = {}
+        self.idle: IdleSeries[Labels] | None = IdleSeries(expire_after) if expire_after else None
 
 
 class StatsdMetrics(Collector):
@@ -186,6 +192,10 @@ class StatsdMetrics(Collector):
         buckets: histogram bounds (ascending).
         max_series: label sets kept per metric.
         max_metrics: metrics kept in all.
+        expire_after: seconds without a sample after which a series is removed (and
+            counted); ``None``: never.
+        clock: the clock idleness is judged by (nothing here outlives the process: the
+            monotonic clock).
     """
 
     def __init__(
@@ -196,6 +206,8 @@ class StatsdMetrics(Collector):
         max_series: int = 1000,
         max_metrics: int = 1000,
         reserved: frozenset[str] = frozenset(),
+        expire_after: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.mappings = tuple(mappings)
         self.reserved = reserved  # names the config declares otherwise (logs, scrapes)
@@ -203,6 +215,9 @@ class StatsdMetrics(Collector):
         self._les = tuple(_le(b) for b in self.buckets)
         self.max_series = max_series
         self.max_metrics = max_metrics
+        self.expire_after = expire_after
+        self._clock = clock
+        self._next_sweep = math.inf  # no series can be idle before this time
         self.families: dict[str, _Family] = {}
         self._names: dict[tuple[str, str], tuple[str, Labels] | None] = {}
         self.events: dict[str, int] = {
@@ -212,12 +227,16 @@ class StatsdMetrics(Collector):
             "series_dropped": 0,
             "metrics_dropped": 0,
             "set_values_dropped": 0,
+            "series_expired": 0,
         }
         self.invalid: dict[str, int] = {}
         self._log = logs.get("adapter")
 
     def feed(self, data: bytes) -> None:
         """Take one datagram, or complete lines of a stream."""
+        now = self._clock() if self.expire_after else 0.0
+        if now >= self._next_sweep:
+            self.expire(now)
         for raw in data.split(b"\n"):
             raw = raw.strip(b"\r\0 ")
             if not raw:
@@ -232,7 +251,7 @@ class StatsdMetrics(Collector):
                 self.count_invalid(exc.reason, str(exc))
                 continue
             for sample in samples:
-                self.observe(sample)
+                self.observe(sample, now)
 
     def count_invalid(self, reason: str, detail: str) -> None:
         """Count a dropped line by ``reason``; the first of each reason is logged."""
@@ -261,8 +280,29 @@ class StatsdMetrics(Collector):
             self._names[key] = found
         return found
 
-    def observe(self, s: Sample) -> None:
-        """Apply one sample."""
+    def expire(self, now: float | None = None) -> int:
+        """Remove the series idle for ``expire_after`` (and the metrics left without
+        any); how many series."""
+        if not self.expire_after:
+            return 0
+        now = self._clock() if now is None else now
+        n = 0
+        for name, fam in list(self.families.items()):
+            assert fam.idle is not None
+            for key in fam.idle.due(now):
+                del fam.series[key]
+                n += 1
+            if not fam.series:
+                del self.families[name]
+        self.events["series_expired"] += n
+        self._next_sweep = min(
+            (f.idle.next_due for f in self.families.values() if f.idle is not None),
+            default=math.inf,
+        )
+        return n
+
+    def observe(self, s: Sample, now: float = 0.0) -> None:
+        """Apply one sample, received at ``now`` (by the clock given)."""
         named = self._named(s.name, s.kind)
         if named is None:
             self.count_invalid(
@@ -277,7 +317,9 @@ class StatsdMetrics(Collector):
             if len(self.families) >= self.max_metrics:
                 self.events["metrics_dropped"] += 1
                 return
-            fam = self.families[name] = _Family(kind)
+            fam = self.families[name] = _Family(kind, self.expire_after)
+            if self.expire_after and self._next_sweep == math.inf:
+                self._next_sweep = now + self.expire_after
         elif fam.kind != kind:
             self.events["type_conflicts"] += 1
             return
@@ -296,6 +338,8 @@ class StatsdMetrics(Collector):
             else:
                 series = 0.0
             fam.series[key] = series
+        if fam.idle is not None:
+            fam.idle.touch(key, now)
         self.events["samples"] += 1
         if kind == "counter":
             fam.series[key] = series + s.value / s.rate
@@ -316,6 +360,7 @@ class StatsdMetrics(Collector):
                     series.buckets[i] += weight
 
     def collect(self) -> Iterator[Metric]:
+        self.expire()
         for name in sorted(self.families):
             fam = self.families[name]
             doc = f"StatsD {fam.kind} {name}, from the app"
