@@ -1089,7 +1089,7 @@ async def read_client_message(stream: Stream) -> tuple[bytes, bytes]:
 
 def _malformed(why: str) -> Failure:
     # PostgreSQL's words for it (auth-scram.c), SQLSTATE 08P01
-    return Failure("protocol", f"malformed SCRAM message ({why})")
+    return Failure("protocol", f"podpatterns ambassador: malformed SCRAM message ({why})")
 
 
 async def scram_server(stream: Stream, verifier: ScramVerifier, cert: bytes | None = None) -> str:
@@ -1149,33 +1149,40 @@ async def scram_server(stream: Stream, verifier: ScramVerifier, cert: bytes | No
         if not plus:
             raise Failure(
                 "protocol",
-                "The client selected SCRAM-SHA-256 without channel binding, but the SCRAM "
-                "message includes channel binding data.",
+                "podpatterns ambassador: the client selected SCRAM-SHA-256 without channel "
+                "binding, but the SCRAM message includes channel binding data",
             )
         if flag[2:] != _GS2_BINDING:
             raise Failure(
                 "protocol",
-                f'unsupported SCRAM channel-binding type "{flag[2:].decode("ascii", "replace")}"',
+                f"podpatterns ambassador: unsupported SCRAM channel-binding type "
+                f'"{flag[2:].decode("ascii", "replace")}"',
             )
     elif flag in (b"n", b"y"):
         if plus:
             raise Failure(
                 "protocol",
-                "The client selected SCRAM-SHA-256-PLUS, but the SCRAM message does not "
-                "include channel binding data.",
+                "podpatterns ambassador: the client selected SCRAM-SHA-256-PLUS, but the "
+                "SCRAM message does not include channel binding data",
             )
         if flag == b"y" and binding is not None:
             raise Failure(
                 "auth",
-                "SCRAM channel binding negotiation error: the client supports SCRAM "
-                "channel binding but thinks the server does not; this server does",
+                "podpatterns ambassador: SCRAM channel binding negotiation error: the "
+                "client supports SCRAM channel binding but thinks the server does not; "
+                "this server does",
             )
     else:
         raise _malformed("unexpected channel-binding flag")
     if authzid:
-        raise Failure("protocol", "client uses authorization identity, but it is not supported")
+        raise Failure(
+            "protocol",
+            "podpatterns ambassador: client uses authorization identity, but it is not supported",
+        )
     if first_bare.startswith(b"m="):
-        raise Failure("protocol", "client requires an unsupported SCRAM extension")
+        raise Failure(
+            "protocol", "podpatterns ambassador: client requires an unsupported SCRAM extension"
+        )
     parts = first_bare.split(b",")
     # the user name (n=) is ignored, as PostgreSQL does: the StartupMessage's counts
     if len(parts) < 2 or not parts[0].startswith(b"n=") or not parts[1].startswith(b"r="):
@@ -1207,7 +1214,7 @@ async def scram_server(stream: Stream, verifier: ScramVerifier, cert: bytes | No
         assert binding is not None
         expected_cbind += binding
     if not hmac.compare_digest(given_cbind, expected_cbind):
-        raise Failure("auth", "SCRAM channel binding check failed")
+        raise Failure("auth", "podpatterns ambassador: SCRAM channel binding check failed")
     if not hmac.compare_digest(attrs[b"r"], nonce):
         raise _malformed("nonce does not match")
     if len(proof) != 32:
