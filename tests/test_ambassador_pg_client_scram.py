@@ -12,21 +12,35 @@ the upstream is the real PostgreSQL 15 of tests/peer_fixtures.py.
 from __future__ import annotations
 
 import asyncio
+import base64
+import socket
+import ssl
+import struct
 import subprocess
+from contextlib import closing
 from pathlib import Path
 
 import asyncpg
 import psycopg
 import pytest
 
-from podpatterns.ambassador.pgauth import ClientPassword, PasswordFile, ScramVerifier, SecretError
+from podpatterns.ambassador.pgauth import (
+    ClientPassword,
+    PasswordFile,
+    ScramVerifier,
+    SecretError,
+    scram_attributes,
+    startup_message,
+)
 from tests.ambassador_process import run_ambassador
 from tests.peers import PostgresServer, need
-from tests.proc import run
 from tests.test_ambassador_pg_auth import (
     CLIENT_TIMEOUT,
     WHO,
     assert_not_leaked,
+    assert_refused,
+    kubelet_swap,
+    kubelet_volume,
     make_role,
     psql,
     secret_file,
@@ -138,6 +152,14 @@ def pgbench_connect_each(server: PostgresServer, port: int, tmp: Path, password:
     return done.stdout
 
 
+def psql_right_and_wrong(server: PostgresServer, port: int) -> None:
+    """psql with the app's password gets a session; with a wrong one, FATAL 28P01."""
+    done = psql(server, port, "app", WHO, PGPASSWORD=APP_PW)
+    assert done.returncode == 0 and done.stdout.strip() == "app", done.stderr
+    done = psql(server, port, "app", WHO, PGPASSWORD="wrong-pw")
+    assert done.returncode == 2 and FAILED in done.stderr, done.stderr
+
+
 def server_verifier(server: PostgresServer, role: str, password: str) -> str:
     """The SCRAM verifier the real server stores for ``password`` (pg_authid)."""
     make_role(server, role, password, "scram-sha-256")
@@ -196,10 +218,7 @@ def test_scram_default_with_psql_psycopg_asyncpg_pgbench(
     args = client_auth_args(postgres_tls, ca_file, tmp_path, APP_PW)
     with run_ambassador([upstream(postgres_tls)], *args) as amb:
         port = amb.listen.port
-        done = psql(postgres_tls, port, "app", WHO, PGPASSWORD=APP_PW)
-        assert done.returncode == 0 and done.stdout.strip() == "app", done.stderr
-        done = psql(postgres_tls, port, "app", WHO, PGPASSWORD="wrong-pw")
-        assert done.returncode == 2 and FAILED in done.stderr, done.stderr
+        psql_right_and_wrong(postgres_tls, port)
         assert psycopg_who(port, APP_PW, require_auth="scram-sha-256") == "app"
         error = psycopg_error(port, "wrong-pw", require_auth="scram-sha-256")
         assert 'password authentication failed for user "app"' in error, error
@@ -227,10 +246,7 @@ def test_verifier_from_pg_authid_as_the_password_file(
     args = client_auth_args(postgres_tls, ca_file, tmp_path, verifier)
     with run_ambassador([upstream(postgres_tls)], *args) as amb:
         port = amb.listen.port
-        done = psql(postgres_tls, port, "app", WHO, PGPASSWORD=APP_PW)
-        assert done.returncode == 0 and done.stdout.strip() == "app", done.stderr
-        done = psql(postgres_tls, port, "app", WHO, PGPASSWORD="wrong-pw")
-        assert done.returncode == 2 and FAILED in done.stderr, done.stderr
+        psql_right_and_wrong(postgres_tls, port)
         assert psycopg_who(port, APP_PW, require_auth="scram-sha-256") == "app"
         assert asyncpg_who(port, APP_PW) == "app"
         assert amb.metric(CLIENT_AUTH, method="scram-sha-256") == 3
@@ -275,10 +291,7 @@ def test_cleartext_method_when_chosen(
     args = client_auth_args(postgres_tls, ca_file, tmp_path, secret, *extra)
     with run_ambassador([upstream(postgres_tls)], *args) as amb:
         port = amb.listen.port
-        done = psql(postgres_tls, port, "app", WHO, PGPASSWORD=APP_PW)
-        assert done.returncode == 0 and done.stdout.strip() == "app", done.stderr
-        done = psql(postgres_tls, port, "app", WHO, PGPASSWORD="wrong-pw")
-        assert done.returncode == 2 and FAILED in done.stderr, done.stderr
+        psql_right_and_wrong(postgres_tls, port)
         assert psycopg_who(port, APP_PW, require_auth="password") == "app"
         error = psycopg_error(port, APP_PW, require_auth="scram-sha-256")
         assert "server requested a cleartext password" in error, error
@@ -384,24 +397,167 @@ def test_bad_client_auth_config_is_one_line_exit_2(
     (tmp_path / "v").mkdir()
     verifier = secret_file(tmp_path / "v", "SCRAM-SHA-256$4096:c2FsdA==$do-not-show-me")
     args = [a.format(file=file, verifier=verifier) for a in extra]
-    done = run(
-        "ambassador",
-        "--listen",
-        "127.0.0.1:0",
-        "--upstream",
-        "127.0.0.1:5432",
-        "--protocol",
-        "postgres",
-        "--pg-sslmode",
-        "require",
-        "--upstream-tls",
-        "--admin",
-        "off",
-        *args,
-    )
-    assert done.returncode == 2, (done.stdout, done.stderr)
-    last = done.stderr.strip().splitlines()[-1]
-    wanted = expected.format(verifier=verifier)
-    assert last.startswith("podpatterns") and f"error: {wanted}" in last, done.stderr
-    assert "Traceback" not in done.stderr
-    assert "do-not-show-me" not in done.stderr
+    assert_refused(args, expected.format(verifier=verifier), "do-not-show-me")
+
+
+# -- the exchange, message by message ----------------------------------------------------
+
+
+class RawApp:
+    """An app that speaks the SCRAM exchange byte by byte (what no driver would send),
+    on a real connection to the ambassador, over the app's TLS when ``context`` is given."""
+
+    def __init__(self, port: int, context: ssl.SSLContext | None = None) -> None:
+        sock = socket.create_connection(("127.0.0.1", port), timeout=CLIENT_TIMEOUT)
+        if context is not None:
+            sock.sendall(struct.pack("!ii", 8, 80877103))  # SSLRequest
+            assert sock.recv(1) == b"S"
+            sock = context.wrap_socket(sock, server_hostname="127.0.0.1")
+        self.sock = sock
+        self.buf = b""
+        sock.sendall(startup_message("app", "postgres"))
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def read(self) -> tuple[bytes, bytes]:
+        """(type, body) of the next message; ``(b"", b"")`` once the ambassador closed."""
+        while len(self.buf) < 5 or len(self.buf) < 1 + struct.unpack_from("!i", self.buf, 1)[0]:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                return b"", b""
+            self.buf += chunk
+        end = 1 + struct.unpack_from("!i", self.buf, 1)[0]
+        kind, body, self.buf = self.buf[:1], self.buf[5:end], self.buf[end:]
+        return kind, body
+
+    def send(self, body: bytes) -> None:
+        """A password-type message ('p': SASLInitialResponse, SASLResponse)."""
+        self.sock.sendall(b"p" + struct.pack("!i", len(body) + 4) + body)
+
+    def initial(self, mechanism: bytes, first: bytes) -> None:
+        self.send(mechanism + b"\0" + struct.pack("!i", len(first)) + first)
+
+    def mechanisms(self) -> list[bytes]:
+        """The mechanisms of the AuthenticationSASL the ambassador opens with."""
+        kind, body = self.read()
+        assert kind == b"R" and struct.unpack_from("!i", body)[0] == 10, (kind, body)
+        return [m for m in body[4:].split(b"\0") if m]
+
+    def error(self) -> dict[str, str]:
+        """The fields of the ErrorResponse that comes next."""
+        kind, body = self.read()
+        assert kind == b"E", (kind, body)
+        return {f[:1].decode(): f[1:].decode() for f in body.split(b"\0") if f}
+
+    def final(self, gs2: bytes, nonce_extra: bytes = b"", proof: bytes = b"\0" * 32) -> None:
+        """Read the server-first-message, send a client-final-message with ``gs2`` as
+        the channel binding and ``proof``."""
+        kind, body = self.read()
+        assert kind == b"R" and struct.unpack_from("!i", body)[0] == 11, (kind, body)
+        nonce = scram_attributes(body[4:])[b"r"] + nonce_extra
+        c = base64.b64encode(gs2)
+        self.send(b"c=" + c + b",r=" + nonce + b",p=" + base64.b64encode(proof))
+
+
+@peer
+@pytest.mark.parametrize(
+    ("mechanism", "first", "wrong", "sqlstate", "words"),
+    [
+        (b"SCRAM-SHA-1", b"n,,n=,r=abc", None, "08P01", "invalid SASL authentication mechanism"),
+        (b"SCRAM-SHA-256-PLUS", b"p=tls-server-end-point,,n=,r=abc", None, "08P01", "invalid"),
+        (
+            b"SCRAM-SHA-256",
+            b"p=tls-server-end-point,,n=,r=abc",
+            None,
+            "08P01",
+            "selected SCRAM-SHA-256 without channel binding",
+        ),
+        (b"SCRAM-SHA-256", b"n,a=bob,n=,r=abc", None, "08P01", "authorization identity"),
+        (b"SCRAM-SHA-256", b"n,,m=ext,n=,r=abc", None, "08P01", "unsupported SCRAM extension"),
+        (b"SCRAM-SHA-256", b"x,,n=,r=abc", None, "08P01", "malformed SCRAM message"),
+        (b"SCRAM-SHA-256", b"n,,n=,r=abc", "nonce", "08P01", "nonce does not match"),
+        (b"SCRAM-SHA-256", b"n,,n=,r=abc", "cbind", "28000", "channel binding check failed"),
+        (b"SCRAM-SHA-256", b"n,,n=,r=abc", "proof", "28P01", "password authentication failed"),
+    ],
+)
+def test_broken_exchanges_get_postgres_errors(
+    postgres_tls: PostgresServer,
+    ca_file: Path,
+    tmp_path: Path,
+    mechanism: bytes,
+    first: bytes,
+    wrong: str | None,
+    sqlstate: str,
+    words: str,
+) -> None:
+    """On the plaintext leg only SCRAM-SHA-256 is offered; a mechanism not offered, a
+    malformed client-first-message, a wrong nonce or channel binding gets FATAL with
+    PostgreSQL's SQLSTATE and words; only a wrong proof counts as a wrong password."""
+    args = client_auth_args(postgres_tls, ca_file, tmp_path, APP_PW)
+    with (
+        run_ambassador([upstream(postgres_tls)], *args) as amb,
+        closing(RawApp(amb.listen.port)) as app,
+    ):
+        assert app.mechanisms() == [b"SCRAM-SHA-256"]
+        app.initial(mechanism, first)
+        if wrong is not None:
+            app.final(b"y,," if wrong == "cbind" else b"n,,", b"x" if wrong == "nonce" else b"")
+        fields = app.error()
+        assert fields["S"] == "FATAL" and fields["C"] == sqlstate, fields
+        assert words in fields["M"], fields
+        assert app.read() == (b"", b"")  # then the ambassador closes
+        assert amb.metric(CLIENT_FAILURES) == (1 if wrong == "proof" else 0)
+        assert amb.metric(CLIENT_AUTH) == 0
+
+
+@peer
+def test_channel_binding_over_tls_is_checked(
+    postgres_tls: PostgresServer, ca_file: Path, tmp_path: Path
+) -> None:
+    """Over the app's TLS both mechanisms are offered; a client that says it could bind
+    but thinks the server cannot ('y') is refused (28000), and -PLUS binding data that
+    is not the listener certificate's hash fails the check (28000)."""
+    app_ca, flags = issue_listener_cert(tmp_path)
+    args = client_auth_args(postgres_tls, ca_file, tmp_path, APP_PW, *flags)
+    context = ssl.create_default_context(cafile=str(app_ca))
+    with run_ambassador([upstream(postgres_tls)], *args) as amb:
+        with closing(RawApp(amb.listen.port, context)) as app:
+            assert app.mechanisms() == [b"SCRAM-SHA-256-PLUS", b"SCRAM-SHA-256"]
+            app.initial(b"SCRAM-SHA-256", b"y,,n=,r=abc")
+            fields = app.error()
+        assert fields["C"] == "28000" and "negotiation error" in fields["M"], fields
+        with closing(RawApp(amb.listen.port, context)) as app:
+            app.mechanisms()
+            gs2 = b"p=tls-server-end-point,,"
+            app.initial(b"SCRAM-SHA-256-PLUS", gs2 + b"n=,r=abc")
+            app.final(gs2 + b"\0" * 32)
+            fields = app.error()
+        assert fields["C"] == "28000" and "channel binding check failed" in fields["M"], fields
+        assert amb.metric(CLIENT_FAILURES) == 0
+
+
+@peer
+def test_client_password_file_rotation(
+    postgres_tls: PostgresServer, ca_file: Path, tmp_path: Path
+) -> None:
+    """The client password file is re-read when the kubelet swaps the Secret: from a
+    password to a verifier of another; the next app needs the new password; content that
+    is no verifier is logged and the last good one stays."""
+    args = client_auth_args(postgres_tls, ca_file, tmp_path, "unused")
+    volume = kubelet_volume(tmp_path / "client", "first-pw")
+    at = args.index("--pg-client-password-file") + 1
+    args[at] = str(volume / "password")
+    with run_ambassador([upstream(postgres_tls)], *args) as amb:
+        port = amb.listen.port
+        assert psycopg_who(port, "first-pw") == "app"
+        kubelet_swap(volume, server_verifier(postgres_tls, "app_rot", APP_PW))
+        psql_right_and_wrong(postgres_tls, port)
+        error = psycopg_error(port, "first-pw")
+        assert 'password authentication failed for user "app"' in error, error
+        mark = amb.mark()
+        kubelet_swap(volume, "SCRAM-SHA-256$4096:broken")
+        assert psycopg_who(port, APP_PW) == "app"
+        amb.wait_index("pg_client_password_invalid", after=mark)
+        assert "broken" not in amb.log_text(100000)
+        assert amb.metric(CLIENT_FAILURES) == 2

@@ -253,12 +253,6 @@ class PasswordFile:
         """Re-read the file on the next :meth:`get` even if it looks unchanged."""
         self._identity = None
 
-    def check(self, given: str) -> bool:
-        """True when ``given`` is the password last read (a constant-time comparison)."""
-        if self._value is None:
-            return False
-        return hmac.compare_digest(given.encode(), self._value.encode())
-
 
 def parse_token_output(out: bytes, now: float) -> tuple[str, float | None]:
     """A password command's output: (token, expiry as Unix seconds or None).
