@@ -348,7 +348,14 @@ def test_bad_credential_config_is_one_line_exit_2(
     """Contradictory or unreadable credential settings: exit 2 with one error line
     naming the option, no traceback, no secret."""
     file = secret_file(tmp_path, "do-not-show-me")
-    args = [a.format(file=file, missing=tmp_path / "nope") for a in extra]
+    assert_refused(
+        [a.format(file=file, missing=tmp_path / "nope") for a in extra], expected, "do-not-show-me"
+    )
+
+
+def assert_refused(args: list[str], expected: str, secret: str) -> None:
+    """A postgres route with ``args`` exits 2 with one error line containing
+    ``expected``, no traceback, and no ``secret``."""
     done = run(
         "ambassador",
         "--listen",
@@ -368,7 +375,7 @@ def test_bad_credential_config_is_one_line_exit_2(
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("podpatterns") and f"error: {expected}" in last, done.stderr
     assert "Traceback" not in done.stderr
-    assert "do-not-show-me" not in done.stderr
+    assert secret not in done.stderr
 
 
 # -- against the real server --------------------------------------------------------------

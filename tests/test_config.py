@@ -77,6 +77,7 @@ SAMPLES: dict[str, str] = {
     "pg_password_command_ttl": "5m",
     "pg_auth_methods": "scram-sha-256,md5",
     "pg_client_auth": "password-file",
+    "pg_client_auth_method": "password",
     "pg_client_password_file": "/etc/app-password/password",
     "pg_target_session_attrs": "read-write",
     "pg_health_user": "app",

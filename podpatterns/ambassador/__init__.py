@@ -410,6 +410,14 @@ def _credential_families(routes: list[Route]) -> list[Family]:
     def per_route(fn: Any) -> Any:
         return lambda: [((r.cfg.name,), float(fn(creds(r)))) for r in routes if creds(r)]
 
+    def client_auths() -> list[Sample]:
+        return [
+            ((r.cfg.name, method), float(n))
+            for r in routes
+            if creds(r) is not None and creds(r).client_password is not None
+            for method, n in creds(r).client_password.ok.items()
+        ]
+
     a = "ambassador_pg_"
     return [
         Family(
@@ -448,6 +456,14 @@ def _credential_families(routes: list[Route]) -> list[Family]:
             "app connections refused for a wrong password (--pg-client-auth password-file)",
             ("route",),
             per_route(lambda c: c.client_rejected),
+        ),
+        Family(
+            "counter",
+            a + "client_auth_total",
+            "app connections that proved their password (--pg-client-auth password-file), "
+            "by method: scram-sha-256-plus, scram-sha-256 or password (cleartext)",
+            ("route", "method"),
+            client_auths,
         ),
     ]
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from podpatterns.ambassador.pgauth import CLIENT_METHODS as PG_CLIENT_METHODS
 from podpatterns.ambassador.pgauth import METHODS as PG_AUTH_METHODS
 from podpatterns.ambassador.pgpool import POOL_MODES, PoolSettings
 from podpatterns.ambassador.pgroles import TARGETS as PG_TARGETS
@@ -357,15 +358,24 @@ PROTOCOL_OPTIONS: tuple[Option[Any], ...] = (
         "trust",
         "with --pg-password-*, how the app is authenticated on the loopback leg: trust "
         "(any app in the Pod) or password-file (the app's own password, "
-        "--pg-client-password-file, asked in cleartext)",
+        "--pg-client-password-file, proven as --pg-client-auth-method says)",
         metavar="MODE",
+    ),
+    _r(
+        "pg_client_auth_method",
+        parse_choice(*PG_CLIENT_METHODS),
+        "scram-sha-256",
+        "with --pg-client-auth password-file, how the app proves its password, as the "
+        "pg_hba.conf methods of these names: scram-sha-256 (SCRAM-SHA-256-PLUS over the "
+        "app's TLS with --listen-tls-cert) or password (cleartext, for clients without SCRAM)",
+        metavar="METHOD",
     ),
     _r(
         "pg_client_password_file",
         parse_path,
         None,
-        "the password the app must give with --pg-client-auth password-file (re-read "
-        "when it changes)",
+        "the password the app must give with --pg-client-auth password-file, or its "
+        "SCRAM-SHA-256 verifier as pg_authid holds it (re-read when it changes)",
         metavar="FILE",
     ),
     _r(
@@ -486,6 +496,7 @@ _CREDENTIAL_DEFAULTS: tuple[tuple[str, Any], ...] = (
     ("pg_password_command_ttl", 600.0),
     ("pg_auth_methods", ()),
     ("pg_client_auth", "trust"),
+    ("pg_client_auth_method", "scram-sha-256"),
     ("pg_client_password_file", None),
 )
 
@@ -551,6 +562,7 @@ class RouteConfig:
     pg_password_command_ttl: float = 600.0
     pg_auth_methods: tuple[str, ...] = ()
     pg_client_auth: str = "trust"
+    pg_client_auth_method: str = "scram-sha-256"
     pg_client_password_file: Path | None = None
     pg_pool: str = "off"
     pg_pool_size: int = 20
@@ -719,6 +731,11 @@ class RouteConfig:
             raise ConfigError(
                 f"{where}--pg-client-password-file: give it exactly with "
                 "--pg-client-auth password-file"
+            )
+        if self.pg_client_auth == "trust" and self.pg_client_auth_method != "scram-sha-256":
+            raise ConfigError(
+                f"{where}--pg-client-auth-method: only applies with --pg-client-auth "
+                "password-file (trust asks the app for nothing)"
             )
 
     def _check_pool(self, where: str) -> None:

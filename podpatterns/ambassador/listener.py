@@ -11,12 +11,14 @@ protocol route terminates the app's TLS (PostgreSQL: after its SSLRequest).
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import errno
 import os
 import socket
 import ssl
 import stat
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -165,13 +167,27 @@ class ListenerTLS(TLSContextProvider):
     def __init__(
         self, cert: Path, key: Path, *, alpn: tuple[str, ...] = (), route: str = "default"
     ) -> None:
+        self._certificates: weakref.WeakKeyDictionary[ssl.SSLContext, bytes] = (
+            weakref.WeakKeyDictionary()
+        )
         super().__init__(ca=None, cert=cert, key=key, verify=False, alpn=alpn, route=route)
+
+    def certificate(self, context: ssl.SSLContext) -> bytes | None:
+        """The certificate (DER) ``context`` presents, for SCRAM channel binding
+        (``tls-server-end-point``); None for a context not built here. The ssl module
+        does not tell a server its own certificate, so each context is kept with the
+        first certificate of the file it was loaded from."""
+        return self._certificates.get(context)
 
     def _build(self, initial: bool = False) -> ssl.SSLContext:
         assert self.cert is not None and self.key is not None
         try:
+            pem = self.cert.read_bytes()
             ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             ctx.load_cert_chain(str(self.cert), str(self.key))
+            if self.cert.read_bytes() != pem:  # replaced while loading: next time
+                raise OSError(errno.EAGAIN, "the certificate file changed while loading")
+            der = first_certificate(pem)
         except (OSError, ssl.SSLError) as exc:
             if initial:
                 raise ConfigError(
@@ -183,7 +199,22 @@ class ListenerTLS(TLSContextProvider):
         ctx.options |= ssl.OP_NO_RENEGOTIATION
         if self.alpn:
             ctx.set_alpn_protocols(list(self.alpn))
+        self._certificates[ctx] = der
         return ctx
+
+
+def first_certificate(pem: bytes) -> bytes:
+    """The first certificate (DER) of a PEM file: the leaf, in a chain file as
+    ``load_cert_chain`` reads it. Raises :class:`ssl.SSLError` when there is none."""
+    begin, end = b"-----BEGIN CERTIFICATE-----", b"-----END CERTIFICATE-----"
+    start = pem.find(begin)
+    stop = pem.find(end, start)
+    try:
+        if start < 0 or stop < 0:
+            raise ValueError
+        return base64.b64decode(b"".join(pem[start + len(begin) : stop].split()), validate=True)
+    except ValueError:
+        raise ssl.SSLError("no PEM certificate") from None
 
 
 def listener_tls(cfg: RouteConfig) -> ListenerTLS | None:

@@ -14,11 +14,18 @@ authenticates to the server itself. This module has the two halves of that:
   MD5, cleartext only where allowed), checks the server's SCRAM signature, and returns
   what the server sent after AuthenticationOk up to ReadyForQuery. It needs no client:
   a pooled server connection or a health connection use it the same way.
+* **the server side on the app's leg** (``--pg-client-auth password-file``):
+  :class:`ClientPassword` holds the app's own password or the SCRAM verifier PostgreSQL
+  keeps for it, and :func:`scram_server` checks the app's SCRAM-SHA-256 proof (with
+  ``tls-server-end-point`` channel binding over the app's TLS), or a cleartext password
+  when ``--pg-client-auth-method password`` asks for one. Both sides share the SCRAM
+  primitives (:func:`salted_keys`, :func:`scram_nonce`, :func:`scram_attributes`).
 
 Secrets never leave this module in a message: errors name the option and the file or
 command, never the content.
 
-References: RFC 5802 (SCRAM), RFC 7677 (SCRAM-SHA-256), RFC 5929 section 4.1
+References: RFC 5802 (SCRAM), RFC 7677 (SCRAM-SHA-256), RFC 5803 (the verifier's
+form), RFC 5929 section 4.1
 (``tls-server-end-point``), RFC 4013 (SASLprep), and
 https://www.postgresql.org/docs/current/sasl-authentication.html.
 """
@@ -28,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import calendar
+import contextlib
 import hashlib
 import hmac
 import json
@@ -244,12 +252,6 @@ class PasswordFile:
     def invalidate(self) -> None:
         """Re-read the file on the next :meth:`get` even if it looks unchanged."""
         self._identity = None
-
-    def check(self, given: str) -> bool:
-        """True when ``given`` is the password last read (a constant-time comparison)."""
-        if self._value is None:
-            return False
-        return hmac.compare_digest(given.encode(), self._value.encode())
 
 
 def parse_token_output(out: bytes, now: float) -> tuple[str, float | None]:
@@ -537,23 +539,54 @@ def saslprep(password: str) -> bytes:
     return text.encode("utf-8")
 
 
+# -- SCRAM primitives: one implementation for both sides (RFC 5802 section 3) ----------------
+
+
+def _hmac(key: bytes, message: bytes) -> bytes:
+    return hmac.new(key, message, "sha256").digest()
+
+
+def _xor(a: bytes, b: bytes) -> bytes:
+    return bytes(x ^ y for x, y in zip(a, b, strict=True))
+
+
+def scram_nonce() -> bytes:
+    """A fresh SCRAM nonce: 18 random bytes, base64 (printable, no comma), as libpq and
+    the PostgreSQL server make theirs."""
+    return base64.b64encode(secrets.token_bytes(18))
+
+
+def scram_attributes(message: bytes) -> dict[bytes, bytes]:
+    """The ``a=value`` attributes of a SCRAM message, by their one-letter name (the
+    first of each name kept)."""
+    out: dict[bytes, bytes] = {}
+    for part in message.split(b","):
+        if part[1:2] == b"=":
+            out.setdefault(part[:1], part[2:])
+    return out
+
+
+def salted_keys(password: str, salt: bytes, iterations: int) -> tuple[bytes, bytes]:
+    """(ClientKey, ServerKey) of RFC 5802 for this password, salt and iteration count:
+    ``iterations`` PBKDF2 rounds, so milliseconds; no cache (see :func:`_scram_keys`)."""
+    salted = hashlib.pbkdf2_hmac("sha256", saslprep(password), salt, iterations)
+    return _hmac(salted, b"Client Key"), _hmac(salted, b"Server Key")
+
+
 # SCRAM keys per (password, salt, iterations): the salt of a role stays the same, so a
 # new connection costs two HMACs instead of 4096 PBKDF2 rounds (pgbouncer caches too).
+# Only the ambassador's own secret goes in: an app's wrong passwords must not evict it.
 _KEYS: dict[tuple[bytes, bytes, int], tuple[bytes, bytes]] = {}
 _KEYS_MAX = 64
 
 
 def _scram_keys(password: str, salt: bytes, iterations: int) -> tuple[bytes, bytes]:
-    """(ClientKey, ServerKey) of RFC 5802 for this password, salt and iteration count."""
+    """:func:`salted_keys`, cached per (password digest, salt, iterations)."""
     digest = hashlib.sha256(saslprep(password)).digest()  # the cache holds no password
     key = (digest, salt, iterations)
     found = _KEYS.get(key)
     if found is None:
-        salted = hashlib.pbkdf2_hmac("sha256", saslprep(password), salt, iterations)
-        found = (
-            hmac.new(salted, b"Client Key", "sha256").digest(),
-            hmac.new(salted, b"Server Key", "sha256").digest(),
-        )
+        found = salted_keys(password, salt, iterations)
         if len(_KEYS) >= _KEYS_MAX:
             _KEYS.pop(next(iter(_KEYS)))
         _KEYS[key] = found
@@ -737,7 +770,7 @@ async def _scram(
     else:
         offered = ", ".join(m.decode("ascii", "replace") for m in mechanisms)
         raise _refused(f"SASL ({offered})", endpoint, "which the ambassador cannot answer")
-    nonce = base64.b64encode(secrets.token_bytes(18))
+    nonce = scram_nonce()
     first_bare = b"n=,r=" + nonce  # PostgreSQL takes the user from the startup
     first = gs2 + first_bare
     await stream.write(_message(b"p", mechanism + b"\0" + struct.pack("!i", len(first)) + first))
@@ -745,7 +778,7 @@ async def _scram(
     if _auth_code(kind, message, endpoint) != AUTH_SASL_CONTINUE:
         raise Failure("protocol", f"podpatterns ambassador: {endpoint}: SCRAM out of order")
     server_first = message[9:]
-    attrs = dict((part[:1], part[2:]) for part in server_first.split(b",") if part[1:2] == b"=")
+    attrs = scram_attributes(server_first)
     server_nonce, salt_b64, iterations = attrs.get(b"r", b""), attrs.get(b"s"), attrs.get(b"i")
     if not server_nonce.startswith(nonce) or salt_b64 is None or iterations is None:
         raise Failure(
@@ -768,14 +801,13 @@ async def _scram(
         # 4096 PBKDF2 rounds take milliseconds: off the loop, once per password and salt
         client_key, server_key = await asyncio.to_thread(_scram_keys, password, salt, rounds)
     stored = hashlib.sha256(client_key).digest()
-    signature = hmac.new(stored, auth_message, "sha256").digest()
-    proof = bytes(a ^ b for a, b in zip(client_key, signature, strict=True))
+    proof = _xor(client_key, _hmac(stored, auth_message))
     await stream.write(_message(b"p", final_bare + b",p=" + base64.b64encode(proof)))
     kind, message = await reader.next()
     if _auth_code(kind, message, endpoint) != AUTH_SASL_FINAL:
         raise Failure("protocol", f"podpatterns ambassador: {endpoint}: SCRAM out of order")
     server_final = message[9:]
-    expected = hmac.new(server_key, auth_message, "sha256").digest()
+    expected = _hmac(server_key, auth_message)
     verifier = server_final[2:] if server_final.startswith(b"v=") else b""
     try:
         given = base64.b64decode(verifier, validate=True)
@@ -811,6 +843,386 @@ async def _until_ready(reader: _Reader, method: str) -> ServerSession:
     return session
 
 
+# -- the server side: the app's own password on the loopback leg (--pg-client-auth) ----------
+
+#: How the app proves its password (``--pg-client-auth-method``): as PostgreSQL's
+#: pg_hba methods of the same names.
+CLIENT_METHODS = ("scram-sha-256", "password")
+
+#: PBKDF2 rounds of a verifier made here from a plain password (PostgreSQL's default
+#: ``scram_iterations``).
+SCRAM_ITERATIONS = 4096
+
+#: The longest authentication message an app may send (PostgreSQL's
+#: PG_MAX_AUTH_TOKEN_LENGTH).
+MAX_CLIENT_AUTH = 65535
+
+_VERIFIER_PREFIX = "SCRAM-SHA-256$"
+_GS2_BINDING = b"tls-server-end-point"
+
+
+@dataclass(frozen=True)
+class ScramVerifier:
+    """What a server keeps to check SCRAM-SHA-256 without the password: ``pg_authid``'s
+    ``SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>`` (RFC 5803 form)."""
+
+    iterations: int
+    salt: bytes = field(repr=False)
+    stored_key: bytes = field(repr=False)
+    server_key: bytes = field(repr=False)
+
+    @classmethod
+    def parse(cls, text: str) -> ScramVerifier:
+        """Read a verifier as ``select rolpassword from pg_authid`` shows it.
+
+        Raises:
+            ValueError: not that form (the message quotes none of it).
+        """
+        if not text.startswith(_VERIFIER_PREFIX):
+            raise ValueError("it does not start with SCRAM-SHA-256$")
+        try:
+            head, keys = text[len(_VERIFIER_PREFIX) :].split("$")
+            iterations, salt = head.split(":")
+            stored, server = keys.split(":")
+            rounds = int(iterations)
+            out = cls(
+                rounds,
+                base64.b64decode(salt, validate=True),
+                base64.b64decode(stored, validate=True),
+                base64.b64decode(server, validate=True),
+            )
+        except ValueError:
+            raise ValueError(
+                "it is not SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>"
+            ) from None
+        if not 1 <= rounds <= 10_000_000 or not out.salt:
+            raise ValueError("its iteration count or salt is out of range")
+        if len(out.stored_key) != 32 or len(out.server_key) != 32:
+            raise ValueError("its keys are not SHA-256 digests")
+        return out
+
+    @classmethod
+    def make(
+        cls, password: str, salt: bytes | None = None, iterations: int = SCRAM_ITERATIONS
+    ) -> ScramVerifier:
+        """The verifier of a password (``iterations`` PBKDF2 rounds: off the event loop)."""
+        salt = salt if salt is not None else secrets.token_bytes(16)
+        client_key, server_key = salted_keys(password, salt, iterations)
+        return cls(iterations, salt, hashlib.sha256(client_key).digest(), server_key)
+
+    def text(self) -> str:
+        """The ``pg_authid`` form, which :meth:`parse` reads."""
+        salt, stored, server = (
+            base64.b64encode(raw).decode() for raw in (self.salt, self.stored_key, self.server_key)
+        )
+        return f"{_VERIFIER_PREFIX}{self.iterations}:{salt}${stored}:{server}"
+
+    def check_password(self, password: str) -> bool:
+        """True when ``password`` is the one this verifier was made from: what
+        PostgreSQL's ``password`` method does with a SCRAM secret (PBKDF2 rounds: call
+        it off the event loop). Constant-time comparisons."""
+        client_key, server_key = salted_keys(password, self.salt, self.iterations)
+        stored = hashlib.sha256(client_key).digest()
+        # both compared, always: the time does not tell which one differed
+        return hmac.compare_digest(stored, self.stored_key) & hmac.compare_digest(
+            server_key, self.server_key
+        )
+
+
+class ClientPassword:
+    """The app's own password (``--pg-client-password-file``) and how it must be proven
+    (``--pg-client-auth-method``).
+
+    The file holds the password, or the SCRAM-SHA-256 verifier PostgreSQL keeps in
+    ``pg_authid`` (so the Pod's Secret need not hold the app's plaintext); either works
+    with either method. It is re-read when it changes (:class:`PasswordFile`); content
+    that does not read as either keeps the last good one, counted in ``failures``.
+
+    Args:
+        file: the password file (loaded by :meth:`load`).
+        method: one of :data:`CLIENT_METHODS`.
+
+    Attributes:
+        ok: app connections authenticated, by method (``scram-sha-256-plus``,
+            ``scram-sha-256``, ``password``).
+    """
+
+    def __init__(self, file: PasswordFile, method: str = "scram-sha-256") -> None:
+        if method not in CLIENT_METHODS:
+            raise ValueError(f"client method {method!r}: not one of {CLIENT_METHODS}")
+        self.file = file
+        self.method = method
+        self.ok: Counter[str] = Counter()
+        self._value = ""
+        self._secret: ScramVerifier | str = ""
+        self._made: tuple[str, ScramVerifier] | None = None  # from a plain password
+        self._making: asyncio.Lock | None = None
+        self._log = logs.get("ambassador")
+
+    @staticmethod
+    def _read(value: str) -> ScramVerifier | str:
+        """The file's content as a verifier or a password. Raises ValueError."""
+        if value.startswith(_VERIFIER_PREFIX):
+            return ScramVerifier.parse(value)
+        if len(value) == 35 and value.startswith("md5") and _is_hex(value[3:]):
+            # what pg_authid holds for an md5 role: it salts with the user name and
+            # checks neither SCRAM nor a cleartext password here
+            raise ValueError("an md5 hash cannot be used, give the password or its SCRAM verifier")
+        return value
+
+    def load(self) -> None:
+        """Read and check the file now (blocking: at start).
+
+        Raises:
+            SecretError: unreadable, empty, or neither a password nor a verifier (the
+                message names the option and the file, never the content).
+        """
+        value = self.file.load()
+        try:
+            secret = self._read(value)
+        except ValueError as exc:
+            raise SecretError(f"{self.file.option}: {self.file.path}: {exc}") from None
+        self._value, self._secret = value, secret
+
+    async def secret(self) -> ScramVerifier | str:
+        """The verifier or password in effect: the file re-read first if it changed."""
+        try:
+            value = await self.file.get()
+        except SecretError:
+            value = self._value  # the file went: the last one holds (a swap under way)
+        if value != self._value:
+            try:
+                secret = self._read(value)
+            except ValueError as exc:
+                self.file.failures += 1
+                self._log.warning(
+                    "pg_client_password_invalid", path=str(self.file.path), error=str(exc)
+                )
+            else:
+                self._value, self._secret = value, secret
+        return self._secret
+
+    async def verifier(self) -> ScramVerifier:
+        """The SCRAM verifier in effect: the file's own, or made once (random salt,
+        :data:`SCRAM_ITERATIONS`) from the password it holds."""
+        secret = await self.secret()
+        if isinstance(secret, ScramVerifier):
+            return secret
+        if self._making is None:
+            self._making = asyncio.Lock()
+        async with self._making:  # single-flight: one derivation per password
+            if self._made is None or self._made[0] != secret:
+                self._made = (secret, await asyncio.to_thread(ScramVerifier.make, secret))
+            return self._made[1]
+
+    async def authenticate(self, stream: Stream, cert: bytes | None = None) -> bool:
+        """Authenticate the app on ``stream`` (its StartupMessage read) as the method
+        says: True when it proved the password, False when it did not (the caller
+        answers 28P01, as PostgreSQL does).
+
+        Args:
+            stream: the app's connection.
+            cert: the listener's own certificate (DER) when the app's leg is TLS
+                (``--listen-tls-cert``): SCRAM-SHA-256-PLUS is offered and bound to it
+                (``tls-server-end-point``). None on the plaintext loopback leg.
+
+        Raises:
+            Failure: ``protocol`` or ``auth`` for a broken exchange (the message says
+                how, as PostgreSQL's would).
+            ConnectionError: the app left (libpq without a password does).
+        """
+        if self.method == "password":
+            await stream.write(AUTH_CLEARTEXT_MESSAGE)
+            kind, body = await read_client_message(stream)
+            _expect_password_message(kind)
+            given = body.split(b"\0", 1)[0].decode("utf-8", "replace")
+            secret = await self.secret()
+            if isinstance(secret, ScramVerifier):
+                ok = await asyncio.to_thread(secret.check_password, given)
+            else:
+                ok = hmac.compare_digest(given.encode(), secret.encode())
+            method = "password"
+        else:
+            verifier = await self.verifier()
+            method = await scram_server(stream, verifier, cert)
+            ok = bool(method)
+        if ok:
+            self.ok[method] += 1
+        return ok
+
+
+def _is_hex(text: str) -> bool:
+    return all(c in "0123456789abcdef" for c in text)
+
+
+def _expect_password_message(kind: bytes) -> None:
+    if kind != b"p":
+        raise Failure(
+            "protocol",
+            f"podpatterns ambassador: expected password response, got message type {kind!r}",
+        )
+
+
+async def read_client_message(stream: Stream) -> tuple[bytes, bytes]:
+    """(type, body) of one message from the app during its authentication.
+
+    Raises:
+        Failure: ``protocol`` for a length out of range.
+        ConnectionError: the app left.
+    """
+    head = await stream.read_exactly(5)
+    (length,) = struct.unpack_from("!i", head, 1)
+    if not 4 <= length <= MAX_CLIENT_AUTH + 4:
+        raise Failure(
+            "protocol",
+            f"podpatterns ambassador: invalid message during authentication "
+            f"(type {head[:1]!r}, length {length})",
+        )
+    return head[:1], await stream.read_exactly(length - 4)
+
+
+def _malformed(why: str) -> Failure:
+    # PostgreSQL's words for it (auth-scram.c), SQLSTATE 08P01
+    return Failure("protocol", f"podpatterns ambassador: malformed SCRAM message ({why})")
+
+
+async def scram_server(stream: Stream, verifier: ScramVerifier, cert: bytes | None = None) -> str:
+    """The server side of SCRAM-SHA-256, as PostgreSQL runs it (auth-scram.c): the
+    mechanisms, SASLInitialResponse, SASLContinue, SASLResponse, SASLFinal.
+
+    ``SCRAM-SHA-256-PLUS`` is offered when ``cert`` (this end's certificate on a TLS leg)
+    is given and has a channel-binding hash; the app's ``tls-server-end-point`` data
+    must then match it. A proof is checked in constant time.
+
+    Args:
+        stream: the app's connection, its StartupMessage read.
+        verifier: the password's verifier.
+        cert: this end's certificate (DER) when the leg is TLS, else None.
+
+    Returns:
+        ``scram-sha-256-plus`` or ``scram-sha-256`` when the proof verified (SASLFinal
+        sent; AuthenticationOk is the caller's), ``""`` when it did not (nothing sent:
+        the caller answers 28P01).
+
+    Raises:
+        Failure: ``protocol`` (08P01) for a malformed exchange, ``auth`` (28000) for a
+            channel-binding mismatch.
+        ConnectionError: the app left.
+    """
+    binding: bytes | None = None
+    if cert is not None:
+        with contextlib.suppress(ValueError):  # RSASSA-PSS, Ed25519: no binding either
+            binding = channel_binding_data(cert)
+    mechanisms = [b"SCRAM-SHA-256-PLUS"] if binding is not None else []
+    mechanisms.append(b"SCRAM-SHA-256")
+    await stream.write(
+        _message(b"R", struct.pack("!i", AUTH_SASL) + b"\0".join(mechanisms) + b"\0\0")
+    )
+
+    # SASLInitialResponse: mechanism, then client-first-message
+    kind, body = await read_client_message(stream)
+    _expect_password_message(kind)
+    mechanism, _, rest = body.partition(b"\0")
+    if mechanism not in mechanisms:
+        raise Failure(
+            "protocol",
+            "podpatterns ambassador: client selected an invalid SASL authentication mechanism",
+        )
+    if len(rest) < 4:
+        raise _malformed("no client-first-message")
+    (size,) = struct.unpack_from("!i", rest)
+    first = rest[4:]
+    if size != len(first):
+        raise _malformed("its length does not match the message")
+    plus = mechanism == b"SCRAM-SHA-256-PLUS"
+    flag, sep1, after = first.partition(b",")
+    authzid, sep2, first_bare = after.partition(b",")
+    if not sep1 or not sep2:
+        raise _malformed("no GS2 header")
+    if flag.startswith(b"p="):
+        if not plus:
+            raise Failure(
+                "protocol",
+                "podpatterns ambassador: the client selected SCRAM-SHA-256 without channel "
+                "binding, but the SCRAM message includes channel binding data",
+            )
+        if flag[2:] != _GS2_BINDING:
+            raise Failure(
+                "protocol",
+                f"podpatterns ambassador: unsupported SCRAM channel-binding type "
+                f'"{flag[2:].decode("ascii", "replace")}"',
+            )
+    elif flag in (b"n", b"y"):
+        if plus:
+            raise Failure(
+                "protocol",
+                "podpatterns ambassador: the client selected SCRAM-SHA-256-PLUS, but the "
+                "SCRAM message does not include channel binding data",
+            )
+        if flag == b"y" and binding is not None:
+            raise Failure(
+                "auth",
+                "podpatterns ambassador: SCRAM channel binding negotiation error: the "
+                "client supports SCRAM channel binding but thinks the server does not; "
+                "this server does",
+            )
+    else:
+        raise _malformed("unexpected channel-binding flag")
+    if authzid:
+        raise Failure(
+            "protocol",
+            "podpatterns ambassador: client uses authorization identity, but it is not supported",
+        )
+    if first_bare.startswith(b"m="):
+        raise Failure(
+            "protocol", "podpatterns ambassador: client requires an unsupported SCRAM extension"
+        )
+    parts = first_bare.split(b",")
+    # the user name (n=) is ignored, as PostgreSQL does: the StartupMessage's counts
+    if len(parts) < 2 or not parts[0].startswith(b"n=") or not parts[1].startswith(b"r="):
+        raise _malformed("no user name or nonce in client-first-message")
+    client_nonce = parts[1][2:]
+    if not client_nonce or any(not 0x21 <= c <= 0x7E or c == 0x2C for c in client_nonce):
+        raise _malformed("the client nonce is not printable")
+
+    nonce = client_nonce + scram_nonce()
+    server_first = (
+        b"r=" + nonce + b",s=" + base64.b64encode(verifier.salt) + b",i=%d" % verifier.iterations
+    )
+    await stream.write(_message(b"R", struct.pack("!i", AUTH_SASL_CONTINUE) + server_first))
+
+    # SASLResponse: client-final-message
+    kind, final = await read_client_message(stream)
+    _expect_password_message(kind)
+    without_proof, sep, proof_b64 = final.rpartition(b",p=")
+    attrs = scram_attributes(without_proof)
+    if not sep or not final.startswith(b"c=") or b"r" not in attrs:
+        raise _malformed("unexpected attribute in client-final-message")
+    try:
+        given_cbind = base64.b64decode(attrs[b"c"], validate=True)
+        proof = base64.b64decode(proof_b64, validate=True)
+    except ValueError:
+        raise _malformed("invalid base64 in client-final-message") from None
+    expected_cbind = first[: len(first) - len(first_bare)]  # the gs2 header as sent
+    if plus:
+        assert binding is not None
+        expected_cbind += binding
+    if not hmac.compare_digest(given_cbind, expected_cbind):
+        raise Failure("auth", "podpatterns ambassador: SCRAM channel binding check failed")
+    if not hmac.compare_digest(attrs[b"r"], nonce):
+        raise _malformed("nonce does not match")
+    if len(proof) != 32:
+        raise _malformed("malformed proof in client-final-message")
+
+    auth_message = first_bare + b"," + server_first + b"," + without_proof
+    client_key = _xor(proof, _hmac(verifier.stored_key, auth_message))
+    if not hmac.compare_digest(hashlib.sha256(client_key).digest(), verifier.stored_key):
+        return ""
+    signature = base64.b64encode(_hmac(verifier.server_key, auth_message))
+    await stream.write(_message(b"R", struct.pack("!i", AUTH_SASL_FINAL) + b"v=" + signature))
+    return "scram-sha-256-plus" if plus else "scram-sha-256"
+
+
 # -- what a postgres route does with it -------------------------------------------------------
 
 
@@ -829,7 +1241,8 @@ class Credentials:
         secret: the password or token for the server.
         methods: the upstream methods allowed (:func:`allowed_methods`).
         client_password: with ``--pg-client-auth password-file``, the app's own
-            password, asked of the app in cleartext over the loopback leg.
+            password (or its SCRAM verifier) and the method it is asked with
+            (``--pg-client-auth-method``: SCRAM-SHA-256 by default, cleartext when asked).
 
     Attributes:
         auths: upstream authentications by (method, result): result ``ok``,
@@ -841,7 +1254,7 @@ class Credentials:
         self,
         secret: SecretSource,
         methods: Collection[str],
-        client_password: PasswordFile | None = None,
+        client_password: ClientPassword | None = None,
     ) -> None:
         self.secret = secret
         self.methods = frozenset(methods)

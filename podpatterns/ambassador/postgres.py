@@ -22,7 +22,6 @@ and protocol-message-formats.html.
 
 from __future__ import annotations
 
-import contextlib
 import socket
 import ssl
 import struct
@@ -31,10 +30,8 @@ from collections.abc import Callable
 from podpatterns import logs
 from podpatterns.ambassador import tlsleg
 from podpatterns.ambassador.pgauth import (
-    AUTH_CLEARTEXT_MESSAGE,
     AUTH_OK_MESSAGE,
     Credentials,
-    SecretError,
     ServerError,
     ServerSession,
     startup_parameters,
@@ -191,6 +188,8 @@ class PostgresHandler:
         listen_context: the listener's TLS server context (``--listen-tls-cert``), a
             callable for reloads; with it the app's SSLRequest is answered ``S`` and its
             TLS terminated here. None answers ``N``.
+        listen_certificate: the certificate (DER) a context of ``listen_context``
+            presents, for SCRAM-SHA-256-PLUS on the app's leg (``--pg-client-auth``).
         credentials: with ``--pg-password-file`` or ``--pg-password-command``: the app
             holds no password; the ambassador answers the app's startup itself (after
             ``--pg-client-auth``) and authenticates to the server with these
@@ -213,6 +212,7 @@ class PostgresHandler:
         route: str = "default",
         watch: Callable[[Endpoint], SessionWatch] | None = None,
         listen_context: Callable[[], ssl.SSLContext] | None = None,
+        listen_certificate: Callable[[ssl.SSLContext], bytes | None] | None = None,
         credentials: Credentials | None = None,
         roles: Roles | None = None,
     ) -> None:
@@ -227,6 +227,7 @@ class PostgresHandler:
         self.handshake_timeout = handshake_timeout
         self.watch = watch
         self.listen_context = listen_context
+        self.listen_certificate = listen_certificate
         self.credentials = credentials
         self.roles = roles
         self.keys = CancelKeys()
@@ -399,6 +400,7 @@ class PostgresSession:
         self._plain = client
         self.client: Stream = client  # the TLS leg instead, once the app's TLS is on
         self._client_tls: TLSStream | None = None
+        self._listen_cert: bytes | None = None  # our certificate on the app's TLS leg
         self.label = label
         self.startup: bytes | None = None  # the StartupMessage, to send upstream
         self.cancel: bytes | None = None  # a CancelRequest's key, when that is what came
@@ -429,33 +431,20 @@ class PostgresSession:
         return accepted
 
     async def _check_client_password(self, creds: Credentials) -> bool:
-        """``--pg-client-auth password-file``: ask the app for its own password.
+        """``--pg-client-auth password-file``: the app proves its own password.
 
-        Cleartext, as PostgreSQL's ``password`` method: the leg is loopback or a unix
-        socket inside the Pod (or the app's TLS with ``--listen-tls-cert``). A wrong
-        password gets the server's own words for it, FATAL 28P01.
+        SCRAM-SHA-256 by default (``-PLUS``, bound to the listener's certificate, when
+        the app's leg is TLS), cleartext with ``--pg-client-auth-method password``
+        (:meth:`.pgauth.ClientPassword.authenticate`). A wrong password gets the
+        server's own words for it, FATAL 28P01, and is counted; it is never logged.
         """
         assert creds.client_password is not None and self.startup is not None
         user = startup_parameters(self.startup).get("user", "")
-        await self.client.write(AUTH_CLEARTEXT_MESSAGE)
         try:
-            head = await self.client.read_exactly(5)
-            (length,) = struct.unpack_from("!i", head, 1)
-            if head[:1] != b"p" or not 5 <= length <= MAX_STARTUP_PACKET:
-                raise Failure(
-                    "protocol",
-                    f"podpatterns ambassador: expected a password message, got "
-                    f"type {head[:1]!r} length {length}",
-                )
-            body = await self.client.read_exactly(length - 4)
+            if await creds.client_password.authenticate(self.client, self._listen_cert):
+                return True
         except ConnectionError:
             return False  # libpq without a password closes here (fe_sendauth)
-        given = body.rstrip(b"\0").decode("utf-8", "replace")
-        expected = creds.client_password
-        with contextlib.suppress(SecretError):  # the file went: the last password holds
-            await expected.get()  # re-read if the Secret changed
-        if expected.check(given):
-            return True
         creds.client_rejected += 1
         self.handler.log.info("pg_client_auth_failed", client=self.label, user=user)
         message = f'password authentication failed for user "{user}"'
@@ -537,9 +526,10 @@ class PostgresSession:
             )
         await self._plain.write(b"S")
         self._handshaking = True  # cut short, the client's stream is neither plain nor TLS
-        leg = await tlsleg.accept(
-            sock, handler.listen_context(), handshake_timeout=handler.handshake_timeout
-        )
+        context = handler.listen_context()
+        if handler.listen_certificate is not None:  # what SCRAM-SHA-256-PLUS binds to
+            self._listen_cert = handler.listen_certificate(context)
+        leg = await tlsleg.accept(sock, context, handshake_timeout=handler.handshake_timeout)
         self._handshaking = False
         self._client_tls = TLSStream(leg)
         self.client = self._client_tls

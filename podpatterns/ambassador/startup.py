@@ -28,7 +28,9 @@ from podpatterns.ambassador import splice
 from podpatterns.ambassador.config import VERIFIED_SSLMODES, RouteConfig
 from podpatterns.ambassador.connection import Connection, abandon, discard_input
 from podpatterns.ambassador.dial import Dialer, DialError, DialPolicy
+from podpatterns.ambassador.listener import ListenerTLS
 from podpatterns.ambassador.pgauth import (
+    ClientPassword,
     Credentials,
     PasswordFile,
     SecretError,
@@ -100,7 +102,7 @@ def make_handler(
     tls: TLSContextProvider | None,
     log: Any,
     queries: QueryMetrics | None = None,
-    listen_tls: TLSContextProvider | None = None,
+    listen_tls: ListenerTLS | None = None,
 ) -> ProtocolHandler | None:
     """The handler ``--protocol`` names; None for ``tcp`` (a byte relay from accept).
 
@@ -128,6 +130,7 @@ def make_handler(
         route=cfg.name,
         watch=session_watch(cfg.pg_drain == "transaction", queries, cfg.pg_slow_query, log),
         listen_context=(lambda: listen_tls.context) if listen_tls is not None else None,
+        listen_certificate=listen_tls.certificate if listen_tls is not None else None,
         credentials=make_credentials(cfg, log),
         roles=Roles(cfg.pg_target_session_attrs, cfg.name)
         if cfg.pg_target_session_attrs != "any"
@@ -154,7 +157,10 @@ def make_credentials(cfg: RouteConfig, log: Any) -> Credentials | None:
             return None
         client = None
         if cfg.pg_client_password_file is not None:
-            client = PasswordFile(cfg.pg_client_password_file, "--pg-client-password-file")
+            client = ClientPassword(
+                PasswordFile(cfg.pg_client_password_file, "--pg-client-password-file"),
+                cfg.pg_client_auth_method,
+            )
             client.load()
     except SecretError as exc:
         raise ConfigError(f"{where}{exc}") from None
