@@ -23,10 +23,8 @@ import os
 import shutil
 import sys
 import tempfile
-import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script: bench/ is on the path, the repo is not
@@ -34,27 +32,25 @@ if str(ROOT) not in sys.path:  # run as a script: bench/ is on the path, the rep
 
 import trustme  # noqa: E402
 
+from bench import pgcommon  # noqa: E402
 from bench.ambassador import (  # noqa: E402
     FOREIGN_MAX_SHARE,
     LOAD_CORE,
     RESULTS_DIR,
-    VENV_BIN,
-    Foreign,
     Ports,
     Procs,
-    log,
     median,
-    proxy_cpu,
 )
-from bench.pgpool import (  # noqa: E402
-    PROXY_CORE,
+from bench.pgcommon import (  # noqa: E402
     Argv,
-    Settings,
-    _ambassador,
-    _pgbouncer,
-    pgbench,
+    Endpoint,
+    Raw,
+    ca_path,
+    init_pgbench,
+    pgbench_env,
+    ratios,
 )
-from bench.postgres import Raw, ca_path, init_pgbench, pgbench_env, ratios  # noqa: E402
+from bench.pgpool import PROXY_CORE, Settings, _ambassador, _pgbouncer  # noqa: E402
 from podpatterns.ambassador.pgauth import ScramVerifier  # noqa: E402
 from tests.peers import pg_tls, run_postgres  # noqa: E402
 
@@ -133,8 +129,7 @@ def run(cfg: Settings, tmp: Path) -> Raw:
     ca = trustme.CA()
     ca_path(tmp).parent.mkdir()
     ca.cert_pem.write_to_path(str(ca_path(tmp)))
-    procs, ports, foreign = Procs(tmp), Ports(), Foreign(FOREIGN_MAX_SHARE)
-    raw: Raw = {"connect": {}}
+    procs, ports = Procs(tmp), Ports()
     with run_postgres(pg_tls(ca)) as server:
         try:
             assert server.password is not None
@@ -144,43 +139,22 @@ def run(cfg: Settings, tmp: Path) -> Raw:
             (tmp / "client" / "password").write_text(APP_PASSWORD)
             (tmp / "client" / "verifier").write_text(ScramVerifier.make(APP_PASSWORD).text())
             init_pgbench(server, cfg.scale)
-            eps: dict[str, tuple[int, dict[str, str]]] = {}
+            eps: dict[str, Endpoint] = {}
             for key, _, argv, sends in CONTENDERS:
                 listen = ports.take()
                 proc = procs.start(key, argv(listen, server.port, tmp), PROXY_CORE)
                 procs.wait_listening(key, proc, listen)
-                env = pgbench_env(server, listen, False, tmp)
+                env = pgbench_env(server, listen, False, ca_path(tmp))
                 env.pop("PGPASSWORD", None)
                 if sends:  # pgbouncer's app password is its userlist's: the server's
                     env["PGPASSWORD"] = server.password if "pgbouncer" in key else APP_PASSWORD
-                eps[key] = (proc.pid, env)
-            tool = server.tool("pgbench")
-            warm = dataclasses.replace(cfg, seconds=3)
-            for key, (_, env) in eps.items():  # fills each pool before the first run
-                pgbench(warm, "select", env, tool)
-                log(f"warm-up {key} ok")
-            order = [c[0] for c in CONTENDERS]
-            for rep in range(cfg.reps):
-                shift = rep % len(order)
-                for key in order[shift:] + order[:shift]:
-                    pid, env = eps[key]
-                    before, start = foreign.snapshot(), time.monotonic()
-                    res: dict[str, Any] = {}
-                    with proxy_cpu(pid, res):
-                        res.update(pgbench(cfg, "connect", env, tool))
-                    res["foreign_cpu_share"] = round(
-                        foreign.used(before, foreign.snapshot()) / (time.monotonic() - start), 3
-                    )
-                    res["cpu_us_per_txn"] = res["cpu_s"] / max(1, res["transactions"]) * 1e6
-                    res["rep"] = rep
-                    raw["connect"].setdefault(key, []).append(res)
-                log(
-                    f"rep {rep + 1}/{cfg.reps}: "
-                    + ", ".join(f"{k} {raw['connect'][k][-1]['tps']:.0f}" for k in order)
-                )
+                eps[key] = Endpoint(listen, proc.pid, env)
+            keys = [c[0] for c in CONTENDERS]
+            return pgcommon.measure(
+                cfg, eps, lambda _test: keys, ("connect",), server.tool("pgbench")
+            )
         finally:
             procs.stop_all()
-    return raw
 
 
 def table(raw: Raw) -> list[str]:
@@ -208,8 +182,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.reps < 1 or args.seconds < 1:
         parser.error("--reps and --seconds must be positive")
     missing = [t for t in ("pgbouncer", "taskset") if shutil.which(t) is None]
-    if missing or not (VENV_BIN / "podpatterns").exists():
-        raise SystemExit(f"bench: missing {' '.join(missing) or 'podpatterns'}")
+    if missing:
+        raise SystemExit(f"bench: missing {' '.join(missing)}")
     if len(os.sched_getaffinity(0)) < 2:
         raise SystemExit("bench: needs two CPUs (load on core 0, proxy on core 1)")
     cfg = Settings(reps=args.reps, seconds=args.seconds)
