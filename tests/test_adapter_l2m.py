@@ -233,6 +233,39 @@ def test_values_as_strings_gauges_and_invalid_values() -> None:
     assert dict(state.invalid()) == {"bytes_total": 3, "depth": 2}
 
 
+def test_batching_does_not_change_any_value_or_series() -> None:
+    """Counted a batch at a time (in any split) the series equal those counted one record
+    at a time, bit for bit (float sums added in record order), with records missing a label
+    field, values as text and an integer too large for a float (skipped, counted)."""
+    decls = declarations(
+        [
+            {"name": "req", "type": "counter", "labels": ["m", "s"]},
+            {"name": "req_by_m", "type": "counter", "labels": ["m"]},
+            {"name": "lat", "type": "histogram", "field": "t", "buckets": [0.01, 0.1, 1.0]},
+            {"name": "lat_by_s", "type": "histogram", "field": "t", "labels": ["s"]},
+            {"name": "bytes", "type": "counter", "field": "t"},
+            {"name": "last", "type": "gauge", "field": "t", "labels": ["m"]},
+        ]
+    )
+    rng = random.Random(7)
+    records: list[dict[str, Any]] = []
+    for i in range(3000):
+        rec: dict[str, Any] = {"m": rng.choice("GPD"), "s": rng.choice((200, 404, "500"))}
+        rec["t"] = rng.choice((rng.random() / 7, f"{rng.random():.3f}", 3, 10**400, "x"))
+        if i % 97 == 0:
+            del rec["m"]
+        records.append(rec)
+    one_at_a_time = MetricState(decls)
+    for rec in records:
+        one_at_a_time.observe([rec])
+    for size in (1000, 333, 3000):
+        batched = MetricState(decls)
+        for start in range(0, len(records), size):
+            batched.observe(records[start : start + size])
+        assert batched.dump() == one_at_a_time.dump()
+    assert dict(one_at_a_time.invalid())["bytes_total"] > 0
+
+
 def test_series_over_the_cap_are_dropped_and_counted() -> None:
     """max_series 3: the first 3 label sets are kept; every observation of another is dropped
     and counted; kept series go on counting."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 from pathlib import Path
@@ -80,6 +81,34 @@ def test_no_parser_crashes_on_any_text(text: str) -> None:
         parser = get_parser(name, re.compile(r"(?P<a>\w+)"))
         result = parser(text)
         assert result is None or isinstance(result, dict)
+
+
+def _loads_object(text: str) -> Any:
+    """What ``json.loads`` makes of ``text`` when it is an object, else None."""
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+JSON_EDGES = ['{"a":1}', '{"a":1} \t\r\n', ' {"a":1}', '{"a":1} x', '{"a":1}\x0b', "{}{}",
+              "{", "[1]", "1", "", "\ufeff{}", '{"a":{"b":[1,2,{"c":null}]}}', '{"a":1,}',
+              '{"a":' * 5000]  # fmt: skip
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.one_of(
+        st.sampled_from(JSON_EDGES),
+        st.text(max_size=60).map(lambda t: "{" + t),
+        st.dictionaries(st.text(max_size=8), st.integers() | st.text(max_size=8)).map(json.dumps),
+    )
+)
+def test_json_parser_accepts_what_json_loads_does(text: str) -> None:
+    """The JSON parser gives what ``json.loads`` gives for an object and None for anything
+    else: whitespace around the value, extra data, a BOM, deep nesting."""
+    assert get_parser("json")(text) == _loads_object(text)
 
 
 @settings(max_examples=200, deadline=None)
