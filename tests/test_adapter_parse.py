@@ -111,6 +111,20 @@ def test_json_parser_accepts_what_json_loads_does(text: str) -> None:
     assert get_parser("json")(text) == _loads_object(text)
 
 
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet="ab: =x\n", max_size=30), st.sets(st.sampled_from("abcz"), max_size=4))
+def test_regex_parser_keeps_only_the_fields_asked_for(text: str, fields: set[str]) -> None:
+    """Given the fields a metrics-only pipeline reads, the regex parser gives the full
+    parser's fields restricted to those (unmatched groups left out the same way)."""
+    pattern = re.compile(r"(?P<a>a+)?:(?P<b>b*)(?: (?P<c>\w+))?")
+    full = get_parser("regex", pattern)(text)
+    some = get_parser("regex", pattern, fields)(text)
+    if full is None:
+        assert some is None
+    else:
+        assert some == {k: v for k, v in full.items() if k in fields}
+
+
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.binary(max_size=50), max_size=20), st.integers(1, 64))
 def test_splitter_keeps_every_byte_accounted(chunks: list[bytes], limit: int) -> None:

@@ -458,6 +458,17 @@ class MetricState(Collector):
         for m in self.metrics:
             m.observe(records)
 
+    def fields(self) -> frozenset[str]:
+        """Every record field a declared metric reads (labels, value, match)."""
+        out: set[str] = set()
+        for m in self.metrics:
+            decl = m.decl
+            out.update(f for _, f in decl.labels)
+            out.update(f for f, _ in decl.match)
+            if decl.field is not None:
+                out.add(decl.field)
+        return frozenset(out)
+
     def dropped(self) -> list[tuple[str, int]]:
         """Per metric, observations dropped by the series cap."""
         return [(m.decl.exposed, m.dropped) for m in self.metrics]
