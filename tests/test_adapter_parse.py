@@ -125,6 +125,23 @@ def test_regex_parser_keeps_only_the_fields_asked_for(text: str, fields: set[str
         assert some == {k: v for k, v in full.items() if k in fields}
 
 
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet="ab\r\n", max_size=200), st.integers(1, 12))
+def test_splitter_lines_of_one_chunk(text: str, limit: int) -> None:
+    """One chunk gives every complete line: CR before LF stripped, cut at the limit and
+    marked truncated, offsets and ends in the file (with or without CRs and long lines)."""
+    data = text.encode()
+    want = []
+    pos = 0
+    for part in data.split(b"\n")[:-1]:
+        end = pos + len(part) + 1
+        part = part[:-1] if part.endswith(b"\r") else part
+        want.append((part[:limit], pos, end, len(part) > limit))
+        pos = end
+    got = LineSplitter(b"\n", limit).feed(data)
+    assert [(ln.data, ln.offset, ln.end, ln.truncated) for ln in got] == want
+
+
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.binary(max_size=50), max_size=20), st.integers(1, 64))
 def test_splitter_keeps_every_byte_accounted(chunks: list[bytes], limit: int) -> None:

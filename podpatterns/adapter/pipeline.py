@@ -682,7 +682,7 @@ class Adapter:
                 item = Shipment(
                     records,
                     batch.nbytes,
-                    sum(len(line.data) for _, _, line in batch.lines),
+                    batch.data_bytes,
                     len(self.lanes),
                     batch,
                 )
