@@ -326,11 +326,21 @@ class StderrWatch:
 
 
 def run_daemon(
-    cmd: list[str], ready: tuple[str, ...], log: Path, src: Path, url: str, want: int
+    cmd: list[str],
+    ready: tuple[str, ...],
+    log: Path,
+    src: Path,
+    url: str,
+    want: int,
+    tree: Path | None = None,
 ) -> dict[str, Any]:
-    """Start ``cmd`` on the empty ``log``, append ``src`` once it is ready, poll ``url``."""
+    """Start ``cmd`` on the empty ``log``, append ``src`` once it is ready, poll ``url``.
+    ``tree``: run it from that checkout (its ``podpatterns`` package) instead of this one."""
     t_start = time.monotonic()
-    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    env = None if tree is None else {**os.environ, "PYTHONPATH": str(tree)}
+    p = subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=tree or ROOT
+    )
     try:
         StderrWatch(p).wait_for(*ready)
         t_ready = time.monotonic()
@@ -368,14 +378,16 @@ def run_daemon(
     }
 
 
-def run_adapter(work: Path, case: str, src: Path, want: int, ckpt: bool) -> dict[str, Any]:
-    """One adapter measurement."""
+def run_adapter(
+    work: Path, case: str, src: Path, want: int, ckpt: bool, tree: Path | None = None
+) -> dict[str, Any]:
+    """One adapter measurement (of the checkout ``tree``, if given)."""
     log, port = work / "access.log", free_port()
     log.touch()
     config = adapter_config(work, case, log, port, ckpt)
     cmd = [*PIN_SUT, sys.executable, "-m", "podpatterns", "adapter", "--config", str(config)]
     url = f"http://127.0.0.1:{port}/metrics"
-    return run_daemon(cmd, ("adapter_started", "admin_listening"), log, src, url, want)
+    return run_daemon(cmd, ("adapter_started", "admin_listening"), log, src, url, want, tree)
 
 
 def run_mtail(work: Path, case: str, src: Path, want: int, poll: str) -> dict[str, Any]:
@@ -412,13 +424,24 @@ def run_mtail_one_shot(work: Path, case: str, src: Path) -> dict[str, Any]:
 
 
 PROGRAMS = ("adapter", "adapter+ckpt", "mtail", "mtail --one_shot")
+BASELINE = "adapter (baseline)"
+"""The ``adapter`` program run from the ``--baseline`` checkout, in the same rounds."""
 CASES = ("json", "combined+rt")
 
 
 def measure(
-    files: dict[str, Path], truth: Truth, tmp: Path, reps: int, poll: str, programs: list[str]
+    files: dict[str, Path],
+    truth: Truth,
+    tmp: Path,
+    reps: int,
+    poll: str,
+    programs: list[str],
+    baseline: Path | None = None,
 ) -> tuple[dict[str, dict[str, list[dict[str, Any]]]], list[str]]:
-    """Interleaved rounds; raw results per case and program, and every difference found."""
+    """Interleaved rounds; raw results per case and program, and every difference found.
+    With ``baseline`` (a checkout), its adapter runs in every round too."""
+    if baseline is not None:
+        programs = [*programs[:1], BASELINE, *programs[1:]]
     results: dict[str, dict[str, list[dict[str, Any]]]] = {
         c: {p: [] for p in programs} for c in CASES
     }
@@ -426,6 +449,7 @@ def measure(
     runners: dict[str, Callable[[Path, str, Path], dict[str, Any]]] = {
         "adapter": lambda w, c, s: run_adapter(w, c, s, truth.lines, False),
         "adapter+ckpt": lambda w, c, s: run_adapter(w, c, s, truth.lines, True),
+        BASELINE: lambda w, c, s: run_adapter(w, c, s, truth.lines, False, baseline),
         "mtail": lambda w, c, s: run_mtail(w, c, s, truth.lines, poll),
         "mtail --one_shot": run_mtail_one_shot,
     }
@@ -490,6 +514,8 @@ def summarize(results: dict[str, dict[str, list[dict[str, Any]]]]) -> list[dict[
             if row["case"] == case and "mtail" in meds:
                 row["vs_mtail"] = row["lps"] / meds["mtail"]
                 row["cpu_vs_mtail"] = row["cpu_per_m"] / cpus["mtail"]
+            if row["case"] == case and "mtail --one_shot" in cpus:
+                row["cpu_vs_one_shot"] = row["cpu_per_m"] / cpus["mtail --one_shot"]
     return rows
 
 
@@ -497,8 +523,9 @@ def table(rows: list[dict[str, Any]], reps: int) -> str:
     """The Markdown table of ``rows``."""
     out = [
         f"| log format | program | lines/s (median of {reps}) | rounds range | CPU s per 1M lines "
-        "| lines/s vs mtail | CPU vs mtail | start-up s | scrapes' CPU share | exact |",
-        "|---|---|--:|--:|--:|--:|--:|--:|--:|---|",
+        "| lines/s vs mtail | CPU vs mtail | CPU vs mtail --one_shot | start-up s "
+        "| scrapes' CPU share | exact |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|---|",
     ]
     for r in rows:
         start = f"{r['startup']:.2f}" if r["startup"] is not None else "—"
@@ -507,6 +534,7 @@ def table(rows: list[dict[str, Any]], reps: int) -> str:
             f"| {r['case']} | {r['program']} | {r['lps']:,.0f} "
             f"| {r['lps_min']:,.0f} to {r['lps_max']:,.0f} | {r['cpu_per_m']:.2f} "
             f"| {r.get('vs_mtail', float('nan')):.2f} | {r.get('cpu_vs_mtail', float('nan')):.2f} "
+            f"| {r.get('cpu_vs_one_shot', float('nan')):.2f} "
             f"| {start} | {share} | {'yes' if r['exact'] else '**no**'} |"
         )
     return "\n".join(out)
@@ -584,6 +612,12 @@ def main() -> int:
     parser.add_argument("--programs", default=",".join(PROGRAMS), help="comma-separated subset")
     parser.add_argument("--write-docs", action="store_true", help="write results and the plot")
     parser.add_argument(
+        "--baseline",
+        type=Path,
+        help="a checkout of another version (e.g. git archive of main, unpacked): its adapter "
+        "runs in the same rounds as 'adapter (baseline)'",
+    )
+    parser.add_argument(
         "--from-json", type=Path, help="measure nothing: print the table, redraw the plot"
     )
     args = parser.parse_args()
@@ -601,7 +635,9 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmpname:
         tmp = Path(tmpname)
         files, truth = write_inputs(tmp, args.lines)
-        results, problems = measure(files, truth, tmp, args.reps, args.mtail_poll, programs)
+        results, problems = measure(
+            files, truth, tmp, args.reps, args.mtail_poll, programs, args.baseline
+        )
     rows = summarize(results)
     report: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -614,6 +650,7 @@ def main() -> int:
         "reps": args.reps,
         "buckets": BUCKETS,
         "mtail_poll": args.mtail_poll,
+        "baseline": str(args.baseline) if args.baseline else None,
         "scrape_interval_s": POLL_S,
         "summary": rows,
         "raw": results,

@@ -268,6 +268,39 @@ def test_values_as_strings_gauges_and_invalid_values() -> None:
     assert dict(state.invalid()) == {"bytes_total": 3, "depth": 2}
 
 
+def test_batching_does_not_change_any_value_or_series() -> None:
+    """Counted a batch at a time (in any split) the series equal those counted one record
+    at a time, bit for bit (float sums added in record order), with records missing a label
+    field, values as text and an integer too large for a float (skipped, counted)."""
+    decls = declarations(
+        [
+            {"name": "req", "type": "counter", "labels": ["m", "s"]},
+            {"name": "req_by_m", "type": "counter", "labels": ["m"]},
+            {"name": "lat", "type": "histogram", "field": "t", "buckets": [0.01, 0.1, 1.0]},
+            {"name": "lat_by_s", "type": "histogram", "field": "t", "labels": ["s"]},
+            {"name": "bytes", "type": "counter", "field": "t"},
+            {"name": "last", "type": "gauge", "field": "t", "labels": ["m"]},
+        ]
+    )
+    rng = random.Random(7)
+    records: list[dict[str, Any]] = []
+    for i in range(3000):
+        rec: dict[str, Any] = {"m": rng.choice("GPD"), "s": rng.choice((200, 404, "500"))}
+        rec["t"] = rng.choice((rng.random() / 7, f"{rng.random():.3f}", 3, 10**400, "x"))
+        if i % 97 == 0:
+            del rec["m"]
+        records.append(rec)
+    one_at_a_time = MetricState(decls)
+    for rec in records:
+        one_at_a_time.observe([rec])
+    for size in (1000, 333, 3000):
+        batched = MetricState(decls)
+        for start in range(0, len(records), size):
+            batched.observe(records[start : start + size])
+        assert batched.dump() == one_at_a_time.dump()
+    assert dict(one_at_a_time.invalid())["bytes_total"] > 0
+
+
 def test_series_over_the_cap_are_dropped_and_counted() -> None:
     """max_series 3: the first 3 label sets are kept; every observation of another is dropped
     and counted; kept series go on counting."""
@@ -652,9 +685,10 @@ def test_idleness_survives_sigkill_and_restart(tmp_path: Path) -> None:
         b.stop()
 
 
-def _kill_run(tmp_path: Path, seed: int, kills: int) -> None:
+def _kill_run(tmp_path: Path, seed: int, kills: int, sink: tuple[str, ...] = ()) -> None:
     """Write and rotate an access log while the adapter is SIGKILLed at random points, then
-    check the counters against what was written: not one lost, not one counted twice."""
+    check the counters against what was written: not one lost, not one counted twice.
+    ``sink``: the adapter's sink and parse options (default: a file sink, JSON)."""
     rng = random.Random(seed)
     write_config(tmp_path, DECLARED)
     logs = tmp_path / "logs"
@@ -684,7 +718,7 @@ def _kill_run(tmp_path: Path, seed: int, kills: int) -> None:
         os.close(fd)
         written[0] = n
 
-    sink = ("--sink", "file", "--sink-path", str(tmp_path / "out.ndjson"))
+    sink = sink or ("--sink", "file", "--sink-path", str(tmp_path / "out.ndjson"))
     writer = threading.Thread(target=app)
     writer.start()
     try:
@@ -727,6 +761,13 @@ def test_counts_are_exact_across_sigkill_at_random_points(tmp_path: Path, seed: 
     """SIGKILL at random points while writing and rotating: counters and histogram buckets
     equal what was written (never reset, never double-counted)."""
     _kill_run(tmp_path, seed, kills=4)
+
+
+def test_counts_are_exact_across_sigkill_metrics_only_regex(tmp_path: Path) -> None:
+    """The same with --sink none and a regex parser: the metrics-only pipeline, whose
+    records carry only the fields the metrics read, counts exactly across SIGKILL too."""
+    regex = r'"status": (?P<status>\d+), "rt": (?P<rt>[\d.]+), "method": "(?P<method>\w+)"'
+    _kill_run(tmp_path, 17, kills=4, sink=("--sink", "none", "--parse", "regex", "--regex", regex))
 
 
 @pytest.mark.slow

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 from pathlib import Path
@@ -80,6 +81,65 @@ def test_no_parser_crashes_on_any_text(text: str) -> None:
         parser = get_parser(name, re.compile(r"(?P<a>\w+)"))
         result = parser(text)
         assert result is None or isinstance(result, dict)
+
+
+def _loads_object(text: str) -> Any:
+    """What ``json.loads`` makes of ``text`` when it is an object, else None."""
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+JSON_EDGES = ['{"a":1}', '{"a":1} \t\r\n', ' {"a":1}', '{"a":1} x', '{"a":1}\x0b', "{}{}",
+              "{", "[1]", "1", "", "\ufeff{}", '{"a":{"b":[1,2,{"c":null}]}}', '{"a":1,}',
+              '{"a":' * 5000]  # fmt: skip
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.one_of(
+        st.sampled_from(JSON_EDGES),
+        st.text(max_size=60).map(lambda t: "{" + t),
+        st.dictionaries(st.text(max_size=8), st.integers() | st.text(max_size=8)).map(json.dumps),
+    )
+)
+def test_json_parser_accepts_what_json_loads_does(text: str) -> None:
+    """The JSON parser gives what ``json.loads`` gives for an object and None for anything
+    else: whitespace around the value, extra data, a BOM, deep nesting."""
+    assert get_parser("json")(text) == _loads_object(text)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet="ab: =x\n", max_size=30), st.sets(st.sampled_from("abcz"), max_size=4))
+def test_regex_parser_keeps_only_the_fields_asked_for(text: str, fields: set[str]) -> None:
+    """Given the fields a metrics-only pipeline reads, the regex parser gives the full
+    parser's fields restricted to those (unmatched groups left out the same way)."""
+    pattern = re.compile(r"(?P<a>a+)?:(?P<b>b*)(?: (?P<c>\w+))?")
+    full = get_parser("regex", pattern)(text)
+    some = get_parser("regex", pattern, fields)(text)
+    if full is None:
+        assert some is None
+    else:
+        assert some == {k: v for k, v in full.items() if k in fields}
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet="ab\r\n", max_size=200), st.integers(1, 12))
+def test_splitter_lines_of_one_chunk(text: str, limit: int) -> None:
+    """One chunk gives every complete line: CR before LF stripped, cut at the limit and
+    marked truncated, offsets and ends in the file (with or without CRs and long lines)."""
+    data = text.encode()
+    want = []
+    pos = 0
+    for part in data.split(b"\n")[:-1]:
+        end = pos + len(part) + 1
+        part = part[:-1] if part.endswith(b"\r") else part
+        want.append((part[:limit], pos, end, len(part) > limit))
+        pos = end
+    got = LineSplitter(b"\n", limit).feed(data)
+    assert [(ln.data, ln.offset, ln.end, ln.truncated) for ln in got] == want
 
 
 @settings(max_examples=200, deadline=None)

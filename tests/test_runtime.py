@@ -93,3 +93,18 @@ async def test_admin_bind_error() -> None:
             await rt.start()
     finally:
         taken.close()
+
+
+def test_tune_gc_raises_only_the_young_threshold() -> None:
+    """The process entry collects the youngest generation less often (hot paths make
+    thousands of short-lived containers a batch); the older generations keep theirs."""
+    import gc
+
+    from podpatterns.runtime.process import GC_YOUNG_THRESHOLD, tune_gc
+
+    before = gc.get_threshold()
+    try:
+        tune_gc()
+        assert gc.get_threshold() == (GC_YOUNG_THRESHOLD, before[1], before[2])
+    finally:
+        gc.set_threshold(*before)

@@ -24,7 +24,9 @@ from bisect import bisect_left
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from functools import reduce
 from itertools import pairwise
+from operator import add, itemgetter
 from typing import Any
 
 from prometheus_client.core import (
@@ -261,14 +263,11 @@ def _number(value: Any) -> float | None:
     """A field's value as a finite number (ints, floats and numeric strings), else None."""
     if isinstance(value, bool):
         return None
-    if isinstance(value, int | float):
+    if not isinstance(value, int | float | str):
+        return None
+    try:
         number = float(value)
-    elif isinstance(value, str):
-        try:
-            number = float(value)
-        except ValueError:
-            return None
-    else:
+    except (ValueError, OverflowError):  # not a number, or an int too large for a float
         return None
     return number if math.isfinite(number) else None
 
@@ -321,6 +320,21 @@ class _Metric:
         else:
             raw_key = lambda r: tuple(map(r.get, fields))  # noqa: E731
         self._raw_key = raw_key
+
+    def _groups(self, records: Sequence[Record]) -> Mapping[tuple[Any, ...], int]:
+        """Records per label field values, when every record has every label field (the
+        common case, counted without a Python call per record).
+
+        Raises:
+            KeyError: a record lacks a label field.
+            TypeError: a label field's value cannot be hashed.
+        """
+        fields = self._fields
+        if not fields:
+            return {(): len(records)}
+        if len(fields) == 1:
+            return {(v,): n for v, n in Counter(map(itemgetter(fields[0]), records)).items()}
+        return Counter(map(itemgetter(*fields), records))
 
     def _text_key(self, rec: Record) -> tuple[Any, ...]:
         """The label values as text (for field values that cannot be hashed as they are)."""
@@ -375,9 +389,12 @@ class _Metric:
         field = decl.field
         if field is None:  # a counter of records: group them, count per group
             try:
-                groups = Counter(map(raw_key, records))
-            except TypeError:  # a label field holds a list or a mapping: as text
-                groups = Counter(map(self._text_key, records))
+                groups = self._groups(records)
+            except (KeyError, TypeError):  # a record lacks a label field, or holds a list
+                try:
+                    groups = Counter(map(raw_key, records))
+                except TypeError:  # a label field holds a list or a mapping: as text
+                    groups = Counter(map(self._text_key, records))
             for raw, n in groups.items():
                 cell = self._cell(raw)
                 if cell is None:
@@ -386,15 +403,24 @@ class _Metric:
                     cell[0] += n
             return
         kind = decl.kind
-        bounds = decl.buckets
+        values = self._values(records, field)
+        if not values:
+            return
+        if not self._fields:  # no labels: one series for the whole batch
+            cell = self._cell(())
+            if cell is None:
+                self.dropped += len(values)
+            elif kind == "histogram":
+                _add_to_histogram(cell, decl.buckets, [number for _, number in values])
+            elif kind == "counter":
+                cell[0] = _running_sum(cell[0], [number for _, number in values])
+            else:
+                cell[0] = values[-1][1]
+            return
+        raw_key = self._raw_key
         cells: dict[tuple[Any, ...], list[Any] | None] = {}
-        for rec in records:
-            value = rec.get(field)
-            # ints and floats as they are; text and anything else through _number
-            number = value if type(value) is int or type(value) is float else _number(value)
-            if number is None or not math.isfinite(number) or (kind == "counter" and number < 0):
-                self.invalid += 1
-                continue
+        grouped: dict[int, tuple[list[Any], list[float]]] = {}
+        for rec, number in values:
             raw = raw_key(rec)
             try:
                 cell = cells[raw]
@@ -409,8 +435,45 @@ class _Metric:
             elif kind == "gauge":
                 cell[0] = number
             else:
-                cell[bisect_left(bounds, number)] += 1
-                cell[-1] += number
+                group = grouped.get(id(cell))
+                if group is None:
+                    group = grouped[id(cell)] = (cell, [])
+                group[1].append(number)
+        for cell, numbers in grouped.values():
+            _add_to_histogram(cell, decl.buckets, numbers)
+
+    def _values(self, records: Sequence[Record], field: str) -> list[tuple[Record, float]]:
+        """The records whose ``field`` is a usable number, with it; the others counted
+        ``invalid``."""
+        out: list[tuple[Record, float]] = []
+        append = out.append
+        counter = self.decl.kind == "counter"
+        invalid = 0
+        for rec in records:
+            value = rec.get(field)
+            kind = type(value)
+            # ints, floats and numeric text (a regex's groups) without a call each
+            if kind is float or kind is str or kind is int:
+                try:
+                    number = float(value)  # type: ignore[arg-type]  # one of those three
+                except (ValueError, OverflowError):  # not a number, or an int past floats
+                    invalid += 1
+                    continue
+                if not math.isfinite(number):
+                    invalid += 1
+                    continue
+            else:
+                num = _number(value)
+                if num is None:
+                    invalid += 1
+                    continue
+                number = num
+            if counter and number < 0:
+                invalid += 1
+                continue
+            append((rec, number))
+        self.invalid += invalid
+        return out
 
     def family(self) -> Metric:
         """The Prometheus family of the series now."""
@@ -439,6 +502,21 @@ class _Metric:
 
 def _no_labels(rec: Record) -> tuple[Any, ...]:
     return ()
+
+
+def _add_to_histogram(cell: list[Any], bounds: tuple[float, ...], numbers: list[float]) -> None:
+    """Count ``numbers`` into a histogram series ``[count per bucket..., sum]``."""
+    if not numbers:
+        return
+    for i, n in Counter(bisect_left(bounds, x) for x in numbers).items():
+        cell[i] += n
+    cell[-1] = _running_sum(cell[-1], numbers)
+
+
+def _running_sum(start: float, numbers: list[float]) -> float:
+    """``start`` plus each number in turn: the float a record-at-a-time sum gives, whatever
+    the batches (so the sum after a restart is the one a run without it gives)."""
+    return reduce(add, numbers, start)
 
 
 class MetricState(Collector):
@@ -480,6 +558,17 @@ class MetricState(Collector):
                 self._log.debug("metric_series_expired", metric=m.decl.exposed, series=gone)
             n += gone
         return n
+
+    def fields(self) -> frozenset[str]:
+        """Every record field a declared metric reads (labels, value, match)."""
+        out: set[str] = set()
+        for m in self.metrics:
+            decl = m.decl
+            out.update(f for _, f in decl.labels)
+            out.update(f for f, _ in decl.match)
+            if decl.field is not None:
+                out.add(decl.field)
+        return frozenset(out)
 
     def dropped(self) -> list[tuple[str, int]]:
         """Per metric, observations dropped by the series cap."""

@@ -9,6 +9,8 @@ memory per file stays bounded whatever the file holds.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import accumulate, islice, repeat
+from operator import add
 
 
 @dataclass(slots=True)
@@ -108,6 +110,12 @@ class LineSplitter:
         tail = parts.pop()
         pos = base
         crlf = self._crlf
+        if parts and not (crlf and b"\r\n" in data) and max(map(len, parts)) <= limit:
+            # The common case (no CR to strip, no over-long line): no test per line.
+            ends = list(accumulate(map(add, map(len, parts), repeat(dlen)), initial=base))
+            out.extend(map(Line, parts, ends, islice(ends, 1, None)))
+            parts = []
+            pos = ends[-1]
         for part in parts:
             end = pos + len(part) + dlen
             if crlf and part.endswith(b"\r"):

@@ -61,6 +61,7 @@ from podpatterns.adapter.records import Record, RecordParser
 from podpatterns.adapter.scrape import JsonScraper
 from podpatterns.adapter.ship import Lane, Shipment, build_sink, dead_letter_failed
 from podpatterns.adapter.sinks import DeadLetter, Sink
+from podpatterns.adapter.sinks.none import NoneSink
 from podpatterns.adapter.spool import Spool
 from podpatterns.adapter.statsd import StatsdMetrics, StatsdServer
 from podpatterns.adapter.tail import FileKey
@@ -235,13 +236,15 @@ class Adapter:
             producers=bool(config.path) + bool(self.spool),
         )
         self._batcher = Batcher(self._queue, config.batch_max_records, config.batch_max_bytes)
+        self._chains = list(transforms) if transforms is not None else [self._config_chain()]
+        read = self._fields_read() if parser is None else None
         self._parser = RecordParser(
             config.parse if parser is None else getattr(parser, "__name__", "custom"),
-            get_parser(config.parse, config.regex) if parser is None else parser,
+            get_parser(config.parse, config.regex, read) if parser is None else parser,
             drop_errors=config.on_parse_error == "drop",
             counters=self.counters,
+            fields=read,
         )
-        self._chains = list(transforms) if transforms is not None else [self._config_chain()]
         self._transform_counters = self._chains[0].counters if self._chains else TransformCounters()
         # The Downward API's variables are the Pod's facts, read here like the volume.
         self._k8s = K8sMetadata(config.k8s_env_metadata, os.environ, config.k8s_metadata_dir)
@@ -261,6 +264,18 @@ class Adapter:
         self._started = False
         self._failed = False
         self._log = logs.get("adapter")
+
+    def _fields_read(self) -> frozenset[str] | None:
+        """In a metrics-only adapter (every sink ``none``, no transform), the only record
+        fields anything reads: the parser and the parse stage may leave the others out.
+        ``None`` when records are shipped or transformed (every field matters)."""
+        if self.metric_state is None or self.config.transform:
+            return None
+        if any(chain.active for chain in self._chains):
+            return None
+        if not all(isinstance(lane.sink, NoneSink) for lane in self.lanes):
+            return None
+        return self.metric_state.fields()
 
     def _config_chain(self) -> TransformChain:
         """The transforms the options ask for, as one chain (applied in its fixed order)."""
@@ -668,7 +683,7 @@ class Adapter:
                 item = Shipment(
                     records,
                     batch.nbytes,
-                    sum(len(line.data) for _, _, line in batch.lines),
+                    batch.data_bytes,
                     len(self.lanes),
                     batch,
                 )

@@ -8,7 +8,7 @@ parser (:mod:`podpatterns.adapter.parse`) and annotated with where it came from:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 from podpatterns.adapter.counters import Counters
@@ -27,13 +27,29 @@ class RecordParser:
         parser: the parser.
         drop_errors: drop a line that does not parse instead of shipping it raw.
         counters: counts lines, invalid UTF-8, parse errors and drops.
+        fields: the only fields anything reads (a metrics-only pipeline): the ``file``,
+            ``file_id`` and ``offset`` annotations are added only if listed; ``None``:
+            always.
     """
 
-    def __init__(self, name: str, parser: Parser, *, drop_errors: bool, counters: Counters):
+    def __init__(
+        self,
+        name: str,
+        parser: Parser,
+        *,
+        drop_errors: bool,
+        counters: Counters,
+        fields: Collection[str] | None = None,
+    ):
         self.name = name
         self.parser = parser
         self.drop_errors = drop_errors
         self._counters = counters
+        # A metrics-only pipeline reads a few fields: the annotations it does not read
+        # are left out (three dict entries a record, set and freed).
+        self._file = fields is None or "file" in fields
+        self._file_id = fields is None or "file_id" in fields
+        self._offset = fields is None or "offset" in fields
 
     def records(self, lines: Sequence[tuple[str, str, Line]]) -> list[Record]:
         """The records of ``(path, file_id, line)`` triples, in order."""
@@ -64,9 +80,12 @@ class RecordParser:
                     rec = {"message": text, "parse_error": self.name}
                 else:
                     rec = fields
-            rec["file"] = path
-            rec["file_id"] = file_id
-            rec["offset"] = line.offset
+            if self._file:
+                rec["file"] = path
+            if self._file_id:
+                rec["file_id"] = file_id
+            if self._offset:
+                rec["offset"] = line.offset
             if line.truncated:
                 rec["truncated"] = True
             if line.partial:
