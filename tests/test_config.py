@@ -93,7 +93,7 @@ SAMPLES: dict[str, str] = {
 }
 
 #: Sampled options that exclude another sample (--pg-password-command and
-#: --pg-password-file; --pg-pool and --pg-metrics or --pg-target-session-attrs), left out
+#: --pg-password-file; --pg-pool and --pg-target-session-attrs), left out
 #: of the one config built from all the samples.
 ALTERNATIVES = ("pg_password_command", "pg_pool")
 

@@ -737,11 +737,6 @@ class RouteConfig:
                 f"{where}--pg-target-session-attrs: not available with --pg-pool yet (pooled "
                 "server connections do not follow the roles); use one or the other"
             )
-        if self.pg_metrics:
-            raise ConfigError(
-                f"{where}--pg-metrics: not available with --pg-pool yet (the pool relays "
-                "its own way); use one or the other"
-            )
         if self.pg_pool_min_idle > self.pg_pool_size:
             raise ConfigError(
                 f"{where}--pg-pool-min-idle: {self.pg_pool_min_idle} is more than "

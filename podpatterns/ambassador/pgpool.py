@@ -53,6 +53,15 @@ from typing import Any
 from podpatterns.ambassador.connection import Connection, reset_socket
 from podpatterns.ambassador.dial import DialError
 from podpatterns.ambassador.pgauth import ServerError, startup_parameters
+from podpatterns.ambassador.pgmetrics import (
+    ERROR_HEAD,
+    TEXT_HEAD,
+    QueryCycles,
+    QueryMetrics,
+    QueryStats,
+    SlowQueries,
+    parse_text,
+)
 from podpatterns.ambassador.postgres import (
     KEY_MAX,
     KEY_MIN,
@@ -86,7 +95,8 @@ _TERMINATE = b"X\0\0\0\x04"
 _PARSE_COMPLETE = b"1\0\0\0\x04"
 _READY_IDLE = b"Z\0\0\0\x05I"
 _NO_STATEMENT = b"podpatterns_none"  # a Close of it is answered, and changes nothing
-_Q, _S, _F, _X, _P, _B, _D, _C, _Z = (ord(c) for c in "QSFXPBDCZ")
+_Q, _S, _F, _X, _P, _B, _D, _C, _Z, _E = (ord(c) for c in "QSFXPBDCZE")
+_ERROR = _E  # from the server, E is an ErrorResponse
 _IDLE = ord("I")
 _REQUESTS = frozenset((_Q, _S, _F))  # each answered by one ReadyForQuery
 _PARSE_DONE, _CLOSE_DONE = ord("1"), ord("3")
@@ -489,6 +499,9 @@ class Pools:
         dial: connects to an endpoint of the route.
         route: the route's name, for the metrics.
         log: the route's logger.
+        queries: with ``--pg-metrics``, the route's query counts, which the app
+            connections add into (per endpoint of the server connection they hold).
+        slow_query: with ``--pg-slow-query``, its threshold in seconds.
     """
 
     def __init__(
@@ -499,6 +512,8 @@ class Pools:
         *,
         route: str = "default",
         log: Any = None,
+        queries: QueryMetrics | None = None,
+        slow_query: float | None = None,
     ) -> None:
         self.settings = settings
         self.handler = handler
@@ -519,6 +534,24 @@ class Pools:
         self.wait_buckets = [0] * (len(LATENCY_BUCKETS) + 1)
         self.wait_seconds = 0.0
         self.features: Counter[str] = Counter()
+        self.queries = queries
+        self.slow_query = slow_query
+        self._meters: dict[str, tuple[QueryStats, SlowQueries | None]] = {}
+
+    def meter(self, server: ServerConn) -> tuple[QueryStats, SlowQueries | None]:
+        """``--pg-metrics``: where queries served by ``server`` are counted (and slow ones
+        reported), by its endpoint."""
+        meter = self._meters.get(server.label)
+        if meter is None:
+            assert self.queries is not None
+            slow = None
+            if self.slow_query is not None:
+                slow = SlowQueries(self.slow_query, self.log, server.label)
+            meter = self._meters[server.label] = (
+                self.queries.for_endpoint(server.endpoint),
+                slow,
+            )
+        return meter
 
     def pool_for(self, startup: bytes) -> Pool:
         """The pool of the app's StartupMessage (its parameters are the key)."""
@@ -705,6 +738,8 @@ class ClientSession(asyncio.Protocol):
         self.draining = False
         self._features: set[str] = set()
         self._server_paused = False
+        # --pg-metrics: the app's queries, counted from its own messages (pgmetrics)
+        self.queries: QueryCycles | None = None
         pools.clients[key] = self
         if server is not None:
             self._attach(server)
@@ -777,6 +812,8 @@ class ClientSession(asyncio.Protocol):
         """Pass on the app's whole messages (rewritten in transaction mode)."""
         if self.ended or self._waiting is not None:
             return
+        if self.queries is not None:
+            self.queries.now = 0.0
         buf = self._inbuf
         n = len(buf)
         pos = 0
@@ -805,6 +842,8 @@ class ClientSession(asyncio.Protocol):
                 out.append(self._rewrite(kind, bytes(buf[pos:end])))
             else:
                 out.append(bytes(buf[pos:end]))
+            if self.queries is not None:
+                self._count(kind, buf, pos, end)
             if kind in _REQUESTS:
                 self.outstanding += 1
                 self._sent_groups += 1
@@ -870,6 +909,38 @@ class ClientSession(asyncio.Protocol):
         if self._server_paused:
             server.transport.pause_reading()
         self.conn.upstream = server.label
+        if self.pools.queries is not None:
+            self._meter(server)
+
+    # -- --pg-metrics: the app's own messages, as a relayed session's watch sees them -----
+
+    def _meter(self, server: ServerConn) -> None:
+        """Count what ``server`` answers under its endpoint (it may change between
+        transactions: only when nothing is outstanding)."""
+        stats, slow = self.pools.meter(server)
+        if self.queries is None:
+            self.queries = QueryCycles(stats, slow)
+        else:
+            self.queries.stats, self.queries.slow = stats, slow
+
+    def _count(self, kind: int, buf: bytearray, pos: int, end: int) -> None:
+        """One whole message of the app's (before any rewrite)."""
+        counts = self.queries
+        assert counts is not None
+        if kind == _E:
+            counts.execute()
+        elif kind == _S:
+            counts.sync()
+        elif kind in (_Q, _P):
+            text = b""
+            if counts.slow is not None:  # only then is any text kept
+                text = bytes(buf[pos + 5 : min(end, pos + 5 + TEXT_HEAD)])
+            if kind == _Q:
+                counts.query(text)
+            elif text:
+                counts.parse(parse_text(text))
+        elif kind == _F:
+            counts.function_call()
 
     # -- transaction mode: statements under the ambassador's names ------------------------
 
@@ -972,6 +1043,9 @@ class ClientSession(asyncio.Protocol):
                 return
         cuts: list[tuple[int, bytes]] = []  # (position, replacement) of 5-byte messages
         rest = False
+        counts = self.queries
+        if counts is not None:
+            counts.now = 0.0
         while pos < n:
             kind = data[pos]
             if n - pos < (6 if kind == _Z else 5):
@@ -982,6 +1056,8 @@ class ClientSession(asyncio.Protocol):
                 self._fail(CONNECTION_FAILURE, "podpatterns ambassador: invalid server message")
                 return
             if kind == _Z:
+                if counts is not None:
+                    counts.ready(self.status, data[pos + 5])
                 rest = self._ready(data[pos + 5])
             elif kind == _PARSE_DONE and self._parses:
                 _, _, to_app = self._parses.popleft()
@@ -991,6 +1067,12 @@ class ClientSession(asyncio.Protocol):
                 _, as_parse = self._closes.popleft()
                 if as_parse:
                     cuts.append((pos, _PARSE_COMPLETE))
+            elif kind == _ERROR and counts is not None:
+                head = pos + 5 + min(length - 4, ERROR_HEAD)
+                if head > n:  # its SQLSTATE comes with the next read (held: bounded)
+                    self._carry = data[pos:]
+                    break
+                counts.error(data[pos + 5 : head])
             pos += 1 + length
         self._skip = pos - n if pos > n else 0
         end = n - len(self._carry)
