@@ -196,3 +196,19 @@ def test_pgbench_prepared_counts_exactly(
             "errors": {},
         }
         assert amb.terminate() == 0, amb.log_text()
+
+
+def test_slow_query_through_a_transaction_pool(server: PostgresServer, pg_ca_file: Path) -> None:
+    """--pg-slow-query with a pool: the app's Parse...Execute cycle is reported with its
+    text (literals hidden) and the endpoint of the backend that ran it."""
+    args = pool_args(server, pg_ca_file, "transaction", "--pg-metrics", "--pg-slow-query", "20ms")
+    with run_ambassador([f"{server.host}:{server.port}"], *args) as amb:
+        with connect(server, amb.listen.port, autocommit=True) as conn:
+            sql = "select pg_sleep(%s), 'hunter2' as secret_value"
+            conn.execute(sql, (0.05,), prepare=False)
+        event = amb.wait_event("pg_slow_query")
+        assert event["query"] == "select pg_sleep($1), ? as secret_value", event
+        assert event["upstream"] == f"{server.host}:{server.port}"
+        assert float(event["duration_ms"]) >= 50
+        assert amb.terminate() == 0, amb.log_text()
+        assert "hunter2" not in amb.log_text(1000)
