@@ -89,6 +89,8 @@ SAMPLES: dict[str, str] = {
     "pg_pool_max_lifetime": "10m",
     "pg_pool_wait": "2s",
     "pg_pool_reset_query": "RESET ALL",
+    "pg_pool_max_prepared": "50",
+    "pg_pool_max_client_prepared": "500",
     "pg_upstream_trust": "true",
 }
 

@@ -462,6 +462,24 @@ POOL_OPTIONS: tuple[Option[Any], ...] = (
         metavar="SQL",
     ),
     _r(
+        "pg_pool_max_prepared",
+        parse_int(0, 100000),
+        200,
+        "with --pg-pool transaction, the most protocol-level named prepared statements kept "
+        "on each server connection: beyond it the least recently used is closed, and "
+        "prepared again when an app needs it (pgbouncer's max_prepared_statements); 0: "
+        "statements are not tracked, the app's names go to the server as they are",
+        metavar="N",
+    ),
+    _r(
+        "pg_pool_max_client_prepared",
+        parse_int(1, 10_000_000),
+        10000,
+        "with --pg-pool transaction, the most named prepared statements one app connection "
+        "may hold (not closed); the connection that prepares one more ends with FATAL 53400",
+        metavar="N",
+    ),
+    _r(
         "pg_upstream_trust",
         parse_bool,
         False,
@@ -559,6 +577,8 @@ class RouteConfig:
     pg_pool_max_lifetime: float = 3600.0
     pg_pool_wait: float = 5.0
     pg_pool_reset_query: str = "DISCARD ALL"
+    pg_pool_max_prepared: int = 200
+    pg_pool_max_client_prepared: int = 10000
     pg_upstream_trust: bool = False
 
     def pool_settings(self) -> PoolSettings:
@@ -572,6 +592,8 @@ class RouteConfig:
             wait=self.pg_pool_wait,
             reset_query=self.pg_pool_reset_query.strip(),
             connect_timeout=self.startup_timeout,
+            max_prepared=self.pg_pool_max_prepared,
+            max_client_prepared=self.pg_pool_max_client_prepared,
         )
 
     pg_target_session_attrs: str = "any"

@@ -45,7 +45,7 @@ import socket
 import struct
 import time
 from bisect import bisect_left
-from collections import Counter, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -83,6 +83,7 @@ from podpatterns.tasks import TaskSet
 
 POOL_MODES = ("off", "session", "transaction")
 TOO_MANY_CONNECTIONS = "53300"
+CONFIGURATION_LIMIT = "53400"
 CONNECTION_FAILURE = "08006"
 ADMIN_SHUTDOWN = "57P01"
 RESET_TIMEOUT = 5.0  # seconds a reset (ROLLBACK, DISCARD ALL) may take before the close
@@ -129,6 +130,12 @@ class PoolSettings:
     wait: float = 5.0
     reset_query: str = "DISCARD ALL"
     connect_timeout: float = 30.0
+    max_prepared: int = 200  # per server connection (transaction mode); 0: not tracked
+    max_client_prepared: int = 10000  # named statements per app connection
+
+
+class StatementLimit(Exception):
+    """An app connection named more statements than ``--pg-pool-max-client-prepared``."""
 
 
 class PoolTimeout(Exception):
@@ -215,7 +222,8 @@ class ServerConn(asyncio.Protocol):
         self.params = params  # its ParameterStatus messages, as the startup gave them
         self.transport: Any = None
         self.owner: ClientSession | None = None
-        self.prepared: set[bytes] = set()  # the ambassador's statement names prepared here
+        # the ambassador's statement names prepared here, least recently used first
+        self.prepared: OrderedDict[bytes, None] = OrderedDict()
         now = time.monotonic()
         self.expires = now + lifetime * (1 - random.uniform(0, LIFETIME_JITTER))
         self.timer: asyncio.TimerHandle | None = None  # a reset's deadline
@@ -262,6 +270,23 @@ class ServerConn(asyncio.Protocol):
 
     def expired(self, now: float) -> bool:
         return now >= self.expires
+
+    def add_statement(self, ours: bytes, limit: int) -> list[bytes]:
+        """``ours`` is being prepared here; returns the least recently used statements
+        beyond ``limit`` (``--pg-pool-max-prepared``), now to be closed."""
+        prepared = self.prepared
+        prepared[ours] = None
+        self.pool.pools.statement_refs[ours] += 1
+        evicted: list[bytes] = []
+        while len(prepared) > limit:
+            evicted.append(prepared.popitem(last=False)[0])
+        return evicted
+
+    def drop_statement(self, ours: bytes) -> None:
+        """``ours`` is not prepared here after all (its Parse was skipped or closed)."""
+        if ours in self.prepared:
+            del self.prepared[ours]
+            self.pool.pools.release_statement(ours)
 
     def close(self, reason: str) -> None:
         """Terminate the session and close, counted under ``reason``."""
@@ -477,6 +502,9 @@ class Pool:
     def lost(self, server: ServerConn, reason: str) -> None:
         """``server`` closed (``reason``): count it, and open for who waits."""
         self.pools.closed[reason] += 1
+        for ours in server.prepared:
+            self.pools.release_statement(ours)
+        server.prepared.clear()
         if server in self.idle:
             self.idle.remove(server)
         elif server.owner is not None:
@@ -524,6 +552,13 @@ class Pools:
         self.clients: dict[bytes, ClientSession] = {}  # by the BackendKeyData we issued
         self.statement_names: dict[bytes, bytes] = {}  # Parse body -> our statement name
         self.statement_bodies: dict[bytes, bytes] = {}  # our statement name -> Parse body
+        # users of each of our names: app names for it, server connections that have it
+        # (or are closing it); a name is forgotten with its last user
+        self.statement_refs: Counter[bytes] = Counter()
+        self._last_statement = 0
+        self.statements_prepared = 0  # Parses sent under our names (first or again)
+        self.statements_evicted = 0  # Closes sent beyond --pg-pool-max-prepared
+        self.statements_refused = 0  # app connections ended at --pg-pool-max-client-prepared
         self.closing = False
         self.tasks = TaskSet("ambassador")
         # metrics: plain numbers read at scrape time
@@ -552,6 +587,26 @@ class Pools:
                 slow,
             )
         return meter
+
+    def statement(self, body: bytes) -> bytes:
+        """Our statement name for a Parse body (text and parameter types), shared by every
+        app connection, with one more user."""
+        ours = self.statement_names.get(body)
+        if ours is None:
+            self._last_statement += 1
+            ours = b"podpatterns_%d" % self._last_statement
+            self.statement_names[body] = ours
+            self.statement_bodies[ours] = body
+        self.statement_refs[ours] += 1
+        return ours
+
+    def release_statement(self, ours: bytes) -> None:
+        """One user of ``ours`` is gone; with the last, the name and its text are forgotten."""
+        refs = self.statement_refs
+        refs[ours] -= 1
+        if refs[ours] <= 0:
+            del refs[ours]
+            del self.statement_names[self.statement_bodies.pop(ours)]
 
     def pool_for(self, startup: bytes) -> Pool:
         """The pool of the app's StartupMessage (its parameters are the key)."""
@@ -729,7 +784,10 @@ class ClientSession(asyncio.Protocol):
         self._carry = b""  # the start of a server message header split across reads
         self.statements: dict[bytes, bytes] = {}  # the app's statement name -> ours
         self._parses: deque[tuple[int, bytes, bool]] = deque()  # (group, name, to app)
-        self._closes: deque[tuple[int, bool]] = deque()  # (group, answers a Parse)
+        # (group, what the app gets for the CloseComplete: None the CloseComplete itself,
+        # a ParseComplete for a stand-in, b"" for an eviction; the evicted name or b"")
+        self._closes: deque[tuple[int, bytes | None, bytes]] = deque()
+        self.tracks = self.transaction_mode and pools.settings.max_prepared > 0
         self._sent_groups = 0  # Sync, Query, FunctionCall sent to the current server
         self._done_groups = 0  # their ReadyForQuery received
         self._waiting: asyncio.Future[ServerConn] | None = None
@@ -776,7 +834,10 @@ class ClientSession(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.nbytes_up += len(data)
         self._inbuf += data
-        self._pump()
+        try:
+            self._pump()
+        except StatementLimit:
+            self._statement_limit()
 
     def eof_received(self) -> bool:
         self._eof_client = True
@@ -896,7 +957,26 @@ class ClientSession(asyncio.Protocol):
         self._attach(fut.result())
         if self.transport is not None:
             self.transport.resume_reading()
-        self._pump()
+        try:
+            self._pump()
+        except StatementLimit:
+            self._statement_limit()
+
+    def _statement_limit(self) -> None:
+        """End the connection at ``--pg-pool-max-client-prepared``, telling the app why.
+
+        FATAL 53400 rather than an error for the one Parse: the rest of the app's pipeline
+        would have to be skipped as the server does after an error, which the pool cannot
+        make the server do. pgbouncer ends a connection that reuses a statement name the
+        same way.
+        """
+        self.pools.statements_refused += 1
+        limit = self.pools.settings.max_client_prepared
+        self._fail(
+            CONFIGURATION_LIMIT,
+            f"podpatterns ambassador: more than --pg-pool-max-client-prepared {limit} "
+            "named prepared statements on one connection (close those no longer used)",
+        )
 
     def _attach(self, server: ServerConn) -> None:
         server.owner = self
@@ -905,7 +985,7 @@ class ClientSession(asyncio.Protocol):
         self._carry = b""
         self._sent_groups = self._done_groups = 0
         self._parses.clear()
-        self._closes.clear()
+        self._forget_closes()
         if self._server_paused:
             server.transport.pause_reading()
         self.conn.upstream = server.label
@@ -949,6 +1029,10 @@ class ClientSession(asyncio.Protocol):
         if kind == _Q:
             self._detect(msg[5:])
             return msg
+        if not self.tracks:  # --pg-pool-max-prepared 0: the app's names, as they are
+            if kind == _P:
+                self._detect(msg[5:].partition(b"\0")[2])
+            return msg
         server = self.server
         assert server is not None
         group = self._sent_groups
@@ -958,19 +1042,14 @@ class ClientSession(asyncio.Protocol):
             if not name:
                 self._parses.append((group, b"", True))
                 return msg
-            ours = self.pools.statement_names.get(rest)
-            if ours is None:
-                ours = b"podpatterns_%d" % len(self.pools.statement_names)
-                self.pools.statement_names[rest] = ours
-                self.pools.statement_bodies[ours] = rest
-            self.statements[name] = ours
-            if ours in server.prepared:
+            shared = self._name(name, rest)
+            if shared in server.prepared:
+                server.prepared.move_to_end(shared)
                 # a stand-in whose CloseComplete becomes the app's ParseComplete
-                self._closes.append((group, True))
+                self._closes.append((group, _PARSE_COMPLETE, b""))
                 return _message(b"C", b"S" + _NO_STATEMENT + b"\0")
-            server.prepared.add(ours)
-            self._parses.append((group, ours, True))
-            return _message(b"P", ours + b"\0" + rest)
+            self._parses.append((group, shared, True))
+            return _message(b"P", shared + b"\0" + rest) + self._add_statement(shared)
         if kind == _B:
             portal, _, rest = msg[5:].partition(b"\0")
             name, _, tail = rest.partition(b"\0")
@@ -983,16 +1062,51 @@ class ClientSession(asyncio.Protocol):
             if what == b"S" and name:
                 ours = self.statements.get(name)
                 if kind == _C:
-                    self.statements.pop(name, None)
-                    self._closes.append((group, False))
+                    if ours is not None:
+                        del self.statements[name]
+                        self.pools.release_statement(ours)
+                    self._closes.append((group, None, b""))
                     # shared by every app that prepared the same text: never closed here
                     return _message(b"C", b"S" + _NO_STATEMENT + b"\0")
                 if ours is not None:
                     return self._prepared(ours) + _message(b"D", b"S" + ours + b"\0")
             elif kind == _C:
-                self._closes.append((group, False))
+                self._closes.append((group, None, b""))
             return msg
         return msg
+
+    def _name(self, name: bytes, body: bytes) -> bytes:
+        """Our name for the app's statement ``name`` (a Parse of ``body``), remembered.
+
+        Raises:
+            StatementLimit: a new name beyond ``--pg-pool-max-client-prepared``.
+        """
+        statements = self.statements
+        old = statements.get(name)
+        if old is None and len(statements) >= self.pools.settings.max_client_prepared:
+            raise StatementLimit
+        ours = statements[name] = self.pools.statement(body)
+        if old is not None:  # the app parses a name again (PostgreSQL would refuse it)
+            self.pools.release_statement(old)
+        return ours
+
+    def _add_statement(self, ours: bytes) -> bytes:
+        """``ours`` is being prepared on the server connection: Closes of the least
+        recently used statements beyond ``--pg-pool-max-prepared`` (not the app's answers)."""
+        server = self.server
+        assert server is not None
+        pools = self.pools
+        pools.statements_prepared += 1
+        evicted = server.add_statement(ours, pools.settings.max_prepared)
+        if not evicted:
+            return b""
+        pools.statements_evicted += len(evicted)
+        group = self._sent_groups
+        closes = []
+        for old in evicted:
+            self._closes.append((group, b"", old))
+            closes.append(_message(b"C", b"S" + old + b"\0"))
+        return b"".join(closes)
 
     def _prepared(self, ours: bytes) -> bytes:
         """A Parse of statement ``ours`` when the server connection lacks it (its
@@ -1000,11 +1114,11 @@ class ClientSession(asyncio.Protocol):
         server = self.server
         assert server is not None
         if ours in server.prepared:
+            server.prepared.move_to_end(ours)
             return b""
         body = self.pools.statement_bodies[ours]
-        server.prepared.add(ours)
         self._parses.append((self._sent_groups, ours, False))
-        return _message(b"P", ours + b"\0" + body)
+        return _message(b"P", ours + b"\0" + body) + self._add_statement(ours)
 
     def _detect(self, text: bytes) -> None:
         """Count and log (once per app connection) session state transaction mode loses."""
@@ -1064,9 +1178,11 @@ class ClientSession(asyncio.Protocol):
                 if not to_app:
                     cuts.append((pos, b""))
             elif kind == _CLOSE_DONE and self._closes:
-                _, as_parse = self._closes.popleft()
-                if as_parse:
-                    cuts.append((pos, _PARSE_COMPLETE))
+                _, answer, evicted = self._closes.popleft()
+                if answer is not None:
+                    cuts.append((pos, answer))
+                if evicted:
+                    self.pools.release_statement(evicted)
             elif kind == _ERROR and counts is not None:
                 head = pos + 5 + min(length - 4, ERROR_HEAD)
                 if head > n:  # its SQLSTATE comes with the next read (held: bounded)
@@ -1102,13 +1218,38 @@ class ClientSession(asyncio.Protocol):
         group = self._done_groups
         self._done_groups += 1
         # what its group asked and the server skipped after an error
+        server = self.server
         while self._parses and self._parses[0][0] <= group:
             _, name, _ = self._parses.popleft()
-            if name and self.server is not None:
-                self.server.prepared.discard(name)
+            if name and server is not None:
+                server.drop_statement(name)
         while self._closes and self._closes[0][0] <= group:
-            self._closes.popleft()
+            _, _, evicted = self._closes.popleft()
+            if evicted:  # skipped after an error: still prepared there, least recent
+                self._unevict(evicted)
         return status == _IDLE and self.outstanding <= 0 and not self.in_batch
+
+    def _unevict(self, ours: bytes) -> None:
+        """An eviction's Close was skipped: ``ours`` is still prepared on the server."""
+        server = self.server
+        if server is None or ours in server.prepared:
+            self.pools.release_statement(ours)  # its user was the Close
+            return
+        server.prepared[ours] = None
+        server.prepared.move_to_end(ours, last=False)
+
+    def _forget_closes(self) -> None:
+        """The server connection goes away with eviction Closes unanswered."""
+        for _, _, evicted in self._closes:
+            if evicted:
+                self.pools.release_statement(evicted)
+        self._closes.clear()
+
+    def _forget_statements(self) -> None:
+        """The app connection ends: its names no longer use ours."""
+        for ours in self.statements.values():
+            self.pools.release_statement(ours)
+        self.statements.clear()
 
     def _release(self) -> None:
         server, self.server = self.server, None
@@ -1126,6 +1267,7 @@ class ClientSession(asyncio.Protocol):
         if server is not self.server:
             return
         self.server = None
+        self._forget_closes()
         self.conn.note_end("upstream", "closed")
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
@@ -1139,6 +1281,8 @@ class ClientSession(asyncio.Protocol):
             return
         self.ended = True
         self.pools.clients.pop(self.key, None)
+        self._forget_statements()
+        self._forget_closes()
         if self._waiting is not None:
             self._waiting.cancel()
             self._waiting = None
@@ -1233,6 +1377,10 @@ def pool_collector(routes: Iterable[tuple[str, Pools]]) -> CallbackCollector:
 
         return samples
 
+    def statements() -> Iterator[Sample]:
+        for name, pools in pairs:
+            yield (name,), float(len(pools.statement_bodies))
+
     def waits() -> Iterator[HistogramSample]:
         for name, pools in pairs:
             yield (name,), pools.wait_buckets, pools.wait_seconds
@@ -1289,6 +1437,39 @@ def pool_collector(routes: Iterable[tuple[str, Pools]]) -> CallbackCollector:
                 "app connections refused with 53300 after --pg-pool-wait",
                 ("route",),
                 per_route("wait_timeouts"),
+            ),
+            Family(
+                "counter",
+                p + "statements_prepared",
+                "named statements prepared on server connections under the ambassador's "
+                "names (--pg-pool transaction): an app's Parse, or again for a Bind or "
+                "Describe on a server connection without it",
+                ("route",),
+                per_route("statements_prepared"),
+            ),
+            Family(
+                "counter",
+                p + "statements_evicted",
+                "prepared statements closed on a server connection beyond "
+                "--pg-pool-max-prepared (least recently used first)",
+                ("route",),
+                per_route("statements_evicted"),
+            ),
+            Family(
+                "counter",
+                p + "statements_refused",
+                "app connections ended (FATAL 53400) for naming more statements than "
+                "--pg-pool-max-client-prepared",
+                ("route",),
+                per_route("statements_refused"),
+            ),
+            Family(
+                "gauge",
+                p + "statements",
+                "distinct statements (text and parameter types) the pool tracks for the "
+                "app connections and server connections of a route",
+                ("route",),
+                statements,
             ),
             Family(
                 "counter",
