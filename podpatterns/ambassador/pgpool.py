@@ -13,7 +13,9 @@ BackendKeyData it issues, ReadyForQuery) and lends the app a server connection i
   server's ReadyForQuery ``I`` with nothing outstanding returns it. Named prepared
   statements (Parse/Bind/Describe/Close) are tracked per app connection and prepared
   again, under a name of the ambassador's, on whichever server connection serves the
-  next transaction (pgbouncer 1.21's ``max_prepared_statements`` design).
+  next transaction (pgbouncer 1.21's ``max_prepared_statements`` design); each server
+  connection keeps at most ``--pg-pool-max-prepared`` of them, the least recently used
+  closed beyond it.
 
 Server connections are kept per pool key: the app's StartupMessage parameters (user,
 database, application_name and the rest), so that two apps with different settings never
