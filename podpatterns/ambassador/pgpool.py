@@ -875,8 +875,6 @@ class ClientSession(asyncio.Protocol):
         """Pass on the app's whole messages (rewritten in transaction mode)."""
         if self.ended or self._waiting is not None:
             return
-        if self.queries is not None:
-            self.queries.now = 0.0
         buf = self._inbuf
         n = len(buf)
         pos = 0
@@ -905,8 +903,6 @@ class ClientSession(asyncio.Protocol):
                 out.append(self._rewrite(kind, bytes(buf[pos:end])))
             else:
                 out.append(bytes(buf[pos:end]))
-            if self.queries is not None:
-                self._count(kind, buf, pos, end)
             if kind in _REQUESTS:
                 self.outstanding += 1
                 self._sent_groups += 1
@@ -914,6 +910,8 @@ class ClientSession(asyncio.Protocol):
             elif kind not in b"dcf":  # COPY data is not a batch of its own
                 self.in_batch = True
             pos = end
+        if self.queries is not None:  # after the walk: no cost per message without
+            self._count(buf, pos)
         del buf[:pos]
         self._flush(out)
 
@@ -1005,24 +1003,30 @@ class ClientSession(asyncio.Protocol):
         else:
             self.queries.stats, self.queries.slow = stats, slow
 
-    def _count(self, kind: int, buf: bytearray, pos: int, end: int) -> None:
-        """One whole message of the app's (before any rewrite)."""
+    def _count(self, buf: bytearray, stop: int) -> None:
+        """The app's whole messages in ``buf[:stop]``, just sent (before any rewrite)."""
         counts = self.queries
         assert counts is not None
-        if kind == _E:
-            counts.execute()
-        elif kind == _S:
-            counts.sync()
-        elif kind in (_Q, _P):
-            text = b""
-            if counts.slow is not None:  # only then is any text kept
-                text = bytes(buf[pos + 5 : min(end, pos + 5 + TEXT_HEAD)])
-            if kind == _Q:
-                counts.query(text)
-            elif text:
-                counts.parse(parse_text(text))
-        elif kind == _F:
-            counts.function_call()
+        counts.now = 0.0
+        pos = 0
+        while pos < stop:
+            kind = buf[pos]
+            end = pos + 1 + _UNPACK(buf, pos + 1)[0]
+            if kind == _E:
+                counts.execute()
+            elif kind == _S:
+                counts.sync()
+            elif kind in (_Q, _P):
+                text = b""
+                if counts.slow is not None:  # only then is any text kept
+                    text = bytes(buf[pos + 5 : min(end, pos + 5 + TEXT_HEAD)])
+                if kind == _Q:
+                    counts.query(text)
+                elif text:
+                    counts.parse(parse_text(text))
+            elif kind == _F:
+                counts.function_call()
+            pos = end
 
     # -- transaction mode: statements under the ambassador's names ------------------------
 
@@ -1185,7 +1189,7 @@ class ClientSession(asyncio.Protocol):
                     cuts.append((pos, answer))
                 if evicted:
                     self.pools.release_statement(evicted)
-            elif kind == _ERROR and counts is not None:
+            elif counts is not None and kind == _ERROR:
                 head = pos + 5 + min(length - 4, ERROR_HEAD)
                 if head > n:  # its SQLSTATE comes with the next read (held: bounded)
                     self._carry = data[pos:]
