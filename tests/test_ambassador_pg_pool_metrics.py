@@ -10,7 +10,6 @@ The server and helpers are those of tests/test_ambassador_pg_pool.py.
 from __future__ import annotations
 
 import asyncio
-import subprocess
 from pathlib import Path
 
 import asyncpg
@@ -18,15 +17,15 @@ import psycopg
 import pytest
 
 from tests.ambassador_process import AmbassadorProcess, run_ambassador
-from tests.peers import PostgresServer, need
+from tests.peers import PostgresServer
 from tests.test_ambassador_pg_pool import (
-    CLIENT_TIMEOUT,
     POOL,
     connect,
     idle_is,
     pool_args,
     server,
 )
+from tests.test_ambassador_postgres_metrics import _pgbench
 
 pytest_plugins = ("tests.peer_fixtures",)
 pytestmark = pytest.mark.peer
@@ -49,6 +48,28 @@ def counts(amb: AmbassadorProcess) -> dict[str, object]:
         "durations": amb.metric(PG + "query_duration_seconds_count"),
         "errors": errors,
     }
+
+
+async def app_connect(server: PostgresServer, port: int, **kw: object) -> asyncpg.Connection:
+    """An asyncpg connection through the ambassador, without a password."""
+    return await asyncpg.connect(
+        host="127.0.0.1",
+        port=port,
+        user=server.user,
+        database="postgres",
+        ssl=False,
+        timeout=10,
+        **kw,
+    )
+
+
+def pgbench_prepared(server: PostgresServer, port: int, tmp_path: Path, *args: str) -> None:
+    """pgbench -M prepared of a 4-statement transaction (begin, two selects, end): no
+    failed transaction."""
+    script = tmp_path / "tx.sql"
+    script.write_text("\\set n random(1, 1000)\nbegin;\nselect :n + 1;\nselect :n;\nend;\n")
+    out = _pgbench(server, port, "-n", "-M", "prepared", *args, "-f", str(script))
+    assert "number of failed transactions: 0" in out, out
 
 
 def psycopg_workload(conn: psycopg.Connection) -> None:
@@ -119,14 +140,7 @@ def test_asyncpg_statement_caches_count_only_the_apps_queries(
         port = amb.listen.port
 
         async def app(n: int) -> None:
-            conn = await asyncpg.connect(
-                host="127.0.0.1",
-                port=port,
-                user=server.user,
-                database="postgres",
-                ssl=False,
-                timeout=10,
-            )
+            conn = await app_connect(server, port)
             try:
                 for i in range(rounds):
                     assert await conn.fetchval("select $1::int * 2", i + n) == (i + n) * 2
@@ -157,37 +171,20 @@ def test_pgbench_prepared_counts_exactly(
 ) -> None:
     """pgbench -M prepared, 6 clients on 2 backends: 4 queries and 1 transaction per
     pgbench transaction, nothing of the ambassador's re-prepares."""
-    pgbench = need(server.tool("pgbench"))
     clients, per_client = 6, 50
     args = pool_args(server, pg_ca_file, "transaction", "--pg-metrics", "--pg-pool-size", "2")
     with run_ambassador([f"{server.host}:{server.port}"], *args) as amb:
-        script = tmp_path / "tx.sql"
-        script.write_text("\\set n random(1, 1000)\nbegin;\nselect :n + 1;\nselect :n;\nend;\n")
-        env = server.env(amb.listen.port)
-        env["PGSSLMODE"] = "disable"
-        done = subprocess.run(
-            [
-                pgbench,
-                "-n",
-                "-M",
-                "prepared",
-                "-c",
-                str(clients),
-                "-j",
-                str(clients),
-                "-t",
-                str(per_client),
-                "-f",
-                str(script),
-            ],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=CLIENT_TIMEOUT,
-            check=False,
+        pgbench_prepared(
+            server,
+            amb.listen.port,
+            tmp_path,
+            "-c",
+            str(clients),
+            "-j",
+            str(clients),
+            "-t",
+            str(per_client),
         )
-        assert done.returncode == 0, done.stderr
-        assert "number of failed transactions: 0" in done.stdout, done.stdout
         total = clients * per_client
         assert counts(amb) == {
             "queries": float(4 * total),

@@ -10,15 +10,15 @@ the app's connection, with a pool of one server connection).
 from __future__ import annotations
 
 import asyncio
-import subprocess
 from pathlib import Path
 
 import asyncpg
 import pytest
 
 from tests.ambassador_process import run_ambassador
-from tests.peers import PostgresServer, need
-from tests.test_ambassador_pg_pool import CLIENT_TIMEOUT, POOL, connect, pool_args, server
+from tests.peers import PostgresServer
+from tests.test_ambassador_pg_pool import POOL, connect, pool_args, server
+from tests.test_ambassador_pg_pool_metrics import app_connect, pgbench_prepared
 
 pytest_plugins = ("tests.peer_fixtures",)
 pytestmark = pytest.mark.peer
@@ -79,14 +79,7 @@ def test_asyncpg_caches_larger_than_the_bound(server: PostgresServer, pg_ca_file
         port = amb.listen.port
 
         async def app(n: int) -> None:
-            conn = await asyncpg.connect(
-                host="127.0.0.1",
-                port=port,
-                user=server.user,
-                database="postgres",
-                ssl=False,
-                timeout=10,
-            )
+            conn = await app_connect(server, port)
             try:
                 for i in range(15):
                     for k in range(6):  # the same texts in every app: shared names
@@ -111,7 +104,6 @@ def test_pgbench_prepared_with_a_bound_of_one(
 ) -> None:
     """pgbench -M prepared, two statements a transaction, a bound of 1: every Bind may
     need its statement again, inside a pipeline; no failed transaction."""
-    pgbench = need(server.tool("pgbench"))
     args = pool_args(
         server,
         pg_ca_file,
@@ -122,20 +114,7 @@ def test_pgbench_prepared_with_a_bound_of_one(
         "1",
     )
     with run_ambassador([f"{server.host}:{server.port}"], *args) as amb:
-        script = tmp_path / "tx.sql"
-        script.write_text("\\set n random(1, 1000)\nbegin;\nselect :n + 1;\nselect :n;\nend;\n")
-        env = server.env(amb.listen.port)
-        env["PGSSLMODE"] = "disable"
-        done = subprocess.run(
-            [pgbench, "-n", "-M", "prepared", "-c", "4", "-j", "4", "-t", "50", "-f", str(script)],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=CLIENT_TIMEOUT,
-            check=False,
-        )
-        assert done.returncode == 0, done.stderr
-        assert "number of failed transactions: 0" in done.stdout, done.stdout
+        pgbench_prepared(server, amb.listen.port, tmp_path, "-c", "4", "-j", "4", "-t", "50")
         assert amb.metric(POOL + "statements_evicted_total") > 0
         assert amb.metric(POOL + "statements") <= 2
         assert amb.terminate() == 0, amb.log_text()
@@ -151,15 +130,8 @@ def test_app_naming_too_many_statements_gets_53400(
         port = amb.listen.port
 
         async def app() -> None:
-            conn = await asyncpg.connect(
-                host="127.0.0.1",
-                port=port,
-                user=server.user,
-                database="postgres",
-                ssl=False,
-                timeout=10,
-                statement_cache_size=0,  # only the statements named below
-            )
+            # statement_cache_size 0: only the statements named below
+            conn = await app_connect(server, port, statement_cache_size=0)
             try:
                 held = [await conn.prepare(f"select {k}", name=f"s{k}") for k in range(5)]
                 assert [await s.fetchval() for s in held] == [0, 1, 2, 3, 4]
