@@ -90,11 +90,13 @@ SAMPLES: dict[str, str] = {
     "pg_pool_max_lifetime": "10m",
     "pg_pool_wait": "2s",
     "pg_pool_reset_query": "RESET ALL",
+    "pg_pool_max_prepared": "50",
+    "pg_pool_max_client_prepared": "500",
     "pg_upstream_trust": "true",
 }
 
 #: Sampled options that exclude another sample (--pg-password-command and
-#: --pg-password-file; --pg-pool and --pg-metrics), left out
+#: --pg-password-file; --pg-pool), left out
 #: of the one config built from all the samples.
 ALTERNATIVES = ("pg_password_command", "pg_pool")
 

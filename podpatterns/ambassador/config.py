@@ -472,6 +472,24 @@ POOL_OPTIONS: tuple[Option[Any], ...] = (
         metavar="SQL",
     ),
     _r(
+        "pg_pool_max_prepared",
+        parse_int(0, 100000),
+        200,
+        "with --pg-pool transaction, the most protocol-level named prepared statements kept "
+        "on each server connection: beyond it the least recently used is closed, and "
+        "prepared again when an app needs it (pgbouncer's max_prepared_statements); 0: "
+        "statements are not tracked, the app's names go to the server as they are",
+        metavar="N",
+    ),
+    _r(
+        "pg_pool_max_client_prepared",
+        parse_int(1, 10_000_000),
+        10000,
+        "with --pg-pool transaction, the most named prepared statements one app connection "
+        "may hold (not closed); the connection that prepares one more ends with FATAL 53400",
+        metavar="N",
+    ),
+    _r(
         "pg_upstream_trust",
         parse_bool,
         False,
@@ -571,6 +589,8 @@ class RouteConfig:
     pg_pool_max_lifetime: float = 3600.0
     pg_pool_wait: float = 5.0
     pg_pool_reset_query: str = "DISCARD ALL"
+    pg_pool_max_prepared: int = 200
+    pg_pool_max_client_prepared: int = 10000
     pg_upstream_trust: bool = False
 
     def pool_settings(self) -> PoolSettings:
@@ -584,6 +604,8 @@ class RouteConfig:
             wait=self.pg_pool_wait,
             reset_query=self.pg_pool_reset_query.strip(),
             connect_timeout=self.startup_timeout,
+            max_prepared=self.pg_pool_max_prepared,
+            max_client_prepared=self.pg_pool_max_client_prepared,
         )
 
     pg_target_session_attrs: str = "any"
@@ -748,11 +770,6 @@ class RouteConfig:
                 "server itself: give --pg-password-file or --pg-password-command, or "
                 "--pg-upstream-trust when the "
                 "server's pg_hba trusts the ambassador (trust or cert)"
-            )
-        if self.pg_metrics:
-            raise ConfigError(
-                f"{where}--pg-metrics: not available with --pg-pool yet (the pool relays "
-                "its own way); use one or the other"
             )
         if self.pg_pool_min_idle > self.pg_pool_size:
             raise ConfigError(

@@ -37,16 +37,14 @@ protocol-message-formats.html.
 from __future__ import annotations
 
 import struct
-import time
-from collections import deque
 
 from podpatterns.ambassador.pgmetrics import (
     ERROR_HEAD,
     TEXT_HEAD,
+    QueryCycles,
     QueryStats,
     SlowQueries,
     parse_text,
-    sqlstate_class,
 )
 from podpatterns.ambassador.postgres import error_response
 from podpatterns.ambassador.relay import Leg, ProtocolRelay
@@ -186,13 +184,8 @@ class TransactionWatch:
                 texts = frozenset((_QUERY, _PARSE))
                 self.client = Frames(_REQUESTS | {_EXECUTE, _PARSE}, texts, TEXT_HEAD)
             self.server = Frames(frozenset((_READY, _ERROR)), frozenset((_ERROR,)), ERROR_HEAD)
-        self.slow = slow
-        # per request awaiting its ReadyForQuery: (when its first query was sent, queries,
-        # its text with --pg-slow-query)
-        self.cycles: deque[tuple[float, int, bytes]] = deque()
-        self.cycle_text = b""  # the first Parse's text since the last Sync
-        self.cycle_start = 0.0  # the first Execute since the last Sync
-        self.executes = 0  # Executes since the last Sync
+        # the counting itself, shared with the pool's sessions (pgpool.ClientSession)
+        self.counts = QueryCycles(stats, slow) if stats is not None else None
 
     def make_leg(self, relay: ProtocolRelay, side: str) -> Leg:
         """The relay's leg for ``side``: a :class:`Leg` that shows this watch its bytes."""
@@ -201,8 +194,8 @@ class TransactionWatch:
 
     def passed(self, side: str, data: bytes) -> None:
         """``side`` sent ``data``, which was passed on outside the relay's legs."""
-        if self.stats is not None:
-            self._count(side, data, self.stats)
+        if self.counts is not None:
+            self._count(side, data, self.counts)
         elif side == "client":
             for _ in self.client.walk(data):
                 self.requests += 1
@@ -213,52 +206,34 @@ class TransactionWatch:
         if self.draining:
             self._end_if_at_rest()
 
-    def _count(self, side: str, data: bytes, stats: QueryStats) -> None:
-        """:meth:`passed` with ``--pg-metrics``: also time and count the queries.
-
-        One clock read per read that starts or ends a query, not one per message.
-        """
-        now = 0.0
+    def _count(self, side: str, data: bytes, counts: QueryCycles) -> None:
+        """:meth:`passed` with ``--pg-metrics``: also time and count the queries."""
+        counts.now = 0.0
         if side == "client":
             client = self.client
             for kind, _ in client.walk(data):
-                if kind == _PARSE:  # only followed with --pg-slow-query
-                    text = parse_text(client.heads.pop(0))
-                    self.cycle_text = self.cycle_text or text
-                    continue
                 if kind == _EXECUTE:
-                    if not self.executes:
-                        now = now or time.monotonic()
-                        self.cycle_start = now
-                    self.executes += 1
+                    counts.execute()
+                    continue
+                if kind == _PARSE:  # only followed with --pg-slow-query
+                    counts.parse(parse_text(client.heads.pop(0)))
                     continue
                 self.requests += 1
                 if kind == _QUERY:
-                    now = now or time.monotonic()
-                    self.cycles.append((now, 1, client.heads.pop(0) if self.slow else b""))
+                    counts.query(client.heads.pop(0) if counts.slow else b"")
                 elif kind == _SYNC:
-                    self.cycles.append((self.cycle_start, self.executes, self.cycle_text))
-                    self.executes = 0
-                    self.cycle_text = b""
-                else:  # FunctionCall: answered by a ReadyForQuery, not a query
-                    self.cycles.append((0.0, 0, b""))
+                    counts.sync()
+                else:
+                    counts.function_call()
         else:
             server = self.server
             for kind, status in server.walk(data):
                 if kind == _ERROR:
-                    stats.errors[sqlstate_class(server.heads.pop(0))] += 1
+                    counts.error(server.heads.pop(0))
                     continue
                 self.ready += 1
-                before = self.status
+                counts.ready(self.status, status)
                 self.status = status
-                start, queries, text = self.cycles.popleft() if self.cycles else (0.0, 0, b"")
-                if queries:
-                    now = now or time.monotonic()
-                    stats.observe(now - start, queries)
-                    if self.slow is not None and now - start >= self.slow.threshold:
-                        self.slow.report(now - start, text)
-                if status == _IDLE and (before != _IDLE or queries):
-                    stats.transactions += 1
 
     def at_rest(self) -> bool:
         """Idle between transactions, nothing asked and unanswered, both streams whole."""

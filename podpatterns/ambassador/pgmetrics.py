@@ -30,8 +30,9 @@ every quoted string becomes ``?``.
 from __future__ import annotations
 
 import re
+import time
 from bisect import bisect_left
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -133,6 +134,83 @@ class SlowQueries:
             duration_ms=round(seconds * 1000, 1),
             query=normalize(text) if text else "(statement prepared earlier)",
         )
+
+
+_IDLE = ord("I")
+
+
+class QueryCycles:
+    """One session's requests awaiting their ReadyForQuery, timed and counted.
+
+    Both framing paths feed it one message at a time, with what the *app* sent and
+    received: :class:`~.pgdrain.TransactionWatch` for a relayed session, and the pool's
+    :class:`~.pgpool.ClientSession` (never the ambassador's own re-prepare Parses,
+    stand-in Closes or reset queries). The caller sets :attr:`now` to 0.0 at the start
+    of each read, so the clock is read once per read that starts or ends a query.
+
+    Args:
+        stats: the endpoint's counts this session adds into (:attr:`stats` may be
+            pointed at another endpoint's between transactions: a pooled session).
+        slow: with ``--pg-slow-query``, where slow queries are reported.
+    """
+
+    __slots__ = ("cycle_start", "cycle_text", "cycles", "executes", "now", "slow", "stats")
+
+    def __init__(self, stats: QueryStats, slow: SlowQueries | None = None) -> None:
+        self.stats = stats
+        self.slow = slow
+        # per request awaiting its ReadyForQuery: (when its first query was sent, queries,
+        # its text with --pg-slow-query)
+        self.cycles: deque[tuple[float, int, bytes]] = deque()
+        self.cycle_text = b""  # the first Parse's text since the last Sync
+        self.cycle_start = 0.0  # the first Execute since the last Sync
+        self.executes = 0  # Executes since the last Sync
+        self.now = 0.0  # the clock of the current read, 0.0 until read
+
+    def _clock(self) -> float:
+        if not self.now:
+            self.now = time.monotonic()
+        return self.now
+
+    def query(self, text: bytes = b"") -> None:
+        """A simple-protocol Query (its text's start with ``--pg-slow-query``)."""
+        self.cycles.append((self._clock(), 1, text))
+
+    def parse(self, text: bytes) -> None:
+        """A Parse's query text (only followed with ``--pg-slow-query``)."""
+        self.cycle_text = self.cycle_text or text
+
+    def execute(self) -> None:
+        """An extended-protocol Execute."""
+        if not self.executes:
+            self.cycle_start = self._clock()
+        self.executes += 1
+
+    def sync(self) -> None:
+        """A Sync: the Executes since the last one are one request."""
+        self.cycles.append((self.cycle_start, self.executes, self.cycle_text))
+        self.executes = 0
+        self.cycle_text = b""
+
+    def function_call(self) -> None:
+        """A FunctionCall: answered by a ReadyForQuery, not a query."""
+        self.cycles.append((0.0, 0, b""))
+
+    def error(self, head: bytes) -> None:
+        """An ErrorResponse from the server (the start of its body)."""
+        self.stats.errors[sqlstate_class(head)] += 1
+
+    def ready(self, before: int, status: int) -> None:
+        """A ReadyForQuery with ``status``, after one that said ``before``."""
+        start, queries, text = self.cycles.popleft() if self.cycles else (0.0, 0, b"")
+        stats = self.stats
+        if queries:
+            now = self._clock()
+            stats.observe(now - start, queries)
+            if self.slow is not None and now - start >= self.slow.threshold:
+                self.slow.report(now - start, text)
+        if status == _IDLE and (before != _IDLE or queries):
+            stats.transactions += 1
 
 
 class QueryMetrics:

@@ -14,7 +14,9 @@ BackendKeyData it issues, ReadyForQuery) and lends the app a server connection i
   server's ReadyForQuery ``I`` with nothing outstanding returns it. Named prepared
   statements (Parse/Bind/Describe/Close) are tracked per app connection and prepared
   again, under a name of the ambassador's, on whichever server connection serves the
-  next transaction (pgbouncer 1.21's ``max_prepared_statements`` design).
+  next transaction (pgbouncer 1.21's ``max_prepared_statements`` design); each server
+  connection keeps at most ``--pg-pool-max-prepared`` of them, the least recently used
+  closed beyond it.
 
 Server connections are kept per pool key: the app's StartupMessage parameters (user,
 database, application_name and the rest), so that two apps with different settings never
@@ -65,7 +67,7 @@ import socket
 import struct
 import time
 from bisect import bisect_left
-from collections import Counter, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -73,6 +75,15 @@ from typing import Any
 from podpatterns.ambassador.connection import Connection, reset_socket
 from podpatterns.ambassador.dial import DialError
 from podpatterns.ambassador.pgauth import ServerError, startup_parameters
+from podpatterns.ambassador.pgmetrics import (
+    ERROR_HEAD,
+    TEXT_HEAD,
+    QueryCycles,
+    QueryMetrics,
+    QueryStats,
+    SlowQueries,
+    parse_text,
+)
 from podpatterns.ambassador.pgroles import ROLE_CHANGED_MESSAGE, Roles
 from podpatterns.ambassador.postgres import (
     KEY_MAX,
@@ -95,6 +106,7 @@ from podpatterns.tasks import TaskSet
 
 POOL_MODES = ("off", "session", "transaction")
 TOO_MANY_CONNECTIONS = "53300"
+CONFIGURATION_LIMIT = "53400"
 CONNECTION_FAILURE = "08006"
 ADMIN_SHUTDOWN = "57P01"
 CANNOT_CONNECT_NOW = "57P03"  # the database system is shutting down, starting up...
@@ -109,9 +121,9 @@ _TERMINATE = b"X\0\0\0\x04"
 _PARSE_COMPLETE = b"1\0\0\0\x04"
 _READY_IDLE = b"Z\0\0\0\x05I"
 _NO_STATEMENT = b"podpatterns_none"  # a Close of it is answered, and changes nothing
-_Q, _S, _F, _X, _P, _B, _D, _C, _Z = (ord(c) for c in "QSFXPBDCZ")
+_Q, _S, _F, _X, _P, _B, _D, _C, _Z, _E = (ord(c) for c in "QSFXPBDCZE")
+_ERROR = _E  # from the server, E is an ErrorResponse
 _IDLE, _FAILED = ord("I"), ord("E")
-_ERROR = ord("E")  # ErrorResponse, from the server
 _REQUESTS = frozenset((_Q, _S, _F))  # each answered by one ReadyForQuery
 _PARSE_DONE, _CLOSE_DONE = ord("1"), ord("3")
 _ROLLBACK_DONE = b"C\0\0\0\x0dROLLBACK\0"
@@ -150,6 +162,12 @@ class PoolSettings:
     wait: float = 5.0
     reset_query: str = "DISCARD ALL"
     connect_timeout: float = 30.0
+    max_prepared: int = 200  # per server connection (transaction mode); 0: not tracked
+    max_client_prepared: int = 10000  # named statements per app connection
+
+
+class StatementLimit(Exception):
+    """An app connection named more statements than ``--pg-pool-max-client-prepared``."""
 
 
 class PoolTimeout(Exception):
@@ -237,7 +255,8 @@ class ServerConn(asyncio.Protocol):
         self.transport: Any = None
         self._loop = asyncio.get_running_loop()
         self.owner: ClientSession | None = None
-        self.prepared: set[bytes] = set()  # the ambassador's statement names prepared here
+        # the ambassador's statement names prepared here, least recently used first
+        self.prepared: OrderedDict[bytes, None] = OrderedDict()
         now = time.monotonic()
         self.expires = now + lifetime * (1 - random.uniform(0, LIFETIME_JITTER))
         self.timer: asyncio.TimerHandle | None = None  # a reset's deadline
@@ -284,6 +303,23 @@ class ServerConn(asyncio.Protocol):
 
     def expired(self, now: float) -> bool:
         return now >= self.expires
+
+    def add_statement(self, ours: bytes, limit: int) -> list[bytes]:
+        """``ours`` is being prepared here; returns the least recently used statements
+        beyond ``limit`` (``--pg-pool-max-prepared``), now to be closed."""
+        prepared = self.prepared
+        prepared[ours] = None
+        self.pool.pools.statement_refs[ours] += 1
+        evicted: list[bytes] = []
+        while len(prepared) > limit:
+            evicted.append(prepared.popitem(last=False)[0])
+        return evicted
+
+    def drop_statement(self, ours: bytes) -> None:
+        """``ours`` is not prepared here after all (its Parse was skipped or closed)."""
+        if ours in self.prepared:
+            del self.prepared[ours]
+            self.pool.pools.release_statement(ours)
 
     def close(self, reason: str) -> None:
         """Terminate the session and close, counted under ``reason``."""
@@ -513,6 +549,9 @@ class Pool:
     def lost(self, server: ServerConn, reason: str) -> None:
         """``server`` closed (``reason``): count it, and open for who waits."""
         self.pools.closed[reason] += 1
+        for ours in server.prepared:
+            self.pools.release_statement(ours)
+        server.prepared.clear()
         if server in self.idle:
             self.idle.remove(server)
         elif server.owner is not None:
@@ -535,6 +574,9 @@ class Pools:
         dial: connects to an endpoint of the route.
         route: the route's name, for the metrics.
         log: the route's logger.
+        queries: with ``--pg-metrics``, the route's query counts, which the app
+            connections add into (per endpoint of the server connection they hold).
+        slow_query: with ``--pg-slow-query``, its threshold in seconds.
     """
 
     def __init__(
@@ -545,6 +587,8 @@ class Pools:
         *,
         route: str = "default",
         log: Any = None,
+        queries: QueryMetrics | None = None,
+        slow_query: float | None = None,
     ) -> None:
         self.settings = settings
         self.handler = handler
@@ -555,6 +599,13 @@ class Pools:
         self.clients: dict[bytes, ClientSession] = {}  # by the BackendKeyData we issued
         self.statement_names: dict[bytes, bytes] = {}  # Parse body -> our statement name
         self.statement_bodies: dict[bytes, bytes] = {}  # our statement name -> Parse body
+        # users of each of our names: app names for it, server connections that have it
+        # (or are closing it); a name is forgotten with its last user
+        self.statement_refs: Counter[bytes] = Counter()
+        self._last_statement = 0
+        self.statements_prepared = 0  # Parses sent under our names (first or again)
+        self.statements_evicted = 0  # Closes sent beyond --pg-pool-max-prepared
+        self.statements_refused = 0  # app connections ended at --pg-pool-max-client-prepared
         self.closing = False
         self.reset_message = query_message(settings.reset_query) if settings.reset_query else b""
         self.tasks = TaskSet("ambassador")
@@ -571,6 +622,44 @@ class Pools:
         self.roles: Roles | None = handler.roles
         self._role_news: asyncio.Future[None] | None = None  # resolved at a role change
         self._role_epoch = 0  # role changes seen
+        self.queries = queries
+        self.slow_query = slow_query
+        self._meters: dict[str, tuple[QueryStats, SlowQueries | None]] = {}
+
+    def meter(self, server: ServerConn) -> tuple[QueryStats, SlowQueries | None]:
+        """``--pg-metrics``: where queries served by ``server`` are counted (and slow ones
+        reported), by its endpoint."""
+        meter = self._meters.get(server.label)
+        if meter is None:
+            assert self.queries is not None
+            slow = None
+            if self.slow_query is not None:
+                slow = SlowQueries(self.slow_query, self.log, server.label)
+            meter = self._meters[server.label] = (
+                self.queries.for_endpoint(server.endpoint),
+                slow,
+            )
+        return meter
+
+    def statement(self, body: bytes) -> bytes:
+        """Our statement name for a Parse body (text and parameter types), shared by every
+        app connection, with one more user."""
+        ours = self.statement_names.get(body)
+        if ours is None:
+            self._last_statement += 1
+            ours = b"podpatterns_%d" % self._last_statement
+            self.statement_names[body] = ours
+            self.statement_bodies[ours] = body
+        self.statement_refs[ours] += 1
+        return ours
+
+    def release_statement(self, ours: bytes) -> None:
+        """One user of ``ours`` is gone; with the last, the name and its text are forgotten."""
+        refs = self.statement_refs
+        refs[ours] -= 1
+        if refs[ours] <= 0:
+            del refs[ours]
+            del self.statement_names[self.statement_bodies.pop(ours)]
 
     def pool_for(self, startup: bytes) -> Pool:
         """The pool of the app's StartupMessage (its parameters are the key)."""
@@ -848,7 +937,10 @@ class ClientSession(asyncio.Protocol):
         self._carry = b""  # the start of a server message header split across reads
         self.statements: dict[bytes, bytes] = {}  # the app's statement name -> ours
         self._parses: deque[tuple[int, bytes, bool]] = deque()  # (group, name, to app)
-        self._closes: deque[tuple[int, bool]] = deque()  # (group, answers a Parse)
+        # (group, what the app gets for the CloseComplete: None the CloseComplete itself,
+        # a ParseComplete for a stand-in, b"" for an eviction; the evicted name or b"")
+        self._closes: deque[tuple[int, bytes | None, bytes]] = deque()
+        self.tracks = self.transaction_mode and pools.settings.max_prepared > 0
         self._sent_groups = 0  # Sync, Query, FunctionCall sent to the current server
         self._done_groups = 0  # their ReadyForQuery received
         self._waiting: asyncio.Future[ServerConn] | None = None
@@ -868,6 +960,8 @@ class ClientSession(asyncio.Protocol):
         self._local_rolled_back = False  # ...and executed it: Sync answers I
         self._local_owed = False  # the batch under way when the server was lost
         self._local_unnamed = b""  # the last unnamed Parse answered locally (text, types)
+        # --pg-metrics: the app's queries, counted from its own messages (pgmetrics)
+        self.queries: QueryCycles | None = None
         pools.clients[key] = self
         if server is not None:
             self._attach(server)
@@ -904,7 +998,10 @@ class ClientSession(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.nbytes_up += len(data)
         self._inbuf += data
-        self._pump()
+        try:
+            self._pump()
+        except StatementLimit:
+            self._statement_limit()
 
     def eof_received(self) -> bool:
         self._eof_client = True
@@ -943,6 +1040,7 @@ class ClientSession(asyncio.Protocol):
         buf = self._inbuf
         n = len(buf)
         pos = 0
+        sent_from = 0  # the messages before it were answered here (a lost transaction)
         out: list[bytes] = []
         while n - pos >= 5:
             kind = buf[pos]
@@ -963,7 +1061,7 @@ class ClientSession(asyncio.Protocol):
                 return
             if self._local is not None:  # the transaction was lost with its server
                 self._answer_locally(kind, buf, pos)
-                pos = end
+                pos = sent_from = end
                 if self.ended:  # a drain waited for the lost transaction's end
                     return
                 continue
@@ -982,6 +1080,8 @@ class ClientSession(asyncio.Protocol):
             elif kind not in b"dcf":  # COPY data is not a batch of its own
                 self.in_batch = True
             pos = end
+        if self.queries is not None:  # after the walk: no cost per message without
+            self._count(buf, sent_from, pos)
         del buf[:pos]
         self._flush(out)
 
@@ -1030,7 +1130,26 @@ class ClientSession(asyncio.Protocol):
         self._attach(fut.result())
         if self.transport is not None:
             self.transport.resume_reading()
-        self._pump()
+        try:
+            self._pump()
+        except StatementLimit:
+            self._statement_limit()
+
+    def _statement_limit(self) -> None:
+        """End the connection at ``--pg-pool-max-client-prepared``, telling the app why.
+
+        FATAL 53400 rather than an error for the one Parse: the rest of the app's pipeline
+        would have to be skipped as the server does after an error, which the pool cannot
+        make the server do. pgbouncer ends a connection that reuses a statement name the
+        same way.
+        """
+        self.pools.statements_refused += 1
+        limit = self.pools.settings.max_client_prepared
+        self._fail(
+            CONFIGURATION_LIMIT,
+            f"podpatterns ambassador: more than --pg-pool-max-client-prepared {limit} "
+            "named prepared statements on one connection (close those no longer used)",
+        )
 
     def _attach(self, server: ServerConn) -> None:
         server.owner = self
@@ -1039,10 +1158,49 @@ class ClientSession(asyncio.Protocol):
         self._carry = b""
         self._sent_groups = self._done_groups = 0
         self._parses.clear()
-        self._closes.clear()
+        self._forget_closes()
         if self._server_paused:
             server.transport.pause_reading()
         self.conn.upstream = server.label
+        if self.pools.queries is not None:
+            self._meter(server)
+
+    # -- --pg-metrics: the app's own messages, as a relayed session's watch sees them -----
+
+    def _meter(self, server: ServerConn) -> None:
+        """Count what ``server`` answers under its endpoint (it may change between
+        transactions: only when nothing is outstanding)."""
+        stats, slow = self.pools.meter(server)
+        if self.queries is None:
+            self.queries = QueryCycles(stats, slow)
+        else:
+            self.queries.stats, self.queries.slow = stats, slow
+
+    def _count(self, buf: bytearray, start: int, stop: int) -> None:
+        """The app's whole messages in ``buf[start:stop]``, just sent (before any rewrite;
+        those a lost transaction left are answered here and not counted)."""
+        counts = self.queries
+        assert counts is not None
+        counts.now = 0.0
+        pos = start
+        while pos < stop:
+            kind = buf[pos]
+            end = pos + 1 + _UNPACK(buf, pos + 1)[0]
+            if kind == _E:
+                counts.execute()
+            elif kind == _S:
+                counts.sync()
+            elif kind in (_Q, _P):
+                text = b""
+                if counts.slow is not None:  # only then is any text kept
+                    text = bytes(buf[pos + 5 : min(end, pos + 5 + TEXT_HEAD)])
+                if kind == _Q:
+                    counts.query(text)
+                elif text:
+                    counts.parse(parse_text(text))
+            elif kind == _F:
+                counts.function_call()
+            pos = end
 
     # -- transaction mode: statements under the ambassador's names ------------------------
 
@@ -1050,6 +1208,10 @@ class ClientSession(asyncio.Protocol):
         """One app message for the current server connection (transaction mode)."""
         if kind == _Q:
             self._detect(msg[5:])
+            return msg
+        if not self.tracks:  # --pg-pool-max-prepared 0: the app's names, as they are
+            if kind == _P:
+                self._detect(msg[5:].partition(b"\0")[2])
             return msg
         server = self.server
         assert server is not None
@@ -1060,19 +1222,14 @@ class ClientSession(asyncio.Protocol):
             if not name:
                 self._parses.append((group, b"", True))
                 return msg
-            ours = self.pools.statement_names.get(rest)
-            if ours is None:
-                ours = b"podpatterns_%d" % len(self.pools.statement_names)
-                self.pools.statement_names[rest] = ours
-                self.pools.statement_bodies[ours] = rest
-            self.statements[name] = ours
-            if ours in server.prepared:
+            shared = self._name(name, rest)
+            if shared in server.prepared:
+                server.prepared.move_to_end(shared)
                 # a stand-in whose CloseComplete becomes the app's ParseComplete
-                self._closes.append((group, True))
+                self._closes.append((group, _PARSE_COMPLETE, b""))
                 return _message(b"C", b"S" + _NO_STATEMENT + b"\0")
-            server.prepared.add(ours)
-            self._parses.append((group, ours, True))
-            return _message(b"P", ours + b"\0" + rest)
+            self._parses.append((group, shared, True))
+            return _message(b"P", shared + b"\0" + rest) + self._add_statement(shared)
         if kind == _B:
             portal, _, rest = msg[5:].partition(b"\0")
             name, _, tail = rest.partition(b"\0")
@@ -1085,16 +1242,51 @@ class ClientSession(asyncio.Protocol):
             if what == b"S" and name:
                 ours = self.statements.get(name)
                 if kind == _C:
-                    self.statements.pop(name, None)
-                    self._closes.append((group, False))
+                    if ours is not None:
+                        del self.statements[name]
+                        self.pools.release_statement(ours)
+                    self._closes.append((group, None, b""))
                     # shared by every app that prepared the same text: never closed here
                     return _message(b"C", b"S" + _NO_STATEMENT + b"\0")
                 if ours is not None:
                     return self._prepared(ours) + _message(b"D", b"S" + ours + b"\0")
             elif kind == _C:
-                self._closes.append((group, False))
+                self._closes.append((group, None, b""))
             return msg
         return msg
+
+    def _name(self, name: bytes, body: bytes) -> bytes:
+        """Our name for the app's statement ``name`` (a Parse of ``body``), remembered.
+
+        Raises:
+            StatementLimit: a new name beyond ``--pg-pool-max-client-prepared``.
+        """
+        statements = self.statements
+        old = statements.get(name)
+        if old is None and len(statements) >= self.pools.settings.max_client_prepared:
+            raise StatementLimit
+        ours = statements[name] = self.pools.statement(body)
+        if old is not None:  # the app parses a name again (PostgreSQL would refuse it)
+            self.pools.release_statement(old)
+        return ours
+
+    def _add_statement(self, ours: bytes) -> bytes:
+        """``ours`` is being prepared on the server connection: Closes of the least
+        recently used statements beyond ``--pg-pool-max-prepared`` (not the app's answers)."""
+        server = self.server
+        assert server is not None
+        pools = self.pools
+        pools.statements_prepared += 1
+        evicted = server.add_statement(ours, pools.settings.max_prepared)
+        if not evicted:
+            return b""
+        pools.statements_evicted += len(evicted)
+        group = self._sent_groups
+        closes = []
+        for old in evicted:
+            self._closes.append((group, b"", old))
+            closes.append(_message(b"C", b"S" + old + b"\0"))
+        return b"".join(closes)
 
     def _prepared(self, ours: bytes) -> bytes:
         """A Parse of statement ``ours`` when the server connection lacks it (its
@@ -1102,11 +1294,11 @@ class ClientSession(asyncio.Protocol):
         server = self.server
         assert server is not None
         if ours in server.prepared:
+            server.prepared.move_to_end(ours)
             return b""
         body = self.pools.statement_bodies[ours]
-        server.prepared.add(ours)
         self._parses.append((self._sent_groups, ours, False))
-        return _message(b"P", ours + b"\0" + body)
+        return _message(b"P", ours + b"\0" + body) + self._add_statement(ours)
 
     def _detect(self, text: bytes) -> None:
         """Count and log (once per app connection) session state transaction mode loses."""
@@ -1146,6 +1338,9 @@ class ClientSession(asyncio.Protocol):
         cuts: list[tuple[int, bytes]] = []  # (position, replacement) of 5-byte messages
         rest = False
         fatal = -1  # where a FATAL ErrorResponse starts (transaction mode)
+        counts = self.queries
+        if counts is not None:
+            counts.now = 0.0
         while pos < n:
             kind = data[pos]
             if n - pos < (6 if kind == _Z else 5):
@@ -1156,6 +1351,8 @@ class ClientSession(asyncio.Protocol):
                 self._fail(CONNECTION_FAILURE, "podpatterns ambassador: invalid server message")
                 return
             if kind == _Z:
+                if counts is not None:
+                    counts.ready(self.status, data[pos + 5])
                 rest = self._ready(data[pos + 5])
             elif kind == _ERROR and self.transaction_mode and length <= MAX_MESSAGE:
                 if n - pos < 1 + length:  # read whole: is it the session's end?
@@ -1164,14 +1361,24 @@ class ClientSession(asyncio.Protocol):
                 if _ends_session(data[pos + 5 : pos + 1 + length]):
                     fatal = pos  # held back: _server_failed answers the app
                     break
+                if counts is not None:
+                    counts.error(data[pos + 5 : pos + 5 + min(length - 4, ERROR_HEAD)])
             elif kind == _PARSE_DONE and self._parses:
                 _, _, to_app = self._parses.popleft()
                 if not to_app:
                     cuts.append((pos, b""))
             elif kind == _CLOSE_DONE and self._closes:
-                _, as_parse = self._closes.popleft()
-                if as_parse:
-                    cuts.append((pos, _PARSE_COMPLETE))
+                _, answer, evicted = self._closes.popleft()
+                if answer is not None:
+                    cuts.append((pos, answer))
+                if evicted:
+                    self.pools.release_statement(evicted)
+            elif counts is not None and kind == _ERROR:
+                head = pos + 5 + min(length - 4, ERROR_HEAD)
+                if head > n:  # its SQLSTATE comes with the next read (held: bounded)
+                    self._carry = data[pos:]
+                    break
+                counts.error(data[pos + 5 : head])
             pos += 1 + length
         self._skip = pos - n if pos > n and fatal < 0 else 0
         end = fatal if fatal >= 0 else n - len(self._carry)
@@ -1204,13 +1411,38 @@ class ClientSession(asyncio.Protocol):
         group = self._done_groups
         self._done_groups += 1
         # what its group asked and the server skipped after an error
+        server = self.server
         while self._parses and self._parses[0][0] <= group:
             _, name, _ = self._parses.popleft()
-            if name and self.server is not None:
-                self.server.prepared.discard(name)
+            if name and server is not None:
+                server.drop_statement(name)
         while self._closes and self._closes[0][0] <= group:
-            self._closes.popleft()
+            _, _, evicted = self._closes.popleft()
+            if evicted:  # skipped after an error: still prepared there, least recent
+                self._unevict(evicted)
         return status == _IDLE and self.outstanding <= 0 and not self.in_batch
+
+    def _unevict(self, ours: bytes) -> None:
+        """An eviction's Close was skipped: ``ours`` is still prepared on the server."""
+        server = self.server
+        if server is None or ours in server.prepared:
+            self.pools.release_statement(ours)  # its user was the Close
+            return
+        server.prepared[ours] = None
+        server.prepared.move_to_end(ours, last=False)
+
+    def _forget_closes(self) -> None:
+        """The server connection goes away with eviction Closes unanswered."""
+        for _, _, evicted in self._closes:
+            if evicted:
+                self.pools.release_statement(evicted)
+        self._closes.clear()
+
+    def _forget_statements(self) -> None:
+        """The app connection ends: its names no longer use ours."""
+        for ours in self.statements.values():
+            self.pools.release_statement(ours)
+        self.statements.clear()
 
     def _release(self) -> None:
         server, self.server = self.server, None
@@ -1232,6 +1464,7 @@ class ClientSession(asyncio.Protocol):
             self._server_failed(b"")
             return
         self.server = None
+        self._forget_closes()
         self.conn.note_end("upstream", "closed")
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
@@ -1272,7 +1505,8 @@ class ClientSession(asyncio.Protocol):
             "transaction runs on another server connection)",
             "ERROR",
         )
-        status = _IDLE if self.status == _IDLE else _FAILED
+        was = self.status
+        status = _IDLE if was == _IDLE else _FAILED
         ready = _message(b"Z", bytes((status,)))
         aborted = error_response("25P02", ABORTED_MESSAGE, "ERROR")
         answers = b"".join(
@@ -1292,6 +1526,8 @@ class ClientSession(asyncio.Protocol):
             upstream=server.label,
             in_block=status == _FAILED,
         )
+        if self.queries is not None:
+            self._meter_lost(answers, was)
         if self.transport is not None:
             self.transport.write(answers)
             self.nbytes_down += len(answers)
@@ -1299,6 +1535,22 @@ class ClientSession(asyncio.Protocol):
         self._server_paused = False
         if self.draining and self._local is None:
             self._drained()
+
+    def _meter_lost(self, answers: bytes, before: int) -> None:
+        """``--pg-metrics``: the requests in flight when the transaction was lost end with
+        ``answers`` (their errors and ReadyForQuery); a batch not yet synced is dropped,
+        as the messages answered here after it are not counted (:meth:`_count`)."""
+        counts = self.queries
+        assert counts is not None
+        counts.now = 0.0
+        for kind, body in _messages(answers):
+            if kind == _ERROR:
+                counts.error(body[:ERROR_HEAD])
+            elif kind == _Z:
+                counts.ready(before, body[0])
+                before = body[0]
+        counts.executes = 0
+        counts.cycle_text = b""
 
     def _answer_locally(self, kind: int, buf: bytearray, pos: int) -> None:
         """Answer one app message as the server would after the error of a lost
@@ -1359,12 +1611,10 @@ class ClientSession(asyncio.Protocol):
             if not _TRANSACTION_ENDS.match(rest.partition(b"\0")[0]):
                 return None
             if name:  # the app's statement: prepared on the next server that needs it
-                ours = self.pools.statement_names.get(rest)
-                if ours is None:
-                    ours = b"podpatterns_%d" % len(self.pools.statement_names)
-                    self.pools.statement_names[rest] = ours
-                    self.pools.statement_bodies[ours] = rest
-                self.statements[name] = ours
+                try:
+                    self._name(name, rest)
+                except StatementLimit:
+                    return None  # answered 25P02; the app's next Parse meets the limit
             else:
                 self._local_unnamed = rest
             self._local_ending = True
@@ -1384,7 +1634,9 @@ class ClientSession(asyncio.Protocol):
             return _ROLLBACK_DONE
         if kind == _C:
             if body[:1] == b"S" and len(body) > 2:
-                self.statements.pop(body[1:-1], None)
+                ours = self.statements.pop(body[1:-1], None)
+                if ours is not None:
+                    self.pools.release_statement(ours)
             return _CLOSE_COMPLETE
         if kind == ord("H"):  # Flush
             return b""
@@ -1398,6 +1650,8 @@ class ClientSession(asyncio.Protocol):
             return
         self.ended = True
         self.pools.clients.pop(self.key, None)
+        self._forget_statements()
+        self._forget_closes()
         if self._waiting is not None:
             self._waiting.cancel()
             self._waiting = None
@@ -1517,6 +1771,10 @@ def pool_collector(routes: Iterable[tuple[str, Pools]]) -> CallbackCollector:
 
         return samples
 
+    def statements() -> Iterator[Sample]:
+        for name, pools in pairs:
+            yield (name,), float(len(pools.statement_bodies))
+
     def waits() -> Iterator[HistogramSample]:
         for name, pools in pairs:
             yield (name,), pools.wait_buckets, pools.wait_seconds
@@ -1581,6 +1839,39 @@ def pool_collector(routes: Iterable[tuple[str, Pools]]) -> CallbackCollector:
                 "app connections refused with 53300 after --pg-pool-wait",
                 ("route",),
                 per_route("wait_timeouts"),
+            ),
+            Family(
+                "counter",
+                p + "statements_prepared",
+                "named statements prepared on server connections under the ambassador's "
+                "names (--pg-pool transaction): an app's Parse, or again for a Bind or "
+                "Describe on a server connection without it",
+                ("route",),
+                per_route("statements_prepared"),
+            ),
+            Family(
+                "counter",
+                p + "statements_evicted",
+                "prepared statements closed on a server connection beyond "
+                "--pg-pool-max-prepared (least recently used first)",
+                ("route",),
+                per_route("statements_evicted"),
+            ),
+            Family(
+                "counter",
+                p + "statements_refused",
+                "app connections ended (FATAL 53400) for naming more statements than "
+                "--pg-pool-max-client-prepared",
+                ("route",),
+                per_route("statements_refused"),
+            ),
+            Family(
+                "gauge",
+                p + "statements",
+                "distinct statements (text and parameter types) the pool tracks for the "
+                "app connections and server connections of a route",
+                ("route",),
+                statements,
             ),
             Family(
                 "counter",

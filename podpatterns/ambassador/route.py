@@ -149,6 +149,7 @@ class Route:
                 pipes=self._pipes,
                 connect_seconds=self._connect_seconds,
                 log=self._log,
+                queries=self.queries,
             )
         # --pg-pool: the route's pooled server connections, for the metrics
         self.pg_pools = self._startup.pools if self._startup is not None else None

@@ -211,6 +211,8 @@ class Startup:
         pipes: the route's splice pipes; None when plaintext legs take the Protocol relay.
         connect_seconds: the route's connect-time histogram.
         log: the route's logger.
+        queries: with ``--pg-metrics``, the route's query counts (for its pool's sessions;
+            the relayed ones count through ``handler.watch``).
     """
 
     def __init__(
@@ -227,6 +229,7 @@ class Startup:
         pipes: splice.PipePool | None,
         connect_seconds: Histogram,
         log: Any,
+        queries: QueryMetrics | None = None,
     ) -> None:
         self.cfg = cfg
         self.handler = handler
@@ -248,7 +251,13 @@ class Startup:
         self.pools: Pools | None = None
         if cfg.pg_pool != "off" and isinstance(handler, PostgresHandler):
             self.pools = Pools(
-                cfg.pool_settings(), handler, self._pool_dial, route=cfg.name, log=log
+                cfg.pool_settings(),
+                handler,
+                self._pool_dial,
+                route=cfg.name,
+                log=log,
+                queries=queries,
+                slow_query=cfg.pg_slow_query,
             )
             handler.cancel_target = self.pools.cancel_target
 
