@@ -408,7 +408,9 @@ def test_transaction_pool_writes_follow_the_primary_across_a_failover(
     idle inside a transaction block gets an ERROR at its next statement, ROLLBACK (simple
     or extended protocol) works, and it goes on. No app connection is closed."""
     upstreams = [ep(pair.primary), ep(pair.standby)]
-    args = pool_role_args(ca_file, password_file, "read-write", "transaction")
+    # every query reported with its endpoint: a lost transaction ends its queries there
+    metrics = ("--pg-metrics", "--pg-slow-query", "0")
+    args = pool_role_args(ca_file, password_file, "read-write", "transaction", *metrics)
     made = pair.primary.query("create table writes (n int); grant all on writes to app")
     assert made is not None
     wait_until(lambda: pair.standby.query("select count(*) from writes") == "0", "replicated")
@@ -471,6 +473,11 @@ def test_transaction_pool_writes_follow_the_primary_across_a_failover(
         assert amb.metric(POOL + "transactions_lost_total") == 4
         assert not any(c.closed for c in (conn, running, block, extended, unnamed))
     assert amb.find("pg_pool_open_bug") < 0, amb.log_text()
+    # --pg-metrics: the lost pg_sleep ended on the old primary, once; no later query on
+    # the new one was timed from it (nor from the statements answered by the ambassador)
+    slept_on = [e["upstream"] for e in amb.events if e.get("event") == "pg_slow_query"
+                and "pg_sleep" in e.get("query", "")]  # fmt: skip
+    assert slept_on == [ep(pair.primary)], slept_on
 
 
 @peer
