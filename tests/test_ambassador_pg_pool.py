@@ -22,6 +22,19 @@ import asyncpg
 import psycopg
 import pytest
 
+from podpatterns.ambassador.connection import Connection
+from podpatterns.ambassador.pgauth import startup_message
+from podpatterns.ambassador.pgpool import (
+    ClientSession,
+    Pools,
+    PoolSettings,
+    ServerConn,
+    issue_key,
+    startup_answer,
+)
+from podpatterns.ambassador.postgres import PostgresHandler
+from podpatterns.ambassador.upstreams import Endpoint
+from podpatterns.options import HostPort
 from tests.ambassador_process import AmbassadorProcess, run_ambassador
 from tests.peers import PG_SERVER_NAME, POOL_USER, PostgresServer, need
 from tests.proc import run
@@ -357,6 +370,60 @@ def test_backend_terminated_by_the_server_is_not_reused(
             again = conn.execute("select pg_backend_pid()").fetchone()
         assert again is not None and again != row
         assert amb.metric(POOL + "server_opened_total") == 2
+
+
+def test_server_closed_before_the_app_attached_closes_the_app() -> None:
+    """On socket pairs, no server: the startup's short way (Startup.begin) lends an idle
+    server connection, which the server closes before the app's socket is attached. The
+    app is closed, not greeted with a session nobody serves (it would wait forever for
+    the answer to its first query), and the pool forgets the app's BackendKeyData (no
+    ClientSession left behind for drains and cancels, as for any app whose server
+    connection closed under it)."""
+    endpoint = Endpoint(HostPort("127.0.0.1", 1))
+
+    async def dial() -> tuple[socket.socket, Endpoint]:
+        raise AssertionError("no server connection is opened here")
+
+    class Watched(ServerConn):
+        gone = asyncio.Event()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            super().connection_lost(exc)
+            self.gone.set()
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        pools = Pools(PoolSettings(), PostgresHandler(None), dial)
+        pool = pools.pool_for(startup_message("app", "postgres"))
+        ours, the_server = socket.socketpair()
+        server = Watched(pool, endpoint, b"", b"", 60.0)
+        endpoint.active += 1
+        pool.opening += 1
+        await loop.create_connection(lambda: server, sock=ours)
+        pool.opened(server)  # idle
+        lent = pool.take()
+        assert lent is server
+        ended = asyncio.Event()
+        conn = Connection("app", lambda _: ended.set())
+        key = issue_key()
+        client = ClientSession(pools, pool, conn, lent, key, startup_answer(lent.params, key))
+        the_server.close()  # before the app's socket is attached
+        async with asyncio.timeout(CLIENT_TIMEOUT):
+            await server.gone.wait()
+        app, the_app = socket.socketpair()
+        the_app.setblocking(False)
+        await loop.connect_accepted_socket(lambda: client, app)
+        async with asyncio.timeout(CLIENT_TIMEOUT):
+            got = await loop.sock_recv(the_app, 4096)
+        assert got == b"", got  # closed, no AuthenticationOk/ReadyForQuery
+        async with asyncio.timeout(CLIENT_TIMEOUT):
+            await ended.wait()  # the app's connection finished
+        assert pools.clients == {}
+        assert (pool.in_use, len(pool.idle), pool.resetting, pool.opening) == (0, 0, 0, 0)
+        assert endpoint.active == 0
+        the_app.close()
+
+    asyncio.run(scenario())
 
 
 def test_psycopg_asyncpg_and_pgbench_through_a_session_pool(

@@ -897,6 +897,9 @@ class ClientSession(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
+        if self.ended:  # its server connection closed before the app's socket came
+            transport.close()  # no greeting: nobody would answer the app's queries
+            return
         transport.set_write_buffer_limits(high=256 * 1024)  # type: ignore[attr-defined]
         transport.write(self._greeting)  # type: ignore[attr-defined]
         self.nbytes_down += len(self._greeting)
@@ -1236,6 +1239,7 @@ class ClientSession(asyncio.Protocol):
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
         self.ended = True
+        self.pools.clients.pop(self.key, None)  # as _end does: no drain, no cancel
 
     # -- a server connection lost mid-transaction (transaction mode) ---------------------------
 
