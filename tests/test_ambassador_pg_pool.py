@@ -623,6 +623,72 @@ def test_transaction_mode_prepared_statements_of_psycopg(
         assert amb.terminate() == 0, amb.log_text()
 
 
+class RawApp:
+    """An app on a bare socket (simple Query protocol): each answer up to ReadyForQuery,
+    as (kind, body) messages."""
+
+    def __init__(self, port: int, user: str) -> None:
+        params = b"user\0" + user.encode() + b"\0database\0postgres\0\0"
+        body = struct.pack("!i", 3 << 16) + params
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=CLIENT_TIMEOUT)
+        self.sock.sendall(struct.pack("!i", 4 + len(body)) + body)
+        self.buf = b""
+        self.answer()
+
+    def answer(self) -> list[tuple[str, bytes]]:
+        got: list[tuple[str, bytes]] = []
+        while True:
+            while len(self.buf) < 5 or len(self.buf) < 1 + struct.unpack_from("!i", self.buf, 1)[0]:
+                data = self.sock.recv(65536)
+                assert data, f"closed: {got!r} {self.buf!r}"
+                self.buf += data
+            end = 1 + struct.unpack_from("!i", self.buf, 1)[0]
+            got.append((chr(self.buf[0]), self.buf[5:end]))
+            self.buf = self.buf[end:]
+            if got[-1][0] == "Z":
+                return got
+
+    def query(self, sql: str) -> list[tuple[str, bytes]]:
+        text = sql.encode() + b"\0"
+        self.sock.sendall(b"Q" + struct.pack("!i", 4 + len(text)) + text)
+        return self.answer()
+
+
+def sqlstate(message: bytes) -> str:
+    """The C field of an ErrorResponse body."""
+    return next(f[1:].decode() for f in message.split(b"\0") if f[:1] == b"C")
+
+
+def test_transaction_mode_failed_block_ends_as_the_server_would(
+    server: PostgresServer, pg_ca_file: Path
+) -> None:
+    """The block's server connection terminated (pg_terminate_backend): the block is
+    answered by the ambassador until it ends. A ROLLBACK behind a comment ends it, as on
+    the server; a ROLLBACK followed by more statements in one Query runs those statements
+    (on another server connection), never answers them with ROLLBACK's tag alone."""
+    with run_ambassador(
+        [f"{server.host}:{server.port}"], *pool_args(server, pg_ca_file, "transaction")
+    ) as amb:
+        port = amb.listen.port
+        app = RawApp(port, server.user)
+        for ends in ("/* app: x */ rollback", "-- why\n rollback", "rollback; select 42"):
+            assert app.query("begin")[-1] == ("Z", b"T")
+            pid = next(b for k, b in app.query("select pg_backend_pid()") if k == "D")
+            assert server.query(f"select pg_terminate_backend({int(pid[6:])})") == "t"
+            lost = app.query("select 1")
+            assert [k for k, _ in lost] == ["E", "Z"] and lost[-1] == ("Z", b"E"), lost
+            refused = app.query("select 2")
+            assert sqlstate(refused[0][1]) == "25P02" and refused[-1] == ("Z", b"E"), refused
+            ended = app.query(ends)
+            assert ("C", b"ROLLBACK\0") in ended, (ends, ended)
+            assert ended[-1] == ("Z", b"I"), (ends, ended)
+            if "42" in ends:
+                assert ("D", b"\0\x01\0\0\0\x0242") in ended, ended
+        app.sock.close()
+        assert amb.metric(POOL + "transactions_lost_total") == 3
+        assert amb.terminate() == 0, amb.log_text()
+
+
 def test_transaction_mode_statement_named_commit(server: PostgresServer, pg_ca_file: Path) -> None:
     """A statement named ``commit`` (a libpq prepare) is kept apart from SQL COMMIT."""
     args = pool_args(server, pg_ca_file, "transaction", "--pg-pool-size", "2")

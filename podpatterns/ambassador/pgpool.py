@@ -119,7 +119,14 @@ _BIND_COMPLETE = b"2\0\0\0\x04"
 _CLOSE_COMPLETE = b"3\0\0\0\x04"
 _NO_DATA = b"n\0\0\0\x04"
 _NO_PARAMETERS = b"t\0\0\0\x06\0\0"  # ParameterDescription: no parameters
-_TRANSACTION_ENDS = re.compile(rb"\s*(?:rollback|abort|commit|end)\b(?!\s+to\b)", re.I)
+# what the server's lexer skips before a statement: white space, -- and /* */ comments
+_SKIPPED = rb"(?:\s|--[^\n]*(?:\n|\Z)|/\*.*?\*/)*"
+_TRANSACTION_ENDS = re.compile(
+    _SKIPPED + rb"(?:rollback|abort|commit|end)\b(?!\s+to\b)", re.I | re.S
+)
+# after the first ";" of a Query whose first statement ends a block: nothing more (else
+# the Query goes to a server connection, so that the statements after it run)
+_NOTHING_MORE = re.compile(rb"(?:;|" + _SKIPPED[3:-2] + rb")*\0?\Z", re.S)
 ABORTED_MESSAGE = "current transaction is aborted, commands ignored until end of transaction block"
 
 # Session state a transaction-mode server connection does not keep for the app: what the
@@ -964,8 +971,7 @@ class ClientSession(asyncio.Protocol):
                 if self.transport is not None:
                     self.transport.close()
                 return
-            if self._local is not None:  # the transaction was lost with its server
-                self._answer_locally(kind, buf, pos)
+            if self._local is not None and self._answer_locally(kind, buf, pos):
                 pos = end
                 if self.ended:  # a drain waited for the lost transaction's end
                     return
@@ -1304,27 +1310,37 @@ class ClientSession(asyncio.Protocol):
         if self.draining and self._local is None:
             self._drained()
 
-    def _answer_locally(self, kind: int, buf: bytearray, pos: int) -> None:
+    def _answer_locally(self, kind: int, buf: bytearray, pos: int) -> bool:
         """Answer one app message as the server would after the error of a lost
         transaction: the error once per batch (the rest skipped until Sync, COPY data
         ignored), ReadyForQuery at its end; a ROLLBACK (COMMIT, END, ABORT), simple or
-        extended, ends the failed block."""
+        extended, ends the failed block. False when the message is not answered here
+        after all (a Query whose ROLLBACK is followed by more statements: the block ends
+        and the Query goes to a server connection, which runs them all)."""
         status = self._local
         assert status is not None
         out = b""
         if kind in _REQUESTS:
             owed = self._local_owed and not self._local_errored  # the batch's error
+            end = pos + 1 + _UNPACK(buf, pos + 1)[0]
+            ending = (
+                _TRANSACTION_ENDS.match(buf, pos + 5, end)
+                if kind == _Q and status == _FAILED and not owed
+                else None
+            )
             if kind == _S and self._local_rolled_back and not self._local_errored:
                 out = _READY_IDLE
                 self._local = None
             elif kind == _S:  # the batch's messages were answered (an error skips the rest)
                 out = (self._local_error if owed else b"") + _message(b"Z", bytes((status,)))
-            elif (
-                kind == _Q
-                and status == _FAILED
-                and not owed
-                and _TRANSACTION_ENDS.match(buf, pos + 5)
-            ):
+            elif ending is not None and not _alone(buf, ending.end(), end):
+                self._local = None  # the server has no transaction: its ROLLBACK warns
+                self._local_errored = self._local_ending = self._local_rolled_back = False
+                self._local_owed = False
+                self.status = _IDLE
+                self.in_batch = False
+                return False
+            elif ending is not None:
                 out = _ROLLBACK_DONE + _READY_IDLE
                 self._local = None
             else:  # a Query or FunctionCall: refused, or skipped after the batch's error
@@ -1353,6 +1369,7 @@ class ClientSession(asyncio.Protocol):
             self.nbytes_down += len(out)
         if self._local is None and self.draining:
             self._drained()
+        return True
 
     def _ending(self, kind: int, body: bytes) -> bytes | None:
         """The server's answer to an extended-protocol message that ends a failed block
@@ -1460,6 +1477,13 @@ class ClientSession(asyncio.Protocol):
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(response)
             self.transport.close()
+
+
+def _alone(buf: bytearray, start: int, end: int) -> bool:
+    """Whether the Query text in ``buf[start:end]``, the rest of a statement that ends a
+    block, holds no other statement (only ``;``, white space, comments)."""
+    semicolon = buf.find(b";", start, end)
+    return semicolon < 0 or _NOTHING_MORE.match(buf, semicolon, end) is not None
 
 
 def _ends_session(body: bytes) -> bool:
