@@ -689,6 +689,43 @@ def test_transaction_mode_failed_block_ends_as_the_server_would(
         assert amb.terminate() == 0, amb.log_text()
 
 
+def test_transaction_mode_copy_lost_with_its_server_holds_no_server_connection(
+    server: PostgresServer, pg_ca_file: Path
+) -> None:
+    """COPY FROM STDIN whose server connection is terminated: the app is told (ERROR,
+    ReadyForQuery), and the CopyData and CopyDone it sends after that, which a server
+    ignores outside a COPY, do not take a server connection that nothing would return
+    (with --pg-pool-size 1, the next app's query would wait in vain: 53300)."""
+    made = server.query(
+        "create table if not exists copy_lost (n int); grant all on copy_lost to pooler"
+    )
+    assert made is not None
+    args = pool_args(
+        server, pg_ca_file, "transaction", "--pg-pool-size", "1", "--pg-pool-wait", "2s"
+    )
+    with run_ambassador([f"{server.host}:{server.port}"], *args) as amb:
+        port = amb.listen.port
+        app = RawApp(port, server.user)
+        pid = next(b for k, b in app.query("select pg_backend_pid()") if k == "D")
+        text = b"copy copy_lost from stdin\0"
+        app.sock.sendall(b"Q" + struct.pack("!i", 4 + len(text)) + text)
+        while len(app.buf) < 1 or app.buf[:1] != b"G":  # CopyInResponse
+            data = app.sock.recv(65536)
+            assert data, app.buf
+            app.buf += data
+        app.buf = app.buf[1 + struct.unpack_from("!i", app.buf, 1)[0] :]
+        assert server.query(f"select pg_terminate_backend({int(pid[6:])})") == "t"
+        lost = app.answer()
+        assert [k for k, _ in lost] == ["E", "Z"] and lost[-1] == ("Z", b"I"), lost
+        app.sock.sendall(b"d\0\0\0\x061\n" + b"c\0\0\0\x04")  # the app's COPY goes on
+        with connect(server, port, autocommit=True) as other:
+            assert other.execute("select 1").fetchone() == (1,)
+        assert app.query("select 2")[-1] == ("Z", b"I")
+        app.sock.close()
+        assert amb.metric(POOL + "wait_timeouts_total") == 0
+        assert amb.terminate() == 0, amb.log_text()
+
+
 def test_transaction_mode_statement_named_commit(server: PostgresServer, pg_ca_file: Path) -> None:
     """A statement named ``commit`` (a libpq prepare) is kept apart from SQL COMMIT."""
     args = pool_args(server, pg_ca_file, "transaction", "--pg-pool-size", "2")

@@ -976,6 +976,12 @@ class ClientSession(asyncio.Protocol):
                 if self.ended:  # a drain waited for the lost transaction's end
                     return
                 continue
+            if self.server is None and kind in b"dcf":
+                # COPY data, done or fail with no COPY under way (its server connection
+                # was lost): a server ignores them, so no connection is taken for them
+                # (nothing would answer, so nothing would return it)
+                pos = end
+                continue
             if self.server is None and not self._acquire(out):
                 del buf[:pos]
                 return
