@@ -23,6 +23,7 @@ import psycopg
 import pytest
 
 from podpatterns.ambassador.connection import Connection
+from podpatterns.ambassador.dial import DialError
 from podpatterns.ambassador.pgauth import startup_message
 from podpatterns.ambassador.pgpool import (
     ClientSession,
@@ -422,6 +423,54 @@ def test_server_closed_before_the_app_attached_closes_the_app() -> None:
         assert (pool.in_use, len(pool.idle), pool.resetting, pool.opening) == (0, 0, 0, 0)
         assert endpoint.active == 0
         the_app.close()
+
+    asyncio.run(scenario())
+
+
+def test_server_closed_after_it_was_granted_is_not_attached() -> None:
+    """On socket pairs, no server: transaction mode, an app waits for a server
+    connection; one is granted to it, and closes (the server spoke unasked, or went)
+    before the app's callback takes it. The pool's counts stay true (it was in use, not
+    being reset), and the app is not attached to the closed connection, where its query
+    would wait for ever: it waits again (here the next open fails, and it is told)."""
+    endpoint = Endpoint(HostPort("127.0.0.1", 1))
+
+    async def dial() -> tuple[socket.socket, Endpoint]:
+        raise DialError("refused", "connection refused", str(endpoint))
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        pools = Pools(PoolSettings(mode="transaction"), PostgresHandler(None), dial)
+        pool = pools.pool_for(startup_message("app", "postgres"))
+        pool.params = b""
+        ours, the_server = socket.socketpair()
+        server = ServerConn(pool, endpoint, b"", b"", 60.0)
+        endpoint.active += 1
+        pool.opening += 1  # being opened: the app's wait opens no other
+        await loop.create_connection(lambda: server, sock=ours)
+        ended = asyncio.Event()
+        conn = Connection("app", lambda _: ended.set())
+        key = issue_key()
+        client = ClientSession(pools, pool, conn, None, key, startup_answer(b"", key))
+        app, the_app = socket.socketpair()
+        the_app.setblocking(False)
+        await loop.connect_accepted_socket(lambda: client, app)
+        client.data_received(b"Q\0\0\0\x0dselect 1\0")  # waits for a server connection
+        pool.opened(server)  # granted to the app...
+        server.close("server_message")  # ...and closed before the app took it
+        assert (pool.in_use, pool.resetting, len(pool.idle)) == (0, 0, 0)
+        async with asyncio.timeout(CLIENT_TIMEOUT):
+            await ended.wait()  # told, and closed: not left waiting on a dead server
+        got = b""
+        async with asyncio.timeout(CLIENT_TIMEOUT):
+            while chunk := await loop.sock_recv(the_app, 65536):
+                got += chunk
+        assert b"C08006" in got and b"connection refused" in got, got
+        assert client.server is None
+        assert (pool.in_use, pool.resetting, len(pool.idle), pool.opening) == (0, 0, 0, 0)
+        the_server.close()
+        the_app.close()
+        await pools.close()
 
     asyncio.run(scenario())
 

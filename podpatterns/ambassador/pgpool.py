@@ -251,6 +251,9 @@ class ServerConn(asyncio.Protocol):
         self.idle_since = now
         self.label = str(endpoint)
         self.closed = False
+        # where the pool counts it (neither: being opened, or idle): lost() needs to know
+        self.lent = False  # in_use: taken, or granted to a waiter not yet attached
+        self.resetting = False
         self._reset_left = 0  # ReadyForQuery still awaited by a reset
         self._reset_ok = True
         self._reset_buf = b""
@@ -382,6 +385,7 @@ class Pool:
                 continue
             self.idle.pop()
             self.in_use += 1
+            server.lent = True
             self.pools.observe_wait(0.0)
             return server
         return None
@@ -452,6 +456,7 @@ class Pool:
         for fut in self.waiters:
             if not fut.done():
                 self.in_use += 1
+                server.lent = True
                 fut.set_result(server)
                 return
         if self.pools.closing:
@@ -501,13 +506,18 @@ class Pool:
 
     def returning(self, server: ServerConn) -> None:
         """``server`` leaves its app connection, to be reset (:meth:`ServerConn.reset`)."""
+        if server.closed:  # counted out when it closed (lost)
+            return
         self.in_use -= 1
         self.resetting += 1
+        server.lent, server.resetting = False, True
         server.owner = None
 
     def release(self, server: ServerConn) -> None:
         """``server`` is free again (after its reset): to a waiter or idle, unless it is
         past its lifetime or its endpoint no longer serves the target role."""
+        if server.closed:  # counted out when it closed (lost)
+            return
         if server.expired(time.monotonic()):
             server.close("max_lifetime")  # lost() counts it out of resetting
             return
@@ -515,6 +525,7 @@ class Pool:
             server.close("role_changed")
             return
         self.resetting -= 1
+        server.resetting = False
         self._give(server)
 
     def lost(self, server: ServerConn, reason: str) -> None:
@@ -522,10 +533,12 @@ class Pool:
         self.pools.closed[reason] += 1
         if server in self.idle:
             self.idle.remove(server)
-        elif server.owner is not None:
+        elif server.lent:  # an app's, or granted to one that has not taken it yet
             self.in_use -= 1
-        else:
+        elif server.resetting:
             self.resetting -= 1
+        # else: closed by its own open (counted as opening until that fails)
+        server.lent = server.resetting = False
         if server.endpoint.active > 0:
             server.endpoint.active -= 1
         if not self.pools.closing:
@@ -1041,6 +1054,9 @@ class ClientSession(asyncio.Protocol):
             return
         if exc is not None:
             self._fail(CONNECTION_FAILURE, f"podpatterns ambassador: {_describe(exc)}")
+            return
+        if fut.result().closed:  # closed after it was granted: wait for another
+            self._pump()
             return
         self._attach(fut.result())
         if self.transport is not None:
