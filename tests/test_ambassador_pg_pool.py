@@ -22,6 +22,20 @@ import asyncpg
 import psycopg
 import pytest
 
+from podpatterns.ambassador.connection import Connection
+from podpatterns.ambassador.dial import DialError
+from podpatterns.ambassador.pgauth import startup_message
+from podpatterns.ambassador.pgpool import (
+    ClientSession,
+    Pools,
+    PoolSettings,
+    ServerConn,
+    issue_key,
+    startup_answer,
+)
+from podpatterns.ambassador.postgres import PostgresHandler
+from podpatterns.ambassador.upstreams import Endpoint
+from podpatterns.options import HostPort
 from tests.ambassador_process import AmbassadorProcess, run_ambassador
 from tests.peers import PG_SERVER_NAME, POOL_USER, PostgresServer, need
 from tests.proc import run
@@ -359,6 +373,108 @@ def test_backend_terminated_by_the_server_is_not_reused(
         assert amb.metric(POOL + "server_opened_total") == 2
 
 
+def test_server_closed_before_the_app_attached_closes_the_app() -> None:
+    """On socket pairs, no server: the startup's short way (Startup.begin) lends an idle
+    server connection, which the server closes before the app's socket is attached. The
+    app is closed, not greeted with a session nobody serves (it would wait forever for
+    the answer to its first query), and the pool forgets the app's BackendKeyData (no
+    ClientSession left behind for drains and cancels, as for any app whose server
+    connection closed under it)."""
+    endpoint = Endpoint(HostPort("127.0.0.1", 1))
+
+    async def dial() -> tuple[socket.socket, Endpoint]:
+        raise AssertionError("no server connection is opened here")
+
+    class Watched(ServerConn):
+        gone = asyncio.Event()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            super().connection_lost(exc)
+            self.gone.set()
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        pools = Pools(PoolSettings(), PostgresHandler(None), dial)
+        pool = pools.pool_for(startup_message("app", "postgres"))
+        ours, the_server = socket.socketpair()
+        server = Watched(pool, endpoint, b"", b"", 60.0)
+        endpoint.active += 1
+        pool.opening += 1
+        await loop.create_connection(lambda: server, sock=ours)
+        pool.opened(server)  # idle
+        lent = pool.take()
+        assert lent is server
+        ended = asyncio.Event()
+        conn = Connection("app", lambda _: ended.set())
+        key = issue_key()
+        client = ClientSession(pools, pool, conn, lent, key, startup_answer(lent.params, key))
+        the_server.close()  # before the app's socket is attached
+        async with asyncio.timeout(CLIENT_TIMEOUT):
+            await server.gone.wait()
+        app, the_app = socket.socketpair()
+        the_app.setblocking(False)
+        await loop.connect_accepted_socket(lambda: client, app)
+        async with asyncio.timeout(CLIENT_TIMEOUT):
+            got = await loop.sock_recv(the_app, 4096)
+        assert got == b"", got  # closed, no AuthenticationOk/ReadyForQuery
+        async with asyncio.timeout(CLIENT_TIMEOUT):
+            await ended.wait()  # the app's connection finished
+        assert pools.clients == {}
+        assert (pool.in_use, len(pool.idle), pool.resetting, pool.opening) == (0, 0, 0, 0)
+        assert endpoint.active == 0
+        the_app.close()
+
+    asyncio.run(scenario())
+
+
+def test_server_closed_after_it_was_granted_is_not_attached() -> None:
+    """On socket pairs, no server: transaction mode, an app waits for a server
+    connection; one is granted to it, and closes (the server spoke unasked, or went)
+    before the app's callback takes it. The pool's counts stay true (it was in use, not
+    being reset), and the app is not attached to the closed connection, where its query
+    would wait for ever: it waits again (here the next open fails, and it is told)."""
+    endpoint = Endpoint(HostPort("127.0.0.1", 1))
+
+    async def dial() -> tuple[socket.socket, Endpoint]:
+        raise DialError("refused", "connection refused", str(endpoint))
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        pools = Pools(PoolSettings(mode="transaction"), PostgresHandler(None), dial)
+        pool = pools.pool_for(startup_message("app", "postgres"))
+        pool.params = b""
+        ours, the_server = socket.socketpair()
+        server = ServerConn(pool, endpoint, b"", b"", 60.0)
+        endpoint.active += 1
+        pool.opening += 1  # being opened: the app's wait opens no other
+        await loop.create_connection(lambda: server, sock=ours)
+        ended = asyncio.Event()
+        conn = Connection("app", lambda _: ended.set())
+        key = issue_key()
+        client = ClientSession(pools, pool, conn, None, key, startup_answer(b"", key))
+        app, the_app = socket.socketpair()
+        the_app.setblocking(False)
+        await loop.connect_accepted_socket(lambda: client, app)
+        client.data_received(b"Q\0\0\0\x0dselect 1\0")  # waits for a server connection
+        pool.opened(server)  # granted to the app...
+        server.close("server_message")  # ...and closed before the app took it
+        assert (pool.in_use, pool.resetting, len(pool.idle)) == (0, 0, 0)
+        async with asyncio.timeout(CLIENT_TIMEOUT):
+            await ended.wait()  # told, and closed: not left waiting on a dead server
+        got = b""
+        async with asyncio.timeout(CLIENT_TIMEOUT):
+            while chunk := await loop.sock_recv(the_app, 65536):
+                got += chunk
+        assert b"C08006" in got and b"connection refused" in got, got
+        assert client.server is None
+        assert (pool.in_use, pool.resetting, len(pool.idle), pool.opening) == (0, 0, 0, 0)
+        the_server.close()
+        the_app.close()
+        await pools.close()
+
+    asyncio.run(scenario())
+
+
 def test_psycopg_asyncpg_and_pgbench_through_a_session_pool(
     server: PostgresServer, pg_ca_file: Path, tmp_path: Path
 ) -> None:
@@ -553,6 +669,109 @@ def test_transaction_mode_prepared_statements_of_psycopg(
         finally:
             a.close()
             b.close()
+        assert amb.terminate() == 0, amb.log_text()
+
+
+class RawApp:
+    """An app on a bare socket (simple Query protocol): each answer up to ReadyForQuery,
+    as (kind, body) messages."""
+
+    def __init__(self, port: int, user: str) -> None:
+        params = b"user\0" + user.encode() + b"\0database\0postgres\0\0"
+        body = struct.pack("!i", 3 << 16) + params
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=CLIENT_TIMEOUT)
+        self.sock.sendall(struct.pack("!i", 4 + len(body)) + body)
+        self.buf = b""
+        self.answer()
+
+    def answer(self) -> list[tuple[str, bytes]]:
+        got: list[tuple[str, bytes]] = []
+        while True:
+            while len(self.buf) < 5 or len(self.buf) < 1 + struct.unpack_from("!i", self.buf, 1)[0]:
+                data = self.sock.recv(65536)
+                assert data, f"closed: {got!r} {self.buf!r}"
+                self.buf += data
+            end = 1 + struct.unpack_from("!i", self.buf, 1)[0]
+            got.append((chr(self.buf[0]), self.buf[5:end]))
+            self.buf = self.buf[end:]
+            if got[-1][0] == "Z":
+                return got
+
+    def query(self, sql: str) -> list[tuple[str, bytes]]:
+        text = sql.encode() + b"\0"
+        self.sock.sendall(b"Q" + struct.pack("!i", 4 + len(text)) + text)
+        return self.answer()
+
+
+def sqlstate(message: bytes) -> str:
+    """The C field of an ErrorResponse body."""
+    return next(f[1:].decode() for f in message.split(b"\0") if f[:1] == b"C")
+
+
+def test_transaction_mode_failed_block_ends_as_the_server_would(
+    server: PostgresServer, pg_ca_file: Path
+) -> None:
+    """The block's server connection terminated (pg_terminate_backend): the block is
+    answered by the ambassador until it ends. A ROLLBACK behind a comment ends it, as on
+    the server; a ROLLBACK followed by more statements in one Query runs those statements
+    (on another server connection), never answers them with ROLLBACK's tag alone."""
+    with run_ambassador(
+        [f"{server.host}:{server.port}"], *pool_args(server, pg_ca_file, "transaction")
+    ) as amb:
+        port = amb.listen.port
+        app = RawApp(port, server.user)
+        for ends in ("/* app: x */ rollback", "-- why\n rollback", "rollback; select 42"):
+            assert app.query("begin")[-1] == ("Z", b"T")
+            pid = next(b for k, b in app.query("select pg_backend_pid()") if k == "D")
+            assert server.query(f"select pg_terminate_backend({int(pid[6:])})") == "t"
+            lost = app.query("select 1")
+            assert [k for k, _ in lost] == ["E", "Z"] and lost[-1] == ("Z", b"E"), lost
+            refused = app.query("select 2")
+            assert sqlstate(refused[0][1]) == "25P02" and refused[-1] == ("Z", b"E"), refused
+            ended = app.query(ends)
+            assert ("C", b"ROLLBACK\0") in ended, (ends, ended)
+            assert ended[-1] == ("Z", b"I"), (ends, ended)
+            if "42" in ends:
+                assert ("D", b"\0\x01\0\0\0\x0242") in ended, ended
+        app.sock.close()
+        assert amb.metric(POOL + "transactions_lost_total") == 3
+        assert amb.terminate() == 0, amb.log_text()
+
+
+def test_transaction_mode_copy_lost_with_its_server_holds_no_server_connection(
+    server: PostgresServer, pg_ca_file: Path
+) -> None:
+    """COPY FROM STDIN whose server connection is terminated: the app is told (ERROR,
+    ReadyForQuery), and the CopyData and CopyDone it sends after that, which a server
+    ignores outside a COPY, do not take a server connection that nothing would return
+    (with --pg-pool-size 1, the next app's query would wait in vain: 53300)."""
+    made = server.query(
+        "create table if not exists copy_lost (n int); grant all on copy_lost to pooler"
+    )
+    assert made is not None
+    args = pool_args(
+        server, pg_ca_file, "transaction", "--pg-pool-size", "1", "--pg-pool-wait", "2s"
+    )
+    with run_ambassador([f"{server.host}:{server.port}"], *args) as amb:
+        port = amb.listen.port
+        app = RawApp(port, server.user)
+        pid = next(b for k, b in app.query("select pg_backend_pid()") if k == "D")
+        text = b"copy copy_lost from stdin\0"
+        app.sock.sendall(b"Q" + struct.pack("!i", 4 + len(text)) + text)
+        while len(app.buf) < 1 or app.buf[:1] != b"G":  # CopyInResponse
+            data = app.sock.recv(65536)
+            assert data, app.buf
+            app.buf += data
+        app.buf = app.buf[1 + struct.unpack_from("!i", app.buf, 1)[0] :]
+        assert server.query(f"select pg_terminate_backend({int(pid[6:])})") == "t"
+        lost = app.answer()
+        assert [k for k, _ in lost] == ["E", "Z"] and lost[-1] == ("Z", b"I"), lost
+        app.sock.sendall(b"d\0\0\0\x061\n" + b"c\0\0\0\x04")  # the app's COPY goes on
+        with connect(server, port, autocommit=True) as other:
+            assert other.execute("select 1").fetchone() == (1,)
+        assert app.query("select 2")[-1] == ("Z", b"I")
+        app.sock.close()
+        assert amb.metric(POOL + "wait_timeouts_total") == 0
         assert amb.terminate() == 0, amb.log_text()
 
 

@@ -131,7 +131,14 @@ _BIND_COMPLETE = b"2\0\0\0\x04"
 _CLOSE_COMPLETE = b"3\0\0\0\x04"
 _NO_DATA = b"n\0\0\0\x04"
 _NO_PARAMETERS = b"t\0\0\0\x06\0\0"  # ParameterDescription: no parameters
-_TRANSACTION_ENDS = re.compile(rb"\s*(?:rollback|abort|commit|end)\b(?!\s+to\b)", re.I)
+# what the server's lexer skips before a statement: white space, -- and /* */ comments
+_SKIPPED = rb"(?:\s|--[^\n]*(?:\n|\Z)|/\*.*?\*/)*"
+_TRANSACTION_ENDS = re.compile(
+    _SKIPPED + rb"(?:rollback|abort|commit|end)\b(?!\s+to\b)", re.I | re.S
+)
+# after the first ";" of a Query whose first statement ends a block: nothing more (else
+# the Query goes to a server connection, so that the statements after it run)
+_NOTHING_MORE = re.compile(rb"(?:;|" + _SKIPPED[3:-2] + rb")*\0?\Z", re.S)
 ABORTED_MESSAGE = "current transaction is aborted, commands ignored until end of transaction block"
 
 # Session state a transaction-mode server connection does not keep for the app: what the
@@ -263,6 +270,9 @@ class ServerConn(asyncio.Protocol):
         self.idle_since = now
         self.label = str(endpoint)
         self.closed = False
+        # where the pool counts it (neither: being opened, or idle): lost() needs to know
+        self.lent = False  # in_use: taken, or granted to a waiter not yet attached
+        self.resetting = False
         self._reset_left = 0  # ReadyForQuery still awaited by a reset
         self._reset_ok = True
         self._reset_buf = b""
@@ -411,6 +421,7 @@ class Pool:
                 continue
             self.idle.pop()
             self.in_use += 1
+            server.lent = True
             self.pools.observe_wait(0.0)
             return server
         return None
@@ -481,6 +492,7 @@ class Pool:
         for fut in self.waiters:
             if not fut.done():
                 self.in_use += 1
+                server.lent = True
                 fut.set_result(server)
                 return
         if self.pools.closing:
@@ -530,13 +542,18 @@ class Pool:
 
     def returning(self, server: ServerConn) -> None:
         """``server`` leaves its app connection, to be reset (:meth:`ServerConn.reset`)."""
+        if server.closed:  # counted out when it closed (lost)
+            return
         self.in_use -= 1
         self.resetting += 1
+        server.lent, server.resetting = False, True
         server.owner = None
 
     def release(self, server: ServerConn) -> None:
         """``server`` is free again (after its reset): to a waiter or idle, unless it is
         past its lifetime or its endpoint no longer serves the target role."""
+        if server.closed:  # counted out when it closed (lost)
+            return
         if server.expired(time.monotonic()):
             server.close("max_lifetime")  # lost() counts it out of resetting
             return
@@ -544,6 +561,7 @@ class Pool:
             server.close("role_changed")
             return
         self.resetting -= 1
+        server.resetting = False
         self._give(server)
 
     def lost(self, server: ServerConn, reason: str) -> None:
@@ -554,10 +572,12 @@ class Pool:
         server.prepared.clear()
         if server in self.idle:
             self.idle.remove(server)
-        elif server.owner is not None:
+        elif server.lent:  # an app's, or granted to one that has not taken it yet
             self.in_use -= 1
-        else:
+        elif server.resetting:
             self.resetting -= 1
+        # else: closed by its own open (counted as opening until that fails)
+        server.lent = server.resetting = False
         if server.endpoint.active > 0:
             server.endpoint.active -= 1
         if not self.pools.closing:
@@ -991,6 +1011,9 @@ class ClientSession(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
+        if self.ended:  # its server connection closed before the app's socket came
+            transport.close()  # no greeting: nobody would answer the app's queries
+            return
         transport.set_write_buffer_limits(high=256 * 1024)  # type: ignore[attr-defined]
         transport.write(self._greeting)  # type: ignore[attr-defined]
         self.nbytes_down += len(self._greeting)
@@ -1059,11 +1082,16 @@ class ClientSession(asyncio.Protocol):
                 if self.transport is not None:
                     self.transport.close()
                 return
-            if self._local is not None:  # the transaction was lost with its server
-                self._answer_locally(kind, buf, pos)
+            if self._local is not None and self._answer_locally(kind, buf, pos):
                 pos = sent_from = end
                 if self.ended:  # a drain waited for the lost transaction's end
                     return
+                continue
+            if self.server is None and kind in b"dcf":
+                # COPY data, done or fail with no COPY under way (its server connection
+                # was lost): a server ignores them, so no connection is taken for them
+                # (nothing would answer, so nothing would return it)
+                pos = end
                 continue
             if self.server is None and not self._acquire(out):
                 del buf[:pos]
@@ -1126,6 +1154,9 @@ class ClientSession(asyncio.Protocol):
             return
         if exc is not None:
             self._fail(CONNECTION_FAILURE, f"podpatterns ambassador: {_describe(exc)}")
+            return
+        if fut.result().closed:  # closed after it was granted: wait for another
+            self._pump()
             return
         self._attach(fut.result())
         if self.transport is not None:
@@ -1469,6 +1500,7 @@ class ClientSession(asyncio.Protocol):
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
         self.ended = True
+        self.pools.clients.pop(self.key, None)  # as _end does: no drain, no cancel
 
     # -- a server connection lost mid-transaction (transaction mode) ---------------------------
 
@@ -1552,27 +1584,37 @@ class ClientSession(asyncio.Protocol):
         counts.executes = 0
         counts.cycle_text = b""
 
-    def _answer_locally(self, kind: int, buf: bytearray, pos: int) -> None:
+    def _answer_locally(self, kind: int, buf: bytearray, pos: int) -> bool:
         """Answer one app message as the server would after the error of a lost
         transaction: the error once per batch (the rest skipped until Sync, COPY data
         ignored), ReadyForQuery at its end; a ROLLBACK (COMMIT, END, ABORT), simple or
-        extended, ends the failed block."""
+        extended, ends the failed block. False when the message is not answered here
+        after all (a Query whose ROLLBACK is followed by more statements: the block ends
+        and the Query goes to a server connection, which runs them all)."""
         status = self._local
         assert status is not None
         out = b""
         if kind in _REQUESTS:
             owed = self._local_owed and not self._local_errored  # the batch's error
+            end = pos + 1 + _UNPACK(buf, pos + 1)[0]
+            ending = (
+                _TRANSACTION_ENDS.match(buf, pos + 5, end)
+                if kind == _Q and status == _FAILED and not owed
+                else None
+            )
             if kind == _S and self._local_rolled_back and not self._local_errored:
                 out = _READY_IDLE
                 self._local = None
             elif kind == _S:  # the batch's messages were answered (an error skips the rest)
                 out = (self._local_error if owed else b"") + _message(b"Z", bytes((status,)))
-            elif (
-                kind == _Q
-                and status == _FAILED
-                and not owed
-                and _TRANSACTION_ENDS.match(buf, pos + 5)
-            ):
+            elif ending is not None and not _alone(buf, ending.end(), end):
+                self._local = None  # the server has no transaction: its ROLLBACK warns
+                self._local_errored = self._local_ending = self._local_rolled_back = False
+                self._local_owed = False
+                self.status = _IDLE
+                self.in_batch = False
+                return False
+            elif ending is not None:
                 out = _ROLLBACK_DONE + _READY_IDLE
                 self._local = None
             else:  # a Query or FunctionCall: refused, or skipped after the batch's error
@@ -1601,6 +1643,7 @@ class ClientSession(asyncio.Protocol):
             self.nbytes_down += len(out)
         if self._local is None and self.draining:
             self._drained()
+        return True
 
     def _ending(self, kind: int, body: bytes) -> bytes | None:
         """The server's answer to an extended-protocol message that ends a failed block
@@ -1710,6 +1753,13 @@ class ClientSession(asyncio.Protocol):
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(response)
             self.transport.close()
+
+
+def _alone(buf: bytearray, start: int, end: int) -> bool:
+    """Whether the Query text in ``buf[start:end]``, the rest of a statement that ends a
+    block, holds no other statement (only ``;``, white space, comments)."""
+    semicolon = buf.find(b";", start, end)
+    return semicolon < 0 or _NOTHING_MORE.match(buf, semicolon, end) is not None
 
 
 def _ends_session(body: bytes) -> bool:

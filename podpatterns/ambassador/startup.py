@@ -565,7 +565,7 @@ class Startup:
         if transaction and pool.params is not None:
             return pool, None, pool.params
         server = pool.take()
-        if server is None:
+        while server is None or server.closed:  # closed after it was granted: again
             fut = pool.wait()
             try:
                 server = await fut
