@@ -298,7 +298,12 @@ class OpenFile:
         (the bytes before the read position or its head differ).
 
         Otherwise the size is remembered in :attr:`seen`: bytes known to have been in
-        this generation, counted as lost if a truncation takes them unread.
+        this generation, counted as lost if a truncation takes them unread. A head
+        shorter than :data:`HEAD_BYTES` (a file read again from 0 while it was empty, and
+        not read since: reading is paused) is taken again from the bytes there now, so
+        that the next generation is told from this one: with an empty head every check
+        passes, and a later generation's size would count in :attr:`seen` (its bytes,
+        read from its copy, would then be counted lost at the next truncation).
         """
         size = self.stat_size()
         if size < self.offset:
@@ -306,6 +311,8 @@ class OpenFile:
         before = pread_exact(self.fd, len(self.recent), self.offset - len(self.recent))
         if before != self.recent or not self.fingerprint.matches(self.fd):
             return True
+        if self.fingerprint.length < HEAD_BYTES and size > self.fingerprint.length:
+            self.fingerprint = Fingerprint.of(self.fd)
         self.seen = max(self.seen, size)
         return False
 
