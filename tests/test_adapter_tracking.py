@@ -137,3 +137,35 @@ async def test_two_copytruncates_while_paused_count_nothing_lost(
     check_delivery(tail.seqs(), w.next, 0)
     assert tail.counters.truncated_bytes_lost == 0
     w.close()
+
+
+@pytest.mark.parametrize("read_before", [False, True])
+async def test_copy_seen_empty_then_filled_loses_and_freezes_nothing(
+    tmp_path: Path, read_before: bool
+) -> None:
+    """Discovery sees the copy just created and still empty (logrotate has not written it
+    yet), so it is read as a new file; then the original is truncated and rewritten.
+
+    The original is read on from 0 (never left waiting on a copy it cannot have), every
+    line is read, and the bytes the copy holds are not counted lost.
+    """
+    tail = Tail(tmp_path)
+    w = tail.writer
+    w.write(100)
+    tail.tracker.restore(tail.now)
+    if read_before:
+        await tail.read_all()
+    w.write(300)  # reading paused: unread lines
+    tail.discover()
+    copy = tail.log.with_name("access.log.1")
+    copy.touch()
+    tail.discover()  # the copy, empty: a new file
+    shutil.copyfile(tail.log, copy)
+    os.truncate(tail.log, 0)
+    w.write(50)
+    tail.discover()
+    await tail.read_all()
+    check_delivery(tail.seqs(), w.next, 0)  # the copy is read on from the original's offset
+    assert tail.counters.truncations == 1
+    assert tail.counters.truncated_bytes_lost == 0
+    w.close()

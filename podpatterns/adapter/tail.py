@@ -263,14 +263,18 @@ class OpenFile:
         """Read up to ``n`` bytes at the read position and advance it.
 
         The bytes just before the position are read again in the same call and compared
-        with those read last time, so a file truncated and rewritten between two looks is
-        never read from the middle of foreign data.
+        with those read last time (and the head, within the first :data:`HEAD_BYTES`), so
+        a file truncated and rewritten between two looks is never read from the middle of
+        foreign data, nor a new generation taken for the one read from 0.
 
         Returns:
             The bytes (empty at the end of the file), or ``None`` when the file was
             truncated or rewritten under us.
         """
         k = len(self.recent)
+        if self.offset < self.fingerprint.length and not self.fingerprint.matches(self.fd):
+            # Near the start the head is the check: at 0 there are no bytes before.
+            return None
         data = os.pread(self.fd, n + k, self.offset - k)
         if k:
             if data[:k] != self.recent:
