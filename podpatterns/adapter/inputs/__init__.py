@@ -57,7 +57,8 @@ def bind_input(
     name: str, option: str, where: HostPort | Path, kind: socket.SocketKind, mode: int, log: Any
 ) -> Bound:
     """Bind an input's socket (a unix socket file with permissions ``mode``, or a TCP or
-    UDP address, warned about beyond loopback) and log ``input_listening``.
+    UDP address, warned about beyond loopback). The caller logs ``input_listening`` once
+    it serves: a peer told the address then finds it listening.
 
     Raises:
         BindError: naming ``option``, the address and the reason.
@@ -70,7 +71,6 @@ def bind_input(
         host, port = sock.getsockname()[:2]
         bound = Bound(sock, HostPort(host, port), None)
         listen_warning(log, name, bound.address)
-    log.info("input_listening", input=name, address=str(bound.address))
     return bound
 
 

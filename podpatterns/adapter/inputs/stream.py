@@ -171,6 +171,7 @@ class StreamServer:
             self._server = await asyncio.start_server(
                 self._accepted, sock=sock, limit=self.read_chunk
             )
+        self.log.info("input_listening", input=self.name, address=str(self.address))
 
     def _accepted(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         # A plain callback: the connection's task is owned by our TaskSet, not by asyncio.

@@ -550,6 +550,7 @@ class _Listening:
         """
         self._spool = spool
         await self._serve_on(self._bind())
+        self._log.info("input_listening", input=self.name, address=str(self.address))
 
     async def _serve_on(self, sock: socket.socket) -> None:
         raise NotImplementedError
