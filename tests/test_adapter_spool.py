@@ -382,9 +382,9 @@ async def test_a_lone_surrogate_is_stored_and_read_back(tmp_path: Path) -> None:
 async def test_a_tcp_connection_dying_of_a_bug_makes_the_adapter_not_live(
     tmp_path: Path,
 ) -> None:
-    """A connection's task is asyncio's, not a TaskSet's: a bug in it (here the spool
-    raising what it never should) is logged as task_died and turns the adapter's
-    is_live() False, so /livez answers 503 instead of the input going quietly deaf."""
+    """A bug in a connection's task (here the spool raising what it never should) is
+    logged as task_died and turns the adapter's is_live() False, so /livez answers 503
+    instead of the input going quietly deaf."""
     cfg = tcp_config(tmp_path)
     adapter = Adapter(cfg, sink=ListSink())
     await adapter.start()

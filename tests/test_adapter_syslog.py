@@ -33,10 +33,10 @@ from podpatterns.adapter.inputs.syslog import (
     Framer,
     SyslogDatagramInput,
     SyslogStreamInput,
-    bind_unix,
     parse_message,
 )
 from podpatterns.errors import BindError, ConfigError
+from podpatterns.listen import bind_unix
 from podpatterns.options import HostPort
 from tests.adapter_harness import (
     ListSink,

@@ -26,6 +26,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "podpatterns.atomicfile",
             "podpatterns.dirwatch",
             "podpatterns.errors",
+            "podpatterns.listen",
             "podpatterns.logs",
             "podpatterns.metrics",
             "podpatterns.options",

@@ -263,14 +263,18 @@ class OpenFile:
         """Read up to ``n`` bytes at the read position and advance it.
 
         The bytes just before the position are read again in the same call and compared
-        with those read last time, so a file truncated and rewritten between two looks is
-        never read from the middle of foreign data.
+        with those read last time (and the head, within the first :data:`HEAD_BYTES`), so
+        a file truncated and rewritten between two looks is never read from the middle of
+        foreign data, nor a new generation taken for the one read from 0.
 
         Returns:
             The bytes (empty at the end of the file), or ``None`` when the file was
             truncated or rewritten under us.
         """
         k = len(self.recent)
+        if self.offset < self.fingerprint.length and not self.fingerprint.matches(self.fd):
+            # Near the start the head is the check: at 0 there are no bytes before.
+            return None
         data = os.pread(self.fd, n + k, self.offset - k)
         if k:
             if data[:k] != self.recent:
@@ -298,7 +302,12 @@ class OpenFile:
         (the bytes before the read position or its head differ).
 
         Otherwise the size is remembered in :attr:`seen`: bytes known to have been in
-        this generation, counted as lost if a truncation takes them unread.
+        this generation, counted as lost if a truncation takes them unread. A head
+        shorter than :data:`HEAD_BYTES` (a file read again from 0 while it was empty, and
+        not read since: reading is paused) is taken again from the bytes there now, so
+        that the next generation is told from this one: with an empty head every check
+        passes, and a later generation's size would count in :attr:`seen` (its bytes,
+        read from its copy, would then be counted lost at the next truncation).
         """
         size = self.stat_size()
         if size < self.offset:
@@ -306,6 +315,8 @@ class OpenFile:
         before = pread_exact(self.fd, len(self.recent), self.offset - len(self.recent))
         if before != self.recent or not self.fingerprint.matches(self.fd):
             return True
+        if self.fingerprint.length < HEAD_BYTES and size > self.fingerprint.length:
+            self.fingerprint = Fingerprint.of(self.fd)
         self.seen = max(self.seen, size)
         return False
 

@@ -485,15 +485,7 @@ class Tracker:
             and restarts it: :meth:`truncated`).
         """
         f = t.file
-        directory = os.path.dirname(f.path) or "."
-        recent = f.recent
-        found = find_copy(
-            directory,
-            f.fingerprint,
-            f.offset,
-            lambda fd: pread_exact(fd, len(recent), f.offset - len(recent)) == recent,
-            lambda key: key == f.key,
-        )
+        found = self._copy_of(f)
         if found is None:
             return False
         path, size = found
@@ -501,7 +493,9 @@ class Tracker:
             copy = OpenFile.open(path, f.offset)
         except OSError:
             return False
-        if copy.key in self.tracked or copy.recent != f.recent:
+        if copy.recent != f.recent or (
+            copy.key in self.tracked and not self._adopt(self.tracked[copy.key], t)
+        ):
             copy.close()
             return False
         lost = max(0, f.seen - size)
@@ -538,14 +532,45 @@ class Tracker:
         )
         return True
 
+    def _copy_of(self, f: OpenFile) -> tuple[str, int] | None:
+        """``(path, size)`` of the largest file in ``f``'s directory that holds its
+        generation up to its read position (a copytruncate copy), if any."""
+        recent = f.recent
+        return find_copy(
+            os.path.dirname(f.path) or ".",
+            f.fingerprint,
+            f.offset,
+            lambda fd: pread_exact(fd, len(recent), f.offset - len(recent)) == recent,
+            lambda key: key == f.key,
+        )
+
+    def _adopt(self, other: Tracked, t: Tracked) -> bool:
+        """Take over ``other``, a copy of ``t``'s generation that discovery opened as a new
+        file (it saw the copy before it was written, still empty), if nothing of it was
+        read yet: ``t``'s reading then goes on in it, and nothing is read twice."""
+        if (
+            other is t
+            or other.file.offset != 0
+            or other.splitter.held
+            or (other.joiner is not None and other.joiner.held_from is not None)
+        ):
+            return False
+        del self.tracked[other.key]
+        other.file.close()
+        self._counters.files_closed += 1
+        self._log.info("file_closed", path=other.path, reason="copy", offset=0)
+        return True
+
     async def truncated(self, t: Tracked, now: float) -> None:
         """Continue a truncated file from 0; its generation goes on in a copy if there is one."""
         if self.tracked.get(t.file.key) is not t or self._continue_in_copy(t, now):
             return
         f = t.file
         await self._flush(t)
-        # Bytes seen in the file and never read are gone: no copy holds them.
-        lost = max(0, f.seen - f.offset)
+        # Bytes seen in the file and never read are gone, but for those a file being
+        # read holds (a copy read as a file of its own: it holds the bytes up to its size).
+        held = self._copy_of(f)
+        lost = max(0, f.seen - max(f.offset, held[1] if held is not None else 0))
         self._counters.truncations += 1
         self._counters.truncated_bytes_lost += lost
         self._log.warning(

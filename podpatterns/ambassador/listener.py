@@ -17,7 +17,6 @@ import errno
 import os
 import socket
 import ssl
-import stat
 import weakref
 from collections.abc import Callable
 from pathlib import Path
@@ -26,6 +25,7 @@ from typing import Any
 from podpatterns.ambassador.config import ListenAddress, RouteConfig, UnixAddress
 from podpatterns.ambassador.tls import TLSContextProvider, _why
 from podpatterns.errors import BindError, ConfigError
+from podpatterns.listen import bind_inet, bind_unix
 from podpatterns.options import HostPort
 
 BACKLOG = 4096
@@ -33,54 +33,21 @@ _BATCH = 64
 
 
 def bind(address: ListenAddress, backlog: int = BACKLOG) -> socket.socket:
-    """Create, bind and listen a non-blocking socket.
+    """Create, bind and listen a non-blocking socket (:mod:`podpatterns.listen`: a stale
+    unix socket file is replaced, a live one or another file is an error).
 
     Raises:
         BindError: the address is in use, not permitted or not local.
     """
     if isinstance(address, UnixAddress):
-        return _bind_unix(address, backlog)
+        sock = bind_unix(address.path, socket.SOCK_STREAM, None, "--listen")
+    else:
+        sock = bind_inet(address, socket.SOCK_STREAM, "--listen")
     try:
-        infos = socket.getaddrinfo(
-            address.host, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )
-    except socket.gaierror as exc:
-        raise BindError(f"--listen: cannot resolve {str(address)!r}: {exc}") from None
-    family, _, _, _, addr = infos[0]
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(addr)
         sock.listen(backlog)
     except OSError as exc:
         sock.close()
-        raise BindError(f"--listen: cannot bind {address}: {exc.strerror}") from None
-    sock.setblocking(False)
-    return sock
-
-
-def _bind_unix(address: UnixAddress, backlog: int) -> socket.socket:
-    path = str(address.path)
-    with contextlib.suppress(FileNotFoundError):
-        if stat.S_ISSOCK(os.stat(path).st_mode):
-            # A socket file left by an earlier run: reuse it only if nobody listens.
-            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                probe.connect(path)
-            except OSError:
-                os.unlink(path)
-            else:
-                raise BindError(f"--listen: {address} is in use by another process")
-            finally:
-                probe.close()
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.bind(path)
-        sock.listen(backlog)
-    except OSError as exc:
-        sock.close()
-        raise BindError(f"--listen: cannot bind {address}: {exc.strerror}") from None
-    sock.setblocking(False)
+        raise BindError(f"--listen: cannot listen on {address}: {exc.strerror}") from None
     return sock
 
 
@@ -92,6 +59,7 @@ class Listener:
         sock: socket.socket,
         on_accept: Callable[[socket.socket, Any], None],
         can_resume: Callable[[], bool] = lambda: True,
+        unix: UnixAddress | None = None,
     ) -> None:
         self.sock = sock
         self._fd = sock.fileno()
@@ -102,8 +70,11 @@ class Listener:
         self.accept_errors = 0
         self.unix_path: str | None = None
         if sock.family == socket.AF_UNIX:
-            self.unix_path = sock.getsockname()
-            self.address: ListenAddress = UnixAddress(Path(self.unix_path))
+            if unix is None:
+                # bind() binds under a temporary name and renames: getsockname() has it.
+                raise ValueError("a unix socket listener needs its UnixAddress")
+            self.unix_path = str(unix.path)
+            self.address: ListenAddress = unix
         else:
             host, port = sock.getsockname()[:2]
             self.address = HostPort(host, port)

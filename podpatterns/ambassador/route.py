@@ -25,7 +25,7 @@ from prometheus_client import Histogram
 
 from podpatterns import logs
 from podpatterns.ambassador import proxy_protocol, splice, tlsleg
-from podpatterns.ambassador.config import RouteConfig
+from podpatterns.ambassador.config import RouteConfig, UnixAddress
 from podpatterns.ambassador.connection import Connection, abandon, reset_socket
 from podpatterns.ambassador.dial import Dialer, DialError, DialPolicy, classify, tune
 from podpatterns.ambassador.listener import Listener, bind, listener_tls
@@ -159,9 +159,15 @@ class Route:
     async def start(self) -> None:
         """Bind the listener and start background tasks. Raises BindError."""
         self._loop = asyncio.get_running_loop()
-        sock = bind(self.cfg.listen)
+        listen = self.cfg.listen
+        sock = bind(listen)
         self._client_family = sock.family
-        self.listener = Listener(sock, self._on_accept, can_resume=self._can_accept)
+        self.listener = Listener(
+            sock,
+            self._on_accept,
+            can_resume=self._can_accept,
+            unix=listen if isinstance(listen, UnixAddress) else None,
+        )
         self.listener.resume()
         addr = self.listener.address
         if hasattr(addr, "is_loopback") and not addr.is_loopback:

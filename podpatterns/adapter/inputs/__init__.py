@@ -17,25 +17,72 @@ transformed, shipped, and checkpointed only once every sink has acknowledged the
 
 from __future__ import annotations
 
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
+
+from podpatterns.listen import bind_inet, bind_unix
+from podpatterns.options import HostPort
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from podpatterns.options import HostPort
-
 Record = dict[str, Any]
 
 
-def listen_warning(log: Any, flag: str, bind: HostPort) -> None:
+def listen_warning(log: Any, flag: str, bind: HostPort | Path) -> None:
     """Warn when an input listens beyond loopback: anything that reaches it can push."""
-    if not bind.is_loopback:
+    if isinstance(bind, HostPort) and not bind.is_loopback:
         log.warning(
             "input_not_loopback",
             input=flag,
             address=str(bind),
             note="reachable from outside the Pod; bind 127.0.0.1 unless that is intended",
         )
+
+
+@dataclass(frozen=True, slots=True)
+class Bound:
+    """An input's socket, bound: where it listens, and its socket file's inode (for
+    :func:`podpatterns.listen.remove_unix`; ``None`` for TCP and UDP)."""
+
+    sock: socket.socket
+    address: HostPort | Path
+    unix_ino: int | None
+
+
+def bind_input(
+    name: str, option: str, where: HostPort | Path, kind: socket.SocketKind, mode: int, log: Any
+) -> Bound:
+    """Bind an input's socket (a unix socket file with permissions ``mode``, or a TCP or
+    UDP address, warned about beyond loopback). The caller logs ``input_listening`` once
+    it serves: a peer told the address then finds it listening.
+
+    Raises:
+        BindError: naming ``option``, the address and the reason.
+    """
+    if isinstance(where, Path):
+        sock = bind_unix(where, kind, mode, option)
+        bound = Bound(sock, where, os.stat(where).st_ino)
+    else:
+        sock = bind_inet(where, kind, option)
+        host, port = sock.getsockname()[:2]
+        bound = Bound(sock, HostPort(host, port), None)
+        listen_warning(log, name, bound.address)
+    return bound
+
+
+def port_of(name: str, address: HostPort | Path | None) -> int:
+    """The TCP or UDP port an input listens on.
+
+    Raises:
+        RuntimeError: not started, or a unix socket.
+    """
+    if not isinstance(address, HostPort):
+        raise RuntimeError(f"{name} has no port")
+    return address.port
 
 
 class SpoolFull(Exception):

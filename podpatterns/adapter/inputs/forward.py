@@ -50,11 +50,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
+import functools
 import importlib
 import importlib.util
-import os
-import socket
 import time
 import zlib
 from collections.abc import Iterator
@@ -62,12 +60,11 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from podpatterns import logs
-from podpatterns.adapter.inputs import Record, Spool, SpoolFull, listen_warning
+from podpatterns.adapter.inputs import Record, Spool
 from podpatterns.adapter.inputs.otlp import BadRequest, rfc3339
-from podpatterns.errors import BindError, ConfigError
+from podpatterns.adapter.inputs.stream import Connection, StreamServer
+from podpatterns.errors import ConfigError
 from podpatterns.options import HostPort
-from podpatterns.tasks import TaskSet
 
 if TYPE_CHECKING:
     from podpatterns.adapter.config import AdapterConfig
@@ -86,8 +83,6 @@ READ_CHUNK = 256 * 1024
 APPEND_RECORDS = 2000
 """Most records decoded before they are appended (a large PackedForward message is
 decoded and appended in slices, so memory stays bounded)."""
-CLOSE_TIMEOUT = 10.0
-"""Seconds close() waits for appends in flight before cancelling them."""
 MAX_DEPTH = 100
 """Deepest nesting of maps and arrays kept in a record (deeper: a bad message)."""
 RESERVED = frozenset({"tag", "timestamp", "input"})
@@ -423,18 +418,14 @@ class ForwardInput:
         self.name = name
         self.max_message = max_message
         self.counters = ForwardCounters()
-        self.address: HostPort | Path | None = None
+        self._server = StreamServer(
+            name, option, address, self._serve, self.counters, read_chunk=READ_CHUNK, mode=mode
+        )
+
+    @property
+    def address(self) -> HostPort | Path | None:
         """Where the input listens once started (the port the kernel chose, if 0)."""
-        self._configured = address
-        self._option = option
-        self._mode = mode
-        self._unix_ino: int | None = None
-        self._server: asyncio.AbstractServer | None = None
-        self._spool: Spool | None = None
-        self._reading: dict[asyncio.Task[Any], bool] = {}  # connection -> idle in read()
-        self._closing = False
-        self._tasks = TaskSet(name)
-        self._log = logs.get("adapter")
+        return self._server.address
 
     @property
     def port(self) -> int:
@@ -443,9 +434,7 @@ class ForwardInput:
         Raises:
             RuntimeError: not started, or a unix socket.
         """
-        if not isinstance(self.address, HostPort):
-            raise RuntimeError(f"{self.name} has no port")
-        return self.address.port
+        return self._server.port
 
     async def start(self, spool: Spool) -> None:
         """Bind and start accepting.
@@ -453,92 +442,40 @@ class ForwardInput:
         Raises:
             BindError: the address or path cannot be bound.
         """
-        self._spool = spool
-        where = self._configured
-        if isinstance(where, Path):
-            from podpatterns.adapter.inputs.syslog import bind_unix
+        await self._server.start(spool)
 
-            sock = bind_unix(where, socket.SOCK_STREAM, self._mode, self._option)
-            self._unix_ino = os.stat(where).st_ino
-            sock.listen(1024)
-            self._server = await asyncio.start_unix_server(
-                self._accepted, sock=sock, limit=READ_CHUNK
-            )
-            self.address = where
-        else:
-            try:
-                self._server = await asyncio.start_server(
-                    self._accepted, where.host, where.port, reuse_address=True, limit=READ_CHUNK
-                )
-            except OSError as exc:
-                raise BindError(
-                    f"{self._option}: cannot bind {where}: {exc.strerror or exc}"
-                ) from None
-            host, port = self._server.sockets[0].getsockname()[:2]
-            self.address = HostPort(host, port)
-            listen_warning(self._log, self.name, self.address)
-        self._log.info("input_listening", input=self.name, address=str(self.address))
-
-    def _accepted(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        # A plain callback: the connection's task is owned by our TaskSet, not by asyncio.
-        if self._closing:
-            writer.close()
-            return
-        self.counters.connections += 1
-        task = self._tasks.spawn(self._serve(reader, writer), f"{self.name}-conn", may_return=True)
-        self._reading[task] = True
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _serve(self, conn: Connection) -> None:
         msgpack = _msgpack()
-        spool = self._spool
-        assert spool is not None
-        task = asyncio.current_task()
-        assert task is not None
         c = self.counters
-        c.connections_open += 1
         # A partial message is held until its last byte arrives: at most one message
         # and one read beyond it.
         unpacker = _unpacker(self.max_message + READ_CHUNK, "surrogateescape")
-        conn = _Connection(self, writer)
-        try:
-            while not self._closing:
-                self._reading[task] = True
-                try:
-                    # Backpressure: nothing more is read while the spool is full.
-                    await spool.wait_for_space()
-                    data = await reader.read(READ_CHUNK)
-                except OSError as exc:
+        out = _Outbox(self, conn.writer)
+        while not self._server.closing:
+            data = await conn.read()
+            if data is None:
+                return
+            if not data:
+                if unpacker.tell() < out.fed:
+                    # The sender died or gave up mid-message: nothing of it was
+                    # stored or acknowledged.
                     c.connection_errors += 1
-                    self._log.warning("input_connection_failed", input=self.name, error=str(exc))
-                    break
-                self._reading[task] = False
-                if not data:
-                    if unpacker.tell() < conn.fed:
-                        # The sender died or gave up mid-message: nothing of it was
-                        # stored or acknowledged.
-                        c.connection_errors += 1
-                        self._log.warning(
-                            "input_connection_failed",
-                            input=self.name,
-                            error="closed inside a message",
-                        )
-                    break
-                c.bytes += len(data)
-                conn.fed += len(data)
-                try:
-                    unpacker.feed(data)
-                except msgpack.BufferFull:
-                    await self._bad(conn, f"message larger than {self.max_message} bytes")
-                    break
-                if not await self._messages(unpacker, conn):
-                    break
-                await conn.flush()
-        finally:
-            c.connections_open -= 1
-            self._reading.pop(task, None)
-            writer.close()
+                    self._server.log.warning(
+                        "input_connection_failed", input=self.name, error="closed inside a message"
+                    )
+                return
+            c.bytes += len(data)
+            out.fed += len(data)
+            try:
+                unpacker.feed(data)
+            except msgpack.BufferFull:
+                await self._bad(out, f"message larger than {self.max_message} bytes")
+                return
+            if not await self._messages(unpacker, out):
+                return
+            await out.flush()
 
-    async def _messages(self, unpacker: Any, conn: _Connection) -> bool:
+    async def _messages(self, unpacker: Any, out: _Outbox) -> bool:
         """Decode and stage the complete messages fed so far; False after a bad one."""
         msgpack = _msgpack()
         c = self.counters
@@ -550,7 +487,7 @@ class ForwardInput:
                 return True
             except (ValueError, TypeError, msgpack.UnpackException) as exc:
                 # Not msgpack (msgpack's limits, derived from the buffer's, included).
-                await self._bad(conn, f"not msgpack: {exc or type(exc).__name__}")
+                await self._bad(out, f"not msgpack: {exc or type(exc).__name__}")
                 return False
             end = unpacker.tell()
             try:
@@ -565,77 +502,47 @@ class ForwardInput:
                 for rec in records:
                     events += 1
                     staged.append(rec)
-                    if len(staged) + len(conn.pending) >= APPEND_RECORDS:
-                        conn.pending += staged
+                    if len(staged) + len(out.pending) >= APPEND_RECORDS:
+                        out.pending += staged
                         staged = []
-                        await conn.flush()
+                        await out.flush()
             except BadMessage as exc:
-                await self._bad(conn, str(exc))
+                await self._bad(out, str(exc))
                 return False
-            conn.pending += staged
+            out.pending += staged
             c.messages += 1
             if size is not None and size != events:
                 c.size_mismatches += 1
             if chunk is not None:
-                conn.acks.append(chunk)
+                out.acks.append(chunk)
 
-    async def _bad(self, conn: _Connection, reason: str) -> None:
+    async def _bad(self, out: _Outbox, reason: str) -> None:
         """Store and acknowledge the good messages before a bad one, then count and log
         it (its connection is then closed)."""
-        await conn.flush()
+        await out.flush()
         self.counters.bad_messages += 1
-        self._log.warning("forward_bad_message", input=self.name, reason=reason[:200])
+        self._server.log.warning("forward_bad_message", input=self.name, reason=reason[:200])
 
     async def append(self, records: list[Record]) -> bool:
         """Append, waiting while the spool is full; retry a failing disk. False when
         shutting down with the spool full (nothing makes room; nothing acknowledged)."""
-        spool = self._spool
-        assert spool is not None
+        server = self._server
         c = self.counters
-        delay = 0.05
-        while True:
-            try:
-                await spool.append(records, source=self.name)
-            except SpoolFull:
-                if self._closing:
-                    c.records_dropped += len(records)
-                    return False
-                c.paused += 1
-                await spool.wait_for_space()
-                continue
-            except OSError:
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
-                continue
+        if await server.append(functools.partial(server.spool.append, records, source=self.name)):
             c.records += len(records)
             return True
+        c.records_dropped += len(records)
+        return False
 
     async def close(self) -> None:
         """Stop accepting; connections idle in a read end, appends in flight finish
-        (within :data:`CLOSE_TIMEOUT`) and their messages are acknowledged."""
-        self._closing = True
-        if self._server is not None:
-            self._server.close()
-        for task, idle in list(self._reading.items()):
-            if idle:
-                task.cancel()
-        busy = [t for t in self._reading if not t.done()]
-        if busy:
-            await asyncio.wait(busy, timeout=CLOSE_TIMEOUT)
-        await self._tasks.aclose()
-        if self._server is not None:
-            await self._server.wait_closed()
-        path = self._configured
-        if isinstance(path, Path) and self._unix_ino is not None:
-            # Our socket file only: another process may have replaced it since.
-            with contextlib.suppress(OSError):
-                if os.lstat(path).st_ino == self._unix_ino:
-                    os.unlink(path)
-            self._unix_ino = None
+        (within :data:`~podpatterns.adapter.inputs.stream.CLOSE_TIMEOUT`) and their
+        messages are acknowledged."""
+        await self._server.close()
 
     def is_live(self) -> bool:
         """No connection task of the input has died of a bug."""
-        return self._tasks.healthy
+        return self._server.is_live()
 
     def collect(self) -> dict[str, float]:
         """Connections, bytes, messages, records, acks, bad messages, pauses."""
@@ -643,7 +550,7 @@ class ForwardInput:
         return {f.name: float(getattr(c, f.name)) for f in fields(c)}
 
 
-class _Connection:
+class _Outbox:
     """What one connection has decoded and not yet appended, and the acks that wait for
     that append."""
 

@@ -29,19 +29,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import os
 import re
 import socket
-import stat
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from podpatterns import logs
-from podpatterns.adapter.inputs import Record, Spool, SpoolFull, listen_warning
-from podpatterns.errors import BindError
+from podpatterns.adapter.inputs import Record, Spool, SpoolFull, bind_input, port_of
+from podpatterns.adapter.inputs.stream import Connection, StreamServer
+from podpatterns.listen import remove_unix
 from podpatterns.options import HostPort
 from podpatterns.tasks import TaskSet
 
@@ -55,7 +54,6 @@ __all__ = [
     "SyslogCounters",
     "SyslogDatagramInput",
     "SyslogStreamInput",
-    "bind_unix",
     "decode_block",
     "inputs_from_config",
     "parse_message",
@@ -86,8 +84,6 @@ SEVERITIES = ("emerg", "alert", "crit", "err", "warning", "notice", "info", "deb
 
 READ_CHUNK = 256 * 1024
 """Bytes a stream input reads (and appends) per turn."""
-CLOSE_TIMEOUT = 10.0
-"""Seconds close() waits for appends in flight before cancelling them."""
 DATAGRAM_BATCH = 2000
 """Most datagrams parsed and appended at once."""
 DATAGRAM_PENDING_BYTES = 4 * 1024 * 1024
@@ -435,6 +431,8 @@ class SyslogCounters:
         connections: stream connections accepted.
         connections_open: stream connections open now.
         connection_errors: stream connections ended by an error.
+        paused: stream appends refused because the spool was full (the connection
+            paused).
     """
 
     messages: int = 0
@@ -446,9 +444,10 @@ class SyslogCounters:
     connections: int = 0
     connections_open: int = 0
     connection_errors: int = 0
+    paused: int = 0
 
 
-_CONNECTION_COUNTERS = ("connections", "connections_open", "connection_errors")
+_STREAM_COUNTERS = ("connections", "connections_open", "connection_errors", "paused")
 
 
 class _Records:
@@ -502,81 +501,6 @@ def decode_block(data: bytes, source: str) -> list[Record]:
     return _Records(SyslogCounters()).decode(data, source, 64 * 1024)
 
 
-# -- sockets --------------------------------------------------------------------------
-
-
-def bind_unix(path: Path, kind: socket.SocketKind, mode: int, option: str) -> socket.socket:
-    """Bind a unix socket at ``path`` with permissions ``mode``, replacing a stale one.
-
-    The socket is bound under a temporary name in the same directory, given its mode,
-    then renamed over ``path``: an app never sees it with the wrong permissions, and a
-    socket file left by an earlier run is replaced in one step. A path that exists and
-    is not a socket, or a socket something still listens on, is an error.
-
-    Raises:
-        BindError: naming ``option``, the path and the reason.
-    """
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        pass
-    except OSError as exc:
-        raise BindError(f"{option}: cannot use {str(path)!r}: {exc.strerror}") from None
-    else:
-        if not stat.S_ISSOCK(st.st_mode):
-            raise BindError(
-                f"{option}: {str(path)!r} exists and is not a socket (remove it, or choose "
-                "another path)"
-            )
-        probe = socket.socket(socket.AF_UNIX, kind)
-        probe.setblocking(False)  # a live server with a full backlog must not block us
-        try:
-            probe.connect(str(path))
-        except BlockingIOError:
-            live = True  # its backlog is full: very much alive
-        except OSError:
-            live = False  # nobody listens: a stale socket file, replaced below
-        else:
-            live = True
-        finally:
-            probe.close()
-        if live:
-            raise BindError(f"{option}: {str(path)!r} is in use by another process")
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    sock = socket.socket(socket.AF_UNIX, kind)
-    try:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        sock.bind(str(tmp))
-        os.chmod(tmp, mode)
-        os.rename(tmp, path)
-    except OSError as exc:
-        sock.close()
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise BindError(f"{option}: cannot bind {str(path)!r}: {exc.strerror or exc}") from None
-    sock.setblocking(False)
-    return sock
-
-
-def _bind_inet(address: HostPort, kind: socket.SocketKind, option: str) -> socket.socket:
-    try:
-        infos = socket.getaddrinfo(address.host, address.port, type=kind, flags=socket.AI_PASSIVE)
-    except socket.gaierror as exc:
-        raise BindError(f"{option}: cannot resolve {str(address)!r}: {exc}") from None
-    family, _, _, _, addr = infos[0]
-    sock = socket.socket(family, kind)
-    try:
-        if kind == socket.SOCK_STREAM:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(addr)
-    except OSError as exc:
-        sock.close()
-        raise BindError(f"{option}: cannot bind {address}: {exc.strerror}") from None
-    sock.setblocking(False)
-    return sock
-
-
 class _Listening:
     """What the syslog inputs share: binding, the unix socket file, counters.
 
@@ -626,23 +550,17 @@ class _Listening:
         """
         self._spool = spool
         await self._serve_on(self._bind())
+        self._log.info("input_listening", input=self.name, address=str(self.address))
 
     async def _serve_on(self, sock: socket.socket) -> None:
         raise NotImplementedError
 
     def _bind(self) -> socket.socket:
-        where = self._configured
-        if isinstance(where, Path):
-            sock = bind_unix(where, self.kind, self._mode, self._option)
-            self._unix_ino = os.stat(where).st_ino
-            self.address = where
-        else:
-            sock = _bind_inet(where, self.kind, self._option)
-            host, port = sock.getsockname()[:2]
-            self.address = HostPort(host, port)
-            listen_warning(self._log, self.name, self.address)
-        self._log.info("input_listening", input=self.name, address=str(self.address))
-        return sock
+        bound = bind_input(
+            self.name, self._option, self._configured, self.kind, self._mode, self._log
+        )
+        self.address, self._unix_ino = bound.address, bound.unix_ino
+        return bound.sock
 
     @property
     def port(self) -> int:
@@ -651,17 +569,12 @@ class _Listening:
         Raises:
             RuntimeError: not started, or a unix socket.
         """
-        if not isinstance(self.address, HostPort):
-            raise RuntimeError(f"{self.name} has no port")
-        return self.address.port
+        return port_of(self.name, self.address)
 
     def _remove_socket_file(self) -> None:
         """Remove our unix socket file, unless another process has replaced it since."""
-        path = self._configured
-        if isinstance(path, Path) and self._unix_ino is not None:
-            with contextlib.suppress(OSError):
-                if os.lstat(path).st_ino == self._unix_ino:
-                    os.unlink(path)
+        if isinstance(self._configured, Path):
+            remove_unix(self._configured, self._unix_ino)
             self._unix_ino = None
 
     def is_live(self) -> bool:
@@ -671,7 +584,7 @@ class _Listening:
     def collect(self) -> dict[str, float]:
         """The input's counters (name -> value), those of connections for streams only."""
         c = self.counters
-        skip = () if self.kind == socket.SOCK_STREAM else _CONNECTION_COUNTERS
+        skip = () if self.kind == socket.SOCK_STREAM else _STREAM_COUNTERS
         return {f.name: float(getattr(c, f.name)) for f in fields(c) if f.name not in skip}
 
 
@@ -685,130 +598,81 @@ class SyslogStreamInput(_Listening):
     kind = socket.SOCK_STREAM
 
     def _setup(self) -> None:
-        self._server: asyncio.AbstractServer | None = None
-        self._reading: dict[asyncio.Task[Any], bool] = {}  # connection -> idle in read()
+        self._server = StreamServer(
+            self.name,
+            self._option,
+            self._configured,
+            self._serve,
+            self.counters,
+            read_chunk=READ_CHUNK,
+            mode=self._mode,
+        )
 
-    async def _serve_on(self, sock: socket.socket) -> None:
-        sock.listen(1024)
-        if sock.family == socket.AF_UNIX:
-            self._server = await asyncio.start_unix_server(
-                self._accepted, sock=sock, limit=READ_CHUNK
-            )
-        else:
-            self._server = await asyncio.start_server(self._accepted, sock=sock, limit=READ_CHUNK)
+    async def start(self, spool: Spool) -> None:
+        """Bind and start serving.
 
-    def _accepted(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        # A plain callback: the connection's task is owned by our TaskSet, not by asyncio.
-        if self._closing:
-            writer.close()
-            return
-        self.counters.connections += 1
-        task = self._tasks.spawn(self._serve(reader, writer), f"{self.name}-conn", may_return=True)
-        self._reading[task] = True
+        Raises:
+            BindError: the address or path cannot be bound.
+        """
+        self._spool = spool
+        await self._server.start(spool)
+        self.address = self._server.address
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        assert self._spool is not None
-        spool = self._spool
-        task = asyncio.current_task()
-        assert task is not None
+    async def _serve(self, conn: Connection) -> None:
+        server = self._server
+        spool = server.spool
         framer = Framer(self.max_message)
         c = self.counters
-        c.connections_open += 1
-        try:
-            while not self._closing:
-                self._reading[task] = True
-                try:
-                    # Backpressure: nothing more is read while the spool is full.
-                    await spool.wait_for_space()
-                    data = await reader.read(READ_CHUNK)
-                except (ConnectionError, OSError):
-                    c.connection_errors += 1
-                    data = b""
-                self._reading[task] = False
-                c.bytes_read += len(data)
-                block = framer.take(data) if data else None
-                if block:
-                    count = block.count(b"\n")
-                    if not await _append_waiting(
-                        functools.partial(
-                            spool.append_raw,
-                            block,
-                            source=self.name,
-                            kind="syslog",
-                            count=count,
-                            decode=self._decode,
-                        ),
-                        spool,
-                        self._is_closing,
-                    ):
-                        c.dropped += count
-                    continue
-                if block is not None:
-                    continue
-                # At the end, feed() first: what take() held may start with a digit
-                # (octet counting), which only feed() frames.
-                messages = framer.feed(data)
-                if not data:
-                    last = framer.flush()
-                    if last is not None:
-                        messages.append(last)
-                if messages:
-                    records = self._records.make(messages)
-                    if not await _append_waiting(
-                        functools.partial(spool.append, records, source=self.name),
-                        spool,
-                        self._is_closing,
-                    ):
-                        c.dropped += len(records)
-                if not data:
-                    break
-        finally:
-            c.connections_open -= 1
-            self._reading.pop(task, None)
-            writer.close()
-
-    def _is_closing(self) -> bool:
-        return self._closing
+        while not server.closing:
+            data = await conn.read()
+            if data is None:
+                data = b""  # the connection failed: what the framer holds is appended
+            c.bytes_read += len(data)
+            block = framer.take(data) if data else None
+            if block:
+                count = block.count(b"\n")
+                if not await server.append(
+                    functools.partial(
+                        spool.append_raw,
+                        block,
+                        source=self.name,
+                        kind="syslog",
+                        count=count,
+                        decode=self._decode,
+                    )
+                ):
+                    c.dropped += count
+                continue
+            if block is not None:
+                continue
+            # At the end, feed() first: what take() held may start with a digit
+            # (octet counting), which only feed() frames.
+            messages = framer.feed(data)
+            if not data:
+                last = framer.flush()
+                if last is not None:
+                    messages.append(last)
+            if messages:
+                records = self._records.make(messages)
+                if not await server.append(
+                    functools.partial(spool.append, records, source=self.name)
+                ):
+                    c.dropped += len(records)
+            if not data:
+                return
 
     def _decode(self, data: bytes, source: str) -> list[Record]:
         return self._records.decode(data, source, self.max_message)
 
     async def close(self) -> None:
         """Stop accepting; connections idle in a read end, appends in flight finish
-        (within :data:`CLOSE_TIMEOUT`)."""
+        (within :data:`~podpatterns.adapter.inputs.stream.CLOSE_TIMEOUT`)."""
         self._closing = True
-        if self._server is not None:
-            self._server.close()
-        for task, idle in list(self._reading.items()):
-            if idle:
-                task.cancel()
-        busy = [t for t in self._reading if not t.done()]
-        if busy:
-            await asyncio.wait(busy, timeout=CLOSE_TIMEOUT)
-        await self._tasks.aclose()
-        if self._server is not None:
-            await self._server.wait_closed()
-        self._remove_socket_file()
+        await self._server.close()
 
-
-async def _append_waiting(
-    append: Callable[[], Awaitable[None]], spool: Spool, closing: Callable[[], bool]
-) -> bool:
-    """Append (``append()``), waiting while the spool is full (a stream pushes back);
-    retry a failing disk. Returns False when shutting down with the spool full (nothing
-    makes room)."""
-    delay = 0.05
-    while True:
-        try:
-            await append()
-            return True
-        except SpoolFull:
-            if closing():
-                return False
-            await spool.wait_for_space()
-        except OSError:
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
+    def is_live(self) -> bool:
+        """No connection task of the input has died of a bug."""
+        return self._server.is_live()
 
 
 class SyslogDatagramInput(_Listening):

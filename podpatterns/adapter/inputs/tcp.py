@@ -11,17 +11,17 @@ app's to resend (documented in docs/adapter.md).
 
 from __future__ import annotations
 
-import asyncio
+import functools
 import json
+from dataclasses import dataclass, fields
 from typing import Any
 
-from podpatterns import logs
-from podpatterns.adapter.inputs import Record, Spool, SpoolFull, listen_warning
+from podpatterns.adapter.inputs import Record, Spool
+from podpatterns.adapter.inputs.stream import Connection, StreamServer
 from podpatterns.adapter.lines import Line, LineSplitter
-from podpatterns.errors import BindError
 from podpatterns.options import HostPort
 
-__all__ = ["TcpInput", "line_record"]
+__all__ = ["TcpCounters", "TcpInput", "line_record"]
 
 READ_CHUNK = 64 * 1024
 
@@ -42,6 +42,20 @@ def line_record(line: Line) -> Record:
     return rec
 
 
+@dataclass
+class TcpCounters:
+    """Plain integers counted by the TCP input, read at scrape time."""
+
+    connections: int = 0
+    connections_open: int = 0
+    records: int = 0
+    bytes: int = 0
+    lines_truncated: int = 0
+    paused: int = 0
+    records_dropped: int = 0
+    connection_errors: int = 0
+
+
 class TcpInput:
     """Accept connections on ``bind`` and spool their lines.
 
@@ -55,24 +69,17 @@ class TcpInput:
         self.name = name
         self.bind = bind
         self.max_line = max_line
-        self.address: tuple[str, int] | None = None
-        """The address bound (the port the kernel chose for port 0)."""
-        self._server: asyncio.Server | None = None
-        self._spool: Spool | None = None
-        self._conns: dict[asyncio.Task[Any], bool] = {}  # task -> reading (not appending)
-        self._closing = False
-        self._died = False
-        self._c = {
-            "connections": 0,
-            "connections_open": 0,
-            "records": 0,
-            "bytes": 0,
-            "lines_truncated": 0,
-            "paused": 0,
-            "records_dropped": 0,
-            "connection_errors": 0,
-        }
-        self._log = logs.get("adapter")
+        self.counters = TcpCounters()
+        self._server = StreamServer(
+            name, "--tcp-listen", bind, self._serve, self.counters, read_chunk=READ_CHUNK
+        )
+
+    @property
+    def address(self) -> tuple[str, int] | None:
+        """The address bound (the port the kernel chose for port 0); ``None`` before
+        :meth:`start`."""
+        bound = self._server.address
+        return (bound.host, bound.port) if isinstance(bound, HostPort) else None
 
     async def start(self, spool: Spool) -> None:
         """Bind and start accepting.
@@ -80,111 +87,46 @@ class TcpInput:
         Raises:
             BindError: the address is in use or not permitted.
         """
-        self._spool = spool
-        try:
-            self._server = await asyncio.start_server(
-                self._serve, self.bind.host, self.bind.port, reuse_address=True
-            )
-        except OSError as exc:
-            raise BindError(
-                f"--tcp-listen: cannot bind {self.bind}: {exc.strerror or exc}"
-            ) from None
-        sock = self._server.sockets[0].getsockname()
-        self.address = (sock[0], sock[1])
-        listen_warning(self._log, "tcp", self.bind)
-        self._log.info("input_listening", input=self.name, address=f"{sock[0]}:{sock[1]}")
+        await self._server.start(spool)
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._conns[task] = True
-        c = self._c
-        c["connections"] += 1
-        c["connections_open"] += 1
-        try:
-            await self._read(reader, task)
-        except asyncio.CancelledError:
-            if not self._closing:
-                raise
-        except (OSError, asyncio.IncompleteReadError) as exc:
-            # One connection failing is counted and logged; it never stops the input.
-            c["connection_errors"] += 1
-            self._log.warning("input_connection_failed", input=self.name, error=str(exc))
-        except Exception:
-            # A bug: the connection's task is asyncio's, so its death is noticed here.
-            self._died = True
-            self._log.exception("task_died", task=f"{self.name}-conn")
-        finally:
-            c["connections_open"] -= 1
-            self._conns.pop(task, None)
-            writer.close()
-
-    async def _read(self, reader: asyncio.StreamReader, task: asyncio.Task[Any]) -> None:
+    async def _serve(self, conn: Connection) -> None:
+        server = self._server
+        c = self.counters
         splitter = LineSplitter(b"\n", self.max_line)
-        while True:
-            self._conns[task] = True
-            data = await reader.read(READ_CHUNK)
-            self._conns[task] = False
+        while not server.closing:
+            data = await conn.read()
+            if data is None:
+                return
             lines = splitter.feed(data) if data else []
             if not data:
                 last = splitter.flush()  # the app closed after an unterminated line
                 if last is not None:
                     lines.append(last)
             if lines:
-                self._c["bytes"] += sum(len(ln.data) for ln in lines)
-                await self._append([line_record(ln) for ln in lines])
-            if splitter.truncated_lines:
-                self._c["lines_truncated"] += splitter.truncated_lines
-                splitter.truncated_lines = 0
-            if not data or self._closing:
-                return
-
-    async def _append(self, records: list[Record]) -> None:
-        """Append until the spool takes them: a full spool pauses this connection."""
-        spool = self._spool
-        assert spool is not None
-        delay = 0.05
-        while True:
-            try:
-                await spool.append(records, source=self.name)
-            except SpoolFull:
-                if self._closing:
+                c.bytes += sum(len(ln.data) for ln in lines)
+                records = [line_record(ln) for ln in lines]
+                append = functools.partial(server.spool.append, records, source=self.name)
+                if await server.append(append):
+                    c.records += len(records)
+                else:
                     # Shutting down with the sink down: nothing will make room.
-                    self._c["records_dropped"] += len(records)
-                    return
-                self._c["paused"] += 1
-                await spool.wait_for_space()
-                continue
-            except OSError:
-                # The disk failed: keep the records and try again; reading stays paused.
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
-                continue
-            self._c["records"] += len(records)
-            return
+                    c.records_dropped += len(records)
+            if splitter.truncated_lines:
+                c.lines_truncated += splitter.truncated_lines
+                splitter.truncated_lines = 0
+            if not data:
+                return
 
     async def close(self) -> None:
         """Stop accepting; connections waiting for data are closed, those appending
         finish their append first."""
-        self._closing = True
-        if self._server is not None:
-            self._server.close()
-        for task, reading in list(self._conns.items()):
-            if reading:
-                task.cancel()
-        if self._conns:
-            _, pending = await asyncio.wait(list(self._conns), timeout=10)
-            for task in pending:
-                task.cancel()
-            if pending:
-                await asyncio.wait(pending)
-        if self._server is not None:
-            await self._server.wait_closed()
+        await self._server.close()
 
     def is_live(self) -> bool:
         """False once a connection's task died of a bug (logged as ``task_died``)."""
-        return not self._died
+        return self._server.is_live()
 
     def collect(self) -> dict[str, float]:
         """Connections, records and bytes received, lines truncated, pauses."""
-        return {k: float(v) for k, v in self._c.items()}
+        c = self.counters
+        return {f.name: float(getattr(c, f.name)) for f in fields(c)}
