@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import signal
 import socket
 import subprocess
@@ -272,6 +273,27 @@ def test_repeated_sigterm_still_exits_0(procs: list[Proc]) -> None:
         with contextlib.suppress(ProcessLookupError):
             p.p.send_signal(signal.SIGTERM)
         time.sleep(0.001)  # a signal every millisecond: the teardown window is longer
+    assert p.wait(10) == 0
+    up.close()
+
+
+def test_only_the_main_thread_takes_stop_signals(procs: list[Proc]) -> None:
+    """Every other thread of a running ambassador (libuv's pool, the default executor)
+    blocks SIGTERM and SIGINT: one taken by a worker in the instant the exit swaps the
+    handlers for SIG_IGN would kill the process (the repeated-SIGTERM test saw 143)."""
+    up, port = _upstream_server()
+    p = ambassador(procs, f"{LOOP}:{port}")
+    p.wait_event("runtime_phase", lambda e: e.get("phase") == "ready")
+    stop = (1 << (signal.SIGTERM - 1)) | (1 << (signal.SIGINT - 1))
+    blocked = {}
+    for task in Path(f"/proc/{p.p.pid}/task").iterdir():
+        status = (task / "status").read_text()
+        mask = int(re.search(r"^SigBlk:\s*([0-9a-f]+)", status, re.M)[1], 16)  # type: ignore[index]
+        blocked[int(task.name)] = mask & stop == stop
+    assert len(blocked) > 1, blocked  # the thread pool was started
+    assert blocked.pop(p.p.pid) is False  # the main thread takes them
+    assert all(blocked.values()), blocked
+    p.p.send_signal(signal.SIGTERM)
     assert p.wait(10) == 0
     up.close()
 

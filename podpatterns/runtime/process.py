@@ -12,8 +12,10 @@ import gc
 import os
 import resource
 import signal
+import socket
 import sys
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from podpatterns import logs
@@ -45,6 +47,33 @@ def serve(config: RuntimeConfig, make: Callable[[], Runtime]) -> int:
 
 STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT})
 """The signals the entry point holds until a command has its handlers (``__main__``)."""
+
+
+def hold_stop_signals() -> None:
+    """Block :data:`STOP_SIGNALS` in the calling thread (a thread it starts inherits it)."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+
+
+async def start_worker_threads_holding_stop_signals() -> None:
+    """Start the loop's worker threads with :data:`STOP_SIGNALS` blocked in them, so that
+    a stop signal is only ever delivered to the main thread.
+
+    At exit the handlers are swapped for SIG_IGN with the signals blocked in the main
+    thread (:func:`_serve`); in between the disposition is the default one for an
+    instant, and a SIGTERM that a worker thread took then killed the process (143). The
+    default executor's threads block them as they start; libuv's thread pool (uvloop's
+    getaddrinfo) starts all its threads at its first use, so it is used once here, with
+    the signals held, and its threads inherit the mask.
+    """
+    loop = asyncio.get_running_loop()
+    loop.set_default_executor(ThreadPoolExecutor(initializer=hold_stop_signals))
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        # numeric: no resolver, only the pool's threads started (a no-op for asyncio's loop,
+        # whose getaddrinfo runs in the default executor above)
+        await loop.getaddrinfo("127.0.0.1", None, flags=socket.AI_NUMERICHOST)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 def release_stop_signals() -> None:
@@ -120,6 +149,7 @@ async def _serve(make: Callable[[], Runtime]) -> int:
             os._exit(ExitCode.FORCED)
         runtime.request_shutdown("SIGINT")
 
+    await start_worker_threads_holding_stop_signals()
     loop.add_signal_handler(signal.SIGTERM, runtime.request_shutdown, "SIGTERM")
     loop.add_signal_handler(signal.SIGINT, on_sigint)
     release_stop_signals()  # a SIGTERM that came while starting is handled now
