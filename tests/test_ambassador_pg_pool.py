@@ -113,6 +113,19 @@ def pid_and(server: PostgresServer, port: int, sql: str) -> tuple[str, str]:
     return pid, answer
 
 
+async def app_connect(server: PostgresServer, port: int, **kw: object) -> asyncpg.Connection:
+    """An asyncpg connection through the ambassador, without a password."""
+    return await asyncpg.connect(
+        host="127.0.0.1",
+        port=port,
+        user=server.user,
+        database="postgres",
+        ssl=False,
+        timeout=10,
+        **kw,
+    )
+
+
 # -- session mode ----------------------------------------------------------------------------
 
 
@@ -233,37 +246,16 @@ def test_exhausted_pool_answers_53300_after_the_wait(
 
         async def apps() -> None:
             # the same client library for both: the pool key is the startup parameters
-            held = await asyncpg.connect(
-                host="127.0.0.1",
-                port=port,
-                user=server.user,
-                database="postgres",
-                ssl=False,
-                timeout=10,
-            )
+            held = await app_connect(server, port)
             try:
                 with pytest.raises(asyncpg.TooManyConnectionsError) as err:  # SQLSTATE 53300
-                    await asyncpg.connect(
-                        host="127.0.0.1",
-                        port=port,
-                        user=server.user,
-                        database="postgres",
-                        ssl=False,
-                        timeout=10,
-                    )
+                    await app_connect(server, port)
                 assert err.value.sqlstate == "53300"
                 assert "--pg-pool-wait" in str(err.value)
             finally:
                 await held.close()
             # the held connection is back: the next app gets it
-            again = await asyncpg.connect(
-                host="127.0.0.1",
-                port=port,
-                user=server.user,
-                database="postgres",
-                ssl=False,
-                timeout=10,
-            )
+            again = await app_connect(server, port)
             assert await again.fetchval("select 1") == 1
             await again.close()
 
@@ -488,14 +480,7 @@ def test_psycopg_asyncpg_and_pgbench_through_a_session_pool(
             assert big is not None and len(big[0]) == 1000000
 
         async def with_asyncpg() -> object:
-            conn = await asyncpg.connect(
-                host="127.0.0.1",
-                port=port,
-                user=server.user,
-                database="postgres",
-                ssl=False,
-                timeout=10,
-            )
+            conn = await app_connect(server, port)
             try:
                 return await conn.fetchval("select $1::int + 1", 41)
             finally:
@@ -610,14 +595,7 @@ def test_transaction_mode_prepared_statements_of_asyncpg(
         port = amb.listen.port
 
         async def app(n: int) -> tuple[list[int], set[int]]:
-            conn = await asyncpg.connect(
-                host="127.0.0.1",
-                port=port,
-                user=server.user,
-                database="postgres",
-                ssl=False,
-                timeout=10,
-            )
+            conn = await app_connect(server, port)
             try:
                 answers: list[int] = []
                 pids: set[int] = set()

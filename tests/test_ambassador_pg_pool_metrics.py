@@ -20,6 +20,7 @@ from tests.ambassador_process import AmbassadorProcess, run_ambassador
 from tests.peers import PostgresServer
 from tests.test_ambassador_pg_pool import (
     POOL,
+    app_connect,
     connect,
     idle_is,
     pool_args,
@@ -48,19 +49,6 @@ def counts(amb: AmbassadorProcess) -> dict[str, object]:
         "durations": amb.metric(PG + "query_duration_seconds_count"),
         "errors": errors,
     }
-
-
-async def app_connect(server: PostgresServer, port: int, **kw: object) -> asyncpg.Connection:
-    """An asyncpg connection through the ambassador, without a password."""
-    return await asyncpg.connect(
-        host="127.0.0.1",
-        port=port,
-        user=server.user,
-        database="postgres",
-        ssl=False,
-        timeout=10,
-        **kw,
-    )
 
 
 def pgbench_prepared(server: PostgresServer, port: int, tmp_path: Path, *args: str) -> None:

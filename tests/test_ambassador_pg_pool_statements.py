@@ -17,8 +17,8 @@ import pytest
 
 from tests.ambassador_process import run_ambassador
 from tests.peers import PostgresServer
-from tests.test_ambassador_pg_pool import POOL, connect, pool_args, server
-from tests.test_ambassador_pg_pool_metrics import app_connect, pgbench_prepared
+from tests.test_ambassador_pg_pool import POOL, app_connect, connect, pool_args, server
+from tests.test_ambassador_pg_pool_metrics import pgbench_prepared
 
 pytest_plugins = ("tests.peer_fixtures",)
 pytestmark = pytest.mark.peer
