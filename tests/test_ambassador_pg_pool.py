@@ -11,6 +11,7 @@ process ID (``pg_backend_pid()``).
 from __future__ import annotations
 
 import asyncio
+import signal
 import socket
 import struct
 import subprocess
@@ -39,6 +40,11 @@ from podpatterns.options import HostPort
 from tests.ambassador_process import AmbassadorProcess, run_ambassador
 from tests.peers import PG_SERVER_NAME, POOL_USER, PostgresServer, need
 from tests.proc import run
+from tests.test_ambassador_postgres import (
+    ADMIN_SHUTDOWN_TEXT,
+    closed_reasons,
+    read_error_response,
+)
 from tests.waiting import wait_until
 
 pytest_plugins = ("tests.peer_fixtures",)
@@ -465,6 +471,138 @@ def test_server_closed_after_it_was_granted_is_not_attached() -> None:
         await pools.close()
 
     asyncio.run(scenario())
+
+
+ACTIVE = "podpatterns_ambassador_connections_active"
+
+
+def read_messages(sock: socket.socket, last: bytes) -> list[tuple[bytes, bytes]]:
+    """The backend messages on ``sock`` up to the first of type ``last``: (type, body)."""
+    data = b""
+    out: list[tuple[bytes, bytes]] = []
+    while not out or out[-1][0] != last:
+        chunk = sock.recv(65536)
+        assert chunk, (data, out)
+        data += chunk
+        while len(data) >= 5 and len(data) >= 1 + struct.unpack("!i", data[1:5])[0]:
+            end = 1 + struct.unpack("!i", data[1:5])[0]
+            out.append((data[:1], data[5:end]))
+            data = data[end:]
+    return out
+
+
+@pytest.mark.parametrize("mode", ["session", "transaction"])
+def test_startup_sent_after_accept_takes_the_pool(
+    server: PostgresServer, pg_ca_file: Path, mode: str
+) -> None:
+    """An app whose StartupMessage arrives after the ambassador accepted it (nothing to
+    read at accept: Startup.begin's short way does not apply, about a third of
+    ``pgbench -C`` connections) is answered by the pool: AuthenticationOk,
+    BackendKeyData, ReadyForQuery, and its query runs on a pooled server connection.
+    Pins the behaviour any faster accept path for pooled routes must keep."""
+    args = pool_args(server, pg_ca_file, mode)
+    with run_ambassador([f"127.0.0.1:{server.port}"], *args) as amb:
+        done = psql(server, amb.listen.port, "select 1")  # the pool has a server connection
+        assert done.returncode == 0, done.stderr
+        idle_is(amb, 1)
+        amb.wait_idle()
+        raw = socket.create_connection(("127.0.0.1", amb.listen.port))
+        raw.settimeout(CLIENT_TIMEOUT)
+        amb.wait_metric(ACTIVE, lambda n: n == 1, "the app accepted")
+        raw.sendall(startup_message(server.user, "postgres"))
+        kinds = [kind for kind, _ in read_messages(raw, b"Z")]
+        assert kinds[0] == b"R" and b"K" in kinds, kinds
+        raw.sendall(b"Q\0\0\0\x0dselect 7\0")
+        answer = read_messages(raw, b"Z")
+        assert (b"D", b"\0\x01\0\0\0\x017") in answer, answer
+        raw.sendall(b"X\0\0\0\x04")
+        assert raw.recv(1) == b""
+        raw.close()
+        amb.wait_idle()
+
+
+def test_ssl_request_sent_after_accept_is_answered_by_the_full_startup(
+    server: PostgresServer, pg_ca_file: Path
+) -> None:
+    """An SSLRequest sent after the accept, without --listen-tls-cert, on a pooled route:
+    answered N, then the StartupMessage sent in plaintext is served by the pool."""
+    args = pool_args(server, pg_ca_file, "session")
+    with (
+        run_ambassador([f"127.0.0.1:{server.port}"], *args) as amb,
+        socket.create_connection(("127.0.0.1", amb.listen.port)) as raw,
+    ):
+        raw.settimeout(CLIENT_TIMEOUT)
+        amb.wait_metric(ACTIVE, lambda n: n == 1, "the app accepted")
+        raw.sendall(struct.pack("!ii", 8, 80877103))  # SSLRequest
+        assert raw.recv(1) == b"N"
+        raw.sendall(startup_message(server.user, "postgres"))
+        kinds = [kind for kind, _ in read_messages(raw, b"Z")]
+        assert kinds[0] == b"R" and b"K" in kinds, kinds
+
+
+def test_silent_app_gets_the_startup_timeout(server: PostgresServer, pg_ca_file: Path) -> None:
+    """An app that connects and sends nothing is told, after --startup-timeout, as
+    without a pool: FATAL 08P01 naming the timeout, then a FIN."""
+    args = pool_args(
+        server, pg_ca_file, "session", "--startup-timeout", "300ms", "--pg-pool-wait", "100ms"
+    )
+    with (
+        run_ambassador([f"127.0.0.1:{server.port}"], *args) as amb,
+        socket.create_connection(("127.0.0.1", amb.listen.port)) as raw,
+    ):
+        raw.settimeout(CLIENT_TIMEOUT)
+        fields = read_error_response(raw)
+        amb.wait_idle()
+    assert "--startup-timeout 0.3s" in fields["M"], fields
+    assert closed_reasons(amb) == ["protocol_error"], amb.log_text()
+
+
+@pytest.mark.parametrize("pg_drain", ["transaction", "off"])
+def test_app_waiting_to_send_its_startup_gets_admin_shutdown_on_drain(
+    server: PostgresServer, pg_ca_file: Path, pg_drain: str
+) -> None:
+    """On a pooled route, an app accepted and not yet heard from gets FATAL 57P01 and a
+    FIN on drain, at once: when draining starts (--pg-drain transaction), at the
+    deadline (off)."""
+    extra = ("--pg-drain", pg_drain, "--drain-timeout", "200ms")
+    args = pool_args(server, pg_ca_file, "session", *extra)
+    with (
+        run_ambassador([f"127.0.0.1:{server.port}"], *args) as amb,
+        socket.create_connection(("127.0.0.1", amb.listen.port)) as raw,
+    ):
+        raw.settimeout(CLIENT_TIMEOUT)
+        amb.wait_metric(ACTIVE, lambda n: n == 1, "the app accepted")
+        amb.signal(signal.SIGTERM)
+        fields = read_error_response(raw)
+        assert amb.wait() == 0, amb.log_text()
+    assert fields["C"] == "57P01" and fields["S"] == "FATAL", fields
+    assert fields["M"].startswith(ADMIN_SHUTDOWN_TEXT), fields
+    assert closed_reasons(amb) == ["drained" if pg_drain == "transaction" else "drain_cut"]
+
+
+def test_app_waiting_to_send_its_startup_counts_toward_the_limit(
+    server: PostgresServer, pg_ca_file: Path
+) -> None:
+    """--max-connections 1 --on-limit reject: an app accepted and not yet heard from holds
+    the one connection; the next app is refused with 53300 as without a pool, and the
+    first is then served."""
+    extra = ("--max-connections", "1", "--on-limit", "reject")
+    args = pool_args(server, pg_ca_file, "session", *extra)
+    with (
+        run_ambassador([f"127.0.0.1:{server.port}"], *args) as amb,
+        socket.create_connection(("127.0.0.1", amb.listen.port)) as first,
+    ):
+        first.settimeout(CLIENT_TIMEOUT)
+        amb.wait_metric(ACTIVE, lambda n: n == 1, "the first app accepted")
+        with socket.create_connection(("127.0.0.1", amb.listen.port)) as second:
+            second.settimeout(CLIENT_TIMEOUT)
+            second.sendall(startup_message(server.user, "postgres"))
+            fields = read_error_response(second)
+        assert fields["C"] == "53300", fields
+        assert amb.metric("podpatterns_ambassador_connections_refused_total", reason="limit") == 1
+        first.sendall(startup_message(server.user, "postgres"))
+        kinds = [kind for kind, _ in read_messages(first, b"Z")]
+        assert kinds[0] == b"R" and b"K" in kinds, kinds
 
 
 def test_psycopg_asyncpg_and_pgbench_through_a_session_pool(
