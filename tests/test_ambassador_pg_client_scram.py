@@ -271,7 +271,9 @@ def test_scram_with_a_session_pool(
         assert "number of failed transactions: 0" in out, out
         assert amb.metric(CLIENT_AUTH, method="scram-sha-256") == 42
         assert amb.metric(CLIENT_FAILURES) == 2
-        assert amb.metric("podpatterns_ambassador_pg_pool_server_opened_total") <= 3
+        # reused: psycopg's one, and for pgbench's 2 clients at most one lent and one
+        # still being reset (DISCARD ALL) each, for its 40 connections
+        assert amb.metric("podpatterns_ambassador_pg_pool_server_opened_total") <= 5
         assert_not_leaked(amb, APP_PW, "wrong-pw")
 
 
