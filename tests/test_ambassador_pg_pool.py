@@ -974,8 +974,13 @@ def test_transaction_mode_detects_session_state(server: PostgresServer, pg_ca_fi
             "temp_table": 1,
             "with_hold": 1,
         }
-        logged = [e["feature"] for e in amb.events if e.get("event") == "pg_pool_session_state"]
-        assert sorted(logged) == sorted(counts)
+
+        def logged() -> list[str]:
+            return [e["feature"] for e in amb.events if e.get("event") == "pg_pool_session_state"]
+
+        # the log is read from the process's stderr by a thread: wait for its lines
+        wait_until(lambda: len(logged()) >= len(counts), "one event per feature")
+        assert sorted(logged()) == sorted(counts)
 
 
 def test_unreachable_server_is_the_apps_connect_error(tmp_path: Path) -> None:
