@@ -191,6 +191,50 @@ class PostgresServer:
         return done.stdout.decode().strip() if done.returncode == 0 else None
 
 
+PGBENCH_TIMEOUT = 120.0  # seconds for one pgbench run of a test, on a loaded machine
+
+
+def pgbench_connect_each(
+    server: PostgresServer,
+    port: int,
+    tmp: Path,
+    *,
+    clients: int = 2,
+    transactions: int = 20,
+    script: str = "select 1;\n",
+    **env: str,
+) -> str:
+    """Run ``pgbench -n -C`` (a new connection for every transaction) in plaintext
+    against ``port`` on loopback: ``clients`` clients, ``transactions`` runs of
+    ``script`` each. pgbench also opens one connection first to look at the server.
+
+    Args:
+        server: the server whose tools and libpq environment (user, database, password)
+            are used.
+        port: the port pgbench connects to (the ambassador's listener).
+        tmp: a directory for the script file.
+        clients: pgbench ``-c``.
+        transactions: pgbench ``-t``, per client.
+        script: the SQL of one transaction.
+        **env: libpq variables over the server's (``PGUSER``, ``PGPASSWORD``...).
+
+    Returns:
+        pgbench's stdout, after asserting that it exited 0 with no failed transaction.
+    """
+    pgbench = need(server.tool("pgbench"))
+    path = tmp / "pgbench-connect-each.sql"
+    path.write_text(script)
+    environ = server.env(port)
+    environ.update(PGSSLMODE="disable", **env)
+    argv = [pgbench, "-n", "-C", "-c", str(clients), "-t", str(transactions), "-f", str(path)]
+    done = subprocess.run(
+        argv, env=environ, capture_output=True, text=True, timeout=PGBENCH_TIMEOUT, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert "number of failed transactions: 0" in done.stdout, done.stdout
+    return done.stdout
+
+
 def _as_postgres() -> list[str]:
     """The command prefix that drops root: postgres refuses to run as root."""
     if os.geteuid() != 0:

@@ -38,7 +38,7 @@ from podpatterns.ambassador.postgres import PostgresHandler
 from podpatterns.ambassador.upstreams import Endpoint
 from podpatterns.options import HostPort
 from tests.ambassador_process import AmbassadorProcess, run_ambassador
-from tests.peers import PG_SERVER_NAME, POOL_USER, PostgresServer, need
+from tests.peers import PG_SERVER_NAME, POOL_USER, PostgresServer, need, pgbench_connect_each
 from tests.proc import run
 from tests.test_ambassador_postgres import (
     ADMIN_SHUTDOWN_TEXT,
@@ -609,7 +609,6 @@ def test_psycopg_asyncpg_and_pgbench_through_a_session_pool(
     server: PostgresServer, pg_ca_file: Path, tmp_path: Path
 ) -> None:
     """psycopg, asyncpg and pgbench -C through a session pool (a pool key per library)."""
-    pgbench = need(server.tool("pgbench"))
     args = pool_args(server, pg_ca_file, "session", "--pg-pool-size", "2")
     with run_ambassador([f"{server.host}:{server.port}"], *args) as amb:
         port = amb.listen.port
@@ -626,20 +625,7 @@ def test_psycopg_asyncpg_and_pgbench_through_a_session_pool(
 
         assert asyncio.run(with_asyncpg()) == 42
         assert amb.metric(POOL + "server_opened_total") == 2  # one per client library
-        script = tmp_path / "select.sql"
-        script.write_text("select 1;\n")
-        env = server.env(port)
-        env["PGSSLMODE"] = "disable"
-        done = subprocess.run(
-            [pgbench, "-n", "-C", "-c", "2", "-t", "50", "-f", str(script)],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=CLIENT_TIMEOUT,
-            check=False,
-        )
-        assert done.returncode == 0, done.stderr
-        assert "number of failed transactions: 0" in done.stdout
+        pgbench_connect_each(server, port, tmp_path, transactions=50)
         # 100 pgbench connections, at most --pg-pool-size 2 server connections for them
         assert amb.metric(POOL + "server_opened_total") <= 4
         assert amb.terminate() == 0, amb.log_text()

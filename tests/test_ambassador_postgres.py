@@ -31,7 +31,7 @@ import trustme
 
 from podpatterns.ambassador.route import MAX_REFUSING
 from tests.ambassador_process import AmbassadorProcess, run_ambassador
-from tests.peers import PG_SERVER_NAME, PostgresServer, need
+from tests.peers import PG_SERVER_NAME, PostgresServer, pgbench_connect_each
 from tests.proc import run
 from tests.waiting import wait_until
 
@@ -130,7 +130,6 @@ def test_psycopg_asyncpg_and_pgbench_through_ambassador(
     postgres_tls: PostgresServer, ca_file: Path, tmp_path: Path
 ) -> None:
     """psycopg 3, asyncpg and pgbench -C (SCRAM each time) get TLS sessions through it."""
-    pgbench = need(postgres_tls.tool("pgbench"))
     with run_ambassador([upstream(postgres_tls)], *tls_args(ca_file)) as amb:
         port = amb.listen.port
         password = postgres_tls.password
@@ -164,20 +163,7 @@ def test_psycopg_asyncpg_and_pgbench_through_ambassador(
                 await conn.close()
 
         assert asyncio.run(with_asyncpg()) is True
-        script = tmp_path / "select.sql"
-        script.write_text("select 1;\n")
-        env = postgres_tls.env(port)
-        env["PGSSLMODE"] = "disable"
-        done = subprocess.run(
-            [pgbench, "-n", "-C", "-c", "2", "-t", "20", "-f", str(script)],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=CLIENT_TIMEOUT,
-            check=False,
-        )
-        assert done.returncode == 0, done.stderr
-        assert "number of failed transactions: 0" in done.stdout, done.stdout
+        pgbench_connect_each(postgres_tls, port, tmp_path)
         amb.wait_idle()
         assert amb.metric("podpatterns_ambassador_connections_total") >= 42
         assert amb.metric("podpatterns_ambassador_connections_failed_total") == 0
