@@ -19,6 +19,7 @@ from podpatterns.options import (
     parse_hostport,
     parse_size,
 )
+from tests.proc import run
 
 # A non-default value for every option, as a user would type it.
 SAMPLES: dict[str, str] = {
@@ -289,3 +290,55 @@ def test_bad_values_raise_value_error_with_expectation() -> None:
         parse_size("lots")
     assert parse_hostport("[::1]:5432") == HostPort("::1", 5432)
     assert str(HostPort("::1", 5432)) == "[::1]:5432"
+
+
+SESSION_POOL = {
+    "listen": "127.0.0.1:6432",
+    "upstream": "db.example.com:5432",
+    "protocol": "postgres",
+    "pg_pool": "session",
+    "pg_upstream_trust": "true",
+}
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("pg_pool_max_prepared", "50"), ("pg_pool_max_client_prepared", "500")],
+)
+def test_statement_bounds_with_a_session_pool_are_refused(name: str, value: str) -> None:
+    """--pg-pool-max-prepared and --pg-pool-max-client-prepared, which a session pool
+    would ignore, are refused with it: one line naming the option, the value and the
+    mode they need; a transaction pool takes them."""
+    flag = "--" + name.replace("_", "-")
+    with pytest.raises(ConfigError) as info:
+        amb_config.build({}, {}, {**SESSION_POOL, name: value})
+    message = str(info.value)
+    assert message.startswith(f"{flag}: {value} only applies with --pg-pool transaction"), message
+    assert "\n" not in message
+    env = {"PODPATTERNS_" + name.upper(): value}
+    with pytest.raises(ConfigError, match=f"^{flag}: {value} only applies"):
+        amb_config.build({}, env, SESSION_POOL)
+    route = amb_config.build({}, {}, {**SESSION_POOL, "pg_pool": "transaction", name: value})
+    assert getattr(route.routes[0], name) == int(value)
+
+
+def test_session_pool_takes_the_statement_bounds_defaults() -> None:
+    """A session pool without the statement bounds, or with their defaults spelled out
+    (the declared ones), is accepted."""
+    defaults = {o.name: o.default for o in AMBASSADOR_OPTIONS}
+    assert amb_config.build({}, {}, SESSION_POOL).routes[0].pg_pool == "session"
+    spelled = {
+        **SESSION_POOL,
+        "pg_pool_max_prepared": str(defaults["pg_pool_max_prepared"]),
+        "pg_pool_max_client_prepared": str(defaults["pg_pool_max_client_prepared"]),
+    }
+    assert amb_config.build({}, {}, spelled).routes[0].pg_pool == "session"
+
+
+def test_statement_bound_with_a_session_pool_exits_2() -> None:
+    """From the command line: exit 2 and the one-line error, no traceback."""
+    done = run("ambassador", *_argv({**SESSION_POOL, "pg_pool_max_prepared": "50"}))
+    assert done.returncode == 2, (done.stdout, done.stderr)
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--pg-pool-max-prepared: 50 only applies" in lines[0], lines
+    assert "Traceback" not in done.stderr

@@ -519,6 +519,14 @@ _CREDENTIAL_DEFAULTS: tuple[tuple[str, Any], ...] = (
 )
 
 
+#: The options that take effect only with --pg-pool transaction: a session pool passes
+#: the app's prepared statements to its own server connection untouched.
+_TRANSACTION_POOL_DEFAULTS: tuple[tuple[str, Any], ...] = (
+    ("pg_pool_max_prepared", 200),
+    ("pg_pool_max_client_prepared", 10000),
+)
+
+
 #: The options of role-aware routing, --pg-target-session-attrs first.
 _ROLE_DEFAULTS: tuple[tuple[str, Any], ...] = (
     ("pg_target_session_attrs", "any"),
@@ -771,6 +779,15 @@ class RouteConfig:
                 "--pg-upstream-trust when the "
                 "server's pg_hba trusts the ambassador (trust or cert)"
             )
+        if self.pg_pool == "session":
+            for name, default in _TRANSACTION_POOL_DEFAULTS:
+                value = getattr(self, name)
+                if value != default:
+                    raise ConfigError(
+                        f"{where}--{name.replace('_', '-')}: {value} only applies with "
+                        "--pg-pool transaction (a session pool passes the app's prepared "
+                        "statements to the server untouched); drop it"
+                    )
         if self.pg_pool_min_idle > self.pg_pool_size:
             raise ConfigError(
                 f"{where}--pg-pool-min-idle: {self.pg_pool_min_idle} is more than "
