@@ -840,6 +840,67 @@ def test_transaction_mode_failed_block_ends_as_the_server_would(
         assert amb.terminate() == 0, amb.log_text()
 
 
+def extended(sql: str, name: bytes = b"") -> bytes:
+    """Parse, Bind, Execute and Sync of ``sql`` (no parameters), as one batch."""
+
+    def msg(kind: bytes, body: bytes) -> bytes:
+        return kind + struct.pack("!i", 4 + len(body)) + body
+
+    parse = msg(b"P", name + b"\0" + sql.encode() + b"\0\0\0")
+    bind = msg(b"B", b"\0" + name + b"\0" + b"\0\0" + b"\0\0" + b"\0\0")
+    return parse + bind + msg(b"E", b"\0\0\0\0\0") + msg(b"S", b"")
+
+
+def test_transaction_mode_and_chain_after_a_lost_transaction_is_refused(
+    server: PostgresServer, pg_ca_file: Path
+) -> None:
+    """ROLLBACK AND CHAIN ends a failed block and opens the next transaction on the
+    server (ReadyForQuery T). After a lost transaction the ambassador cannot open it as
+    the server would (its characteristics were lost with the server connection), so
+    COMMIT/ROLLBACK AND CHAIN, simple or extended, alone or followed by more statements,
+    get ERROR 0A000 and the block stays failed (E): nothing the app meant for the chained
+    transaction runs outside it. A plain ROLLBACK then ends the block."""
+    with run_ambassador(
+        [f"{server.host}:{server.port}"], *pool_args(server, pg_ca_file, "transaction")
+    ) as amb:
+        port = amb.listen.port
+        app = RawApp(port, server.user)
+        # the server's own answer, relayed while its server connection lives
+        assert app.query("begin")[-1] == ("Z", b"T")
+        assert app.query("select 1/0")[-1] == ("Z", b"E")
+        chained = app.query("rollback and chain")
+        assert chained == [("C", b"ROLLBACK\0"), ("Z", b"T")], chained
+        assert app.query("rollback")[-1] == ("Z", b"I")
+        # a lost transaction
+        assert app.query("begin")[-1] == ("Z", b"T")
+        pid = next(b for k, b in app.query("select pg_backend_pid()") if k == "D")
+        assert server.query(f"select pg_terminate_backend({int(pid[6:])})") == "t"
+        lost = app.query("select 1")
+        assert [k for k, _ in lost] == ["E", "Z"] and lost[-1] == ("Z", b"E"), lost
+        for sql in (
+            "rollback and chain",
+            "COMMIT /* c */ WORK AND CHAIN",
+            "end and chain; select 42",
+        ):
+            refused = app.query(sql)
+            assert [k for k, _ in refused] == ["E", "Z"], (sql, refused)
+            assert sqlstate(refused[0][1]) == "0A000" and refused[-1] == ("Z", b"E"), refused
+            assert b"AND CHAIN" in refused[0][1], refused
+        for name in (b"", b"chain"):
+            app.sock.sendall(extended("rollback and chain", name))
+            refused = app.answer()
+            assert [k for k, _ in refused] == ["E", "Z"], (name, refused)
+            assert sqlstate(refused[0][1]) == "0A000" and refused[-1] == ("Z", b"E"), refused
+        still = app.query("select 2")
+        assert sqlstate(still[0][1]) == "25P02" and still[-1] == ("Z", b"E"), still
+        assert app.query("rollback and no chain") == [("C", b"ROLLBACK\0"), ("Z", b"I")]
+        after = app.query("select 42")
+        assert ("D", b"\0\x01\0\0\0\x0242") in after and after[-1] == ("Z", b"I"), after
+        app.sock.close()
+        assert amb.metric(POOL + "transactions_lost_total") == 1
+        assert amb.terminate() == 0, amb.log_text()
+
+
 def test_transaction_mode_copy_lost_with_its_server_holds_no_server_connection(
     server: PostgresServer, pg_ca_file: Path
 ) -> None:

@@ -136,6 +136,25 @@ _SKIPPED = rb"(?:\s|--[^\n]*(?:\n|\Z)|/\*.*?\*/)*"
 _TRANSACTION_ENDS = re.compile(
     _SKIPPED + rb"(?:rollback|abort|commit|end)\b(?!\s+to\b)", re.I | re.S
 )
+# COMMIT/ROLLBACK/END/ABORT [WORK|TRANSACTION] AND CHAIN: ends the block and opens the
+# next transaction at once (ReadyForQuery T), which a lost transaction cannot do here
+_CHAINS = re.compile(
+    _SKIPPED
+    + rb"(?:rollback|abort|commit|end)\b"
+    + _SKIPPED
+    + rb"(?:(?:work|transaction)\b"
+    + _SKIPPED
+    + rb")?and\b"
+    + _SKIPPED
+    + rb"chain\b",
+    re.I | re.S,
+)
+FEATURE_NOT_SUPPORTED = "0A000"
+CHAIN_MESSAGE = (
+    "podpatterns ambassador: AND CHAIN cannot open the next transaction here: this "
+    "transaction's server connection was lost; the block stays failed until a ROLLBACK "
+    "without AND CHAIN"
+)
 # after the first ";" of a Query whose first statement ends a block: nothing more (else
 # the Query goes to a server connection, so that the statements after it run)
 _NOTHING_MORE = re.compile(rb"(?:;|" + _SKIPPED[3:-2] + rb")*\0?\Z", re.S)
@@ -1602,7 +1621,14 @@ class ClientSession(asyncio.Protocol):
                 if kind == _Q and status == _FAILED and not owed
                 else None
             )
-            if kind == _S and self._local_rolled_back and not self._local_errored:
+            if ending is not None and _CHAINS.match(buf, pos + 5, end):
+                # The server would open the next transaction (T) with characteristics
+                # that left with the lost server connection; running the app's next
+                # statements outside the block it expects could commit them, so the
+                # block stays failed and the app is told why.
+                out = error_response(FEATURE_NOT_SUPPORTED, CHAIN_MESSAGE, "ERROR")
+                out += _message(b"Z", bytes((status,)))
+            elif kind == _S and self._local_rolled_back and not self._local_errored:
                 out = _READY_IDLE
                 self._local = None
             elif kind == _S:  # the batch's messages were answered (an error skips the rest)
@@ -1651,7 +1677,7 @@ class ClientSession(asyncio.Protocol):
         message does not end it (the server answers 25P02)."""
         if kind == _P:
             name, _, rest = body.partition(b"\0")
-            if not _TRANSACTION_ENDS.match(rest.partition(b"\0")[0]):
+            if not self._ends_failed_block(rest.partition(b"\0")[0]):
                 return None
             if name:  # the app's statement: prepared on the next server that needs it
                 try:
@@ -1666,7 +1692,7 @@ class ClientSession(asyncio.Protocol):
             name = body.partition(b"\0")[2].partition(b"\0")[0]
             ours = self.statements.get(name) if name else None
             text = self.pools.statement_bodies.get(ours, b"") if ours else self._local_unnamed
-            if not _TRANSACTION_ENDS.match(text.partition(b"\0")[0]):
+            if not self._ends_failed_block(text.partition(b"\0")[0]):
                 return None
             self._local_ending = True
             return _BIND_COMPLETE
@@ -1684,6 +1710,17 @@ class ClientSession(asyncio.Protocol):
         if kind == ord("H"):  # Flush
             return b""
         return None
+
+    def _ends_failed_block(self, text: bytes) -> bool:
+        """Whether the statement ``text`` ends the locally answered failed block; for an
+        AND CHAIN, which cannot (see :meth:`_answer_locally`), False with the error that
+        the batch answers set to say why."""
+        if not _TRANSACTION_ENDS.match(text):
+            return False
+        if _CHAINS.match(text):
+            self._local_error = error_response(FEATURE_NOT_SUPPORTED, CHAIN_MESSAGE, "ERROR")
+            return False
+        return True
 
     # -- ends ---------------------------------------------------------------------------------
 
