@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import socket
+import ssl
 import struct
 import subprocess
 import threading
@@ -45,7 +46,7 @@ from tests.test_ambassador_postgres import (
     closed_reasons,
     read_error_response,
 )
-from tests.waiting import wait_until
+from tests.waiting import eventually, wait_until
 
 pytest_plugins = ("tests.peer_fixtures",)
 pytestmark = pytest.mark.peer
@@ -471,6 +472,84 @@ def test_server_closed_after_it_was_granted_is_not_attached() -> None:
         await pools.close()
 
     asyncio.run(scenario())
+
+
+async def app_query(
+    loop: asyncio.AbstractEventLoop, app: socket.socket, sql: bytes
+) -> list[tuple[bytes, bytes]]:
+    """Send a Query on the app's socket (``app``, non-blocking); the messages answered,
+    (type, body), up to the ReadyForQuery after a CommandComplete (a startup answer
+    ahead of them included)."""
+    text = sql + b"\0"
+    await loop.sock_sendall(app, b"Q" + struct.pack("!i", 4 + len(text)) + text)
+    data = b""
+    out: list[tuple[bytes, bytes]] = []
+    async with asyncio.timeout(CLIENT_TIMEOUT):
+        while not (out and out[-1][0] == b"Z" and any(kind == b"C" for kind, _ in out)):
+            chunk = await loop.sock_recv(app, 65536)
+            assert chunk, (data, out)
+            data += chunk
+            while len(data) >= 5 and len(data) >= 1 + struct.unpack("!i", data[1:5])[0]:
+                end = 1 + struct.unpack("!i", data[1:5])[0]
+                out.append((data[:1], data[5:end]))
+                data = data[end:]
+    return out
+
+
+def test_close_ends_the_server_connections_being_reset(
+    server: PostgresServer, pg_ca_file: Path
+) -> None:
+    """A real server connection whose reset still runs when the pool closes (its reset
+    query waits for an advisory lock the test holds): Pools.close() closes it (Terminate,
+    counted as shutdown) rather than leave it open, with its reset timer, to whoever
+    stops the loop; the server ends that session once the query returns."""
+    ctx = ssl.create_default_context(cafile=str(pg_ca_file))
+    handler = PostgresHandler(lambda: ctx, sslmode="verify-full", server_name=PG_SERVER_NAME)
+    endpoint = Endpoint(HostPort(server.host, server.port))
+    reset = "select pg_advisory_lock(4242) /* podpatterns reset */"
+    in_reset = f"select count(*) from pg_stat_activity where query = '{reset}'"
+
+    async def dial() -> tuple[socket.socket, Endpoint]:
+        sock = socket.socket()
+        sock.setblocking(False)
+        try:
+            await asyncio.get_running_loop().sock_connect(sock, (server.host, server.port))
+        except BaseException:
+            sock.close()
+            raise
+        return sock, endpoint
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        pools = Pools(PoolSettings(reset_query=reset), handler, dial)
+        pool = pools.pool_for(startup_message(POOL_USER, "postgres"))
+        async with asyncio.timeout(CLIENT_TIMEOUT):
+            lent = await pool.wait()
+        ended = asyncio.Event()
+        conn = Connection("app", lambda _: ended.set())
+        key = issue_key()
+        client = ClientSession(pools, pool, conn, lent, key, startup_answer(lent.params, key))
+        app, the_app = socket.socketpair()
+        the_app.setblocking(False)
+        await loop.connect_accepted_socket(lambda: client, app)
+        assert (b"D", b"\0\x01\0\0\0\x011") in await app_query(loop, the_app, b"select 1")
+        the_app.close()  # the app leaves: its server connection is reset
+        async with asyncio.timeout(CLIENT_TIMEOUT):
+            await ended.wait()
+        assert pool.resetting == 1
+        await eventually(lambda: server.query(in_reset) == "1", "the reset waits for the lock")
+        await pools.close()
+        assert lent.closed and pools.closed == {"shutdown": 1}, pools.closed
+        assert (pool.total(), endpoint.active) == (0, 0)
+        await eventually(lambda: lent.transport.is_closing(), "the transport closing")
+
+    with psycopg.connect(
+        host=server.host, port=server.port, user=POOL_USER, dbname="postgres", sslmode="require"
+    ) as holder:
+        holder.execute("select pg_advisory_lock(4242)")
+        asyncio.run(scenario())
+        holder.execute("select pg_advisory_unlock(4242)")
+    wait_until(lambda: server.query(in_reset) == "0", "the reset's session ended")
 
 
 ACTIVE = "podpatterns_ambassador_connections_active"

@@ -418,7 +418,7 @@ class Pool:
         self.idle: deque[ServerConn] = deque()
         self.in_use = 0
         self.opening = 0
-        self.resetting = 0
+        self.resets: set[ServerConn] = set()  # returned, being reset (ServerConn.reset)
         self.waiters: deque[asyncio.Future[ServerConn]] = deque()
         self.params: bytes | None = None  # ParameterStatus messages of the last connection
         # why the last open failed while apps waited (roles: no endpoint of the target
@@ -426,6 +426,11 @@ class Pool:
         self.open_error: BaseException | None = None
         self._sweep: asyncio.TimerHandle | None = None  # the idle connections' timeouts
         self.top_up()
+
+    @property
+    def resetting(self) -> int:
+        """How many server connections are being reset."""
+        return len(self.resets)
 
     def total(self) -> int:
         return len(self.idle) + self.in_use + self.opening + self.resetting
@@ -564,7 +569,7 @@ class Pool:
         if server.closed:  # counted out when it closed (lost)
             return
         self.in_use -= 1
-        self.resetting += 1
+        self.resets.add(server)
         server.lent, server.resetting = False, True
         server.owner = None
 
@@ -579,7 +584,7 @@ class Pool:
         if self.pools.role_mismatch(server.endpoint):
             server.close("role_changed")
             return
-        self.resetting -= 1
+        self.resets.discard(server)
         server.resetting = False
         self._give(server)
 
@@ -594,7 +599,7 @@ class Pool:
         elif server.lent:  # an app's, or granted to one that has not taken it yet
             self.in_use -= 1
         elif server.resetting:
-            self.resetting -= 1
+            self.resets.discard(server)
         # else: closed by its own open (counted as opening until that fails)
         server.lent = server.resetting = False
         if server.endpoint.active > 0:
@@ -882,13 +887,19 @@ class Pools:
         self.features[name] += 1
 
     async def close(self) -> None:
-        """Close every server connection; cancel the opens under way."""
+        """Close the server connections no app holds (idle, or being reset); cancel the
+        opens under way. Those lent are closed with their app connections, which the
+        route ends first."""
         self.closing = True
         for pool in self.by_key.values():
             for fut in pool.waiters:
                 if not fut.done():
                     fut.set_exception(PoolTimeout())
             pool.close_idle()
+            # A reset still running would only bring its connection back to be closed;
+            # left alone, it stays open (its timer too) until the loop stops under it.
+            for server in list(pool.resets):
+                server.close("shutdown")
         await self.tasks.aclose()
 
     def drain(self) -> None:
