@@ -11,6 +11,8 @@ process ID (``pg_backend_pid()``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import select
 import signal
 import socket
 import ssl
@@ -41,6 +43,7 @@ from podpatterns.options import HostPort
 from tests.ambassador_process import AmbassadorProcess, run_ambassador
 from tests.peers import PG_SERVER_NAME, POOL_USER, PostgresServer, need, pgbench_connect_each
 from tests.proc import run
+from tests.servers import ambassador, port_of
 from tests.test_ambassador_postgres import (
     ADMIN_SHUTDOWN_TEXT,
     closed_reasons,
@@ -474,28 +477,6 @@ def test_server_closed_after_it_was_granted_is_not_attached() -> None:
     asyncio.run(scenario())
 
 
-async def app_query(
-    loop: asyncio.AbstractEventLoop, app: socket.socket, sql: bytes
-) -> list[tuple[bytes, bytes]]:
-    """Send a Query on the app's socket (``app``, non-blocking); the messages answered,
-    (type, body), up to the ReadyForQuery after a CommandComplete (a startup answer
-    ahead of them included)."""
-    text = sql + b"\0"
-    await loop.sock_sendall(app, b"Q" + struct.pack("!i", 4 + len(text)) + text)
-    data = b""
-    out: list[tuple[bytes, bytes]] = []
-    async with asyncio.timeout(CLIENT_TIMEOUT):
-        while not (out and out[-1][0] == b"Z" and any(kind == b"C" for kind, _ in out)):
-            chunk = await loop.sock_recv(app, 65536)
-            assert chunk, (data, out)
-            data += chunk
-            while len(data) >= 5 and len(data) >= 1 + struct.unpack("!i", data[1:5])[0]:
-                end = 1 + struct.unpack("!i", data[1:5])[0]
-                out.append((data[:1], data[5:end]))
-                data = data[end:]
-    return out
-
-
 def test_close_ends_the_server_connections_being_reset(
     server: PostgresServer, pg_ca_file: Path
 ) -> None:
@@ -530,9 +511,13 @@ def test_close_ends_the_server_connections_being_reset(
         key = issue_key()
         client = ClientSession(pools, pool, conn, lent, key, startup_answer(lent.params, key))
         app, the_app = socket.socketpair()
-        the_app.setblocking(False)
+        the_app.settimeout(CLIENT_TIMEOUT)  # read in a thread, beside the loop
         await loop.connect_accepted_socket(lambda: client, app)
-        assert (b"D", b"\0\x01\0\0\0\x011") in await app_query(loop, the_app, b"select 1")
+        greeting = await asyncio.to_thread(read_messages, the_app, b"Z")
+        assert greeting[-1] == (b"Z", b"I"), greeting
+        the_app.sendall(b"Q\0\0\0\x0dselect 1\0")
+        answer = await asyncio.to_thread(read_messages, the_app, b"Z")
+        assert (b"D", b"\0\x01\0\0\0\x011") in answer, answer
         the_app.close()  # the app leaves: its server connection is reset
         async with asyncio.timeout(CLIENT_TIMEOUT):
             await ended.wait()
@@ -550,6 +535,79 @@ def test_close_ends_the_server_connections_being_reset(
         asyncio.run(scenario())
         holder.execute("select pg_advisory_unlock(4242)")
     wait_until(lambda: server.query(in_reset) == "0", "the reset's session ended")
+
+
+@pytest.mark.parametrize("how", ["cut", "drain"])
+@pytest.mark.parametrize("mode", ["session", "transaction"])
+def test_short_way_ended_before_its_first_step(
+    server: PostgresServer, pg_ca_file: Path, mode: str, how: str
+) -> None:
+    """An app taken by the startup's short way (Startup.begin: its StartupMessage in the
+    socket at accept, a server connection idle or the parameters known), ended in the
+    loop turn of its accept, before the task attaching its socket ran a step. A cut (the
+    drain deadline; close() does the same) cancels that task: the app's socket is reset
+    and closed, its connection finished (not left open in the route, the socket to the
+    GC), the server connection taken for it closed (session mode). A drain tells the
+    app FATAL 57P01, as the full startup does, instead of closing it without a word,
+    and its unused server connection goes back idle. The route's own accept is called
+    here: no timing from outside can place the end between the accept and that step."""
+    upstream = HostPort(server.host, server.port)
+    route_args: dict[str, object] = {
+        "protocol": "postgres",
+        "upstream_tls": True,
+        "tls_ca": pg_ca_file,
+        "tls_server_name": PG_SERVER_NAME,
+        "pg_pool": mode,
+        "pg_upstream_trust": True,
+    }
+
+    async def scenario() -> None:
+        async with ambassador([upstream], **route_args) as amb:
+            route = amb.routes[0]
+            port = port_of(amb)
+
+            def first_app() -> None:  # the pool learns the parameters; its server idles
+                app = RawApp(port, server.user)
+                app.query("select 1")
+                app.sock.close()
+
+            await asyncio.to_thread(first_app)
+            assert route._startup is not None and route._startup.pools is not None
+            pools = route._startup.pools
+            (pool,) = pools.by_key.values()
+            await eventually(lambda: len(pool.idle) == 1 and not route.connections, "at rest")
+            with socket.create_server(("127.0.0.1", 0)) as listener:
+                app = socket.create_connection(listener.getsockname(), timeout=CLIENT_TIMEOUT)
+                csock, peer = listener.accept()
+            with app:
+                app.sendall(startup_message(server.user, "postgres"))
+                await eventually(lambda: select.select([csock], [], [], 0)[0], "the startup")
+                csock.setblocking(False)
+                route._on_accept(csock, peer)
+                assert len(route.connections) == 1
+                if how == "cut":
+                    assert route.cut() == 1
+                else:
+                    route.stop_accepting()
+                await eventually(lambda: not route.connections, "the app's connection ended")
+                assert csock.fileno() == -1
+                got = b""
+                with contextlib.suppress(ConnectionResetError):
+                    while chunk := app.recv(65536):
+                        got += chunk
+            assert not pools.clients and (pool.in_use, pool.resetting) == (0, 0)
+            if how == "drain":
+                assert got[:1] == b"E" and b"C57P01" in got, got
+                assert b"R\0\0\0\x08" not in got, got  # no greeting before it
+                assert len(pool.idle) == 1 and not pools.closed
+            else:
+                assert got == b"", got
+                closed = {"aborted": 1} if mode == "session" else {}
+                assert pools.closed == closed and len(pool.idle) == 1 - len(closed)
+            reason = "drained" if how == "drain" else "drain_cut"
+            assert route.stats.closed[reason] == 1, route.stats.closed
+
+    asyncio.run(scenario())
 
 
 ACTIVE = "podpatterns_ambassador_connections_active"

@@ -1001,6 +1001,9 @@ class ClientSession(asyncio.Protocol):
         self._drain_reason = "drained"
         self._features: set[str] = set()
         self._server_paused = False
+        # the drain's FATAL for an app whose socket was not attached yet when it came
+        # (Startup.begin's short way): written by connection_made instead of the greeting
+        self._last_words = b""
         # after a lent server connection was lost mid-transaction (transaction mode): the
         # status the app is answered with locally (I or E) until its transaction ends
         self._local: int | None = None
@@ -1042,7 +1045,10 @@ class ClientSession(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
         if self.ended:  # its server connection closed before the app's socket came
-            transport.close()  # no greeting: nobody would answer the app's queries
+            # no greeting: nobody would answer the app's queries; a drain says why
+            if self._last_words:
+                transport.write(self._last_words)  # type: ignore[attr-defined]
+            transport.close()
             return
         transport.set_write_buffer_limits(high=256 * 1024)  # type: ignore[attr-defined]
         transport.write(self._greeting)  # type: ignore[attr-defined]
@@ -1786,7 +1792,9 @@ class ClientSession(asyncio.Protocol):
 
         self.conn.end_by_proxy(self._drain_reason)
         message = self._drain_message or DRAIN_MESSAGE
-        if self.transport is not None and not self.transport.is_closing():
+        if self.transport is None:  # the app's socket is not attached yet: it is told then
+            self._last_words = error_response(ADMIN_SHUTDOWN, message)
+        elif not self.transport.is_closing():
             self.transport.write(error_response(ADMIN_SHUTDOWN, message))
         self._end(reuse=True)
         if self.transport is not None:

@@ -346,7 +346,7 @@ class Route:
             conn.finish()
             return
         if self._startup is not None:
-            self._start_task(self._startup.begin(conn, csock, peer), conn)
+            self._start_task(self._startup.begin(conn, csock, peer), conn, csock)
             return
         dialer = Dialer(
             self._loop,
@@ -385,7 +385,7 @@ class Route:
         conn.upstream = str(ep)
         ep.active += 1
         if not self.use_splice:
-            self._start_task(self._attach(conn, csock, usock, ep, peer), conn)
+            self._start_task(self._attach(conn, csock, usock, ep, peer), conn, csock, usock)
             return
         # No task: the splice relay starts here, inside the dialer's writability callback,
         # so its reader on usock reuses the dialer's poll handle (see Dialer).
@@ -477,10 +477,20 @@ class Route:
 
     # -- protocol routes: the handler owns the connection until the session exists -------
 
-    def _start_task(self, coro: Coroutine[Any, Any, None], conn: Connection | None) -> None:
+    def _start_task(
+        self,
+        coro: Coroutine[Any, Any, None],
+        conn: Connection,
+        csock: socket.socket,
+        usock: socket.socket | None = None,
+    ) -> None:
+        """Run a connection's setup (a startup, :meth:`_attach`) as an owned task; the
+        sockets are the ones it takes charge of."""
         task = self._loop.create_task(coro)
         self._connecting.add(task)
-        task.add_done_callback(functools.partial(self._attached, self._connecting, conn))
+        task.add_done_callback(
+            functools.partial(self._attached, self._connecting, conn, csock, usock)
+        )
 
     def _refuse(self, csock: socket.socket, peer: Any, kind: str) -> None:
         """Refuse a connection outside the connection count: a protocol route answers in
@@ -491,7 +501,9 @@ class Route:
             self._refusals_full = False
             task = self._loop.create_task(self._startup.refuse(csock, peer_label(peer), kind))
             self._refusing.add(task)
-            task.add_done_callback(functools.partial(self._attached, self._refusing, None))
+            task.add_done_callback(
+                functools.partial(self._attached, self._refusing, None, csock, None)
+            )
             return
         if self._startup is not None:
             self.stats.unanswered += 1
@@ -502,16 +514,31 @@ class Route:
         csock.close()
 
     def _attached(
-        self, tasks: set[asyncio.Task[None]], conn: Connection | None, task: asyncio.Task[None]
+        self,
+        tasks: set[asyncio.Task[None]],
+        conn: Connection | None,
+        csock: socket.socket,
+        usock: socket.socket | None,
+        task: asyncio.Task[None],
     ) -> None:
         """A connection's setup (:meth:`_attach`, a startup) or a refusal ended: a bug
         it re-raised is logged, never dropped.
 
         The connection was already ended and counted by :meth:`_setup_failed`; only the
-        exception is left, and nobody awaits these tasks.
+        exception is left, and nobody awaits these tasks. A task cancelled before its
+        first step (:meth:`cut` or :meth:`close` in the loop turn of its accept) never
+        ran its coroutine, nor the cleanup that the coroutine owns: its sockets are
+        closed and its connection finished here, or they would be left to the GC (and
+        the connection open in :attr:`connections` for ever).
         """
         tasks.discard(task)
         if task.cancelled():
+            if conn is not None and conn.on_finish is not None:  # not finished
+                conn.note_end("proxy", "cancelled")
+                abandon(conn, csock, usock)  # a relay made before the task (pool) too
+            elif conn is None and csock.fileno() >= 0:  # a refusal that never ran
+                reset_socket(csock)
+                csock.close()
             return
         exc = task.exception()
         if exc is not None:
