@@ -604,6 +604,32 @@ def test_pooled_route_on_a_unix_socket(server: PostgresServer, pg_ca_file: Path)
         assert not (Path(tmp) / ".s.PGSQL.5432").exists()
 
 
+def keepalive_timer(port: int, client_port: int) -> bool:
+    """Whether the ambassador's socket of the connection from ``client_port`` has a
+    keepalive timer (``ss -o``: SO_KEEPALIVE is on)."""
+    argv = [need("ss"), "-tnoH", "state", "established", f"( sport = :{port} )"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=True)
+    lines = [line for line in done.stdout.splitlines() if f":{client_port} " in line + " "]
+    assert len(lines) == 1, done.stdout
+    return "timer:(keepalive" in lines[0]
+
+
+@pytest.mark.parametrize("keepalive", ["--tcp-keepalive", "--no-tcp-keepalive"])
+@pytest.mark.parametrize("route", ["tcp", "pool"])
+def test_accepted_sockets_take_keepalive_from_the_listener(
+    server: PostgresServer, pg_ca_file: Path, route: str, keepalive: str
+) -> None:
+    """SO_KEEPALIVE is set once on the listening socket, and the app's connections have
+    it (Linux copies it to accepted sockets) whichever way they were accepted: by the
+    route's own accept loop (tcp) or the event loop's server (a pool's gate)."""
+    args = pool_args(server, pg_ca_file, "session") if route == "pool" else []
+    with run_ambassador([f"127.0.0.1:{server.port}"], *args, keepalive) as amb:
+        with socket.create_connection(("127.0.0.1", amb.listen.port)) as raw:
+            amb.wait_metric(ACTIVE, lambda n: n == 1, "the app accepted")
+            has = keepalive_timer(amb.listen.port, raw.getsockname()[1])
+        assert has == (keepalive == "--tcp-keepalive")
+
+
 def test_ssl_request_sent_after_accept_is_answered_by_the_full_startup(
     server: PostgresServer, pg_ca_file: Path
 ) -> None:

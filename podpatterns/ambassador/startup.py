@@ -28,6 +28,7 @@ from prometheus_client import Histogram
 from podpatterns.ambassador import splice
 from podpatterns.ambassador.config import VERIFIED_SSLMODES, RouteConfig
 from podpatterns.ambassador.connection import Connection, abandon, discard_input
+from podpatterns.ambassador.deadlines import Deadlines
 from podpatterns.ambassador.dial import Dialer, DialError, DialPolicy
 from podpatterns.ambassador.listener import ListenerTLS
 from podpatterns.ambassador.pgauth import (
@@ -276,7 +277,8 @@ class Startup:
             and self.pools.handler.listen_context is None
             and not (creds is not None and creds.client_password)
         )
-        self._gates: set[PoolGate] = set()  # connections a PoolGate still holds
+        # connections a PoolGate still holds, each falling back at --startup-timeout
+        self._gates: Deadlines[PoolGate] = Deadlines(cfg.startup_timeout, PoolGate.fall_back)
 
         #: The route's active health check when it is not a TCP connect: PostgreSQL's
         #: role check (--pg-target-session-attrs), or None.
@@ -370,7 +372,7 @@ class Startup:
         """Answer the connections a :class:`PoolGate` still holds as :meth:`run` answers
         a startup it cuts (FATAL 57P01), and close them: the route is draining
         (``--pg-drain transaction``) or closing."""
-        for gate in list(self._gates):
+        for gate in self._gates.items():
             gate.shut(reason)
 
     async def _dial(self, only: Endpoint | None) -> tuple[socket.socket, Endpoint]:
@@ -471,14 +473,14 @@ class Startup:
             admit: count a new connection and make its record.
             start_task: run a connection's startup as an owned task.
         """
-        loop = asyncio.get_running_loop()
-        return lambda: PoolGate(self, accept, admit, start_task, loop)
+        return lambda: PoolGate(self, accept, admit, start_task)
 
-    def _gate_pending(self, gate: PoolGate, pending: bool) -> None:
-        if pending:
-            self._gates.add(gate)
-        else:
-            self._gates.discard(gate)
+    def _gate_pending(self, gate: PoolGate) -> float:
+        """Hold ``gate`` until its StartupMessage decides; its deadline (loop time)."""
+        return self._gates.add(gate)
+
+    def _gate_settled(self, gate: PoolGate) -> None:
+        self._gates.discard(gate)
 
     async def _pool_attach(
         self, conn: Connection, csock: socket.socket, client: ClientSession
@@ -812,10 +814,8 @@ class PoolGate(asyncio.Protocol):
         "_admit",
         "_buf",
         "_deadline",
-        "_loop",
         "_start_task",
         "_startup",
-        "_timer",
         "conn",
         "peer",
         "state",
@@ -830,16 +830,13 @@ class PoolGate(asyncio.Protocol):
         accept: Callable[[socket.socket, Any], None],
         admit: Callable[[Any], Connection],
         start_task: Callable[[Coroutine[Any, Any, None], Connection], None],
-        loop: asyncio.AbstractEventLoop,
     ) -> None:
         self._startup = startup
-        self._loop = loop
         self._deadline = 0.0
         self._accept = accept
         self._admit = admit
         self._start_task = start_task
         self._buf = b""
-        self._timer: asyncio.TimerHandle | None = None
         self.conn: Connection | None = None
         self.peer: Any = None
         self.state = PoolGate.PENDING
@@ -858,9 +855,7 @@ class PoolGate(asyncio.Protocol):
                 self._accept(sock, self.peer)
             return
         self.conn = self._admit(self.peer)
-        startup._gate_pending(self, True)
-        self._deadline = self._loop.time() + startup.cfg.startup_timeout
-        self._timer = self._loop.call_at(self._deadline, self.fall_back)
+        self._deadline = startup._gate_pending(self)  # fall_back() then
 
     def data_received(self, data: bytes) -> None:
         if self.state != PoolGate.PENDING:
@@ -932,10 +927,7 @@ class PoolGate(asyncio.Protocol):
 
     def _settle(self, state: int) -> None:
         self.state = state
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        self._startup._gate_pending(self, False)
+        self._startup._gate_settled(self)
 
     def _take_socket(self) -> socket.socket | None:
         """A socket object of its own for the connection; the transport is closed (the
