@@ -218,6 +218,26 @@ def test_session_that_sent_nothing_is_not_reset(server: PostgresServer, pg_ca_fi
         assert amb.terminate() == 0, amb.log_text()
 
 
+def test_reset_that_takes_too_long_closes_the_server_connection(
+    server: PostgresServer, pg_ca_file: Path
+) -> None:
+    """A reset still running after RESET_TIMEOUT (5 s; here a reset query that sleeps)
+    closes its server connection (``reason="reset_timeout"``) rather than lend it; the
+    next app gets a new one."""
+    sleepy = ("--pg-pool-reset-query", "select pg_sleep(60)")
+    with run_ambassador(
+        [f"{server.host}:{server.port}"], *pool_args(server, pg_ca_file, "session", *sleepy)
+    ) as amb:
+        port = amb.listen.port
+        first, _ = pid_and(server, port, "select 1")
+        closed = POOL + "server_closed_total"
+        amb.wait_metric(closed, lambda n: n == 1, "1: the reset timed out")
+        assert amb.metric(closed, reason="reset_timeout") == 1
+        second, _ = pid_and(server, port, "select 1")
+        assert second != first
+        assert amb.metric(POOL + "server_opened_total") == 2
+
+
 def test_app_leaving_inside_a_transaction_is_rolled_back_and_reused(
     server: PostgresServer, pg_ca_file: Path
 ) -> None:
