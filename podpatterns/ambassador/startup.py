@@ -904,8 +904,10 @@ class PoolGate(asyncio.Protocol):
         assert conn is not None
         conn.end_by_proxy(reason)
         failure = refusal("shutdown", self._startup.cfg)
-        self.transport.write(error_response(SQLSTATE[failure.kind], failure.message))
-        self.transport.close()  # connection_lost finishes the record
+        transport = self.transport
+        if not transport.is_closing():  # else the app closed its end already
+            transport.write(error_response(SQLSTATE[failure.kind], failure.message))
+        transport.close()  # connection_lost finishes the record
 
     # -- the way back to the classic startup -------------------------------------------------
 
