@@ -18,6 +18,7 @@ import socket
 import ssl
 import struct
 import subprocess
+import tempfile
 import threading
 from dataclasses import replace
 from pathlib import Path
@@ -39,7 +40,7 @@ from podpatterns.ambassador.pgpool import (
 )
 from podpatterns.ambassador.postgres import PostgresHandler
 from podpatterns.ambassador.upstreams import Endpoint
-from podpatterns.options import HostPort
+from podpatterns.options import HostPort, parse_hostport
 from tests.ambassador_process import AmbassadorProcess, run_ambassador
 from tests.peers import PG_SERVER_NAME, POOL_USER, PostgresServer, need, pgbench_connect_each
 from tests.proc import run
@@ -219,6 +220,26 @@ def test_session_that_sent_nothing_is_not_reset(server: PostgresServer, pg_ca_fi
         assert server.query(last) == "DISCARD ALL"
         assert amb.metric(POOL + "server_opened_total") == 1
         assert amb.terminate() == 0, amb.log_text()
+
+
+def test_reset_that_takes_too_long_closes_the_server_connection(
+    server: PostgresServer, pg_ca_file: Path
+) -> None:
+    """A reset still running after RESET_TIMEOUT (5 s; here a reset query that sleeps)
+    closes its server connection (``reason="reset_timeout"``) rather than lend it; the
+    next app gets a new one."""
+    sleepy = ("--pg-pool-reset-query", "select pg_sleep(60)")
+    with run_ambassador(
+        [f"{server.host}:{server.port}"], *pool_args(server, pg_ca_file, "session", *sleepy)
+    ) as amb:
+        port = amb.listen.port
+        first, _ = pid_and(server, port, "select 1")
+        closed = POOL + "server_closed_total"
+        amb.wait_metric(closed, lambda n: n == 1, "1: the reset timed out")
+        assert amb.metric(closed, reason="reset_timeout") == 1
+        second, _ = pid_and(server, port, "select 1")
+        assert second != first
+        assert amb.metric(POOL + "server_opened_total") == 2
 
 
 def test_app_leaving_inside_a_transaction_is_rolled_back_and_reused(
@@ -656,6 +677,114 @@ def test_startup_sent_after_accept_takes_the_pool(
         assert raw.recv(1) == b""
         raw.close()
         amb.wait_idle()
+
+
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+@pytest.mark.parametrize("mode", ["session", "transaction"])
+def test_startup_in_pieces_with_a_query_behind_it(
+    server: PostgresServer, pg_ca_file: Path, mode: str, loop: str
+) -> None:
+    """A pooled route without a connection cap accepts through the event loop's server
+    (route.py, PoolGate): a StartupMessage that comes in pieces is put together, and a
+    Query the app sent right behind it, without waiting for the answer, is run on the
+    pooled server connection, on uvloop and on asyncio's own loop. The connection is
+    counted and timed as any other."""
+    args = pool_args(server, pg_ca_file, mode, "--loop", loop)
+    startup = startup_message(server.user, "postgres")
+    query = b"Q\0\0\0\x0dselect 8\0"
+    with run_ambassador([f"127.0.0.1:{server.port}"], *args) as amb:
+        done = psql(server, amb.listen.port, "select 1")  # the pool has a server connection
+        assert done.returncode == 0, done.stderr
+        idle_is(amb, 1)
+        amb.wait_idle()
+        with socket.create_connection(("127.0.0.1", amb.listen.port)) as raw:
+            raw.settimeout(CLIENT_TIMEOUT)
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            raw.sendall(startup[:3])  # not even the length's four bytes
+            amb.wait_metric(ACTIVE, lambda n: n == 1, "the app accepted")
+            raw.sendall(startup[3:9])
+            raw.sendall(startup[9:] + query)
+            kinds = [kind for kind, _ in read_messages(raw, b"Z")]
+            assert kinds[0] == b"R" and b"K" in kinds, kinds
+            answer = read_messages(raw, b"Z")
+            assert (b"D", b"\0\x01\0\0\0\x018") in answer, answer
+            raw.sendall(b"X\0\0\0\x04")
+            assert raw.recv(1) == b""
+        amb.wait_idle()
+        assert amb.metric("podpatterns_ambassador_connections_total") == 2
+        connect = "podpatterns_ambassador_connect_seconds_count"
+        assert amb.metric(connect) == 2, amb.log_text()
+        wait_until(lambda: closed_reasons(amb) == ["terminate", "terminate"], "two closed")
+
+
+def test_pooled_route_on_a_unix_socket(server: PostgresServer, pg_ca_file: Path) -> None:
+    """The loop's server accepts on a unix socket too: psql -h DIR -p 5432 through a
+    session pool at DIR/.s.PGSQL.5432 (twice, on one server connection)."""
+    with tempfile.TemporaryDirectory(prefix="podpatterns-pgsock-") as tmp:
+        args = pool_args(server, pg_ca_file, "session")
+        amb = AmbassadorProcess(
+            "ambassador",
+            "--listen",
+            f"unix:{tmp}/.s.PGSQL.5432",
+            "--upstream",
+            f"127.0.0.1:{server.port}",
+            *args,
+            "--admin",
+            "127.0.0.1:0",
+            "--shutdown-delay",
+            "0",
+            stdout=subprocess.DEVNULL,
+        )
+        try:
+            amb.wait_event("route_listening")
+            amb.admin = parse_hostport(amb.wait_event("admin_listening")["address"])
+            env = server.env(5432)
+            env.update(PGHOST=tmp, PGSSLMODE="disable")
+            env.pop("PGPASSWORD", None)
+            pids = set()
+            for _ in range(2):
+                done = subprocess.run(
+                    [server.tool("psql"), "-X", "-A", "-t", "-c", "select pg_backend_pid()"],
+                    env=env,
+                    capture_output=True,
+                    text=True,
+                    timeout=CLIENT_TIMEOUT,
+                    check=False,
+                )
+                assert done.returncode == 0, done.stderr
+                pids.add(done.stdout.strip())
+                idle_is(amb, 1)
+            assert len(pids) == 1, pids
+            assert amb.terminate() == 0, amb.log_text()
+        finally:
+            amb.stop()
+        assert not (Path(tmp) / ".s.PGSQL.5432").exists()
+
+
+def keepalive_timer(port: int, client_port: int) -> bool:
+    """Whether the ambassador's socket of the connection from ``client_port`` has a
+    keepalive timer (``ss -o``: SO_KEEPALIVE is on)."""
+    argv = [need("ss"), "-tnoH", "state", "established", f"( sport = :{port} )"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=True)
+    lines = [line for line in done.stdout.splitlines() if f":{client_port} " in line + " "]
+    assert len(lines) == 1, done.stdout
+    return "timer:(keepalive" in lines[0]
+
+
+@pytest.mark.parametrize("keepalive", ["--tcp-keepalive", "--no-tcp-keepalive"])
+@pytest.mark.parametrize("route", ["tcp", "pool"])
+def test_accepted_sockets_take_keepalive_from_the_listener(
+    server: PostgresServer, pg_ca_file: Path, route: str, keepalive: str
+) -> None:
+    """SO_KEEPALIVE is set once on the listening socket, and the app's connections have
+    it (Linux copies it to accepted sockets) whichever way they were accepted: by the
+    route's own accept loop (tcp) or the event loop's server (a pool's gate)."""
+    args = pool_args(server, pg_ca_file, "session") if route == "pool" else []
+    with run_ambassador([f"127.0.0.1:{server.port}"], *args, keepalive) as amb:
+        with socket.create_connection(("127.0.0.1", amb.listen.port)) as raw:
+            amb.wait_metric(ACTIVE, lambda n: n == 1, "the app accepted")
+            has = keepalive_timer(amb.listen.port, raw.getsockname()[1])
+        assert has == (keepalive == "--tcp-keepalive")
 
 
 def test_ssl_request_sent_after_accept_is_answered_by_the_full_startup(

@@ -4,6 +4,11 @@ Accepting is a reader callback on the listening socket that takes up to a batch 
 connections per wake-up. Pausing removes the callback, so excess connections wait in the
 kernel backlog (the default behaviour at the connection cap) rather than being refused.
 
+A route whose connections all start the same short way (a PostgreSQL pool's apps) may
+instead let the event loop's own server accept (:meth:`Listener.serve`): each connection
+is born a transport with its protocol, without a socket object or a task of ours, which
+is most of what a new connection costs in Python (issue 14's ``pgbench -C`` benchmark).
+
 With ``--listen-tls-cert``, :class:`ListenerTLS` holds the server context with which a
 protocol route terminates the app's TLS (PostgreSQL: after its SSLRequest).
 """
@@ -68,6 +73,7 @@ class Listener:
         self._loop = asyncio.get_running_loop()
         self.accepting = False
         self.accept_errors = 0
+        self._server: asyncio.AbstractServer | None = None  # serve(): the loop's server
         self.unix_path: str | None = None
         if sock.family == socket.AF_UNIX:
             if unix is None:
@@ -79,20 +85,52 @@ class Listener:
             host, port = sock.getsockname()[:2]
             self.address = HostPort(host, port)
 
+    async def serve(self, protocol_factory: Callable[[], asyncio.Protocol]) -> None:
+        """Let the event loop's server accept, each connection a transport with the
+        protocol ``protocol_factory`` makes; for good (no :meth:`pause`: a route with a
+        connection cap keeps the reader callback, see Route.start).
+
+        The server gets a duplicate of the socket: closing it (:meth:`close`) leaves this
+        one to remove a unix socket's file, as the reader callback's way does.
+        """
+        if self.accepting or self.sock.fileno() < 0:
+            raise RuntimeError("serve() on a listener accepting or closed")
+        dup = self.sock.dup()
+        try:
+            if dup.family == socket.AF_UNIX:
+                server = await self._loop.create_unix_server(
+                    protocol_factory, sock=dup, backlog=BACKLOG
+                )
+            else:
+                server = await self._loop.create_server(protocol_factory, sock=dup, backlog=BACKLOG)
+        except BaseException:
+            dup.close()
+            raise
+        self._server = server
+        self.accepting = True
+
     def resume(self) -> None:
         """Start (or restart) accepting."""
+        if self._server is not None:
+            return  # serve(): the loop's server accepts until close()
         if not self.accepting and self.sock.fileno() >= 0:
             self.accepting = True
             self._loop.add_reader(self._fd, self._accept)
 
     def pause(self) -> None:
         """Stop accepting; new connections queue in the kernel backlog."""
+        if self._server is not None:
+            raise RuntimeError("a listener that serve()s does not pause")
         if self.accepting:
             self.accepting = False
             self._loop.remove_reader(self._fd)
 
     def close(self) -> None:
         """Stop accepting and close the socket (removes a unix socket file)."""
+        if self._server is not None:
+            self._server.close()  # closes its duplicate of the socket
+            self._server = None
+            self.accepting = False
         self.pause()
         if self.sock.fileno() >= 0:
             self.sock.close()

@@ -73,6 +73,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from podpatterns.ambassador.connection import Connection, reset_socket
+from podpatterns.ambassador.deadlines import Deadlines
 from podpatterns.ambassador.dial import DialError
 from podpatterns.ambassador.pgauth import ServerError, startup_parameters
 from podpatterns.ambassador.pgmetrics import (
@@ -279,13 +280,11 @@ class ServerConn(asyncio.Protocol):
         self.key = key  # the server's BackendKeyData (process ID, secret key)
         self.params = params  # its ParameterStatus messages, as the startup gave them
         self.transport: Any = None
-        self._loop = asyncio.get_running_loop()
         self.owner: ClientSession | None = None
         # the ambassador's statement names prepared here, least recently used first
         self.prepared: OrderedDict[bytes, None] = OrderedDict()
         now = time.monotonic()
         self.expires = now + lifetime * (1 - random.uniform(0, LIFETIME_JITTER))
-        self.timer: asyncio.TimerHandle | None = None  # a reset's deadline
         self.idle_since = now
         self.label = str(endpoint)
         self.closed = False
@@ -320,8 +319,7 @@ class ServerConn(asyncio.Protocol):
             self.owner.transport.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
+        self.pool.pools.reset_deadlines.discard(self)
         already = self.closed
         self.closed = True
         if not already:
@@ -357,8 +355,7 @@ class ServerConn(asyncio.Protocol):
         self.closed = True
         self.pool.lost(self, reason)
         self.owner = None  # what the server still sends is no app's any more
-        if self.timer is not None:
-            self.timer.cancel()
+        self.pool.pools.reset_deadlines.discard(self)
         transport = self.transport
         if transport is not None and not transport.is_closing():
             transport.write(_TERMINATE)
@@ -374,7 +371,7 @@ class ServerConn(asyncio.Protocol):
         self._reset_buf = b""
         self.transport.resume_reading()
         self.transport.write(b"".join(queries))
-        self.timer = self._loop.call_later(RESET_TIMEOUT, self.close, "reset_timeout")
+        self.pool.pools.reset_deadlines.add(self)  # closed at RESET_TIMEOUT
 
     def _reset_data(self, data: bytes) -> None:
         buf = self._reset_buf + data
@@ -393,9 +390,7 @@ class ServerConn(asyncio.Protocol):
             elif kind == _Z:
                 self._reset_left -= 1
                 if not self._reset_left:
-                    if self.timer is not None:
-                        self.timer.cancel()
-                        self.timer = None
+                    self.pool.pools.reset_deadlines.discard(self)
                     status = buf[pos + 5] if length == 5 else 0
                     if self._reset_ok and status == _IDLE and end == len(buf):
                         self._reset_buf = b""
@@ -651,6 +646,8 @@ class Pools:
         self.statements_evicted = 0  # Closes sent beyond --pg-pool-max-prepared
         self.statements_refused = 0  # app connections ended at --pg-pool-max-client-prepared
         self.closing = False
+        # server connections being reset, each closed if its reset takes RESET_TIMEOUT
+        self.reset_deadlines: Deadlines[ServerConn] = Deadlines(RESET_TIMEOUT, _reset_timed_out)
         self.reset_message = query_message(settings.reset_query) if settings.reset_query else b""
         self.tasks = TaskSet("ambassador")
         # metrics: plain numbers read at scrape time
@@ -897,15 +894,20 @@ class Pools:
                     fut.set_exception(PoolTimeout())
             pool.close_idle()
             # A reset still running would only bring its connection back to be closed;
-            # left alone, it stays open (its timer too) until the loop stops under it.
+            # left alone, it stays open until the loop stops under it.
             for server in list(pool.resets):
                 server.close("shutdown")
+        self.reset_deadlines.close()
         await self.tasks.aclose()
 
     def drain(self) -> None:
         """Draining starts: each app connection ends at its next rest."""
         for client in list(self.clients.values()):
             client.drain()
+
+
+def _reset_timed_out(server: ServerConn) -> None:
+    server.close("reset_timeout")
 
 
 def _failover(exc: Failure | DialError | ServerError) -> bool:

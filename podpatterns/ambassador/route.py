@@ -161,14 +161,25 @@ class Route:
         self._loop = asyncio.get_running_loop()
         listen = self.cfg.listen
         sock = bind(listen)
-        self._client_family = sock.family
+        # Accepted sockets inherit TCP_NODELAY and SO_KEEPALIVE from the listening one
+        # (Linux): set once here, not twice per connection.
+        tune(sock, sock.family, self.cfg.tcp_keepalive, self.cfg.tcp_nodelay)
         self.listener = Listener(
             sock,
             self._on_accept,
             can_resume=self._can_accept,
             unix=listen if isinstance(listen, UnixAddress) else None,
         )
-        self.listener.resume()
+        startup = self._startup
+        if startup is not None and startup.short_way_applies and not self.cfg.max_connections:
+            # the loop's server accepts, each app born a transport with a PoolGate; a
+            # connection cap keeps the reader callback, which can leave the excess in
+            # the kernel backlog
+            await self.listener.serve(
+                startup.gate_factory(self._on_accept, self._admit, self._start_task)
+            )
+        else:
+            self.listener.resume()
         addr = self.listener.address
         if hasattr(addr, "is_loopback") and not addr.is_loopback:
             self._log.warning(
@@ -257,6 +268,8 @@ class Route:
         n = len(self.connections)
         for task in list(self._connecting):
             task.cancel()
+        if self._startup is not None:
+            self._startup.shut_gates(reason)
         for conn in list(self.connections):
             conn.end_by_proxy(reason)
             if conn.relay is not None:
@@ -327,24 +340,10 @@ class Route:
                 return
             assert self.listener is not None
             self.listener.pause()  # the rest wait in the kernel backlog
-        self.stats.accepted += 1
-        conn = Connection(peer_label(peer), self._finished)
-        if cfg.max_lifetime:
-            conn.expires_at = (
-                conn.started + cfg.max_lifetime + random.uniform(0, cfg.max_lifetime_jitter)
-            )
-        self.connections[conn] = None
-        self._drained.clear()
+        conn = self._admit(peer)
         if cfg.on_limit == "wait" and self.saturated():
             assert self.listener is not None
             self.listener.pause()
-        try:
-            tune(csock, self._client_family, cfg.tcp_keepalive, cfg.tcp_nodelay)
-        except OSError:  # the client is gone already
-            csock.close()
-            conn.note_end("client", "error")
-            conn.finish()
-            return
         if self._startup is not None:
             self._start_task(self._startup.begin(conn, csock, peer), conn, csock)
             return
@@ -357,6 +356,19 @@ class Route:
         )
         self._dialing[conn] = (dialer, csock)
         dialer.start()
+
+    def _admit(self, peer: Any) -> Connection:
+        """Count a new connection and make its record (the route's, until it finishes)."""
+        cfg = self.cfg
+        self.stats.accepted += 1
+        conn = Connection(peer_label(peer), self._finished)
+        if cfg.max_lifetime:
+            conn.expires_at = (
+                conn.started + cfg.max_lifetime + random.uniform(0, cfg.max_lifetime_jitter)
+            )
+        self.connections[conn] = None
+        self._drained.clear()
+        return conn
 
     def _dialed(
         self,

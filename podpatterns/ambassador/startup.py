@@ -14,6 +14,7 @@ The route composes one :class:`Startup` and owns the tasks that run it.
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import ssl
 import struct
@@ -27,6 +28,7 @@ from prometheus_client import Histogram
 from podpatterns.ambassador import splice
 from podpatterns.ambassador.config import VERIFIED_SSLMODES, RouteConfig
 from podpatterns.ambassador.connection import Connection, abandon, discard_input
+from podpatterns.ambassador.deadlines import Deadlines
 from podpatterns.ambassador.dial import Dialer, DialError, DialPolicy
 from podpatterns.ambassador.listener import ListenerTLS
 from podpatterns.ambassador.pgauth import (
@@ -52,7 +54,13 @@ from podpatterns.ambassador.pgpool import (
     startup_answer,
 )
 from podpatterns.ambassador.pgroles import ROLE_CHANGED_MESSAGE, Roles
-from podpatterns.ambassador.postgres import MAX_STARTUP_PACKET, PostgresHandler, PostgresSession
+from podpatterns.ambassador.postgres import (
+    MAX_STARTUP_PACKET,
+    SQLSTATE,
+    PostgresHandler,
+    PostgresSession,
+    error_response,
+)
 from podpatterns.ambassador.protocol import (
     Established,
     Failure,
@@ -69,6 +77,7 @@ from podpatterns.ambassador.upstreams import Endpoint, UpstreamPool
 #: What :meth:`Startup.begin` reads at once: a StartupMessage is far smaller.
 STARTUP_READ = 4096
 _HEAD = struct.Struct("!ii")  # a startup packet's length and protocol code
+_LENGTH = struct.Struct("!i")
 
 _DIAL_WORDS = {
     "refused": "connection refused",
@@ -260,6 +269,16 @@ class Startup:
                 slow_query=cfg.pg_slow_query,
             )
             handler.cancel_target = self.pools.cancel_target
+        #: Whether a pooled app's startup may be answered the short way (:meth:`short_way`):
+        #: nothing more is asked of the app than its StartupMessage.
+        creds = handler.credentials if isinstance(handler, PostgresHandler) else None
+        self.short_way_applies = (
+            self.pools is not None
+            and self.pools.handler.listen_context is None
+            and not (creds is not None and creds.client_password)
+        )
+        # connections a PoolGate still holds, each falling back at --startup-timeout
+        self._gates: Deadlines[PoolGate] = Deadlines(cfg.startup_timeout, PoolGate.fall_back)
 
         #: The route's active health check when it is not a TCP connect: PostgreSQL's
         #: role check (--pg-target-session-attrs), or None.
@@ -347,6 +366,14 @@ class Startup:
             for conn, task in list(self._starting.items()):
                 conn.end_by_proxy("drained")
                 task.cancel()
+            self.shut_gates("drained")
+
+    def shut_gates(self, reason: str) -> None:
+        """Answer the connections a :class:`PoolGate` still holds as :meth:`run` answers
+        a startup it cuts (FATAL 57P01), and close them: the route is draining
+        (``--pg-drain transaction``) or closing."""
+        for gate in self._gates.items():
+            gate.shut(reason)
 
     async def _dial(self, only: Endpoint | None) -> tuple[socket.socket, Endpoint]:
         """Dial as :meth:`_on_accept` does for tcp routes, awaitable. Raises DialError."""
@@ -383,49 +410,78 @@ class Startup:
 
     def begin(self, conn: Connection, csock: socket.socket, peer: Any) -> Coroutine[Any, Any, None]:
         """What the route's task for a new connection runs: :meth:`run`, or with
-        ``--pg-pool`` the short way when it applies.
-
-        The short way (issue 14's ``pgbench -C`` target: the work per new connection is
-        what a pool's throughput depends on): the app's StartupMessage is in the socket
-        already, alone (no SSLRequest, no CancelRequest), nothing more is asked of the
-        app (no ``--pg-client-auth``, no ``--listen-tls-cert``) and a server connection
-        is idle (session mode) or the server's parameters are known (transaction mode).
-        Then the pool is answered here, without the startup's coroutines, and the task
-        only attaches the app's socket. Otherwise what was read goes to :meth:`run`.
+        ``--pg-pool`` the short way (:meth:`short_way`) when the app's StartupMessage is
+        in the socket already; then the task only attaches the app's socket. Otherwise
+        what was read goes to :meth:`run`. (A route without a connection cap takes its
+        connections through :class:`PoolGate` instead: no socket object, no task.)
         """
-        pools = self.pools
-        if pools is None or self.draining:
-            return self.run(conn, csock, peer)
-        handler = pools.handler
-        creds = handler.credentials
-        if handler.listen_context is not None or (creds is not None and creds.client_password):
+        if not self.short_way_applies or self.draining:
             return self.run(conn, csock, peer)
         try:
             ahead = csock.recv(STARTUP_READ)
         except OSError:  # nothing yet (BlockingIOError), or an error run() meets again
             return self.run(conn, csock, peer)
-        if not ahead:
-            return self.run(conn, csock, peer, ahead)  # EOF: run() sees it again
-        if len(ahead) < 8:
-            return self.run(conn, csock, peer, ahead)
+        client = self.short_way(conn, ahead) if ahead else None
+        if client is None:
+            return self.run(conn, csock, peer, ahead)  # EOF, more, less, not a startup
+        return self._pool_attach(conn, csock, client)
+
+    def short_way(self, conn: Connection, ahead: bytes) -> ClientSession | None:
+        """The pooled app's :class:`~.pgpool.ClientSession`, its startup answered from the
+        pool, when ``ahead`` is exactly a StartupMessage (no SSLRequest, no
+        CancelRequest) and a server connection is idle (session mode) or the server's
+        parameters are known (transaction mode); else None, and :meth:`run` takes it.
+
+        Issue 14's ``pgbench -C`` target: the work per new connection is what a pool's
+        throughput depends on. Only for a route where nothing more is asked of the app
+        (:attr:`short_way_applies`: no ``--pg-client-auth``, no ``--listen-tls-cert``),
+        and not while draining.
+        """
+        pools = self.pools
+        if pools is None or self.draining or len(ahead) < 8:
+            return None
         length, code = _HEAD.unpack_from(ahead)
         if length != len(ahead) or code >> 16 != 3 or length > MAX_STARTUP_PACKET:
-            return self.run(conn, csock, peer, ahead)  # more, less, or not a startup
+            return None
         pool = pools.pool_for(ahead)
         if pools.settings.mode == "transaction":
             if pool.params is None:
-                return self.run(conn, csock, peer, ahead)
+                return None
             server, params = None, pool.params
         else:
             server = pool.take()
             if server is None:  # run() waits for one, within --pg-pool-wait
-                return self.run(conn, csock, peer, ahead)
+                return None
             params = server.params
         key = issue_key()
         client = ClientSession(pools, pool, conn, server, key, startup_answer(params, key))
         conn.relay = client
         conn.upstream = server.label if server is not None else "pool"
-        return self._pool_attach(conn, csock, client)
+        return client
+
+    def gate_factory(
+        self,
+        accept: Callable[[socket.socket, Any], None],
+        admit: Callable[[Any], Connection],
+        start_task: Callable[[Coroutine[Any, Any, None], Connection, socket.socket], None],
+    ) -> Callable[[], PoolGate]:
+        """The protocol factory of a pooled route's listener (``Listener.serve``).
+
+        Args:
+            accept: the route's accept for a socket (the classic way: refusals while
+                draining count and answer there).
+            admit: count a new connection and make its record.
+            start_task: run a connection's startup as an owned task, with the socket
+                it takes charge of.
+        """
+        return lambda: PoolGate(self, accept, admit, start_task)
+
+    def _gate_pending(self, gate: PoolGate) -> float:
+        """Hold ``gate`` until its StartupMessage decides; its deadline (loop time)."""
+        return self._gates.add(gate)
+
+    def _gate_settled(self, gate: PoolGate) -> None:
+        self._gates.discard(gate)
 
     async def _pool_attach(
         self, conn: Connection, csock: socket.socket, client: ClientSession
@@ -444,11 +500,18 @@ class Startup:
         self._connect_seconds.observe(time.monotonic() - conn.started)
 
     async def run(
-        self, conn: Connection, csock: socket.socket, peer: Any, ahead: bytes = b""
+        self,
+        conn: Connection,
+        csock: socket.socket,
+        peer: Any,
+        ahead: bytes = b"",
+        deadline: float | None = None,
     ) -> None:
         """Accept -> client startup -> dial -> upstream startup -> the relays.
 
-        ``ahead``: what :meth:`begin` read from ``csock`` already.
+        ``ahead``: what :meth:`begin` (or a :class:`PoolGate`) read from ``csock``
+        already; ``deadline``: the loop time ``--startup-timeout`` ends at, when the
+        connection was accepted before this starts.
         """
         session = self.handler.open(SocketStream(csock, ahead=ahead), conn.client)
         self.sessions[conn] = session
@@ -460,8 +523,10 @@ class Startup:
         try:
             if self.draining and self.cfg.pg_drain == "transaction":
                 raise refusal("shutdown", self.cfg)  # accepted just before draining began
+            if deadline is None:
+                deadline = asyncio.get_running_loop().time() + self.cfg.startup_timeout
             try:
-                async with asyncio.timeout(self.cfg.startup_timeout):
+                async with asyncio.timeout_at(deadline):
                     if not await session.accept():
                         conn.note_end("client", "closed")
                         abandon(conn, csock, None, reset=False)
@@ -731,3 +796,152 @@ class Startup:
             est.client.hand_over(relay.client)
         else:
             await asyncio.get_running_loop().connect_accepted_socket(lambda: relay.client, csock)
+
+
+class PoolGate(asyncio.Protocol):
+    """A pooled route's new connection, as the event loop's server accepted it
+    (``Listener.serve``), until its StartupMessage decides its way.
+
+    The short way (:meth:`Startup.short_way`) passes the transport to the app's
+    :class:`~.pgpool.ClientSession`: no socket object, no task, no coroutine, which is
+    what a new connection costs most in Python. Anything else (an SSLRequest, a
+    CancelRequest, no idle server connection, draining, ``--startup-timeout`` with
+    the startup incomplete) falls back: a duplicate of the socket, with the bytes read
+    so far, goes to :meth:`Startup.run` as a connection the classic accept took.
+    """
+
+    __slots__ = (
+        "_accept",
+        "_admit",
+        "_buf",
+        "_deadline",
+        "_start_task",
+        "_startup",
+        "conn",
+        "peer",
+        "state",
+        "transport",
+    )
+
+    PENDING, PASSED, CLOSING = 0, 1, 2  # the transport is passed on, or closing
+
+    def __init__(
+        self,
+        startup: Startup,
+        accept: Callable[[socket.socket, Any], None],
+        admit: Callable[[Any], Connection],
+        start_task: Callable[[Coroutine[Any, Any, None], Connection, socket.socket], None],
+    ) -> None:
+        self._startup = startup
+        self._deadline = 0.0
+        self._accept = accept
+        self._admit = admit
+        self._start_task = start_task
+        self._buf = b""
+        self.conn: Connection | None = None
+        self.peer: Any = None
+        self.state = PoolGate.PENDING
+        self.transport: Any = None
+
+    # -- asyncio.Protocol ----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+        self.peer = transport.get_extra_info("peername")
+        startup = self._startup
+        if startup.draining:  # the classic accept refuses it, in the protocol's terms
+            self.state = PoolGate.PASSED
+            sock = self._take_socket()
+            if sock is not None:
+                self._accept(sock, self.peer)
+            return
+        self.conn = self._admit(self.peer)
+        self._deadline = startup._gate_pending(self)  # fall_back() then
+
+    def data_received(self, data: bytes) -> None:
+        if self.state != PoolGate.PENDING:
+            return
+        buf = self._buf = self._buf + data if self._buf else data
+        if len(buf) < 8:
+            return
+        (length,) = _LENGTH.unpack_from(buf)
+        if 8 <= length <= MAX_STARTUP_PACKET and len(buf) < length:
+            return  # the rest of the StartupMessage is on its way
+        conn = self.conn
+        assert conn is not None
+        client = self._startup.short_way(conn, buf[:length]) if length >= 8 else None
+        if client is None:
+            self.fall_back()
+            return
+        self._settle(PoolGate.PASSED)
+        transport = self.transport
+        transport.set_protocol(client)
+        client.connection_made(transport)
+        if len(buf) > length:  # the app did not wait for the answer
+            client.data_received(buf[length:])
+        self._startup._connect_seconds.observe(time.monotonic() - conn.started)
+
+    def eof_received(self) -> bool:
+        if self.conn is not None:
+            self.conn.note_end("client", "closed")
+        return False  # the transport closes; connection_lost finishes the record
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.state == PoolGate.PASSED:
+            return  # the transport was closed after its socket went the classic way
+        self._settle(PoolGate.CLOSING)
+        conn = self.conn
+        if conn is not None:
+            conn.note_end("client", "closed" if exc is None else "error")
+            conn.finish()
+
+    def shut(self, reason: str) -> None:
+        """Refuse the app now, as :meth:`Startup.run` refuses a startup it cuts on a
+        drain or at close: FATAL 57P01, then a FIN."""
+        if self.state != PoolGate.PENDING:
+            return
+        self._settle(PoolGate.CLOSING)
+        conn = self.conn
+        assert conn is not None
+        conn.end_by_proxy(reason)
+        failure = refusal("shutdown", self._startup.cfg)
+        transport = self.transport
+        if not transport.is_closing():  # else the app closed its end already
+            transport.write(error_response(SQLSTATE[failure.kind], failure.message))
+        transport.close()  # connection_lost finishes the record
+
+    # -- the way back to the classic startup -------------------------------------------------
+
+    def fall_back(self) -> None:
+        """Give the connection to :meth:`Startup.run`: a duplicate of its socket and what
+        was read; the transport closes without touching the connection."""
+        if self.state != PoolGate.PENDING:
+            return
+        self._settle(PoolGate.PASSED)
+        conn = self.conn
+        assert conn is not None
+        sock = self._take_socket()
+        if sock is None:  # the descriptor is gone: the client's end is all there is
+            conn.note_end("client", "error")
+            conn.finish()
+            return
+        run = self._startup.run(conn, sock, self.peer, self._buf, self._deadline)
+        self._start_task(run, conn, sock)
+
+    def _settle(self, state: int) -> None:
+        self.state = state
+        self._startup._gate_settled(self)
+
+    def _take_socket(self) -> socket.socket | None:
+        """A socket object of its own for the connection; the transport is closed (the
+        connection lives on in the duplicate)."""
+        transport = self.transport
+        try:
+            fd = os.dup(transport.get_extra_info("socket").fileno())
+        except OSError:
+            transport.abort()
+            return None
+        transport.abort()  # closes the transport's descriptor only
+        sock = socket.socket(fileno=fd)
+        sock.setblocking(False)
+        return sock
