@@ -62,26 +62,33 @@ class AmbassadorProcess(Proc):
 
 @contextlib.contextmanager
 def run_ambassador(
-    upstreams: Sequence[str], *extra: str, prefix: Sequence[str] = ()
+    upstreams: Sequence[str],
+    *extra: str,
+    prefix: Sequence[str] = (),
+    listen: str = "127.0.0.1:0",
 ) -> Iterator[AmbassadorProcess]:
     """Start the ambassador and yield it once it listens.
 
-    It listens and serves admin on 127.0.0.1 port 0, logs JSON, has no shutdown delay.
+    It listens on ``listen`` (127.0.0.1 port 0 by default; ``amb.listen`` is set for a
+    TCP address) and serves admin on 127.0.0.1 port 0, logs JSON, has no shutdown delay.
 
     Args:
         upstreams: ``HOST:PORT`` of each ``--upstream``.
         extra: more command-line arguments.
         prefix: a command that execs the rest (``unshare ...``).
+        listen: the ``--listen`` address (``unix:PATH`` too).
 
     On exit it is SIGKILLed if the test did not stop it already.
     """
-    args = ["ambassador", "--listen", "127.0.0.1:0"]
+    args = ["ambassador", "--listen", listen]
     for upstream in upstreams:
         args += ["--upstream", upstream]
     args += ["--admin", "127.0.0.1:0", "--shutdown-delay", "0"]
     amb = AmbassadorProcess(*args, *extra, prefix=prefix, stdout=subprocess.DEVNULL)
     try:
-        amb.listen = parse_hostport(amb.wait_event("route_listening")["listen"])
+        listening = amb.wait_event("route_listening")["listen"]
+        if not listen.startswith("unix:"):
+            amb.listen = parse_hostport(listening)
         amb.admin = parse_hostport(amb.wait_event("admin_listening")["address"])
         yield amb
     finally:

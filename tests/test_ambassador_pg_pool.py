@@ -40,7 +40,7 @@ from podpatterns.ambassador.pgpool import (
 )
 from podpatterns.ambassador.postgres import PostgresHandler
 from podpatterns.ambassador.upstreams import Endpoint
-from podpatterns.options import HostPort, parse_hostport
+from podpatterns.options import HostPort
 from tests.ambassador_process import AmbassadorProcess, run_ambassador
 from tests.peers import PG_SERVER_NAME, POOL_USER, PostgresServer, need, pgbench_connect_each
 from tests.proc import run
@@ -82,10 +82,15 @@ def pool_args(server: PostgresServer, ca: Path, mode: str, *extra: str) -> list[
     ]
 
 
-def psql(server: PostgresServer, port: int, *sql: str) -> subprocess.CompletedProcess[str]:
-    """psql -c SQL ... against the ambassador (unaligned, tuples only, no password)."""
+def psql(
+    server: PostgresServer, port: int, *sql: str, host: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    """psql -c SQL ... against the ambassador (unaligned, tuples only, no password);
+    ``host``: a unix socket directory instead of 127.0.0.1."""
     env = server.env(port)
     env.update(PGSSLMODE="disable")
+    if host is not None:
+        env["PGHOST"] = host
     env.pop("PGPASSWORD", None)
     commands = [arg for command in sql for arg in ("-c", command)]
     return subprocess.run(
@@ -721,43 +726,17 @@ def test_pooled_route_on_a_unix_socket(server: PostgresServer, pg_ca_file: Path)
     """The loop's server accepts on a unix socket too: psql -h DIR -p 5432 through a
     session pool at DIR/.s.PGSQL.5432 (twice, on one server connection)."""
     with tempfile.TemporaryDirectory(prefix="podpatterns-pgsock-") as tmp:
+        listen = f"unix:{tmp}/.s.PGSQL.5432"
         args = pool_args(server, pg_ca_file, "session")
-        amb = AmbassadorProcess(
-            "ambassador",
-            "--listen",
-            f"unix:{tmp}/.s.PGSQL.5432",
-            "--upstream",
-            f"127.0.0.1:{server.port}",
-            *args,
-            "--admin",
-            "127.0.0.1:0",
-            "--shutdown-delay",
-            "0",
-            stdout=subprocess.DEVNULL,
-        )
-        try:
-            amb.wait_event("route_listening")
-            amb.admin = parse_hostport(amb.wait_event("admin_listening")["address"])
-            env = server.env(5432)
-            env.update(PGHOST=tmp, PGSSLMODE="disable")
-            env.pop("PGPASSWORD", None)
+        with run_ambassador([f"127.0.0.1:{server.port}"], *args, listen=listen) as amb:
             pids = set()
             for _ in range(2):
-                done = subprocess.run(
-                    [server.tool("psql"), "-X", "-A", "-t", "-c", "select pg_backend_pid()"],
-                    env=env,
-                    capture_output=True,
-                    text=True,
-                    timeout=CLIENT_TIMEOUT,
-                    check=False,
-                )
+                done = psql(server, 5432, "select pg_backend_pid()", host=tmp)
                 assert done.returncode == 0, done.stderr
                 pids.add(done.stdout.strip())
                 idle_is(amb, 1)
             assert len(pids) == 1, pids
             assert amb.terminate() == 0, amb.log_text()
-        finally:
-            amb.stop()
         assert not (Path(tmp) / ".s.PGSQL.5432").exists()
 
 

@@ -172,27 +172,13 @@ def test_psycopg_asyncpg_and_pgbench_through_ambassador(
 def test_unix_socket_named_like_postgres(postgres_tls: PostgresServer, ca_file: Path) -> None:
     """A listener at DIR/.s.PGSQL.5432 serves psql -h DIR -p 5432."""
     with tempfile.TemporaryDirectory(prefix="podpatterns-pgsock-") as tmp:
-        amb = AmbassadorProcess(
-            "ambassador",
-            "--listen",
-            f"unix:{tmp}/.s.PGSQL.5432",
-            "--upstream",
-            upstream(postgres_tls),
-            *tls_args(ca_file),
-            "--admin",
-            "127.0.0.1:0",
-            "--shutdown-delay",
-            "0",
-            stdout=subprocess.DEVNULL,
-        )
-        try:
-            amb.wait_event("route_listening")
+        listen = f"unix:{tmp}/.s.PGSQL.5432"
+        args = tls_args(ca_file)
+        with run_ambassador([upstream(postgres_tls)], *args, listen=listen) as amb:
             done = psql(postgres_tls, 5432, SSL_OF_SESSION, host=tmp)
             assert done.returncode == 0, done.stderr
             assert done.stdout.strip() == "t"
             assert amb.terminate() == 0, amb.log_text()
-        finally:
-            amb.stop()
 
 
 # -- errors in PostgreSQL's terms ---------------------------------------------------------
