@@ -6,6 +6,7 @@ reads at scrape time (see :class:`CallbackCollector`).
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Literal, NamedTuple
 
@@ -103,6 +104,27 @@ class Family(NamedTuple):
 HistogramSample = tuple[tuple[str, ...], Sequence[int], float]
 """One histogram series: its label values, the count in each bucket (not cumulative; one
 more than the bounds, the last for ``+Inf``) and the sum of the observed values."""
+
+
+class Buckets:
+    """Observed values counted per bucket of ``bounds``, and their sum: the series of a
+    :class:`Histogram` declaration, in plain numbers (no lock, no label lookup per
+    observation; a prometheus_client histogram takes a lock twice per observation).
+
+    Args:
+        bounds: the upper bounds of the buckets, ascending (``+Inf`` is added).
+    """
+
+    __slots__ = ("bounds", "counts", "total")
+
+    def __init__(self, bounds: tuple[float, ...] = LATENCY_BUCKETS) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # not cumulative; the last for +Inf
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1  # le: a value on a bound is in
+        self.total += value
 
 
 class Histogram(NamedTuple):

@@ -22,8 +22,6 @@ import asyncio
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from prometheus_client import Histogram
-
 from podpatterns.ambassador.config import (
     AMBASSADOR_OPTIONS,
     ROUTE_OPTIONS,
@@ -37,7 +35,14 @@ from podpatterns.ambassador.pgpool import pool_collector
 from podpatterns.ambassador.protocol import ProtocolHandler
 from podpatterns.ambassador.route import Route
 from podpatterns.ambassador.upstreams import Resolver, system_resolver
-from podpatterns.metrics import LATENCY_BUCKETS, NAMESPACE, CallbackCollector, Family, Sample
+from podpatterns.metrics import (
+    LATENCY_BUCKETS,
+    CallbackCollector,
+    Family,
+    Histogram,
+    HistogramSample,
+    Sample,
+)
 from podpatterns.options import HostPort
 
 __all__ = [
@@ -82,16 +87,7 @@ class Ambassador:
         unknown = set(handlers) - {r.name for r in routes}
         if unknown:
             raise LookupError(f"handlers: no route named {sorted(unknown)[0]!r}")
-        self._connect_seconds = Histogram(
-            f"{NAMESPACE}_ambassador_connect_seconds",
-            "time to connect to an upstream, retries included",
-            ["route"],
-            buckets=CONNECT_BUCKETS,
-            registry=None,
-        )
-        self.routes = [
-            Route(cfg, self._connect_seconds, resolver, handlers.get(cfg.name)) for cfg in routes
-        ]
+        self.routes = [Route(cfg, resolver, handlers.get(cfg.name)) for cfg in routes]
         self._started: list[Route] = []
 
     @property
@@ -185,13 +181,12 @@ class Ambassador:
         pg = [(r.cfg.name, r.queries) for r in self.routes if r.queries is not None]
         pools = [(r.cfg.name, r.pg_pools) for r in self.routes if r.pg_pools is not None]
         return [
-            self._connect_seconds,
             CallbackCollector(self._families()),
             query_collector(pg),
             pool_collector(pools),
         ]
 
-    def _families(self) -> list[Family]:
+    def _families(self) -> list[Family | Histogram]:
         routes = self.routes
 
         def per_route(fn: Any) -> Any:
@@ -222,8 +217,20 @@ class Ambassador:
 
         import time
 
+        def connect_seconds() -> list[HistogramSample]:
+            return [
+                ((r.cfg.name,), r.connect_seconds.counts, r.connect_seconds.total) for r in routes
+            ]
+
         a = "ambassador_"
         return [
+            Histogram(
+                a + "connect_seconds",
+                "time to connect to an upstream, retries included",
+                ("route",),
+                CONNECT_BUCKETS,
+                connect_seconds,
+            ),
             Family(
                 "gauge",
                 a + "connections_active",

@@ -66,7 +66,6 @@ import re
 import socket
 import struct
 import time
-from bisect import bisect_left
 from collections import Counter, OrderedDict, deque
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -97,6 +96,7 @@ from podpatterns.ambassador.protocol import Failure, SocketStream, Stream
 from podpatterns.ambassador.upstreams import Endpoint
 from podpatterns.metrics import (
     LATENCY_BUCKETS,
+    Buckets,
     CallbackCollector,
     Family,
     Histogram,
@@ -655,8 +655,7 @@ class Pools:
         self.closed: Counter[str] = Counter()
         self.open_failures = 0
         self.wait_timeouts = 0
-        self.wait_buckets = [0] * (len(LATENCY_BUCKETS) + 1)
-        self.wait_seconds = 0.0
+        self.wait_time = Buckets()  # how long apps waited for a server connection
         self.features: Counter[str] = Counter()
         self.lost_transactions = 0  # app transactions lost with their server connection
         # --pg-target-session-attrs: the endpoints' roles (None: any endpoint serves)
@@ -711,8 +710,7 @@ class Pools:
         return pool
 
     def observe_wait(self, seconds: float) -> None:
-        self.wait_seconds += seconds
-        self.wait_buckets[bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        self.wait_time.observe(seconds)
 
     def counts(self) -> tuple[int, int, int, int]:
         """(in use, idle, opening or being reset, waiting apps) over all keys."""
@@ -1885,7 +1883,7 @@ def pool_collector(routes: Iterable[tuple[str, Pools]]) -> CallbackCollector:
 
     def waits() -> Iterator[HistogramSample]:
         for name, pools in pairs:
-            yield (name,), pools.wait_buckets, pools.wait_seconds
+            yield (name,), pools.wait_time.counts, pools.wait_time.total
 
     p = "ambassador_pg_pool_"
     return CallbackCollector(

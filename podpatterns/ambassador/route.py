@@ -21,8 +21,6 @@ from collections import Counter
 from collections.abc import Coroutine
 from typing import Any
 
-from prometheus_client import Histogram
-
 from podpatterns import logs
 from podpatterns.ambassador import proxy_protocol, splice, tlsleg
 from podpatterns.ambassador.config import RouteConfig, UnixAddress
@@ -35,6 +33,7 @@ from podpatterns.ambassador.relay import ProtocolRelay
 from podpatterns.ambassador.startup import Startup, make_handler
 from podpatterns.ambassador.tls import route_tls
 from podpatterns.ambassador.upstreams import Endpoint, UpstreamPool, system_resolver
+from podpatterns.metrics import Buckets
 from podpatterns.tasks import TaskSet
 
 # Which relay "--splice auto" picks for plaintext legs; set from bench/ambassador.py
@@ -80,7 +79,6 @@ class Route:
     def __init__(
         self,
         cfg: RouteConfig,
-        connect_seconds: Histogram,
         resolver: Any = system_resolver,
         handler: ProtocolHandler | None = None,
     ) -> None:
@@ -133,7 +131,10 @@ class Route:
         self._drained.set()
         self._stopping = False
         self._pipes = splice.PipePool(cfg.buffer_size) if self.use_splice else None
-        self._connect_seconds = connect_seconds.labels(route=cfg.name)
+        #: connect time (accept to relay, retries and TLS included), for the histogram
+        #: ``podpatterns_ambassador_connect_seconds``
+        self.connect_seconds = Buckets()
+        self._connect_seconds = self.connect_seconds
         # protocol routes: the handler's startup runs between accept and relay
         self._startup: Startup | None = None
         if self.handler is not None:

@@ -23,8 +23,6 @@ from collections import Counter
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from prometheus_client import Histogram
-
 from podpatterns.ambassador import splice
 from podpatterns.ambassador.config import VERIFIED_SSLMODES, RouteConfig
 from podpatterns.ambassador.connection import Connection, abandon, discard_input
@@ -73,6 +71,7 @@ from podpatterns.ambassador.protocol import (
 from podpatterns.ambassador.relay import Leg, ProtocolRelay
 from podpatterns.ambassador.tls import TLSContextProvider
 from podpatterns.ambassador.upstreams import Endpoint, UpstreamPool
+from podpatterns.metrics import Buckets
 
 #: What :meth:`Startup.begin` reads at once: a StartupMessage is far smaller.
 STARTUP_READ = 4096
@@ -236,7 +235,7 @@ class Startup:
         dial_failed: Callable[[Connection, DialError], None],
         send_proxy_header: Callable[[socket.socket, socket.socket, Any], None],
         pipes: splice.PipePool | None,
-        connect_seconds: Histogram,
+        connect_seconds: Buckets,
         log: Any,
         queries: QueryMetrics | None = None,
     ) -> None:
