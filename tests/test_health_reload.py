@@ -355,3 +355,28 @@ def test_thread_that_never_ends_cannot_hold_the_exit(procs: list[Proc], tmp_path
     assert stalled["exit_code"] == 0 and stalled["threads"] == ["stuck-worker"], stalled
     [stack] = [s for name, s in stalled["stacks"].items() if name.startswith("stuck-worker ")]
     assert "in wait" in stack, stack
+
+
+# A program whose teardown blocks where no thread can act any more: a finalizer of a
+# module global, run while the interpreter finalizes (after the daemon threads stopped).
+WITH_STUCK_FINALIZER = """
+import threading
+class Stuck:
+    def __del__(self):
+        threading.Event().wait()  # nothing can set it any more
+stuck = Stuck()
+from podpatterns.__main__ import main
+main()
+"""
+
+
+def test_finalizer_that_never_returns_cannot_hold_the_exit(
+    procs: list[Proc], tmp_path: Path
+) -> None:
+    """A stall in the interpreter's own teardown, where the exit guard's thread cannot
+    run: SIGALRM ends the process 2 s after the guard's deadline (before, it ran until
+    SIGKILL)."""
+    program = (sys.executable, "-c", WITH_STUCK_FINALIZER)
+    p = _reload_until_stopped(procs, tmp_path, program=program)
+    assert p.wait(EXIT_GRACE + 2 + 5) == -signal.SIGALRM
+    assert p.find("exit_stalled") < 0  # the guard's thread was stopped before its deadline

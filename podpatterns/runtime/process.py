@@ -77,7 +77,15 @@ def guard_exit(code: int, log: Any, grace: float = EXIT_GRACE) -> None:
     it logs ``exit_stalled`` with the threads still alive and every thread's stack, then
     calls ``os._exit(code)``. The log gets one second, so a stderr that no longer drains
     cannot hold the exit either.
+
+    A daemon thread cannot act once the interpreter is finalizing (after the threads are
+    joined and the ``atexit`` functions ran: modules and thread states are torn down
+    then, and a thread that wakes up is stopped). A stall there (a finalizer that blocks,
+    a deadlock in the interpreter's own teardown) is ended by the kernel instead:
+    SIGALRM, whose default action ends the process, 2 s after the guard's deadline. No
+    log then, and the exit status is the signal's (142), not ``code``.
     """
+    signal.setitimer(signal.ITIMER_REAL, grace + 2.0)
 
     def expire() -> None:
         threading.Event().wait(grace)
