@@ -16,6 +16,7 @@ from aiohttp import web
 from podpatterns.reload import ReloadConfig, Reloader
 from podpatterns.reload.notify import Exec, HttpPost, SignalPid
 from podpatterns.reload.snapshot import take
+from podpatterns.runtime.process import EXIT_GRACE
 from tests.kubelet import configmap_write
 from tests.proc import Proc, run
 from tests.waiting import eventually, wait_for_file, wait_until
@@ -305,3 +306,77 @@ async def test_reload_without_inotify_polls(tmp_path: Path) -> None:
             assert r.watcher.mode == "polling" and t.posts == 1
         finally:
             await r.close()
+
+
+# A program that embeds podpatterns and leaves a thread behind that never returns (a
+# library's worker blocked in a call): the interpreter's exit joins it, forever.
+WITH_STUCK_THREAD = """
+import sys, threading
+threading.Thread(target=threading.Event().wait, name="stuck-worker").start()
+from podpatterns.__main__ import main
+main()
+"""
+
+
+def _reload_until_stopped(
+    procs: list[Proc], conf: Path, *, program: tuple[str, ...] | None = None
+) -> Proc:
+    """`podpatterns reload` on the ConfigMap-style ``conf``, SIGTERMed as a swap lands
+    (the watch is active and the change not yet settled); returns once it logged
+    ``phase: stopped``."""
+    configmap_write(conf, 1, {"app.yaml": "a: 1"})
+    args = ("reload", "--watch", str(conf), "--exec", "true", "--debounce", "50ms",
+            "--admin", f"{LOOP}:0", "--shutdown-delay", "0")  # fmt: skip
+    p = Proc(*args) if program is None else Proc(*args, program=program)
+    procs.append(p)
+    p.wait_event("runtime_phase", lambda e: e.get("phase") == "ready")
+    configmap_write(conf, 2, {"app.yaml": "a: 2"})
+    p.signal(signal.SIGTERM)
+    p.wait_event("runtime_phase", lambda e: e.get("phase") == "stopped")
+    return p
+
+
+def test_stop_during_a_swap_exits_at_once(procs: list[Proc], tmp_path: Path) -> None:
+    """SIGTERM while a ConfigMap swap is being watched: exit 0 once stopped, and the
+    teardown never reaches the exit guard's deadline."""
+    p = _reload_until_stopped(procs, tmp_path)
+    # the bound runs from the `stopped` event: the guard would end a stalled exit then
+    assert p.wait(EXIT_GRACE) == 0
+    assert p.find("exit_stalled") < 0, p.log_text()
+
+
+def test_thread_that_never_ends_cannot_hold_the_exit(procs: list[Proc], tmp_path: Path) -> None:
+    """A non-daemon thread still blocked after the runtime stopped: the process still
+    exits with its code within EXIT_GRACE of `phase: stopped`, naming the thread and
+    its stack in `exit_stalled` (before the guard it ran until SIGKILL)."""
+    p = _reload_until_stopped(procs, tmp_path, program=(sys.executable, "-c", WITH_STUCK_THREAD))
+    assert p.wait(EXIT_GRACE + 5) == 0
+    stalled = p.wait_event("exit_stalled")
+    assert stalled["exit_code"] == 0 and stalled["threads"] == ["stuck-worker"], stalled
+    [stack] = [s for name, s in stalled["stacks"].items() if name.startswith("stuck-worker ")]
+    assert "in wait" in stack, stack
+
+
+# A program whose teardown blocks where no thread can act any more: a finalizer of a
+# module global, run while the interpreter finalizes (after the daemon threads stopped).
+WITH_STUCK_FINALIZER = """
+import threading
+class Stuck:
+    def __del__(self):
+        threading.Event().wait()  # nothing can set it any more
+stuck = Stuck()
+from podpatterns.__main__ import main
+main()
+"""
+
+
+def test_finalizer_that_never_returns_cannot_hold_the_exit(
+    procs: list[Proc], tmp_path: Path
+) -> None:
+    """A stall in the interpreter's own teardown, where the exit guard's thread cannot
+    run: SIGALRM ends the process 2 s after the guard's deadline (before, it ran until
+    SIGKILL)."""
+    program = (sys.executable, "-c", WITH_STUCK_FINALIZER)
+    p = _reload_until_stopped(procs, tmp_path, program=program)
+    assert p.wait(EXIT_GRACE + 2 + 5) == -signal.SIGALRM
+    assert p.find("exit_stalled") < 0  # the guard's thread was stopped before its deadline
