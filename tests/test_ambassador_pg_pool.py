@@ -639,11 +639,12 @@ def test_short_way_ended_before_its_first_step(
 ACTIVE = "podpatterns_ambassador_connections_active"
 
 
-def read_messages(sock: socket.socket, last: bytes) -> list[tuple[bytes, bytes]]:
-    """The backend messages on ``sock`` up to the first of type ``last``: (type, body)."""
+def read_messages(sock: socket.socket, last: bytes, count: int = 1) -> list[tuple[bytes, bytes]]:
+    """The backend messages on ``sock`` up to the ``count``-th of type ``last``: (type,
+    body). Call it again only for messages the peer sends after this one's last."""
     data = b""
     out: list[tuple[bytes, bytes]] = []
-    while not out or out[-1][0] != last:
+    while sum(1 for kind, _ in out if kind == last) < count:
         chunk = sock.recv(65536)
         assert chunk, (data, out)
         data += chunk
@@ -709,9 +710,11 @@ def test_startup_in_pieces_with_a_query_behind_it(
             amb.wait_metric(ACTIVE, lambda n: n == 1, "the app accepted")
             raw.sendall(startup[3:9])
             raw.sendall(startup[9:] + query)
-            kinds = [kind for kind, _ in read_messages(raw, b"Z")]
-            assert kinds[0] == b"R" and b"K" in kinds, kinds
-            answer = read_messages(raw, b"Z")
+            # the greeting and the query's answer: they may come in one read
+            messages = read_messages(raw, b"Z", 2)
+            kinds = [kind for kind, _ in messages]
+            greeting, answer = messages[: kinds.index(b"Z") + 1], messages[kinds.index(b"Z") + 1 :]
+            assert kinds[0] == b"R" and b"K" in kinds[: len(greeting)], greeting
             assert (b"D", b"\0\x01\0\0\0\x018") in answer, answer
             raw.sendall(b"X\0\0\0\x04")
             assert raw.recv(1) == b""

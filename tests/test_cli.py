@@ -277,16 +277,35 @@ def test_repeated_sigterm_still_exits_0(procs: list[Proc]) -> None:
     up.close()
 
 
-def test_only_the_main_thread_takes_stop_signals(procs: list[Proc]) -> None:
-    """Every other thread of a running ambassador (libuv's pool, the default executor)
-    blocks SIGTERM and SIGINT: one taken by a worker in the instant the exit swaps the
-    handlers for SIG_IGN would kill the process (the repeated-SIGTERM test saw 143)."""
+def test_only_the_main_thread_takes_stop_signals(procs: list[Proc], tmp_path: Path) -> None:
+    """Every other thread of a running ambassador (libuv's pool, the default executor,
+    anyio's worker of a directory watch) blocks SIGTERM and SIGINT: one taken by a worker
+    in the instant the exit swaps the handlers for SIG_IGN would kill the process (the
+    repeated-SIGTERM test saw 143)."""
     up, port = _upstream_server()
-    p = ambassador(procs, f"{LOOP}:{port}")
+    p = ambassador(procs, f"{LOOP}:{port}", "--health-dir", str(tmp_path), "--exit-with", "app")
     p.wait_event("runtime_phase", lambda e: e.get("phase") == "ready")
+    p.wait_event("exit_with_watching")
+    tasks = Path(f"/proc/{p.p.pid}/task")
+
+    def comm(task: Path) -> str:
+        return (task / "comm").read_text().strip()
+
+    def watch_threads() -> bool:
+        # notify's inotify thread (started by Rust from the event loop's thread, as
+        # watchfiles' RustNotify is made: not by Thread.start, left; CHANGELOG, Fixed),
+        # then anyio's worker thread that runs the watch, started right after it
+        notify = [int(t.name) for t in tasks.iterdir() if comm(t).startswith("notify-rs")]
+        return bool(notify) and any(
+            int(t.name) > notify[0] and comm(t) == "python" for t in tasks.iterdir()
+        )
+
+    wait_until(watch_threads, "the directory watch's threads")
     stop = (1 << (signal.SIGTERM - 1)) | (1 << (signal.SIGINT - 1))
     blocked = {}
-    for task in Path(f"/proc/{p.p.pid}/task").iterdir():
+    for task in tasks.iterdir():
+        if comm(task).startswith("notify-rs"):
+            continue
         status = (task / "status").read_text()
         mask = int(re.search(r"^SigBlk:\s*([0-9a-f]+)", status, re.M)[1], 16)  # type: ignore[index]
         blocked[int(task.name)] = mask & stop == stop

@@ -130,16 +130,19 @@ def hold_stop_signals() -> None:
 
 
 async def start_worker_threads_holding_stop_signals() -> None:
-    """Start the loop's worker threads with :data:`STOP_SIGNALS` blocked in them, so that
-    a stop signal is only ever delivered to the main thread.
+    """Start every later thread with :data:`STOP_SIGNALS` blocked in it, so that a stop
+    signal is only ever delivered to the main thread.
 
     At exit the handlers are swapped for SIG_IGN with the signals blocked in the main
     thread (:func:`_serve`); in between the disposition is the default one for an
-    instant, and a SIGTERM that a worker thread took then killed the process (143). The
-    default executor's threads block them as they start; libuv's thread pool (uvloop's
-    getaddrinfo) starts all its threads at its first use, so it is used once here, with
-    the signals held, and its threads inherit the mask.
+    instant, and a SIGTERM that another thread took then killed the process (143).
+    Threads started by Python (the default executor's, anyio's worker that runs
+    watchfiles, and the threads those start in turn) get the mask from
+    :func:`_start_holding_stop_signals`; libuv's thread pool (uvloop's getaddrinfo)
+    starts all its threads at its first use, so it is used once here, with the signals
+    held, and its threads inherit the mask.
     """
+    threading.Thread.start = _start_holding_stop_signals  # type: ignore[method-assign,assignment]
     loop = asyncio.get_running_loop()
     loop.set_default_executor(ThreadPoolExecutor(initializer=hold_stop_signals))
     held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
@@ -147,6 +150,20 @@ async def start_worker_threads_holding_stop_signals() -> None:
         # numeric: no resolver, only the pool's threads started (a no-op for asyncio's loop,
         # whose getaddrinfo runs in the default executor above)
         await loop.getaddrinfo("127.0.0.1", None, flags=socket.AI_NUMERICHOST)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
+_THREAD_START = threading.Thread.start
+
+
+def _start_holding_stop_signals(thread: threading.Thread) -> None:
+    """``threading.Thread.start`` in this process: the new thread inherits the caller's
+    signal mask, so the caller holds :data:`STOP_SIGNALS` for the instant of the start
+    (a signal that comes meanwhile is delivered when the mask is restored)."""
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        _THREAD_START(thread)
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
