@@ -49,3 +49,11 @@ def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = No
 def get(name: str, **context: Any) -> Any:
     """A bound logger for one component or module, with ``component`` set."""
     return structlog.get_logger().bind(component=name, **context)
+
+
+def enabled(logger: Any, level: str) -> bool:
+    """Whether ``logger`` (from :func:`get`) emits events of ``level`` (one of
+    :data:`LEVELS`), as configured when it was made: a hot path skips gathering the
+    fields of an event that would be dropped. True for a logger that cannot tell."""
+    check = getattr(logger, "is_enabled_for", None)
+    return True if check is None else bool(check(logging.getLevelNamesMapping()[level.upper()]))

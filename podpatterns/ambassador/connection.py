@@ -12,7 +12,7 @@ import socket
 import struct
 import time
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 _ids = itertools.count(1)
 _LINGER_RESET = struct.pack("ii", 1, 0)
@@ -25,6 +25,13 @@ def reset_socket(sock: socket.socket | None) -> None:
     # already closed, or a unix socket: a plain close is all there is
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+
+
+def peer_label(peer: Any) -> str:
+    """``ip:port`` for TCP peers, ``unix`` for unix-socket peers."""
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        return f"[{peer[0]}]:{peer[1]}" if ":" in str(peer[0]) else f"{peer[0]}:{peer[1]}"
+    return "unix"
 
 
 class Relay(Protocol):
@@ -47,9 +54,9 @@ class Connection:
     """Accounting for one client connection through the ambassador."""
 
     __slots__ = (
+        "_client",
         "bytes_down",
         "bytes_up",
-        "client",
         "closed_by",
         "endpoint",
         "expires_at",
@@ -57,15 +64,19 @@ class Connection:
         "idle_mark",
         "idle_since",
         "on_finish",
+        "peer",
         "reason",
         "relay",
         "started",
         "upstream",
     )
 
-    def __init__(self, client: str, on_finish: Callable[[Connection], None]) -> None:
+    def __init__(
+        self, client: str | None, on_finish: Callable[[Connection], None], peer: Any = None
+    ) -> None:
         self.id = next(_ids)
-        self.client = client
+        self._client = client
+        self.peer = peer  # the address accept() gave: ``client`` is made from it when read
         self.upstream = ""
         self.endpoint: object = None
         self.started = time.monotonic()
@@ -78,6 +89,15 @@ class Connection:
         self.expires_at: float | None = None
         self.idle_mark = -1  # activity() at the last sweep
         self.idle_since = self.started
+
+    @property
+    def client(self) -> str:
+        """``ip:port`` of the client (``unix`` for a unix socket), for logs: formatted
+        when first read, as most connections are never logged one by one."""
+        client = self._client
+        if client is None:
+            client = self._client = peer_label(self.peer)
+        return client
 
     def note_end(self, closed_by: str, reason: str) -> None:
         """Record who ended the connection first and why (first call wins)."""

@@ -24,7 +24,7 @@ from typing import Any
 from podpatterns import logs
 from podpatterns.ambassador import proxy_protocol, splice, tlsleg
 from podpatterns.ambassador.config import RouteConfig, UnixAddress
-from podpatterns.ambassador.connection import Connection, abandon, reset_socket
+from podpatterns.ambassador.connection import Connection, abandon, peer_label, reset_socket
 from podpatterns.ambassador.dial import Dialer, DialError, DialPolicy, classify, tune
 from podpatterns.ambassador.listener import Listener, bind, listener_tls
 from podpatterns.ambassador.pgmetrics import QueryMetrics
@@ -49,13 +49,6 @@ HEALTH_LOOP = "health"  # the name of the active health checks' task, after the 
 MAX_REFUSING = 64
 #: Seconds :meth:`Route.close` lets refusals in progress finish before cancelling them.
 REFUSAL_GRACE = 1.0
-
-
-def peer_label(peer: Any) -> str:
-    """``ip:port`` for TCP peers, ``unix`` for unix-socket peers."""
-    if isinstance(peer, tuple) and len(peer) >= 2:
-        return f"[{peer[0]}]:{peer[1]}" if ":" in str(peer[0]) else f"{peer[0]}:{peer[1]}"
-    return "unix"
 
 
 class RouteStats:
@@ -84,6 +77,8 @@ class Route:
     ) -> None:
         self.cfg = cfg
         self._log = logs.get("ambassador", route=cfg.name)  # before _make_handler logs
+        # the access log's event per connection: its fields are not even gathered without
+        self._log_closed = logs.enabled(self._log, "info")
         self.stats = RouteStats()
         self.pool = UpstreamPool(
             cfg.upstream,
@@ -362,7 +357,7 @@ class Route:
         """Count a new connection and make its record (the route's, until it finishes)."""
         cfg = self.cfg
         self.stats.accepted += 1
-        conn = Connection(peer_label(peer), self._finished)
+        conn = Connection(None, self._finished, peer)
         if cfg.max_lifetime:
             conn.expires_at = (
                 conn.started + cfg.max_lifetime + random.uniform(0, cfg.max_lifetime_jitter)
@@ -577,17 +572,18 @@ class Route:
         stats.bytes_up += conn.bytes_up
         stats.bytes_down += conn.bytes_down
         stats.closed[conn.reason or "closed"] += 1
-        self._log.info(
-            "connection_closed",
-            conn=conn.id,
-            client=conn.client,
-            upstream=conn.upstream,
-            duration=round(time.monotonic() - conn.started, 6),
-            bytes_up=conn.bytes_up,
-            bytes_down=conn.bytes_down,
-            closed_by=conn.closed_by or "proxy",
-            reason=conn.reason or "closed",
-        )
+        if self._log_closed:
+            self._log.info(
+                "connection_closed",
+                conn=conn.id,
+                client=conn.client,
+                upstream=conn.upstream,
+                duration=round(time.monotonic() - conn.started, 6),
+                bytes_up=conn.bytes_up,
+                bytes_down=conn.bytes_down,
+                closed_by=conn.closed_by or "proxy",
+                reason=conn.reason or "closed",
+            )
         if not self.connections:
             self._drained.set()
         listener = self.listener
