@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -23,9 +24,10 @@ from tests.adapter_harness import SeqWriter, check_delivery, config, seqs_of
 
 
 class Tail:
-    """A tracker and a reader over ``tmp/logs/access.log``, stepped by hand."""
+    """A tracker and a reader over ``tmp/logs/access.log`` (found by ``pattern``), stepped
+    by hand."""
 
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, pattern: str = "access.log") -> None:
         self.logs = tmp / "logs"
         self.logs.mkdir()
         self.log = self.logs / "access.log"
@@ -34,7 +36,7 @@ class Tail:
         self.lines: list[Line] = []
         self.now = 0.0
         self.tracker = Tracker(
-            config(tmp, "logs/access.log"),
+            config(tmp, f"logs/{pattern}"),
             Checkpoint(None),
             self.counters,
             lambda: None,
@@ -74,14 +76,24 @@ class Tail:
         """What logrotate's copytruncate does: shift the older copies up by one, copy the
         file to ``.1``, truncate it (``look_between``: discovery runs between the copy
         and the truncate, and sees the copy first)."""
-        for n in range(generations, 0, -1):
-            older = self.log.with_name(f"access.log.{n}")
-            if older.exists():
-                os.rename(older, self.log.with_name(f"access.log.{n + 1}"))
+        self._shift(generations)
         shutil.copyfile(self.log, self.log.with_name("access.log.1"))
         if look_between:
             self.discover()
         os.truncate(self.log, 0)
+
+    def rotate(self, generations: int) -> None:
+        """What logrotate's create does: shift the older generations up by one, rename the
+        file to ``.1``; the application opens a new ``access.log`` (the writer reopens)."""
+        self._shift(generations)
+        os.rename(self.log, self.log.with_name("access.log.1"))
+        self.writer.reopen()
+
+    def _shift(self, generations: int) -> None:
+        for n in range(generations, 0, -1):
+            older = self.log.with_name(f"access.log.{n}")
+            if older.exists():
+                os.rename(older, self.log.with_name(f"access.log.{n + 1}"))
 
     def seqs(self) -> list[int]:
         """Sequence numbers of the lines read so far."""
@@ -168,4 +180,47 @@ async def test_copy_seen_empty_then_filled_loses_and_freezes_nothing(
     check_delivery(tail.seqs(), w.next, 0)  # the copy is read on from the original's offset
     assert tail.counters.truncations == 1
     assert tail.counters.truncated_bytes_lost == 0
+    w.close()
+
+
+@pytest.mark.parametrize("pattern", ["access.log", "access.log*"])
+async def test_rotation_during_discovery_reads_every_generation(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pattern: str
+) -> None:
+    """A rotation lands while discovery opens the generations it listed: every line is
+    read once.
+
+    logrotate renames every generation up by one, so the name listed for one generation
+    (``access.log.1``) names the next one, already open, a moment later. Judged by that
+    name, the unread generation passed for a copy of the open one and was never read (the
+    outage test under load waited for its lines for ever); each file is now judged as
+    the one listed, and a renamed one is found by its new name at the next pass.
+    """
+    tail = Tail(tmp_path, pattern)
+    w = tail.writer
+    w.write(100)
+    tail.tracker.restore(tail.now)
+    await tail.read_all()
+    # Reading is paused (a sink outage): two generations are rotated unseen.
+    tail.rotate(3)
+    w.write(300)
+    tail.rotate(3)
+    w.write(300)
+    # Discovery lists them, opens the newer (access.log), then logrotate runs before it
+    # opens the older one by the name it listed (access.log.1).
+    opened = tail.tracker.open
+
+    def open_then_rotate(*args: Any, **kwargs: Any) -> Tracked | None:
+        monkeypatch.setattr(tail.tracker, "open", opened)
+        t = opened(*args, **kwargs)
+        tail.rotate(3)
+        w.write(50)
+        return t
+
+    monkeypatch.setattr(tail.tracker, "open", open_then_rotate)
+    tail.discover()
+    tail.discover()
+    await tail.read_all()
+    check_delivery(tail.seqs(), w.next, 0)
+    assert tail.counters.files_opened == 4  # each generation once
     w.close()

@@ -125,6 +125,33 @@ def find_by_key(directory: str, key: FileKey) -> str | None:
     return None
 
 
+def open_as(path: str, key: FileKey) -> int | None:
+    """Open ``path`` read-only if it is still the file ``key`` names.
+
+    A name read from a directory listing may belong to another file by the time it is
+    opened: one rotation renames every generation up by one (``access.log.1`` becomes
+    ``access.log.2``, ``access.log`` becomes ``access.log.1``), so a name listed for one
+    generation can name the next, newer one a moment later.
+
+    Returns:
+        The open descriptor (the caller closes it), or ``None`` when the name is another
+        file's now (the file is found under its new name by the next listing).
+
+    Raises:
+        OSError: ``path`` cannot be opened.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+    except BaseException:
+        os.close(fd)
+        raise
+    if (st.st_dev, st.st_ino) != key:
+        os.close(fd)
+        return None
+    return fd
+
+
 def scan(directory: str) -> dict[FileKey, tuple[str, int]]:
     """The regular files in ``directory`` (not followed through symlinks): identity ->
     (path, size). Empty when it cannot be read."""
@@ -175,7 +202,7 @@ def find_copy(
     offset: int,
     same_tail: Callable[[int], bool],
     skip: Callable[[FileKey], bool],
-) -> tuple[str, int] | None:
+) -> tuple[str, int, FileKey] | None:
     """A copy, in ``directory``, of a file read up to ``offset`` (copytruncate's copy).
 
     A copy starts like ``fingerprint``, holds at least ``offset`` bytes and, just before
@@ -191,38 +218,26 @@ def find_copy(
         skip: files not to consider (the original itself, files already followed).
 
     Returns:
-        ``(path, size)`` of the largest such copy, or ``None``.
+        ``(path, size, identity)`` of the largest such copy, or ``None``.
     """
-    best: tuple[str, int] | None = None
+    best: tuple[str, int, FileKey] | None = None
     for key, (path, size) in scan(directory).items():
         if skip(key) or size < offset or (best is not None and size <= best[1]):
             continue
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            fd = open_as(path, key)  # ``skip`` judged the file listed, not the name's next
         except OSError:
+            continue
+        if fd is None:
             continue
         try:
             if fingerprint.matches(fd) and same_tail(fd):
-                best = (path, size)
+                best = (path, size, key)
         except OSError:
             continue
         finally:
             os.close(fd)
     return best
-
-
-def head_matches(path: str, fingerprint: Fingerprint) -> bool:
-    """True when the file at ``path`` starts like ``fingerprint`` (False if unreadable)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return False
-    try:
-        return fingerprint.matches(fd)
-    except OSError:
-        return False
-    finally:
-        os.close(fd)
 
 
 class OpenFile:
@@ -250,7 +265,21 @@ class OpenFile:
     @classmethod
     def open(cls, path: str, offset: int | None = None) -> OpenFile:
         """Open ``path``; ``offset`` None means at its end."""
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        return cls._owning(path, os.open(path, os.O_RDONLY | os.O_CLOEXEC), offset)
+
+    @classmethod
+    def open_listed(cls, path: str, key: FileKey, offset: int | None = None) -> OpenFile | None:
+        """Open ``path`` as :meth:`open` does if it is still the file ``key`` names (a
+        directory listing's name and identity, see :func:`open_as`); ``None`` if not.
+
+        Raises:
+            OSError: ``path`` cannot be opened.
+        """
+        fd = open_as(path, key)
+        return None if fd is None else cls._owning(path, fd, offset)
+
+    @classmethod
+    def _owning(cls, path: str, fd: int, offset: int | None) -> OpenFile:
         try:
             if offset is None:
                 offset = os.fstat(fd).st_size

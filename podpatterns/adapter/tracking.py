@@ -45,7 +45,7 @@ from podpatterns.adapter.tail import (
     OpenFile,
     expand,
     find_copy,
-    head_matches,
+    open_as,
     pread_exact,
     rotated_name,
     same_bytes_before,
@@ -300,10 +300,12 @@ class Tracker:
     def _resume(self, c: Candidate, entry: Entry, now: float) -> None:
         """Reopen a file the checkpoint knows, where it was left, if it is still that file."""
         try:
-            fd = os.open(c.path, os.O_RDONLY | os.O_CLOEXEC)
+            fd = open_as(c.path, entry.key)
         except OSError as exc:
             self._open_failed(c.path, exc)
             return
+        if fd is None:
+            return  # renamed since the listing: the next pass finds it by its new name
         try:
             head = Fingerprint(entry.head_len, entry.head_hash)
             same_head = head.matches(fd)
@@ -318,14 +320,17 @@ class Tracker:
         finally:
             os.close(fd)
         if intact:
-            self.open(c.path, entry.offset, now, rotated=not c.matched)
+            self.open(c.path, entry.offset, now, rotated=not c.matched, key=entry.key)
             return
         # The generation the checkpoint knows is no longer in this inode: truncated
         # (copytruncate while we were stopped: look for its copy), or another file.
         directory = os.path.dirname(c.path) or "."
         copy = self._copy_of_entry(directory, entry)
         # The copy's reading starts where the original's was acknowledged.
-        if copy is not None and self.open(copy[0], entry.offset, now, rotated=True) is not None:
+        if (
+            copy is not None
+            and self.open(copy[0], entry.offset, now, rotated=True, key=copy[2]) is not None
+        ):
             self._counters.truncated_bytes_recovered += copy[1] - entry.offset
         if same_head or copy is not None:
             self._counters.truncations += 1
@@ -341,9 +346,9 @@ class Tracker:
             at="startup",
         )
         self._checkpoint.drop_loaded(entry.key)
-        self.open(c.path, 0, now, rotated=not c.matched)
+        self.open(c.path, 0, now, rotated=not c.matched, key=entry.key)
 
-    def _copy_of_entry(self, directory: str, entry: Entry) -> tuple[str, int] | None:
+    def _copy_of_entry(self, directory: str, entry: Entry) -> tuple[str, int, FileKey] | None:
         """A file in ``directory`` that holds the generation ``entry`` describes, up to
         its offset: same head, and the same bytes just before the offset."""
         return find_copy(
@@ -359,62 +364,63 @@ class Tracker:
         copy taken before the last bytes were written): never read as new files."""
         if head.length == 0:
             return
+        acked = self._checkpoint.acked
         for key, (path, size) in scan(directory).items():
-            if (
-                key == not_key
-                or key in self.tracked
-                or key in self._checkpoint.acked
-                or size > upto
-                or not head_matches(path, head)
-            ):
+            if size > upto or key == not_key or key in self.tracked or key in acked:
                 continue
-            self._copies.discard(key)
-            self._checkpoint.done(
-                Entry(path, key[0], key[1], size, head.length, head.hash, _tail_of(path, size))
-            )
+            entry = _entry_if_head(path, key, size, head)
+            if entry is not None:
+                self._copies.discard(key)
+                self._checkpoint.done(entry)
 
     def _new(self, key: FileKey, c: Candidate, now: float, *, first_run: bool) -> None:
-        """A file seen for the first time: a copy of one being read, history, or new."""
-        if self._copy_of_open(c):
-            self._copies.add(key)
-            return
-        if first_run and not c.matched and self.config.read_from == "end":
-            # --read-from end: generations rotated before the adapter ever ran are
-            # history, not read (with beginning they are read, like the matched file).
-            tail = _tail_of(c.path, c.size)
-            try:
-                fd = os.open(c.path, os.O_RDONLY | os.O_CLOEXEC)
-            except OSError:
-                return
-            try:
-                head = Fingerprint.of(fd)
-            finally:
-                os.close(fd)
-            self._checkpoint.done(
-                Entry(c.path, key[0], key[1], c.size, head.length, head.hash, tail)
-            )
-            return
-        start = None if first_run and self.config.read_from == "end" else 0
-        self.open(c.path, start, now, rotated=not c.matched)
+        """A file seen for the first time: a copy of one being read, history, or new.
 
-    def _copy_of_open(self, c: Candidate) -> bool:
-        """True when ``c`` is a byte copy of (the start of) a file being read."""
+        Everything is judged on the file the listing found, opened by name and identity:
+        a rotation since the listing may have given its name to a file being read, which
+        would pass for its copy (and the generation would never be read).
+        """
         try:
-            fd = os.open(c.path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
-            return False
+            fd = open_as(c.path, key)
+        except OSError as exc:
+            self._open_failed(c.path, exc)
+            return
+        if fd is None:
+            return  # renamed since the listing: the next pass finds it by its new name
+        try:
+            if self._copy_of_open(fd, c.size):
+                self._copies.add(key)
+                return
+            if first_run and not c.matched and self.config.read_from == "end":
+                # --read-from end: generations rotated before the adapter ever ran are
+                # history, not read (with beginning they are read, like the matched file).
+                head = Fingerprint.of(fd)
+                try:
+                    tail = tail_hash(fd, c.size)
+                except OSError:
+                    tail = ""
+                self._checkpoint.done(
+                    Entry(c.path, key[0], key[1], c.size, head.length, head.hash, tail)
+                )
+                return
+        finally:
+            os.close(fd)
+        start = None if first_run and self.config.read_from == "end" else 0
+        self.open(c.path, start, now, rotated=not c.matched, key=key)
+
+    def _copy_of_open(self, fd: int, size: int) -> bool:
+        """True when the open file ``fd`` (``size`` bytes) is a byte copy of (the start of)
+        a file being read."""
         try:
             for t in self.tracked.values():
                 f = t.file
                 if f.fingerprint.length == 0 or not f.fingerprint.matches(fd):
                     continue
-                upto = min(c.size, f.stat_size())
+                upto = min(size, f.stat_size())
                 if upto >= f.fingerprint.length and same_bytes_before(fd, f.fd, upto):
                     return True
         except OSError:
             return False
-        finally:
-            os.close(fd)
         return False
 
     def open(
@@ -424,6 +430,7 @@ class Tracker:
         now: float,
         *,
         rotated: bool = False,
+        key: FileKey | None = None,
     ) -> Tracked | None:
         """Start reading ``path`` at ``offset`` (``None``: at its end).
 
@@ -432,15 +439,23 @@ class Tracker:
             offset: where to start.
             now: monotonic time.
             rotated: it is under no name a glob matches (closed once idle).
+            key: the identity a directory listing gave ``path``: nothing is opened if the
+                name is another file's now (a rotation renamed it since).
 
         Returns:
             The tracked file (the one already open when it is a second name for it), or
-            ``None`` when it cannot be opened (logged and counted).
+            ``None`` when it cannot be opened (logged and counted) or ``path`` is no longer
+            ``key`` (found by its new name at the next pass).
         """
         try:
-            f = OpenFile.open(path, offset)
+            if key is None:
+                f: OpenFile | None = OpenFile.open(path, offset)
+            else:
+                f = OpenFile.open_listed(path, key, offset)
         except OSError as exc:
             self._open_failed(path, exc)
+            return None
+        if f is None:
             return None
         old = self.tracked.get(f.key)
         if old is not None:  # already open (a second name for one file)
@@ -488,10 +503,12 @@ class Tracker:
         found = self._copy_of(f)
         if found is None:
             return False
-        path, size = found
+        path, size, key = found
         try:
-            copy = OpenFile.open(path, f.offset)
+            copy = OpenFile.open_listed(path, key, f.offset)
         except OSError:
+            return False
+        if copy is None:
             return False
         if copy.recent != f.recent or (
             copy.key in self.tracked and not self._adopt(self.tracked[copy.key], t)
@@ -532,8 +549,8 @@ class Tracker:
         )
         return True
 
-    def _copy_of(self, f: OpenFile) -> tuple[str, int] | None:
-        """``(path, size)`` of the largest file in ``f``'s directory that holds its
+    def _copy_of(self, f: OpenFile) -> tuple[str, int, FileKey] | None:
+        """``(path, size, identity)`` of the largest file in ``f``'s directory that holds its
         generation up to its read position (a copytruncate copy), if any."""
         recent = f.recent
         return find_copy(
@@ -613,15 +630,20 @@ def _size(path: str) -> int | None:
         return None
 
 
-def _tail_of(path: str, offset: int) -> str:
-    """:func:`tail_hash` of the file at ``path`` ('' when it cannot be read)."""
+def _entry_if_head(path: str, key: FileKey, size: int, head: Fingerprint) -> Entry | None:
+    """The entry of file ``key`` read to ``size`` if ``path`` still names it and it starts
+    like ``head`` (``None`` otherwise, or when it cannot be read)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = open_as(path, key)
     except OSError:
-        return ""
+        return None
+    if fd is None:
+        return None
     try:
-        return tail_hash(fd, offset)
+        if not head.matches(fd):
+            return None
+        return Entry(path, key[0], key[1], size, head.length, head.hash, tail_hash(fd, size))
     except OSError:
-        return ""
+        return None
     finally:
         os.close(fd)
