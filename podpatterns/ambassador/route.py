@@ -77,7 +77,8 @@ class Route:
     ) -> None:
         self.cfg = cfg
         self._log = logs.get("ambassador", route=cfg.name)  # before _make_handler logs
-        # the access log's event per connection: its fields are not even gathered without
+        # the per-connection access event (connection_closed): its fields are gathered
+        # only when info events are emitted
         self._log_closed = logs.enabled(self._log, "info")
         self.stats = RouteStats()
         self.pool = UpstreamPool(
