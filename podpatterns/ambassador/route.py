@@ -130,7 +130,6 @@ class Route:
         #: connect time (accept to relay, retries and TLS included), for the histogram
         #: ``podpatterns_ambassador_connect_seconds``
         self.connect_seconds = Buckets()
-        self._connect_seconds = self.connect_seconds
         # protocol routes: the handler's startup runs between accept and relay
         self._startup: Startup | None = None
         if self.handler is not None:
@@ -144,7 +143,7 @@ class Route:
                 dial_failed=self._dial_failed,
                 send_proxy_header=self._send_proxy_header,
                 pipes=self._pipes,
-                connect_seconds=self._connect_seconds,
+                connect_seconds=self.connect_seconds,
                 log=self._log,
                 queries=self.queries,
             )
@@ -406,7 +405,7 @@ class Route:
             self._loop.remove_writer(usock.fileno())  # before any close (Dialer)
             self._setup_failed(conn, csock, usock, ep, exc)
             return
-        self._connect_seconds.observe(time.monotonic() - conn.started)
+        self.connect_seconds.observe(time.monotonic() - conn.started)
 
     def _dial_failed(self, conn: Connection, exc: DialError) -> None:
         self.stats.failed[exc.reason] += 1
@@ -482,7 +481,7 @@ class Route:
             self._setup_failed(conn, csock, usock, ep, exc)
             return
         # connect time includes the TLS handshake: it is what the client waited for
-        self._connect_seconds.observe(time.monotonic() - conn.started)
+        self.connect_seconds.observe(time.monotonic() - conn.started)
 
     # -- protocol routes: the handler owns the connection until the session exists -------
 

@@ -253,7 +253,7 @@ class Startup:
         self._dial_failed = dial_failed
         self._send_proxy_header = send_proxy_header
         self._pipes = pipes
-        self._connect_seconds = connect_seconds
+        self.connect_seconds = connect_seconds
         self._log = log
         # --pg-pool: server connections kept and lent (docs/ambassador-postgres.md, Pooling)
         self.pools: Pools | None = None
@@ -277,7 +277,7 @@ class Startup:
             and not (creds is not None and creds.client_password)
         )
         # connections a PoolGate still holds, each falling back at --startup-timeout
-        self._gates: Deadlines[PoolGate] = Deadlines(cfg.startup_timeout, PoolGate.fall_back)
+        self.gates: Deadlines[PoolGate] = Deadlines(cfg.startup_timeout, PoolGate.fall_back)
 
         #: The route's active health check when it is not a TCP connect: PostgreSQL's
         #: role check (--pg-target-session-attrs), or None.
@@ -371,7 +371,7 @@ class Startup:
         """Answer the connections a :class:`PoolGate` still holds as :meth:`run` answers
         a startup it cuts (FATAL 57P01), and close them: the route is draining
         (``--pg-drain transaction``) or closing."""
-        for gate in self._gates.items():
+        for gate in self.gates.items():
             gate.shut(reason)
 
     async def _dial(self, only: Endpoint | None) -> tuple[socket.socket, Endpoint]:
@@ -475,13 +475,6 @@ class Startup:
         """
         return lambda: PoolGate(self, accept, admit, start_task)
 
-    def _gate_pending(self, gate: PoolGate) -> float:
-        """Hold ``gate`` until its StartupMessage decides; its deadline (loop time)."""
-        return self._gates.add(gate)
-
-    def _gate_settled(self, gate: PoolGate) -> None:
-        self._gates.discard(gate)
-
     async def _pool_attach(
         self, conn: Connection, csock: socket.socket, client: ClientSession
     ) -> None:
@@ -496,7 +489,7 @@ class Startup:
             return
         if self.draining:
             client.drain()
-        self._connect_seconds.observe(time.monotonic() - conn.started)
+        self.connect_seconds.observe(time.monotonic() - conn.started)
 
     async def run(
         self,
@@ -679,7 +672,7 @@ class Startup:
             client.data_received(leftover)
         if self.draining:
             client.drain()
-        self._connect_seconds.observe(time.monotonic() - conn.started)
+        self.connect_seconds.observe(time.monotonic() - conn.started)
 
     async def _refuse(
         self,
@@ -786,7 +779,7 @@ class Startup:
                 await self._attach_client(relay, csock, est)
         if watch is not None and self.draining:  # draining started during the startup
             watch.drain()
-        self._connect_seconds.observe(time.monotonic() - conn.started)
+        self.connect_seconds.observe(time.monotonic() - conn.started)
 
     @staticmethod
     async def _attach_client(relay: ProtocolRelay, csock: socket.socket, est: Established) -> None:
@@ -855,7 +848,7 @@ class PoolGate(asyncio.Protocol):
                 self._accept(sock, self.peer)
             return
         self.conn = self._admit(self.peer)
-        self._deadline = startup._gate_pending(self)  # fall_back() then
+        self._deadline = startup.gates.add(self)  # fall_back() then, unless settled
 
     def data_received(self, data: bytes) -> None:
         if self.state != PoolGate.PENDING:
@@ -878,7 +871,7 @@ class PoolGate(asyncio.Protocol):
         client.connection_made(transport)
         if len(buf) > length:  # the app did not wait for the answer
             client.data_received(buf[length:])
-        self._startup._connect_seconds.observe(time.monotonic() - conn.started)
+        self._startup.connect_seconds.observe(time.monotonic() - conn.started)
 
     def eof_received(self) -> bool:
         if self.conn is not None:
@@ -929,7 +922,7 @@ class PoolGate(asyncio.Protocol):
 
     def _settle(self, state: int) -> None:
         self.state = state
-        self._startup._gate_settled(self)
+        self._startup.gates.discard(self)
 
     def _take_socket(self) -> socket.socket | None:
         """A socket object of its own for the connection; the transport is closed (the
